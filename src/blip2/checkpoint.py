@@ -1,0 +1,351 @@
+"""Checkpoints in the Hugging Face format: find them, read them, write them.
+
+A checkpoint is a directory with ``config.json`` and weights as ``model.safetensors``, sharded
+safetensors (``model.safetensors.index.json``) or the legacy ``pytorch_model.bin`` (read with
+``weights_only=True``). Models are built on the meta device and the loaded tensors are assigned,
+never copied into random weights, so loading needs about the memory of the weights alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "resolve_dir",
+    "weight_files",
+    "iter_checkpoint_tensors",
+    "load_into",
+    "save_state_dict",
+    "PretrainedMixin",
+]
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# Keys some writers add that carry no weights (buffers recomputed at build time).
+_IGNORABLE = re.compile(r"(^|\.)(position_ids|inv_freq|num_batches_tracked)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: names the file, the key and what was expected."""
+
+
+# what the Hub accepts as a repo id: "name" alone is a local path to us, "org/name" may be either
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_dir(path_or_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None,
+                token: str | bool | None = None, local_files_only: bool = False) -> str:
+    """A local directory for ``path_or_id``: the directory itself, or a Hub snapshot.
+
+    Hub ids (``org/name``) need the optional ``huggingface_hub`` package and a network
+    connection; everything is checked here so the caller gets one clear error.
+    """
+    s = os.path.expanduser(os.fspath(path_or_id))
+    if os.path.isdir(s):
+        return s
+    if os.path.exists(s):
+        raise FileNotFoundError(f"{s}: expected a checkpoint directory, got a file")
+    if not _HUB_ID.fullmatch(s) or ".." in s:
+        raise FileNotFoundError(f"{s}: no such checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"{s}: not a local directory, and it looks like a Hub id but huggingface_hub is not installed "
+            f"(pip install 'blip2[hub]')"
+        ) from None
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:
+        d = snapshot_download(s, revision=revision, cache_dir=cache_dir, token=token,
+                              local_files_only=local_files_only, allow_patterns=patterns)
+        if not _has_weights(d) and not os.path.exists(os.path.join(d, "preprocessor_config.json")):
+            d = snapshot_download(s, revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=local_files_only, allow_patterns=patterns + ["*.bin"])
+    except Exception as e:  # network, auth, missing repo: all reach the user as one message
+        raise FileNotFoundError(f"{s}: not a local directory, and fetching it from the Hub failed: {e}") from None
+    return d
+
+
+def _has_weights(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, f)) for f in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX))
+
+
+def weight_files(directory: str) -> list[str]:
+    """The weight files of a checkpoint directory, safetensors preferred."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = os.path.join(directory, index_name)
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e!r})") from None
+            files = [os.path.join(directory, name) for name in dict.fromkeys(weight_map.values())]
+            for fpath in files:
+                if not os.path.exists(fpath):
+                    raise CheckpointError(f"{index}: names shard {os.path.basename(fpath)}, which is missing")
+            return files
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        fpath = os.path.join(directory, single)
+        if os.path.exists(fpath):
+            return [fpath]
+    raise CheckpointError(
+        f"{directory}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
+    )
+
+
+def iter_checkpoint_tensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` one at a time, so a caller can convert and drop as it goes."""
+    for fpath in weight_files(directory):
+        if fpath.endswith(".safetensors"):
+            yield from _read_safetensors(fpath)
+        else:
+            try:
+                sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{fpath}: cannot read PyTorch weights ({e})") from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{fpath}: expected a state dict, got {type(sd).__name__}")
+            yield from sd.items()
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_safetensors(fpath: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read a safetensors file tensor by tensor with plain reads into fresh tensors.
+
+    Not mmap: a mapped file's pages count as resident next to the copies made from them, which
+    would double the peak memory of loading.
+    """
+    with open(fpath, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{fpath}: not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{fpath}: not a safetensors file (bad header: {e})") from None
+        header.pop("__metadata__", None)
+        start = 8 + n
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in _ST_DTYPES:
+                raise CheckpointError(f"{fpath}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(buf.numpy()) != end - begin:
+                raise CheckpointError(f"{fpath}: file is truncated (tensor {key!r})")
+            yield key, buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _target_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype | None, keep_fp32: tuple[str, ...]) -> torch.dtype:
+    if dtype is None or not tensor.is_floating_point():
+        return tensor.dtype
+    if any(name == p or name.startswith(p + ".") for p in keep_fp32):
+        return torch.float32
+    return dtype
+
+
+def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu", key_prefix: str = "") -> None:
+    """Assign the checkpoint's tensors to ``model`` (built on the meta device), strictly.
+
+    Missing, unexpected or mis-shaped keys are errors naming the key and both shapes. Keys
+    ``model._tied_keys()`` lists may be absent from the file: they are tied after loading.
+    ``key_prefix`` selects a sub-model inside a bigger checkpoint (``vision_model.``, ...).
+    """
+    expected = model.state_dict(keep_vars=True)
+    tied = model._tied_keys() if hasattr(model, "_tied_keys") else {}
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", ()))
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in iter_checkpoint_tensors(directory):
+        if key_prefix:
+            if not key.startswith(key_prefix):
+                continue
+            key = key[len(key_prefix):]
+        if key not in expected:
+            if not _IGNORABLE.search(key):
+                unexpected.append(key)
+            continue
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
+                f"but the model expects {tuple(want.shape)}"
+            )
+        loaded[key] = tensor.to(device=device, dtype=_target_dtype(key, tensor, dtype, keep_fp32))
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        raise CheckpointError(f"{directory}: unexpected keys in the checkpoint, not used by "
+                              f"{type(model).__name__}: {shown}")
+    missing = [k for k in expected if k not in loaded and k not in tied]
+    if missing:
+        shown = ", ".join(f"{k} {tuple(expected[k].shape)}" for k in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise CheckpointError(f"{directory}: missing keys for {type(model).__name__}: {shown}{more}")
+    # tied aliases point at their source tensor (same storage, as the module ties them)
+    for alias, source in tied.items():
+        if alias not in loaded:
+            loaded[alias] = loaded[source]
+    model.load_state_dict(loaded, strict=True, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _materialize_buffers(model, device)
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Rebuild non-persistent buffers left on the meta device (they are not in the checkpoint)."""
+    for module in model.modules():
+        if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "init_buffers"):
+                names = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+                raise RuntimeError(f"{type(module).__name__} has buffers {names} not in the checkpoint and no init_buffers()")
+            module.init_buffers(torch.device(device))
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.I)
+    if not m:
+        raise ValueError(f"max_shard_size: expected bytes or e.g. '5GB', got {size!r}")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], directory: str,
+                    max_shard_size: int | str = "5GB", tied: dict[str, str] | None = None) -> list[str]:
+    """Write safetensors (sharded with an index above ``max_shard_size``); returns the file names.
+
+    Tied aliases are dropped: the format stores each tensor once and the loader re-ties them.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tied = tied or {}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k not in tied}
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    for old in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX):
+        if os.path.exists(os.path.join(directory, old)):
+            os.remove(os.path.join(directory, old))
+    for stale in os.listdir(directory):
+        if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", stale):
+            os.remove(os.path.join(directory, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, SAFE_SINGLE), metadata={"format": "pt"})
+        return [SAFE_SINGLE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    return names + [SAFE_INDEX]
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+M = TypeVar("M", bound="PretrainedMixin")
+
+
+class PretrainedMixin:
+    """``from_pretrained`` / ``save_pretrained`` for our ``nn.Module`` classes.
+
+    Subclasses set ``config_class`` and may set ``_keep_in_fp32_modules`` (kept in fp32 when a
+    lower precision is asked for), ``_tied_keys()`` and ``_checkpoint_prefix`` (where the
+    sub-model sits inside a full BLIP-2 checkpoint).
+    """
+
+    config_class: Any = None
+    _keep_in_fp32_modules: tuple[str, ...] = ()
+    _checkpoint_prefix: str = ""
+
+    @classmethod
+    def _config_from_dict(cls, d: dict[str, Any], source: str) -> Any:
+        return cls.config_class.from_dict(d, source=source)
+
+    @classmethod
+    def from_pretrained(cls: type[M], path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | str | None = None,
+                        dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+                        **hub_kwargs: Any) -> M:
+        directory = resolve_dir(path_or_id, **hub_kwargs)
+        cfg_path = os.path.join(directory, "config.json")
+        if not os.path.exists(cfg_path):
+            raise CheckpointError(f"{directory}: no config.json")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        config, prefix = cls._select_config(raw, cfg_path)
+        want = parse_dtype(dtype if dtype is not None else torch_dtype)
+        weight_files(directory)  # fail on missing weights before building anything
+        with torch.device("meta"):
+            model = cls(config)
+        load_into(model, directory, dtype=want, device=device, key_prefix=prefix)
+        model.eval()
+        if hasattr(model, "_after_load"):
+            model._after_load(directory)
+        return model
+
+    @classmethod
+    def _select_config(cls, raw: dict[str, Any], source: str) -> tuple[Any, str]:
+        return cls._config_from_dict(raw, source), ""
+
+    def _config_to_save(self) -> dict[str, Any]:
+        d = self.config.to_dict()  # type: ignore[attr-defined]
+        d["architectures"] = [type(self).__name__]
+        dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}  # type: ignore[attr-defined]
+        d["dtype"] = str(next(iter(dtypes - {torch.float32}), torch.float32)).removeprefix("torch.")
+        return d
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self._config_to_save(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        tied = self._tied_keys() if hasattr(self, "_tied_keys") else {}
+        save_state_dict(self.state_dict(), directory, max_shard_size=max_shard_size, tied=tied)  # type: ignore[attr-defined]
+        if hasattr(self, "_save_extra"):
+            self._save_extra(directory)

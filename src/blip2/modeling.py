@@ -1,0 +1,232 @@
+"""BLIP-2 (Li et al., 2023): frozen image encoder -> Q-Former -> projection -> frozen LM.
+
+    pixel_values [B,3,H,W]
+      -> vision_model             image_embeds [B, N+1, Dv]
+      -> qformer(query_tokens)    query_output [B, Q, Dq]   (cross-attends to image_embeds)
+      -> language_projection      lm_inputs    [B, Q, D_lm]
+      -> language_model           OPT (decoder-only) or Flan-T5 (encoder-decoder)
+
+The projected queries reach the LM in one of two ways: written over the ``<image>`` tokens the
+processor puts in ``input_ids`` (transformers >= 4.47 checkpoints), or, when ``input_ids`` has
+no image tokens, prepended to the prompt embeddings with the attention mask extended (legacy).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import PretrainedMixin
+from .config import Blip2Config
+from .generation import GenerationConfig, generate
+from .lm.opt import OPTForCausalLM
+from .lm.t5 import T5ForConditionalGeneration
+from .qformer import Blip2QFormerModel
+from .vision import Blip2VisionModel
+
+__all__ = ["Blip2Output", "Blip2Model", "Blip2ForConditionalGeneration"]
+
+
+@dataclass
+class Blip2Output:
+    """What ``forward`` returns; attribute names follow transformers' output classes."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    image_embeds: torch.Tensor  # [B, N+1, Dv] vision encoder output
+    qformer_output: torch.Tensor  # [B, Q, Dq]
+    language_model_inputs: torch.Tensor  # [B, Q, D_lm] projected queries
+
+    def __getitem__(self, i: int) -> Any:  # tuple-style access, loss first when present
+        items = [getattr(self, f.name) for f in fields(self)]
+        return [x for x in items if x is not None][i]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the last ``labels.size(1)`` positions; -100 is ignored."""
+    logits = logits[:, -labels.size(1):, :]
+    shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+
+
+class Blip2Model(PretrainedMixin, nn.Module):
+    config_class = Blip2Config
+    # the reference keeps these in fp32 when the rest runs in fp16/bf16
+    _keep_in_fp32_modules = ("query_tokens", "qformer")
+
+    def __init__(self, config: Blip2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        if config.use_decoder_only_language_model:
+            self.language_model: OPTForCausalLM | T5ForConditionalGeneration = OPTForCausalLM(config.text_config)
+        else:
+            self.language_model = T5ForConditionalGeneration(config.text_config)
+        self._keep_in_fp32_modules = Blip2Model._keep_in_fp32_modules + tuple(
+            "language_model." + m for m in getattr(self.language_model, "_keep_in_fp32_modules", ())
+        )
+        self.generation_config = GenerationConfig.from_model_config(config.text_config)
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def _tied_keys(self) -> dict[str, str]:
+        inner = self.language_model._tied_keys() if hasattr(self.language_model, "_tied_keys") else {}
+        return {"language_model." + a: "language_model." + s for a, s in inner.items()}
+
+    def tie_weights(self) -> None:
+        if hasattr(self.language_model, "tie_weights"):
+            self.language_model.tie_weights()
+
+    def _after_load(self, directory: str) -> None:
+        path = os.path.join(directory, "generation_config.json")
+        if os.path.exists(path):
+            self.generation_config = GenerationConfig.from_json_file(path)
+
+    def _save_extra(self, directory: str) -> None:
+        self.generation_config.save_pretrained(directory)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_projection.weight.dtype
+
+    # -- the three stages ------------------------------------------------------------------------
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> Any:
+        """Vision encoder output: ``(last_hidden_state [B,N+1,Dv], pooler_output [B,Dv])``."""
+        pixel_values = pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype)
+        return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+
+    def _query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query, image_embeds.to(query.dtype))  # [B, Q, Dq]
+
+    def get_qformer_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The Q-Former's last hidden states for the queries, [B, Q, Dq]."""
+        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)[0]
+        return self._query_output(image_embeds)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM's text hidden states: OPT decoder output or T5 encoder output, [B, T, D]."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.get_input_embeddings()(input_ids)
+        return self.language_model.hidden_states(embeds, attention_mask)
+
+    def image_to_lm_inputs(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run vision and Q-Former: ``(image_embeds, query_output, projected queries [B,Q,D_lm])``."""
+        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)[0]
+        query_output = self._query_output(image_embeds)
+        lm_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        return image_embeds, query_output, lm_inputs
+
+    def merge_image_inputs(self, lm_inputs: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM input embeddings with the image placed in them, and the matching mask.
+
+        ``<image>`` tokens present: their embeddings are replaced by the projected queries
+        (exactly ``num_query_tokens`` per row). None present: the queries are prepended (legacy).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.get_input_embeddings()(input_ids)  # [B, T, D]
+        lm_inputs = lm_inputs.to(embeds.dtype)
+        image_token = self.config.image_token_index
+        is_image = input_ids == image_token if image_token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        counts = is_image.sum(1)
+        if bool((counts == 0).all()):
+            embeds = torch.cat([lm_inputs, embeds], dim=1)
+            attention_mask = torch.cat([attention_mask.new_ones(lm_inputs.shape[:2]), attention_mask], dim=1)
+            return embeds, attention_mask
+        q = lm_inputs.shape[1]
+        if bool((counts != q).any()):
+            raise ValueError(
+                f"input_ids: every row needs exactly num_query_tokens={q} <image> tokens (id {image_token}) "
+                f"or none; got counts {counts.tolist()}"
+            )
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), lm_inputs)
+        return embeds, attention_mask
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False) -> Blip2Output:
+        image_embeds, query_output, lm_inputs = self.image_to_lm_inputs(pixel_values, interpolate_pos_encoding)
+        embeds, mask = self.merge_image_inputs(lm_inputs, input_ids, attention_mask)
+        loss = None
+        if self.config.use_decoder_only_language_model:
+            logits = self.language_model(embeds, mask)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels)
+        else:
+            logits = self.language_model(embeds, mask, decoder_input_ids=decoder_input_ids,
+                                         decoder_attention_mask=decoder_attention_mask, labels=labels)
+            if labels is not None:
+                loss = self.language_model.loss(logits, labels)
+        return Blip2Output(loss, logits, image_embeds, query_output, lm_inputs)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _generation_config(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
+        return (generation_config or self.generation_config).updated(**kwargs)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
+                 generation_config: GenerationConfig | None = None,
+                 streamer: Callable[[torch.Tensor], None] | None = None, **kwargs: Any) -> torch.Tensor:
+        """Captions or answers, as token ids (transformers 5.x convention).
+
+        Decoder-only: the prompt ``input_ids`` (image tokens included) followed by the new tokens.
+        Encoder-decoder: ``decoder_start_token_id`` followed by the new tokens. Finished rows are
+        padded with ``pad_token_id``. ``kwargs`` are ``GenerationConfig`` fields.
+        """
+        cfg = self._generation_config(generation_config, kwargs)
+        batch = pixel_values.shape[0]
+        device = self.device
+        _, _, lm_inputs = self.image_to_lm_inputs(pixel_values.to(device), interpolate_pos_encoding)
+        if input_ids is None:
+            start: list[int] = []
+            if self.config.image_token_index is not None:
+                start += [self.config.image_token_index] * self.config.num_query_tokens
+            if self.config.use_decoder_only_language_model:
+                start += [self.config.text_config.bos_token_id]
+            input_ids = torch.tensor([start] * batch, dtype=torch.long, device=device)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+        input_ids = input_ids.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+        if input_ids.shape[1] == 0:  # T5 with no prompt: the queries alone form the encoder input
+            embeds, mask = lm_inputs, torch.ones(lm_inputs.shape[:2], dtype=torch.long, device=device)
+        else:
+            embeds, mask = self.merge_image_inputs(lm_inputs, input_ids, attention_mask)
+        lm = self.language_model
+
+        def start_decoder(expand: int, max_new_tokens: int) -> Any:
+            return lm.start_decoding(embeds, mask, expand=expand, max_new_tokens=max_new_tokens)
+
+        if self.config.use_decoder_only_language_model:
+            prefix = input_ids
+        else:
+            prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+        return generate(start_decoder, prefix, cfg, streamer=streamer)
+
+
+class Blip2ForConditionalGeneration(Blip2Model):
+    """Captioning and VQA: ``forward`` with ``labels`` gives the LM loss, ``generate`` the text."""

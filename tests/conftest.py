@@ -1,0 +1,102 @@
+"""Shared test helpers: tiny random BLIP-2 models built with transformers (our reference)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+IMAGE_TOKEN = 99  # last id of the tiny vocabulary
+VOCAB = 100
+NUM_QUERY = 4
+
+
+def tiny_hf_config(text: str = "opt", *, image_size: int = 28, cross_attention_frequency: int = 2,
+                   image_token_index: int | None = IMAGE_TOKEN, **text_overrides):
+    """A BLIP-2 config small enough to run in milliseconds, in transformers' own classes."""
+    from transformers import Blip2Config, OPTConfig, T5Config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=14, layer_norm_eps=1e-5)
+    qformer = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                   cross_attention_frequency=cross_attention_frequency, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0)
+    if text == "opt":
+        kw = dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, vocab_size=VOCAB,
+                  max_position_embeddings=64, dropout=0.0, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+        kw.update(text_overrides)
+        text_config = OPTConfig(**kw).to_dict()
+    else:
+        kw = dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
+                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                  relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        kw.update(text_overrides)
+        text_config = T5Config(**kw).to_dict()
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text_config,
+                       num_query_tokens=NUM_QUERY, image_token_index=image_token_index)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Re-randomise every parameter so no layer is near zero or identity (norms included)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g) * std
+        if name.endswith(("layer_norm.weight", "layernorm.weight", "LayerNorm.weight", "norm1.weight",
+                          "norm2.weight", "_norm.weight", "post_layernorm.weight", "layer_norm1.weight",
+                          "layer_norm2.weight")):
+            p.copy_(1.0 + noise)
+        else:
+            p.copy_(noise)
+    return model
+
+
+def hf_blip2(text: str = "opt", seed: int = 0, cls_name: str = "Blip2ForConditionalGeneration", **cfg_kw):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(tiny_hf_config(text, **cfg_kw))
+    randomize_(model, seed)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_opt_dir(tmp_path_factory):
+    """A tiny random transformers BLIP-2-OPT saved with save_pretrained: (model, directory)."""
+    model = hf_blip2("opt", seed=1)
+    d = tmp_path_factory.mktemp("hf_opt")
+    model.save_pretrained(d)
+    return model, str(d)
+
+
+@pytest.fixture(scope="module")
+def hf_t5_dir(tmp_path_factory):
+    model = hf_blip2("t5", seed=2)
+    d = tmp_path_factory.mktemp("hf_t5")
+    model.save_pretrained(d)
+    return model, str(d)
+
+
+def pixel_batch(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def prompts_with_images(prompts: list[list[int]], pad_id: int = 1, image_token: int | None = IMAGE_TOKEN,
+                        num_query: int = NUM_QUERY) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids / attention_mask laid out as the processor does: image tokens first, then the
+    left-padded prompt (so the padding sits between the image tokens and the text)."""
+    width = max(len(p) for p in prompts)
+    ids, mask = [], []
+    for p in prompts:
+        pad = width - len(p)
+        img = [image_token] * num_query if image_token is not None else []
+        ids.append(img + [pad_id] * pad + p)
+        mask.append([1] * len(img) + [0] * pad + [1] * len(p))
+    return torch.tensor(ids), torch.tensor(mask)
