@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from ..config import T5Config
 
-__all__ = ["T5ForConditionalGeneration", "T5Decoder", "KVCache", "relative_position_bucket", "shift_right",
-           "seq2seq_lm_loss"]
+__all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
+           "shift_right"]
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
