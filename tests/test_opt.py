@@ -177,3 +177,13 @@ def test_expand_and_reorder_follow_rows():
     with torch.no_grad():
         ref = _recompute(ours, embeds[source], mask[source], fed)[:, -1]
     torch.testing.assert_close(got, ref.float(), atol=1e-10, rtol=0)
+
+
+def test_start_decoding_checks_the_position_table():
+    # max_position_embeddings 64; the longest prompt has 7 real tokens, padding takes no position
+    _, ours = make_pair(torch.float64)
+    ids, mask = left_padded([5, 2, 7])
+    embeds = ours.get_input_embeddings()(ids).detach()
+    ours.start_decoding(embeds, mask, expand=1, max_new_tokens=58)  # positions 0..63
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ours.start_decoding(embeds, mask, expand=1, max_new_tokens=59)

@@ -236,9 +236,10 @@ class OPTDecoding:
         cfg = lm.config
         N, T, _ = inputs_embeds.shape
         S = T + max(max_new_tokens - 1, 0)
-        if S > cfg.max_position_embeddings:
-            raise ValueError(f"prompt of {T} positions + {max_new_tokens} new tokens exceeds "
-                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        longest = int(valid.sum(1).max()) + max_new_tokens - 1  # real tokens fed, padding not counted
+        if longest > cfg.max_position_embeddings:
+            raise ValueError(f"{longest} positions needed (prompt + max_new_tokens - 1), "
+                             f"max_position_embeddings is {cfg.max_position_embeddings}")
         param = lm.lm_head.weight
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.lm = lm
@@ -250,6 +251,7 @@ class OPTDecoding:
         self.positions = _positions(valid)  # [N, T]
         self.next_position = valid.sum(1, keepdim=True)  # [N, 1]: the position id of the next token
         self.length = 0  # filled cache slots
+        self.input_pos = torch.tensor([T], device=param.device)  # [1]: the slot of the next token
 
     @torch.no_grad()
     def prefill(self) -> Tensor:
@@ -272,9 +274,9 @@ class OPTDecoding:
         x = self.lm.model.decoder.embed_tokens(tokens)[:, None]  # [N, 1, E]
         self.key_valid[:, slot] = True
         mask = self.key_valid[:, None, None, :]  # [N, 1, 1, S]
-        input_pos = torch.tensor([slot], device=self.key_valid.device)
-        h = self.lm.model.decoder(x, self.next_position, mask, self.caches, input_pos)
+        h = self.lm.model.decoder(x, self.next_position, mask, self.caches, self.input_pos)
         self.next_position += 1
+        self.input_pos += 1
         self.length = slot + 1
         return self.lm.lm_head(h[:, -1]).float()
 
