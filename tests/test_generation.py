@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from test_opt import PAD, VOCAB, left_padded, make_pair
+from test_opt import PAD, left_padded, make_pair
 
 from blip2.generation import GenerationConfig, generate
 
@@ -111,7 +111,10 @@ def test_repetition_penalty_ignores_left_padding(lm):
     ids = ids.masked_fill(mask == 0, 6)
     embeds = ours.get_input_embeddings()(ids).detach()
     cfg = GenerationConfig(pad_token_id=PAD, max_new_tokens=10, repetition_penalty=3.0)
-    start = lambda expand, n: ours.start_decoding(embeds, mask, expand, n)  # noqa: E731
+
+    def start(expand, n):
+        return ours.start_decoding(embeds, mask, expand, n)
+
     with_mask = generate(start, ids, cfg, prefix_mask=mask)
     without = generate(start, ids, cfg)
     assert not torch.equal(with_mask, without)

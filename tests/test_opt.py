@@ -120,7 +120,7 @@ def test_left_padding_does_not_change_a_prompt():
 
 def test_gradients_match_reference():
     hf, ours = make_pair(torch.float64, **VARIANTS["proj-dim"])
-    ids, mask = left_padded([5, 2, 7])
+    _, mask = left_padded([5, 2, 7])
     embeds = torch.randn(3, 7, 24, dtype=torch.float64)
     e_hf, e_ours = embeds.clone().requires_grad_(), embeds.clone().requires_grad_()
     target = torch.randn(3, 7, VOCAB, dtype=torch.float64) * mask[..., None]

@@ -256,7 +256,7 @@ class OPTDecoding:
     @torch.no_grad()
     def prefill(self) -> Tensor:
         """Run the prompt; logits [N, V] (float32) for the first new token."""
-        N, T, _ = self.inputs_embeds.shape
+        T = self.inputs_embeds.shape[1]
         S = self.key_valid.shape[1]
         input_pos = torch.arange(T, device=self.key_valid.device)
         mask = _prompt_mask(self.key_valid, T, S)  # [N, 1, T, S]
