@@ -1,5 +1,16 @@
 """blip2: a fast, pure-PyTorch BLIP-2 that loads and writes Hugging Face checkpoints."""
 
+from .checkpoint import CheckpointError
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, OPTConfig, T5Config
+from .generation import GenerationConfig, generate
+from .modeling import Blip2ForConditionalGeneration, Blip2Model, Blip2Output
+from .qformer import Blip2QFormerModel
+from .vision import Blip2VisionModel
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Blip2Config", "Blip2ForConditionalGeneration", "Blip2Model", "Blip2Output", "Blip2QFormerConfig",
+    "Blip2QFormerModel", "Blip2VisionConfig", "Blip2VisionModel", "CheckpointError", "ConfigError",
+    "GenerationConfig", "OPTConfig", "T5Config", "generate",
+]

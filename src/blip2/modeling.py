@@ -79,7 +79,10 @@ class Blip2Model(PretrainedMixin, nn.Module):
             self.language_model: OPTForCausalLM | T5ForConditionalGeneration = OPTForCausalLM(config.text_config)
         else:
             self.language_model = T5ForConditionalGeneration(config.text_config)
-        self.generation_config = GenerationConfig.from_model_config(config.text_config)
+        t = config.text_config
+        self.generation_config = GenerationConfig(
+            bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+            decoder_start_token_id=getattr(t, "decoder_start_token_id", None))
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -182,7 +185,11 @@ class Blip2Model(PretrainedMixin, nn.Module):
     # -- generation --------------------------------------------------------------------------
 
     def _generation_config(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
-        return (generation_config or self.generation_config).updated(**kwargs)
+        base = generation_config or self.generation_config
+        unknown = sorted(set(kwargs) - {f.name for f in fields(GenerationConfig)} - {"extra"})
+        if unknown:
+            raise TypeError(f"generate() got unknown options {unknown}; see blip2.GenerationConfig for the names")
+        return base.replace(**kwargs) if kwargs else base
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
@@ -221,10 +228,12 @@ class Blip2Model(PretrainedMixin, nn.Module):
             return lm.start_decoding(embeds, mask, expand=expand, max_new_tokens=max_new_tokens)
 
         if self.config.use_decoder_only_language_model:
-            prefix = input_ids
+            # the prompt's padding is left out of the repetition penalty, as transformers does
+            prefix, prefix_mask = input_ids, attention_mask
         else:
             prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
-        return generate(start_decoder, prefix, cfg, streamer=streamer)
+            prefix_mask = None
+        return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer)
 
 
 class Blip2ForConditionalGeneration(Blip2Model):

@@ -165,13 +165,16 @@ def _positions(mask: Tensor) -> Tensor:
 def _prompt_mask(key_valid: Tensor, T: int, S: int) -> Tensor:
     """key_valid [B, S] bool -> [B, 1, T, S]: query t sees valid keys at slots <= t.
 
-    A query on left padding has no valid key before it; a fully masked row makes SDPA return NaN, and
-    NaN leaks through zero attention weights into later layers. So every query also sees its own slot:
-    a no-op for real tokens, a harmless finite value for padding (which nothing reads)."""
+    A query on leading left padding has no valid key before it; a fully masked row makes SDPA return NaN,
+    and NaN leaks through zero attention weights into later layers. Such a row sees its own slot instead
+    (a finite value nobody reads). Rows with any valid key are left as transformers has them, so even
+    logits on padding (which a loss with shifted labels can read) match the reference."""
     slot = torch.arange(S, device=key_valid.device)
     query = torch.arange(T, device=key_valid.device)[:, None]
-    causal = slot[None, :] <= query  # [T, S]
-    return ((causal & key_valid[:, None, :]) | (slot[None, :] == query))[:, None]
+    causal = slot[None, :] <= query  # [T, S]: the T queries sit in the first T slots
+    seen = causal & key_valid[:, None, :]  # [B, T, S]
+    own = slot[None, :] == query
+    return (seen | (own & ~seen.any(-1, keepdim=True)))[:, None]
 
 
 class OPTForCausalLM(nn.Module):
@@ -206,14 +209,14 @@ class OPTForCausalLM(nn.Module):
         """inputs_embeds [B, T, E], attention_mask [B, T] (1/True = token, 0 = left padding) -> logits [B, T, V].
 
         Logits on padded positions are finite and meaningless."""
+        return self.lm_head(self.hidden_states(inputs_embeds, attention_mask))
+
+    def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The decoder output before ``lm_head`` [B, T, E] (transformers' ``base_model`` output)."""
         B, T, _ = inputs_embeds.shape
-        if attention_mask is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=inputs_embeds.device)
-        else:
-            valid = attention_mask.bool()
-        mask = _prompt_mask(valid, T, T)  # [B, 1, T, T]
-        h = self.model.decoder(inputs_embeds, _positions(valid), mask)
-        return self.lm_head(h)
+        valid = (torch.ones(B, T, dtype=torch.bool, device=inputs_embeds.device) if attention_mask is None
+                 else attention_mask.bool())
+        return self.model.decoder(inputs_embeds, _positions(valid), _prompt_mask(valid, T, T))
 
     def start_decoding(self, inputs_embeds: Tensor, attention_mask: Tensor | None, expand: int,
                        max_new_tokens: int) -> OPTDecoding:
