@@ -132,7 +132,8 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _write_json(d / "preprocessor_config.json", _preprocessor_config({"height": 224, "width": 224}))
     _write_json(d / "processor_config.json", {"num_query_tokens": 4, "processor_class": "Blip2Processor"})
 
-    # 4.x layout as for Salesforce/blip2-flan-t5-xl (T5Tokenizer class, model_max_length set, no added_tokens_decoder).
+    # Older 4.x layout (T5Tokenizer class, model_max_length set, no added_tokens_decoder): pad and unk
+    # are only in special_tokens_map.json.
     d = out["t54"] = root / "t54"
     d.mkdir()
     tok = t5_backend(normalizer=False)
@@ -140,8 +141,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tok.save(str(d / "tokenizer.json"))
     _write_json(d / "tokenizer_config.json", {
         "additional_special_tokens": [], "clean_up_tokenization_spaces": True, "eos_token": "</s>", "extra_ids": 0,
-        "model_max_length": 12, "pad_token": "<pad>", "processor_class": "Blip2Processor",
-        "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"})
+        "model_max_length": 12, "processor_class": "Blip2Processor", "tokenizer_class": "T5Tokenizer"})
     _write_json(d / "special_tokens_map.json", {"eos_token": _added("</s>", False), "pad_token": "<pad>",
                                                 "unk_token": "<unk>"})
     _write_json(d / "preprocessor_config.json", _preprocessor_config({"height": 32, "width": 40}))
@@ -337,7 +337,11 @@ def test_add_tokens_like_reference(dirs: dict) -> None:
         assert ours.add_tokens(tokens, special_tokens=special) == ref.add_tokens(tokens, special_tokens=special)
     text = ["a <obj> and <box> dogs", "x<box>y"]
     assert ours(text)["input_ids"] == ref(text)["input_ids"]
-    assert ours.convert_tokens_to_ids(["<obj>", "<box>"]) == ref.convert_tokens_to_ids(["<obj>", "<box>"])
+    assert ours.convert_tokens_to_ids(["<obj>", "<box>", "a", "#?!"]) == ref.convert_tokens_to_ids(
+        ["<obj>", "<box>", "a", "#?!"])  # an unknown token maps to unk (</s> here)
+    ids = ours(text[0])["input_ids"]
+    assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
+    assert ours.convert_ids_to_tokens(ids[1]) == ref.convert_ids_to_tokens(ids[1])
 
 
 @pytest.mark.parametrize("name", ["opt5", "t55", "opt4", "t54"])

@@ -16,7 +16,6 @@ settings transformers gives it, so ids and masks match by construction.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Sequence
@@ -54,13 +53,13 @@ _VERY_LARGE_INTEGER = int(1e30)
 _LARGE_INTEGER = int(1e20)
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _TRUNCATION = {"longest_first", "only_first", "only_second"}
-# Load-time bookkeeping transformers may leave in tokenizer_config.json; never written back.
-_TOKENIZER_BOOKKEEPING = {
+# tokenizer_config.json keys not kept verbatim: load-time bookkeeping transformers may leave there,
+# and the keys we model and write back ourselves. Every other key is kept and written back.
+_TOKENIZER_REWRITTEN = {
     "name_or_path", "tokenizer_file", "special_tokens_map_file", "is_local", "local_files_only", "files_loaded",
     "_commit_hash", "vocab_file", "merges_file", "tokenizer_class", "added_tokens_decoder",
     "additional_special_tokens", "extra_special_tokens", "padding_side", "truncation_side", "model_max_length",
-    "clean_up_tokenization_spaces", "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
-    "split_special_tokens", "processor_class",
+    "clean_up_tokenization_spaces", "processor_class",
 }
 
 
@@ -134,7 +133,7 @@ class TextTokenizer:
                 present.add(_token_content(value))
         if to_add:
             backend.add_tokens(to_add)
-        self.config = {k: v for k, v in config.items() if k not in _TOKENIZER_BOOKKEEPING and k not in raw_special}
+        self.config = {k: v for k, v in config.items() if k not in _TOKENIZER_REWRITTEN and k not in raw_special}
 
     # ---- loading and saving -------------------------------------------------------------------
 
@@ -161,7 +160,7 @@ class TextTokenizer:
         os.makedirs(directory, exist_ok=True)
         paths = [os.path.join(directory, name)
                  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
-        # The backend carries no per-call padding/truncation between calls; save it clean anyway.
+        # The last call's padding/truncation settings would be saved into tokenizer.json: clear them.
         with self._lock:
             self.backend.no_padding()
             self.backend.no_truncation()
@@ -248,16 +247,6 @@ class TextTokenizer:
     @property
     def pad_token_id(self) -> int | None:
         return self._special_id("pad_token")
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        """Ids of the named and extra special tokens, in declaration order."""
-        ids: list[int] = []
-        for token in [*self.special_tokens.values(), *self.extra_special_tokens]:
-            index = self.backend.token_to_id(token)
-            if index is not None and index not in ids:
-                ids.append(index)
-        return ids
 
     def add_tokens(self, tokens: str | AddedToken | Sequence[str | AddedToken], special_tokens: bool = False) -> int:
         """Add tokens not yet in the vocabulary (at its end); returns how many were new. As in transformers."""
