@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .checkpoint import resolve_dir
+
 __all__ = [
     "BatchFeature",
     "Blip2ImageProcessor",
@@ -361,7 +363,7 @@ class Blip2ImageProcessor:
         path = os.fspath(path_or_id)
         if os.path.isfile(path):
             return cls.from_dict(_read_json(path))
-        directory = _resolve_dir(path)
+        directory = resolve_dir(path)
         nested = os.path.join(directory, "processor_config.json")
         if os.path.isfile(nested):
             config = _read_json(nested).get("image_processor")
@@ -382,14 +384,6 @@ class Blip2ImageProcessor:
         path = os.path.join(directory, "preprocessor_config.json")
         _write_json(path, config)
         return path
-
-
-def _resolve_dir(path_or_id: str | os.PathLike) -> str:
-    # replaced by checkpoint.resolve_dir
-    path = os.fspath(path_or_id)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such directory (Hub ids are not resolved yet)")
-    return path
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import BPE
 
+from .checkpoint import resolve_dir
 from .images import (
     BatchFeature,
     Blip2ImageProcessor,
@@ -33,7 +34,6 @@ from .images import (
     ImageInput,
     ImageLoadError,
     _read_json,
-    _resolve_dir,
     _write_json,
     load_image,
 )
@@ -140,7 +140,7 @@ class TextTokenizer:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike) -> TextTokenizer:
         """From a directory (or Hub id) holding tokenizer.json and optionally tokenizer_config.json."""
-        directory = _resolve_dir(path_or_id)
+        directory = resolve_dir(path_or_id)
         tokenizer_file = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
             raise FileNotFoundError(f"{directory}: no tokenizer.json (slow-tokenizer files alone are not supported)")
@@ -456,7 +456,7 @@ class Blip2Processor:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike) -> Blip2Processor:
         """From a directory or Hub id written by transformers (4.x or 5.x layout) or by us."""
-        directory = _resolve_dir(path_or_id)
+        directory = resolve_dir(path_or_id)
         processor_file = os.path.join(directory, "processor_config.json")
         config = _read_json(processor_file) if os.path.isfile(processor_file) else {}
         return cls(Blip2ImageProcessor.from_pretrained(directory), TextTokenizer.from_pretrained(directory),
