@@ -24,6 +24,7 @@ from torch import nn
 from .checkpoint import PretrainedMixin
 from .config import Blip2Config
 from .generation import GenerationConfig, generate
+from .lm.fused import default_format, pack_linears, unfuse_linears
 from .lm.opt import OPTForCausalLM
 from .lm.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
 from .qformer import Blip2QFormerModel
@@ -234,6 +235,52 @@ class Blip2Model(PretrainedMixin, nn.Module):
             prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
             prefix_mask = None
         return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer)
+
+
+    # -- inference speed-ups (blip2.lm.fused) ----------------------------------------------------
+
+    def fuse(self) -> Blip2Model:
+        """Prepare for fast inference: the language model's q/k/v (and T5's other parallel projections)
+        in one matmul each, and every linear layer of the language model, the vision encoder and the
+        Q-Former in the fastest weight layout for the device (on CPU, oneDNN's blocked layout: 2x faster
+        decoding for batches of a few rows). Outputs equal the plain model's up to float rounding.
+
+        The state dict keeps the reference keys and shapes (``save_pretrained`` is unchanged). Inference
+        only (no gradients); move and cast the model first. ``unfuse()`` undoes it. Returns self."""
+        self.language_model.fuse()
+        for tower in (self.vision_model, self.qformer):
+            pack_linears(tower, default_format(tower.post_layernorm.weight if tower is self.vision_model
+                                               else tower.layernorm.weight))
+        return self
+
+    def quantize_int8(self, vision: bool = False) -> Blip2Model:
+        """``fuse()`` with the language model's weights in int8 (weight-only, one scale per output
+        channel; activations stay float): 4x fewer weight bytes than fp32 per decoded token, and a
+        language model 1.5-4x smaller (its embedding matrix stays as it is). Tokens agree with the float
+        model's on most, not all, positions. ``vision=True`` quantizes the vision encoder as well (the
+        Q-Former, small and kept in fp32, never). ``save_pretrained`` writes dequantized weights under the
+        reference keys. Returns self."""
+        self.language_model.fuse("int8")
+        vision_format = "int8" if vision else default_format(self.vision_model.post_layernorm.weight)
+        pack_linears(self.vision_model, vision_format)
+        pack_linears(self.qformer, default_format(self.qformer.layernorm.weight))
+        return self
+
+    def unfuse(self) -> Blip2Model:
+        """Undo ``fuse()``/``quantize_int8()``: plain ``nn.Linear`` layers with parameters again (int8
+        weights stay rounded). Returns self."""
+        self.language_model.unfuse()
+        unfuse_linears(self.vision_model)
+        unfuse_linears(self.qformer)
+        return self
+
+    def compile(self, **compile_kwargs: Any) -> Blip2Model:
+        """Compile the language model's one-token decoding step with ``torch.compile(**compile_kwargs)``
+        (it is where generation spends its time; shapes are static within a ``generate`` call, so it
+        compiles once per batch size and length). Combines with ``fuse()``/``quantize_int8()`` (call
+        those first). Returns self."""
+        self.language_model.compile(**compile_kwargs)
+        return self
 
 
 class Blip2ForConditionalGeneration(Blip2Model):
