@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import OPTConfig
-from .fused import FusedLinear, default_format, fuse_linears, linear, pack_linears, unfuse_linears
+from .fused import FusedLinear, default_format, fuse_linears, fused_format, linear, pack_linears, unfuse_linears
 
 __all__ = ["OPTForCausalLM", "OPTDecoding", "KVCache"]
 
@@ -276,8 +276,12 @@ class OPTForCausalLM(nn.Module):
 
     def compile(self, **compile_kwargs: object) -> OPTForCausalLM:
         """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
-        within a ``generate`` call (the KV cache is preallocated), so it compiles once per batch size and
-        cache length. Returns self."""
+        within a ``generate`` call (the cache is preallocated), so it compiles once per batch size and
+        length. In the compiled step a product with a single row (batch 1) streams plain or int8 weights
+        at near the copy bandwidth (``fused._row_product``), so weights fused in oneDNN's packed layout
+        are re-fused plain (``"dense"``) first; int8 stays int8. Returns self."""
+        if fused_format(self) == "onednn":
+            self.unfuse().fuse("dense")
         self.decode_step = torch.compile(self._decode_step, **compile_kwargs)
         return self
 
