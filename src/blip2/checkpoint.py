@@ -168,10 +168,13 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     Missing, unexpected or mis-shaped keys are errors naming the key and both shapes. Keys
     ``model._tied_keys()`` lists may be absent from the file: they are tied after loading.
     ``key_prefix`` selects a sub-model inside a bigger checkpoint (``vision_model.``, ...).
+    Keys starting with one of ``model._ignored_checkpoint_prefixes`` are skipped: parts of a bigger
+    model the class leaves out (a text tower loaded from a full retrieval checkpoint).
     """
     expected = model.state_dict(keep_vars=True)
     tied = model._tied_keys() if hasattr(model, "_tied_keys") else {}
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", ()))
+    ignored = tuple(getattr(model, "_ignored_checkpoint_prefixes", ()))
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, tensor in iter_checkpoint_tensors(directory):
@@ -179,6 +182,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
             if not key.startswith(key_prefix):
                 continue
             key = key[len(key_prefix):]
+        if ignored and key.startswith(ignored):
+            continue
         if key not in expected:
             if not _IGNORABLE.search(key):
                 unexpected.append(key)
