@@ -83,12 +83,13 @@ def hf_blip2_config(text: str = "opt", *, image_token: bool = True, dropout: flo
 
 
 def write_blip2_dir(directory: Path, text: str = "opt", seed: int = 0, *, image_token: bool = True,
-                    dropout: float = 0.0) -> Path:
+                    dropout: float = 0.0, vision_layers: int = 2) -> Path:
     """A tiny transformers Blip2ForConditionalGeneration with processor files, saved by transformers."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Blip2ForConditionalGeneration(hf_blip2_config(text, image_token=image_token, dropout=dropout))
+    model = transformers.Blip2ForConditionalGeneration(hf_blip2_config(text, image_token=image_token, dropout=dropout,
+                                                                          vision_layers=vision_layers))
     randomize_(model, seed, std=0.2)
     model.save_pretrained(directory)
     backend = opt_backend() if text == "opt" else t5_backend()
@@ -134,6 +135,24 @@ def world_data(directory: Path, n: int, seed: int = 0, split: str = "train") -> 
     from blip2 import world
 
     return Path(world.write_dataset(directory, n, seed=seed, split=split, size=64))
+
+
+def one_object_data(directory: Path, n: int, seed: int = 0, split: str = "train", size: int = 32) -> Path:
+    """``blip2.world`` scenes with one object each ("a small red circle": 36 captions, all 4 words), drawn
+    at ``size`` px, with captions.jsonl; returns the split directory."""
+    import numpy as np
+
+    from blip2 import world
+
+    root = directory / split
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with open(root / "captions.jsonl", "w") as f:
+        for i in range(n):
+            scene = world.sample_scene(np.random.default_rng([seed, i]), n_objects=1)
+            rel = f"images/{i:05d}.png"
+            world.render(scene, size).save(root / rel)
+            f.write(json.dumps({"image": rel, "caption": world.caption(scene)}) + "\n")
+    return root
 
 
 def env_with_src() -> dict[str, str]:

@@ -54,6 +54,7 @@ _SETTINGS: list[tuple[str, str, Any, str]] = [
     ("--no-hflip", "hflip", False, "no horizontal flip (for text that says left and right)"),
     ("--prefix-lm", "prefix_lm", True, "T5: split captions into encoder prefix and decoder target"),
     ("--resume", "resume", True, "continue from OUT/checkpoint if it is there"),
+    ("--stop-at", "stop_at", int, "end this session after step N with a checkpoint (resume later)"),
 ]
 _PATH_KEYS = ("data", "out", "init", "bert", "vision", "stage1", "preset")
 

@@ -212,7 +212,8 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
     bad = 0.0
     skipped_total = float(history[-1]["skipped"] if history else dataset.skipped)  # cumulative, all ranks
     steps_since, t_last = 0, time.perf_counter()
-    while step < max_steps:
+    end = max_steps if config.stop_at is None else min(max_steps, config.stop_at)
+    while step < end:
         torch.manual_seed(derive_seed(config.seed, step, rank, 1))  # dropout: a function of (seed, step, rank)
         lr = lr_at(step, config, max_steps)
         for group in optimizer.param_groups:
@@ -241,7 +242,7 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
         step += 1
         steps_since += 1
 
-        if step % config.log_every == 0 or step == max_steps:
+        if step % config.log_every == 0 or step == end:
             names = sorted(sums)
             totals = torch.tensor([sums[n] for n in names] + [bad], dtype=torch.float64)
             if world > 1:
@@ -261,12 +262,12 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
                 logger.info("step %d/%d loss %.4f %s lr %.3g %.1f samples/s", step, max_steps, row["loss"], parts,
                             lr, row["samples_per_s"])
             sums, bad, steps_since, t_last = {}, 0.0, 0, time.perf_counter()
-        if config.save_every and step % config.save_every == 0 and step < max_steps:
+        if config.save_every and step % config.save_every == 0 and step < end:
             checkpoint()
 
     del batches  # stop the DataLoader workers
     checkpoint()
-    if out and save is not None and rank == 0:
+    if out and save is not None and rank == 0 and step == max_steps:
         save(out)
     if world > 1:
         dist.barrier()

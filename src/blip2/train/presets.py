@@ -62,6 +62,9 @@ class TrainConfig:
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is there, else cpu
     out_dir: str | None = None  # where metrics.jsonl, checkpoint/ and the final model go
     resume: bool = False  # continue from out_dir/checkpoint when it exists
+    # end this session after this step with a checkpoint, the schedule still that of max_steps (for jobs
+    # with a time limit: run, resume, run, ...); the final model is written when max_steps is reached
+    stop_at: int | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
