@@ -25,6 +25,7 @@ from train_fixtures import (  # noqa: E402
     NUM_QUERY,
     env_with_src,
     one_object_data,
+    one_thread,  # noqa: F401  (an autouse fixture: importing it applies it here)
     write_bert_dir,
     write_blip2_dir,
     write_vision_preprocessor,
@@ -53,15 +54,6 @@ from blip2.train.data import collate  # noqa: E402
 from blip2.train.loop import CHECKPOINT_FILE  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dispatch-bound: one thread is fastest, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from train_fixtures import (  # noqa: E402
     OPT_SPECIAL,
     T5_SPECIAL,
     WORDS,
+    one_thread,  # noqa: F401  (an autouse fixture: importing it applies it here)
     write_bert_dir,
     write_blip2_dir,
     write_vision_preprocessor,
@@ -247,7 +248,7 @@ def test_stage1_files_load_in_transformers_and_back(stage1, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.itm_logits(px, text["input_ids"], text["attention_mask"]), want)
     back = Blip2Stage1.from_pretrained(str(tmp_path))
-    assert float(back.temp) == pytest.approx(0.2)
+    assert float(back.temp.detach()) == pytest.approx(0.2)
     for (k, a), (_, b) in zip(model.itg_head.state_dict().items(), back.itg_head.state_dict().items()):
         assert torch.equal(a, b), k
 

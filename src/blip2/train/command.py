@@ -98,8 +98,6 @@ def _settings(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
     task = given.get("task", from_file.get("task", "caption"))
     default = {"stage1": "stage1", "stage2": "stage2"}.get(args.stage, "finetune_vqa" if task == "vqa" else "finetune_caption")
     config = TrainConfig.preset(paths.get("preset", default))
-    if "out" in from_file:
-        from_file["out_dir"] = from_file.pop("out")
     config = TrainConfig.from_dict(from_file, config)
     flags = {name: given[name] for _, name, _, _ in _SETTINGS if name in given}
     config = TrainConfig.from_dict(flags, config)

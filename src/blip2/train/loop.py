@@ -76,6 +76,17 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _cast_frozen(trainee: nn.Module, frozen: list[nn.Module], dtype: torch.dtype) -> None:
+    """Store the frozen weights in ``dtype``, except those the model keeps in fp32 at that dtype
+    (``keeps_fp32``: T5's FFN output projections under fp16, which overflow otherwise)."""
+    ids = {id(p) for module in frozen for p in module.parameters()}
+    model = getattr(trainee, "model", trainee)
+    keeps = getattr(model, "keeps_fp32", lambda name, dtype: False)
+    for name, p in model.named_parameters():
+        if id(p) in ids and p.is_floating_point() and not keeps(name, dtype):
+            p.data = p.data.to(dtype)
+
+
 def _trainable_state(module: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
 
@@ -156,8 +167,8 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
     frozen = trainee.frozen_modules(config.freeze_vision)  # type: ignore[operator]
     for module in frozen:
         module.requires_grad_(False)
-        if config.frozen_dtype is not None:
-            module.to(_DTYPES[config.frozen_dtype])
+    if config.frozen_dtype is not None:
+        _cast_frozen(trainee, frozen, _DTYPES[config.frozen_dtype])
     trainee.to(device)
     trainee.autocast_dtype = None if config.amp == "no" else _DTYPES[config.amp]  # type: ignore[assignment]
     for module in trainee.modules():

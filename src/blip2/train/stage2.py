@@ -211,6 +211,8 @@ def train_stage2(model: Blip2ForConditionalGeneration, processor: Blip2Processor
     ``config.out_dir`` the final model is written there in the Hugging Face format with the processor
     files (copied from ``processor_source`` when given).
     """
+    if config.amp == "fp16" and not model.config.use_decoder_only_language_model:
+        raise ValueError("fp16 overflows in Flan-T5's feed-forward layers (BLIP-2 trained it in bf16): use amp='bf16'")
     trainee = Blip2Stage2(model)
     dataset = make_dataset(data, processor.image_processor, config)
     text = Stage2Text(processor.tokenizer, model, task=config.task, prompt=config.prompt,
