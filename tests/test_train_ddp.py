@@ -21,7 +21,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from train_fixtures import env_with_src, one_object_data, write_bert_dir, write_blip2_dir  # noqa: E402
+from train_fixtures import (  # noqa: E402
+    env_with_src,
+    one_object_data,
+    write_bert_dir,
+    write_blip2_dir,
+)
 
 TOL = 1e-5
 STEPS = 4

@@ -48,7 +48,7 @@ from blip2.train import (  # noqa: E402
     train_stage1,
     train_stage2,
 )
-from blip2.train.command import build_parser, _settings  # noqa: E402
+from blip2.train.command import _settings, build_parser  # noqa: E402
 from blip2.train.common import make_dataset  # noqa: E402
 from blip2.train.data import collate  # noqa: E402
 from blip2.train.loop import CHECKPOINT_FILE  # noqa: E402
@@ -267,6 +267,30 @@ def test_bf16_autocast_keeps_qformer_fp32(dirs):
     assert all(math.isfinite(m["loss"]) for m in metrics)
 
 
+def test_logged_gradient_norm_is_the_true_norm_fp32_and_fp16(dirs):
+    """The norm the loop clips is that of the real gradient of the first batch; under fp16 it is taken after
+    the loss scale is divided out (else it would read 65536 times too large)."""
+    norms = {}
+    for amp in ("no", "fp16"):
+        model = Blip2ForConditionalGeneration.from_pretrained(dirs["opt"])
+        processor = Blip2Processor.from_pretrained(dirs["opt"])
+        metrics = train_stage2(model, processor, dirs["train"] + "/captions.jsonl",
+                               small(max_steps=1, amp=amp, max_grad_norm=1e-3))
+        norms[amp] = metrics[0]["grad_norm"]
+    model = Blip2ForConditionalGeneration.from_pretrained(dirs["opt"])
+    processor = Blip2Processor.from_pretrained(dirs["opt"])
+    ds = make_dataset(dirs["train"] + "/captions.jsonl", processor.image_processor, small())
+    batch = collate([ds[k] for k in next(iter(GlobalBatchSampler(len(ds), 8, seed=3)))])
+    trainee = Blip2Stage2(model)
+    model.language_model.requires_grad_(False)
+    model.vision_model.encoder.requires_grad_(False)
+    model.vision_model.embeddings.requires_grad_(False)
+    trainee(batch["pixel_values"], **Stage2Text(processor.tokenizer, model)(batch))["loss"].backward()
+    true = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert norms["no"] == pytest.approx(float(true), rel=1e-5)
+    assert norms["fp16"] == pytest.approx(float(true), rel=2e-2)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(dirs):
     stage1, processor = stage1_model(dirs, vision="opt_drop")
     stage1.train()
@@ -417,3 +441,45 @@ def test_kill_and_resume_equals_uninterrupted_run(dirs, tmp_path):
     assert not torch.equal(ours.language_projection.weight,
                            Blip2ForConditionalGeneration.from_pretrained(dirs["opt"]).language_projection.weight)
     assert os.path.exists(out / "generation_config.json")
+
+
+def test_command_line_stage1_from_bert_stage2_from_stage1_and_lm_then_vqa(dirs, tmp_path):
+    """The three subcommands in process: stage 1 from BERT + an image encoder, stage 2 from that and a plain
+    OPT checkpoint, VQA fine-tuning of the result; the outputs load in transformers and agree with ours."""
+    from blip2.train import main
+
+    hf = transformers.Blip2ForConditionalGeneration.from_pretrained(dirs["opt"])
+    hf.language_model.save_pretrained(tmp_path / "lm")  # a plain OPTForCausalLM checkpoint
+    transformers.AutoTokenizer.from_pretrained(dirs["opt"]).save_pretrained(tmp_path / "lm")
+    vqa = tmp_path / "vqa.jsonl"
+    rows = [json.loads(x) for x in (Path(dirs["train"]) / "captions.jsonl").read_text().splitlines()[:32]]
+    vqa.write_text("".join(json.dumps({"image": str(Path(dirs["train"]) / r["image"]), "question": "what color is it ?",
+                                       "answer": r["caption"].split()[2]}) + "\n" for r in rows))
+    common = ["--max-steps", "2", "--batch-size", "8", "--amp", "no", "--frozen-dtype", "fp32", "--warmup-steps", "0",
+              "--lr", "1e-3", "--log-every", "1"]
+    captions = ["--data", dirs["train"] + "/captions.jsonl"]
+    s1, s2, ft = tmp_path / "s1", tmp_path / "s2", tmp_path / "ft"
+    assert main(["stage1", "--vision", dirs["opt"], "--bert", dirs["bert"], "--num-query-tokens", "4",
+                 "--embed-dim", "16", "--out", str(s1), *captions, *common]) == 0
+    assert main(["stage2", "--stage1", str(s1), "--lm", str(tmp_path / "lm"), "--out", str(s2), *captions, *common]) == 0
+    assert main(["finetune", "--init", str(s2), "--task", "vqa", "--prompt", "question : {} answer :", "--data", str(vqa),
+                 "--out", str(ft), *common]) == 0
+    # stage 2 starts from stage 1 (its image encoder is frozen; the Q-Former trains on)
+    from safetensors.torch import load_file
+
+    a, b = load_file(s1 / "model.safetensors"), load_file(s2 / "model.safetensors")
+    key = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.equal(a[key], b[key])
+    assert "qformer.encoder.layer.0.intermediate.dense.weight" not in b and "embeddings.word_embeddings.weight" not in b
+    lm = load_file(tmp_path / "lm" / "model.safetensors")
+    assert all(torch.equal(b["language_model." + k], v) for k, v in lm.items())
+    ref = transformers.Blip2ForConditionalGeneration.from_pretrained(ft).eval()
+    ours = Blip2ForConditionalGeneration.from_pretrained(str(ft))
+    px = torch.randn(2, 3, 32, 32)
+    assert ours.config.image_token_index == 41  # the <image> token of the LM's tokenizer
+    ids = torch.tensor([[41] * NUM_QUERY + [2, 10, 11, 12], [41] * NUM_QUERY + [2, 13, 14, 15]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(px, ids).logits, ref(pixel_values=px, input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert [json.loads(x)["step"] for x in (ft / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a stage-1 Q-Former that does not fit --init's is refused with a message, not a traceback
+    assert main(["stage2", "--init", dirs["opt"], "--stage1", str(s1), "--out", str(tmp_path / "x"), *captions, *common]) == 1

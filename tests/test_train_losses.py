@@ -74,7 +74,7 @@ def smoothed_ce(logits: list[float], target: int, eps: float) -> float:
 
 
 def stage1_batch(stage1, seed: int = 0):
-    model, processor = stage1
+    _, processor = stage1
     text = Stage1Text(processor.tokenizer, max_txt_len=20)(CAPTIONS)
     return pixels(len(CAPTIONS), seed), text
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
 from conftest import randomize_
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 IMAGE_SIZE = 32
 PATCH = 8

@@ -3,7 +3,7 @@
 Settings come from, later winning: the preset of the subcommand (``stage1``, ``stage2``,
 ``finetune_caption`` or, with ``--task vqa``, ``finetune_vqa``; or ``--preset``), a YAML/JSON file
 (``--config``: ``TrainConfig`` field names, plus ``preset``, ``data``, ``out``, ``init``, ``bert``, ``vision``,
-``stage1``), then the flags. Run it under ``torchrun --nproc_per_node N`` for several processes.
+``stage1``, ``lm``), then the flags. Run it under ``torchrun --nproc_per_node N`` for several processes.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from ..modeling import Blip2ForConditionalGeneration
 from ..processing import Blip2Processor
 from .presets import PRESETS, TrainConfig, load_config_file
 from .stage1 import Blip2Stage1, build_stage1, train_stage1
-from .stage2 import load_stage1_into, train_stage2
+from .stage2 import build_stage2, load_stage1_into, train_stage2
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 # flag -> (TrainConfig field, type or a constant for switches, help)
 _SETTINGS: list[tuple[str, str, Any, str]] = [
@@ -56,7 +56,7 @@ _SETTINGS: list[tuple[str, str, Any, str]] = [
     ("--resume", "resume", True, "continue from OUT/checkpoint if it is there"),
     ("--stop-at", "stop_at", int, "end this session after step N with a checkpoint (resume later)"),
 ]
-_PATH_KEYS = ("data", "out", "init", "bert", "vision", "stage1", "preset")
+_PATH_KEYS = ("data", "out", "init", "bert", "vision", "stage1", "lm", "preset")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cross-attention-frequency", type=int, default=2, help="(with --bert)")
             p.add_argument("--embed-dim", type=int, default=256, help="ITC embedding width (with --bert)")
         if stage == "stage2":
-            p.add_argument("--stage1", help="stage-1 checkpoint whose image encoder, queries and Q-Former replace --init's")
+            p.add_argument("--stage1", help="stage-1 checkpoint: its image encoder, queries and Q-Former start stage 2 "
+                                            "(with --lm, or replacing those of --init)")
+            p.add_argument("--lm", help="without --init: Hugging Face OPT or Flan-T5 checkpoint to use as the frozen LM")
         for flag, name, kind, text in _SETTINGS:
             if isinstance(kind, bool):
                 p.add_argument(flag, dest=name, action="store_const", const=kind, help=text)
@@ -126,12 +128,16 @@ def _run(args: argparse.Namespace) -> None:
             raise ValueError("stage1 needs --init, or --vision and --bert")
         train_stage1(model, processor, paths["data"], config, processor_source=init)
         return
-    if not init:
-        raise ValueError(f"{args.stage} needs --init (a Blip2ForConditionalGeneration checkpoint)")
-    model = Blip2ForConditionalGeneration.from_pretrained(init)
-    if paths.get("stage1"):
-        load_stage1_into(model, paths["stage1"])
-    train_stage2(model, Blip2Processor.from_pretrained(init), paths["data"], config, processor_source=init)
+    if init:
+        model, processor = Blip2ForConditionalGeneration.from_pretrained(init), Blip2Processor.from_pretrained(init)
+        if paths.get("stage1"):
+            load_stage1_into(model, paths["stage1"])
+    elif args.stage == "stage2" and paths.get("stage1") and paths.get("lm"):
+        model, processor = build_stage2(paths["stage1"], paths["lm"])
+    else:
+        raise ValueError(f"{args.stage} needs --init (a Blip2ForConditionalGeneration checkpoint)"
+                         + (", or --stage1 and --lm" if args.stage == "stage2" else ""))
+    train_stage2(model, processor, paths["data"], config, processor_source=init)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from ..vision import Blip2VisionModel
 from .data import ImageTextDataset, TrainTransform, load_records
 from .presets import TrainConfig
 
-__all__ = ["autocast", "frozen_vision_modules", "encode_image", "save_processor", "make_dataset"]
+__all__ = ["autocast", "encode_image", "frozen_vision_modules", "make_dataset", "save_processor"]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -42,14 +42,14 @@ from PIL import Image, ImageOps
 from ..images import DEFAULT_MAX_PIXELS, Blip2ImageProcessor, ImageLoadError, load_image
 
 __all__ = [
+    "GlobalBatchSampler",
+    "ImageTextDataset",
     "Record",
+    "TrainTransform",
+    "collate",
+    "load_records",
     "read_manifest",
     "read_shards",
-    "load_records",
-    "TrainTransform",
-    "ImageTextDataset",
-    "GlobalBatchSampler",
-    "collate",
 ]
 
 logger = logging.getLogger("blip2.train")

@@ -33,7 +33,7 @@ from .data import GlobalBatchSampler, ImageTextDataset, collate
 from .losses import rank_and_world
 from .presets import TrainConfig
 
-__all__ = ["Trainee", "run", "lr_at", "derive_seed", "CHECKPOINT_FILE", "METRICS_FILE"]
+__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "Trainee", "derive_seed", "lr_at", "run"]
 
 logger = logging.getLogger("blip2.train")
 
@@ -269,9 +269,8 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
                 if metrics_path:
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
-                parts = " ".join(f"{n} {row[n]:.4f}" for n in names if n != "loss")
-                logger.info("step %d/%d loss %.4f %s lr %.3g %.1f samples/s", step, max_steps, row["loss"], parts,
-                            lr, row["samples_per_s"])
+                values = " ".join(f"{n} {row[n]:.4f}" for n in sorted(names, key=lambda n: n != "loss"))
+                logger.info("step %d/%d %s lr %.3g %.1f samples/s", step, max_steps, values, lr, row["samples_per_s"])
             sums, bad, steps_since, t_last = {}, 0.0, 0, time.perf_counter()
         if config.save_every and step % config.save_every == 0 and step < end:
             checkpoint()

@@ -28,17 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "rank_and_world",
-    "gather_with_grad",
-    "gather_no_grad",
-    "itc_similarity",
-    "itc_loss",
-    "negative_weights",
-    "sample_negatives",
-    "itm_loss",
-    "token_cross_entropy",
     "ITC_LABEL_SMOOTHING",
     "ITG_LABEL_SMOOTHING",
+    "gather_no_grad",
+    "gather_with_grad",
+    "itc_loss",
+    "itc_similarity",
+    "itm_loss",
+    "negative_weights",
+    "rank_and_world",
+    "sample_negatives",
+    "token_cross_entropy",
 ]
 
 ITC_LABEL_SMOOTHING = 0.1  # LAVIS Blip2Qformer: F.cross_entropy(..., label_smoothing=0.1)

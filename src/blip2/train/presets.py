@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TrainConfig", "PRESETS", "load_config_file"]
+__all__ = ["PRESETS", "TrainConfig", "load_config_file"]
 
 
 @dataclass

@@ -35,6 +35,7 @@ from ..retrieval import Blip2ForImageTextRetrieval
 from ..vision import activation
 from .common import encode_image, frozen_vision_modules, make_dataset, save_processor
 from .data import ImageTextDataset
+from .loop import derive_seed, run
 from .losses import (
     ITG_LABEL_SMOOTHING,
     gather_no_grad,
@@ -47,11 +48,19 @@ from .losses import (
     sample_negatives,
     token_cross_entropy,
 )
-from .loop import derive_seed, run
 from .presets import TrainConfig
 
-__all__ = ["QFormerLMHead", "Blip2Stage1", "Stage1Text", "build_stage1", "qformer_config_from_bert",
-           "load_bert_into", "train_stage1", "ITG_HEAD_FILE", "DEFAULT_TEMPERATURE"]
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "ITG_HEAD_FILE",
+    "Blip2Stage1",
+    "QFormerLMHead",
+    "Stage1Text",
+    "build_stage1",
+    "load_bert_into",
+    "qformer_config_from_bert",
+    "train_stage1",
+]
 
 ITG_HEAD_FILE = "itg_head.safetensors"
 ITG_HEAD_PREFIX = "cls.predictions."  # BERT's (and LAVIS's, under Qformer.) names for the LM head

@@ -19,6 +19,8 @@ run in fp32 outside it, as the reference keeps them.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,16 +28,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import iter_checkpoint_tensors
+from ..checkpoint import iter_checkpoint_tensors, load_into
+from ..config import Blip2Config, OPTConfig, T5Config
+from ..images import Blip2ImageProcessor
 from ..modeling import Blip2ForConditionalGeneration
 from ..processing import Blip2Processor, TextTokenizer
-from .common import autocast, encode_image, frozen_vision_modules, make_dataset, save_processor
+from .common import (
+    autocast,
+    encode_image,
+    frozen_vision_modules,
+    make_dataset,
+    save_processor,
+)
 from .data import ImageTextDataset
-from .losses import rank_and_world, token_cross_entropy
 from .loop import run
+from .losses import rank_and_world, token_cross_entropy
 from .presets import TrainConfig
 
-__all__ = ["Blip2Stage2", "Stage2Text", "load_stage1_into", "train_stage2", "finetune"]
+__all__ = ["Blip2Stage2", "Stage2Text", "build_stage2", "finetune", "load_stage1_into", "train_stage2"]
 
 
 class Blip2Stage2(nn.Module):
@@ -179,9 +189,23 @@ def _stage2_key(key: str) -> bool:
     return not (len(parts) > 4 and parts[1] == "encoder" and parts[4] in ("intermediate", "output"))
 
 
+_QFORMER_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "cross_attention_frequency")
+
+
+def _check_same_architecture(config: Blip2Config, stage1: Blip2Config, stage1_dir: str) -> None:
+    ours = {k: getattr(config.qformer_config, k) for k in _QFORMER_SHAPE} | {"num_query_tokens": config.num_query_tokens}
+    theirs = {k: getattr(stage1.qformer_config, k) for k in _QFORMER_SHAPE} | {"num_query_tokens": stage1.num_query_tokens}
+    if ours != theirs or config.vision_config.to_dict() != stage1.vision_config.to_dict():
+        diff = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
+        raise ValueError(f"{stage1_dir}: its image encoder or Q-Former differs from the model's "
+                         f"(stage 1 vs model: {diff or 'vision_config'}); start stage 2 with build_stage2 / --lm instead")
+
+
 def load_stage1_into(model: Blip2ForConditionalGeneration, stage1_dir: str) -> list[str]:
-    """Copy a stage-1 checkpoint's image encoder, queries and Q-Former into ``model``; re-initialise the
-    language projection (it maps a new Q-Former). Returns the keys copied; every target key must be found."""
+    """Copy a stage-1 checkpoint's image encoder, queries and Q-Former into ``model`` (same architecture);
+    re-initialise the language projection (it maps a new Q-Former). Returns the keys copied."""
+    _check_same_architecture(model.config, Blip2Config.from_pretrained(stage1_dir), stage1_dir)
     own = model.state_dict()
     wanted = {k for k in own if _stage2_key(k)}
     copied: list[str] = []
@@ -198,6 +222,45 @@ def load_stage1_into(model: Blip2ForConditionalGeneration, stage1_dir: str) -> l
     if missing:
         raise ValueError(f"{stage1_dir}: not a stage-1 checkpoint for this model, missing {missing[:5]}")
     return copied
+
+
+def build_stage2(stage1_dir: str, lm_dir: str) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    """A stage-2 model as LAVIS starts one: image encoder, queries and Q-Former from a stage-1 checkpoint,
+    a Hugging Face OPT or T5 checkpoint as the language model, a fresh language projection.
+
+    The processor is the stage-1 image processor with the LM's tokenizer, to which it adds an ``<image>``
+    token when there is none; the projected queries go where the processor puts the ``num_query_tokens``
+    image tokens (transformers 5 needs them). The token must fall inside the LM's embedding table, as
+    it does for OPT (50272 rows, 50265 tokens) and Flan-T5 (32128 rows, 32100 tokens).
+    """
+    stage1 = Blip2Config.from_pretrained(stage1_dir)
+    with open(os.path.join(lm_dir, "config.json"), encoding="utf-8") as f:
+        lm_raw = json.load(f)
+    text_classes = {"opt": OPTConfig, "t5": T5Config}
+    if lm_raw.get("model_type") not in text_classes:
+        raise ValueError(f"{lm_dir}: expected an OPT or T5 checkpoint, got model_type {lm_raw.get('model_type')!r}")
+    text_config = text_classes[lm_raw["model_type"]].from_dict(lm_raw, source=lm_dir)
+    processor = Blip2Processor(Blip2ImageProcessor.from_pretrained(stage1_dir), TextTokenizer.from_pretrained(lm_dir),
+                               num_query_tokens=stage1.num_query_tokens)
+    if processor.image_token_id >= text_config.vocab_size:
+        raise ValueError(f"{lm_dir}: the image token gets id {processor.image_token_id}, outside the LM's "
+                         f"{text_config.vocab_size} embeddings")
+    config = Blip2Config(vision_config=stage1.vision_config,
+                         qformer_config=stage1.qformer_config.replace(use_qformer_text_input=False),
+                         text_config=text_config, num_query_tokens=stage1.num_query_tokens,
+                         image_text_hidden_size=stage1.image_text_hidden_size,
+                         image_token_index=processor.image_token_id)
+    with torch.device("meta"):  # the LM is assigned from its checkpoint, never allocated at random
+        model = Blip2ForConditionalGeneration(config)
+    load_into(model.language_model, lm_dir)
+    tensors = {k: v for k, v in iter_checkpoint_tensors(stage1_dir) if _stage2_key(k)}
+    projection = nn.Linear(config.qformer_config.hidden_size, text_config.hidden_size)  # as LAVIS's opt_proj/t5_proj
+    tensors.update({"language_projection.weight": projection.weight.data, "language_projection.bias": projection.bias.data})
+    missing = sorted(k for k in model.state_dict() if not k.startswith("language_model.") and k not in tensors)
+    if missing:
+        raise ValueError(f"{stage1_dir}: not a stage-1 checkpoint, missing {missing[:5]}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    return model.eval(), processor
 
 
 def train_stage2(model: Blip2ForConditionalGeneration, processor: Blip2Processor,
