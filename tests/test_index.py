@@ -221,6 +221,11 @@ def test_argument_errors(setup):
     bad = ImageIndex(s["ours"], lambda paths: torch.zeros(1, 3, 28, 28))
     with pytest.raises(ValueError, match=r"preprocess returned shape \(1, 3, 28, 28\) for 2 paths"):
         bad.add(["a", "b"])
+    # a failed add leaves nothing behind: the same paths can be added once they load
+    flaky = ImageIndex(s["ours"], Loader(s["pixels"]), batch_size=2)
+    with pytest.raises(KeyError):
+        flaky.add(s["paths"][:3] + ["missing.png"])
+    assert len(flaky) == 0 and flaky.add(s["paths"][:3]) == 3
 
 
 def test_folder_of_image_files(setup, tmp_path):

@@ -158,19 +158,17 @@ class ImageIndex:
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = list_images(paths) if os.path.isdir(paths) else [paths]
-        new: list[str] = []
-        for p in map(os.fspath, paths):
-            if p not in self._seen:
-                new.append(p)
-                self._seen.add(p)
+        new = [p for p in dict.fromkeys(map(os.fspath, paths)) if p not in self._seen]  # ordered, unique
         if not new:
             return 0
         part = torch.empty(len(new), self.num_query_tokens, self.embed_dim, dtype=self.dtype)
         for s in range(0, len(new), self.batch_size):
             batch = new[s:s + self.batch_size]
             part[s:s + len(batch)] = self.model.image_embeds(self._pixels(batch)).to("cpu", self.dtype)
+        # only now, so an image that failed to load leaves the index as it was
         self._parts.append(part)
         self.paths.extend(new)
+        self._seen.update(new)
         return len(new)
 
     # -- searching ---------------------------------------------------------------------------------
