@@ -11,9 +11,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from conftest import (  # noqa: E402
+    hf_blip2,
+    pixel_batch,
+    prompts_with_images,
+    randomize_,
+    tiny_hf_config,
+)
 from safetensors.torch import load_file  # noqa: E402
-
-from conftest import hf_blip2, pixel_batch, prompts_with_images, randomize_, tiny_hf_config  # noqa: E402
 
 from blip2.config import Blip2Config  # noqa: E402
 from blip2.convert_lavis import (  # noqa: E402

@@ -170,7 +170,7 @@ def test_image_tokens_are_dropped_only_when_the_config_has_them(pair):
 
 @torch.no_grad()
 def test_towers_with_projection_match_reference(pair):
-    ref, _, d = pair
+    _, _, d = pair
     px = pixel_batch(2, seed=5)
     ids, mask = text_batch(3, seed=5)
     text_ref = transformers.Blip2TextModelWithProjection.from_pretrained(d).eval()

@@ -12,9 +12,9 @@ towers and the ITM head), ``Blip2TextModelWithProjection`` and ``Blip2VisionMode
 (one tower each; they load from a full retrieval checkpoint, skipping the other tower).
 
 ITC temperature: transformers returns the raw cosine as ITC logits. LAVIS trains with a learned
-temperature (``temp``, ~0.07 at the end of pre-training) that transformers' converter drops;
+temperature (``temp``, initialised at 0.07) that transformers' converter drops;
 ``convert_lavis`` keeps it in ``config.temperature``. When it is set, ``forward`` divides the ITC
-logits by it (softmax over them is then LAVIS's); rankings do not change, and the convenience
+logits by it (as LAVIS's training loss does); rankings do not change, and the convenience
 scores (``itc_scores``) are always the raw cosine, as in LAVIS's retrieval evaluation.
 
 Shapes: B batch, Q queries, T text tokens, N+1 image tokens, Dv vision width, D Q-Former width,
