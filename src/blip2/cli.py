@@ -417,7 +417,10 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
     except OSError as e:
         raise CliError(str(e)) from None
     with sock:
-        run_server(Pipeline.load(model, device=device, dtype=dtype), settings, sock)
+        try:
+            run_server(Pipeline.load(model, device=device, dtype=dtype), settings, sock)
+        except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: uvicorn has shut down cleanly
+            pass
     return 0
 
 
