@@ -211,3 +211,25 @@ def test_missing_and_unexpected_keys_are_named(pair, tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"unexpected keys.*surprise\.weight"):
         Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_parts_load_from_a_full_checkpoint_and_alone(pair, tmp_path):
+    """Blip2VisionModel / Blip2QFormerModel read a whole BLIP-2 directory, and their own."""
+    from transformers import Blip2VisionModel as HFVision
+
+    from blip2 import Blip2QFormerModel, Blip2VisionModel
+
+    hf, _, d = pair
+    pixels = pixel_batch(2, seed=17)
+    vision = Blip2VisionModel.from_pretrained(d)
+    qformer = Blip2QFormerModel.from_pretrained(d)
+    with torch.no_grad():
+        ref = hf.vision_model(pixel_values=pixels).last_hidden_state
+        ref_q = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=ref).last_hidden_state
+        assert torch.equal(vision(pixels)[0], ref)
+        torch.testing.assert_close(qformer(hf.query_tokens.expand(2, -1, -1), ref), ref_q, atol=1e-6, rtol=0)
+    vision.save_pretrained(tmp_path)
+    alone = HFVision.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(alone(pixel_values=pixels).last_hidden_state, ref)
+    assert torch.equal(Blip2VisionModel.from_pretrained(tmp_path)(pixels)[0], ref)
