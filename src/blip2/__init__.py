@@ -2,9 +2,23 @@
 
 import os as _os
 
+from .checkpoint import CheckpointError
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, OPTConfig, T5Config
+from .generation import GenerationConfig, generate
+from .images import BatchFeature, Blip2ImageProcessor, ImageLoadError, load_image
+from .modeling import Blip2ForConditionalGeneration, Blip2Model, Blip2Output
+from .processing import Blip2Processor, TextTokenizer
+from .qformer import Blip2QFormerModel
+from .vision import Blip2VisionModel
 
 __version__ = "0.1.0"
 
 # The model the `blip2` command and server use when no --model is given: the bundled demo checkpoint.
 DEFAULT_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "assets", "demo")
+
+__all__ = [
+    "BatchFeature", "Blip2ImageProcessor", "Blip2Processor", "ImageLoadError", "TextTokenizer", "load_image",
+    "Blip2Config", "Blip2ForConditionalGeneration", "Blip2Model", "Blip2Output", "Blip2QFormerConfig",
+    "Blip2QFormerModel", "Blip2VisionConfig", "Blip2VisionModel", "CheckpointError", "ConfigError",
+    "GenerationConfig", "OPTConfig", "T5Config", "generate", "DEFAULT_MODEL",
+]

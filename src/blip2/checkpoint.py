@@ -33,7 +33,9 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 # Keys some writers add that carry no weights (buffers recomputed at build time).
-_IGNORABLE = re.compile(r"(^|\.)(position_ids|inv_freq|num_batches_tracked)$")
+# Old T5 files also carry a cross-attention relative bias on decoder block 0 that nothing reads.
+_IGNORABLE = re.compile(r"((^|\.)(position_ids|inv_freq|num_batches_tracked)"
+                        r"|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$")
 
 
 class CheckpointError(ValueError):
@@ -153,10 +155,23 @@ def _read_safetensors(fpath: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield key, buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def _target_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype | None, keep_fp32: tuple[str, ...]) -> torch.dtype:
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """``{alias: source}`` for parameters registered under several names (tied weights)."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def _target_dtype(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is None or not tensor.is_floating_point():
         return tensor.dtype
-    if any(name == p or name.startswith(p + ".") for p in keep_fp32):
+    keeps = getattr(model, "keeps_fp32", None)
+    if keeps is not None and keeps(name, dtype):
         return torch.float32
     return dtype
 
@@ -165,13 +180,13 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
               device: torch.device | str = "cpu", key_prefix: str = "") -> None:
     """Assign the checkpoint's tensors to ``model`` (built on the meta device), strictly.
 
-    Missing, unexpected or mis-shaped keys are errors naming the key and both shapes. Keys
-    ``model._tied_keys()`` lists may be absent from the file: they are tied after loading.
+    Missing, unexpected or mis-shaped keys are errors naming the key and both shapes. Tied
+    aliases (one parameter under several names) may be absent from the file, as writers store
+    them once; when the file has both and they differ, each name gets its own tensor.
     ``key_prefix`` selects a sub-model inside a bigger checkpoint (``vision_model.``, ...).
     """
     expected = model.state_dict(keep_vars=True)
-    tied = model._tied_keys() if hasattr(model, "_tied_keys") else {}
-    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", ()))
+    tied = tied_parameters(model)
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, tensor in iter_checkpoint_tensors(directory):
@@ -189,7 +204,7 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
                 f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
                 f"but the model expects {tuple(want.shape)}"
             )
-        loaded[key] = tensor.to(device=device, dtype=_target_dtype(key, tensor, dtype, keep_fp32))
+        loaded[key] = tensor.to(device=device, dtype=_target_dtype(model, key, tensor, dtype))
     if unexpected:
         shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
         raise CheckpointError(f"{directory}: unexpected keys in the checkpoint, not used by "
@@ -199,13 +214,14 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
         shown = ", ".join(f"{k} {tuple(expected[k].shape)}" for k in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise CheckpointError(f"{directory}: missing keys for {type(model).__name__}: {shown}{more}")
-    # tied aliases point at their source tensor (same storage, as the module ties them)
-    for alias, source in tied.items():
-        if alias not in loaded:
-            loaded[alias] = loaded[source]
+    # aliases absent from the file, or equal to their source, share the source's Parameter again
+    retie = [a for a, src in tied.items() if a not in loaded or torch.equal(loaded[a], loaded[src])]
+    for alias in retie:
+        loaded[alias] = loaded[tied[alias]]
     model.load_state_dict(loaded, strict=True, assign=True)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    for alias in retie:
+        owner, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(tied[alias]))
     _materialize_buffers(model, device)
 
 
@@ -291,14 +307,16 @@ M = TypeVar("M", bound="PretrainedMixin")
 class PretrainedMixin:
     """``from_pretrained`` / ``save_pretrained`` for our ``nn.Module`` classes.
 
-    Subclasses set ``config_class`` and may set ``_keep_in_fp32_modules`` (kept in fp32 when a
-    lower precision is asked for), ``_tied_keys()`` and ``_checkpoint_prefix`` (where the
-    sub-model sits inside a full BLIP-2 checkpoint).
+    Subclasses set ``config_class`` and may set ``_keep_in_fp32_modules`` (module paths kept in
+    fp32 when a lower precision is asked for) or override ``keeps_fp32``.
     """
 
     config_class: Any = None
     _keep_in_fp32_modules: tuple[str, ...] = ()
-    _checkpoint_prefix: str = ""
+
+    def keeps_fp32(self, key: str, dtype: torch.dtype) -> bool:
+        """Whether parameter ``key`` stays fp32 when the model is loaded in ``dtype``."""
+        return any(key == p or key.startswith(p + ".") for p in self._keep_in_fp32_modules)
 
     @classmethod
     def _config_from_dict(cls, d: dict[str, Any], source: str) -> Any:
@@ -345,7 +363,26 @@ class PretrainedMixin:
         with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
             json.dump(self._config_to_save(), f, indent=2, sort_keys=True)
             f.write("\n")
-        tied = self._tied_keys() if hasattr(self, "_tied_keys") else {}
-        save_state_dict(self.state_dict(), directory, max_shard_size=max_shard_size, tied=tied)  # type: ignore[attr-defined]
+        save_state_dict(self.state_dict(), directory, max_shard_size=max_shard_size,  # type: ignore[attr-defined]
+                        tied=tied_parameters(self))  # type: ignore[arg-type]
         if hasattr(self, "_save_extra"):
             self._save_extra(directory)
+
+
+class SubmodelMixin(PretrainedMixin):
+    """``from_pretrained`` for a part of BLIP-2 (the vision tower, the Q-Former).
+
+    Reads a directory of that part alone, or a whole BLIP-2 checkpoint, taking the sub-config
+    ``_blip2_config_key`` and the weights under ``_blip2_prefix``.
+    """
+
+    _blip2_config_key: str = ""
+    _blip2_prefix: str = ""
+
+    @classmethod
+    def _select_config(cls, raw: dict[str, Any], source: str) -> tuple[Any, str]:
+        if raw.get("model_type") in ("blip-2", "blip_2"):
+            from .config import Blip2Config
+
+            return getattr(Blip2Config.from_dict(raw, source), cls._blip2_config_key), cls._blip2_prefix
+        return cls._config_from_dict(raw, source), ""

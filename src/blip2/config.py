@@ -176,12 +176,32 @@ class OPTConfig(_Config):
 
 @dataclass
 class T5Config(_Config):
-    """T5 v1.1 / Flan-T5 encoder-decoder (defaults: google/flan-t5-xl as used by blip2-flan-t5-xl)."""
+    """T5 / T5 v1.1 / Flan-T5 encoder-decoder (defaults: google/flan-t5-xl as used by blip2-flan-t5-xl).
+
+    Keys are interpreted as transformers 5 interprets a ``config.json``:
+
+    - ``feed_forward_proj`` is ``"ACT"`` or ``"gated-ACT"``; it gives ``is_gated_act`` and ``dense_act_fn``
+      (the legacy ``"gated-gelu"`` means the tanh approximation ``"gelu_new"``) unless the file names them:
+      an explicit ``dense_act_fn`` wins (blip2-flan-t5-xl says ``"gelu"``, the exact erf GELU).
+    - ``tie_word_embeddings`` here means ``lm_head`` shares ``shared.weight``.
+    - ``scale_decoder_outputs``: multiply the decoder output by ``d_model**-0.5`` before ``lm_head``.
+      Files written before transformers 5 do not have it; it then follows ``tie_word_embeddings``
+      (original T5: tied and scaled; T5 v1.1 / Flan-T5 say ``tie_word_embeddings: false``: untied and
+      unscaled). transformers 5 writes ``tie_word_embeddings: true`` for every T5 (and unties on load
+      when the checkpoint's ``lm_head.weight`` differs), so there ``scale_decoder_outputs`` is the only
+      trustworthy bit.
+    - Keys missing from a file take transformers' defaults (``d_model`` 512, ``feed_forward_proj`` "relu",
+      ``tie_word_embeddings`` true, ...), not the Flan-T5-XL defaults of this dataclass.
+    """
 
     model_type: ClassVar[str] = "t5"
     is_encoder_decoder: ClassVar[bool] = True
     renames: ClassVar[dict[str, str]] = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
-                                          "num_hidden_layers": "num_layers"}
+                                          "num_hidden_layers": "num_layers", "head_dim": "d_kv"}
+    # transformers' T5Config defaults where they differ from ours; applied to keys absent from a file
+    file_defaults: ClassVar[dict[str, Any]] = {"d_model": 512, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
+                                               "num_decoder_layers": None, "feed_forward_proj": "relu",
+                                               "tie_word_embeddings": True}
 
     vocab_size: int = 32128
     d_model: int = 2048
@@ -199,9 +219,7 @@ class T5Config(_Config):
     dense_act_fn: str | None = None
     is_gated_act: bool | None = None
     tie_word_embeddings: bool = False
-    # transformers >= 5 only rescales the decoder output by d_model**-0.5 when embeddings are tied
-    # *and* this is true; older files do not have the key, and behave as if it were true.
-    scale_decoder_outputs: bool = True
+    scale_decoder_outputs: bool | None = None
     pad_token_id: int = 0
     eos_token_id: int | list[int] = 1
     decoder_start_token_id: int = 0
@@ -211,15 +229,21 @@ class T5Config(_Config):
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         parts = self.feed_forward_proj.split("-")
-        gated = parts[0] == "gated"
-        act = parts[-1]
-        if len(parts) > 2 or (len(parts) == 2 and not gated):
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(f"feed_forward_proj: expected 'ACT' or 'gated-ACT', got {self.feed_forward_proj!r}")
         if self.is_gated_act is None:
-            self.is_gated_act = gated
+            self.is_gated_act = parts[0] == "gated"
         if self.dense_act_fn is None:
-            # transformers maps the legacy "gated-gelu" to the tanh approximation
-            self.dense_act_fn = "gelu_new" if act == "gelu" and gated else act
+            self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | _Config | None, source: str = "config") -> T5Config:
+        if isinstance(d, dict):
+            present = {cls.renames.get(k, k) for k in d}
+            d = {**{k: v for k, v in cls.file_defaults.items() if k not in present}, **d}
+        return super().from_dict(d, source)  # type: ignore[return-value]
 
     @property
     def hidden_size(self) -> int:

@@ -25,7 +25,7 @@ from .checkpoint import PretrainedMixin
 from .config import Blip2Config
 from .generation import GenerationConfig, generate
 from .lm.opt import OPTForCausalLM
-from .lm.t5 import T5ForConditionalGeneration
+from .lm.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
 from .qformer import Blip2QFormerModel
 from .vision import Blip2VisionModel
 
@@ -57,8 +57,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class Blip2Model(PretrainedMixin, nn.Module):
     config_class = Blip2Config
-    # the reference keeps these in fp32 when the rest runs in fp16/bf16
+    # The reference keeps these in fp32 under fp16 only; we keep them in fp32 under bf16 too, as
+    # BLIP-2 was trained (the Q-Former is small, so it costs little).
     _keep_in_fp32_modules = ("query_tokens", "qformer")
+
+    def keeps_fp32(self, key: str, dtype: torch.dtype) -> bool:
+        if super().keeps_fp32(key, dtype):
+            return True
+        # T5 under fp16: every FFN output projection stays fp32 (its activations overflow fp16)
+        return (dtype == torch.float16 and not self.config.use_decoder_only_language_model
+                and key.startswith("language_model.") and ".DenseReluDense.wo." in key)
 
     def __init__(self, config: Blip2Config) -> None:
         super().__init__()
@@ -71,20 +79,12 @@ class Blip2Model(PretrainedMixin, nn.Module):
             self.language_model: OPTForCausalLM | T5ForConditionalGeneration = OPTForCausalLM(config.text_config)
         else:
             self.language_model = T5ForConditionalGeneration(config.text_config)
-        self._keep_in_fp32_modules = Blip2Model._keep_in_fp32_modules + tuple(
-            "language_model." + m for m in getattr(self.language_model, "_keep_in_fp32_modules", ())
-        )
-        self.generation_config = GenerationConfig.from_model_config(config.text_config)
+        t = config.text_config
+        self.generation_config = GenerationConfig(
+            bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+            decoder_start_token_id=getattr(t, "decoder_start_token_id", None))
 
     # -- weights -------------------------------------------------------------------------------
-
-    def _tied_keys(self) -> dict[str, str]:
-        inner = self.language_model._tied_keys() if hasattr(self.language_model, "_tied_keys") else {}
-        return {"language_model." + a: "language_model." + s for a, s in inner.items()}
-
-    def tie_weights(self) -> None:
-        if hasattr(self.language_model, "tie_weights"):
-            self.language_model.tie_weights()
 
     def _after_load(self, directory: str) -> None:
         path = os.path.join(directory, "generation_config.json")
@@ -126,6 +126,8 @@ class Blip2Model(PretrainedMixin, nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.get_input_embeddings()(input_ids)
+        if isinstance(self.language_model, T5ForConditionalGeneration):
+            return self.language_model.encode(embeds, attention_mask)
         return self.language_model.hidden_states(embeds, attention_mask)
 
     def image_to_lm_inputs(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
@@ -177,13 +179,17 @@ class Blip2Model(PretrainedMixin, nn.Module):
             logits = self.language_model(embeds, mask, decoder_input_ids=decoder_input_ids,
                                          decoder_attention_mask=decoder_attention_mask, labels=labels)
             if labels is not None:
-                loss = self.language_model.loss(logits, labels)
+                loss = seq2seq_lm_loss(logits, labels)
         return Blip2Output(loss, logits, image_embeds, query_output, lm_inputs)
 
     # -- generation --------------------------------------------------------------------------
 
     def _generation_config(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
-        return (generation_config or self.generation_config).updated(**kwargs)
+        base = generation_config or self.generation_config
+        unknown = sorted(set(kwargs) - {f.name for f in fields(GenerationConfig)} - {"extra"})
+        if unknown:
+            raise TypeError(f"generate() got unknown options {unknown}; see blip2.GenerationConfig for the names")
+        return base.replace(**kwargs) if kwargs else base
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
@@ -222,10 +228,12 @@ class Blip2Model(PretrainedMixin, nn.Module):
             return lm.start_decoding(embeds, mask, expand=expand, max_new_tokens=max_new_tokens)
 
         if self.config.use_decoder_only_language_model:
-            prefix = input_ids
+            # the prompt's padding is left out of the repetition penalty, as transformers does
+            prefix, prefix_mask = input_ids, attention_mask
         else:
             prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
-        return generate(start_decoder, prefix, cfg, streamer=streamer)
+            prefix_mask = None
+        return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer)
 
 
 class Blip2ForConditionalGeneration(Blip2Model):
