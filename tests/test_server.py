@@ -4,6 +4,7 @@ queue and time limits hold, and `blip2 serve` starts from the command line."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import re
 import signal
@@ -78,16 +79,22 @@ def server(pipe) -> Iterator[str]:
 def test_fifty_concurrent_requests_are_batched_and_equal_direct_answers(pipe, server):
     images = [png(seed) for seed in range(5)]
     questions = ["w5 w6", "w7", "w8 w9 w10", "w11", "w12 w13"]
+    answers: dict[tuple[str, int, str], str] = {}  # the pipeline's direct answers, one image at a time
+
+    def direct(path: str, k: int, text: str) -> str:
+        if (path, k, text) not in answers:
+            run = pipe.ask if path == "/v1/ask" else pipe.caption
+            answers[path, k, text] = run([decoded(images[k])], [text], OPTIONS)[0]
+        return answers[path, k, text]
+
     jobs: list[tuple[str, dict[str, str], int, str]] = []
     for i in range(50):
         k = i % 5
         if i % 2:
-            want = pipe.ask([decoded(images[k])], [questions[k]], OPTIONS)[0]
-            jobs.append(("/v1/ask", {"question": questions[k]}, k, want))
+            jobs.append(("/v1/ask", {"question": questions[k]}, k, direct("/v1/ask", k, questions[k])))
         else:
             prompt = "w20 w21" if i % 4 == 0 else ""
-            want = pipe.caption([decoded(images[k])], prompt, OPTIONS)[0]
-            jobs.append(("/v1/caption", {"prompt": prompt} if prompt else {}, k, want))
+            jobs.append(("/v1/caption", {"prompt": prompt} if prompt else {}, k, direct("/v1/caption", k, prompt)))
     assert len({want for *_, want in jobs}) >= 5  # the answers differ, so a mix-up would show
 
     async def send_all() -> tuple[list[httpx.Response], dict[str, Any], dict[str, Any]]:
@@ -290,3 +297,33 @@ def test_blip2_serve_command(pipe, tiny_model_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("blip2.retrieval") is None, reason="blip2.retrieval has not landed")
+def test_match_requests_are_batched_and_equal_direct_scores(tiny_retrieval_dir):
+    retrieval = Pipeline.load(tiny_retrieval_dir, device="cpu")
+    served = Served(retrieval, ServerSettings(max_batch_size=4, max_wait_ms=100))
+    texts = [["w5 w6", "w7"], ["w8 w9 w10"], ["w11", "w12", "w13 w14"]]
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            return list(await asyncio.gather(*(
+                client.post("/v1/match", data={"text": texts[i % 3]},
+                            files={"image": ("m.png", png(20 + i % 3), "image/png")}) for i in range(6))))
+
+    try:
+        responses = asyncio.run(send_all())
+        for i, r in enumerate(responses):
+            want = retrieval.match(decoded(png(20 + i % 3)), texts[i % 3])
+            assert r.status_code == 200
+            got = r.json()["scores"]
+            assert [s["text"] for s in got] == texts[i % 3]
+            assert [s["itm"] for s in got] == pytest.approx([s.itm for s in want], abs=1e-5)
+            assert [s["itc"] for s in got] == pytest.approx([s.itc for s in want], abs=1e-5)
+        with httpx.Client(base_url=served.url, timeout=60) as client:
+            assert client.get("/metrics").json()["max_batch_size_seen"] > 1
+            wrong = client.post("/v1/caption", files={"image": ("m.png", png(1), "image/png")})
+            assert wrong.status_code == 400
+            assert wrong.json()["error"].startswith("text generation needs a captioning checkpoint; this server runs ")
+    finally:
+        served.close()

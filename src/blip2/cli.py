@@ -510,16 +510,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest image, width x height, checked before decoding (default: 40000000)")
 
     for name, (module, help_text) in DELEGATED.items():
-        if importlib.util.find_spec(module) is not None:
+        entry = _entry_point(module)
+        if entry is not None:
             p = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
             p.add_argument("argv", nargs=argparse.REMAINDER)
-            p.set_defaults(func=_delegate(module))
+            p.set_defaults(func=entry)
     return parser
 
 
-def _delegate(module: str) -> Callable[[list[str]], int]:
+def _entry_point(module: str) -> Callable[[list[str]], int] | None:
+    """``module.main(argv) -> int`` when the module is installed and has one; such commands parse their own options."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    main = getattr(importlib.import_module(module), "main", None)
+    if not callable(main):
+        return None
+
     def run(argv: list[str]) -> int:
-        return int(importlib.import_module(module).main(argv) or 0)
+        return int(main(argv) or 0)
 
     return run
 

@@ -132,7 +132,11 @@ class Pipeline:
         try:
             directory = resolve_dir(model)
             if "Blip2ForImageTextRetrieval" in _architectures(directory):
-                from .retrieval import Blip2ForImageTextRetrieval as model_class
+                try:
+                    from .retrieval import Blip2ForImageTextRetrieval as model_class
+                except ImportError:
+                    raise PipelineError(f"{model}: a Blip2ForImageTextRetrieval checkpoint, which this installation "
+                                        "of blip2 cannot load (no blip2.retrieval)") from None
             else:
                 from .modeling import Blip2ForConditionalGeneration as model_class
             net = model_class.from_pretrained(directory, torch_dtype=dt, device=dev)
