@@ -270,3 +270,20 @@ def test_read_results_rejects_a_corrupt_middle_line(tmp_path):
     path.write_text('{"image": "a.png", "caption": "x"}\n{"image": "b.p')
     records, complete = read_results(str(path))
     assert records == [{"image": "a.png", "caption": "x"}] and complete == len('{"image": "a.png", "caption": "x"}\n')
+
+
+def test_library_imports_neither_transformers_nor_the_server(tmp_path):
+    code = ("import sys, blip2, blip2.cli, blip2.pipeline; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'fastapi', 'uvicorn', 'starlette'}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stdout) == (0, "[]\n"), r.stderr
+
+
+def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
+    for name in [m for m in sys.modules if m == "blip2.server" or m.startswith(("blip2.server.", "fastapi"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ModuleNotFoundError
+    assert main(["serve", "--port", "0"]) == 2
+    assert capsys.readouterr().err == ("blip2 serve: error: blip2 serve needs the serve extra (fastapi is missing): "
+                                       "pip install 'blip2[serve]'\n")

@@ -333,7 +333,8 @@ def _caption(ranks: Ranks, paths: list[str], model: str | None, device: str, dty
                 texts = pipe.caption(torch.stack([px for _, px in good]), prompt, options)
                 records = [{"image": path, **({"prompt": prompt} if prompt else {}), "caption": text}
                            for (path, _), text in zip(good, texts)]
-                print("".join(f"{r['image']}\t{r['caption']}\n" for r in records), end="", flush=True)
+                print("".join(f"{r['image']}\t{' '.join(r['caption'].splitlines())}\n" for r in records), end="",
+                      flush=True)
                 if sink is not None:
                     _append(sink, records)
             captioned += len(records)

@@ -86,8 +86,8 @@ class Guard:
     """ASGI middleware: refuses bodies over ``max_bytes`` (by Content-Length, and while streaming) with 413,
     and counts responses by path and status for /metrics."""
 
-    def __init__(self, app: Any, max_bytes: int, counts: Counter[str]) -> None:
-        self.app, self.max_bytes, self.counts = app, max_bytes, counts
+    def __init__(self, app: Any, max_bytes: int, counts: Counter[str], paths: frozenset[str]) -> None:
+        self.app, self.max_bytes, self.counts, self.paths = app, max_bytes, counts, paths
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
                        send: Callable[[dict], Awaitable[None]]) -> None:
@@ -121,7 +121,8 @@ class Guard:
         except _BodyTooLarge:
             await too_large(scope, receive, counting_send)
         finally:
-            self.counts[f"{scope['method']} {scope['path']} {status}"] += 1
+            path = scope["path"] if scope["path"] in self.paths else "*"  # unknown paths share one counter
+            self.counts[f"{scope['method']} {path} {status}"] += 1
 
 
 def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> FastAPI:
@@ -142,7 +143,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> F
         batcher.stop()
 
     app = FastAPI(title="blip2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, max_bytes=settings.max_upload_bytes, counts=counts)
+    app.add_middleware(Guard, max_bytes=settings.max_upload_bytes, counts=counts,
+                       paths=frozenset({"/", "/health", "/metrics", "/v1/caption", "/v1/ask", "/v1/match"}))
 
     def error(status: int, message: str, **headers: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers or None)
