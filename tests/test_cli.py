@@ -4,6 +4,7 @@ Expected texts come from the Pipeline called directly in this process, one image
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -12,8 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import importlib.util
 
 import numpy as np
 import pytest
@@ -25,8 +24,6 @@ from blip2.pipeline import GenerationOptions, Pipeline
 from blip2.processing import load_image
 
 TOKENS = 5
-HAS_RETRIEVAL = importlib.util.find_spec("blip2.retrieval") is not None
-needs_retrieval = pytest.mark.skipif(not HAS_RETRIEVAL, reason="blip2.retrieval has not landed: no `blip2 match`")
 OPTIONS = GenerationOptions(max_new_tokens=TOKENS)
 
 
@@ -60,6 +57,11 @@ def write_truncated_png(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir) -> Pipeline:
     return Pipeline.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def retrieval(tiny_retrieval_dir) -> Pipeline:
+    return Pipeline.load(tiny_retrieval_dir, device="cpu")
 
 
 @pytest.fixture()
@@ -192,7 +194,7 @@ def test_torchrun_two_ranks_one_line_per_image(pipe, tiny_model_dir, tmp_path):
     assert "done: 7 captioned, 0 failed" in r.stderr
 
 
-def test_ask_and_chat_keep_history(pipe, tiny_model_dir, tmp_path):
+def test_ask_and_chat_keep_history(pipe, tiny_model_dir, tmp_path, monkeypatch, capsys):
     image = write_image(tmp_path / "q.png", seed=5)
     r = run_blip2("ask", "q.png", "w5 w6", "w7", "--model", tiny_model_dir, "--device", "cpu",
                   "--max-new-tokens", str(TOKENS), cwd=tmp_path)
@@ -200,26 +202,23 @@ def test_ask_and_chat_keep_history(pipe, tiny_model_dir, tmp_path):
     picture = load_image(image)
     assert r.stdout.splitlines() == [pipe.ask([picture], [q], OPTIONS)[0] for q in ("w5 w6", "w7")]
 
-    r = run_blip2("chat", "q.png", "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", str(TOKENS),
-                  cwd=tmp_path, stdin="w5 w6\n\nw7\n")
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w5 w6\n\nw7\n"))  # a blank line is skipped; EOF ends the chat
+    assert main(["chat", "q.png", "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", str(TOKENS)]) == 0
     first = pipe.chat(picture, [], "w5 w6", OPTIONS)
     second = pipe.chat(picture, [("w5 w6", first)], "w7", OPTIONS)
     assert second != pipe.chat(picture, [], "w7", OPTIONS)  # the history changes the answer
-    assert r.stdout.splitlines() == [first, second]
+    assert capsys.readouterr().out.splitlines() == [first, second]
 
 
-@needs_retrieval
-def test_match_prints_itm_and_itc(tiny_retrieval_dir, tmp_path):
+def test_match_prints_itm_and_itc(retrieval, tiny_retrieval_dir, tmp_path, capsys):
     image = write_image(tmp_path / "m.png", seed=6)
-    r = run_blip2("match", "m.png", "w5 w6", "w7 w8 w9", "--model", tiny_retrieval_dir, "--device", "cpu",
-                  cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    scores = Pipeline.load(tiny_retrieval_dir, device="cpu").match(load_image(image), ["w5 w6", "w7 w8 w9"])
-    assert r.stdout.splitlines() == [f"itm={s.itm:.4f}\titc={s.itc:.4f}\t{s.text}" for s in scores]
+    assert main(["match", str(image), "w5 w6", "w7 w8 w9", "--model", tiny_retrieval_dir, "--device", "cpu"]) == 0
+    scores = retrieval.match(load_image(image), ["w5 w6", "w7 w8 w9"])
+    assert capsys.readouterr().out.splitlines() == [f"itm={s.itm:.4f}\titc={s.itc:.4f}\t{s.text}" for s in scores]
 
 
-@pytest.mark.parametrize("command", ["caption", "ask", "chat", "serve"] + (["match"] if HAS_RETRIEVAL else []))
+@pytest.mark.parametrize("command", ["caption", "ask", "chat", "match", "search", "embed", "serve"])
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -247,19 +246,13 @@ def test_usage_errors_are_messages_not_tracebacks(tiny_model_dir, tiny_retrieval
     assert capsys.readouterr().err.startswith(f"blip2 ask: error: cannot load model '{tmp_path / 'nowhere'}': ")
 
     assert main(["caption", "ok.png", "--model", tiny_retrieval_dir, "--workers", "0"]) == 2
-    err = capsys.readouterr().err
-    if HAS_RETRIEVAL:
-        assert "blip2 caption: error: text generation needs a captioning checkpoint" in err
-    else:
-        assert err == (f"blip2 caption: error: {tiny_retrieval_dir}: a Blip2ForImageTextRetrieval checkpoint, which "
-                       "this installation of blip2 cannot load (no blip2.retrieval)\n")
+    assert capsys.readouterr().err.startswith("blip2 caption: error: text generation needs a captioning checkpoint")
     assert main(["ask", "ok.png", "q", "--model", tiny_model_dir, "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr().err == "blip2 ask: error: max_new_tokens must be a positive integer, got 0\n"
     assert main(["caption", "ok.png", "--resume"]) == 2
     assert capsys.readouterr().err == "blip2 caption: error: --resume and --overwrite need --output\n"
-    if HAS_RETRIEVAL:
-        assert main(["match", "ok.png", "w5", "--model", tiny_model_dir]) == 2
-        assert "needs an image-text retrieval checkpoint" in capsys.readouterr().err
+    assert main(["match", "ok.png", "w5", "--model", tiny_model_dir]) == 2
+    assert capsys.readouterr().err.startswith("blip2 match: error: image-text matching needs an image-text retrieval")
 
 
 def test_read_results_rejects_a_corrupt_middle_line(tmp_path):
@@ -287,3 +280,88 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
     assert main(["serve", "--port", "0"]) == 2
     assert capsys.readouterr().err == ("blip2 serve: error: blip2 serve needs the serve extra (fastapi is missing): "
                                        "pip install 'blip2[serve]'\n")
+
+
+def test_search_indexes_a_folder_once_then_only_new_images(retrieval, tiny_retrieval_dir, photos, capsys,
+                                                           monkeypatch):
+    monkeypatch.chdir(photos.parent)
+    args = ["search", "photos", "w5 w6", "--model", tiny_retrieval_dir, "--k", "3", "--rerank-k", "0"]
+    assert main(args) == 1  # broken.png and fake.jpg are reported and left out
+    out, err = capsys.readouterr()
+    good = ["photos/a.png", "photos/b.jpg", "photos/nested/c.png"]
+    itc = {p: retrieval.match(load_image(p), ["w5 w6"])[0].itc for p in good}  # ITC-only ranking = match's itc
+    ranked = sorted(good, key=lambda p: -itc[p])
+    assert out.splitlines() == [f"{itc[p]:.4f}\t{p}" for p in ranked]
+    assert "error: cannot read image 'photos/broken.png'" in err
+    assert "indexed 3 new images in photos/.blip2-index (3 in all)" in err
+    assert (photos / ".blip2-index" / "index.json").is_file()
+
+    write_image(photos / "d.png", 4)
+    for bad in ("broken.png", "fake.jpg"):
+        os.remove(photos / bad)
+    assert main(args[:3] + ["--model", tiny_retrieval_dir, "--k", "3", "--rerank-k", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "indexed 1 new images in photos/.blip2-index (4 in all)" in err
+    assert len(out.splitlines()) == 3 and {line.split("\t")[1] for line in out.splitlines()} < {*good, "photos/d.png"}
+    assert main(args[:3] + ["--model", tiny_retrieval_dir, "--k", "3", "--rerank-k", "4"]) == 0
+    again, err = capsys.readouterr()
+    assert again == out and "indexed" not in err  # nothing new: the saved index is reused as it is
+    assert main(["search", "photos/.blip2-index", "w5 w6", "--model", tiny_retrieval_dir, "--k", "3",
+                 "--rerank-k", "4"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["search", "photos", "w5", "--model", tiny_retrieval_dir, "--k", "3", "--rerank-k", "2"]) == 2
+    assert capsys.readouterr().err == ("blip2 search: error: --k and --batch-size must be at least 1, --rerank-k 0 "
+                                       "(ITC only) or at least --k\n")
+
+
+def test_embed_writes_safetensors_consistent_with_match(retrieval, tiny_retrieval_dir, photos, capsys, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.chdir(photos.parent)
+    args = ["embed", "photos", "--text", "w5 w6", "--text", "w7", "-o", "f.safetensors", "--model", tiny_retrieval_dir]
+    assert main(args) == 1
+    assert capsys.readouterr().err.endswith("done: 3 images and 2 texts embedded, 2 failed; wrote f.safetensors\n")
+    with safe_open("f.safetensors", "pt") as f:
+        meta = f.metadata()
+        images, texts = f.get_tensor("image_embeds"), f.get_tensor("text_embeds")
+    good = ["photos/a.png", "photos/b.jpg", "photos/nested/c.png"]
+    assert json.loads(meta["images"]) == good and json.loads(meta["texts"]) == ["w5 w6", "w7"]
+    assert meta["model"] == tiny_retrieval_dir
+    assert images.shape == (3, 4, 16) and texts.shape == (2, 16)
+    assert torch_allclose(images.norm(dim=-1), 1.0) and torch_allclose(texts.norm(dim=-1), 1.0)
+    for i, path in enumerate(good):
+        scores = retrieval.match(load_image(path), ["w5 w6", "w7"])
+        for j in range(2):
+            assert float((images[i] @ texts[j]).max()) == pytest.approx(scores[j].itc, abs=1e-5)
+    assert main(args) == 2
+    assert capsys.readouterr().err == "blip2 embed: error: f.safetensors exists: pass --overwrite to replace it\n"
+
+
+def torch_allclose(t, value: float) -> bool:
+    return bool(((t - value).abs() < 1e-5).all())
+
+
+def test_convert_lavis_checkpoint_then_caption(pipe, tmp_path, capsys, monkeypatch):
+    import torch
+    from conftest import hf_blip2, tiny_processor
+    from test_convert_lavis import to_lavis, zero_key_bias_
+
+    monkeypatch.chdir(tmp_path)
+    ref = hf_blip2("opt", seed=6)
+    zero_key_bias_(ref)  # EVA has no key bias, so LAVIS cannot hold one
+    ref.save_pretrained(tmp_path / "hf")
+    tiny_processor().save_pretrained(tmp_path / "hf")
+    torch.save(to_lavis(ref, "opt"), tmp_path / "lavis.pth")
+    capsys.readouterr()
+
+    assert main(["convert", "lavis.pth", "-o", "preset", "--kind", "opt"]) == 2  # a tiny model is not OPT-2.7b
+    assert capsys.readouterr().err.startswith(
+        "blip2 convert: error: the LAVIS state dict lacks weights for: ['vision_model.encoder.layers.2.")
+    assert not (tmp_path / "preset").exists()
+
+    assert main(["convert", "lavis.pth", "-o", "out", "--kind", "opt", "--config", "hf/config.json",
+                 "--processor", "hf"]) == 0
+    assert capsys.readouterr().err == "wrote out\n"
+    image = [load_image(write_image(tmp_path / "x.png", 3))]
+    converted, original = Pipeline.load("out", device="cpu"), Pipeline.load("hf", device="cpu")
+    assert converted.caption(image, "w5", OPTIONS) == original.caption(image, "w5", OPTIONS)

@@ -3,8 +3,6 @@ batched or not; chat keeps history within the model's positions; options are che
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -105,7 +103,6 @@ def test_options_devices_and_dtypes_are_checked():
             resolve_device("cuda")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("blip2.retrieval") is None, reason="blip2.retrieval has not landed")
 def test_match_equals_transformers_retrieval(tiny_retrieval_dir):
     pipe = Pipeline.load(tiny_retrieval_dir, device="cpu")
     model = transformers.Blip2ForImageTextRetrieval.from_pretrained(tiny_retrieval_dir).eval()

@@ -4,7 +4,6 @@ queue and time limits hold, and `blip2 serve` starts from the command line."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import re
 import signal
@@ -299,7 +298,6 @@ def test_blip2_serve_command(pipe, tiny_model_dir, tmp_path):
         assert proc.wait(timeout=30) == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("blip2.retrieval") is None, reason="blip2.retrieval has not landed")
 def test_match_requests_are_batched_and_equal_direct_scores(tiny_retrieval_dir):
     retrieval = Pipeline.load(tiny_retrieval_dir, device="cpu")
     served = Served(retrieval, ServerSettings(max_batch_size=4, max_wait_ms=100))

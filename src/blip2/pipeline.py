@@ -1,8 +1,9 @@
 """Load a BLIP-2 checkpoint once and run it on batches: captions, answers, chat, image-text matching.
 
-The ``blip2`` command and the HTTP server share this object. It relies only on the transformers-style
-API of the model and processor (``generate``, ``processor.tokenizer(...)``, ``processor.image_processor(...)``,
-``batch_decode``), so it runs transformers' own classes just as well as ours.
+The ``blip2`` command and the HTTP server share this object. Text generation relies only on the
+transformers-style API of the model and processor (``generate``, ``processor.tokenizer(...)``,
+``processor.image_processor(...)``, ``batch_decode``); matching, embedding and search use
+``blip2.retrieval.Blip2ForImageTextRetrieval`` and ``blip2.index.ImageIndex``.
 
     pipe = Pipeline.load("Salesforce/blip2-opt-2.7b", device="cuda")
     pipe.caption([image_a, image_b])                       # ["a cat on a sofa", "two dogs"]
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from . import DEFAULT_MODEL
+from .retrieval import itc_similarity
 
 __all__ = ["Pipeline", "PipelineError", "GenerationOptions", "MatchScore", "QUESTION_TEMPLATE",
            "question_prompt", "chat_prompt", "resolve_device", "resolve_dtype"]
@@ -132,11 +134,7 @@ class Pipeline:
         try:
             directory = resolve_dir(model)
             if "Blip2ForImageTextRetrieval" in _architectures(directory):
-                try:
-                    from .retrieval import Blip2ForImageTextRetrieval as model_class
-                except ImportError:
-                    raise PipelineError(f"{model}: a Blip2ForImageTextRetrieval checkpoint, which this installation "
-                                        "of blip2 cannot load (no blip2.retrieval)") from None
+                from .retrieval import Blip2ForImageTextRetrieval as model_class
             else:
                 from .modeling import Blip2ForConditionalGeneration as model_class
             net = model_class.from_pretrained(directory, torch_dtype=dt, device=dev)
@@ -158,14 +156,15 @@ class Pipeline:
     def _pixels(self, images: Images) -> torch.Tensor:
         return images if isinstance(images, torch.Tensor) else self.preprocess(images)
 
-    def _text_inputs(self, texts: Sequence[str], padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_inputs(self, texts: Sequence[str], padding_side: str, image_tokens: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids/attention_mask [B, Q + T] laid out as ``processor(images=..., text=...)`` lays them out:
         ``num_query_tokens`` image tokens first (when the processor declares them), then the padded text.
-        Built here so pixel_values can come from DataLoader workers."""
+        Built here so pixel_values can come from DataLoader workers. ``image_tokens=False``: text only [B, T]."""
         enc = self.processor.tokenizer(list(texts), padding=True, padding_side=padding_side, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         q = self.processor.num_query_tokens
-        if q is not None:
+        if q is not None and image_tokens:
             image_id = self.processor.tokenizer.convert_tokens_to_ids(str(self.processor.image_token))
             ids = torch.cat([torch.full((ids.shape[0], q), image_id, dtype=ids.dtype), ids], dim=1)
             mask = torch.cat([torch.ones((mask.shape[0], q), dtype=mask.dtype), mask], dim=1)
@@ -251,22 +250,24 @@ class Pipeline:
 
     # -- retrieval -------------------------------------------------------------------------------
 
+    def text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q-Former input_ids/attention_mask [B, T] (right-padded, no image tokens) for the retrieval model."""
+        self._require(True, "text features")
+        return self._text_inputs(texts, "right", image_tokens=False)
+
     @torch.inference_mode()
     def match_many(self, items: Sequence[tuple[Image.Image | torch.Tensor, Sequence[str]]]) -> list[list[MatchScore]]:
-        """ITM probability and ITC similarity of each image with each of its texts, in two forward passes."""
+        """ITM probability and ITC similarity of each image with each of its texts; the vision encoder runs once."""
         self._require(True, "image-text matching")
         pixels = torch.stack([i if isinstance(i, torch.Tensor) else self.preprocess([i])[0] for i, _ in items])
-        pixels = pixels.to(self.device, self.model.dtype)
         texts = [t for _, ts in items for t in ts]
         owner = torch.tensor([k for k, (_, ts) in enumerate(items) for _ in ts], device=self.device)
-        ids, mask = (t.to(self.device) for t in self._text_inputs(texts, "right"))
-        itm = self.model(pixel_values=pixels[owner], input_ids=ids, attention_mask=mask,
-                         use_image_text_matching_head=True).logits_per_image  # [N, 2]
-        prob = itm.float().softmax(dim=-1)[:, 1]
-        sim = self.model(pixel_values=pixels, input_ids=ids, attention_mask=mask,
-                         use_image_text_matching_head=False).logits_per_image  # [images, N]
-        itc = sim.float()[owner, torch.arange(len(texts), device=self.device)]
-        scores = [MatchScore(t, float(p), float(s)) for t, p, s in zip(texts, prob.tolist(), itc.tolist())]
+        ids, mask = (t.to(self.device) for t in self.text_ids(texts))
+        feats = self.model.vision_features(pixels)  # [images, N+1, Dv]
+        prob = self.model.itm_logits_from_features(feats[owner], ids, mask).float().softmax(dim=-1)[:, 1]  # [N]
+        sim = itc_similarity(self.model.image_embeds_from_features(feats), self.model.text_embeds(ids, mask))
+        itc = sim.float()[owner, torch.arange(len(texts), device=self.device)]  # [N]: each text with its image
+        scores = [MatchScore(t, float(p), float(c)) for t, p, c in zip(texts, prob.tolist(), itc.tolist())]
         out, start = [], 0
         for _, ts in items:
             out.append(scores[start:start + len(ts)])
@@ -275,3 +276,15 @@ class Pipeline:
 
     def match(self, image: Image.Image | torch.Tensor, texts: Sequence[str]) -> list[MatchScore]:
         return self.match_many([(image, texts)])[0]
+
+    @torch.inference_mode()
+    def image_embeds(self, images: Images) -> torch.Tensor:
+        """Normalised ITC query embeddings [B, Q, E] (float32, CPU)."""
+        self._require(True, "image features")
+        return self.model.image_embeds(self._pixels(images)).float().cpu()
+
+    @torch.inference_mode()
+    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised ITC text embeddings [T, E] (float32, CPU)."""
+        ids, mask = self.text_ids(texts)
+        return self.model.text_embeds(ids.to(self.device), mask.to(self.device)).float().cpu()
