@@ -9,21 +9,21 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
 webdriver = pytest.importorskip("selenium.webdriver")
 
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from test_server import OPTIONS, Served, decoded, png  # noqa: E402
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+from test_server import OPTIONS, Served, decoded, png
 
-from blip2.pipeline import Pipeline  # noqa: E402
-from blip2.server import ServerSettings  # noqa: E402
+from blip2.pipeline import Pipeline
+from blip2.server import ServerSettings
 
 APT_PACKAGES = ["chromium", "chromium-driver"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -44,7 +44,7 @@ def install_chromium() -> str:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd, limit in ((["apt-get", "update", "-qq"], 300), (["apt-get", "install", "-y", "-qq", *APT_PACKAGES], 600)):
         try:
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit, check=False)
         except subprocess.TimeoutExpired:
             return f"{' '.join(cmd)} took over {limit} s"
         if r.returncode != 0:
@@ -95,7 +95,7 @@ def test_page_captions_an_upload_and_answers_questions(chromium, pipe, tmp_path)
         for n, question in enumerate(("w5 w6", "w7"), 1):
             box = chromium.find_element(By.ID, "question")
             box.send_keys(question, Keys.ENTER)
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#answers li[data-done]")) == n)
+            wait.until(lambda d, n=n: len(d.find_elements(By.CSS_SELECTOR, "#answers li[data-done]")) == n)
         rows = chromium.find_elements(By.CSS_SELECTOR, "#answers li")
         assert [r.find_element(By.CLASS_NAME, "q").text for r in rows] == ["w5 w6 →", "w7 →"]
         assert [r.find_element(By.CLASS_NAME, "a").text for r in rows] == answers

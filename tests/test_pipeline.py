@@ -9,8 +9,15 @@ import torch
 import transformers
 from PIL import Image
 
-from blip2.pipeline import (GenerationOptions, Pipeline, PipelineError, chat_prompt, question_prompt, resolve_device,
-                            resolve_dtype)
+from blip2.pipeline import (
+    GenerationOptions,
+    Pipeline,
+    PipelineError,
+    chat_prompt,
+    question_prompt,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def picture(seed: int) -> Image.Image:

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,8 +22,8 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from blip2.pipeline import GenerationOptions, Pipeline  # noqa: E402
-from blip2.server import MicroBatcher, QueueFull, ServerSettings, bind, create_app  # noqa: E402
+from blip2.pipeline import GenerationOptions, Pipeline
+from blip2.server import MicroBatcher, QueueFull, ServerSettings, bind, create_app
 
 OPTIONS = GenerationOptions(max_new_tokens=5)
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -24,8 +25,17 @@ from PIL import Image
 from . import DEFAULT_MODEL
 from .retrieval import itc_similarity
 
-__all__ = ["Pipeline", "PipelineError", "GenerationOptions", "MatchScore", "QUESTION_TEMPLATE",
-           "question_prompt", "chat_prompt", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "QUESTION_TEMPLATE",
+    "GenerationOptions",
+    "MatchScore",
+    "Pipeline",
+    "PipelineError",
+    "chat_prompt",
+    "question_prompt",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 # The prompt BLIP-2 was evaluated with for VQA (and what the transformers docs use).
 QUESTION_TEMPLATE = "Question: {} Answer:"

@@ -4,4 +4,4 @@ python-multipart); nothing else in the package imports this."""
 from .app import ServerSettings, bind, create_app, decode_image, run_server
 from .batcher import MicroBatcher, QueueFull
 
-__all__ = ["ServerSettings", "bind", "create_app", "decode_image", "run_server", "MicroBatcher", "QueueFull"]
+__all__ = ["MicroBatcher", "QueueFull", "ServerSettings", "bind", "create_app", "decode_image", "run_server"]

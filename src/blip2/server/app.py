@@ -17,10 +17,11 @@ import io
 import socket
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable, Hashable
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request

@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any
 
 log = logging.getLogger("blip2.server")
 
