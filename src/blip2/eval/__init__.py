@@ -45,6 +45,7 @@ from .retrieval import (
     ranks_from_rankings,
     ranks_from_scores,
     recall_at_k,
+    recall_summary,
     rerank_top_k,
     retrieval_recall,
     retrieval_recall_from_rankings,
@@ -67,7 +68,7 @@ __all__ = [
     "ptb_tokenize", "tokenize_captions", "corpus_bleu", "cider_d", "meteor_score", "spice_score",
     "CaptionScores", "evaluate_captions", "evaluate_nocaps",
     # retrieval
-    "ranks_from_scores", "ranks_from_rankings", "recall_at_k", "retrieval_recall",
+    "ranks_from_scores", "ranks_from_rankings", "recall_at_k", "recall_summary", "retrieval_recall",
     "retrieval_recall_from_rankings", "rerank_top_k",
     # formats
     "VQAQuestion", "VQAAnnotation", "GQAQuestion", "CaptionedImage", "KarpathyEntry", "RetrievalSet",
