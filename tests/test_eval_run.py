@@ -497,13 +497,16 @@ def test_retrieval_end_to_end(ret_dir, bench, tmp_path, task, limit, capsys):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_bad_inputs_fail_before_loading_the_model(gen_dir, ret_dir, bench, tmp_path, capsys, monkeypatch):
+def test_checkpoint_class_must_suit_the_task(gen_dir, ret_dir, bench, tmp_path, capsys):
     assert run_main(["--task", "flickr_retrieval", "--model", gen_dir, "--images", bench.images,
                      "--annotations", bench.retrieval, "--output", str(tmp_path / "r.json")]) == 1
-    assert "Blip2ForImageTextRetrieval" in capsys.readouterr().err
+    assert "needs an image-text retrieval checkpoint (Blip2ForImageTextRetrieval" in capsys.readouterr().err
     assert run_main(["--task", "coco_caption", "--model", ret_dir, "--images", bench.images,
                      "--annotations", bench.karpathy_test, "--output", str(tmp_path / "c.json")]) == 1
-    assert "Blip2ForConditionalGeneration" in capsys.readouterr().err
+    assert "needs a captioning/VQA checkpoint (Blip2ForConditionalGeneration)" in capsys.readouterr().err
+
+
+def test_bad_inputs_fail_before_loading_the_model(gen_dir, bench, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     out = ["--output", str(tmp_path / "never.json")]
     assert run_main(["--task", "vqav2", "--model", gen_dir, "--images", str(tmp_path),
@@ -514,3 +517,7 @@ def test_bad_inputs_fail_before_loading_the_model(gen_dir, ret_dir, bench, tmp_p
     assert run_main(["--task", "vqav2", "--model", gen_dir, "--images", bench.images, "--questions",
                      bench.vqa_questions, "--preset", "caption", *out]) == 1
     assert "preset 'caption' is for caption tasks" in capsys.readouterr().err
+    assert run_main(["--task", "flickr_retrieval", "--model", gen_dir, "--images", bench.images, "--annotations",
+                     bench.retrieval, "--predictions", str(tmp_path / "p.json"), *out]) == 1
+    assert "retrieval has no such format" in capsys.readouterr().err
+    assert not (tmp_path / "never.json.partial").exists()
