@@ -233,3 +233,18 @@ def test_parts_load_from_a_full_checkpoint_and_alone(pair, tmp_path):
     with torch.no_grad():
         assert torch.equal(alone(pixel_values=pixels).last_hidden_state, ref)
     assert torch.equal(Blip2VisionModel.from_pretrained(tmp_path)(pixels)[0], ref)
+
+
+def test_hub_id_resolves_through_the_hub_cache(pair, tmp_path):
+    """A Hub id goes through huggingface_hub (here from a pre-filled cache, as offline users have)."""
+    _, ours, d = pair
+    snap = tmp_path / "models--acme--tiny-blip2" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for name in os.listdir(d):
+        shutil.copy(os.path.join(d, name), snap)
+    (tmp_path / "models--acme--tiny-blip2" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-blip2" / "refs" / "main").write_text("0" * 40)
+    m = Blip2ForConditionalGeneration.from_pretrained("acme/tiny-blip2", cache_dir=str(tmp_path), local_files_only=True)
+    assert torch.equal(m.language_projection.weight, ours.language_projection.weight)
+    with pytest.raises(FileNotFoundError, match="acme/absent.*Hub"):
+        Blip2ForConditionalGeneration.from_pretrained("acme/absent", cache_dir=str(tmp_path), local_files_only=True)

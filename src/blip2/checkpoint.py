@@ -184,9 +184,12 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     aliases (one parameter under several names) may be absent from the file, as writers store
     them once; when the file has both and they differ, each name gets its own tensor.
     ``key_prefix`` selects a sub-model inside a bigger checkpoint (``vision_model.``, ...).
+    Keys starting with one of ``model._ignored_checkpoint_prefixes`` are skipped: parts of a bigger
+    model the class leaves out (a text tower loaded from a full retrieval checkpoint).
     """
     expected = model.state_dict(keep_vars=True)
     tied = tied_parameters(model)
+    ignored = tuple(getattr(model, "_ignored_checkpoint_prefixes", ()))
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, tensor in iter_checkpoint_tensors(directory):
@@ -194,6 +197,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
             if not key.startswith(key_prefix):
                 continue
             key = key[len(key_prefix):]
+        if ignored and key.startswith(ignored):
+            continue
         if key not in expected:
             if not _IGNORABLE.search(key):
                 unexpected.append(key)
