@@ -76,16 +76,6 @@ def demo_dir(retrieval: bool) -> str | None:
 USE_DEMO = demo_dir(retrieval=False) is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second intra-op thread only adds synchronisation (and on a busy machine,
-    spinning threads make a 30 ms generate take seconds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- tiny models
 
 
