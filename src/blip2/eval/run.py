@@ -541,7 +541,8 @@ def build_parser(prog: str = "blip2 eval") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same settings")
     p.add_argument("--limit", type=int, help="only the first N questions / images")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2; 0: in this one)")
     p.add_argument("--predictions", help="also write the predictions in the official results format here")
     g = p.add_argument_group("preset overrides")
@@ -575,3 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(results))
     print(f"results: {options.output_path}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
