@@ -228,6 +228,15 @@ def test_help_everywhere(command, capsys):
     assert "--model DIR_OR_HUB_ID" in out and "--device auto|cpu|cuda" in out
 
 
+def test_eval_is_handed_its_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: blip2 eval [-h] --task")
+    assert main(["eval", "--task", "gqa", "--model", "m", "--images", "nowhere"]) == 1  # eval's own exit code
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_usage_errors_are_messages_not_tracebacks(tiny_model_dir, tiny_retrieval_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_truncated_png(tmp_path / "bad.png")

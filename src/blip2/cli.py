@@ -594,7 +594,7 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
 # Commands that hand their arguments to a module of their own: `blip2 NAME ARGS...` -> module.main(ARGS).
 DELEGATED = {
     "train": ("blip2.train", "train the Q-Former (stage 1) or the projection (stage 2), with torchrun"),
-    "eval": ("blip2.eval", "evaluate captioning/VQA/retrieval on a dataset"),
+    "eval": ("blip2.eval.run", "evaluate on VQAv2, OK-VQA, GQA, COCO/NoCaps captions or Flickr30K/COCO retrieval"),
 }
 
 
