@@ -258,6 +258,8 @@ def test_usage_errors_are_messages_not_tracebacks(tiny_model_dir, tiny_retrieval
     assert capsys.readouterr().err.startswith("blip2 caption: error: text generation needs a captioning checkpoint")
     assert main(["ask", "ok.png", "q", "--model", tiny_model_dir, "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr().err == "blip2 ask: error: max_new_tokens must be a positive integer, got 0\n"
+    assert main(["caption", "ok.png", "-o", "new/out.jsonl"]) == 2
+    assert capsys.readouterr().err == f"blip2 caption: error: new/out.jsonl: the folder {tmp_path / 'new'} does not exist\n"
     assert main(["caption", "ok.png", "--resume"]) == 2
     assert capsys.readouterr().err == "blip2 caption: error: --resume and --overwrite need --output\n"
     assert main(["match", "ok.png", "w5", "--model", tiny_model_dir]) == 2

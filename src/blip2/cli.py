@@ -253,6 +253,12 @@ def _options(max_new_tokens: int, num_beams: int) -> GenerationOptions:
         raise CliError(str(e)) from None
 
 
+def _check_output_folder(output: str | None) -> None:
+    folder = os.path.dirname(os.path.abspath(output)) if output else None
+    if folder is not None and not os.path.isdir(folder):
+        raise CliError(f"{output}: the folder {folder} does not exist")
+
+
 def _open_image(path: str) -> Any:
     from .processing import ImageLoadError, load_image
 
@@ -273,6 +279,7 @@ def caption(paths: list[str], model: str | None = None, device: str = "auto", dt
         raise CliError("--resume and --overwrite need --output")
     if resume and overwrite:
         raise CliError("--resume and --overwrite exclude each other")
+    _check_output_folder(output)
     ranks = Ranks.from_env()
     try:
         return _caption(ranks, paths, model, device, dtype, prompt, batch_size, options, output, resume, overwrite,
@@ -491,6 +498,7 @@ def embed(paths: list[str], output: str, texts: list[str] | None = None, model: 
 
     if os.path.exists(output) and not overwrite:
         raise CliError(f"{output} exists: pass --overwrite to replace it")
+    _check_output_folder(output)
     if batch_size < 1 or workers < 0:
         raise CliError("--batch-size must be at least 1 and --workers at least 0")
     images, problems = expand_inputs(paths)
