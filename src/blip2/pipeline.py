@@ -43,7 +43,7 @@ QUESTION_TEMPLATE = "Question: {} Answer:"
 Images = Sequence[Image.Image] | torch.Tensor  # PIL images, or pixel_values [B, 3, H, W] already preprocessed
 
 
-class PipelineError(Exception):
+class PipelineError(ValueError):
     """A request the loaded model cannot serve (wrong checkpoint kind, prompt too long, bad model path)."""
 
 

@@ -37,6 +37,7 @@ import torch
 
 from ..checkpoint import resolve_dir
 from ..modeling import Blip2ForConditionalGeneration
+from ..pipeline import resolve_device, resolve_dtype
 from ..processing import Blip2ImageProcessor, Blip2Processor
 from .retrieval import ranks_from_scores, rerank_top_k
 from .tasks import (
@@ -102,31 +103,6 @@ class EvalOptions:
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def _device(name: str) -> torch.device:
-    """``auto`` is the GPU when there is one; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here (use --device cpu)")
-    return device
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU, bfloat16 on a GPU that has it (Flan-T5 overflows in float16), else float16."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in names:
-        raise ValueError(f"--dtype: expected auto or one of {', '.join(names)}, got {name!r}")
-    return names[name]
 
 
 def load_model(checkpoint: str, retrieval: bool, device: torch.device, dtype: torch.dtype
@@ -447,8 +423,8 @@ def evaluate(options: EvalOptions, log: Callable[[str], None] | None = None) -> 
     if options.predictions and task.kind == "retrieval":
         raise ValueError("--predictions writes official VQA/GQA/caption results; retrieval has no such format")
     data = load_task(task, options.images, options.questions, options.annotations, options.limit)
-    device = _device(options.device)
-    dtype = _dtype(options.dtype, device)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
     settings = _settings(options, preset, dtype)
     output = options.output_path
 
