@@ -28,6 +28,7 @@ from blip2.convert_lavis import (  # noqa: E402
     lavis_config,
     lavis_key_target,
 )
+from blip2.modeling import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.retrieval import Blip2ForImageTextRetrieval  # noqa: E402
 
 QVOCAB = 120
@@ -175,6 +176,9 @@ def test_lm_conversion_gives_identical_outputs(kind, tmp_path):
     got = back(pixel_values=px, input_ids=ids, attention_mask=mask, **kw).logits
     assert want.std() > 0.1
     assert torch.equal(got, want)
+    mine = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "out")
+    valid = mask.bool() if kind == "opt" else slice(None)
+    torch.testing.assert_close(mine(px, ids, mask, **kw).logits[valid], want[valid], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["itm", "opt", "t5"])

@@ -372,3 +372,22 @@ class PretrainedMixin:
                         tied=tied_parameters(self))  # type: ignore[arg-type]
         if hasattr(self, "_save_extra"):
             self._save_extra(directory)
+
+
+class SubmodelMixin(PretrainedMixin):
+    """``from_pretrained`` for a part of BLIP-2 (the vision tower, the Q-Former).
+
+    Reads a directory of that part alone, or a whole BLIP-2 checkpoint, taking the sub-config
+    ``_blip2_config_key`` and the weights under ``_blip2_prefix``.
+    """
+
+    _blip2_config_key: str = ""
+    _blip2_prefix: str = ""
+
+    @classmethod
+    def _select_config(cls, raw: dict[str, Any], source: str) -> tuple[Any, str]:
+        if raw.get("model_type") in ("blip-2", "blip_2"):
+            from .config import Blip2Config
+
+            return getattr(Blip2Config.from_dict(raw, source), cls._blip2_config_key), cls._blip2_prefix
+        return cls._config_from_dict(raw, source), ""
