@@ -25,7 +25,6 @@ from train_fixtures import (  # noqa: E402
     NUM_QUERY,
     env_with_src,
     one_object_data,
-    one_thread,  # noqa: F401  (an autouse fixture: importing it applies it here)
     write_bert_dir,
     write_blip2_dir,
     write_vision_preprocessor,

@@ -20,7 +20,6 @@ from train_fixtures import (  # noqa: E402
     OPT_SPECIAL,
     T5_SPECIAL,
     WORDS,
-    one_thread,  # noqa: F401  (an autouse fixture: importing it applies it here)
     write_bert_dir,
     write_blip2_dir,
     write_vision_preprocessor,

@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import randomize_
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -24,16 +23,6 @@ WORDS = ["a", "small", "large", "red", "green", "blue", "yellow", "purple", "ora
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 OPT_SPECIAL = ["<s>", "<pad>", "</s>", "\n", "<unk>"]  # bos "</s>" = 2, eos "\n" = 3 (as BLIP-2 OPT), pad = 1
 T5_SPECIAL = ["<pad>", "</s>", "<unk>"]  # pad = 0, eos = 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dispatch-bound: one thread is fastest, and the machine is shared. (Import it into a
-    test module to use it there.)"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def bert_backend() -> Tokenizer:
