@@ -481,4 +481,4 @@ def test_command_line_stage1_from_bert_stage2_from_stage1_and_lm_then_vqa(dirs, 
         torch.testing.assert_close(ours(px, ids).logits, ref(pixel_values=px, input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     assert [json.loads(x)["step"] for x in (ft / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     # a stage-1 Q-Former that does not fit --init's is refused with a message, not a traceback
-    assert main(["stage2", "--init", dirs["opt"], "--stage1", str(s1), "--out", str(tmp_path / "x"), *captions, *common]) == 1
+    assert main(["stage2", "--init", dirs["opt"], "--stage1", str(s1), "--out", str(tmp_path / "x"), *captions, *common]) == 2

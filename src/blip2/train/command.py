@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``blip2 train ...``; returns the exit status."""
+    """``blip2 train ...``; returns the exit status (0 done, 2 usage or setup error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
@@ -150,5 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         _run(args)
     except (ValueError, FileNotFoundError, CheckpointError, ConfigError, ImportError) as e:
         print(f"blip2 train: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a usage or setup error, as the other blip2 commands report it
+    except KeyboardInterrupt:
+        return 130
     return 0

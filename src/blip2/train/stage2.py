@@ -124,8 +124,6 @@ class Stage2Text:
         return " ".join(words[:k]), " ".join(words[k:])
 
     def _ids(self, texts: list[str], special: bool) -> list[list[int]]:
-        if not texts:
-            return []
         return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
