@@ -601,7 +601,8 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
 
 # Commands that hand their arguments to a module of their own: `blip2 NAME ARGS...` -> module.main(ARGS).
 DELEGATED = {
-    "train": ("blip2.train", "train the Q-Former (stage 1) or the projection (stage 2), with torchrun"),
+    "train": ("blip2.train", "train stage 1 (Q-Former: ITC, ITM, ITG), stage 2 (Q-Former and projection against "
+                             "a frozen LM) or fine-tune; torchrun for several processes"),
     "eval": ("blip2.eval.run", "evaluate on VQAv2, OK-VQA, GQA, COCO/NoCaps captions or Flickr30K/COCO retrieval"),
 }
 
