@@ -11,7 +11,7 @@ import torch
 
 from blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2Model
 from blip2.checkpoint import CheckpointError
-from conftest import IMAGE_TOKEN, NUM_QUERY, hf_blip2, pixel_batch, prompts_with_images
+from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
 
 PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]  # BOS + text, three lengths
 
