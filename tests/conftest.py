@@ -8,7 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models: one thread avoids oversubscription when tests share the cores
+torch.set_num_threads(1)
 
 IMAGE_TOKEN = 99  # last id of the tiny vocabulary
 VOCAB = 100
@@ -100,3 +101,67 @@ def prompts_with_images(prompts: list[list[int]], pad_id: int = 1, image_token: 
         ids.append(img + [pad_id] * pad + p)
         mask.append([1] * len(img) + [0] * pad + [1] * len(p))
     return torch.tensor(ids), torch.tensor(mask)
+
+
+# -- a tiny checkpoint directory (model + processor files), as users have on disk -------------------
+
+
+def tiny_tokenizer(padding_side: str = "left"):
+    """A word-level tokenizer over the tiny vocabulary: ``w4 ... w98`` are words, BOS ``<s>`` (2) starts
+    every text as OPT's does, ``</s>`` (3) ends generation; ``<image>`` (99) is added by the processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, IMAGE_TOKEN)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 2)])
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side=padding_side)
+
+
+def tiny_processor(padding_side: str = "left"):
+    """transformers' Blip2Processor for 28 px images with NUM_QUERY ``<image>`` tokens (id IMAGE_TOKEN)."""
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 28, "width": 28}),
+                               tokenizer=tiny_tokenizer(padding_side), num_query_tokens=NUM_QUERY)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN
+    return processor
+
+
+def save_tiny_checkpoint(directory, seed: int = 1, retrieval: bool = False):
+    """Write a tiny random BLIP-2-OPT (or, with ``retrieval``, a Blip2ForImageTextRetrieval) and its
+    processor with transformers' save_pretrained; returns the transformers model."""
+    import transformers
+
+    if retrieval:
+        config = tiny_hf_config()
+        config.qformer_config.use_qformer_text_input = True
+        config.qformer_config.vocab_size = VOCAB
+        config.image_text_hidden_size = 16
+        torch.manual_seed(seed)
+        model = randomize_(transformers.Blip2ForImageTextRetrieval(config), seed).eval()
+    else:
+        model = hf_blip2("opt", seed=seed)
+    model.save_pretrained(directory)
+    tiny_processor("right" if retrieval else "left").save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A directory with a tiny random BLIP-2-OPT and its processor (config.json, model.safetensors,
+    generation_config.json, processor_config.json, tokenizer files), written by transformers."""
+    directory = tmp_path_factory.mktemp("tiny_blip2_opt")
+    save_tiny_checkpoint(directory, seed=1)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_retrieval_dir(tmp_path_factory) -> str:
+    """Like tiny_model_dir, for a tiny random Blip2ForImageTextRetrieval (ITM and ITC heads)."""
+    directory = tmp_path_factory.mktemp("tiny_blip2_itm")
+    save_tiny_checkpoint(directory, seed=3, retrieval=True)
+    return str(directory)

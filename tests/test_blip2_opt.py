@@ -11,7 +11,7 @@ import torch
 
 from blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2Model
 from blip2.checkpoint import CheckpointError
-from conftest import IMAGE_TOKEN, NUM_QUERY, hf_blip2, pixel_batch, prompts_with_images
+from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
 
 PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]  # BOS + text, three lengths
 
@@ -211,3 +211,40 @@ def test_missing_and_unexpected_keys_are_named(pair, tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"unexpected keys.*surprise\.weight"):
         Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_parts_load_from_a_full_checkpoint_and_alone(pair, tmp_path):
+    """Blip2VisionModel / Blip2QFormerModel read a whole BLIP-2 directory, and their own."""
+    from transformers import Blip2VisionModel as HFVision
+
+    from blip2 import Blip2QFormerModel, Blip2VisionModel
+
+    hf, _, d = pair
+    pixels = pixel_batch(2, seed=17)
+    vision = Blip2VisionModel.from_pretrained(d)
+    qformer = Blip2QFormerModel.from_pretrained(d)
+    with torch.no_grad():
+        ref = hf.vision_model(pixel_values=pixels).last_hidden_state
+        ref_q = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=ref).last_hidden_state
+        assert torch.equal(vision(pixels)[0], ref)
+        torch.testing.assert_close(qformer(hf.query_tokens.expand(2, -1, -1), ref), ref_q, atol=1e-6, rtol=0)
+    vision.save_pretrained(tmp_path)
+    alone = HFVision.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(alone(pixel_values=pixels).last_hidden_state, ref)
+    assert torch.equal(Blip2VisionModel.from_pretrained(tmp_path)(pixels)[0], ref)
+
+
+def test_hub_id_resolves_through_the_hub_cache(pair, tmp_path):
+    """A Hub id goes through huggingface_hub (here from a pre-filled cache, as offline users have)."""
+    _, ours, d = pair
+    snap = tmp_path / "models--acme--tiny-blip2" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for name in os.listdir(d):
+        shutil.copy(os.path.join(d, name), snap)
+    (tmp_path / "models--acme--tiny-blip2" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-blip2" / "refs" / "main").write_text("0" * 40)
+    m = Blip2ForConditionalGeneration.from_pretrained("acme/tiny-blip2", cache_dir=str(tmp_path), local_files_only=True)
+    assert torch.equal(m.language_projection.weight, ours.language_projection.weight)
+    with pytest.raises(FileNotFoundError, match="acme/absent.*Hub"):
+        Blip2ForConditionalGeneration.from_pretrained("acme/absent", cache_dir=str(tmp_path), local_files_only=True)

@@ -14,15 +14,6 @@ from blip2.generation import GenerationConfig, generate
 
 transformers.logging.set_verbosity_error()
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: intra-op threads only contend (10x slower on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 LENGTHS = [5, 3, 7]
 T = max(LENGTHS)
 # Greedy continuations of the three prompts (no eos), for orientation:

@@ -12,15 +12,6 @@ from blip2.lm.opt import OPTForCausalLM
 VOCAB = 40
 PAD = 1
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: intra-op threads only contend (10x slower on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 VARIANTS = {
     "pre-norm": {},
     "post-norm": {"do_layer_norm_before": False},  # opt-350m

@@ -9,7 +9,6 @@ import transformers
 from blip2.config import T5Config
 from blip2.lm.t5 import T5ForConditionalGeneration, relative_position_bucket, seq2seq_lm_loss, shift_right
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 
 D, V = 32, 100
 BASE = dict(vocab_size=V, d_model=D, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,

@@ -184,9 +184,12 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     aliases (one parameter under several names) may be absent from the file, as writers store
     them once; when the file has both and they differ, each name gets its own tensor.
     ``key_prefix`` selects a sub-model inside a bigger checkpoint (``vision_model.``, ...).
+    Keys starting with one of ``model._ignored_checkpoint_prefixes`` are skipped: parts of a bigger
+    model the class leaves out (a text tower loaded from a full retrieval checkpoint).
     """
     expected = model.state_dict(keep_vars=True)
     tied = tied_parameters(model)
+    ignored = tuple(getattr(model, "_ignored_checkpoint_prefixes", ()))
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, tensor in iter_checkpoint_tensors(directory):
@@ -194,6 +197,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
             if not key.startswith(key_prefix):
                 continue
             key = key[len(key_prefix):]
+        if ignored and key.startswith(ignored):
+            continue
         if key not in expected:
             if not _IGNORABLE.search(key):
                 unexpected.append(key)
@@ -367,3 +372,22 @@ class PretrainedMixin:
                         tied=tied_parameters(self))  # type: ignore[arg-type]
         if hasattr(self, "_save_extra"):
             self._save_extra(directory)
+
+
+class SubmodelMixin(PretrainedMixin):
+    """``from_pretrained`` for a part of BLIP-2 (the vision tower, the Q-Former).
+
+    Reads a directory of that part alone, or a whole BLIP-2 checkpoint, taking the sub-config
+    ``_blip2_config_key`` and the weights under ``_blip2_prefix``.
+    """
+
+    _blip2_config_key: str = ""
+    _blip2_prefix: str = ""
+
+    @classmethod
+    def _select_config(cls, raw: dict[str, Any], source: str) -> tuple[Any, str]:
+        if raw.get("model_type") in ("blip-2", "blip_2"):
+            from .config import Blip2Config
+
+            return getattr(Blip2Config.from_dict(raw, source), cls._blip2_config_key), cls._blip2_prefix
+        return cls._config_from_dict(raw, source), ""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import SubmodelMixin
 from .config import Blip2QFormerConfig
 from .vision import activation
 
@@ -183,8 +184,12 @@ def _self_attention_mask(
     return mask
 
 
-class Blip2QFormerModel(nn.Module):
+class Blip2QFormerModel(SubmodelMixin, nn.Module):
     """The Q-Former. Computes in the dtype of its parameters (kept fp32 in BLIP-2; inputs are cast)."""
+
+    config_class = Blip2QFormerConfig
+    _blip2_config_key = "qformer_config"
+    _blip2_prefix = "qformer."
 
     def __init__(self, config: Blip2QFormerConfig) -> None:
         super().__init__()

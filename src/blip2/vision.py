@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import SubmodelMixin
 from .config import Blip2VisionConfig
 
 __all__ = ["Blip2VisionModel", "Blip2VisionOutput", "activation"]
@@ -167,8 +168,12 @@ class Blip2Encoder(nn.Module):
         return x
 
 
-class Blip2VisionModel(nn.Module):
+class Blip2VisionModel(SubmodelMixin, nn.Module):
     """The image encoder. Computes in the dtype of its parameters (pixel values are cast to it)."""
+
+    config_class = Blip2VisionConfig
+    _blip2_config_key = "vision_config"
+    _blip2_prefix = "vision_model."
 
     def __init__(self, config: Blip2VisionConfig) -> None:
         super().__init__()

@@ -1,7 +1,12 @@
 """Evaluation metrics and dataset formats: VQAv2 / OK-VQA / GQA accuracy, COCO / NoCaps caption
 metrics (BLEU, CIDEr-D natively; METEOR, SPICE through pycocoevalcap + Java when present), and
 COCO / Flickr30k retrieval recall@k. Needs no model; pycocoevalcap is optional and never imported
-at import time."""
+at import time.
+
+Submodules not imported here: ``blip2.eval.run`` (the ``blip2 eval`` command: a model on a
+benchmark's files, resumable, with the paper's presets), ``blip2.eval.tasks`` (which files each
+benchmark reads, the presets, scoring) and ``blip2.eval.synthetic`` (the shapes world written as
+VQAv2 / GQA / Karpathy / NoCaps / retrieval files)."""
 
 from .caption import (
     CaptionScores,
@@ -45,6 +50,7 @@ from .retrieval import (
     ranks_from_rankings,
     ranks_from_scores,
     recall_at_k,
+    recall_summary,
     rerank_top_k,
     retrieval_recall,
     retrieval_recall_from_rankings,
@@ -67,7 +73,7 @@ __all__ = [
     "ptb_tokenize", "tokenize_captions", "corpus_bleu", "cider_d", "meteor_score", "spice_score",
     "CaptionScores", "evaluate_captions", "evaluate_nocaps",
     # retrieval
-    "ranks_from_scores", "ranks_from_rankings", "recall_at_k", "retrieval_recall",
+    "ranks_from_scores", "ranks_from_rankings", "recall_at_k", "recall_summary", "retrieval_recall",
     "retrieval_recall_from_rankings", "rerank_top_k",
     # formats
     "VQAQuestion", "VQAAnnotation", "GQAQuestion", "CaptionedImage", "KarpathyEntry", "RetrievalSet",

@@ -22,6 +22,7 @@ __all__ = [
     "ranks_from_scores",
     "ranks_from_rankings",
     "recall_at_k",
+    "recall_summary",
     "retrieval_recall",
     "retrieval_recall_from_rankings",
     "rerank_top_k",
@@ -89,7 +90,9 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[int, 
     return {k: 100.0 * float((np.asarray(ranks) < k).mean()) for k in ks}
 
 
-def _summary(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+def recall_summary(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """LAVIS' retrieval numbers from 0-based ranks per text (t2i) and per image (i2t): ``t2i_r{k}``,
+    ``i2t_r{k}`` (percent), their means over ks per direction and the average of the two, ``r_mean``."""
     t2i, i2t = recall_at_k(t2i_ranks, ks), recall_at_k(i2t_ranks, ks)
     out = {f"t2i_r{k}": v for k, v in t2i.items()} | {f"i2t_r{k}": v for k, v in i2t.items()}
     out["t2i_r_mean"] = sum(t2i.values()) / len(ks)
@@ -119,7 +122,7 @@ def retrieval_recall(
         raise ValueError(f"scores_i2t must be [n_images, n_texts] = {t2i.shape[::-1]}, got {tuple(i2t.shape)}")
     t2i_ranks = ranks_from_scores(t2i, [[i] for i in text_to_image])
     i2t_ranks = ranks_from_scores(i2t, _image_to_texts(text_to_image, t2i.shape[1]))
-    return _summary(t2i_ranks, i2t_ranks, ks)
+    return recall_summary(t2i_ranks, i2t_ranks, ks)
 
 
 def retrieval_recall_from_rankings(
@@ -131,7 +134,7 @@ def retrieval_recall_from_rankings(
     """:func:`retrieval_recall` from ranked lists: image indices per text, text indices per image."""
     t2i_ranks = ranks_from_rankings(t2i_rankings, [[i] for i in text_to_image])
     i2t_ranks = ranks_from_rankings(i2t_rankings, _image_to_texts(text_to_image, len(i2t_rankings)))
-    return _summary(t2i_ranks, i2t_ranks, ks)
+    return recall_summary(t2i_ranks, i2t_ranks, ks)
 
 
 def rerank_top_k(

@@ -1,0 +1,284 @@
+"""The training loop both stages use: freezing, AdamW, warm-up + cosine schedule, accumulation, clipping,
+autocast, DDP, logging, resumable checkpoints.
+
+Reproducibility and resumption: everything random is a function of the seed and the step, never of
+process history. The learning rate is a function of the step; the data position is ``step * grad_accum``
+micro-batches (``GlobalBatchSampler``), each sample's augmentation is seeded by its key, dropout is
+reseeded from (seed, step, rank) at every step, and hard negatives from (seed, step, micro-step). So a
+checkpoint needs only the trained weights, the optimizer (and fp16 loss-scaler) state and the step, and
+a resumed run reproduces the uninterrupted one bit for bit.
+
+Files under ``config.out_dir`` (rank 0 writes): ``metrics.jsonl`` (one line per logged step: ``step``,
+``loss`` and its parts, ``lr``, ``samples_per_s``, ``skipped``, ...), ``checkpoint/state.pt`` (resume
+state, written atomically), and the final model in the Hugging Face format (the caller's ``save``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .data import GlobalBatchSampler, ImageTextDataset, collate
+from .losses import rank_and_world
+from .presets import TrainConfig
+
+__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "Trainee", "derive_seed", "lr_at", "run"]
+
+logger = logging.getLogger("blip2.train")
+
+CHECKPOINT_FILE = os.path.join("checkpoint", "state.pt")
+METRICS_FILE = "metrics.jsonl"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Trainee(Protocol):
+    """What ``run`` trains (``Blip2Stage1``, ``Blip2Stage2``): an nn.Module whose forward returns a dict
+    with a scalar ``"loss"`` (other 0-dim tensors are logged as they are)."""
+
+    autocast_dtype: torch.dtype | None
+
+    def frozen_modules(self, freeze_vision: bool) -> list[nn.Module]: ...
+
+    def after_step(self) -> None: ...
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (numpy's SeedSequence): independent streams per (seed, step, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up from ``warmup_lr`` to ``lr`` over
+    ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps`` (per step; LAVIS decays per epoch)."""
+    if step < config.warmup_steps:
+        return config.warmup_lr + (config.lr - config.warmup_lr) * step / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters: weight decay on matrices and embeddings; none on biases, norms, the temperature."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _cast_frozen(trainee: nn.Module, frozen: list[nn.Module], dtype: torch.dtype) -> None:
+    """Store the frozen weights in ``dtype``, except those the model keeps in fp32 at that dtype
+    (``keeps_fp32``: T5's FFN output projections under fp16, which overflow otherwise)."""
+    ids = {id(p) for module in frozen for p in module.parameters()}
+    model = getattr(trainee, "model", trainee)
+    keeps = getattr(model, "keeps_fp32", lambda name, dtype: False)
+    for name, p in model.named_parameters():
+        if id(p) in ids and p.is_floating_point() and not keeps(name, dtype):
+            p.data = p.data.to(dtype)
+
+
+def _trainable_state(module: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    # a run killed while writing leaves the previous checkpoint intact
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _max_steps(config: TrainConfig, num_samples: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    if config.epochs is None:
+        raise ValueError("set max_steps or epochs")
+    return max(1, math.ceil(config.epochs * num_samples / (config.batch_size * config.grad_accum)))
+
+
+def _setup_distributed() -> bool:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); True when this call created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _read_metrics(path: str, upto: int) -> list[dict[str, Any]]:
+    """Logged lines of an earlier run up to step ``upto`` (a killed run may have logged past its checkpoint)."""
+    kept = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    continue
+                if isinstance(row, dict) and row.get("step", upto + 1) <= upto:
+                    kept.append(row)
+    return kept
+
+
+def run(trainee: nn.Module, dataset: ImageTextDataset,
+        make_inputs: Callable[[dict[str, Any], int, int], dict[str, Any]], config: TrainConfig,
+        save: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Train ``trainee`` in place; returns the logged metrics (the same list on every rank).
+
+    make_inputs(batch, step, micro) -> keyword arguments of ``trainee.forward`` (CPU tensors are moved
+    to the device). ``save(directory)`` writes the final model; rank 0 calls it with ``config.out_dir``.
+    """
+    created_group = _setup_distributed()
+    try:
+        return _run(trainee, dataset, make_inputs, config, save)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _run(trainee: nn.Module, dataset: ImageTextDataset,
+         make_inputs: Callable[[dict[str, Any], int, int], dict[str, Any]], config: TrainConfig,
+         save: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    rank, world = rank_and_world()
+    device = _device(config)
+    max_steps = _max_steps(config, len(dataset))
+
+    # -- the model: frozen parts without gradients, in eval mode, out of the optimizer ------------------
+    frozen = trainee.frozen_modules(config.freeze_vision)  # type: ignore[operator]
+    for module in frozen:
+        module.requires_grad_(False)
+    if config.frozen_dtype is not None:
+        _cast_frozen(trainee, frozen, _DTYPES[config.frozen_dtype])
+    trainee.to(device)
+    trainee.autocast_dtype = None if config.amp == "no" else _DTYPES[config.amp]  # type: ignore[assignment]
+    for module in trainee.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = config.gradient_checkpointing
+    trainee.train()
+    for module in frozen:
+        module.eval()
+    optimizer = torch.optim.AdamW(_param_groups(trainee, config.weight_decay), lr=config.lr, betas=config.betas,
+                                  eps=config.eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    model = trainee
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # -- resume ------------------------------------------------------------------------------------------
+    step = 0
+    out = config.out_dir
+    ckpt_path = os.path.join(out, CHECKPOINT_FILE) if out else None
+    if config.resume and ckpt_path and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        params = dict(trainee.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        if rank == 0:
+            logger.info("resumed from %s at step %d", ckpt_path, step)
+    metrics_path = os.path.join(out, METRICS_FILE) if out else None
+    history = _read_metrics(metrics_path, step) if metrics_path and step > 0 else []
+    if metrics_path and rank == 0:
+        os.makedirs(out, exist_ok=True)  # type: ignore[arg-type]
+        with open(metrics_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
+
+    def checkpoint() -> None:
+        if ckpt_path and rank == 0:
+            _atomic_save({"step": step, "trainable": _trainable_state(trainee), "optimizer": optimizer.state_dict(),
+                          "scaler": scaler.state_dict(), "config": config.to_dict()}, ckpt_path)
+
+    # -- data --------------------------------------------------------------------------------------------
+    sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, config.seed,
+                                 start=step * config.grad_accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+
+    # -- steps -------------------------------------------------------------------------------------------
+    sums: dict[str, float] = {}
+    bad = 0.0
+    skipped_total = float(history[-1]["skipped"] if history else dataset.skipped)  # cumulative, all ranks
+    steps_since, t_last = 0, time.perf_counter()
+    end = max_steps if config.stop_at is None else min(max_steps, config.stop_at)
+    while step < end:
+        torch.manual_seed(derive_seed(config.seed, step, rank, 1))  # dropout: a function of (seed, step, rank)
+        lr = lr_at(step, config, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(config.grad_accum):
+            batch = next(batches)
+            bad += batch["bad"]
+            inputs = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                      for k, v in make_inputs(batch, step, micro).items()}
+            sync = micro == config.grad_accum - 1 or world == 1
+            with contextlib.nullcontext() if sync else model.no_sync():  # type: ignore[operator]
+                outputs = model(**inputs)
+                scaler.scale(outputs["loss"] / config.grad_accum).backward()
+            for key, value in outputs.items():
+                if isinstance(value, Tensor) and value.ndim == 0:
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
+        if config.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            grad_norm = float(nn.utils.clip_grad_norm_([p for p in trainee.parameters() if p.requires_grad],
+                                                       config.max_grad_norm))
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        trainee.after_step()  # type: ignore[operator]
+        step += 1
+        steps_since += 1
+
+        if step % config.log_every == 0 or step == end:
+            names = sorted(sums)
+            totals = torch.tensor([sums[n] for n in names] + [bad], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(totals)
+                totals[:-1] /= world
+            elapsed = time.perf_counter() - t_last
+            skipped_total += float(totals[-1])
+            row = {"step": step, **{n: float(totals[i]) / steps_since for i, n in enumerate(names)}, "lr": lr,
+                   "samples_per_s": config.batch_size * config.grad_accum * steps_since / max(elapsed, 1e-9),
+                   "epoch": step * config.batch_size * config.grad_accum / len(dataset), "skipped": int(skipped_total)}
+            history.append(row)
+            if rank == 0:
+                if metrics_path:
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+                values = " ".join(f"{n} {row[n]:.4f}" for n in sorted(names, key=lambda n: n != "loss"))
+                logger.info("step %d/%d %s lr %.3g %.1f samples/s", step, max_steps, values, lr, row["samples_per_s"])
+            sums, bad, steps_since, t_last = {}, 0.0, 0, time.perf_counter()
+        if config.save_every and step % config.save_every == 0 and step < end:
+            checkpoint()
+
+    del batches  # stop the DataLoader workers
+    checkpoint()
+    if out and save is not None and rank == 0 and step == max_steps:
+        save(out)
+    if world > 1:
+        dist.barrier()
+    return history
