@@ -102,6 +102,22 @@ def test_fused_state_dict_is_the_reference_one(case, fused, tmp_path):
         {k: tuple(p.shape) for k, p in plain.named_parameters()}
 
 
+def test_gradients_reach_the_inputs_of_a_fused_language_model(case, fused):
+    """The fast kernels have no backward: with gradients on, products fall back to differentiable ones
+    (stage-2 training backpropagates through the frozen LM into the projection)."""
+    text, _, plain = case
+    ids, mask = inputs(text)
+    grads = []
+    for model in (plain, fused):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        lm = model.language_model
+        out = lm(embeds, mask) if text == "opt" else lm(embeds, mask, decoder_input_ids=ids[:, -3:])
+        out.float().square().mean().backward()
+        grads.append(embeds.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 def test_fused_model_refuses_to_move_or_reload(case, fused):
     with pytest.raises(RuntimeError, match="unfuse"):
         fused.to(torch.float64)

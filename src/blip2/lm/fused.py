@@ -101,11 +101,17 @@ def _compiling_one_row(x: Tensor, in_features: int) -> bool:
     return torch.compiler.is_compiling() and x.numel() == in_features
 
 
+def _autograd(x: Tensor, weight: Tensor | None = None) -> bool:
+    """Whether a product must be differentiable: the fast kernels have no backward (a frozen language model
+    still passes gradients to its inputs in stage-2 training)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+
+
 def linear(x: Tensor, layer: nn.Module) -> Tensor:
     """``layer(x)`` for an ``nn.Linear`` or a ``FusedLinear``. A plain ``nn.Linear`` outside autograd goes
     through oneDNN on CPU (for few rows, BLAS repacks the whole weight on every call), or, for one row in
     a compiled graph, through ``_row_product``."""
-    if isinstance(layer, nn.Linear) and not (torch.is_grad_enabled() and layer.weight.requires_grad):
+    if isinstance(layer, nn.Linear) and not _autograd(x, layer.weight):
         if _compiling_one_row(x, layer.in_features):
             return _row_product(x, layer.weight, None, layer.bias)
         if _onednn_ok(x) and x.dtype == layer.weight.dtype:
@@ -153,6 +159,8 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x [..., K] -> [..., N]
+        if _autograd(x):  # slow but differentiable: the plain weight, rebuilt
+            return F.linear(x, self.dense_weight(), self.b)
         if self.fmt != "onednn" and _compiling_one_row(x, self.in_features):
             return _row_product(x, self.w, self.scale, self.b)
         if self.fmt == "int8":
