@@ -4,8 +4,8 @@
 
 A step reads every decoder weight once, so ms per token >= bytes of weights read per token / bandwidth.
 The bandwidth is a 256 MB tensor copy, (read + written) / time, the best of three in every round,
-measured between the decoding calls. ms per token = (time of generate with 24 new tokens - with 1) / 23, for every implementation
-alike, so vision, Q-Former and prefill cancel out.
+measured between the decoding calls. ms per token = (time of generate with 24 new tokens - with 1) / 23
+for every implementation alike, so vision, Q-Former and prefill cancel out.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
     python benchmarks/bench_load.py [--presets opt-125m flan-t5-small]
 
-Each load runs in its own Python process: peak resident memory (``ru_maxrss``) after ``from_pretrained``
-and one read of every weight, minus before it (after the imports and torch's start-up), against the bytes of
-the loaded weights. The read matters for transformers, which maps the file: its pages become resident when
+Each load runs in its own Python process: peak resident memory (``VmHWM``, reset after the imports,
+torch's start-up and its lazy import of the meta-tensor kernels) across ``from_pretrained`` and one read of every weight, minus the resident memory before
+it, against the bytes of the loaded weights. (``ru_maxrss`` would do, but Linux carries it over from the
+parent process through fork and exec.) The read matters for transformers, which maps the file: its pages become resident when
 the weights are first used, not at load.
 """
 
@@ -21,19 +22,28 @@ from common import Table, checkpoint, machine
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 _MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     sys.path.insert(0, {src!r})
     import torch
     from {module} import Blip2ForConditionalGeneration
+
+    def status(key):  # kB -> bytes, from /proc/self/status
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
     torch.zeros(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the last import: torch loads its meta-tensor kernels (~75 MB of Python) at the first random
+    # initialisation of a meta tensor, which building a model on the meta device does
+    torch.nn.init.normal_(torch.empty(1, device="meta"))
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current resident size
+        f.write("5")
+    base = status("VmRSS")
     model = Blip2ForConditionalGeneration.from_pretrained({directory!r}, dtype=getattr(torch, {dtype!r}))
     tensors = {{id(t): t for t in (*model.parameters(), *model.buffers())}}
     with torch.no_grad():  # read every weight once, as the first forward would (pages of a mapped file)
         for t in tensors.values():
             t.sum()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({{"growth": (peak - base) * 1024,
+    print(json.dumps({{"growth": status("VmHWM") - base,
                       "weights": sum(t.numel() * t.element_size() for t in tensors.values())}}))
 """)
 
@@ -56,8 +66,9 @@ def run(presets: list[str]) -> Table:
                 r = measure(module, d, dtype)
                 table.add(f"{preset} (fp32 safetensors)", dtype, name, f"{r['weights'] / 1e6:.0f} MB",
                           f"{r['growth'] / 1e6:.0f} MB", f"{r['growth'] / r['weights']:.2f}")
-    table.notes.append(f"{machine()}. One fresh process per load; growth of ru_maxrss across from_pretrained and "
-                       "one read of every weight (transformers maps the file: its pages load on first use).")
+    table.notes.append(f"{machine()}. One fresh process per load; growth of the peak resident memory across "
+                       "from_pretrained and one read of every weight (transformers maps the file: its pages load "
+                       "on first use).")
     return table
 
 

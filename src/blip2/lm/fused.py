@@ -23,7 +23,8 @@ Formats (``fmt``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,12 @@ from torch import Tensor, nn
 
 from ..quant import dequantize_weight, int8_linear, quantize_weight
 
-__all__ = ["FusedLinear", "LinearView", "linear", "default_format", "fused_format", "fuse_linears",
-           "pack_linears", "unfuse_linears"]
+__all__ = ["FusedLinear", "LinearView", "linear", "default_format", "compile_step", "fused_format",
+           "fuse_linears", "pack_linears", "unfuse_linears"]
 
 FORMATS = ("onednn", "dense", "int8")
+# inductor's threshold of elementwise ops above which a producer is computed once, not inlined (CPU)
+_OPCOUNT_KEY = "realize_cpu_opcount_threshold"
 # oneDNN picks its blocked layout for an expected number of rows; 64 measured best for 1 to 264 rows
 _PACK_ROWS = 64
 
@@ -69,27 +72,14 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-@torch.library.custom_op("blip2::materialize", mutates_args=())
-def _materialize(x: Tensor) -> Tensor:
-    # an opaque copy: the compiler cannot inline the computation of x into the loop that consumes it
-    return x.clone()
-
-
-@_materialize.register_fake
-def _(x: Tensor) -> Tensor:
-    return torch.empty_like(x)
-
-
 def _row_product(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
     """x [..., K] holding one row, weight [N, K] (float or int8 with ``scale`` [N]) -> [..., N].
 
     Written as an elementwise product and a sum, which the compiler fuses into one streaming pass over
     the weight, int8 converted on the fly: near the copy bandwidth, where a matrix-vector kernel reaches
-    about 60% of it. Used only inside a compiled graph, for one row (decoding at batch 1)."""
-    # x is materialized first: inlined into the loop over the weight, a preceding layer norm or
-    # activation would be recomputed for every output row (measured: half the streaming speed)
-    x1 = _materialize(x.reshape(1, -1).float())  # [1, K]
-    y = (x1 * weight.float()).sum(-1)  # [N], accumulated in fp32 as a matmul does
+    about 60% of it. Used only inside a compiled graph, for one row (decoding at batch 1); compile with
+    ``compile_step`` so x is computed before that loop, not inside it once per output row."""
+    y = (x.reshape(1, -1).float() * weight.float()).sum(-1)  # [N], accumulated in fp32 as a matmul does
     if scale is not None:
         y = y * scale.float()
     if bias is not None:
@@ -243,6 +233,23 @@ def _refuse_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) 
     if any(k.startswith(prefix) for k in state_dict):
         raise RuntimeError(f"{prefix.rstrip('.')}: the model is fused for inference; call unfuse() before "
                            f"load_state_dict")
+
+
+def compile_step(fn: Callable[..., Tensor], device: torch.device,
+                 **compile_kwargs: Any) -> Callable[..., Tensor]:
+    """``torch.compile(fn, **compile_kwargs)`` for a decoding step on ``device``.
+
+    On CPU, inductor inlines a cheap elementwise producer (a layer norm, an activation) into the loop that
+    consumes it; inside ``_row_product``'s loop over the weight that recomputes it for every output row
+    (measured: a decoding step 1.5-2.5x slower). A lower "opcount" threshold makes inductor compute such
+    producers once. Only for the default inductor backend and when the caller sets no mode or options."""
+    import torch._inductor.config as inductor_config
+
+    plain_inductor = compile_kwargs.get("backend", "inductor") == "inductor" and \
+        "mode" not in compile_kwargs and "options" not in compile_kwargs
+    if device.type == "cpu" and plain_inductor and hasattr(inductor_config, _OPCOUNT_KEY):
+        compile_kwargs["options"] = {_OPCOUNT_KEY: 4}
+    return torch.compile(fn, **compile_kwargs)
 
 
 def fused_format(root: nn.Module) -> str | None:

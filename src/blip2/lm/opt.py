@@ -23,13 +23,15 @@ H heads, Dh = D / H, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import OPTConfig
-from .fused import FusedLinear, default_format, fuse_linears, fused_format, linear, pack_linears, unfuse_linears
+from .fused import (FusedLinear, compile_step, default_format, fuse_linears, fused_format, linear, pack_linears,
+                    unfuse_linears)
 
 __all__ = ["OPTForCausalLM", "OPTDecoding", "KVCache"]
 
@@ -274,7 +276,7 @@ class OPTForCausalLM(nn.Module):
         unfuse_linears(self, self.model.decoder.embed_tokens)
         return self
 
-    def compile(self, **compile_kwargs: object) -> OPTForCausalLM:
+    def compile(self, **compile_kwargs: Any) -> OPTForCausalLM:
         """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
         within a ``generate`` call (the cache is preallocated), so it compiles once per batch size and
         length. In the compiled step a product with a single row (batch 1) streams plain or int8 weights
@@ -282,7 +284,8 @@ class OPTForCausalLM(nn.Module):
         are re-fused plain (``"dense"``) first; int8 stays int8. Returns self."""
         if fused_format(self) == "onednn":
             self.unfuse().fuse("dense")
-        self.decode_step = torch.compile(self._decode_step, **compile_kwargs)
+        device = self.model.decoder.embed_tokens.weight.device
+        self.decode_step = compile_step(self._decode_step, device, **compile_kwargs)
         return self
 
     def _decode_step(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[KVCache],

@@ -30,13 +30,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import T5Config
-from .fused import FusedLinear, default_format, fuse_linears, fused_format, linear, pack_linears, unfuse_linears
+from .fused import (FusedLinear, compile_step, default_format, fuse_linears, fused_format, linear, pack_linears,
+                    unfuse_linears)
 
 __all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
            "shift_right"]
@@ -364,7 +366,7 @@ class T5ForConditionalGeneration(nn.Module):
         unfuse_linears(self, self.shared)
         return self
 
-    def compile(self, **compile_kwargs: object) -> T5ForConditionalGeneration:
+    def compile(self, **compile_kwargs: Any) -> T5ForConditionalGeneration:
         """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
         within a ``generate`` call (the self-attention cache is preallocated), so it compiles once per batch size and
         length. In the compiled step a product with a single row (batch 1) streams plain or int8 weights
@@ -372,7 +374,7 @@ class T5ForConditionalGeneration(nn.Module):
         are re-fused plain (``"dense"``) first; int8 stays int8. Returns self."""
         if fused_format(self) == "onednn":
             self.unfuse().fuse("dense")
-        self.decode_step = torch.compile(self._decode_step, **compile_kwargs)
+        self.decode_step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
         return self
 
     def _decode_step(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]],
