@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..quant import dequantize_weight, int8_linear, quantize_weight
 
-__all__ = ["FusedLinear", "LinearView", "linear", "default_format", "compile_step", "fused_format",
+__all__ = ["FusedLinear", "LinearView", "attention", "linear", "default_format", "compile_step", "fused_format",
            "fuse_linears", "pack_linears", "unfuse_linears"]
 
 FORMATS = ("onednn", "dense", "int8")
@@ -233,6 +233,23 @@ def _refuse_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) 
     if any(k.startswith(prefix) for k in state_dict):
         raise RuntimeError(f"{prefix.rstrip('.')}: the model is fused for inference; call unfuse() before "
                            f"load_state_dict")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """``F.scaled_dot_product_attention``: q [B, H, T, Dh], k, v [B, H, S, Dh], mask (bool, True = attend, or
+    float, added) broadcastable to [B, H, T, S] -> [B, H, T, Dh].
+
+    In a compiled graph, one query (a decoding step) is written as elementwise products, a softmax and a sum
+    that the compiler fuses: the attention kernel's fixed cost is several times the work at this size
+    (measured: 24 vs 9 us a layer, a fifth of a Flan-T5-small step)."""
+    if not (torch.compiler.is_compiling() and q.shape[-2] == 1 and dropout_p == 0.0):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    scores = (q.float() * k.float()).sum(-1) * scale  # [B, H, S], in fp32 as the kernel computes
+    if mask is not None:
+        m = mask.squeeze(-2)  # [B|1, H|1, S]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    p = scores.softmax(-1)
+    return (p[..., None] * v.float()).sum(-2, keepdim=True).to(q.dtype)  # [B, H, 1, Dh]
 
 
 def compile_step(fn: Callable[..., Tensor], device: torch.device,

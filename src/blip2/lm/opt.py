@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import OPTConfig
-from .fused import (FusedLinear, compile_step, default_format, fuse_linears, fused_format, linear, pack_linears,
-                    unfuse_linears)
+from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, fused_format, linear,
+                    pack_linears, unfuse_linears)
 
 __all__ = ["OPTForCausalLM", "OPTDecoding", "KVCache"]
 
@@ -100,8 +100,7 @@ class OPTAttention(nn.Module):
         q, k, v = (q * self.scaling).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # [B, H, S, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, scale=1.0, dropout_p=self.dropout if self.training else 0.0)
         return linear(y.transpose(1, 2).reshape(B, T, D), self.out_proj)
 
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import T5Config
-from .fused import (FusedLinear, compile_step, default_format, fuse_linears, fused_format, linear, pack_linears,
-                    unfuse_linears)
+from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, fused_format, linear,
+                    pack_linears, unfuse_linears)
 
 __all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
            "shift_right"]
@@ -179,8 +179,7 @@ class T5Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """q [B, H, T, Dk] attends to k, v [B, H, S, Dk] under the float mask [B|1, H|1, T, S] -> [B, T, D]."""
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+        y = attention(q, k, v, mask, scale=1.0, dropout_p=self.dropout if self.training else 0.0)
         return linear(y.transpose(1, 2).flatten(2), self.o)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
