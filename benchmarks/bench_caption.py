@@ -10,14 +10,36 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import dataclass
 
 import torch
 
-from common import Table, checkpoint, load_hf, load_ours, machine, ratios, threads
+from common import Table, checkpoint, load_hf, load_ours, machine, threads
+from blip2 import Blip2Config
 from blip2.bench import decode_inputs, interleave
 
 NEW_TOKENS = 24
-OURS = {"ours": ("plain", False), "ours fuse()": ("fuse", False), "ours quantize_int8()": ("int8", False)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: str
+    fast: str | None  # None: transformers; else a blip2.bench fast path
+    compile: bool = False
+    batches: tuple[int, ...] = (8, 1)
+
+
+VARIANTS = [
+    Variant("transformers", "fp32", None),
+    Variant("ours", "fp32", "plain"),
+    Variant("ours fuse()", "fp32", "fuse"),
+    Variant("ours quantize_int8()", "fp32", "int8"),
+    # compiled decoding pays off at batch 1 (see blip2.lm.fused._row_product); batches use the packed layout
+    Variant("ours fuse() + compile()", "fp32", "fuse", compile=True, batches=(1,)),
+    Variant("transformers", "bf16", None, batches=(8,)),
+    Variant("ours fuse()", "bf16", "fuse", batches=(8,)),
+]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -27,38 +49,44 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"{100 * (a[:, :n] == b[:, :n]).float().mean().item():.0f}% equal"
 
 
-def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu", dtype: str = "fp32") -> Table:
-    table = Table(f"Batch captioning, {dtype}, {NEW_TOKENS} new tokens, greedy ({device})",
-                  ["LM", "images", "implementation", "s / batch", "images/s", "tokens/s", "x transformers",
+def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu",
+        variants: list[Variant] = VARIANTS) -> Table:
+    table = Table(f"Batch captioning, {NEW_TOKENS} new tokens, greedy ({device})",
+                  ["LM", "images", "dtype", "implementation", "s / batch", "images/s", "tokens/s", "x transformers",
                    "tokens"])
     for preset in presets:
         d = checkpoint(preset)
-        models = {"transformers": load_hf(d, dtype, device)}
-        models.update({name: load_ours(d, dtype, device, fast, comp) for name, (fast, comp) in OURS.items()})
+        models = {v: load_hf(d, v.dtype, device) if v.fast is None else load_ours(d, v.dtype, device, v.fast, v.compile)
+                  for v in variants if set(v.batches) & set(batches)}
+        reference = {v.dtype: v for v in models if v.fast is None}
+        config = Blip2Config.from_pretrained(d)
         for batch in batches:
-            pixels, ids, mask = decode_inputs(models["ours"].config, batch, device)
+            pixels, ids, mask = decode_inputs(config, batch, device)
             kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-            outs: dict[str, torch.Tensor] = {}
+            outs: dict[Variant, torch.Tensor] = {}
 
-            def call(name: str) -> None:
-                m = models[name]
+            def call(v: Variant) -> None:
                 with torch.no_grad():
-                    if name == "transformers":
-                        outs[name] = m.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
-                                                do_sample=False, **kw)
+                    if v.fast is None:
+                        outs[v] = models[v].generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                                     do_sample=False, **kw)
                     else:
-                        outs[name] = m.generate(pixels, ids, mask, **kw)
+                        outs[v] = models[v].generate(pixels, ids, mask, **kw)
 
-            times = interleave({name: (lambda name=name: call(name)) for name in models}, repeats, device)
-            speedup = ratios(times, "transformers")
-            for name, ts in times.items():
-                t = statistics.median(ts)
-                same = "-" if name == "transformers" else _same(outs[name].cpu(), outs["transformers"].cpu())
-                table.add(preset, batch, name, f"{t:.2f}", f"{batch / t:.2f}", f"{batch * NEW_TOKENS / t:.0f}",
-                          f"{speedup[name]:.2f}", same)
+            here = [v for v in models if batch in v.batches]
+            times = interleave({v: (lambda v=v: call(v)) for v in here}, repeats, device)
+            for v in here:
+                ref = reference[v.dtype]
+                t = statistics.median(times[v])
+                speedup = statistics.median(r / x for r, x in zip(times[ref], times[v]))
+                same = "-" if v is ref else _same(outs[v].cpu(), outs[ref].cpu())
+                table.add(preset, batch, v.dtype, v.name, f"{t:.2f}", f"{batch / t:.2f}",
+                          f"{batch * NEW_TOKENS / t:.0f}", f"{speedup:.2f}", same)
         del models
-    table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds; x transformers is the median of "
-                       f"the per-round ratios.")
+    table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds; x transformers is the median of the "
+                       f"per-round ratios to transformers in the same dtype; tokens compares the output ids with "
+                       f"theirs. bf16: the Q-Former stays fp32 in ours. compile(): the first call compiles (not "
+                       f"timed).")
     return table
 
 

@@ -2,11 +2,11 @@
 
     python benchmarks/bench_load.py [--presets opt-125m flan-t5-small]
 
-Each load runs in its own Python process: peak resident memory (``VmHWM``, reset after the imports,
-torch's start-up and its lazy import of the meta-tensor kernels) across ``from_pretrained`` and one read of every weight, minus the resident memory before
-it, against the bytes of the loaded weights. (``ru_maxrss`` would do, but Linux carries it over from the
-parent process through fork and exec.) The read matters for transformers, which maps the file: its pages become resident when
-the weights are first used, not at load.
+Each load runs in its own Python process: the growth of the peak resident memory (``VmHWM``, reset after
+the imports, torch's start-up and its lazy import of the meta-tensor kernels) across ``from_pretrained`` and
+one read of every weight, against the bytes of the loaded weights. The read matters for transformers, which
+maps the file: its pages become resident when the weights are first used, not at load. (``ru_maxrss``
+would do, but Linux carries it over from the parent process through fork and exec.)
 """
 
 from __future__ import annotations

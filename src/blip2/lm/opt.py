@@ -257,9 +257,11 @@ class OPTForCausalLM(nn.Module):
         """Prepare for inference: q/k/v in one matmul, every projection in weight format ``fmt``.
 
         ``fmt``: None picks the fastest float format for the device (oneDNN's blocked layout on CPU),
-        ``"int8"`` quantizes weights (per output channel, activations stay float; a head tied to the
-        embeddings gets an int8 copy, the embeddings stay as they are). The state dict keeps the
-        reference keys and shapes (int8: dequantized). No gradients; move and cast before fusing.
+        ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
+        channel, activations stay float; a head tied to the embeddings gets an int8 copy, which the state
+        dict leaves out as tied checkpoints do). The state dict keeps the reference keys and shapes (int8:
+        dequantized). For inference: the weights become buffers
+        (gradients reach the inputs only, through slow fallbacks); move and cast before fusing.
         ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
         if any(isinstance(m, FusedLinear) for m in self.modules()):
             raise RuntimeError("already fused; call unfuse() first to change the format")

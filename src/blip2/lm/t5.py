@@ -341,9 +341,11 @@ class T5ForConditionalGeneration(nn.Module):
         in one matmul each, every projection in weight format ``fmt``.
 
         ``fmt``: None picks the fastest float format for the device (oneDNN's blocked layout on CPU),
-        ``"int8"`` quantizes weights (per output channel, activations stay float). The state dict keeps the
-        reference keys and shapes (int8: dequantized). No gradients; move and cast (``set_dtype``) before
-        fusing. ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
+        ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
+        channel, activations stay float). The state dict keeps the reference keys and shapes (int8:
+        dequantized). For inference: the weights become buffers
+        (gradients reach the inputs only, through slow fallbacks); move and cast (``set_dtype``) before fusing.
+        ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
         if any(isinstance(m, FusedLinear) for m in self.modules()):
             raise RuntimeError("already fused; call unfuse() first to change the format")
         fmt = fmt or default_format(self.shared.weight)
