@@ -247,3 +247,26 @@ def test_compiled_step_tokens_equal_plain_inductor(hf_opt_dir):
     ids, mask = prompts_with_images(OPT_PROMPTS)
     want = plain.generate(pixels, ids, mask, max_new_tokens=8)
     assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == want.tolist()
+
+
+# -- blip2.bench ------------------------------------------------------------------------------
+
+
+def test_bytes_read_per_token_follow_the_weight_format(hf_opt_dir, capsys):
+    from blip2.bench import decode_bytes_per_token, main
+
+    _, d = hf_opt_dir
+    plain = Blip2ForConditionalGeneration.from_pretrained(d)
+    sd = plain.state_dict()
+    # the decoder layers, the final norm and the head (tied to the embeddings: that matrix once)
+    want = sum(v.numel() * 4 for k, v in sd.items()
+               if k.startswith(tuple(f"language_model.model.decoder.{m}." for m in
+                                     ("layers", "final_layer_norm", "embed_tokens"))))
+    assert decode_bytes_per_token(plain) == want
+    assert decode_bytes_per_token(plain.fuse()) == want  # a layout change reads the same bytes
+    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
+    assert decode_bytes_per_token(quant) < 0.35 * want  # int8 weights, fp32 biases, norms and scales
+    assert main(["--model", d, "--fast", "int8", "--batch", "2", "--new-tokens", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"read per token {decode_bytes_per_token(quant) / 1e3:.0f} kB" in out
+    assert "captioning, batch 2, 3 new tokens" in out

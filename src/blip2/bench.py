@@ -192,6 +192,10 @@ def _load(model: str | None, preset: str | None, dtype: torch.dtype | None,
     return m.eval()
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.0f} MB" if nbytes >= 10**7 else f"{nbytes / 1e3:.0f} kB"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="blip2 bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     step, bw = time_decode_step(model, 1, 16, copy_bandwidth(device=device))
     bound = nbytes / bw
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write); language-model weights read per token "
-          f"{nbytes / 1e6:.0f} MB: at least {bound * 1e3:.1f} ms per token")
+          f"{_size(nbytes)}: at least {bound * 1e3:.2f} ms per token")
     print(f"decoding, batch 1: {step * 1e3:.1f} ms per token = {1 / step:.1f} tokens/s = "
           f"{100 * bound / step:.0f}% of the bandwidth bound")
 
