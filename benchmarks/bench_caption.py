@@ -51,7 +51,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> str:
 
 def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu",
         variants: list[Variant] = VARIANTS) -> Table:
-    table = Table(f"Batch captioning, {NEW_TOKENS} new tokens, greedy ({device})",
+    where = f"{device}, {torch.get_num_threads()} thread(s)" if device == "cpu" else device
+    table = Table(f"Batch captioning, {NEW_TOKENS} new tokens, greedy ({where})",
                   ["LM", "images", "dtype", "implementation", "s / batch", "images/s", "tokens/s", "x transformers",
                    "tokens"])
     for preset in presets:

@@ -34,7 +34,8 @@ def _variants(dtype: str, compile: bool) -> dict[str, tuple[str, bool]]:
 
 
 def run(presets: list[str], dtypes: list[str], repeats: int, compile: bool = True, device: str = "cpu") -> Table:
-    table = Table(f"Decoding at batch 1 ({device})",
+    where = f"{device}, {torch.get_num_threads()} thread(s)" if device == "cpu" else device
+    table = Table(f"Decoding at batch 1 ({where})",
                   ["LM", "dtype", "implementation", "ms / token", "tokens/s", "weights read / token",
                    "% of bandwidth bound", "x transformers"])
     for preset in presets:

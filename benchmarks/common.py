@@ -73,8 +73,8 @@ class Table:
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
                  "|" + "|".join("---" for _ in self.columns) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
-        if self.notes:
-            lines += [""] + self.notes
+        for note in self.notes:  # each its own paragraph
+            lines += ["", note]
         return "\n".join(lines)
 
 

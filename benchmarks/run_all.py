@@ -2,8 +2,8 @@
 
     python benchmarks/run_all.py [--repeats 3] [--threads 1] [--no-compile] [--no-readme]
 
-About five minutes on a two-core CPU (the first run also builds the preset checkpoints, and compiles, about
-a minute more). The tables are printed as they fill; the README is written at the end.
+About six minutes on a two-core CPU (the first run also builds the preset checkpoints and compiles: a
+minute or two more). The tables are printed as they fill; the README is written at the end.
 """
 
 from __future__ import annotations
@@ -46,8 +46,19 @@ def main() -> None:
     threads(args.threads)
     start = time.time()
     presets = ["opt-125m", "flan-t5-small"]
-    tables = [
-        bench_caption.run(presets, [8, 1], args.repeats),
+    variants = [v for v in bench_caption.VARIANTS if args.compile or not v.compile]
+    tables = [bench_caption.run(presets, [8, 1], args.repeats, variants=variants)]
+    cores = os.cpu_count() or 1
+    if cores > args.threads:
+        # the same comparison with every core: what an otherwise idle machine gives (on a busy one, threads
+        # wait for each other at every barrier, and the numbers say more about the neighbours)
+        load = os.getloadavg()[0]
+        threads(cores)
+        fp32_batch = [v for v in variants if v.dtype == "fp32" and not v.compile]
+        tables.append(bench_caption.run(presets, [8], args.repeats, variants=fp32_batch))
+        tables[-1].notes.append(f"Load average when this table started: {load:.1f} on {cores} cores.")
+        threads(args.threads)
+    tables += [
         bench_decode.run(presets, ["fp32", "bf16"], args.repeats, args.compile),
         bench_load.run(presets),
         bench_gpu.run(presets, [8, 32], args.repeats + 2),

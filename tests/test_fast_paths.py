@@ -270,3 +270,16 @@ def test_bytes_read_per_token_follow_the_weight_format(hf_opt_dir, capsys):
     out = capsys.readouterr().out
     assert f"read per token {decode_bytes_per_token(quant) / 1e3:.0f} kB" in out
     assert "captioning, batch 2, 3 new tokens" in out
+
+
+@pytest.mark.slow
+def test_compiled_int8_batch_uses_the_int8_kernel(hf_opt_dir):
+    """Several rows in a compiled int8 step go through the same int8 kernel as eager: the same tokens."""
+    _, d = hf_opt_dir
+    torch._dynamo.reset()
+    eager = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
+    model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8().compile()
+    pixels = pixel_batch(3, seed=7)
+    ids, mask = prompts_with_images(OPT_PROMPTS)
+    want = eager.generate(pixels, ids, mask, max_new_tokens=6)
+    assert model.generate(pixels, ids, mask, max_new_tokens=6).tolist() == want.tolist()

@@ -34,12 +34,25 @@ def dequantize_weight(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
+@torch.library.custom_op("blip2::int8pack_mm", mutates_args=())
+def _int8pack_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    # inductor's own lowering of this op fails on a computed input (torch 2.13); as a custom op it stays
+    # an opaque call inside a compiled graph
+    return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+
+
+@_int8pack_mm.register_fake
+def _(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ (q * scale).T + bias``: x [..., K] float, q [N, K] int8, scale [N] -> [..., N] in x's dtype."""
     K = q.shape[1]
     if x.device.type == "cpu" and K % 16 == 0:  # the kernel crashes on other K (torch 2.13)
         x2 = x.reshape(-1, K).to(torch.bfloat16)  # [M, K]
-        y = torch.ops.aten._weight_int8pack_mm(x2, q, scale.to(torch.bfloat16)).to(x.dtype)
+        mm = _int8pack_mm if torch.compiler.is_compiling() else torch.ops.aten._weight_int8pack_mm
+        y = mm(x2, q, scale.to(torch.bfloat16)).to(x.dtype)
         y = y.view(*x.shape[:-1], q.shape[0])
     else:
         # (x @ q.T) * scale == x @ (q * scale).T; the int8 -> float cast is the only temporary
