@@ -24,6 +24,7 @@ from torch import nn
 from .checkpoint import PretrainedMixin
 from .config import Blip2Config
 from .generation import GenerationConfig, generate
+from .lm.fused import default_format, pack_linears, unfuse_linears
 from .lm.opt import OPTForCausalLM
 from .lm.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
 from .qformer import Blip2QFormerModel
@@ -234,6 +235,55 @@ class Blip2Model(PretrainedMixin, nn.Module):
             prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
             prefix_mask = None
         return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer)
+
+
+    # -- inference speed-ups (blip2.lm.fused) ----------------------------------------------------
+
+    def fuse(self) -> Blip2Model:
+        """Prepare for fast inference: the language model's q/k/v (and T5's other parallel projections)
+        in one matmul each, and every linear layer of the language model, the vision encoder and the
+        Q-Former in the fastest weight layout for the device (on CPU, oneDNN's blocked layout: decoding
+        steps of 8 rows 1.7x faster than through BLAS, which repacks each weight on every call). Outputs
+        equal the plain model's up to float rounding.
+
+        The state dict keeps the reference keys and shapes (``save_pretrained`` is unchanged). Inference
+        only: gradients still flow, through slow fallbacks; move and cast the model first, and reload or
+        train only after ``unfuse()``. Returns self."""
+        self.language_model.fuse()
+        for tower in (self.vision_model, self.qformer):
+            pack_linears(tower, default_format(next(tower.parameters())))
+        return self
+
+    def quantize_int8(self, vision: bool = False) -> Blip2Model:
+        """``fuse()`` with the language model's weights in int8 (weight-only, one scale per output
+        channel; activations stay float): a quarter of fp32's weight bytes per decoded token, and a
+        language model 1.8x (OPT-125m: its fp32 embedding matrix is a third of it) to nearly 4x smaller.
+        Tokens agree with the float model's on most, not all, positions. ``vision=True`` also stores the
+        vision encoder in int8 (less memory; on CPU slower than float, its products being compute-bound);
+        the Q-Former (small, kept fp32) never. ``save_pretrained`` writes dequantized weights under the
+        reference keys. Returns self."""
+        self.language_model.fuse("int8")
+        pack_linears(self.vision_model, "int8" if vision else default_format(next(self.vision_model.parameters())))
+        pack_linears(self.qformer, default_format(next(self.qformer.parameters())))
+        return self
+
+    def unfuse(self) -> Blip2Model:
+        """Undo ``fuse()``/``quantize_int8()``: plain ``nn.Linear`` layers with parameters again (int8
+        weights stay rounded). Returns self."""
+        self.language_model.unfuse()
+        unfuse_linears(self.vision_model)
+        unfuse_linears(self.qformer)
+        return self
+
+    def compile(self, **compile_kwargs: Any) -> Blip2Model:
+        """Compile the language model's one-token decoding step with ``torch.compile(**compile_kwargs)``;
+        shapes are static within a ``generate`` call, so it compiles once per batch size and length (tens
+        of seconds on a small CPU). For decoding one image at a time: on CPU its single-row products
+        stream plain or int8 weights at near the memory bandwidth (1.6-2.3x the speed of ``fuse()``
+        alone), so oneDNN-packed weights are re-fused plain first; for batches ``fuse()`` alone is
+        faster. Combines with ``quantize_int8()`` (call it first). Returns self."""
+        self.language_model.compile(**compile_kwargs)
+        return self
 
 
 class Blip2ForConditionalGeneration(Blip2Model):

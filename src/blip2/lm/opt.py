@@ -10,6 +10,11 @@ Two entry points:
 - ``OPTForCausalLM.start_decoding(...) -> OPTDecoding``: a preallocated KV cache for generation, with a
   prefill over the prompt and a one-token ``step`` (the ``Decoder`` protocol of ``blip2.generation``).
 
+For inference, ``fuse()`` computes q/k/v in one matmul and stores every projection in the fastest format
+for the device (or int8, ``fuse("int8")``), keeping the state-dict keys (``blip2.lm.fused``);
+``compile()`` compiles the one-token step. Outside autograd, plain ``nn.Linear`` layers go through
+``fused.linear`` (oneDNN on CPU).
+
 Shapes: B batch, T query length, S key length (cache capacity when decoding), D hidden size, E
 ``word_embed_proj_dim`` (the width of the token embeddings and of ``lm_head``; equals D except in opt-350m),
 H heads, Dh = D / H, V vocabulary.
@@ -17,11 +22,16 @@ H heads, Dh = D / H, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import OPTConfig
+from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, fused_format, linear,
+                    pack_linears, unfuse_linears)
 
 __all__ = ["OPTForCausalLM", "OPTDecoding", "KVCache"]
 
@@ -75,20 +85,23 @@ class OPTAttention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=config.enable_bias)
         self.v_proj = nn.Linear(d, d, bias=config.enable_bias)
         self.out_proj = nn.Linear(d, d, bias=config.enable_bias)
+        self.qkv: FusedLinear | None = None  # q, k, v in one matmul, after fuse()
 
     def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None = None,
                 input_pos: Tensor | None = None) -> Tensor:
         # x [B, T, D]; mask [B, 1, T, S] bool, True = may attend; S = T without a cache
         B, T, D = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).view(B, T, 3, H, Dh).unbind(2)  # each [B, T, H, Dh]
+        else:
+            q, k, v = (linear(x, p).view(B, T, H, Dh) for p in (self.q_proj, self.k_proj, self.v_proj))
         # the query is scaled before the product, as in the reference (same rounding)
-        q = (self.q_proj(x) * self.scaling).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        q, k, v = (q * self.scaling).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # [B, H, S, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        y = attention(q, k, v, mask, scale=1.0, dropout_p=self.dropout if self.training else 0.0)
+        return linear(y.transpose(1, 2).reshape(B, T, D), self.out_proj)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -116,7 +129,7 @@ class OPTDecoderLayer(nn.Module):
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + F.dropout(self.fc2(self.act(self.fc1(h))), self.dropout, self.training)
+        x = x + F.dropout(linear(self.act(linear(h, self.fc1)), self.fc2), self.dropout, self.training)
         if not self.pre_norm:
             x = self.final_layer_norm(x)
         return x
@@ -140,13 +153,13 @@ class OPTDecoder(nn.Module):
     def forward(self, inputs_embeds: Tensor, positions: Tensor, mask: Tensor,
                 caches: list[KVCache] | None = None, input_pos: Tensor | None = None) -> Tensor:
         # inputs_embeds [B, T, E]; positions [B, T] (-1 for padding); mask [B, 1, T, S] -> hidden [B, T, E]
-        x = self.project_in(inputs_embeds) if self.project_in is not None else inputs_embeds
+        x = linear(inputs_embeds, self.project_in) if self.project_in is not None else inputs_embeds
         x = x + self.embed_positions(positions + _POSITION_OFFSET)  # [B, T, D]
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, caches[i] if caches is not None else None, input_pos)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
-        return self.project_out(x) if self.project_out is not None else x
+        return linear(x, self.project_out) if self.project_out is not None else x
 
 
 class OPTModel(nn.Module):
@@ -186,6 +199,8 @@ class OPTForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
         self.reset_parameters()
+        # the one-token decoding step; compile() swaps in a compiled version
+        self.decode_step: Callable[..., Tensor] = self._decode_step
 
     def reset_parameters(self) -> None:
         """The reference's initialisation: normal(0, init_std) weights, zero biases, unit norms."""
@@ -209,7 +224,11 @@ class OPTForCausalLM(nn.Module):
         """inputs_embeds [B, T, E], attention_mask [B, T] (1/True = token, 0 = left padding) -> logits [B, T, V].
 
         Logits on padded positions are finite and meaningless."""
-        return self.lm_head(self.hidden_states(inputs_embeds, attention_mask))
+        return self.logits(self.hidden_states(inputs_embeds, attention_mask))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """lm_head: hidden states [..., E] -> logits [..., V] (in the weights' dtype)."""
+        return linear(h, self.lm_head)
 
     def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The decoder output before ``lm_head`` [B, T, E] (transformers' ``base_model`` output)."""
@@ -228,6 +247,54 @@ class OPTForCausalLM(nn.Module):
         return OPTDecoding(self, inputs_embeds.repeat_interleave(expand, 0),
                            attention_mask.bool().repeat_interleave(expand, 0), max_new_tokens)
 
+    # -- inference formats ----------------------------------------------------------------------
+
+    def _tied_head(self) -> bool:
+        return isinstance(self.lm_head, nn.Linear) and self.lm_head.weight is self.model.decoder.embed_tokens.weight
+
+    @torch.no_grad()
+    def fuse(self, fmt: str | None = None) -> OPTForCausalLM:
+        """Prepare for inference: q/k/v in one matmul, every projection in weight format ``fmt``.
+
+        ``fmt``: None picks the fastest float format for the device (oneDNN's blocked layout on CPU),
+        ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
+        channel, activations stay float; a head tied to the embeddings gets an int8 copy, which the state
+        dict leaves out as tied checkpoints do). The state dict keeps the reference keys and shapes (int8:
+        dequantized). For inference: the weights become buffers
+        (gradients reach the inputs only, through slow fallbacks); move and cast before fusing.
+        ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
+        if any(isinstance(m, FusedLinear) for m in self.modules()):
+            raise RuntimeError("already fused; call unfuse() first to change the format")
+        fmt = fmt or default_format(self.model.decoder.embed_tokens.weight)
+        for layer in self.model.decoder.layers:
+            fuse_linears(layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj"), fmt)
+        pack_linears(self, fmt, tied=[self.lm_head] if self._tied_head() else [])
+        return self
+
+    @torch.no_grad()
+    def unfuse(self) -> OPTForCausalLM:
+        """Back to ``nn.Linear`` layers with parameters (int8 weights stay rounded). Returns self."""
+        unfuse_linears(self, self.model.decoder.embed_tokens)
+        return self
+
+    def compile(self, **compile_kwargs: Any) -> OPTForCausalLM:
+        """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
+        within a ``generate`` call (the cache is preallocated), so it compiles once per batch size and
+        length. In the compiled step a product with a single row (batch 1) streams plain or int8 weights
+        at near the copy bandwidth (``fused._row_product``), so weights fused in oneDNN's packed layout
+        are re-fused plain (``"dense"``) first; int8 stays int8. Returns self."""
+        if fused_format(self) == "onednn":
+            self.unfuse().fuse("dense")
+        device = self.model.decoder.embed_tokens.weight.device
+        self.decode_step = compile_step(self._decode_step, device, **compile_kwargs)
+        return self
+
+    def _decode_step(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[KVCache],
+                     input_pos: Tensor) -> Tensor:
+        # x [N, T, E] at cache slots input_pos [T] -> logits [N, V] float32 of the last position
+        h = self.model.decoder(x, positions, mask, caches, input_pos)
+        return self.logits(h[:, -1]).float()
+
 
 class OPTDecoding:
     """The ``Decoder`` protocol for OPT: a preallocated KV cache, a prefill over the prompt, one-token steps.
@@ -243,7 +310,7 @@ class OPTDecoding:
         if longest > cfg.max_position_embeddings:
             raise ValueError(f"{longest} positions needed (prompt + max_new_tokens - 1), "
                              f"max_position_embeddings is {cfg.max_position_embeddings}")
-        param = lm.lm_head.weight
+        param = lm.model.decoder.embed_tokens.weight  # dtype and device of the model (never fused)
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.lm = lm
         self.caches = [KVCache(N, cfg.num_attention_heads, S, head_dim, param.dtype, param.device)
@@ -263,10 +330,10 @@ class OPTDecoding:
         S = self.key_valid.shape[1]
         input_pos = torch.arange(T, device=self.key_valid.device)
         mask = _prompt_mask(self.key_valid, T, S)  # [N, 1, T, S]
-        h = self.lm.model.decoder(self.inputs_embeds, self.positions, mask, self.caches, input_pos)
+        logits = self.lm._decode_step(self.inputs_embeds, self.positions, mask, self.caches, input_pos)
         self.length = T
         self.inputs_embeds = None  # not needed any more
-        return self.lm.lm_head(h[:, -1]).float()
+        return logits
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
@@ -277,11 +344,11 @@ class OPTDecoding:
         x = self.lm.model.decoder.embed_tokens(tokens)[:, None]  # [N, 1, E]
         self.key_valid[:, slot] = True
         mask = self.key_valid[:, None, None, :]  # [N, 1, 1, S]
-        h = self.lm.model.decoder(x, self.next_position, mask, self.caches, self.input_pos)
+        logits = self.lm.decode_step(x, self.next_position, mask, self.caches, self.input_pos)
         self.next_position += 1
         self.input_pos += 1
         self.length = slot + 1
-        return self.lm.lm_head(h[:, -1]).float()
+        return logits
 
     @torch.no_grad()
     def reorder(self, index: Tensor) -> None:

@@ -18,6 +18,11 @@ What makes T5 T5:
 
 Decoding (``start_decoding``) runs the encoder once on the unexpanded batch, computes every layer's
 cross-attention K/V once, and keeps decoder self-attention K/V in a preallocated cache.
+
+For inference, ``fuse()`` computes self-attention q/k/v, cross-attention k/v and the gated FFN's two input
+projections in one matmul each and stores every projection in the fastest format for the device (or int8,
+``fuse("int8")``), keeping the state-dict keys (``blip2.lm.fused``); ``compile()`` compiles the one-token
+step. Outside autograd, plain ``nn.Linear`` layers go through ``fused.linear`` (oneDNN on CPU).
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import T5Config
+from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, fused_format, linear,
+                    pack_linears, unfuse_linears)
 
 __all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
            "shift_right"]
@@ -90,6 +98,11 @@ def _clamp_fp16(x: Tensor) -> Tensor:
     return torch.clamp(x, min=-limit, max=limit)
 
 
+def _dtype_of(layer: nn.Module) -> torch.dtype:
+    """The compute dtype of an ``nn.Linear`` or of its fused stand-in."""
+    return layer.weight.dtype if isinstance(layer, nn.Linear) else layer.dtype
+
+
 def _float_mask(keep: Tensor, bias: Tensor | float, dtype: torch.dtype) -> Tensor:
     """Additive SDPA mask: ``bias`` where ``keep``, the dtype's most negative finite value elsewhere."""
     bias = bias.to(dtype) if isinstance(bias, Tensor) else torch.tensor(bias, dtype=dtype, device=keep.device)
@@ -144,19 +157,34 @@ class T5Attention(nn.Module):
         self.o = nn.Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        # after fuse(): q, k, v in one matmul (self-attention), or k, v (cross-attention)
+        self.qkv: FusedLinear | None = None
+        self.kv: FusedLinear | None = None
 
-    def _heads(self, x: Tensor) -> Tensor:  # [B, T, H*Dk] -> [B, H, T, Dk]
-        return x.view(*x.shape[:2], self.n_heads, self.d_kv).transpose(1, 2)
+    def _heads(self, x: Tensor, n: int = 1) -> Tensor:  # [B, T, n*H*Dk] -> [B, H, T, Dk] (n == 1), [n, B, H, T, Dk]
+        y = x.view(*x.shape[:2], n, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4)
+        return y[0] if n == 1 else y
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention: x [B, T, D] -> queries, keys, values [B, H, T, Dk]."""
+        if self.qkv is not None:
+            return self._heads(self.qkv(x), 3).unbind(0)
+        return self._heads(linear(x, self.q)), *self.project_kv(x)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, S, D] -> keys, values [B, H, S, Dk]."""
-        return self._heads(self.k(x)), self._heads(self.v(x))
+        if self.kv is not None:
+            return self._heads(self.kv(x), 2).unbind(0)
+        return self._heads(linear(x, self.k)), self._heads(linear(x, self.v))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """q [B, H, T, Dk] attends to k, v [B, H, S, Dk] under the float mask [B|1, H|1, T, S] -> [B, T, D]."""
+        y = attention(q, k, v, mask, scale=1.0, dropout_p=self.dropout if self.training else 0.0)
+        return linear(y.transpose(1, 2).flatten(2), self.o)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """x [B, T, D] attends to k, v [B, H, S, Dk] under the float mask [B|1, H|1, T, S] -> [B, T, D]."""
-        y = F.scaled_dot_product_attention(self._heads(self.q(x)), k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0, scale=1.0)
-        return self.o(y.transpose(1, 2).flatten(2))
+        """Cross-attention: x [B, T, D] attends to k, v [B, H, S, Dk] -> [B, T, D]."""
+        return self.attend(self._heads(linear(x, self.q)), k, v, mask)
 
 
 class T5DenseReluDense(nn.Module):
@@ -175,11 +203,18 @@ class T5DenseReluDense(nn.Module):
             self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = config.dropout_rate
+        self.wi_01: FusedLinear | None = None  # gated: wi_0 and wi_1 in one matmul, after fuse()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))  # [B, T, F]
+        if self.wi_01 is not None:
+            gate, up = self.wi_01(x).chunk(2, dim=-1)  # [B, T, F] each
+            h = self.act(gate) * up
+        elif self.gated:
+            h = self.act(linear(x, self.wi_0)) * linear(x, self.wi_1)  # [B, T, F]
+        else:
+            h = self.act(linear(x, self.wi))
         h = F.dropout(h, self.dropout, self.training)
-        return self.wo(h.to(self.wo.weight.dtype))  # wo may be kept in fp32 (see set_dtype)
+        return linear(h.to(_dtype_of(self.wo)), self.wo)  # wo may be kept in fp32 (see set_dtype)
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -190,11 +225,10 @@ class T5LayerSelfAttention(nn.Module):
         self.dropout = config.dropout_rate
 
     def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor | None) -> Tensor:
-        h = self.layer_norm(x)
-        k, v = self.SelfAttention.project_kv(h)
+        q, k, v = self.SelfAttention.project_qkv(self.layer_norm(x))
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
-        return x + F.dropout(self.SelfAttention(h, k, v, mask), self.dropout, self.training)
+        return x + F.dropout(self.SelfAttention.attend(q, k, v, mask), self.dropout, self.training)
 
 
 class T5LayerCrossAttention(nn.Module):
@@ -257,7 +291,7 @@ class T5Stack(nn.Module):
     @property
     def attn_dtype(self) -> torch.dtype:
         """dtype of queries and keys, hence of the SDPA float masks."""
-        return self.block[0].layer[0].SelfAttention.q.weight.dtype
+        return _dtype_of(self.block[0].layer[0].SelfAttention.q)
 
     def position_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """Learned bias for query positions [Tq] against key positions [Tk] -> [1, H, Tq, Tk]."""
@@ -293,9 +327,63 @@ class T5ForConditionalGeneration(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
         self._register_load_state_dict_pre_hook(self._adapt_checkpoint)
+        # the one-token decoding step; compile() swaps in a compiled version
+        self.decode_step: Callable[..., Tensor] = self._decode_step
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
+
+    # -- inference formats ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fuse(self, fmt: str | None = None) -> T5ForConditionalGeneration:
+        """Prepare for inference: self-attention q/k/v, cross-attention k/v and the gated FFN's ``wi_0``/``wi_1``
+        in one matmul each, every projection in weight format ``fmt``.
+
+        ``fmt``: None picks the fastest float format for the device (oneDNN's blocked layout on CPU),
+        ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
+        channel, activations stay float). The state dict keeps the reference keys and shapes (int8:
+        dequantized). For inference: the weights become buffers
+        (gradients reach the inputs only, through slow fallbacks); move and cast (``set_dtype``) before fusing.
+        ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
+        if any(isinstance(m, FusedLinear) for m in self.modules()):
+            raise RuntimeError("already fused; call unfuse() first to change the format")
+        fmt = fmt or default_format(self.shared.weight)
+        for stack in (self.encoder, self.decoder):
+            for blk in stack.block:
+                fuse_linears(blk.layer[0].SelfAttention, "qkv", ("q", "k", "v"), fmt)
+                if stack.is_decoder:
+                    fuse_linears(blk.layer[1].EncDecAttention, "kv", ("k", "v"), fmt)
+                ff = blk.layer[-1].DenseReluDense
+                if ff.gated:
+                    fuse_linears(ff, "wi_01", ("wi_0", "wi_1"), fmt)
+        tied = isinstance(self.lm_head, nn.Linear) and self.lm_head.weight is self.shared.weight
+        pack_linears(self, fmt, tied=[self.lm_head] if tied else [])
+        return self
+
+    @torch.no_grad()
+    def unfuse(self) -> T5ForConditionalGeneration:
+        """Back to ``nn.Linear`` layers with parameters (int8 weights stay rounded). Returns self."""
+        unfuse_linears(self, self.shared)
+        return self
+
+    def compile(self, **compile_kwargs: Any) -> T5ForConditionalGeneration:
+        """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
+        within a ``generate`` call (the self-attention cache is preallocated), so it compiles once per batch size and
+        length. In the compiled step a product with a single row (batch 1) streams plain or int8 weights
+        at near the copy bandwidth (``fused._row_product``), so weights fused in oneDNN's packed layout
+        are re-fused plain (``"dense"``) first; int8 stays int8. Returns self."""
+        if fused_format(self) == "onednn":
+            self.unfuse().fuse("dense")
+        self.decode_step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
+        return self
+
+    def _decode_step(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]],
+                     cross_mask: Tensor, caches: list[KVCache], input_pos: Tensor) -> Tensor:
+        # ids [N, T] at cache positions input_pos [T]; self_mask [1, H, L, L] for the whole cache
+        # -> logits [N, V] float32 of the last position
+        h = self.decoder(self.shared(ids), self_mask[:, :, input_pos], cross_kv, cross_mask, caches, input_pos)
+        return self._logits(h[:, -1]).float()
 
     def set_dtype(self, dtype: torch.dtype) -> T5ForConditionalGeneration:
         """Cast to ``dtype``; in fp16 every FFN ``wo`` stays fp32, as transformers loads T5 in fp16."""
@@ -325,7 +413,7 @@ class T5ForConditionalGeneration(nn.Module):
     def _logits(self, h: Tensor) -> Tensor:  # decoder output [..., D] -> [..., V]
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
-        return self.lm_head(h)
+        return linear(h, self.lm_head)
 
     def encode(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """inputs_embeds [B, S, D], attention_mask [B, S] (1/True = keep; any side padded) -> [B, S, D]."""
@@ -404,26 +492,25 @@ class T5Decoder:
         self.self_mask = _float_mask(causal, dec.position_bias(pos, pos), dec.attn_dtype)  # [1, H, L, L]
         self.caches = [KVCache(N, cfg.num_heads, len(pos), cfg.d_kv, dec.attn_dtype, device) for _ in dec.block]
 
-    def _run(self, ids: Tensor) -> Tensor:  # ids [N, T] -> logits [N, V] of the last position
+    def _run(self, ids: Tensor, step: Callable[..., Tensor]) -> Tensor:
+        # ids [N, T] -> logits [N, V] of the last position
         T = ids.shape[1]
         if self.pos + T > self.length:
             raise RuntimeError(f"T5Decoder: past its {self.length} preallocated positions")
         input_pos = torch.arange(self.pos, self.pos + T, device=self.cross_mask.device)
-        m = self.model
-        h = m.decoder(m.shared(ids), self.self_mask[:, :, input_pos], self.cross_kv, self.cross_mask,
-                      self.caches, input_pos)
+        logits = step(ids, self.self_mask, self.cross_kv, self.cross_mask, self.caches, input_pos)
         self.pos += T
-        return m._logits(h[:, -1]).float()
+        return logits
 
     @torch.no_grad()
     def prefill(self) -> Tensor:
         """Feed the decoder prefix (the start token); logits [N, V] float32 of the first new token."""
-        return self._run(self.prefix)
+        return self._run(self.prefix, self.model._decode_step)
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         """tokens [N]: append one token per row; logits [N, V] float32 for the next."""
-        return self._run(tokens[:, None])
+        return self._run(tokens[:, None], self.model.decode_step)
 
     @torch.no_grad()
     def reorder(self, index: Tensor) -> None:

@@ -1,0 +1,105 @@
+"""Batch captioning against transformers: 8 and 1 images, 24 new greedy tokens, same weights and inputs.
+
+    python benchmarks/bench_caption.py [--presets opt-125m flan-t5-small] [--batches 8 1] [--repeats 3]
+
+Times whole ``generate`` calls (vision encoder, Q-Former, prefill, decoding), ours and transformers'
+interleaved; "tokens" compares our output ids with transformers' (int8: the share of equal tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from common import Table, checkpoint, load_hf, load_ours, machine, threads
+from blip2 import Blip2Config
+from blip2.bench import decode_inputs, interleave
+
+NEW_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: str
+    fast: str | None  # None: transformers; else a blip2.bench fast path
+    compile: bool = False
+    batches: tuple[int, ...] = (8, 1)
+
+
+VARIANTS = [
+    Variant("transformers", "fp32", None),
+    Variant("ours", "fp32", "plain"),
+    Variant("ours fuse()", "fp32", "fuse"),
+    Variant("ours quantize_int8()", "fp32", "int8"),
+    # compiled decoding pays off at batch 1 (see blip2.lm.fused._row_product); batches use the packed layout
+    Variant("ours fuse() + compile()", "fp32", "fuse", compile=True, batches=(1,)),
+    Variant("transformers", "bf16", None, batches=(8,)),
+    Variant("ours fuse()", "bf16", "fuse", batches=(8,)),
+]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.shape == b.shape and torch.equal(a, b):
+        return "equal"
+    n = min(a.shape[1], b.shape[1])
+    return f"{100 * (a[:, :n] == b[:, :n]).float().mean().item():.0f}% equal"
+
+
+def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu",
+        variants: list[Variant] = VARIANTS) -> Table:
+    table = Table(f"Batch captioning, {NEW_TOKENS} new tokens, greedy ({device})",
+                  ["LM", "images", "dtype", "implementation", "s / batch", "images/s", "tokens/s", "x transformers",
+                   "tokens"])
+    for preset in presets:
+        d = checkpoint(preset)
+        models = {v: load_hf(d, v.dtype, device) if v.fast is None else load_ours(d, v.dtype, device, v.fast, v.compile)
+                  for v in variants if set(v.batches) & set(batches)}
+        reference = {v.dtype: v for v in models if v.fast is None}
+        config = Blip2Config.from_pretrained(d)
+        for batch in batches:
+            pixels, ids, mask = decode_inputs(config, batch, device)
+            kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+            outs: dict[Variant, torch.Tensor] = {}
+
+            def call(v: Variant) -> None:
+                with torch.no_grad():
+                    if v.fast is None:
+                        outs[v] = models[v].generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                                     do_sample=False, **kw)
+                    else:
+                        outs[v] = models[v].generate(pixels, ids, mask, **kw)
+
+            here = [v for v in models if batch in v.batches]
+            times = interleave({v: (lambda v=v: call(v)) for v in here}, repeats, device)
+            for v in here:
+                ref = reference[v.dtype]
+                t = statistics.median(times[v])
+                speedup = statistics.median(r / x for r, x in zip(times[ref], times[v]))
+                same = "-" if v is ref else _same(outs[v].cpu(), outs[ref].cpu())
+                table.add(preset, batch, v.dtype, v.name, f"{t:.2f}", f"{batch / t:.2f}",
+                          f"{batch * NEW_TOKENS / t:.0f}", f"{speedup:.2f}", same)
+        del models
+    table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds; x transformers is the median of the "
+                       f"per-round ratios to transformers in the same dtype; tokens compares the output ids with "
+                       f"theirs. bf16: the Q-Former stays fp32 in ours. compile(): the first call compiles (not "
+                       f"timed).")
+    return table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["opt-125m", "flan-t5-small"])
+    p.add_argument("--batches", nargs="+", type=int, default=[8, 1])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    threads(args.threads)
+    print(run(args.presets, args.batches, args.repeats).markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""``blip2 bench``: how fast a BLIP-2 model decodes and captions here, against the memory-bandwidth bound.
+
+Decoding a token reads every weight of the language model's decoder and head once, so at small batch its
+speed is bound by memory bandwidth: seconds per token >= bytes read per token / bandwidth. The bandwidth is
+measured in the same run, interleaved with the decoding, as a large tensor copy ((bytes read + bytes
+written) / time, the STREAM convention), because on a shared machine it changes from minute to minute.
+
+    blip2 bench --preset opt-125m --fast fuse --batch 8
+    blip2 bench --model Salesforce/blip2-opt-2.7b --dtype bf16 --fast int8 --compile --batch 1
+
+Every measurement is repeated and the median kept. Fast paths (``--fast``): ``plain`` (as loaded),
+``fuse`` (``Blip2Model.fuse``), ``int8`` (``Blip2Model.quantize_int8``); ``--compile`` adds
+``Blip2Model.compile``. The presets are random models of a published language model's size with a small
+vision encoder, for timing only (their tokens mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import parse_dtype
+from .config import Blip2Config
+from .lm.opt import OPTForCausalLM
+from .modeling import Blip2ForConditionalGeneration
+
+__all__ = ["PRESETS", "FAST_PATHS", "module_bytes", "decode_bytes_per_token", "copy_bandwidth", "interleave",
+           "apply_fast_path", "decode_inputs", "time_decode_step", "main"]
+
+# A vision encoder and Q-Former much smaller than BLIP-2's (ViT-g is 1B parameters): these presets are for
+# timing the language model, which is what generation spends its time in with the real encoders too
+# (the image is encoded once, the LM runs once per token).
+_SMALL_VISION = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                     image_size=224, patch_size=14, layer_norm_eps=1e-6)
+_SMALL_QFORMER = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
+                      cross_attention_frequency=2, encoder_hidden_size=384)
+
+# config.json dictionaries (Hugging Face layout), so transformers builds the same models
+PRESETS: dict[str, dict[str, Any]] = {
+    "opt-125m": dict(
+        model_type="blip-2", num_query_tokens=32, image_token_index=50265,
+        vision_config=_SMALL_VISION, qformer_config=_SMALL_QFORMER,
+        text_config=dict(model_type="opt", hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
+                         num_attention_heads=12, vocab_size=50272, word_embed_proj_dim=768,
+                         max_position_embeddings=2048, bos_token_id=2, eos_token_id=2, pad_token_id=1,
+                         tie_word_embeddings=True)),
+    "flan-t5-small": dict(
+        model_type="blip-2", num_query_tokens=32, image_token_index=32100,  # the first T5 sentinel id
+        vision_config=_SMALL_VISION, qformer_config=_SMALL_QFORMER,
+        text_config=dict(model_type="t5", d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
+                         num_heads=6, vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+}
+
+FAST_PATHS = ("plain", "fuse", "int8")
+
+
+def module_bytes(*modules: nn.Module | None) -> int:
+    """Bytes held by the parameters and buffers of ``modules``, each tensor counted once (tied weights share)."""
+    tensors = {id(t): t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def decode_bytes_per_token(model: Blip2ForConditionalGeneration) -> int:
+    """Bytes of language-model weights one decoding step reads: the decoder layers and the head (in whatever
+    format they are stored), not the embedding tables (a few rows) nor T5's cross-attention keys and values
+    (projected once per image)."""
+    lm = model.language_model
+    if isinstance(lm, OPTForCausalLM):
+        dec = lm.model.decoder
+        return module_bytes(dec.layers, dec.final_layer_norm, dec.project_in, dec.project_out, lm.lm_head)
+    cross = [m for blk in lm.decoder.block for m in (blk.layer[1].EncDecAttention.k, blk.layer[1].EncDecAttention.v,
+                                                      blk.layer[1].EncDecAttention.kv)]
+    return module_bytes(lm.decoder.block, lm.decoder.final_layer_norm, lm.lm_head) - module_bytes(*cross)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleave(fns: dict[str, Callable[[], object]], repeats: int,
+               device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Seconds of each call, ``repeats`` rounds that call every function once in turn (so a change in the
+    machine's load hits all of them alike). One untimed warm-up round first."""
+    device = torch.device(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, device: torch.device | str = "cpu",
+                   tries: int = 3) -> Callable[[], float]:
+    """A function that copies ``nbytes`` ``tries`` times and returns the best bandwidth, bytes (read +
+    written) per second; call it next to what it bounds. The best, not the median: the bound is what the
+    memory can do, and a copy that lost its core for a moment says nothing about that. Large enough to
+    miss every cache."""
+    dev = torch.device(device)
+    src = torch.ones(nbytes // 4, device=dev)
+    dst = torch.zeros_like(src)  # written once here, so no copy pays the page faults
+
+    def measure() -> float:
+        best = float("inf")
+        for _ in range(tries):
+            _sync(dev)
+            t = time.perf_counter()
+            dst.copy_(src)
+            _sync(dev)
+            best = min(best, time.perf_counter() - t)
+        return 2 * nbytes / best
+
+    return measure
+
+
+def apply_fast_path(model: Blip2ForConditionalGeneration, fast: str, compile: bool = False,
+                    **compile_kwargs: Any) -> Blip2ForConditionalGeneration:
+    """The model with fast path ``fast`` (one of ``FAST_PATHS``) and, if asked, its decoding step compiled."""
+    if fast not in FAST_PATHS:
+        raise ValueError(f"fast path {fast!r}: expected one of {FAST_PATHS}")
+    if fast == "fuse":
+        model.fuse()
+    elif fast == "int8":
+        model.quantize_int8()
+    if compile:
+        model.compile(**compile_kwargs)
+    return model
+
+
+def decode_inputs(config: Blip2Config, batch: int, device: torch.device | str = "cpu",
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixel_values, input_ids, attention_mask) for captioning with no prompt, as the processor lays it
+    out: random pixels; the image tokens, then BOS (OPT) or the empty text's ``</s>`` (T5)."""
+    g = torch.Generator().manual_seed(seed)
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g).to(device)
+    text = config.text_config
+    start = [config.image_token_index] * config.num_query_tokens if config.image_token_index is not None else []
+    start.append(text.bos_token_id if config.use_decoder_only_language_model else text.eos_token_id)
+    ids = torch.tensor([start] * batch, device=device)
+    return pixels, ids, torch.ones_like(ids)
+
+
+@torch.no_grad()
+def time_decode_step(model: Blip2ForConditionalGeneration, batch: int, steps: int,
+                     bandwidth: Callable[[], float] | None = None) -> tuple[float, float | None]:
+    """Median seconds of one decoding step at ``batch`` rows (after a prefill over the image queries and
+    two untimed steps), and the best copy bandwidth measured between the steps."""
+    cfg = model.config
+    pixels, ids, mask = decode_inputs(cfg, batch, model.device)
+    _, _, lm_inputs = model.image_to_lm_inputs(pixels)
+    embeds, mask = model.merge_image_inputs(lm_inputs, ids, mask)
+    decoder = model.language_model.start_decoding(embeds, mask, expand=1, max_new_tokens=steps + 3)
+    tokens = decoder.prefill().argmax(-1)
+    for _ in range(2):  # warm-up: a compiled step compiles here
+        tokens = decoder.step(tokens).argmax(-1)
+    times, bws = [], []
+    for _ in range(steps):
+        if bandwidth is not None:
+            bws.append(bandwidth())
+        _sync(model.device)
+        t = time.perf_counter()
+        tokens = decoder.step(tokens).argmax(-1)
+        _sync(model.device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), max(bws) if bws else None
+
+
+def _load(model: str | None, preset: str | None, dtype: torch.dtype | None,
+          device: str) -> Blip2ForConditionalGeneration:
+    if model is not None:
+        return Blip2ForConditionalGeneration.from_pretrained(model, dtype=dtype, device=device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = Blip2ForConditionalGeneration(Blip2Config.from_dict(PRESETS[preset]))
+    if dtype is not None:  # cast the way from_pretrained does: the Q-Former stays fp32
+        for name, p in m.named_parameters():
+            if p.is_floating_point() and not m.keeps_fp32(name, dtype):
+                p.data = p.data.to(dtype)
+    return m.eval()
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.0f} MB" if nbytes >= 10**7 else f"{nbytes / 1e3:.0f} kB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="blip2 bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR_OR_HUB_ID", help="a checkpoint to time")
+    src.add_argument("--preset", choices=sorted(PRESETS), default="opt-125m",
+                     help="a random model of this size (default: opt-125m)")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fast", choices=FAST_PATHS, default="fuse", help="fast path (default: fuse)")
+    p.add_argument("--compile", action="store_true", help="compile the decoding step (minutes on a small CPU)")
+    p.add_argument("--batch", type=int, default=8, help="images per captioning batch (default: 8)")
+    p.add_argument("--new-tokens", type=int, default=24, help="tokens generated per image (default: 24)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is kept (default: 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's; on a shared machine 1 is the stable choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype)
+    model = apply_fast_path(_load(args.model, None if args.model else args.preset, dtype, args.device),
+                            args.fast, args.compile)
+    device = torch.device(args.device)
+    where = f"{device.type}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else
+                                f", {torch.cuda.get_device_name(device)}")
+    print(f"model: {args.model or 'preset ' + args.preset} | {where} | dtype {args.dtype} | "
+          f"fast path {args.fast}{' + compile' if args.compile else ''}")
+
+    nbytes = decode_bytes_per_token(model)
+    step, bw = time_decode_step(model, 1, 16, copy_bandwidth(device=device))
+    bound = nbytes / bw
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write); language-model weights read per token "
+          f"{_size(nbytes)}: at least {bound * 1e3:.2f} ms per token")
+    print(f"decoding, batch 1: {step * 1e3:.1f} ms per token = {1 / step:.1f} tokens/s = "
+          f"{100 * bound / step:.0f}% of the bandwidth bound")
+
+    pixels, ids, mask = decode_inputs(model.config, args.batch, device)
+    n = args.new_tokens
+
+    def caption() -> None:
+        model.generate(pixels, ids, mask, max_new_tokens=n, min_new_tokens=n)
+
+    t = statistics.median(interleave({"caption": caption}, args.repeats, device)["caption"])
+    print(f"captioning, batch {args.batch}, {n} new tokens: {t:.2f} s per batch = {args.batch / t:.1f} images/s "
+          f"= {args.batch * n / t:.0f} tokens/s")
+    return 0

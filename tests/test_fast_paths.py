@@ -1,0 +1,272 @@
+"""The fast inference paths give the plain path's tokens: fused/packed weights, bf16, batching, compiled
+decoding; int8 agrees on >= 95% of tokens with >= 1.5x less language-model memory."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+from blip2 import Blip2ForConditionalGeneration
+from blip2.bench import module_bytes
+from blip2.lm.fused import FusedLinear
+from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
+
+OPT_PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]  # BOS + text, left-padded in a batch
+T5_PROMPTS = [[11, 12, 13, 14, 15, 1], [21, 1], [31, 32, 33, 1]]  # text + </s>, right-padded
+
+
+def t5_inputs(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[IMAGE_TOKEN] * NUM_QUERY + p + [0] * (width - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * (NUM_QUERY + len(p)) + [0] * (width - len(p)) for p in prompts])
+    return ids, mask
+
+
+def inputs(text: str, prompts: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if text == "opt":
+        return prompts_with_images(prompts or OPT_PROMPTS)
+    return t5_inputs(prompts or T5_PROMPTS)
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def case(request, hf_opt_dir, hf_t5_dir):
+    """(text, checkpoint directory, plain model)."""
+    d = (hf_opt_dir if request.param == "opt" else hf_t5_dir)[1]
+    return request.param, d, Blip2ForConditionalGeneration.from_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def fused(case):
+    return Blip2ForConditionalGeneration.from_pretrained(case[1]).fuse()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_fused_tokens_equal_plain(case, fused, num_beams):
+    text, _, plain = case
+    pixels = pixel_batch(3, seed=7)
+    ids, mask = inputs(text)
+    want = plain.generate(pixels, ids, mask, max_new_tokens=10, num_beams=num_beams)
+    got = fused.generate(pixels, ids, mask, max_new_tokens=10, num_beams=num_beams)
+    assert got.tolist() == want.tolist()
+    prefix = ids.shape[1] if text == "opt" else 1  # T5 returns the decoder start token first
+    assert want.shape[1] - prefix >= 5  # not a trivially short output
+
+
+def test_fused_forward_logits_match_plain(case, fused):
+    text, _, plain = case
+    pixels = pixel_batch(3, seed=2)
+    ids, mask = inputs(text)
+    kw = {} if text == "opt" else {"decoder_input_ids": torch.tensor([[0, 41, 42], [0, 51, 52], [0, 61, 62]])}
+    with torch.no_grad():
+        a = plain(pixels, ids, mask, **kw).logits
+        b = fused(pixels, ids, mask, **kw).logits
+    valid = mask.bool() if text == "opt" else slice(None)
+    torch.testing.assert_close(b[valid], a[valid], atol=1e-4, rtol=0)
+
+
+def test_fused_batch_equals_each_prompt_alone(case, fused):
+    text, _, _ = case
+    prompts = OPT_PROMPTS if text == "opt" else T5_PROMPTS
+    pixels = pixel_batch(3, seed=9)
+    ids, mask = inputs(text)
+    batched = fused.generate(pixels, ids, mask, max_new_tokens=8)
+    for i, p in enumerate(prompts):
+        one_ids, one_mask = inputs(text, [p])
+        alone = fused.generate(pixels[i:i + 1], one_ids, one_mask, max_new_tokens=8)
+        if text == "opt":  # the prompt is returned first, padded in the batch: compare the new tokens
+            assert batched[i, ids.shape[1]:].tolist()[:alone.shape[1] - one_ids.shape[1]] == \
+                alone[0, one_ids.shape[1]:].tolist()
+        else:
+            assert batched[i, :alone.shape[1]].tolist() == alone[0].tolist()
+
+
+def test_fused_state_dict_is_the_reference_one(case, fused, tmp_path):
+    """Fusing keeps keys, shapes and values; a fused model saves a checkpoint that loads back equal,
+    and unfuse() gives nn.Linear parameters back."""
+    _, d, plain = case
+    want = plain.state_dict()
+    got = fused.state_dict()
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    fused.save_pretrained(tmp_path)
+    back = Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    again = Blip2ForConditionalGeneration.from_pretrained(d).fuse().unfuse()
+    assert not any(isinstance(m, FusedLinear) for m in again.modules())
+    assert {k: tuple(p.shape) for k, p in again.named_parameters()} == \
+        {k: tuple(p.shape) for k, p in plain.named_parameters()}
+
+
+def test_gradients_reach_the_inputs_of_a_fused_language_model(case, fused):
+    """The fast kernels have no backward: with gradients on, products fall back to differentiable ones
+    (stage-2 training backpropagates through the frozen LM into the projection)."""
+    text, _, plain = case
+    ids, mask = inputs(text)
+    grads = []
+    for model in (plain, fused):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        lm = model.language_model
+        out = lm(embeds, mask) if text == "opt" else lm(embeds, mask, decoder_input_ids=ids[:, -3:])
+        out.float().square().mean().backward()
+        grads.append(embeds.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_model_refuses_to_move_or_reload(case, fused):
+    with pytest.raises(RuntimeError, match="unfuse"):
+        fused.to(torch.float64)
+    with pytest.raises(RuntimeError, match="unfuse"):
+        fused.load_state_dict(case[2].state_dict())
+    with pytest.raises(RuntimeError, match="already fused"):
+        fused.language_model.fuse()
+
+
+def test_bf16_fused_tokens_equal_bf16_plain(case):
+    text, d, _ = case
+    plain = Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16)
+    fast = Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).fuse()
+    assert fast.qformer.layernorm.weight.dtype == torch.float32  # the Q-Former stays fp32
+    pixels = pixel_batch(3, seed=4)
+    ids, mask = inputs(text)
+    want = plain.generate(pixels, ids, mask, max_new_tokens=10)
+    assert fast.generate(pixels, ids, mask, max_new_tokens=10).tolist() == want.tolist()
+
+
+# -- int8 -------------------------------------------------------------------------------------
+
+
+def _agreement_case(hf_opt_dir: tuple) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(checkpoint, pixel_values, input_ids, attention_mask) to measure int8 agreement on: the bundled demo
+    model captioning its example images when it is there, else the tiny random BLIP-2-OPT with eight
+    prompts (its greedy continuations use many different tokens: see the test)."""
+    try:
+        from blip2.assets import DEFAULT_MODEL
+    except ImportError:
+        DEFAULT_MODEL = None
+    images = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "images", "*.png")))
+    if DEFAULT_MODEL and os.path.exists(os.path.join(DEFAULT_MODEL, "model.safetensors")) and images:
+        from PIL import Image
+
+        from blip2 import Blip2Processor
+
+        processor = Blip2Processor.from_pretrained(DEFAULT_MODEL)
+        pixels = processor(images=[Image.open(p).convert("RGB") for p in images])["pixel_values"]
+        return DEFAULT_MODEL, pixels, None, None
+    ids, mask = prompts_with_images(OPT_PROMPTS * 2 + [[2, 5], [2, 6, 7]])
+    return hf_opt_dir[1], pixel_batch(8, seed=7), ids, mask
+
+
+def _teacher_forced_agreement(plain: Blip2ForConditionalGeneration, quant: Blip2ForConditionalGeneration,
+                              pixels: torch.Tensor, ids: torch.Tensor | None, mask: torch.Tensor | None,
+                              new: int) -> tuple[float, int]:
+    """Greedy-decode with ``plain``; then, fed the same tokens, how often ``quant``'s next-token argmax equals
+    ``plain``'s (per position, so one early difference does not spoil the rest). Also the number of
+    distinct tokens generated, to show the continuations are not degenerate."""
+    out = plain.generate(pixels, ids, mask, max_new_tokens=new, min_new_tokens=new)
+    P = out.shape[1] - new
+    full_mask = torch.ones_like(out) if mask is None else torch.cat([mask, torch.ones_like(out[:, P:])], 1)
+    with torch.no_grad():
+        a = plain(pixels, out, full_mask).logits[:, P - 1:-1].argmax(-1)
+        b = quant(pixels, out, full_mask).logits[:, P - 1:-1].argmax(-1)
+    return (a == b).float().mean().item(), out[:, P:].unique().numel()
+
+
+def test_int8_agrees_and_shrinks_the_language_model(hf_opt_dir):
+    d, pixels, ids, mask = _agreement_case(hf_opt_dir)
+    plain = Blip2ForConditionalGeneration.from_pretrained(d)
+    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
+    agreement, distinct = _teacher_forced_agreement(plain, quant, pixels, ids, mask, new=20)
+    assert distinct >= 10
+    assert agreement >= 0.95, agreement
+    assert module_bytes(plain.language_model) >= 1.5 * module_bytes(quant.language_model)
+    # generation runs through the int8 kernels end to end
+    assert quant.generate(pixels, ids, mask, max_new_tokens=5).shape[0] == pixels.shape[0]
+
+
+@pytest.fixture(scope="module")
+def hf_t5_mild_dir(tmp_path_factory) -> str:
+    """A tiny random BLIP-2-T5 drawn with std 0.15: the suite's usual 0.3 makes this T5 chaotic (bf16 alone
+    flips 7% of its tokens), smaller ones make it repeat a few tokens."""
+    import transformers
+
+    from conftest import randomize_, tiny_hf_config
+
+    torch.manual_seed(0)
+    model = randomize_(transformers.Blip2ForConditionalGeneration(tiny_hf_config("t5")), seed=1, std=0.15).eval()
+    d = tmp_path_factory.mktemp("hf_t5_mild")
+    model.save_pretrained(d)
+    return str(d)
+
+
+def test_int8_t5_agrees(hf_t5_mild_dir):
+    plain = Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir)
+    quant = Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir).quantize_int8()
+    pixels = pixel_batch(16, seed=5)
+    ids, mask = t5_inputs(T5_PROMPTS * 5 + [[5, 1]])
+    out = plain.generate(pixels, ids, mask, max_new_tokens=16, min_new_tokens=16)
+    with torch.no_grad():  # teacher-forced, as for OPT: the next-token argmax at every position
+        a = plain(pixels, ids, mask, decoder_input_ids=out[:, :-1]).logits.argmax(-1)
+        b = quant(pixels, ids, mask, decoder_input_ids=out[:, :-1]).logits.argmax(-1)
+    assert out[:, 1:].unique().numel() >= 10
+    assert (a == b).float().mean().item() >= 0.95
+    assert module_bytes(plain.language_model) >= 1.5 * module_bytes(quant.language_model)
+    assert quant.generate(pixels[:2], ids[:2], mask[:2], max_new_tokens=5).shape[0] == 2
+
+
+# -- compiled decoding ------------------------------------------------------------------------
+
+
+def test_compiled_step_tokens_equal_plain_eager_backend(case):
+    """The compile wiring (static shapes, caches as graph inputs, no recompiles) with the cheap "eager"
+    backend, for both language models."""
+    text, d, plain = case
+    torch._dynamo.reset()
+    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(backend="eager", fullgraph=True)
+    pixels = pixel_batch(3, seed=7)
+    ids, mask = inputs(text)
+    want = plain.generate(pixels, ids, mask, max_new_tokens=8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = model.generate(pixels, ids, mask, max_new_tokens=8)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.slow
+def test_compiled_step_tokens_equal_plain_inductor(hf_opt_dir):
+    """One real inductor compile (a C++ build: about a minute here), of the fused OPT step."""
+    _, d = hf_opt_dir
+    torch._dynamo.reset()
+    plain = Blip2ForConditionalGeneration.from_pretrained(d)
+    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile()
+    pixels = pixel_batch(3, seed=7)
+    ids, mask = prompts_with_images(OPT_PROMPTS)
+    want = plain.generate(pixels, ids, mask, max_new_tokens=8)
+    assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == want.tolist()
+
+
+# -- blip2.bench ------------------------------------------------------------------------------
+
+
+def test_bytes_read_per_token_follow_the_weight_format(hf_opt_dir, capsys):
+    from blip2.bench import decode_bytes_per_token, main
+
+    _, d = hf_opt_dir
+    plain = Blip2ForConditionalGeneration.from_pretrained(d)
+    sd = plain.state_dict()
+    # the decoder layers, the final norm and the head (tied to the embeddings: that matrix once)
+    want = sum(v.numel() * 4 for k, v in sd.items()
+               if k.startswith(tuple(f"language_model.model.decoder.{m}." for m in
+                                     ("layers", "final_layer_norm", "embed_tokens"))))
+    assert decode_bytes_per_token(plain) == want
+    assert decode_bytes_per_token(plain.fuse()) == want  # a layout change reads the same bytes
+    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
+    assert decode_bytes_per_token(quant) < 0.35 * want  # int8 weights, fp32 biases, norms and scales
+    assert main(["--model", d, "--fast", "int8", "--batch", "2", "--new-tokens", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"read per token {decode_bytes_per_token(quant) / 1e3:.0f} kB" in out
+    assert "captioning, batch 2, 3 new tokens" in out
