@@ -32,7 +32,7 @@ from ..processing import Blip2Processor, TextTokenizer
 from ..retrieval import Blip2ForImageTextRetrieval
 from ..vision import Blip2VisionModel
 from .config import RecipeConfig, full, quick
-from .data import SceneData, make_scene_data
+from .data import make_scene_data
 from .lm import pretrain_lm
 from .stages import build_stage2, encode_images, new_retrieval_model, train_stage1, train_stage2
 from .tokenizer import IMAGE_TOKEN, build_tokenizer
