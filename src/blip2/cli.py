@@ -316,6 +316,7 @@ DELEGATED = {
     "train": ("blip2.train", "train stage 1 (Q-Former: ITC, ITM, ITG), stage 2 (Q-Former and projection against "
                              "a frozen LM) or fine-tune; torchrun for several processes"),
     "eval": ("blip2.eval.run", "evaluate on VQAv2, OK-VQA, GQA, COCO/NoCaps captions or Flickr30K/COCO retrieval"),
+    "bench": ("blip2.bench", "time decoding of a model preset or checkpoint: tokens/s against the memory-bandwidth bound"),
 }
 
 

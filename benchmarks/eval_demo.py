@@ -1,0 +1,9 @@
+"""Evaluate the bundled demo model on 500 held-out generated images; see ``blip2.demo_eval``.
+
+    python benchmarks/eval_demo.py --readme README.md
+"""
+
+from blip2.demo_eval import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Pretraining the language model: our ``OPTForCausalLM`` on the world's text.
+
+A training sequence is the text about one scene. It opens with a *context* of exactly
+``num_query_tokens`` tokens: the scene as a table, the caption's content words (size, colour, shape of
+each object, left to right: "small red circle large blue square") padded with ``<pad>`` (no loss there);
+then the caption and the question-answer pairs as documents (``<s> caption </s>``, ``<s> question : ... answer :
+... </s>``) in random order, up to ``block`` tokens in all.
+
+The context sits exactly where stage 2 puts the image: the projected queries replace it, so BOS comes
+at the same position and the LM has already learned to read a description of the scene in those
+positions. A large LM reads such a prefix from in-context skill; a tiny one learns it here. Documents
+after the first can also be predicted from earlier ones, and start at many positions, so every position
+embedding the demo uses gets trained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import OPTConfig
+from ..lm.opt import OPTForCausalLM
+from ..modeling import causal_lm_loss
+from ..processing import TextTokenizer
+from .data import SceneData
+from .schedule import Progress, lr_at, make_optimizer
+from .tokenizer import vqa_prompt
+
+__all__ = ["scene_documents", "pretrain_lm"]
+
+
+def scene_documents(tokenizer: TextTokenizer, caption: str, qa: list[dict[str, str]]) -> list[list[int]]:
+    """Token ids of each document about one scene: the caption, then each question with its answer."""
+    texts = [caption] + [f"{vqa_prompt(q['question'])} {q['answer']}" for q in qa]
+    eos = tokenizer.eos_token_id
+    return [ids + [eos] for ids in tokenizer(texts)["input_ids"]]
+
+
+def _batch(docs: list[list[list[int]]], rng: np.random.Generator, context: int, block: int,
+           pad: int, function_words: set[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ids, mask, labels [B, T]: context (the scene table, padded, attended, no loss), then documents."""
+    rows = []
+    for scene_docs in docs:
+        description = [t for t in scene_docs[0][1:-1] if t not in function_words]  # size colour shape, ...
+        row = (description + [pad] * context)[:context]
+        for i in rng.permutation(len(scene_docs)):
+            row += scene_docs[i]
+        rows.append(row[:block])
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :context] = -100
+    return ids, mask, labels
+
+
+def pretrain_lm(config: OPTConfig, tokenizer: TextTokenizer, data: SceneData, steps: int, batch_size: int, lr: float,
+                context: int, seed: int = 0, block: int = 64, log_every: int = 50) -> OPTForCausalLM:
+    """Next-token training on scene documents after a ``context``-token description (the number of
+    image tokens stage 2 will put there); returns the model in eval mode."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    docs = [scene_documents(tokenizer, c, qa) for c, qa in zip(data.captions, data.qa)]
+    function_words = set(tokenizer("a , and", add_special_tokens=False)["input_ids"])
+    model = OPTForCausalLM(config)
+    opt = make_optimizer(model.parameters(), lr, weight_decay=0.01)
+    progress = Progress("lm", steps, log_every)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        pick = rng.integers(len(docs), size=batch_size)
+        ids, mask, labels = _batch([docs[i] for i in pick], rng, context, block, config.pad_token_id, function_words)
+        logits = model(model.get_input_embeddings()(ids), mask)  # [B, T, V]
+        loss = causal_lm_loss(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        progress.update(step, loss=loss.item())
+    return model.eval()

@@ -1,0 +1,124 @@
+"""The demo recipe: its tokenizer (ours and transformers' agree) and the whole pipeline at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from blip2.modeling import Blip2ForConditionalGeneration
+from blip2.processing import Blip2Processor, TextTokenizer
+from blip2.recipe.config import quick
+from blip2.recipe.data import make_scene_data
+from blip2.recipe.driver import run
+from blip2.recipe.lm import scene_documents
+from blip2.recipe.stages import stage2_batch
+from blip2.recipe.tokenizer import build_tokenizer, vqa_prompt
+from blip2.retrieval import Blip2ForImageTextRetrieval
+from blip2.world import caption, questions, sample_scene
+
+CAPTION = "a small green triangle, a large yellow circle and a small purple square"
+CAPTION_IDS = [1, 4, 7, 10, 17, 6, 4, 8, 12, 15, 5, 4, 7, 13, 16]
+
+
+def test_tokenizer_ids_specials_and_round_trip():
+    tok = build_tokenizer()
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert tok.convert_tokens_to_ids("<image>") == len(tok) - 1 == 37
+    assert tok(CAPTION)["input_ids"] == CAPTION_IDS
+    assert tok.decode(CAPTION_IDS + [2], skip_special_tokens=True) == CAPTION
+    # every word of 300 scenes' captions and questions is in the vocabulary
+    rng = np.random.default_rng(0)
+    texts = []
+    for _ in range(300):
+        scene = sample_scene(rng)
+        texts += [caption(scene)] + [f"{vqa_prompt(q['question'])} {q['answer']}" for q in questions(scene)]
+    ids = sum(tok(texts)["input_ids"], [])
+    assert tok.unk_token_id not in ids
+
+
+def test_qformer_tokenizer_ends_with_eos_and_pads_right():
+    tok = build_tokenizer(add_eos=True)
+    enc = tok(["a red circle", CAPTION], padding=True)
+    assert enc["input_ids"][0] == [1, 4, 9, 15, 2] + [0] * 11 and enc["attention_mask"][0] == [1] * 5 + [0] * 11
+    assert enc["input_ids"][1] == CAPTION_IDS + [2]
+
+
+def test_tokenizer_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    ours = TextTokenizer.from_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = [CAPTION, vqa_prompt("What color is the circle?"), "a red circle"]
+    a = ours(texts, padding=True, return_tensors="pt")
+    b = theirs(texts, padding=True, return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    assert theirs.padding_side == "left" and theirs.eos_token_id == 2 and theirs.pad_token_id == 0
+    assert theirs.decode(CAPTION_IDS, skip_special_tokens=True) == CAPTION
+
+
+def test_stage2_batch_layout():
+    tok = build_tokenizer()
+    data = make_scene_data(4, seed=3, variant_share=0.0)
+    rng = np.random.default_rng(0)
+    ids, mask, labels = stage2_batch(tok, 2, 37, data, [0, 1, 2, 3], rng, caption_share=1.0)
+    for k in range(4):
+        n = int(mask[k].sum())
+        assert ids[k, :3].tolist() == [37, 37, 1]  # image tokens, then <s>
+        target = tok(data.captions[k], add_special_tokens=False)["input_ids"] + [2]
+        assert labels[k, n - len(target):n].tolist() == target  # caption + eos, nothing else labelled
+        assert int((labels[k] != -100).sum()) == len(target)
+    ids, mask, labels = stage2_batch(tok, 2, 37, data, [0], rng, caption_share=0.0)
+    text = tok.decode(ids[0, 2:], skip_special_tokens=True)
+    assert text.startswith("question :") and " answer : " in text
+    assert int((labels[0] != -100).sum()) == 2  # a one-word answer + eos
+
+
+def test_scene_documents_end_with_eos():
+    tok = build_tokenizer()
+    docs = scene_documents(tok, "a red circle", [{"question": "how many shapes are there?", "answer": "one"}])
+    assert docs[0] == [1, 4, 9, 15, 2]
+    assert tok.decode(docs[1], skip_special_tokens=True) == "question : how many shapes are there? answer : one"
+
+
+def test_quick_recipe_end_to_end(tmp_path):
+    """Every step of ``python -m blip2.recipe --quick``: files in the HF layout, loadable, evaluated."""
+    cfg = quick(len(build_tokenizer()))
+    report = run(str(tmp_path), cfg)
+    demo, retrieval = tmp_path / "demo", tmp_path / "demo-retrieval"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
+                 "processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (demo / name).is_file(), name
+    assert (retrieval / "model.safetensors").is_file() and (retrieval / "tokenizer.json").is_file()
+    config = json.loads((demo / "config.json").read_text())
+    assert config["num_query_tokens"] == 4 and config["image_token_index"] == 37
+    assert json.loads((demo / "processor_config.json").read_text())["num_query_tokens"] == 4
+    assert json.loads((demo / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    model = Blip2ForConditionalGeneration.from_pretrained(demo)
+    processor = Blip2Processor.from_pretrained(demo)
+    assert sum(p.numel() for p in model.parameters()) == 76_928
+    pixels = processor(images=[np.zeros((96, 96, 3), np.uint8)])["pixel_values"]
+    ids = model.generate(pixels, max_new_tokens=3)
+    assert ids.shape[0] == 1 and ids[0, :5].tolist() == [37, 37, 37, 37, 1]
+
+    ret = Blip2ForImageTextRetrieval.from_pretrained(retrieval)
+    assert 0.001 <= ret.config.temperature <= 0.5
+    assert report["images"] == cfg.n_val and 0.0 <= report["caption_objects"] <= 100.0
+    assert 0.0 <= report["t2i_r1_itc_itm"] <= 100.0 and report["vqa_count_n"] == cfg.n_val
+
+
+def test_lm_rows_open_with_the_scene_table_where_the_image_goes():
+    from blip2.recipe.lm import _batch
+
+    tok = build_tokenizer()
+    docs = scene_documents(tok, "a small red circle and a large blue square",
+                           [{"question": "how many shapes are there?", "answer": "two"}])
+    ids, mask, labels = _batch([docs], np.random.default_rng(0), context=8, block=64, pad=0, function_words={4, 5, 6})
+    assert tok.decode(ids[0, :8]) == "small red circle large blue square <pad> <pad>"
+    assert mask[0, :8].tolist() == [1] * 8 and (labels[0, :8] == -100).all()  # attended, no loss
+    assert ids[0, 8].item() == 1  # <s> where stage 2 puts it, after the image tokens
+    assert int(mask.sum()) == 8 + sum(len(d) for d in docs) and bool((labels[0, 8:] == ids[0, 8:]).all())
