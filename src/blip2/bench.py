@@ -219,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = apply_fast_path(_load(args.model, None if args.model else args.preset, dtype, args.device),
                             args.fast, args.compile)
     device = torch.device(args.device)
-    where = f"{device.type}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else
+    n = torch.get_num_threads()
+    where = f"{device.type}" + (f", {n} thread{'s' if n != 1 else ''}" if device.type == "cpu" else
                                 f", {torch.cuda.get_device_name(device)}")
     print(f"model: {args.model or 'preset ' + args.preset} | {where} | dtype {args.dtype} | "
           f"fast path {args.fast}{' + compile' if args.compile else ''}")
