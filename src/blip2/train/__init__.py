@@ -15,7 +15,9 @@ Command line: ``blip2 train stage1|stage2|finetune --data MANIFEST --out DIR ...
 """
 
 from .command import main
+from .common import vision_states
 from .data import (
+    FeatureDataset,
     GlobalBatchSampler,
     ImageTextDataset,
     Record,
@@ -38,6 +40,7 @@ __all__ = [
     "PRESETS",
     "Blip2Stage1",
     "Blip2Stage2",
+    "FeatureDataset",
     "GlobalBatchSampler",
     "ImageTextDataset",
     "QFormerLMHead",
@@ -56,4 +59,5 @@ __all__ = [
     "main",
     "train_stage1",
     "train_stage2",
+    "vision_states",
 ]

@@ -13,10 +13,11 @@ from torch import Tensor, nn
 from ..images import Blip2ImageProcessor
 from ..processing import Blip2Processor
 from ..vision import Blip2VisionModel
-from .data import ImageTextDataset, TrainTransform, load_records
+from .data import FeatureDataset, ImageTextDataset, TrainTransform, load_records
 from .presets import TrainConfig
 
-__all__ = ["autocast", "encode_image", "frozen_vision_modules", "make_dataset", "save_processor"]
+__all__ = ["autocast", "encode_image", "frozen_vision_modules", "image_inputs", "make_dataset", "save_processor",
+           "vision_states"]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -35,18 +36,45 @@ def frozen_vision_modules(vision: Blip2VisionModel) -> list[nn.Module]:
     return [vision.embeddings, vision.encoder]
 
 
-def encode_image(vision: Blip2VisionModel, pixel_values: Tensor, autocast_dtype: torch.dtype | None) -> Tensor:
+def encode_image(vision: Blip2VisionModel, pixel_values: Tensor | None, autocast_dtype: torch.dtype | None,
+                 states: Tensor | None = None) -> Tensor:
     """The image features the Q-Former attends to, [B, N+1, Dv] in the dtype of ``post_layernorm``.
 
     The ViT runs under autocast, and without building a graph when it is frozen; ``post_layernorm``
-    (trained in both stages) runs outside autocast.
+    (trained in both stages) runs outside autocast. ``states``: the frozen ViT's output computed
+    beforehand (``vision_states``, e.g. by a ``FeatureDataset``), used instead of ``pixel_values``.
     """
-    trains = torch.is_grad_enabled() and any(p.requires_grad for p in vision.encoder.parameters())
     device = vision.post_layernorm.weight.device
-    with autocast(device, autocast_dtype), torch.set_grad_enabled(trains):
-        x = vision.embeddings(pixel_values.to(device))  # [B, N+1, Dv]
-        x = vision.encoder(x, gradient_checkpointing=vision.gradient_checkpointing and vision.training)
-    return vision.post_layernorm(x.to(vision.post_layernorm.weight.dtype))
+    if states is None:
+        if pixel_values is None:
+            raise ValueError("encode_image needs pixel_values or precomputed vision states")
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in vision.encoder.parameters())
+        with autocast(device, autocast_dtype), torch.set_grad_enabled(trains):
+            x = vision.embeddings(pixel_values.to(device))  # [B, N+1, Dv]
+            states = vision.encoder(x, gradient_checkpointing=vision.gradient_checkpointing and vision.training)
+    elif any(p.requires_grad for p in vision.encoder.parameters()):
+        raise ValueError("precomputed vision states need a frozen image encoder (freeze_vision=True)")
+    return vision.post_layernorm(states.to(device, vision.post_layernorm.weight.dtype))
+
+
+@torch.no_grad()
+def vision_states(vision: Blip2VisionModel, pixel_values: Tensor, batch_size: int = 64) -> Tensor:
+    """The frozen ViT's hidden states before ``post_layernorm`` for pixel_values [N, 3, H, W] -> [N, N_tok, Dv]
+    (on the CPU): what a ``FeatureDataset`` holds."""
+    was_training = vision.training
+    vision.eval()
+    device = vision.post_layernorm.weight.device
+    out = [vision.encoder(vision.embeddings(pixel_values[i:i + batch_size].to(device))).cpu()
+           for i in range(0, len(pixel_values), batch_size)]
+    vision.train(was_training)
+    return torch.cat(out)
+
+
+def image_inputs(batch: dict) -> dict[str, Tensor | None]:
+    """The image arguments of a trainee's forward for a collated batch: pixels, or cached states."""
+    if "vision_states" in batch:
+        return {"pixel_values": None, "vision_states": batch["vision_states"]}
+    return {"pixel_values": batch["pixel_values"]}
 
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -68,11 +96,13 @@ def save_processor(processor: Blip2Processor, directory: str, source: str | None
         processor.save_pretrained(directory)
 
 
-def make_dataset(data: ImageTextDataset | Sequence[str] | str, image_processor: Blip2ImageProcessor,
-                 config: TrainConfig) -> ImageTextDataset:
-    """``data`` as a dataset: an ImageTextDataset as it is, or manifests / tar shards read for ``config.task``
+def make_dataset(data: ImageTextDataset | FeatureDataset | Sequence[str] | str, image_processor: Blip2ImageProcessor,
+                 config: TrainConfig) -> ImageTextDataset | FeatureDataset:
+    """``data`` as a dataset: an ImageTextDataset or FeatureDataset as it is, or manifests / tar shards read for ``config.task``
     with the training augmentation of ``config`` in front of ``image_processor``."""
-    if isinstance(data, ImageTextDataset):
+    if isinstance(data, FeatureDataset) and not config.freeze_vision:
+        raise ValueError("a FeatureDataset holds a frozen encoder's output: it needs freeze_vision=True")
+    if isinstance(data, (ImageTextDataset, FeatureDataset)):
         return data
     records, skipped = load_records(data, config.task)
     transform = TrainTransform(image_processor, augment=config.augment, hflip=config.hflip, scale=config.crop_scale)

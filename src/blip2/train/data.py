@@ -42,6 +42,7 @@ from PIL import Image, ImageOps
 from ..images import DEFAULT_MAX_PIXELS, Blip2ImageProcessor, ImageLoadError, load_image
 
 __all__ = [
+    "FeatureDataset",
     "GlobalBatchSampler",
     "ImageTextDataset",
     "Record",
@@ -73,11 +74,18 @@ def _fields(obj: Any, task: str) -> dict[str, str] | None:
     """The text fields ``task`` needs from a JSON object, or None when they are missing or not strings."""
     if not isinstance(obj, dict):
         return None
+    if task == "mixed":  # a question-answer pair when the object has one, else a caption
+        qa = all(isinstance(obj.get(n), str) and obj[n].strip() for n in ("question", "answer"))
+        task = "vqa" if qa else "caption"
     names = ("caption",) if task == "caption" else ("question", "answer")
     values = {n: obj.get(n) for n in names}
     if not all(isinstance(v, str) and v.strip() for v in values.values()):
         return None
     return {n: v.strip() for n, v in values.items()}
+
+
+def _needs(task: str) -> str:
+    return {"caption": '"caption"', "vqa": '"question" and "answer"'}.get(task, '"caption", or "question" and "answer"')
 
 
 def read_manifest(path: str, task: str = "caption") -> tuple[list[Record], int]:
@@ -98,8 +106,7 @@ def read_manifest(path: str, task: str = "caption") -> tuple[list[Record], int]:
             fields = _fields(obj, task)
             image = obj.get("image") if isinstance(obj, dict) else None
             if fields is None or not isinstance(image, str) or not image:
-                logger.warning("%s:%d: skipped, needs \"image\" and %s", path, lineno,
-                               "\"caption\"" if task == "caption" else "\"question\" and \"answer\"")
+                logger.warning("%s:%d: skipped, needs \"image\" and %s", path, lineno, _needs(task))
                 skipped += 1
                 continue
             records.append(Record(os.path.join(root, image), **fields))
@@ -139,7 +146,7 @@ def read_shards(paths: Sequence[str], task: str = "caption") -> tuple[list[Recor
             try:
                 if "json" in group:
                     fields = _fields(json.loads(group["json"]), task)
-                elif "txt" in group and task == "caption":
+                elif "txt" in group and task in ("caption", "mixed"):
                     fields = _fields({"caption": group["txt"].decode("utf-8")}, task)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 fields = None
@@ -289,10 +296,45 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 "answer": record.answer, "key": key, "bad": bad}
 
 
+class FeatureDataset(torch.utils.data.Dataset):
+    """Records with the frozen image encoder's output computed once: ``vision_states`` instead of pixels.
+
+    With a frozen encoder the training gradients are the same as running it every step, at a fraction of
+    the cost; the price is no augmentation (each image is seen as encoded). vision_states [N_images, N+1, Dv]
+    are the encoder's hidden states before its output LayerNorm (``common.vision_states``; that
+    LayerNorm trains in both stages). ``image_index[i]``: the row of record i (several records, e.g. a
+    caption and questions, may share an image); default: record i is row i.
+    """
+
+    def __init__(self, vision_states: torch.Tensor, records: Sequence[Record],
+                 image_index: Sequence[int] | None = None) -> None:
+        if not records:
+            raise ValueError("a FeatureDataset needs at least one record")
+        index = list(range(len(records))) if image_index is None else [int(i) for i in image_index]
+        if len(index) != len(records):
+            raise ValueError(f"image_index has {len(index)} entries for {len(records)} records")
+        bad = [i for i in index if not 0 <= i < len(vision_states)]
+        if bad:
+            raise ValueError(f"image_index {bad[0]} is outside the {len(vision_states)} rows of vision_states")
+        self.vision_states, self.records, self.image_index = vision_states, list(records), index
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        index = key % len(self.records)
+        r = self.records[index]
+        return {"vision_states": self.vision_states[self.image_index[index]], "caption": r.caption,
+                "question": r.question, "answer": r.answer, "key": key, "bad": 0}
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack pixel values [b, 3, H, W]; text fields as lists; keys [b]; ``bad`` summed."""
+    """Stack pixel values [b, 3, H, W] (or cached vision states [b, N+1, Dv]); text fields as lists;
+    keys [b]; ``bad`` summed."""
+    images = "pixel_values" if "pixel_values" in samples[0] else "vision_states"
     return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        images: torch.stack([s[images] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "question": [s["question"] for s in samples],
         "answer": [s["answer"] for s in samples],

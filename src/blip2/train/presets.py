@@ -56,8 +56,13 @@ class TrainConfig:
     augment: bool = True
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    task: str = "caption"  # "caption" or "vqa" (stage 2 / fine-tuning)
-    prompt: str = ""  # text before the target; VQA: with "{}" for the question
+    # "caption", "vqa" (stage 2 / fine-tuning), or "mixed": each record is a caption or a question-answer pair
+    task: str = "caption"
+    prompt: str = ""  # text before the target; VQA: with "{}" for the question (with "mixed": the VQA prompt)
+    caption_prompt: str = ""  # with task "mixed": the prompt of the caption records
+    # ITM hard negatives are drawn with probability softmax(similarity / t): None uses the learned ITC
+    # temperature, as LAVIS does; a higher t (say 0.5) draws easier negatives, for a Q-Former trained from scratch
+    itm_negative_temperature: float | None = None
     prefix_lm: bool = False  # T5 stage 2: split captions into encoder prefix and decoder target
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is there, else cpu
     out_dir: str | None = None  # where metrics.jsonl, checkpoint/ and the final model go
@@ -73,8 +78,8 @@ class TrainConfig:
             raise ValueError(f"amp must be 'no', 'bf16' or 'fp16', got {self.amp!r}")
         if self.frozen_dtype not in (None, "bf16", "fp16", "fp32"):
             raise ValueError(f"frozen_dtype must be 'bf16', 'fp16', 'fp32' or None, got {self.frozen_dtype!r}")
-        if self.task not in ("caption", "vqa"):
-            raise ValueError(f"task must be 'caption' or 'vqa', got {self.task!r}")
+        if self.task not in ("caption", "vqa", "mixed"):
+            raise ValueError(f"task must be 'caption', 'vqa' or 'mixed', got {self.task!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be positive")
 

@@ -33,8 +33,8 @@ from ..images import Blip2ImageProcessor
 from ..processing import Blip2Processor, TextTokenizer
 from ..retrieval import Blip2ForImageTextRetrieval
 from ..vision import activation
-from .common import encode_image, frozen_vision_modules, make_dataset, save_processor
-from .data import ImageTextDataset
+from .common import encode_image, frozen_vision_modules, image_inputs, make_dataset, save_processor
+from .data import FeatureDataset, ImageTextDataset
 from .loop import derive_seed, run
 from .losses import (
     ITG_LABEL_SMOOTHING,
@@ -152,7 +152,7 @@ class Blip2Stage1(nn.Module):
     """The stage-1 training model: retrieval model + ITG head + learned temperature; forward -> losses."""
 
     def __init__(self, model: Blip2ForImageTextRetrieval, itg_head: QFormerLMHead | None = None,
-                 temperature: float | None = None) -> None:
+                 temperature: float | None = None, negative_temperature: float | None = None) -> None:
         super().__init__()
         self.model = model
         if not model.config.qformer_config.use_qformer_text_input:
@@ -161,6 +161,8 @@ class Blip2Stage1(nn.Module):
         if temperature is None:
             temperature = model.config.temperature or DEFAULT_TEMPERATURE
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        # ITM negatives ~ softmax(cosine / t); None: t = the learned ITC temperature (LAVIS)
+        self.negative_temperature = negative_temperature
         # set by the training loop: the dtype the frozen image encoder runs in under autocast
         self.autocast_dtype: torch.dtype | None = None
 
@@ -172,20 +174,22 @@ class Blip2Stage1(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, itg_input_ids: Tensor,
-                itg_labels: Tensor, negatives_seed: int) -> dict[str, Tensor]:
+    def forward(self, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor, itg_input_ids: Tensor,
+                itg_labels: Tensor, negatives_seed: int, vision_states: Tensor | None = None) -> dict[str, Tensor]:
         """This rank's share of a global batch -> ``{"loss", "itc", "itm", "itg", "neg_image", "neg_text"}``.
 
-        pixel_values [b, 3, H, W]; input_ids/attention_mask/itg_input_ids/itg_labels [b, T] (``Stage1Text``).
+        pixel_values [b, 3, H, W], or None with vision_states [b, N+1, Dv] (the frozen ViT's output computed
+        beforehand, see ``FeatureDataset``); input_ids/attention_mask/itg_input_ids/itg_labels [b, T] (``Stage1Text``).
         ``negatives_seed`` must be the same on every rank: hard negatives are drawn from the gathered
         similarity with a generator seeded by it, so a run gives the same draws on any number of ranks.
         ``neg_image``/``neg_text`` are the global batch indices of the drawn negatives, [b] each.
         """
         m = self.model
         rank, world = rank_and_world()
-        b, Q = pixel_values.shape[0], m.config.num_query_tokens
+        b, Q = input_ids.shape[0], m.config.num_query_tokens
         # the Q-Former runs in fp32, outside autocast
-        image_feats = encode_image(m.vision_model, pixel_values, self.autocast_dtype).to(m.query_tokens.dtype)
+        image_feats = encode_image(m.vision_model, pixel_values, self.autocast_dtype,
+                                   vision_states).to(m.query_tokens.dtype)
 
         # ITC: queries vs text CLS, against every rank's rows
         image_embeds = m.image_embeds_from_features(image_feats)  # [b, Q, E]
@@ -199,7 +203,8 @@ class Blip2Stage1(nn.Module):
         ids_all, mask_all = gather_no_grad(input_ids), gather_no_grad(attention_mask)  # [G, T]
         feats_all = gather_with_grad(image_feats)  # [G, N+1, Dv] (post_layernorm is trained)
         with torch.no_grad():
-            sim = itc_similarity(image_embeds_all, text_embeds_all) / self.temp  # [G_img, G_txt]
+            t = self.temp if self.negative_temperature is None else self.negative_temperature
+            sim = itc_similarity(image_embeds_all, text_embeds_all) / t  # [G_img, G_txt]
             text_class = torch.unique(torch.cat([ids_all, mask_all], dim=1), dim=0, return_inverse=True)[1]
             same_text = text_class[:, None] == text_class[None, :]  # [G, G]; includes the diagonal
             generator = torch.Generator().manual_seed(negatives_seed)
@@ -356,25 +361,27 @@ def build_stage1(vision_dir: str, bert_dir: str, *, num_query_tokens: int = 32, 
 
 
 def train_stage1(model: Blip2Stage1 | Blip2ForImageTextRetrieval, processor: Blip2Processor,
-                 data: ImageTextDataset | Sequence[str] | str, config: TrainConfig,
+                 data: ImageTextDataset | FeatureDataset | Sequence[str] | str, config: TrainConfig,
                  processor_source: str | None = None) -> list[dict[str, Any]]:
     """Stage-1 training (ITC + ITM + ITG) of ``model`` in place; returns the logged metrics.
 
     model: a ``Blip2Stage1`` (keeps its ITG head), or a bare retrieval model (a fresh ITG head is made
     and dropped after training; the learned temperature ends in ``model.config.temperature`` either way).
-    processor: BERT tokenizer (with a BOS token) and image processor. data: an ``ImageTextDataset`` or
-    caption manifests / tar shards. With ``config.out_dir`` the final model is written there in the
+    processor: BERT tokenizer (with a BOS token) and image processor. data: an ``ImageTextDataset``, a
+    ``FeatureDataset`` (cached frozen-encoder states) or caption manifests / tar shards. With ``config.out_dir`` the final model is written there in the
     Hugging Face format with ``itg_head.safetensors`` and the processor files (copied from
     ``processor_source`` when given).
     """
     if config.task != "caption":
         raise ValueError("stage 1 trains on image-caption pairs (task 'caption')")
     stage1 = model if isinstance(model, Blip2Stage1) else Blip2Stage1(model)
+    if config.itm_negative_temperature is not None:
+        stage1.negative_temperature = config.itm_negative_temperature
     dataset = make_dataset(data, processor.image_processor, config)
     text = Stage1Text(processor.tokenizer, config.max_txt_len)
 
     def make_inputs(batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
-        return {"pixel_values": batch["pixel_values"], **text(batch["caption"]),
+        return {**image_inputs(batch), **text(batch["caption"]),
                 "negatives_seed": derive_seed(config.seed, step, micro, 2)}
 
     def save(directory: str) -> None:

@@ -37,10 +37,11 @@ from .common import (
     autocast,
     encode_image,
     frozen_vision_modules,
+    image_inputs,
     make_dataset,
     save_processor,
 )
-from .data import ImageTextDataset
+from .data import FeatureDataset, ImageTextDataset
 from .loop import run
 from .losses import rank_and_world, token_cross_entropy
 from .presets import TrainConfig
@@ -63,16 +64,17 @@ class Blip2Stage2(nn.Module):
     def after_step(self) -> None:
         """Nothing to clamp in stage 2 (the loop calls this after every optimizer step)."""
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                decoder_attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                decoder_attention_mask: Tensor | None = None, vision_states: Tensor | None = None) -> dict[str, Tensor]:
         """LM loss for this rank's rows, normalised by the global number of target tokens.
 
         Decoder-only: input_ids/attention_mask/labels [b, L] (labels -100 where no loss). Encoder-decoder:
-        input_ids/attention_mask [b, L] for the encoder, labels/decoder_attention_mask [b, Td].
+        input_ids/attention_mask [b, L] for the encoder, labels/decoder_attention_mask [b, Td]. Images:
+        pixel_values [b, 3, H, W], or None with vision_states [b, N+1, Dv] (a frozen ViT's cached output).
         """
         m = self.model
         device = m.query_tokens.device
-        image_embeds = encode_image(m.vision_model, pixel_values, self.autocast_dtype)  # [b, N+1, Dv]
+        image_embeds = encode_image(m.vision_model, pixel_values, self.autocast_dtype, vision_states)  # [b, N+1, Dv]
         queries = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
         query_output = m.qformer(queries, image_embeds.to(queries.dtype))  # [b, Q, Dq], fp32
         lm_inputs = m.language_projection(query_output.to(m.language_projection.weight.dtype))  # [b, Q, D_lm]
@@ -96,17 +98,20 @@ class Blip2Stage2(nn.Module):
 class Stage2Text:
     """Builds the LM inputs and labels of a batch (see the module docstring for the layout).
 
-    task: "caption" (fields ``caption``) or "vqa" (``question``, ``answer``; ``prompt`` must contain ``{}``).
+    task: "caption" (fields ``caption``) or "vqa" (``question``, ``answer``; ``prompt`` must contain ``{}``),
+    or "mixed": rows with a question are VQA rows (``prompt``), the others captions (``caption_prompt``).
     """
 
     def __init__(self, tokenizer: TextTokenizer, model: Blip2ForConditionalGeneration, *, task: str = "caption",
-                 prompt: str = "", max_txt_len: int = 32, prefix_lm: bool = False, seed: int = 0) -> None:
-        if task not in ("caption", "vqa"):
-            raise ValueError(f"task must be 'caption' or 'vqa', got {task!r}")
-        if task == "vqa" and "{}" not in prompt:
+                 prompt: str = "", max_txt_len: int = 32, prefix_lm: bool = False, seed: int = 0,
+                 caption_prompt: str = "") -> None:
+        if task not in ("caption", "vqa", "mixed"):
+            raise ValueError(f"task must be 'caption', 'vqa' or 'mixed', got {task!r}")
+        if task in ("vqa", "mixed") and "{}" not in prompt:
             raise ValueError(f"a VQA prompt needs a {{}} for the question, got {prompt!r}")
         self.tokenizer = tokenizer
         self.task, self.prompt, self.max_txt_len, self.seed = task, prompt, max_txt_len, seed
+        self.caption_prompt = caption_prompt
         config = model.config
         self.decoder_only = config.use_decoder_only_language_model
         self.prefix_lm = prefix_lm and not self.decoder_only and task == "caption"
@@ -131,6 +136,9 @@ class Stage2Text:
         if self.task == "vqa":
             prompts = [self.prompt.format(q) for q in batch["question"]]
             targets = list(batch["answer"])
+        elif self.task == "mixed":
+            prompts = [self.caption_prompt if q is None else self.prompt.format(q) for q in batch["question"]]
+            targets = [c if q is None else a for c, q, a in zip(batch["caption"], batch["question"], batch["answer"])]
         else:
             prompts, targets = [self.prompt] * len(keys), list(batch["caption"])
             if self.prefix_lm:
@@ -262,13 +270,14 @@ def build_stage2(stage1_dir: str, lm_dir: str) -> tuple[Blip2ForConditionalGener
 
 
 def train_stage2(model: Blip2ForConditionalGeneration, processor: Blip2Processor,
-                 data: ImageTextDataset | Sequence[str] | str, config: TrainConfig,
+                 data: ImageTextDataset | FeatureDataset | Sequence[str] | str, config: TrainConfig,
                  processor_source: str | None = None) -> list[dict[str, Any]]:
     """Stage-2 training or fine-tuning (the same objective) of ``model`` in place; returns the logged metrics.
 
     The language model is always frozen; the image encoder (but for its output LayerNorm, see
     ``common.frozen_vision_modules``) is frozen unless ``config.freeze_vision`` is False. data: an
-    ``ImageTextDataset`` or manifests / tar shards for ``config.task`` ("caption" or "vqa"). With
+    ``ImageTextDataset``, a ``FeatureDataset`` (cached frozen-encoder states) or manifests / tar shards for
+    ``config.task`` ("caption", "vqa" or "mixed"). With
     ``config.out_dir`` the final model is written there in the Hugging Face format with the processor
     files (copied from ``processor_source`` when given).
     """
@@ -277,10 +286,11 @@ def train_stage2(model: Blip2ForConditionalGeneration, processor: Blip2Processor
     trainee = Blip2Stage2(model)
     dataset = make_dataset(data, processor.image_processor, config)
     text = Stage2Text(processor.tokenizer, model, task=config.task, prompt=config.prompt,
-                      max_txt_len=config.max_txt_len, prefix_lm=config.prefix_lm, seed=config.seed)
+                      max_txt_len=config.max_txt_len, prefix_lm=config.prefix_lm, seed=config.seed,
+                      caption_prompt=config.caption_prompt)
 
     def make_inputs(batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
-        return {"pixel_values": batch["pixel_values"], **text(batch)}
+        return {**image_inputs(batch), **text(batch)}
 
     def save(directory: str) -> None:
         model.save_pretrained(directory)
