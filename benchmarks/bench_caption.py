@@ -35,7 +35,8 @@ VARIANTS = [
     Variant("ours", "fp32", "plain"),
     Variant("ours fuse()", "fp32", "fuse"),
     Variant("ours quantize_int8()", "fp32", "int8"),
-    # compiled decoding pays off at batch 1 (see blip2.lm.fused._row_product); batches use the packed layout
+    # compile(batch): one row streams plain weights (blip2.lm.fused._row_product), several keep the packed layout
+    Variant("ours fuse() + compile()", "fp32", "fuse", compile=True, batches=(8,)),
     Variant("ours fuse() + compile()", "fp32", "fuse", compile=True, batches=(1,)),
     Variant("transformers", "bf16", None, batches=(8,)),
     Variant("ours fuse()", "bf16", "fuse", batches=(8,)),
@@ -57,7 +58,8 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
                    "tokens"])
     for preset in presets:
         d = checkpoint(preset)
-        models = {v: load_hf(d, v.dtype, device) if v.fast is None else load_ours(d, v.dtype, device, v.fast, v.compile)
+        models = {v: load_hf(d, v.dtype, device) if v.fast is None else
+                  load_ours(d, v.dtype, device, v.fast, v.compile, batch=max(v.batches))
                   for v in variants if set(v.batches) & set(batches)}
         reference = {v.dtype: v for v in models if v.fast is None}
         config = Blip2Config.from_pretrained(d)
@@ -86,8 +88,9 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
         del models
     table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds; x transformers is the median of the "
                        f"per-round ratios to transformers in the same dtype; tokens compares the output ids with "
-                       f"theirs. bf16: the Q-Former stays fp32 in ours. compile(): the first call compiles (not "
-                       f"timed).")
+                       f"theirs. bf16: the Q-Former stays fp32 in ours. compile(): compile(batch=images), the first "
+                       f"call compiles (not timed). quantize_int8(): int8 weights, products with bf16 inputs "
+                       f"(the AVX-512 int8 kernel's), fp32 elsewhere.")
     return table
 
 

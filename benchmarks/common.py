@@ -46,9 +46,10 @@ def load_hf(d: str, dtype: str = "fp32", device: str = "cpu") -> torch.nn.Module
 
 
 def load_ours(d: str, dtype: str = "fp32", device: str = "cpu", fast: str = "plain",
-              compile: bool = False) -> Blip2ForConditionalGeneration:
+              compile: bool = False, batch: int = 1) -> Blip2ForConditionalGeneration:
+    """Our model with fast path ``fast``; ``compile``: its decoding step compiled for ``batch`` rows."""
     model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=DTYPES[dtype], device=device)
-    return apply_fast_path(model, fast, compile)
+    return apply_fast_path(model, fast, compile, batch=batch)
 
 
 def ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ import torch
 
 from blip2 import Blip2ForConditionalGeneration
 from blip2.bench import module_bytes
-from blip2.lm.fused import FusedLinear
+from blip2.lm.fused import FusedLinear, default_format, fused_format
 from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
 
 OPT_PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]  # BOS + text, left-padded in a batch
@@ -222,12 +222,15 @@ def test_int8_t5_agrees(hf_t5_mild_dir):
 # -- compiled decoding ------------------------------------------------------------------------
 
 
-def test_compiled_step_tokens_equal_plain_eager_backend(case):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_step_tokens_equal_plain_eager_backend(case, batch):
     """The compile wiring (static shapes, caches as graph inputs, no recompiles) with the cheap "eager"
-    backend, for both language models."""
+    backend, for both language models, with the weights laid out for one row (plain) or several (oneDNN's
+    packed layout on CPU)."""
     text, d, plain = case
     torch._dynamo.reset()
-    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(backend="eager", fullgraph=True)
+    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(batch, backend="eager", fullgraph=True)
+    assert fused_format(model.language_model) == ("dense" if batch == 1 else default_format(plain.language_projection.weight))
     pixels = pixel_batch(3, seed=7)
     ids, mask = inputs(text)
     want = plain.generate(pixels, ids, mask, max_new_tokens=8)
@@ -236,13 +239,38 @@ def test_compiled_step_tokens_equal_plain_eager_backend(case):
     assert got.tolist() == want.tolist()
 
 
+def test_compiled_steps_of_two_models_stay_apart(case):
+    """The compiled step skips dynamo's guards on the model's modules: a step compiled for one model must
+    not run for another (float and int8 here), and fuse/unfuse put the eager step back."""
+    text, d, plain = case
+    torch._dynamo.reset()
+    pixels = pixel_batch(3, seed=7)
+    ids, mask = inputs(text)
+    float_model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(backend="eager")
+    int8_model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
+    int8_want = int8_model.generate(pixels, ids, mask, max_new_tokens=8)
+    int8_model.compile(backend="eager")
+    assert float_model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == \
+        plain.generate(pixels, ids, mask, max_new_tokens=8).tolist()
+    assert int8_model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == int8_want.tolist()
+    lm = float_model.language_model
+    assert lm.decode_step != lm._decode_step
+    float_model.unfuse()
+    assert lm.decode_step == lm._decode_step
+    lm.fuse().compile(backend="eager")
+    lm.unfuse().fuse()
+    assert lm.decode_step == lm._decode_step
+
+
 @pytest.mark.slow
-def test_compiled_step_tokens_equal_plain_inductor(hf_opt_dir):
-    """One real inductor compile (a C++ build: about a minute here), of the fused OPT step."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_step_tokens_equal_plain_inductor(hf_opt_dir, batch):
+    """A real inductor compile (a C++ build: about a minute here) of the fused OPT step, laid out for one
+    row (streamed plain weights) or several (oneDNN's packed ones, called from the compiled graph)."""
     _, d = hf_opt_dir
     torch._dynamo.reset()
     plain = Blip2ForConditionalGeneration.from_pretrained(d)
-    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile()
+    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(batch)
     pixels = pixel_batch(3, seed=7)
     ids, mask = prompts_with_images(OPT_PROMPTS)
     want = plain.generate(pixels, ids, mask, max_new_tokens=8)

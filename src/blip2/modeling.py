@@ -275,14 +275,17 @@ class Blip2Model(PretrainedMixin, nn.Module):
         unfuse_linears(self.qformer)
         return self
 
-    def compile(self, **compile_kwargs: Any) -> Blip2Model:
+    def compile(self, batch: int = 1, **compile_kwargs: Any) -> Blip2Model:
         """Compile the language model's one-token decoding step with ``torch.compile(**compile_kwargs)``;
         shapes are static within a ``generate`` call, so it compiles once per batch size and length (tens
-        of seconds on a small CPU). For decoding one image at a time: on CPU its single-row products
-        stream plain or int8 weights at near the memory bandwidth (1.6-2.3x the speed of ``fuse()``
-        alone), so oneDNN-packed weights are re-fused plain first; for batches ``fuse()`` alone is
-        faster. Combines with ``quantize_int8()`` (call it first). Returns self."""
-        self.language_model.compile(**compile_kwargs)
+        of seconds on a small CPU). ``batch`` is the number of rows decoded at once (images x beams) to lay
+        the weights out for. One (decoding one image at a time): on CPU the step's single-row products
+        stream plain or int8 weights at near the memory bandwidth (1.6-2.3x the speed of ``fuse()`` alone),
+        so the weights are fused plain. Several: they keep oneDNN's packed layout, and compiling fuses what
+        lies between the products (attention, norms, the cache update). Combines with ``quantize_int8()``
+        (call it first). The model is fused afterwards: ``unfuse()`` before casting, moving or reloading it.
+        Returns self."""
+        self.language_model.compile(batch, **compile_kwargs)
         return self
 
 

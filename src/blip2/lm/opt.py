@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import OPTConfig
-from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, fused_format, linear,
+from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
                     pack_linears, unfuse_linears)
 
 __all__ = ["OPTForCausalLM", "OPTDecoding", "KVCache"]
@@ -269,22 +269,30 @@ class OPTForCausalLM(nn.Module):
         for layer in self.model.decoder.layers:
             fuse_linears(layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj"), fmt)
         pack_linears(self, fmt, tied=[self.lm_head] if self._tied_head() else [])
+        self.decode_step = self._decode_step  # a compiled step was traced for the old layers
         return self
 
     @torch.no_grad()
     def unfuse(self) -> OPTForCausalLM:
         """Back to ``nn.Linear`` layers with parameters (int8 weights stay rounded). Returns self."""
         unfuse_linears(self, self.model.decoder.embed_tokens)
+        self.decode_step = self._decode_step
         return self
 
-    def compile(self, **compile_kwargs: Any) -> OPTForCausalLM:
+    def compile(self, batch: int = 1, **compile_kwargs: Any) -> OPTForCausalLM:
         """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
         within a ``generate`` call (the cache is preallocated), so it compiles once per batch size and
-        length. In the compiled step a product with a single row (batch 1) streams plain or int8 weights
-        at near the copy bandwidth (``fused._row_product``), so weights fused in oneDNN's packed layout
-        are re-fused plain (``"dense"``) first; int8 stays int8. Returns self."""
-        if fused_format(self) == "onednn":
-            self.unfuse().fuse("dense")
+        length. ``batch``: the rows decoded at once (images x beams) to lay the weights out for
+        (``fused.compile_format``): for one row the step streams plain or int8 weights at near the copy
+        bandwidth (``fused._row_product``), so it fuses them plain (``"dense"``); for several, in oneDNN's
+        packed layout on CPU; int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
+        ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded. Returns self."""
+        current = fused_format(self)
+        fmt = compile_format(current, self.model.decoder.embed_tokens.weight, batch)
+        if current != fmt:
+            if current is not None:
+                self.unfuse()
+            self.fuse(fmt)
         device = self.model.decoder.embed_tokens.weight.device
         self.decode_step = compile_step(self._decode_step, device, **compile_kwargs)
         return self

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import T5Config
-from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, fused_format, linear,
+from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
                     pack_linears, unfuse_linears)
 
 __all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
@@ -359,22 +359,30 @@ class T5ForConditionalGeneration(nn.Module):
                     fuse_linears(ff, "wi_01", ("wi_0", "wi_1"), fmt)
         tied = isinstance(self.lm_head, nn.Linear) and self.lm_head.weight is self.shared.weight
         pack_linears(self, fmt, tied=[self.lm_head] if tied else [])
+        self.decode_step = self._decode_step  # a compiled step was traced for the old layers
         return self
 
     @torch.no_grad()
     def unfuse(self) -> T5ForConditionalGeneration:
         """Back to ``nn.Linear`` layers with parameters (int8 weights stay rounded). Returns self."""
         unfuse_linears(self, self.shared)
+        self.decode_step = self._decode_step
         return self
 
-    def compile(self, **compile_kwargs: Any) -> T5ForConditionalGeneration:
+    def compile(self, batch: int = 1, **compile_kwargs: Any) -> T5ForConditionalGeneration:
         """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
-        within a ``generate`` call (the self-attention cache is preallocated), so it compiles once per batch size and
-        length. In the compiled step a product with a single row (batch 1) streams plain or int8 weights
-        at near the copy bandwidth (``fused._row_product``), so weights fused in oneDNN's packed layout
-        are re-fused plain (``"dense"``) first; int8 stays int8. Returns self."""
-        if fused_format(self) == "onednn":
-            self.unfuse().fuse("dense")
+        within a ``generate`` call (the self-attention cache is preallocated), so it compiles once per batch
+        size and length. ``batch``: the rows decoded at once (images x beams) to lay the weights out for
+        (``fused.compile_format``): for one row the step streams plain or int8 weights at near the copy
+        bandwidth (``fused._row_product``), so it fuses them plain (``"dense"``); for several, in oneDNN's
+        packed layout on CPU; int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
+        ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded. Returns self."""
+        current = fused_format(self)
+        fmt = compile_format(current, self.shared.weight, batch)
+        if current != fmt:
+            if current is not None:
+                self.unfuse()
+            self.fuse(fmt)
         self.decode_step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
         return self
 
