@@ -218,3 +218,16 @@ def test_stage2_on_features_mixed_learns(dirs, tmp_path):
     again = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path))
     torch.testing.assert_close(again.query_tokens, model.query_tokens)
     torch.testing.assert_close(again.language_projection.weight, model.language_projection.weight)
+
+
+def test_command_line_flags():
+    from blip2.train.command import _settings, build_parser
+
+    args = build_parser().parse_args(["stage2", "--data", "m.jsonl", "--out", "o", "--task", "mixed",
+                                      "--prompt", "Question: {} Answer:", "--caption-prompt", "a photo of"])
+    cfg, _ = _settings(args)
+    assert (cfg.task, cfg.prompt, cfg.caption_prompt) == ("mixed", "Question: {} Answer:", "a photo of")
+    cfg, _ = _settings(build_parser().parse_args(["stage1", "--data", "m.jsonl", "--out", "o",
+                                                  "--itm-negative-temperature", "0.5"]))
+    assert cfg.itm_negative_temperature == 0.5
+    assert TrainConfig.preset("stage1").itm_negative_temperature is None  # LAVIS by default
