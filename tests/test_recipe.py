@@ -14,7 +14,7 @@ from blip2.recipe.config import quick
 from blip2.recipe.data import make_scene_data
 from blip2.recipe.driver import run
 from blip2.recipe.lm import scene_documents
-from blip2.recipe.stages import stage2_batch
+from blip2.recipe.stages import CAPTION_COPIES, VQA_PROMPT, stage1_dataset, stage2_dataset
 from blip2.recipe.tokenizer import build_tokenizer, vqa_prompt
 from blip2.retrieval import Blip2ForImageTextRetrieval
 from blip2.world import caption, questions, sample_scene
@@ -26,7 +26,7 @@ CAPTION_IDS = [1, 4, 7, 10, 17, 6, 4, 8, 12, 15, 5, 4, 7, 13, 16]
 def test_tokenizer_ids_specials_and_round_trip():
     tok = build_tokenizer()
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
-    assert tok.convert_tokens_to_ids("<image>") == len(tok) - 1 == 37
+    assert tok.convert_tokens_to_ids("<image>") == len(tok) - 1 == 41
     assert tok(CAPTION)["input_ids"] == CAPTION_IDS
     assert tok.decode(CAPTION_IDS + [2], skip_special_tokens=True) == CAPTION
     # every word of 300 scenes' captions and questions is in the vocabulary
@@ -60,28 +60,38 @@ def test_tokenizer_matches_transformers(tmp_path):
     assert theirs.decode(CAPTION_IDS, skip_special_tokens=True) == CAPTION
 
 
-def test_stage2_batch_layout():
-    tok = build_tokenizer()
-    data = make_scene_data(4, seed=3, variant_share=0.0)
-    rng = np.random.default_rng(0)
-    ids, mask, labels = stage2_batch(tok, 2, 37, data, [0, 1, 2, 3], rng, caption_share=1.0)
-    for k in range(4):
-        n = int(mask[k].sum())
-        assert ids[k, :3].tolist() == [37, 37, 1]  # image tokens, then <s>
-        target = tok(data.captions[k], add_special_tokens=False)["input_ids"] + [2]
-        assert labels[k, n - len(target):n].tolist() == target  # caption + eos, nothing else labelled
-        assert int((labels[k] != -100).sum()) == len(target)
-    ids, mask, labels = stage2_batch(tok, 2, 37, data, [0], rng, caption_share=0.0)
-    text = tok.decode(ids[0, 2:], skip_special_tokens=True)
-    assert text.startswith("question :") and " answer : " in text
-    assert int((labels[0] != -100).sum()) == 2  # a one-word answer + eos
+def test_stage_datasets():
+    """Stage 1: one caption per scene; stage 2: the caption CAPTION_COPIES times and one question of each
+    type the scene has, every record pointing at its scene's cached features."""
+    data = make_scene_data(6, seed=3, variant_share=0.0)
+    states = torch.randn(6, 5, 4)
+    one = stage1_dataset(states, data)
+    assert len(one) == 6 and [one[i]["caption"] for i in range(6)] == data.captions
+    two = stage2_dataset(states, data, seed=0)
+    seen = 0
+    for i in range(6):
+        kinds = sorted({q["type"] for q in data.qa[i]})
+        rows = [two[k] for k in range(seen, seen + CAPTION_COPIES + len(kinds))]
+        seen += len(rows)
+        assert all(torch.equal(r["vision_states"], states[i]) for r in rows)
+        assert [r["caption"] for r in rows[:CAPTION_COPIES]] == [data.captions[i]] * CAPTION_COPIES
+        asked = rows[CAPTION_COPIES:]
+        assert all(r["caption"] is None for r in asked)
+        truth = {(q["question"], q["answer"]): q["type"] for q in data.qa[i]}
+        assert sorted(truth[(r["question"], r["answer"])] for r in asked) == kinds
+    assert seen == len(two)
+    assert VQA_PROMPT.format("how many shapes are there?") == vqa_prompt("how many shapes are there?")
 
 
 def test_scene_documents_end_with_eos():
     tok = build_tokenizer()
     docs = scene_documents(tok, "a red circle", [{"question": "how many shapes are there?", "answer": "one"}])
     assert docs[0] == [1, 4, 9, 15, 2]
-    assert tok.decode(docs[1], skip_special_tokens=True) == "question : how many shapes are there? answer : one"
+    assert all(d[-1] == 2 and tok.unk_token_id not in d for d in docs)
+    assert [tok.decode(d, skip_special_tokens=True) for d in docs[1:]] == [
+        "question : how many shapes are there? answer : one", "a photo of a red circle",
+        "question : how many shapes are there? short answer : one",
+        "question : how many shapes are there? answer : one. question : how many shapes are there? answer : one"]
 
 
 def test_quick_recipe_end_to_end(tmp_path):
@@ -94,16 +104,16 @@ def test_quick_recipe_end_to_end(tmp_path):
         assert (demo / name).is_file(), name
     assert (retrieval / "model.safetensors").is_file() and (retrieval / "tokenizer.json").is_file()
     config = json.loads((demo / "config.json").read_text())
-    assert config["num_query_tokens"] == 4 and config["image_token_index"] == 37
+    assert config["num_query_tokens"] == 4 and config["image_token_index"] == 41
     assert json.loads((demo / "processor_config.json").read_text())["num_query_tokens"] == 4
     assert json.loads((demo / "generation_config.json").read_text())["eos_token_id"] == 2
 
     model = Blip2ForConditionalGeneration.from_pretrained(demo)
     processor = Blip2Processor.from_pretrained(demo)
-    assert sum(p.numel() for p in model.parameters()) == 76_928
+    assert sum(p.numel() for p in model.parameters()) == 77_056
     pixels = processor(images=[np.zeros((96, 96, 3), np.uint8)])["pixel_values"]
     ids = model.generate(pixels, max_new_tokens=3)
-    assert ids.shape[0] == 1 and ids[0, :5].tolist() == [37, 37, 37, 37, 1]
+    assert ids.shape[0] == 1 and ids[0, :5].tolist() == [41, 41, 41, 41, 1]
 
     ret = Blip2ForImageTextRetrieval.from_pretrained(retrieval)
     assert 0.001 <= ret.config.temperature <= 0.5
@@ -117,7 +127,7 @@ def test_lm_rows_open_with_the_scene_table_where_the_image_goes():
     tok = build_tokenizer()
     docs = scene_documents(tok, "a small red circle and a large blue square",
                            [{"question": "how many shapes are there?", "answer": "two"}])
-    ids, mask, labels = _batch([docs], np.random.default_rng(0), context=8, block=64, pad=0, function_words={4, 5, 6})
+    ids, mask, labels = _batch([docs], np.random.default_rng(0), context=8, block=200, pad=0, function_words={4, 5, 6})
     assert tok.decode(ids[0, :8]) == "small red circle large blue square <pad> <pad>"
     assert mask[0, :8].tolist() == [1] * 8 and (labels[0, :8] == -100).all()  # attended, no loss
     assert ids[0, 8].item() == 1  # <s> where stage 2 puts it, after the image tokens

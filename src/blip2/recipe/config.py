@@ -20,11 +20,11 @@ class RecipeConfig:
     variant_share: float = 0.5  # share of training images drawn as a robustness variant
     seed: int = 0
     # (steps, batch size, peak learning rate) of each training step of the recipe
-    vision_schedule: tuple[int, int, float] = (1500, 48, 2e-3)
-    lm_schedule: tuple[int, int, float] = (1600, 32, 2e-3)
-    stage1_schedule: tuple[int, int, float] = (800, 32, 1e-3)
-    stage2_schedule: tuple[int, int, float] = (2500, 32, 1e-3)
-    log_every: int = 100
+    vision_schedule: tuple[int, int, float] = (8000, 48, 1e-3)
+    lm_schedule: tuple[int, int, float] = (5000, 32, 2e-3)
+    stage1_schedule: tuple[int, int, float] = (1500, 32, 1e-3)
+    stage2_schedule: tuple[int, int, float] = (4000, 32, 1e-3)
+    log_every: int = 250
 
 
 def _vision(hidden: int, layers: int, heads: int, patch: int) -> Blip2VisionConfig:

@@ -7,7 +7,7 @@ JPEG, blur, brightness): the augmentation that makes the model robust to images 
 generator. Labels for the image encoder's pretraining come from the scene geometry:
 
 - per patch: which object (if any) covers the patch centre in the *processed* image, as colour,
-  shape and size classes (0 = background);
+  shape and size classes and its place from the left (1, 2, 3; 0 = background everywhere);
 - per slot (objects left to right, 3 slots) the same three classes (0 = no object), and the count.
 """
 
@@ -41,7 +41,8 @@ def variant_layout(name: str) -> tuple[int, int, int, float, float]:
 class SceneData:
     scenes: list[Scene]
     pixels: torch.Tensor  # uint8 [N, 3, S, S], as the processor resizes them
-    patch_labels: torch.Tensor  # int64 [N, G*G, 3]: colour, shape, size class per patch (0 = background)
+    patch_labels: torch.Tensor  # int64 [N, G*G, 4]: colour, shape, size, place from the left per patch (0 = background)
+    occupancy: torch.Tensor  # bool [N, G*G, SUB*SUB]: which of SUB x SUB points spread over each patch an object covers
     slot_labels: torch.Tensor  # int64 [N, MAX_OBJECTS, 3]: the same per object left to right (0 = none)
     counts: torch.Tensor  # int64 [N]
     captions: list[str]
@@ -58,17 +59,35 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255.0 - mean) / std
 
 
+SUB = 4  # occupancy points per patch side
+
+
+def _occupancy(scene: Scene, layout: tuple[int, int, int, float, float], grid: int) -> np.ndarray:
+    """[grid*grid, SUB*SUB] bool: the object outline at sub-patch resolution (the pretraining target that
+    teaches patch tokens the local geometry shapes are told apart by)."""
+    w, h, side, ox, oy = layout
+    u = (np.arange(grid * SUB) + 0.5) / (grid * SUB)
+    x = (u * w - ox) / side
+    y = (u * h - oy) / side
+    covered = np.zeros((grid * SUB, grid * SUB), bool)
+    for obj in scene.objects:
+        covered |= _inside(obj, x[None, :], y[:, None])
+    # [gy, sy, gx, sx] -> [gy, gx, sy, sx]
+    return covered.reshape(grid, SUB, grid, SUB).transpose(0, 2, 1, 3).reshape(grid * grid, SUB * SUB)
+
+
 def _patch_labels(scene: Scene, layout: tuple[int, int, int, float, float], grid: int) -> np.ndarray:
-    """[grid*grid, 3] colour/shape/size classes of the object under each patch centre (0 = none)."""
+    """[grid*grid, 4] colour/shape/size classes and place from the left of the object under each patch
+    centre (0 = none)."""
     w, h, side, ox, oy = layout
     u = (np.arange(grid) + 0.5) / grid  # patch centres in the processed (square) image, [0, 1]
     x = (u * w - ox) / side  # -> unit-square scene coordinates of the canvas
     y = (u * h - oy) / side
-    out = np.zeros((grid, grid, 3), np.int64)
-    for obj in scene.objects:
+    out = np.zeros((grid, grid, 4), np.int64)
+    for place, obj in enumerate(scene.objects, 1):  # stored left to right
         inside = _inside(obj, x[None, :], y[:, None])  # [grid, grid]
-        out[inside] = (COLORS.index(obj.color) + 1, SHAPES.index(obj.shape) + 1, SIZES.index(obj.size) + 1)
-    return out.reshape(grid * grid, 3)
+        out[inside] = (COLORS.index(obj.color) + 1, SHAPES.index(obj.shape) + 1, SIZES.index(obj.size) + 1, place)
+    return out.reshape(grid * grid, 4)
 
 
 def make_scene_data(n: int, seed: int, variant_share: float = 0.5, image_size: int = DEFAULT_SIZE,
@@ -76,7 +95,7 @@ def make_scene_data(n: int, seed: int, variant_share: float = 0.5, image_size: i
     """``n`` random scenes (stream ``seed``), a ``variant_share`` of them drawn as a random variant."""
     rng = np.random.default_rng(seed)
     grid = image_size // patch_size
-    scenes, pixels, patches, slots, counts, caps, qas = [], [], [], [], [], [], []
+    scenes, pixels, patches, occupancy, slots, counts, caps, qas = [], [], [], [], [], [], [], []
     for _ in range(n):
         scene = sample_scene(rng)
         name = VARIANTS[1 + rng.integers(len(VARIANTS) - 1)] if rng.random() < variant_share else "clean"
@@ -85,6 +104,7 @@ def make_scene_data(n: int, seed: int, variant_share: float = 0.5, image_size: i
             image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
         pixels.append(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
         patches.append(_patch_labels(scene, variant_layout(name), grid))
+        occupancy.append(_occupancy(scene, variant_layout(name), grid))
         slot = np.zeros((MAX_OBJECTS, 3), np.int64)
         for k, o in enumerate(scene.objects):
             slot[k] = (COLORS.index(o.color) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1)
@@ -94,4 +114,4 @@ def make_scene_data(n: int, seed: int, variant_share: float = 0.5, image_size: i
         caps.append(caption(scene))
         qas.append(questions(scene))
     return SceneData(scenes, torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(patches)),
-                     torch.from_numpy(np.stack(slots)), torch.tensor(counts), caps, qas)
+                     torch.from_numpy(np.stack(occupancy)), torch.from_numpy(np.stack(slots)), torch.tensor(counts), caps, qas)

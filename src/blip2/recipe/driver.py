@@ -9,12 +9,15 @@ Steps (each writes ``DIR/work/<step>/``; ``--resume`` skips steps whose output e
    written to ``DIR/demo-retrieval``.
 5. ``stage2``: freeze encoder and LM; train Q-Former + queries + projection with the LM loss on captions
    and answers: the generation model, written to ``DIR/demo``.
+
+Stages 1 and 2 are ``blip2.train``'s (``recipe.stages``), on the frozen encoder's output computed once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 
@@ -31,10 +34,11 @@ from ..lm.opt import OPTForCausalLM
 from ..processing import Blip2Processor, TextTokenizer
 from ..retrieval import Blip2ForImageTextRetrieval
 from ..vision import Blip2VisionModel
+from ..train import vision_states
 from .config import RecipeConfig, full, quick
-from .data import make_scene_data
+from .data import make_scene_data, normalize
 from .lm import pretrain_lm
-from .stages import build_stage2, encode_images, new_retrieval_model, train_stage1, train_stage2
+from .stages import build_stage2, new_retrieval_model, train_stage1, train_stage2
 from .tokenizer import IMAGE_TOKEN, build_tokenizer
 from .vision import evaluate_vision, pretrain_vision
 
@@ -104,7 +108,7 @@ def run(out: str, cfg: RecipeConfig, resume: bool = False, stop_after: str | Non
         return report
 
     t = time.time()
-    feats = encode_images(vision, train.pixels)
+    feats = vision_states(vision, normalize(train.pixels))
     print(f"[features] {tuple(feats.shape)} ({time.time() - t:.0f}s)", flush=True)
 
     retrieval_dir = os.path.join(out, "demo-retrieval")
@@ -117,10 +121,10 @@ def run(out: str, cfg: RecipeConfig, resume: bool = False, stop_after: str | Non
                               image_token_index=None)
         retrieval = new_retrieval_model(config1, vision)
         steps, batch, lr = cfg.stage1_schedule
-        qformer_tokenizer = build_tokenizer(add_eos=True)
-        train_stage1(retrieval, qformer_tokenizer, feats, train, steps, batch, lr, cfg.seed, cfg.log_every)
+        processor1 = _processor(build_tokenizer(add_eos=True), cfg.vision.image_size, None)
+        train_stage1(retrieval, processor1, feats, train, steps, batch, lr, cfg.seed, cfg.log_every)
         retrieval.save_pretrained(retrieval_dir)
-        _processor(qformer_tokenizer, cfg.vision.image_size, None).save_pretrained(retrieval_dir)
+        processor1.save_pretrained(retrieval_dir)
     if stop_after == "stage1":
         return report
 
@@ -130,12 +134,13 @@ def run(out: str, cfg: RecipeConfig, resume: bool = False, stop_after: str | Non
                           text_config=cfg.lm, num_query_tokens=cfg.num_query_tokens,
                           image_text_hidden_size=cfg.qformer.hidden_size, image_token_index=image_token)
     model = build_stage2(config2, retrieval, lm.state_dict())
-    steps, batch, lr = cfg.stage2_schedule
-    train_stage2(model, tokenizer, feats, train, steps, batch, lr, cfg.seed, cfg.log_every)
     model.generation_config = GenerationConfig(bos_token_id=cfg.lm.bos_token_id, eos_token_id=cfg.lm.eos_token_id,
                                                pad_token_id=cfg.lm.pad_token_id, max_new_tokens=MAX_NEW_TOKENS)
+    processor2 = _processor(build_tokenizer(), cfg.vision.image_size, cfg.num_query_tokens)
+    steps, batch, lr = cfg.stage2_schedule
+    train_stage2(model, processor2, feats, train, steps, batch, lr, cfg.seed, cfg.log_every)
     model.save_pretrained(demo_dir)
-    _processor(build_tokenizer(), cfg.vision.image_size, cfg.num_query_tokens).save_pretrained(demo_dir)
+    processor2.save_pretrained(demo_dir)
     report.update(evaluate(demo_dir, retrieval_dir, n=cfg.n_val))
     return report
 
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    logging.basicConfig(format="[%(name)s] %(message)s", level=logging.INFO)
     vocab = len(build_tokenizer())
     start = time.time()
     report = run(a.out, quick(vocab) if a.quick else full(vocab), a.resume, a.stop_after)

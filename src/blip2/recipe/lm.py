@@ -30,8 +30,14 @@ __all__ = ["scene_documents", "pretrain_lm"]
 
 
 def scene_documents(tokenizer: TextTokenizer, caption: str, qa: list[dict[str, str]]) -> list[list[int]]:
-    """Token ids of each document about one scene: the caption, then each question with its answer."""
+    """Token ids of each document about one scene: the caption, then each question with its answer, and
+    the same in the other prompt forms users send: "a photo of {caption}", "Question: {q} Short answer:
+    {a}", and a chat turn ("Question: {q1} Answer: {a1}. Question: {q2} Answer: {a2}")."""
     texts = [caption] + [f"{vqa_prompt(q['question'])} {q['answer']}" for q in qa]
+    texts.append(f"a photo of {caption}")
+    first, last = qa[0], qa[-1]
+    texts.append(f"Question: {first['question']} Short answer: {first['answer']}")
+    texts.append(f"{vqa_prompt(first['question'])} {first['answer']}. {vqa_prompt(last['question'])} {last['answer']}")
     eos = tokenizer.eos_token_id
     return [ids + [eos] for ids in tokenizer(texts)["input_ids"]]
 
@@ -58,7 +64,7 @@ def _batch(docs: list[list[list[int]]], rng: np.random.Generator, context: int, 
 
 
 def pretrain_lm(config: OPTConfig, tokenizer: TextTokenizer, data: SceneData, steps: int, batch_size: int, lr: float,
-                context: int, seed: int = 0, block: int = 64, log_every: int = 50) -> OPTForCausalLM:
+                context: int, seed: int = 0, block: int = 80, log_every: int = 50) -> OPTForCausalLM:
     """Next-token training on scene documents after a ``context``-token description (the number of
     image tokens stage 2 will put there); returns the model in eval mode."""
     torch.manual_seed(seed)

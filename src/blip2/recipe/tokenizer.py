@@ -31,6 +31,9 @@ WORDS = (
     ("a", "and", ",") + SIZES + COLORS + SHAPES
     + ("question", "answer", ":", "?", "what", "color", "is", "the", "shape", "object", "how", "many", "shapes",
        "are", "there") + COUNT_WORDS
+    # the prompts of the paper's presets ("a photo of", "Question: {} Short answer:") and of chat turns
+    # ("Question: q Answer: a. Question: ...")
+    + (".", "short", "photo", "of")
 )
 
 
