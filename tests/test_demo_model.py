@@ -20,10 +20,9 @@ from blip2.world import VARIANTS, caption, render_variant, sample_scene
 from blip2.world_eval import caption_scores, parse_caption
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "images")
-# Share of 50 redrawn / perturbed images captioned right. Measured on the bundled model: 0.30, and 0.36
-# on the same 50 scenes drawn clean: robustness costs little, base accuracy is the gap (the issue's
-# targets, 90% captions, are not met yet; see the README's table).
-ROBUSTNESS_FLOOR = 0.25
+# Share of 50 redrawn / perturbed images captioned right. Measured on the bundled model: 0.94, and 0.96
+# on the same 50 scenes drawn clean.
+ROBUSTNESS_FLOOR = 0.9
 bundled = pytest.mark.skipif(not os.path.exists(os.path.join(DEFAULT_MODEL, "model.safetensors")),
                              reason="no bundled demo model")
 
@@ -53,10 +52,11 @@ def test_examples_captioned_and_answered(ours):
     model, processor = ours
     images, truth = _examples()
     captions = caption_images(model, processor, images)
-    # the one-object examples are captioned exactly; of the others, the current model gets the
-    # number of objects right but not every attribute (held-out caption accuracy is in the README)
-    assert captions[:2] == truth[:2] == ["a large orange square", "a small blue circle"]
-    assert [len(parse_caption(c)) for c in captions] == [len(parse_caption(t)) for t in truth] == [1, 1, 2, 2, 3, 3]
+    # every object's colour and shape, left to right, in every example; sizes too in all but one (the
+    # bundled model calls the last example's small orange square large)
+    assert [[(c, s) for _, c, s in parse_caption(x)] for x in captions] == [[(c, s) for _, c, s in parse_caption(x)] for x in truth]
+    assert sum(c == t for c, t in zip(captions, truth)) >= 5
+    assert [len(parse_caption(t)) for t in truth] == [1, 1, 2, 2, 3, 3]
     answers = answer_questions(model, processor, [images[2], images[4], images[0]],
                                ["how many shapes are there?", "how many shapes are there?", "what color is the square?"])
     assert answers == ["two", "three", "orange"]

@@ -57,12 +57,13 @@ from conftest import IMAGE_TOKEN, VOCAB, hf_blip2, randomize_, tiny_hf_config
 DEMO = Path(DEFAULT_MODEL)
 DEMO_RETRIEVAL = Path(DEFAULT_RETRIEVAL_MODEL)
 N_IMAGES = 8
-# What the bundled demo must reach on these small synthetic sets (percent; caption scores on
-# pycocoevalcap's scale). The demo is still below its own issue's floors (see the README), so these
-# are "clearly better than chance", not the paper-like targets they should become.
+# What the bundled demo must reach on these small synthetic sets of N_IMAGES images (percent; caption
+# scores on pycocoevalcap's scale): "clearly better than chance" on 8 images; the held-out numbers on
+# 500 images are the README's demo table (benchmarks/eval_demo.py).
 DEMO_MIN = {"vqa": 50.0, "gqa": 50.0, "Bleu_4": 0.2, "CIDEr": 0.5, "t2i_r1": 20.0, "i2t_r1": 20.0}
-# The demo was trained to caption with no prompt and to answer "Question: {q} Answer:" (it has no
-# word for the paper's "Short" or "photo"), so its runs override the presets' prompts.
+# The demo was trained to caption with no prompt and to answer "Question: {q} Answer:". It also reads
+# the paper's "a photo of" and "Short answer:" (its LM saw them), but the caption preset's
+# min_new_tokens=8 would force one-object captions (4 words) to invent more, so its runs use these.
 DEMO_PROMPTS = {"vqa": "Question: {} Answer:", "caption": ""}
 
 
@@ -305,7 +306,8 @@ def test_vqav2_end_to_end(gen_dir, bench, vqa_setup, direct_answers, tmp_path, c
     assert results["num_items"] == len(direct_answers)
     assert not Path(f"{out}.partial").exists()
     printed = capsys.readouterr().out
-    assert f"accuracy  {results['metrics']['accuracy']:.2f}" in printed
+    # values are right-aligned to the widest one ("100.00" when a type is all right)
+    assert ["accuracy", f"{results['metrics']['accuracy']:.2f}"] in [line.split() for line in printed.splitlines()]
 
 
 def test_okvqa_is_the_vqa_metric_with_limit(gen_dir, bench, vqa_setup, direct_answers, tmp_path):
