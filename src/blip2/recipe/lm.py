@@ -23,7 +23,7 @@ from ..lm.opt import OPTForCausalLM
 from ..modeling import causal_lm_loss
 from ..processing import TextTokenizer
 from .data import SceneData
-from .schedule import Progress, lr_at, make_optimizer
+from .schedule import train_steps
 from .tokenizer import vqa_prompt
 
 __all__ = ["scene_documents", "pretrain_lm"]
@@ -72,19 +72,10 @@ def pretrain_lm(config: OPTConfig, tokenizer: TextTokenizer, data: SceneData, st
     docs = [scene_documents(tokenizer, c, qa) for c, qa in zip(data.captions, data.qa)]
     function_words = set(tokenizer("a , and", add_special_tokens=False)["input_ids"])
     model = OPTForCausalLM(config)
-    opt = make_optimizer(model.parameters(), lr, weight_decay=0.01)
-    progress = Progress("lm", steps, log_every)
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+
+    def loss_at(step: int) -> torch.Tensor:
         pick = rng.integers(len(docs), size=batch_size)
-        ids, mask, labels = _batch([docs[i] for i in pick], rng, context, block, config.pad_token_id, function_words)
-        logits = model(model.get_input_embeddings()(ids), mask)  # [B, T, V]
-        loss = causal_lm_loss(logits, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        progress.update(step, loss=loss.item())
-    return model.eval()
+        ids, mask, labels = _batch([docs[k] for k in pick], rng, context, block, config.pad_token_id, function_words)
+        return causal_lm_loss(model(model.get_input_embeddings()(ids), mask), labels)  # logits [B, T, V]
+
+    return train_steps(model, loss_at, steps, lr, 0.01, "lm", log_every)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["make_optimizer", "lr_at", "Progress"]
+__all__ = ["make_optimizer", "lr_at", "Progress", "train_steps"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -44,3 +44,22 @@ class Progress:
             avg = " ".join(f"{k} {v / self.n:.4f}" for k, v in self.sums.items())
             print(f"[{self.name}] step {step + 1}/{self.steps} {avg} ({time.time() - self.start:.0f}s)", flush=True)
             self.sums, self.n = {}, 0
+
+
+def train_steps(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor], steps: int, lr: float,
+                weight_decay: float, name: str, log_every: int) -> torch.nn.Module:
+    """``steps`` AdamW steps on ``loss_at(step)`` (warm-up over 5%, cosine to 10%, gradient norm clipped at
+    1), with progress lines; returns the model in eval mode."""
+    opt = make_optimizer(model.parameters(), lr, weight_decay=weight_decay)
+    progress = Progress(name, steps, log_every)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        progress.update(step, loss=loss.item())
+    return model.eval()

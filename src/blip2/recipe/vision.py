@@ -22,7 +22,7 @@ from ..config import Blip2VisionConfig
 from ..vision import Blip2VisionModel
 from ..world import COLORS, SHAPES, SIZES
 from .data import MAX_OBJECTS, SUB, SceneData, normalize
-from .schedule import Progress, lr_at, make_optimizer
+from .schedule import train_steps
 
 __all__ = ["VisionPretrainer", "pretrain_vision", "evaluate_vision"]
 
@@ -93,22 +93,12 @@ def pretrain_vision(config: Blip2VisionConfig, data: SceneData, steps: int, batc
     ViT's 0.02, not EVA's 1e-10). The encoder is ``.encoder``; the heads are only for pretraining."""
     torch.manual_seed(seed)
     model = VisionPretrainer(config)
-    opt = make_optimizer(model.parameters(), lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
-    progress = Progress("vision", steps, log_every)
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        index = torch.randint(len(data), (batch_size,), generator=g)
-        loss = _loss(model, data, index)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        progress.update(step, loss=loss.item())
-    return model.eval()
 
+    def loss_at(step: int) -> torch.Tensor:
+        return _loss(model, data, torch.randint(len(data), (batch_size,), generator=g))
+
+    return train_steps(model, loss_at, steps, lr, 0.05, "vision", log_every)
 
 @torch.no_grad()
 def evaluate_vision(model: VisionPretrainer, data: SceneData, batch_size: int = 128) -> dict[str, float]:
