@@ -11,6 +11,7 @@ steps), which says nothing about either implementation.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.bench import PRESETS, apply_fast_path  # noqa: E402
 
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
 CACHE = os.environ.get("BLIP2_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "blip2-bench"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,10 +48,12 @@ def load_hf(d: str, dtype: str = "fp32", device: str = "cpu") -> torch.nn.Module
 
 
 def load_ours(d: str, dtype: str = "fp32", device: str = "cpu", fast: str = "plain",
-              compile: bool = False, batch: int = 1) -> Blip2ForConditionalGeneration:
-    """Our model with fast path ``fast``; ``compile``: its decoding step compiled for ``batch`` rows."""
+              compile: bool = False, batch: int = 1, graph: bool = False) -> Blip2ForConditionalGeneration:
+    """Our model with fast path ``fast``; ``compile``: its decoding step compiled for ``batch`` rows;
+    ``graph``: the step replayed as a CUDA graph (``cuda_graph()``)."""
     model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=DTYPES[dtype], device=device)
-    return apply_fast_path(model, fast, compile, batch=batch)
+    model = apply_fast_path(model, fast, compile, batch=batch)
+    return model.cuda_graph() if graph else model
 
 
 def ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
@@ -100,3 +104,15 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) used; torch {torch.__version__}; "
             f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+
+
+def write_readme(body: str, start: str, end: str, path: str = README) -> None:
+    """Replace what is between the markers ``start`` and ``end`` (which must be there) with ``body``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path}: no {start} ... {end} block to fill")
+    new = pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)

@@ -262,6 +262,32 @@ def test_compiled_steps_of_two_models_stay_apart(case):
     assert lm.decode_step == lm._decode_step
 
 
+
+def test_compile_on_a_torch_without_graph_isolation(case, monkeypatch):
+    """torch before 2.13 has no ``torch.compile(isolate_recompiles=...)`` (found on a GPU machine with
+    torch 2.11, where compile() raised TypeError): there the module guards stay and the keyword is not
+    passed; the compiled step still gives the plain tokens."""
+    import blip2.lm.fused as fused
+
+    text, d, plain = case
+    torch._dynamo.reset()
+    seen = []
+    real = torch.compile
+
+    def old_compile(fn, **kwargs):
+        seen.append(kwargs)
+        assert "isolate_recompiles" not in kwargs and "guard_filter_fn" not in kwargs.get("options", {})
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(fused, "_can_isolate_graphs", lambda: False)
+    monkeypatch.setattr(torch, "compile", old_compile)
+    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(backend="eager")
+    assert len(seen) == 1
+    pixels = pixel_batch(3, seed=7)
+    ids, mask = inputs(text)
+    assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == \
+        plain.generate(pixels, ids, mask, max_new_tokens=8).tolist()
+
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compiled_step_tokens_equal_plain_inductor(hf_opt_dir, batch):

@@ -269,7 +269,8 @@ def compile_step(fn: Callable[..., Tensor], device: torch.device,
     modules are left out (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``); those on the step's
     arguments (shapes, dtypes of the inputs and caches) stay. Without module guards, a graph compiled for
     one model would match another model's call of the same method, so each compiled step keeps its graphs
-    to itself (``isolate_recompiles``). Not when the caller sets a mode."""
+    to itself (``isolate_recompiles``). Not when the caller sets a mode, nor on a torch without those two
+    (before 2.13: the guards stay)."""
     import torch._inductor.config as inductor_config
 
     if "mode" in compile_kwargs:
@@ -278,8 +279,20 @@ def compile_step(fn: Callable[..., Tensor], device: torch.device,
     plain_inductor = compile_kwargs.get("backend", "inductor") == "inductor" and "options" not in compile_kwargs
     if device.type == "cpu" and plain_inductor and hasattr(inductor_config, _OPCOUNT_KEY):
         options[_OPCOUNT_KEY] = 4
-    options.setdefault("guard_filter_fn", torch.compiler.skip_guard_on_all_nn_modules_unsafe)
-    return torch.compile(fn, **{"isolate_recompiles": True, **compile_kwargs, "options": options})
+    if _can_isolate_graphs():
+        options.setdefault("guard_filter_fn", torch.compiler.skip_guard_on_all_nn_modules_unsafe)
+        compile_kwargs = {"isolate_recompiles": True, **compile_kwargs}
+    return torch.compile(fn, **{**compile_kwargs, "options": options})
+
+
+def _can_isolate_graphs() -> bool:
+    """Whether this torch can drop the module guards safely: ``torch.compile(isolate_recompiles=...)``
+    (torch 2.13) and ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``. Older releases keep the
+    guards (correct, a little slower per step)."""
+    import inspect
+
+    return ("isolate_recompiles" in inspect.signature(torch.compile).parameters
+            and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"))
 
 
 def compile_format(current: str | None, weight: Tensor, batch: int) -> str:

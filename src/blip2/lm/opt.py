@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import OPTConfig
+from .graphs import graph_step
 from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
                     pack_linears, unfuse_linears)
 
@@ -295,6 +296,14 @@ class OPTForCausalLM(nn.Module):
             self.fuse(fmt)
         device = self.model.decoder.embed_tokens.weight.device
         self.decode_step = compile_step(self._decode_step, device, **compile_kwargs)
+        return self
+
+    def cuda_graph(self) -> OPTForCausalLM:
+        """Replay the one-token decoding step (eager, or compiled by ``compile()`` before) as a CUDA graph:
+        one launch instead of hundreds of small kernels per token (``blip2.lm.graphs``). A graph is recorded
+        at the first step of each ``generate`` call. CUDA only; ``fuse()``, ``unfuse()`` and ``compile()``
+        put the plain step back. Returns self."""
+        self.decode_step = graph_step(self.decode_step, self.model.decoder.embed_tokens.weight.device)
         return self
 
     def _decode_step(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[KVCache],

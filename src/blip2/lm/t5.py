@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import T5Config
+from .graphs import graph_step
 from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
                     pack_linears, unfuse_linears)
 
@@ -384,6 +385,14 @@ class T5ForConditionalGeneration(nn.Module):
                 self.unfuse()
             self.fuse(fmt)
         self.decode_step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
+        return self
+
+    def cuda_graph(self) -> T5ForConditionalGeneration:
+        """Replay the one-token decoding step (eager, or compiled by ``compile()`` before) as a CUDA graph:
+        one launch instead of hundreds of small kernels per token (``blip2.lm.graphs``). A graph is recorded
+        at the first step of each ``generate`` call. CUDA only; ``fuse()``, ``unfuse()`` and ``compile()``
+        put the plain step back. Returns self."""
+        self.decode_step = graph_step(self.decode_step, self.shared.weight.device)
         return self
 
     def _decode_step(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]],
