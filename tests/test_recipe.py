@@ -14,7 +14,7 @@ from blip2.recipe.config import quick
 from blip2.recipe.data import make_scene_data
 from blip2.recipe.driver import run
 from blip2.recipe.lm import scene_documents
-from blip2.recipe.stages import CAPTION_COPIES, VQA_PROMPT, stage1_dataset, stage2_dataset
+from blip2.recipe.stages import CAPTION_COPIES, VQA_PROMPT, hard_negative, stage1_dataset, stage2_dataset
 from blip2.recipe.tokenizer import build_tokenizer, vqa_prompt
 from blip2.retrieval import Blip2ForImageTextRetrieval
 from blip2.world import caption, questions, sample_scene
@@ -67,7 +67,8 @@ def test_stage_datasets():
     states = torch.randn(6, 5, 4)
     one = stage1_dataset(states, data)
     assert len(one) == 6 and [one[i]["caption"] for i in range(6)] == data.captions
-    two = stage2_dataset(states, data, seed=0)
+    tok = build_tokenizer()
+    two = stage2_dataset(states, data, seed=0, tokenizer=tok)
     seen = 0
     for i in range(6):
         kinds = sorted({q["type"] for q in data.qa[i]})
@@ -79,8 +80,39 @@ def test_stage_datasets():
         assert all(r["caption"] is None for r in asked)
         truth = {(q["question"], q["answer"]): q["type"] for q in data.qa[i]}
         assert sorted(truth[(r["question"], r["answer"])] for r in asked) == kinds
+        # every record's prefix is the scene table the LM read where the image goes (lm._batch)
+        table = [t for t in tok(data.captions[i])["input_ids"][1:] if t not in (4, 5, 6)]  # a and ,
+        assert all(tok(r["prefix"], add_special_tokens=False)["input_ids"] == table for r in rows)
     assert seen == len(two)
     assert VQA_PROMPT.format("how many shapes are there?") == vqa_prompt("how many shapes are there?")
+
+
+def test_hard_negatives_get_one_thing_wrong():
+    """Same words but one colour, shape or size (or two colours swapped): never the caption itself."""
+    data = make_scene_data(200, seed=4, variant_share=0.0)
+    rng = np.random.default_rng(0)
+    changed = []
+    for scene, cap in zip(data.scenes, data.captions):
+        neg = hard_negative(scene, rng)
+        a, b = cap.split(), neg.split()
+        assert len(a) == len(b) and neg != cap
+        diff = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(diff) == 1 or (len(diff) == 2 and diff[0] == diff[1][::-1]), (cap, neg)  # one word, or a swap
+        changed += [x for x, _ in diff]
+    colours = sum(w in ("red", "green", "blue", "yellow", "purple", "orange") for w in changed)
+    assert colours > len(changed) / 2  # colour, ITM's weak spot, most often
+    records = stage1_dataset(torch.zeros(200, 2, 2), data, seed=1)
+    assert records[0]["negative"] == stage1_dataset(torch.zeros(200, 2, 2), data, seed=1)[0]["negative"]
+    assert all(records[i]["negative"] not in (None, data.captions[i]) for i in range(200))
+
+
+def test_colour_questions_are_pretrained_twice():
+    tok = build_tokenizer()
+    qa = [{"question": "what color is the circle?", "answer": "red", "type": "color"},
+          {"question": "how many shapes are there?", "answer": "one", "type": "count"}]
+    texts = [tok.decode(d, skip_special_tokens=True) for d in scene_documents(tok, "a red circle", qa)]
+    assert texts.count("question : what color is the circle? answer : red") == 2
+    assert texts.count("question : how many shapes are there? answer : one") == 1
 
 
 def test_scene_documents_end_with_eos():

@@ -26,14 +26,25 @@ from .data import SceneData
 from .schedule import train_steps
 from .tokenizer import vqa_prompt
 
-__all__ = ["scene_documents", "pretrain_lm"]
+__all__ = ["FUNCTION_WORDS", "scene_table", "scene_documents", "pretrain_lm"]
+
+
+FUNCTION_WORDS = "a , and"  # left out of the scene table
+
+
+def scene_table(tokenizer: TextTokenizer, caption: str) -> list[int]:
+    """The scene table's token ids: the caption's content words, "small red circle large blue square"."""
+    drop = set(tokenizer(FUNCTION_WORDS, add_special_tokens=False)["input_ids"])
+    return [t for t in tokenizer(caption, add_special_tokens=False)["input_ids"] if t not in drop]
 
 
 def scene_documents(tokenizer: TextTokenizer, caption: str, qa: list[dict[str, str]]) -> list[list[int]]:
-    """Token ids of each document about one scene: the caption, then each question with its answer, and
-    the same in the other prompt forms users send: "a photo of {caption}", "Question: {q} Short answer:
-    {a}", and a chat turn ("Question: {q1} Answer: {a1}. Question: {q2} Answer: {a2}")."""
+    """Token ids of each document about one scene: the caption, then each question with its answer (colour
+    questions twice: finding the word before a shape in the table is the lookup a tiny LM learns slowest),
+    and the same in the other prompt forms users send: "a photo of {caption}", "Question: {q} Short
+    answer: {a}", and a chat turn ("Question: {q1} Answer: {a1}. Question: {q2} Answer: {a2}")."""
     texts = [caption] + [f"{vqa_prompt(q['question'])} {q['answer']}" for q in qa]
+    texts += [f"{vqa_prompt(q['question'])} {q['answer']}" for q in qa if q.get("type") == "color"]
     texts.append(f"a photo of {caption}")
     first, last = qa[0], qa[-1]
     texts.append(f"Question: {first['question']} Short answer: {first['answer']}")
@@ -70,7 +81,7 @@ def pretrain_lm(config: OPTConfig, tokenizer: TextTokenizer, data: SceneData, st
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     docs = [scene_documents(tokenizer, c, qa) for c, qa in zip(data.captions, data.qa)]
-    function_words = set(tokenizer("a , and", add_special_tokens=False)["input_ids"])
+    function_words = set(tokenizer(FUNCTION_WORDS, add_special_tokens=False)["input_ids"])
     model = OPTForCausalLM(config)
 
     def loss_at(step: int) -> torch.Tensor:

@@ -11,12 +11,25 @@ Recipe-specific choices:
 - ITM negatives are drawn with probability softmax(cosine / 0.5) (``itm_negative_temperature``), not
   with the ITC temperature (~0.07) as LAVIS does: in this world the hardest captions differ by one size
   word, and a Q-Former trained from scratch offered only those from the first steps stays at the prior.
+- Each scene's stage-1 record also carries a hard negative caption (``hard_negative``: one colour,
+  shape or size wrong, or two colours swapped), which ITM learns to reject. A batch of 32 random scenes
+  seldom holds two of the same layout, so the drawn negatives alone left ITM nearly colour-blind: on
+  held-out retrieval, re-ranking by ITC + ITM gave 76.7% R@1 against ITC's 82.1%.
 - Stage 2 trains on captions (no prompt) and answers to "Question: {q} Answer:" together (task
   "mixed"): per scene, the caption ``CAPTION_COPIES`` times and one question of each type the scene
   has, so rare types (colour, shape) are trained as often as counts.
+- Stage 2 adds ``blip2.train``'s prefix alignment loss (weight ``PREFIX_LOSS_WEIGHT``): every record's
+  ``prefix`` is its scene table ("small red circle large blue square", ``recipe.lm.scene_table``), the
+  text the LM was pretrained to read where the image queries go, so the first queries are pulled toward
+  those words' embeddings. With the LM loss alone the 3-layer LM answered 70% of held-out colour
+  questions (it must find the word before the shape in a soft prompt); with it, validation gave 100%
+  colour answers and 99% captions. The queries after the table's last word stay free: the LM loss uses
+  them (pinning them to padding too made the LM start every caption as a question).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,18 +37,21 @@ from torch import Tensor, nn
 
 from ..config import Blip2Config
 from ..modeling import Blip2ForConditionalGeneration
-from ..processing import Blip2Processor
+from ..processing import Blip2Processor, TextTokenizer
 from ..retrieval import Blip2ForImageTextRetrieval
 from ..train import Blip2Stage1, FeatureDataset, Record, TrainConfig
 from ..train import train_stage1 as _train_stage1
 from ..train import train_stage2 as _train_stage2
+from ..world import COLORS, SHAPES, SIZES, Scene, caption
 from .data import SceneData
+from .lm import scene_table
 from .tokenizer import vqa_prompt
 
-__all__ = ["CAPTION_COPIES", "stage_config", "stage1_dataset", "stage2_dataset", "new_retrieval_model",
+__all__ = ["CAPTION_COPIES", "PREFIX_LOSS_WEIGHT", "stage_config", "hard_negative", "stage1_dataset", "stage2_dataset", "new_retrieval_model",
            "train_stage1", "build_stage2", "train_stage2"]
 
 CAPTION_COPIES = 3
+PREFIX_LOSS_WEIGHT = 1.0
 VQA_PROMPT = vqa_prompt("{}")
 
 
@@ -51,22 +67,48 @@ def _name(i: int) -> str:
     return f"scene-{i}"
 
 
-def stage1_dataset(states: Tensor, data: SceneData) -> FeatureDataset:
-    """One (image, caption) record per scene."""
-    return FeatureDataset(states, [Record(_name(i), caption=c) for i, c in enumerate(data.captions)])
+def hard_negative(scene: Scene, rng: np.random.Generator) -> str:
+    """The caption of ``scene`` with one thing wrong: an object's colour (most often: colour is what ITM
+    misses when batches seldom hold two scenes of the same layout), two objects' colours swapped, an
+    object's shape, or its size."""
+    objects = list(scene.objects)
+    kinds = ["color", "color", "shape", "size"]
+    if len({o.color for o in objects}) > 1:
+        kinds.append("swap")
+    kind = kinds[rng.integers(len(kinds))]
+    i = int(rng.integers(len(objects)))
+    o = objects[i]
+    if kind == "swap":
+        j = int(rng.choice([k for k, other in enumerate(objects) if other.color != o.color]))
+        objects[i], objects[j] = replace(o, color=objects[j].color), replace(objects[j], color=o.color)
+    elif kind == "color":
+        objects[i] = replace(o, color=str(rng.choice([c for c in COLORS if c != o.color])))
+    elif kind == "shape":
+        objects[i] = replace(o, shape=str(rng.choice([c for c in SHAPES if c != o.shape])))
+    else:
+        objects[i] = replace(o, size=next(c for c in SIZES if c != o.size))
+    return caption(replace(scene, objects=tuple(objects)))
 
 
-def stage2_dataset(states: Tensor, data: SceneData, seed: int) -> FeatureDataset:
+def stage1_dataset(states: Tensor, data: SceneData, seed: int = 0) -> FeatureDataset:
+    """One (image, caption) record per scene, with a hard negative caption (``hard_negative``)."""
+    rng = np.random.default_rng([seed, 1])
+    return FeatureDataset(states, [Record(_name(i), caption=c, negative=hard_negative(scene, rng))
+                                   for i, (c, scene) in enumerate(zip(data.captions, data.scenes))])
+
+
+def stage2_dataset(states: Tensor, data: SceneData, seed: int, tokenizer: TextTokenizer) -> FeatureDataset:
     """Per scene: its caption ``CAPTION_COPIES`` times, and for each question type it has, one of those
-    questions (drawn with ``seed``)."""
+    questions (drawn with ``seed``); each record's ``prefix`` is the scene table (``tokenizer``: the LM's)."""
     rng = np.random.default_rng(seed)
     records, index = [], []
     for i, (cap, qa) in enumerate(zip(data.captions, data.qa)):
-        records += [Record(_name(i), caption=cap)] * CAPTION_COPIES
+        table = tokenizer.decode(scene_table(tokenizer, cap))
+        records += [Record(_name(i), caption=cap, prefix=table)] * CAPTION_COPIES
         for kind in sorted({q["type"] for q in qa}):
             pick = [q for q in qa if q["type"] == kind]
             q = pick[rng.integers(len(pick))]
-            records.append(Record(_name(i), question=q["question"], answer=q["answer"]))
+            records.append(Record(_name(i), question=q["question"], answer=q["answer"], prefix=table))
         index += [i] * (len(records) - len(index))
     return FeatureDataset(states, records, index)
 
@@ -91,7 +133,7 @@ def train_stage1(model: Blip2ForImageTextRetrieval, processor: Blip2Processor, s
     ``processor``: the Q-Former's tokenizer (``build_tokenizer(add_eos=True)``)."""
     torch.manual_seed(seed)
     config = stage_config(steps, batch_size, lr, seed, log_every, itm_negative_temperature=negative_temperature)
-    _train_stage1(Blip2Stage1(model), processor, stage1_dataset(states, data), config)
+    _train_stage1(Blip2Stage1(model), processor, stage1_dataset(states, data, seed), config)
     return model.eval()
 
 
@@ -113,6 +155,7 @@ def train_stage2(model: Blip2ForConditionalGeneration, processor: Blip2Processor
     """Stage 2 with ``blip2.train.train_stage2``: Q-Former, queries, projection and the encoder's output
     LayerNorm learn; encoder and LM are frozen. ``model.generation_config`` must name the eos token."""
     torch.manual_seed(seed)
-    config = stage_config(steps, batch_size, lr, seed, log_every, task="mixed", prompt=VQA_PROMPT, caption_prompt="")
-    _train_stage2(model, processor, stage2_dataset(states, data, seed), config)
+    config = stage_config(steps, batch_size, lr, seed, log_every, task="mixed", prompt=VQA_PROMPT, caption_prompt="",
+                          prefix_loss_weight=PREFIX_LOSS_WEIGHT)
+    _train_stage2(model, processor, stage2_dataset(states, data, seed, processor.tokenizer), config)
     return model.eval()

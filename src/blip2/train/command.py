@@ -50,6 +50,9 @@ _SETTINGS: list[tuple[str, str, Any, str]] = [
     ("--caption-prompt", "caption_prompt", str, "with --task mixed: the prompt of the caption records"),
     ("--itm-negative-temperature", "itm_negative_temperature", float,
      "stage 1: draw ITM negatives with softmax(cosine / T) (default: the ITC temperature, as LAVIS)"),
+    ("--prefix-loss-weight", "prefix_loss_weight", float,
+     "stage2/finetune: weight of the loss pulling projected query i toward the LM embedding of token i of "
+     "each record's \"prefix\" text (default 0: off)"),
     ("--device", "device", str, "torch device (default: cuda:LOCAL_RANK or cpu)"),
     ("--gradient-checkpointing", "gradient_checkpointing", True, "recompute activations in backward"),
     ("--unfreeze-vision", "freeze_vision", False, "train the image encoder too"),

@@ -68,6 +68,12 @@ class Record:
     question: str | None = None
     answer: str | None = None
     member: tuple[int, int] | None = None
+    # stage 2 with ``TrainConfig.prefix_loss_weight``: a text the projected queries are pulled toward,
+    # token by token (e.g. the image's description in the words the LM reads); None: no such loss
+    prefix: str | None = None
+    # stage 1: a caption that does not match the image (a hard negative, e.g. one word changed), which ITM
+    # scores as a non-match besides the negatives drawn from the batch; None: only those
+    negative: str | None = None
 
 
 def _fields(obj: Any, task: str) -> dict[str, str] | None:
@@ -81,7 +87,12 @@ def _fields(obj: Any, task: str) -> dict[str, str] | None:
     values = {n: obj.get(n) for n in names}
     if not all(isinstance(v, str) and v.strip() for v in values.values()):
         return None
-    return {n: v.strip() for n, v in values.items()}
+    fields = {n: v.strip() for n, v in values.items()}
+    for name in ("prefix", "negative"):  # optional: the prefix alignment text, a hard negative caption
+        value = obj.get(name)
+        if isinstance(value, str) and value.strip():
+            fields[name] = value.strip()
+    return fields
 
 
 def _needs(task: str) -> str:
@@ -293,7 +304,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
             raise RuntimeError(f"{MAX_IMAGE_RETRIES} unreadable images in a row from record {index}: check the data")
         pixels = self.transform(image, np.random.default_rng([self.seed, key]))
         return {"pixel_values": pixels, "caption": record.caption, "question": record.question,
-                "answer": record.answer, "key": key, "bad": bad}
+                "answer": record.answer, "prefix": record.prefix, "negative": record.negative, "key": key,
+                "bad": bad}
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -326,7 +338,8 @@ class FeatureDataset(torch.utils.data.Dataset):
         index = key % len(self.records)
         r = self.records[index]
         return {"vision_states": self.vision_states[self.image_index[index]], "caption": r.caption,
-                "question": r.question, "answer": r.answer, "key": key, "bad": 0}
+                "question": r.question, "answer": r.answer, "prefix": r.prefix, "negative": r.negative,
+                "key": key, "bad": 0}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -338,6 +351,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "caption": [s["caption"] for s in samples],
         "question": [s["question"] for s in samples],
         "answer": [s["answer"] for s in samples],
+        "prefix": [s.get("prefix") for s in samples],
+        "negative": [s.get("negative") for s in samples],
         "key": torch.tensor([s["key"] for s in samples], dtype=torch.long),
         "bad": sum(s["bad"] for s in samples),
     }

@@ -146,10 +146,12 @@ def sample_negatives(weights: Tensor, generator: torch.Generator) -> Tensor:
     return idx.clamp(max=G - 1)
 
 
-def itm_loss(logits: Tensor) -> Tensor:
-    """ITM cross-entropy for logits [3b, 2] laid out (positives, negative images, negative texts)."""
-    b = logits.shape[0] // 3
-    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(logits.device)
+def itm_loss(logits: Tensor, positives: int | None = None) -> Tensor:
+    """ITM cross-entropy for logits [3b (+ k), 2] laid out (positives, negative images, negative texts,
+    then any k given hard negatives); ``positives``: b (default: a third of the rows)."""
+    b = logits.shape[0] // 3 if positives is None else positives
+    labels = torch.cat([torch.ones(b, dtype=torch.long),
+                        torch.zeros(logits.shape[0] - b, dtype=torch.long)]).to(logits.device)
     return F.cross_entropy(logits.float(), labels)
 
 

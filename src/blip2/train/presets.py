@@ -64,6 +64,9 @@ class TrainConfig:
     # temperature, as LAVIS does; a higher t (say 0.5) draws easier negatives, for a Q-Former trained from scratch
     itm_negative_temperature: float | None = None
     prefix_lm: bool = False  # T5 stage 2: split captions into encoder prefix and decoder target
+    # stage 2: add this times the prefix alignment loss (``Blip2Stage2``): projected query i is pulled
+    # toward the LM's input embedding of token i of the record's ``prefix`` text; 0: off (LAVIS)
+    prefix_loss_weight: float = 0.0
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is there, else cpu
     out_dir: str | None = None  # where metrics.jsonl, checkpoint/ and the final model go
     resume: bool = False  # continue from out_dir/checkpoint when it exists
@@ -80,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"frozen_dtype must be 'bf16', 'fp16', 'fp32' or None, got {self.frozen_dtype!r}")
         if self.task not in ("caption", "vqa", "mixed"):
             raise ValueError(f"task must be 'caption', 'vqa' or 'mixed', got {self.task!r}")
+        if self.prefix_loss_weight < 0:
+            raise ValueError(f"prefix_loss_weight must be >= 0, got {self.prefix_loss_weight}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be positive")
 

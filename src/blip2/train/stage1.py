@@ -175,7 +175,9 @@ class Blip2Stage1(nn.Module):
             self.temp.clamp_(0.001, 0.5)
 
     def forward(self, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor, itg_input_ids: Tensor,
-                itg_labels: Tensor, negatives_seed: int, vision_states: Tensor | None = None) -> dict[str, Tensor]:
+                itg_labels: Tensor, negatives_seed: int, vision_states: Tensor | None = None,
+                negative_ids: Tensor | None = None, negative_mask: Tensor | None = None,
+                has_negative: Tensor | None = None) -> dict[str, Tensor]:
         """This rank's share of a global batch -> ``{"loss", "itc", "itm", "itg", "neg_image", "neg_text"}``.
 
         pixel_values [b, 3, H, W], or None with vision_states [b, N+1, Dv] (the frozen ViT's output computed
@@ -183,6 +185,8 @@ class Blip2Stage1(nn.Module):
         ``negatives_seed`` must be the same on every rank: hard negatives are drawn from the gathered
         similarity with a generator seeded by it, so a run gives the same draws on any number of ranks.
         ``neg_image``/``neg_text`` are the global batch indices of the drawn negatives, [b] each.
+        Given hard negative captions (``negative_ids``/``negative_mask`` [b, T], ``has_negative`` [b] bool:
+        the rows that have one), ITM also scores each with its image as a non-match.
         """
         m = self.model
         rank, world = rank_and_world()
@@ -212,11 +216,16 @@ class Blip2Stage1(nn.Module):
             # as LAVIS: first a negative image for every text, then a negative text for every image
             neg_image = sample_negatives(negative_weights(sim.t(), same_text), generator)[rows]  # [b]
             neg_text = sample_negatives(negative_weights(sim, same_text), generator)[rows]  # [b]
-        itm_logits = m.itm_logits_from_features(
-            torch.cat([image_feats, feats_all[neg_image], image_feats]),  # [3b, N+1, Dv]: pos, neg image, pos
-            torch.cat([input_ids, input_ids, ids_all[neg_text]]),  # [3b, T]: pos, pos, neg text
-            torch.cat([attention_mask, attention_mask, mask_all[neg_text]]))
-        loss_itm = itm_loss(itm_logits)
+        feats = [image_feats, feats_all[neg_image], image_feats]  # [3b, N+1, Dv]: pos, neg image, pos
+        ids = [input_ids, input_ids, ids_all[neg_text]]  # [3b, T]: pos, pos, neg text
+        masks = [attention_mask, attention_mask, mask_all[neg_text]]
+        if negative_ids is not None and negative_mask is not None and has_negative is not None:
+            keep = has_negative.to(image_feats.device).bool()  # [b]: + k pairs (image, its hard negative)
+            feats.append(image_feats[keep])
+            ids.append(negative_ids.to(input_ids.device)[keep])
+            masks.append(negative_mask.to(input_ids.device)[keep])
+        itm_logits = m.itm_logits_from_features(torch.cat(feats), torch.cat(ids), torch.cat(masks))
+        loss_itm = itm_loss(itm_logits, positives=b)
 
         # ITG: text generation from the queries (queries see queries, text sees queries and earlier text)
         queries = m.query_tokens.expand(b, -1, -1)
@@ -381,8 +390,14 @@ def train_stage1(model: Blip2Stage1 | Blip2ForImageTextRetrieval, processor: Bli
     text = Stage1Text(processor.tokenizer, config.max_txt_len)
 
     def make_inputs(batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
-        return {**image_inputs(batch), **text(batch["caption"]),
-                "negatives_seed": derive_seed(config.seed, step, micro, 2)}
+        inputs = {**image_inputs(batch), **text(batch["caption"]),
+                  "negatives_seed": derive_seed(config.seed, step, micro, 2)}
+        negatives = batch.get("negative") or []
+        if any(negatives):  # hard negative captions (Record.negative)
+            enc = text([n or "" for n in negatives])
+            inputs.update(negative_ids=enc["input_ids"], negative_mask=enc["attention_mask"],
+                          has_negative=torch.tensor([bool(n) for n in negatives]))
+        return inputs
 
     def save(directory: str) -> None:
         stage1.save_pretrained(directory)

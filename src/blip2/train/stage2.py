@@ -13,6 +13,13 @@ VQA: prompt = ``config.prompt.format(question)``, target = answer. Stage-2 pre-t
 paper's prefix LM (``prefix_lm``): the caption is split at a random word, the first part goes to the
 encoder after the prompt, the rest is the target.
 
+Prefix alignment (optional, not in the paper; ``TrainConfig.prefix_loss_weight`` > 0): a record may carry a
+``prefix`` text, and the loss adds ``w * sum_i |p_i - e(t_i)|^2 / (n * mean_v |e(v)|^2)`` over the prefix's
+n tokens t_i, where p_i is projected query i and e the LM's (frozen) input embedding. The soft prompt then
+starts as a readable description of the image, in the LM's own words (queries after the n-th stay free).
+It helps a language model too small to learn, from the LM loss alone, to look things up in a soft prompt
+(the bundled demo model's colour answers: 70% without it, 100% on validation with it).
+
 Precision: the image encoder and the LM run under autocast when asked; the Q-Former and the projection
 run in fp32 outside it, as the reference keeps them.
 """
@@ -52,10 +59,12 @@ __all__ = ["Blip2Stage2", "Stage2Text", "build_stage2", "finetune", "load_stage1
 class Blip2Stage2(nn.Module):
     """The stage-2 / fine-tuning training model: forward -> ``{"loss"}``."""
 
-    def __init__(self, model: Blip2ForConditionalGeneration) -> None:
+    def __init__(self, model: Blip2ForConditionalGeneration, prefix_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.autocast_dtype: torch.dtype | None = None  # set by the training loop
+        self.prefix_loss_weight = prefix_loss_weight
+        self._embedding_scale: Tensor | None = None  # mean squared norm of the LM's input embeddings
 
     def frozen_modules(self, freeze_vision: bool) -> list[nn.Module]:
         frozen: list[nn.Module] = [self.model.language_model]
@@ -64,9 +73,24 @@ class Blip2Stage2(nn.Module):
     def after_step(self) -> None:
         """Nothing to clamp in stage 2 (the loop calls this after every optimizer step)."""
 
+    def prefix_loss(self, lm_inputs: Tensor, prefix_ids: Tensor, prefix_mask: Tensor) -> Tensor:
+        """The prefix alignment loss (module docstring): lm_inputs [b, Q, D] projected queries, prefix_ids
+        [b, Q] token ids, prefix_mask [b, Q] 1 where a row's prefix has a token (the loss is only there)."""
+        embed = self.model.language_model.get_input_embeddings()
+        if self._embedding_scale is None:
+            with torch.no_grad():
+                self._embedding_scale = embed.weight.float().pow(2).sum(-1).mean()
+        keep = prefix_mask.to(lm_inputs.dtype)  # [b, Q]
+        with torch.no_grad():
+            target = embed(prefix_ids).to(lm_inputs.dtype)  # [b, Q, D]
+        dist = (lm_inputs - target).pow(2).sum(-1)  # [b, Q]
+        return (dist * keep).sum() / keep.sum().clamp(min=1) / self._embedding_scale.to(lm_inputs.device)
+
     def forward(self, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                decoder_attention_mask: Tensor | None = None, vision_states: Tensor | None = None) -> dict[str, Tensor]:
-        """LM loss for this rank's rows, normalised by the global number of target tokens.
+                decoder_attention_mask: Tensor | None = None, vision_states: Tensor | None = None,
+                prefix_ids: Tensor | None = None, prefix_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """LM loss for this rank's rows, normalised by the global number of target tokens (plus the
+        weighted prefix alignment loss when ``prefix_ids``/``prefix_mask`` [b, Q] are given).
 
         Decoder-only: input_ids/attention_mask/labels [b, L] (labels -100 where no loss). Encoder-decoder:
         input_ids/attention_mask [b, L] for the encoder, labels/decoder_attention_mask [b, Td]. Images:
@@ -92,7 +116,10 @@ class Blip2Stage2(nn.Module):
             count = count.clone()
             torch.distributed.all_reduce(count)
         loss = total / count.clamp(min=1) * world
-        return {"loss": loss}
+        if prefix_ids is None or prefix_mask is None or not self.prefix_loss_weight:
+            return {"loss": loss}
+        prefix = self.prefix_loss(lm_inputs, prefix_ids.to(device), prefix_mask.to(device))
+        return {"loss": loss + self.prefix_loss_weight * prefix, "lm": loss.detach(), "prefix": prefix.detach()}
 
 
 class Stage2Text:
@@ -104,7 +131,7 @@ class Stage2Text:
 
     def __init__(self, tokenizer: TextTokenizer, model: Blip2ForConditionalGeneration, *, task: str = "caption",
                  prompt: str = "", max_txt_len: int = 32, prefix_lm: bool = False, seed: int = 0,
-                 caption_prompt: str = "") -> None:
+                 caption_prompt: str = "", prefix_ids: bool = False) -> None:
         if task not in ("caption", "vqa", "mixed"):
             raise ValueError(f"task must be 'caption', 'vqa' or 'mixed', got {task!r}")
         if task in ("vqa", "mixed") and "{}" not in prompt:
@@ -113,6 +140,7 @@ class Stage2Text:
         self.task, self.prompt, self.max_txt_len, self.seed = task, prompt, max_txt_len, seed
         self.caption_prompt = caption_prompt
         config = model.config
+        self.prefix_length = config.num_query_tokens if prefix_ids else 0  # > 0: also return "prefix_ids"
         self.decoder_only = config.use_decoder_only_language_model
         self.prefix_lm = prefix_lm and not self.decoder_only and task == "caption"
         self.image_prefix = [config.image_token_index] * config.num_query_tokens if config.image_token_index is not None else []
@@ -145,9 +173,22 @@ class Stage2Text:
                 split = [self._split(t, k) for t, k in zip(targets, keys)]
                 prompts = [" ".join(s for s in (p, pre) if s) for p, (pre, _) in zip(prompts, split)]
                 targets = [suf for _, suf in split]
-        if self.decoder_only:
-            return self._decoder_only(prompts, targets)
-        return self._encoder_decoder(prompts, targets)
+        out = self._decoder_only(prompts, targets) if self.decoder_only else self._encoder_decoder(prompts, targets)
+        if self.prefix_length:
+            out["prefix_ids"], out["prefix_mask"] = self._prefix_ids(batch.get("prefix") or [None] * len(keys))
+        return out
+
+    def _prefix_ids(self, prefixes: list[str | None]) -> tuple[Tensor, Tensor]:
+        """(ids, mask) [b, Q]: each prefix's tokens (no special tokens) cut to Q, then padding (mask 0)."""
+        ids = torch.full((len(prefixes), self.prefix_length), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(prefixes), self.prefix_length, dtype=torch.long)
+        present = [(i, p) for i, p in enumerate(prefixes) if p]
+        if present:
+            for (i, _), row in zip(present, self._ids([p for _, p in present], special=False)):
+                row = row[: self.prefix_length]
+                ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+                mask[i, : len(row)] = 1
+        return ids, mask
 
     def _decoder_only(self, prompts: list[str], targets: list[str]) -> dict[str, Tensor]:
         # Prompt and target are tokenized apart so the loss boundary is exact; the target gets the space
@@ -283,11 +324,11 @@ def train_stage2(model: Blip2ForConditionalGeneration, processor: Blip2Processor
     """
     if config.amp == "fp16" and not model.config.use_decoder_only_language_model:
         raise ValueError("fp16 overflows in Flan-T5's feed-forward layers (BLIP-2 trained it in bf16): use amp='bf16'")
-    trainee = Blip2Stage2(model)
+    trainee = Blip2Stage2(model, prefix_loss_weight=config.prefix_loss_weight)
     dataset = make_dataset(data, processor.image_processor, config)
     text = Stage2Text(processor.tokenizer, model, task=config.task, prompt=config.prompt,
                       max_txt_len=config.max_txt_len, prefix_lm=config.prefix_lm, seed=config.seed,
-                      caption_prompt=config.caption_prompt)
+                      caption_prompt=config.caption_prompt, prefix_ids=config.prefix_loss_weight > 0)
 
     def make_inputs(batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
         return {**image_inputs(batch), **text(batch)}
