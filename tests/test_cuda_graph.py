@@ -111,3 +111,12 @@ def test_cuda_graph_tokens_equal_plain_on_gpu(case):
     want = eager.generate(pixels, ids, mask, max_new_tokens=9, min_new_tokens=9)
     assert model.generate(pixels, ids, mask, max_new_tokens=9, min_new_tokens=9).tolist() == want.tolist()
     assert model.language_model.decode_step.recordings == 1
+
+
+def test_bench_cuda_graph_flag_needs_cuda(case, capsys):
+    from blip2.bench import main
+
+    text, d, plain = case
+    with pytest.raises(SystemExit):
+        main(["--model", d, "--device", "cpu", "--cuda-graph"])
+    assert "--cuda-graph needs a CUDA device, got --device cpu" in capsys.readouterr().err

@@ -209,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step: for one row to time decoding, then for --batch rows to time "
                         "captioning (minutes on a small CPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the decoding step as a CUDA graph (cuda_graph(); CUDA only)")
     p.add_argument("--batch", type=int, default=8, help="images per captioning batch (default: 8)")
     p.add_argument("--new-tokens", type=int, default=24, help="tokens generated per image (default: 24)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is kept (default: 3)")
@@ -217,15 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        p.error(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     dtype = parse_dtype(args.dtype)
     model = apply_fast_path(_load(args.model, None if args.model else args.preset, dtype, args.device),
                             args.fast, args.compile)
+    if args.cuda_graph:
+        model.cuda_graph()
     device = torch.device(args.device)
     n = torch.get_num_threads()
     where = f"{device.type}" + (f", {n} thread{'s' if n != 1 else ''}" if device.type == "cpu" else
                                 f", {torch.cuda.get_device_name(device)}")
     print(f"model: {args.model or 'preset ' + args.preset} | {where} | dtype {args.dtype} | "
-          f"fast path {args.fast}{' + compile' if args.compile else ''}")
+          f"fast path {args.fast}{' + compile' if args.compile else ''}{' + cuda_graph' if args.cuda_graph else ''}")
 
     nbytes = decode_bytes_per_token(model)
     step, bw = time_decode_step(model, 1, 16, copy_bandwidth(device=device))
@@ -239,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = args.new_tokens
     if args.compile and args.batch > 1:  # the captioning batch gets the layout for its rows
         model.compile(args.batch)
+        if args.cuda_graph:  # compile() put its own step in
+            model.cuda_graph()
 
     def caption() -> None:
         model.generate(pixels, ids, mask, max_new_tokens=n, min_new_tokens=n)
