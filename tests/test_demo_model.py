@@ -20,7 +20,7 @@ from blip2.world import VARIANTS, caption, render_variant, sample_scene
 from blip2.world_eval import caption_scores, parse_caption
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "images")
-# Share of 50 redrawn / perturbed images captioned right. Measured on the bundled model: 0.94, and 0.96
+# Share of 50 redrawn / perturbed images captioned right. Measured on the bundled model: 0.96, and 0.98
 # on the same 50 scenes drawn clean.
 ROBUSTNESS_FLOOR = 0.9
 bundled = pytest.mark.skipif(not os.path.exists(os.path.join(DEFAULT_MODEL, "model.safetensors")),
@@ -52,10 +52,8 @@ def test_examples_captioned_and_answered(ours):
     model, processor = ours
     images, truth = _examples()
     captions = caption_images(model, processor, images)
-    # every object's colour and shape, left to right, in every example; sizes too in all but one (the
-    # bundled model calls the last example's small orange square large)
-    assert [[(c, s) for _, c, s in parse_caption(x)] for x in captions] == [[(c, s) for _, c, s in parse_caption(x)] for x in truth]
-    assert sum(c == t for c, t in zip(captions, truth)) >= 5
+    # every object's size, colour and shape, left to right, in every example
+    assert captions == truth
     assert [len(parse_caption(t)) for t in truth] == [1, 1, 2, 2, 3, 3]
     answers = answer_questions(model, processor, [images[2], images[4], images[0]],
                                ["how many shapes are there?", "how many shapes are there?", "what color is the square?"])
@@ -102,6 +100,21 @@ def test_transformers_loads_the_retrieval_bundle_and_agrees():
     torch.testing.assert_close(itc, ours_itc, atol=1e-4, rtol=1e-4)
     assert torch.equal(ours_itc.argmax(0), torch.arange(6))  # every example caption finds its image
     assert bool((itm[:, 1] > itm[:, 0]).all())  # and every true pair is a match
+
+
+@bundled
+def test_heldout_floors():
+    """Issue 6's floor on the README's held-out set (500 clean images, the eval script's): captions and
+    every VQA type >= 90%, text-to-image R@1 >= 80% by ITC and by ITC + ITM. Measured: captions 98.4,
+    VQA colour 99.6, shape 99.2, count 99.4, colour count 99.4; R@1 91.5 (ITC), 91.2 (ITC + ITM)."""
+    from blip2.demo_eval import evaluate
+
+    result = evaluate(DEFAULT_MODEL, DEFAULT_RETRIEVAL_MODEL, n=500)
+    assert result["images"] == 500 and result["t2i_queries"] >= 300
+    floors = {"caption_objects": 90, "vqa_color": 90, "vqa_shape": 90, "vqa_count": 90, "vqa_count_color": 90,
+              "t2i_r1_itc": 80, "t2i_r1_itc_itm": 80}
+    assert {k: result[k] for k in floors if result[k] < floors[k]} == {}
+    assert min(result[f"vqa_{k}_n"] for k in ("color", "shape", "count", "count_color")) >= 500
 
 
 @bundled
