@@ -376,3 +376,24 @@ def test_convert_lavis_checkpoint_then_caption(pipe, tmp_path, capsys, monkeypat
     image = [load_image(write_image(tmp_path / "x.png", 3))]
     converted, original = Pipeline.load("out", device="cpu"), Pipeline.load("hf", device="cpu")
     assert converted.caption(image, "w5", OPTIONS) == original.caption(image, "w5", OPTIONS)
+
+
+def test_fast_option_same_captions_and_errors(pipe, tiny_model_dir, photos, capsys, monkeypatch):
+    """--fast fuse gives the plain captions; int8 quantizes the LM; cuda-graph needs CUDA."""
+    from blip2.lm.fused import fused_format
+
+    monkeypatch.chdir(photos.parent)
+    paths = ["photos/a.png", "photos/b.jpg"]
+    want = expected_captions(pipe, paths, photos.parent)
+    assert main(["caption", *paths, "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", str(TOKENS),
+                 "--workers", "0", "--fast", "fuse"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{p}\t{want[p]}" for p in paths]
+    fused = Pipeline.load(tiny_model_dir, device="cpu", fast="fuse")
+    assert fused.caption([load_image(photos / "a.png")], "", OPTIONS) == [want["photos/a.png"]]
+    assert fused_format(Pipeline.load(tiny_model_dir, device="cpu", fast="int8").model.language_model) == "int8"
+    assert main(["ask", "photos/a.png", "what ?", "--model", tiny_model_dir, "--device", "cpu",
+                 "--fast", "cuda-graph"]) == 2
+    assert "--fast cuda-graph needs a CUDA device; the model is on cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["caption", "photos", "--fast", "turbo"])
+    assert "invalid choice: 'turbo'" in capsys.readouterr().err

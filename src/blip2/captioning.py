@@ -239,7 +239,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def caption_job(ranks: Ranks, paths: list[str], model: str | None, device: str, dtype: str, prompt: str,
                 batch_size: int, options: GenerationOptions, output: str | None, resume: bool, overwrite: bool,
-                workers: int) -> int:
+                workers: int, fast: str = "none") -> int:
     """Caption ``paths`` on this rank's share; returns the exit code (1 when any image failed)."""
     lead = ranks.rank == 0
     started = time.monotonic()
@@ -271,7 +271,7 @@ def caption_job(ranks: Ranks, paths: list[str], model: str | None, device: str, 
 
     if ranks.world > 1 and device in ("auto", "cuda") and resolve_device(device).type == "cuda":
         device = f"cuda:{ranks.local_rank}"
-    pipe = Pipeline.load(model, device=device, dtype=dtype) if mine else None
+    pipe = Pipeline.load(model, device=device, dtype=dtype, fast=fast) if mine else None
     if pipe is not None:
         pipe.check_prompt(prompt, options)  # a retrieval checkpoint or an over-long prompt fails here, not per batch
     sink = output if output is None or ranks.world == 1 else f"{output}.rank{ranks.rank}.part"

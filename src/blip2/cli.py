@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .captioning import CliError, ImageFiles, Ranks, caption_job, expand_inputs, read_results
 from .index import ImageIndex, list_images
-from .pipeline import GenerationOptions, Pipeline, PipelineError
+from .pipeline import FAST, GenerationOptions, Pipeline, PipelineError
 
 __all__ = ["CliError", "build_parser", "expand_inputs", "main", "read_results"]
 
@@ -56,7 +56,8 @@ def _open_image(path: str) -> Any:
 
 def caption(paths: list[str], model: str | None = None, device: str = "auto", dtype: str = "auto",
             prompt: str = "", batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 30,
-            output: str | None = None, resume: bool = False, overwrite: bool = False, workers: int = 2) -> int:
+            output: str | None = None, resume: bool = False, overwrite: bool = False, workers: int = 2,
+            fast: str = "none") -> int:
     """Caption images: files, folders (recursive), globs or list files."""
     options = _options(max_new_tokens, num_beams)
     if batch_size < 1 or workers < 0:
@@ -69,17 +70,17 @@ def caption(paths: list[str], model: str | None = None, device: str = "auto", dt
     ranks = Ranks.from_env()
     try:
         return caption_job(ranks, paths, model, device, dtype, prompt, batch_size, options, output, resume,
-                           overwrite, workers)
+                           overwrite, workers, fast)
     finally:
         ranks.close()
 
 
 def ask(image: str, questions: list[str], model: str | None = None, device: str = "auto", dtype: str = "auto",
-        num_beams: int = 1, max_new_tokens: int = 30) -> int:
+        num_beams: int = 1, max_new_tokens: int = 30, fast: str = "none") -> int:
     """Answer questions about an image, one answer line per question."""
     options = _options(max_new_tokens, num_beams)
     picture = _open_image(image)
-    pipe = Pipeline.load(model, device=device, dtype=dtype)
+    pipe = Pipeline.load(model, device=device, dtype=dtype, fast=fast)
     pixels = pipe.preprocess([picture]).expand(len(questions), -1, -1, -1)
     for answer in pipe.ask(pixels, questions, options):
         print(answer)
@@ -87,11 +88,11 @@ def ask(image: str, questions: list[str], model: str | None = None, device: str 
 
 
 def chat(image: str, model: str | None = None, device: str = "auto", dtype: str = "auto", num_beams: int = 1,
-         max_new_tokens: int = 30) -> int:
+         max_new_tokens: int = 30, fast: str = "none") -> int:
     """Talk about an image: one question per line on stdin, earlier turns kept in the prompt."""
     options = _options(max_new_tokens, num_beams)
     picture = _open_image(image)
-    pipe = Pipeline.load(model, device=device, dtype=dtype)
+    pipe = Pipeline.load(model, device=device, dtype=dtype, fast=fast)
     pixels = pipe.preprocess([picture])[0]
     history: list[tuple[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -285,7 +286,7 @@ def convert(checkpoints: list[str], output: str, kind: str, image_size: int = 22
 def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", num_beams: int = 1,
           max_new_tokens: int = 30, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
           max_wait_ms: float = 10.0, max_queue: int = 64, timeout: float = 60.0, max_upload_mb: float = 10.0,
-          max_pixels: int = 40_000_000) -> int:
+          max_pixels: int = 40_000_000, fast: str = "none") -> int:
     """Serve caption, VQA and match over HTTP (needs the serve extra: fastapi, uvicorn)."""
     try:
         from .server import ServerSettings, bind, run_server
@@ -303,7 +304,7 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
         raise CliError(str(e)) from None
     with sock:
         try:
-            run_server(Pipeline.load(model, device=device, dtype=dtype), settings, sock)
+            run_server(Pipeline.load(model, device=device, dtype=dtype, fast=fast), settings, sock)
         except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: uvicorn has shut down cleanly
             pass
     return 0
@@ -334,6 +335,10 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=30, help="most tokens to generate (default: 30)")
     g.add_argument("--num-beams", type=int, default=1, help="beam search width; 1 is greedy (default: 1)")
+    g.add_argument("--fast", default="none", choices=FAST,
+                   help="speed-up: fuse (fused projections, same tokens), int8 (int8 language-model weights), "
+                        "cuda-graph (fuse + decoding step replayed as a CUDA graph, same tokens; CUDA only) "
+                        "(default: none)")
 
 
 def _command(sub: Any, func: Callable[..., int], **kw: Any) -> argparse.ArgumentParser:

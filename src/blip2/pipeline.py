@@ -118,6 +118,9 @@ def _architectures(directory: str) -> list[str]:
         raise PipelineError(f"{path}: not a valid config ({e})") from None
 
 
+FAST = ("none", "fuse", "int8", "cuda-graph")  # Pipeline.load(fast=...), the commands' --fast
+
+
 class Pipeline:
     """A BLIP-2 model and its processor, loaded once, run on batches under ``torch.inference_mode``."""
 
@@ -129,8 +132,15 @@ class Pipeline:
         self.is_retrieval = hasattr(model, "itm_head")
 
     @classmethod
-    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto") -> Pipeline:
-        """From a checkpoint directory or Hub id; ``None`` is the bundled demo model ``blip2.DEFAULT_MODEL``."""
+    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", fast: str = "none") -> Pipeline:
+        """From a checkpoint directory or Hub id; ``None`` is the bundled demo model ``blip2.DEFAULT_MODEL``.
+
+        ``fast`` (generation models; one of ``FAST``): "none"; "fuse" (``fuse()``: fused, pre-packed
+        projections, the same tokens); "int8" (``quantize_int8()``: int8 language-model weights, most
+        tokens the same); "cuda-graph" (``fuse()`` and ``cuda_graph()``: the decoding step replayed as a CUDA
+        graph, the same tokens; CUDA only)."""
+        if fast not in FAST:
+            raise PipelineError(f"fast must be one of {', '.join(FAST)}, got {fast!r}")
         if model is None:
             if not os.path.isdir(DEFAULT_MODEL):
                 raise PipelineError(f"no model given and the bundled demo model is not installed ({DEFAULT_MODEL}); "
@@ -151,6 +161,15 @@ class Pipeline:
             processor = Blip2Processor.from_pretrained(directory)
         except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
+        if fast != "none" and hasattr(net, "fuse"):  # retrieval checkpoints have no fast paths
+            if fast == "cuda-graph" and dev.type != "cuda":
+                raise PipelineError(f"--fast cuda-graph needs a CUDA device; the model is on {dev}")
+            if fast == "int8":
+                net.quantize_int8()
+            else:
+                net.fuse()
+            if fast == "cuda-graph":
+                net.cuda_graph()
         return cls(net, processor, name=model)
 
     @property
