@@ -147,6 +147,8 @@ class Pipeline:
                                     "pass --model DIR_OR_HUB_ID, e.g. --model Salesforce/blip2-opt-2.7b")
             model = DEFAULT_MODEL
         dev = resolve_device(device)
+        if fast == "cuda-graph" and dev.type != "cuda":
+            raise PipelineError(f"--fast cuda-graph needs a CUDA device; the model is on {dev}")
         dt = resolve_dtype(dtype, dev)
         from .checkpoint import resolve_dir
         from .processing import Blip2Processor
@@ -162,8 +164,6 @@ class Pipeline:
         except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
         if fast != "none" and hasattr(net, "fuse"):  # retrieval checkpoints have no fast paths
-            if fast == "cuda-graph" and dev.type != "cuda":
-                raise PipelineError(f"--fast cuda-graph needs a CUDA device; the model is on {dev}")
             if fast == "int8":
                 net.quantize_int8()
             else:
