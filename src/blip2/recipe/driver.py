@@ -119,6 +119,7 @@ def run(out: str, cfg: RecipeConfig, resume: bool = False, stop_after: str | Non
         config1 = Blip2Config(vision_config=cfg.vision, qformer_config=qformer1, text_config=cfg.lm,
                               num_query_tokens=cfg.num_query_tokens, image_text_hidden_size=cfg.qformer.hidden_size,
                               image_token_index=None)
+        torch.manual_seed(cfg.seed)  # the fresh Q-Former's init must not depend on what ran before (--resume)
         retrieval = new_retrieval_model(config1, vision)
         steps, batch, lr = cfg.stage1_schedule
         processor1 = _processor(build_tokenizer(add_eos=True), cfg.vision.image_size, None)
@@ -133,6 +134,7 @@ def run(out: str, cfg: RecipeConfig, resume: bool = False, stop_after: str | Non
     config2 = Blip2Config(vision_config=cfg.vision, qformer_config=cfg.qformer.replace(use_qformer_text_input=False),
                           text_config=cfg.lm, num_query_tokens=cfg.num_query_tokens,
                           image_text_hidden_size=cfg.qformer.hidden_size, image_token_index=image_token)
+    torch.manual_seed(cfg.seed)  # likewise the language projection's init
     model = build_stage2(config2, retrieval, lm.state_dict())
     model.generation_config = GenerationConfig(bos_token_id=cfg.lm.bos_token_id, eos_token_id=cfg.lm.eos_token_id,
                                                pad_token_id=cfg.lm.pad_token_id, max_new_tokens=MAX_NEW_TOKENS)
