@@ -22,8 +22,8 @@ Recipe-specific choices:
   ``prefix`` is its scene table ("small red circle large blue square", ``recipe.lm.scene_table``), the
   text the LM was pretrained to read where the image queries go, so the first queries are pulled toward
   those words' embeddings. With the LM loss alone the 3-layer LM answered 70% of held-out colour
-  questions (it must find the word before the shape in a soft prompt); with it, 99.6%, and captions
-  stayed at 98.4%. The queries after the table's last word stay free: the LM loss uses
+  questions (it must find the word before the shape in a soft prompt); with it, 100%, and captions
+  stayed at 99%. The queries after the table's last word stay free: the LM loss uses
   them (pinning them to padding too made the LM start every caption as a question).
 """
 

@@ -18,7 +18,7 @@ Prefix alignment (optional, not in the paper; ``TrainConfig.prefix_loss_weight``
 n tokens t_i, where p_i is projected query i and e the LM's (frozen) input embedding. The soft prompt then
 starts as a readable description of the image, in the LM's own words (queries after the n-th stay free).
 It helps a language model too small to learn, from the LM loss alone, to look things up in a soft prompt
-(the bundled demo model's held-out colour answers: 70% without it, 99.6% with it).
+(the bundled demo model's held-out colour answers: 70% without it, 100% with it).
 
 Precision: the image encoder and the LM run under autocast when asked; the Q-Former and the projection
 run in fp32 outside it, as the reference keeps them.
