@@ -13,7 +13,7 @@ from blip2.processing import Blip2Processor, TextTokenizer
 from blip2.recipe.config import quick
 from blip2.recipe.data import make_scene_data
 from blip2.recipe.driver import run
-from blip2.recipe.lm import scene_documents
+from blip2.recipe.lm import scene_documents, scene_table
 from blip2.recipe.stages import CAPTION_COPIES, VQA_PROMPT, hard_negative, stage1_dataset, stage2_dataset
 from blip2.recipe.tokenizer import build_tokenizer, vqa_prompt
 from blip2.retrieval import Blip2ForImageTextRetrieval
@@ -159,7 +159,8 @@ def test_lm_rows_open_with_the_scene_table_where_the_image_goes():
     tok = build_tokenizer()
     docs = scene_documents(tok, "a small red circle and a large blue square",
                            [{"question": "how many shapes are there?", "answer": "two"}])
-    ids, mask, labels = _batch([docs], np.random.default_rng(0), context=8, block=200, pad=0, function_words={4, 5, 6})
+    tables = [scene_table(tok, "a small red circle and a large blue square")]
+    ids, mask, labels = _batch([docs], tables, np.random.default_rng(0), context=8, block=200, pad=0)
     assert tok.decode(ids[0, :8]) == "small red circle large blue square <pad> <pad>"
     assert mask[0, :8].tolist() == [1] * 8 and (labels[0, :8] == -100).all()  # attended, no loss
     assert ids[0, 8].item() == 1  # <s> where stage 2 puts it, after the image tokens

@@ -53,13 +53,12 @@ def scene_documents(tokenizer: TextTokenizer, caption: str, qa: list[dict[str, s
     return [ids + [eos] for ids in tokenizer(texts)["input_ids"]]
 
 
-def _batch(docs: list[list[list[int]]], rng: np.random.Generator, context: int, block: int,
-           pad: int, function_words: set[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ids, mask, labels [B, T]: context (the scene table, padded, attended, no loss), then documents."""
+def _batch(docs: list[list[list[int]]], tables: list[list[int]], rng: np.random.Generator, context: int,
+           block: int, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ids, mask, labels [B, T]: context (each scene's table, padded, attended, no loss), then documents."""
     rows = []
-    for scene_docs in docs:
-        description = [t for t in scene_docs[0][1:-1] if t not in function_words]  # size colour shape, ...
-        row = (description + [pad] * context)[:context]
+    for scene_docs, table in zip(docs, tables):
+        row = (table + [pad] * context)[:context]
         for i in rng.permutation(len(scene_docs)):
             row += scene_docs[i]
         rows.append(row[:block])
@@ -81,12 +80,13 @@ def pretrain_lm(config: OPTConfig, tokenizer: TextTokenizer, data: SceneData, st
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     docs = [scene_documents(tokenizer, c, qa) for c, qa in zip(data.captions, data.qa)]
-    function_words = set(tokenizer(FUNCTION_WORDS, add_special_tokens=False)["input_ids"])
+    tables = [scene_table(tokenizer, c) for c in data.captions]
     model = OPTForCausalLM(config)
 
     def loss_at(step: int) -> torch.Tensor:
         pick = rng.integers(len(docs), size=batch_size)
-        ids, mask, labels = _batch([docs[k] for k in pick], rng, context, block, config.pad_token_id, function_words)
+        ids, mask, labels = _batch([docs[k] for k in pick], [tables[k] for k in pick], rng, context, block,
+                                   config.pad_token_id)
         return causal_lm_loss(model(model.get_input_embeddings()(ids), mask), labels)  # logits [B, T, V]
 
     return train_steps(model, loss_at, steps, lr, 0.01, "lm", log_every)
