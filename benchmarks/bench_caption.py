@@ -38,6 +38,9 @@ VARIANTS = [
     # compile(batch): one row streams plain weights (blip2.lm.fused._row_product), several keep the packed layout
     Variant("ours fuse() + compile()", "fp32", "fuse", compile=True, batches=(8,)),
     Variant("ours fuse() + compile()", "fp32", "fuse", compile=True, batches=(1,)),
+    # int8 products in the LM and the vision encoder: where the fp32 products are bound by arithmetic
+    Variant("ours quantize_int8(dynamic, vision)", "fp32", "int8-dynamic", batches=(8, 1)),
+    Variant("ours quantize_int8(dynamic, vision) + compile()", "fp32", "int8-dynamic", compile=True, batches=(8,)),
     Variant("transformers", "bf16", None, batches=(8,)),
     Variant("ours fuse()", "bf16", "fuse", batches=(8,)),
 ]
@@ -90,7 +93,10 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
                        f"per-round ratios to transformers in the same dtype; tokens compares the output ids with "
                        f"theirs. bf16: the Q-Former stays fp32 in ours. compile(): compile(batch=images), the first "
                        f"call compiles (not timed). quantize_int8(): int8 weights, products with bf16 inputs "
-                       f"(the AVX-512 int8 kernel's), fp32 elsewhere.")
+                       f"(the AVX-512 int8 kernel's), fp32 elsewhere. quantize_int8(dynamic, vision): "
+                       f"quantize_int8(dynamic=True, vision=True), int8 weights in the LM and the vision encoder "
+                       f"and each product's input rounded to 8 bits per row, products in int32 (fbgemm), "
+                       f"the Q-Former fp32.")
     return table
 
 

@@ -397,3 +397,23 @@ def test_fast_option_same_captions_and_errors(pipe, tiny_model_dir, photos, caps
     with pytest.raises(SystemExit):
         main(["caption", "photos", "--fast", "turbo"])
     assert "invalid choice: 'turbo'" in capsys.readouterr().err
+
+
+def test_fast_int8_dynamic_captions_and_errors(tiny_model_dir, photos, capsys, monkeypatch):
+    """--fast int8-dynamic puts the language model and the vision encoder in int8-dynamic and captions;
+    where the kernels are missing, the command says so instead of failing deep inside."""
+    import blip2.lm.fused as fused
+    from blip2.lm.fused import fused_format
+
+    monkeypatch.chdir(photos.parent)
+    pipe = Pipeline.load(tiny_model_dir, device="cpu", fast="int8-dynamic")
+    assert fused_format(pipe.model.language_model) == fused_format(pipe.model.vision_model) == "int8-dynamic"
+    paths = ["photos/a.png", "photos/b.jpg"]
+    assert main(["caption", *paths, "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", str(TOKENS),
+                 "--workers", "0", "--fast", "int8-dynamic"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == paths
+    assert lines == [f"{p}\t{c}" for p, c in zip(paths, pipe.caption([load_image(p) for p in paths], "", OPTIONS))]
+    monkeypatch.setattr(fused, "dynamic_int8_available", lambda: False)
+    assert main(["caption", *paths, "--model", tiny_model_dir, "--device", "cpu", "--fast", "int8-dynamic"]) == 2
+    assert "--fast int8-dynamic: int8-dynamic format needs a CPU with torch's int8 kernels" in capsys.readouterr().err

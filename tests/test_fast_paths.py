@@ -219,6 +219,138 @@ def test_int8_t5_agrees(hf_t5_mild_dir):
     assert quant.generate(pixels[:2], ids[:2], mask[:2], max_new_tokens=5).shape[0] == 2
 
 
+# -- dynamic int8 (int8 products) ----------------------------------------------------------------
+
+
+def test_dynamic_int8_product_is_exact_on_the_rounded_rows():
+    """The kernel gets each row rounded to integers with its own scale and returns their exact product
+    with the int8 weights: equal, to fp32 rounding, to the same product in float64; a row's result does
+    not depend on the other rows; an all-zero row gives the bias."""
+    from blip2.quant import QMAX, dynamic_int8_kernel, dynamic_int8_linear, pack_dynamic, quantize_weight
+
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 64), torch.randn(48)
+    x = torch.randn(5, 64) * torch.tensor([[1.0], [10.0], [0.1], [3.0], [0.0]])
+    q, s = quantize_weight(w)
+    kernel = dynamic_int8_kernel(pack_dynamic(q, s))
+    y = dynamic_int8_linear(x, kernel, b, 48)
+    row_scale = (x.abs().amax(1, keepdim=True) / QMAX).clamp_min(1e-30).double()
+    want = (torch.round(x.double() / row_scale) @ q.double().T) * s.double() * row_scale + b.double()
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-6)
+    assert not torch.allclose(y, x @ w.T + b, atol=1e-3)  # it is rounded: not the float product
+    for i in range(5):
+        assert torch.equal(dynamic_int8_linear(x[i:i + 1], kernel, b, 48), y[i:i + 1])
+    assert torch.equal(y[4], b)
+    # a batch of [B, T, K] rows, bf16 in and out
+    x3 = x[:4].reshape(2, 2, 64).bfloat16()
+    y3 = dynamic_int8_linear(x3, kernel, b, 48)
+    assert y3.shape == (2, 2, 48) and y3.dtype == torch.bfloat16
+
+
+def test_dynamic_int8_layer_refuses_where_it_cannot_run(monkeypatch):
+    import blip2.lm.fused as fused
+
+    with pytest.raises(ValueError, match="int8-dynamic format needs a CPU.*meta"):
+        FusedLinear([torch.nn.Linear(16, 8, device="meta")], "int8-dynamic")
+    monkeypatch.setattr(fused, "dynamic_int8_available", lambda: False)
+    with pytest.raises(ValueError, match="int8-dynamic format needs a CPU with torch's int8 kernels"):
+        FusedLinear([torch.nn.Linear(16, 8)], "int8-dynamic")
+
+
+def test_int8_dynamic_agrees_and_shrinks(hf_opt_dir):
+    d, pixels, ids, mask = _agreement_case(hf_opt_dir)
+    plain = Blip2ForConditionalGeneration.from_pretrained(d)
+    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True, vision=True)
+    assert fused_format(quant.language_model) == fused_format(quant.vision_model) == "int8-dynamic"
+    assert fused_format(quant.qformer) == default_format(plain.qformer.layernorm.weight)  # never quantized
+    agreement, distinct = _teacher_forced_agreement(plain, quant, pixels, ids, mask, new=20)
+    assert distinct >= 10
+    assert agreement >= 0.95, agreement
+    assert module_bytes(plain.language_model) >= 1.5 * module_bytes(quant.language_model)
+    assert module_bytes(plain.vision_model) >= 3 * module_bytes(quant.vision_model)
+    assert quant.generate(pixels, ids, mask, max_new_tokens=5).shape[0] == pixels.shape[0]
+
+
+def test_int8_dynamic_t5_agrees(hf_t5_mild_dir):
+    plain = Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir)
+    quant = Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir).quantize_int8(dynamic=True, vision=True)
+    pixels = pixel_batch(16, seed=5)
+    ids, mask = t5_inputs(T5_PROMPTS * 5 + [[5, 1]])
+    out = plain.generate(pixels, ids, mask, max_new_tokens=16, min_new_tokens=16)
+    with torch.no_grad():
+        a = plain(pixels, ids, mask, decoder_input_ids=out[:, :-1]).logits.argmax(-1)
+        b = quant(pixels, ids, mask, decoder_input_ids=out[:, :-1]).logits.argmax(-1)
+    assert out[:, 1:].unique().numel() >= 10
+    assert (a == b).float().mean().item() >= 0.95
+    assert module_bytes(plain.language_model) >= 1.5 * module_bytes(quant.language_model)
+
+
+def test_int8_dynamic_state_dict_and_batches(case, tmp_path):
+    """The state dict has the weight-only int8 model's keys and values (the same rounding),
+    saves and loads back; a prompt's tokens do not depend on the rest of its batch (one activation scale
+    per row); unfuse() gives nn.Linear layers back."""
+    text, d, plain = case
+    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True, vision=True)
+    weight_only = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(vision=True)
+    got, want = quant.state_dict(), weight_only.state_dict()
+    assert list(got) == list(want)  # the reference keys (a tied head's copy left out, as weight-only int8 does)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    quant.save_pretrained(tmp_path)
+    back = Blip2ForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    assert set(want) <= set(back)
+    for k, v in want.items():
+        assert torch.equal(back[k], v), k
+
+    prompts = OPT_PROMPTS if text == "opt" else T5_PROMPTS
+    pixels = pixel_batch(3, seed=9)
+    ids, mask = inputs(text)
+    batched = quant.generate(pixels, ids, mask, max_new_tokens=8)
+    for i, p in enumerate(prompts):
+        one_ids, one_mask = inputs(text, [p])
+        alone = quant.generate(pixels[i:i + 1], one_ids, one_mask, max_new_tokens=8)
+        if text == "opt":
+            assert batched[i, ids.shape[1]:].tolist()[:alone.shape[1] - one_ids.shape[1]] == \
+                alone[0, one_ids.shape[1]:].tolist()
+        else:
+            assert batched[i, :alone.shape[1]].tolist() == alone[0].tolist()
+
+    quant.unfuse()
+    assert not any(isinstance(m, FusedLinear) for m in quant.modules())
+    assert all(torch.equal(p, want[k]) for k, p in quant.named_parameters() if k in want)
+
+
+def test_compiled_int8_dynamic_step_tokens_equal_eager(case):
+    """compile() keeps the int8-dynamic layers (the rounding is traced, the integer product is a custom op
+    that finds the layer's packed weight by handle): the same tokens as eager, at one row and several."""
+    text, d, _ = case
+    torch._dynamo.reset()
+    eager = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
+    pixels = pixel_batch(3, seed=7)
+    ids, mask = inputs(text)
+    want = eager.generate(pixels, ids, mask, max_new_tokens=8)
+    for batch in (1, 3):
+        model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
+        model.compile(batch, backend="eager", fullgraph=True)
+        assert fused_format(model.language_model) == "int8-dynamic"
+        assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == want.tolist()
+
+
+@pytest.mark.slow
+def test_compiled_int8_dynamic_inductor_agrees(hf_opt_dir):
+    """A real inductor compile of the int8-dynamic step (a C++ build): inductor may round a few rows
+    differently where the scaled value sits on .5, so agreement, not equality, with the eager path."""
+    _, d = hf_opt_dir
+    torch._dynamo.reset()
+    eager = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
+    model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True).compile(3)
+    pixels = pixel_batch(3, seed=7)
+    ids, mask = prompts_with_images(OPT_PROMPTS)
+    want = eager.generate(pixels, ids, mask, max_new_tokens=8, min_new_tokens=8)[:, ids.shape[1]:]
+    got = model.generate(pixels, ids, mask, max_new_tokens=8, min_new_tokens=8)[:, ids.shape[1]:]
+    assert (got == want).float().mean().item() >= 0.9
+
+
 # -- compiled decoding ------------------------------------------------------------------------
 
 

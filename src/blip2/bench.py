@@ -9,7 +9,9 @@ written) / time, the STREAM convention), because on a shared machine it changes 
     blip2 bench --model Salesforce/blip2-opt-2.7b --dtype bf16 --fast int8 --compile --batch 1
 
 Every measurement is repeated and the median kept. Fast paths (``--fast``): ``plain`` (as loaded),
-``fuse`` (``Blip2Model.fuse``), ``int8`` (``Blip2Model.quantize_int8``); ``--compile`` adds
+``fuse`` (``Blip2Model.fuse``), ``int8`` (``Blip2Model.quantize_int8``: weight-only int8 language model),
+``int8-dynamic`` (``quantize_int8(dynamic=True, vision=True)``: int8 products in the language model and
+the vision encoder, CPU only); ``--compile`` adds
 ``Blip2Model.compile``. The presets are random models of a published language model's size with a small
 vision encoder, for timing only (their tokens mean nothing).
 """
@@ -27,6 +29,7 @@ from torch import nn
 
 from .checkpoint import parse_dtype
 from .config import Blip2Config
+from .lm.fused import FusedLinear
 from .lm.opt import OPTForCausalLM
 from .modeling import Blip2ForConditionalGeneration
 
@@ -58,13 +61,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
 }
 
-FAST_PATHS = ("plain", "fuse", "int8")
+FAST_PATHS = ("plain", "fuse", "int8", "int8-dynamic")
 
 
 def module_bytes(*modules: nn.Module | None) -> int:
-    """Bytes held by the parameters and buffers of ``modules``, each tensor counted once (tied weights share)."""
+    """Bytes held by the parameters and buffers of ``modules``, each tensor counted once (tied weights share),
+    and by the packed int8 weights of ``int8-dynamic`` layers (held by the kernel, not as tensors)."""
     tensors = {id(t): t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    packed = {id(f): f.packed_bytes for m in modules if m is not None for f in m.modules()
+              if isinstance(f, FusedLinear)}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(packed.values())
 
 
 def decode_bytes_per_token(model: Blip2ForConditionalGeneration) -> int:
@@ -134,6 +140,8 @@ def apply_fast_path(model: Blip2ForConditionalGeneration, fast: str, compile: bo
         model.fuse()
     elif fast == "int8":
         model.quantize_int8()
+    elif fast == "int8-dynamic":
+        model.quantize_int8(dynamic=True, vision=True)
     if compile:
         model.compile(**compile_kwargs)
     return model

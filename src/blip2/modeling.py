@@ -254,16 +254,25 @@ class Blip2Model(PretrainedMixin, nn.Module):
             pack_linears(tower, default_format(next(tower.parameters())))
         return self
 
-    def quantize_int8(self, vision: bool = False) -> Blip2Model:
-        """``fuse()`` with the language model's weights in int8 (weight-only, one scale per output
-        channel; activations stay float): a quarter of fp32's weight bytes per decoded token, and a
-        language model 1.8x (OPT-125m: its fp32 embedding matrix is a third of it) to nearly 4x smaller.
-        Tokens agree with the float model's on most, not all, positions. ``vision=True`` also stores the
-        vision encoder in int8 (less memory; on CPU slower than float, its products being compute-bound);
-        the Q-Former (small, kept fp32) never. ``save_pretrained`` writes dequantized weights under the
-        reference keys. Returns self."""
-        self.language_model.fuse("int8")
-        pack_linears(self.vision_model, "int8" if vision else default_format(next(self.vision_model.parameters())))
+    def quantize_int8(self, vision: bool = False, dynamic: bool = False) -> Blip2Model:
+        """``fuse()`` with the language model's weights in int8 (one scale per output channel): a quarter of
+        fp32's weight bytes per decoded token, and a language model 1.8x (OPT-125m: its fp32 embedding
+        matrix is a third of it) to nearly 4x smaller. Tokens agree with the float model's on most, not all,
+        positions. The Q-Former (small, kept fp32) is never quantized. ``save_pretrained`` writes dequantized
+        weights under the reference keys.
+
+        ``dynamic=False`` (weight-only): activations stay float; the weights are widened as they are read,
+        which pays where decoding is bound by weight bytes (one image at a time). ``vision=True`` then
+        stores the vision encoder in int8 too: less memory, but on CPU slower than float, its products
+        being bound by arithmetic.
+
+        ``dynamic=True`` (CPU only): each product's input is quantized to 8 bits as it is computed and
+        the product runs on the CPU's integer units (``blip2.quant.dynamic_int8_linear``): 3x or more
+        the fp32 speed of products with many rows, so it pays for the prefill and for decoding several
+        images at once, and, with ``vision=True``, for the vision encoder. Returns self."""
+        fmt = "int8-dynamic" if dynamic else "int8"
+        self.language_model.fuse(fmt)
+        pack_linears(self.vision_model, fmt if vision else default_format(next(self.vision_model.parameters())))
         pack_linears(self.qformer, default_format(next(self.qformer.parameters())))
         return self
 
