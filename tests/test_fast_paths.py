@@ -338,8 +338,10 @@ def test_compiled_int8_dynamic_step_tokens_equal_eager(case):
 
 @pytest.mark.slow
 def test_compiled_int8_dynamic_inductor_agrees(hf_opt_dir):
-    """A real inductor compile of the int8-dynamic step (a C++ build): inductor may round a few rows
-    differently where the scaled value sits on .5, so agreement, not equality, with the eager path."""
+    """A real inductor compile of the int8-dynamic step (a C++ build). The float work around the products
+    is compiled too, and a last-bit difference there can move a value across a rounding boundary of the
+    8-bit levels (measured on the OPT-125m preset: equal tokens at 3 rows, 98-99.6% at 8), so agreement,
+    not equality, with the eager path."""
     _, d = hf_opt_dir
     torch._dynamo.reset()
     eager = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
