@@ -226,8 +226,10 @@ def test_dynamic_int8_product_is_exact_on_the_rounded_rows():
     """The kernel gets each row rounded to integers with its own scale and returns their exact product
     with the int8 weights: equal, to fp32 rounding, to the same product in float64; a row's result does
     not depend on the other rows; an all-zero row gives the bias."""
-    from blip2.quant import QMAX, dynamic_int8_kernel, dynamic_int8_linear, pack_dynamic, quantize_weight
+    from blip2.quant import (dynamic_int8_kernel, dynamic_int8_levels, dynamic_int8_linear, pack_dynamic,
+                             quantize_weight)
 
+    QMAX = dynamic_int8_levels()
     torch.manual_seed(0)
     w, b = torch.randn(48, 64), torch.randn(48)
     x = torch.randn(5, 64) * torch.tensor([[1.0], [10.0], [0.1], [3.0], [0.0]])
@@ -245,6 +247,29 @@ def test_dynamic_int8_product_is_exact_on_the_rounded_rows():
     x3 = x[:4].reshape(2, 2, 64).bfloat16()
     y3 = dynamic_int8_linear(x3, kernel, b, 48)
     assert y3.shape == (2, 2, 48) and y3.dtype == torch.bfloat16
+    # one input feature (the pinning rows still fit)
+    q1, s1 = quantize_weight(w[:, :1])
+    torch.testing.assert_close(dynamic_int8_linear(x[:2, :1], dynamic_int8_kernel(pack_dynamic(q1, s1)), None, 48),
+                               (x[:2, :1].double() @ (q1.double() * s1.double()[:, None]).T).float(), atol=1e-4,
+                               rtol=1e-5)
+
+
+def test_dynamic_int8_takes_the_activation_range_its_kernel_computes_exactly(monkeypatch):
+    """The activation range is chosen by trying the kernel: a range the kernel does not reproduce exactly
+    (63 levels without "reduce range": its scale is not 1) is passed over; none that works -> unavailable."""
+    import blip2.quant as quant
+
+    monkeypatch.setattr(quant, "_TRIED", False)
+    monkeypatch.setattr(quant, "_CONFIG", None)
+    monkeypatch.setattr(quant, "_SENTINELS", {})
+    monkeypatch.setattr(quant, "_CANDIDATES", ((False, 63), (False, 127)))
+    assert quant.dynamic_int8_available() and quant._CONFIG == (False, 127)
+    monkeypatch.setattr(quant, "_TRIED", False)
+    monkeypatch.setattr(quant, "_SENTINELS", {})
+    monkeypatch.setattr(quant, "_CANDIDATES", ((False, 63),))
+    assert not quant.dynamic_int8_available()
+    with pytest.raises(RuntimeError, match="no working dynamic int8 kernels"):
+        quant.dynamic_int8_levels()
 
 
 def test_dynamic_int8_layer_refuses_where_it_cannot_run(monkeypatch):

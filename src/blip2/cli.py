@@ -338,8 +338,8 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fast", default="none", choices=FAST,
                    help="speed-up: fuse (fused projections, same tokens), int8 (int8 language-model weights), "
                         "int8-dynamic (int8 products in the language model and vision encoder: the fastest for "
-                        "batches on CPU, most tokens the same; CPU only), cuda-graph (fuse + decoding step replayed as a CUDA graph, same tokens; CUDA only) "
-                        "(default: none)")
+                        "batches on CPU, most tokens the same; CPU only), cuda-graph (fuse + decoding step "
+                        "replayed as a CUDA graph, same tokens; CUDA only) (default: none)")
 
 
 def _command(sub: Any, func: Callable[..., int], **kw: Any) -> argparse.ArgumentParser:

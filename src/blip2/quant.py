@@ -10,8 +10,8 @@ slower than fp32 itself), so the product is computed with bf16 inputs and return
 Elsewhere (CUDA, odd K) the weight is dequantized to the activation dtype and multiplied.
 
 Dynamic int8 (``pack_dynamic``/``dynamic_int8_linear``, CPU only): the same int8 weights, and each
-product's input rounded to 8 bits when it is computed (one scale per row), so the product itself runs on the CPU's integer units (fbgemm's kernels; AVX-512 VNNI does four int8
-multiply-adds where fp32 does one). That is what pays off where products are bound by arithmetic, not by
+product's input rounded to 8 bits when it is computed (one scale per row), so the product itself runs on
+the CPU's integer units (fbgemm's kernels; AVX-512 VNNI does four int8 multiply-adds where fp32 does one). That is what pays off where products are bound by arithmetic, not by
 weight bytes: the vision encoder, the prefill, decoding several images at once (measured on a 2-core
 AVX-512 VNNI CPU: 3x the fp32 speed of a ViT's products, 3.5x at 8 rows of an LM head). The price is a
 second rounding, of the activations.
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["quantize_weight", "dequantize_weight", "int8_linear", "dynamic_int8_available", "pack_dynamic",
-           "unpack_dynamic", "dynamic_int8_kernel", "dynamic_int8_linear"]
+__all__ = ["quantize_weight", "dequantize_weight", "int8_linear", "dynamic_int8_available", "dynamic_int8_levels",
+           "pack_dynamic", "unpack_dynamic", "dynamic_int8_kernel", "dynamic_int8_linear"]
 
 
 @torch.no_grad()
@@ -75,24 +75,6 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Ten
 # -- dynamic int8: int8 weights and activations, integer products (CPU) ---------------------------------
 
 
-_AVAILABLE: bool | None = None
-
-
-def dynamic_int8_available() -> bool:
-    """Whether this torch has working dynamic int8 kernels (an x86 or ARM CPU build with fbgemm/qnnpack):
-    tried once on a small layer. torch 2.13 marks its quantized tensors deprecated; a release without them
-    makes this False, and ``int8-dynamic`` then refuses with a clear error."""
-    global _AVAILABLE
-    if _AVAILABLE is None:
-        try:
-            q, s = quantize_weight(torch.randn(16, 32))
-            y = dynamic_int8_linear(torch.randn(2, 32), dynamic_int8_kernel(pack_dynamic(q, s)), None, 16)
-            _AVAILABLE = bool(torch.isfinite(y).all())
-        except Exception:  # any failure means: not usable here
-            _AVAILABLE = False
-    return _AVAILABLE
-
-
 def _has_vnni() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -101,12 +83,46 @@ def _has_vnni() -> bool:
         return False
 
 
-# Without VNNI, x86 kernels add pairs of u8 x s8 products in 16 bits, which saturate for 8-bit activations;
-# 7-bit activations ("reduce range") cannot overflow. With VNNI the sums are 32-bit and all 8 bits are used.
-_REDUCE_RANGE = not _has_vnni()
-# activations are rounded per row to integers in [-QMAX, QMAX]
-QMAX = 63 if _REDUCE_RANGE else 127
-_SENTINELS: dict[int, Tensor] = {}
+# (reduce_range, levels): the kernel's flag and the integer range [-levels, levels] activations are rounded
+# to. Without VNNI, x86 kernels add pairs of u8 x s8 products in 16 bits, which saturate for 8-bit
+# activations, so they take 7 ("reduce range"); with VNNI the sums are 32-bit and all 8 bits are used.
+# Which one this machine's kernel computes exactly is tried once (``dynamic_int8_available``).
+_CANDIDATES = ((False, 127), (True, 63)) if _has_vnni() else ((True, 63), (False, 127))
+_CONFIG: tuple[bool, int] | None = None
+_TRIED = False
+_SENTINELS: dict[tuple[int, int], Tensor] = {}
+
+
+def dynamic_int8_available() -> bool:
+    """Whether this torch has dynamic int8 kernels (an x86 or ARM CPU build with fbgemm/qnnpack) that compute
+    the rounded rows exactly: tried once on a small layer, for each activation range. torch 2.13 marks its
+    quantized tensors deprecated; a release without them makes this False, and ``int8-dynamic`` then
+    refuses with a clear error."""
+    global _CONFIG, _TRIED
+    if not _TRIED:
+        _TRIED = True
+        g = torch.Generator().manual_seed(0)
+        q, s = quantize_weight(torch.randn(16, 32, generator=g))
+        x = torch.randn(3, 32, generator=g)
+        for config in _CANDIDATES:
+            try:
+                _CONFIG = config
+                y = dynamic_int8_linear(x, dynamic_int8_kernel(pack_dynamic(q, s)), None, 16).double()
+                row_scale = x.abs().amax(1, keepdim=True).double() / config[1]
+                want = (torch.round(x.double() / row_scale) @ q.double().T) * s.double() * row_scale
+                if torch.allclose(y, want, rtol=1e-5, atol=1e-5):
+                    break
+            except Exception:  # any failure means: not usable here
+                pass
+            _CONFIG = None
+    return _CONFIG is not None
+
+
+def dynamic_int8_levels() -> int:
+    """The integer range [-L, L] that ``dynamic_int8_linear`` rounds each row to (127 with VNNI, else 63)."""
+    if not dynamic_int8_available():
+        raise RuntimeError("this torch has no working dynamic int8 kernels")
+    return _CONFIG[1]
 
 
 @torch.no_grad()
@@ -126,22 +142,23 @@ def unpack_dynamic(packed: Any) -> tuple[Tensor, Tensor]:
     return qw.int_repr(), qw.q_per_channel_scales().float()
 
 
-def _sentinel(K: int) -> Tensor:
-    # one extra input row holding the lowest and the highest integer level: the kernel quantizes its whole
-    # input with one scale and zero point from the input's range, which this row pins to scale 1, so the
+def _sentinel(K: int, levels: int) -> Tensor:
+    # two extra input rows holding the lowest and the highest integer level: the kernel quantizes its whole
+    # input with one scale and zero point from the input's range, which these rows pin to scale 1, so the
     # integers of every other row pass through exactly
-    row = None if torch.compiler.is_compiling() else _SENTINELS.get(K)  # (a row made while tracing is fake)
-    if row is None:
-        row = torch.zeros(K)
-        row[0], row[1] = -(QMAX + 1), QMAX
+    rows = None if torch.compiler.is_compiling() else _SENTINELS.get((K, levels))  # (made while tracing: fake)
+    if rows is None:
+        rows = torch.zeros(2, K)
+        rows[0, 0], rows[1, 0] = -(levels + 1), levels
         if not torch.compiler.is_compiling():
-            _SENTINELS[K] = row
-    return row
+            _SENTINELS[K, levels] = rows
+    return rows
 
 
 def dynamic_int8_kernel(packed: Any) -> Callable[[Tensor], Tensor]:
-    """The integer product for ``dynamic_int8_linear``: rounded rows [M + 1, K] -> [M + 1, N] float32."""
-    return lambda levels: torch.ops.quantized.linear_dynamic(levels, packed, _REDUCE_RANGE)
+    """The integer product for ``dynamic_int8_linear``: rounded rows [M + 2, K] -> [M + 2, N] float32."""
+    reduce_range = _CONFIG[0]
+    return lambda levels: torch.ops.quantized.linear_dynamic(levels, packed, reduce_range)
 
 
 def dynamic_int8_linear(x: Tensor, kernel: Callable[[Tensor], Tensor], bias: Tensor | None,
@@ -151,12 +168,12 @@ def dynamic_int8_linear(x: Tensor, kernel: Callable[[Tensor], Tensor], bias: Ten
     dtype. ``kernel``: ``dynamic_int8_kernel(packed)``, or a custom op calling it inside a compiled graph.
     The rounded rows go to the kernel as integers, its product is exact in int32, and the row and channel
     scales are applied to that."""
-    K = x.shape[-1]
+    K, top = x.shape[-1], _CONFIG[1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     row_max = x2.abs().amax(1, keepdim=True).float()  # [M, 1] (faster than an inf-norm, measured)
-    inverse = QMAX / row_max.clamp_min_(1e-30)  # an all-zero row: finite, so 0 * inverse is 0
-    levels = torch.cat([torch.round(x2 * inverse), _sentinel(K)[None]])  # [M + 1, K]
+    inverse = top / row_max.clamp_min_(1e-30)  # an all-zero row: finite, so 0 * inverse is 0
+    levels = torch.cat([torch.round(x2 * inverse), _sentinel(K, top)])  # [M + 2, K]
     y = kernel(levels)[:M] / inverse
     if bias is not None:
         y = y + bias

@@ -20,8 +20,8 @@ Formats (``fmt``):
   compiled graph, a product with one row is a fused reduction that streams the weight at near the copy
   bandwidth (``_row_product``): the format ``compile()`` uses for decoding at batch 1.
 - ``"int8"``: weight-only int8 (``blip2.quant``); in a compiled graph, one row as for "dense".
-- ``"int8-dynamic"``: CPU. int8 weights packed for fbgemm, and each input quantized to 8 bits as it comes
-  (``blip2.quant.dynamic_int8_linear``): the product runs on integer units, 3x or more the fp32 speed where
+- ``"int8-dynamic"``: CPU. int8 weights packed for fbgemm, and each input rounded to 8 bits as it comes, one
+  scale per row (``blip2.quant.dynamic_int8_linear``): the product runs on integer units, 3x or more the fp32 speed where
   products are bound by arithmetic (many rows: a vision encoder, a prefill, decoding several images).
 """
 
