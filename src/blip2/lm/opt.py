@@ -260,7 +260,8 @@ class OPTForCausalLM(nn.Module):
         ``fmt``: None picks the fastest float format for the device (oneDNN's blocked layout on CPU),
         ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
         channel, activations stay float; a head tied to the embeddings gets an int8 copy, which the state
-        dict leaves out as tied checkpoints do). The state dict keeps the reference keys and shapes (int8:
+        dict leaves out as tied checkpoints do), ``"int8-dynamic"`` also rounds each product's input to
+        8 bits and multiplies in integers (CPU; ``blip2.quant.dynamic_int8_linear``). The state dict keeps the reference keys and shapes (int8:
         dequantized). For inference: the weights become buffers
         (gradients reach the inputs only, through slow fallbacks); move and cast before fusing.
         ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""

@@ -343,7 +343,8 @@ class T5ForConditionalGeneration(nn.Module):
 
         ``fmt``: None picks the fastest float format for the device (oneDNN's blocked layout on CPU),
         ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
-        channel, activations stay float). The state dict keeps the reference keys and shapes (int8:
+        channel, activations stay float), ``"int8-dynamic"`` also rounds each product's input to 8 bits and
+        multiplies in integers (CPU; ``blip2.quant.dynamic_int8_linear``). The state dict keeps the reference keys and shapes (int8:
         dequantized). For inference: the weights become buffers
         (gradients reach the inputs only, through slow fallbacks); move and cast (``set_dtype``) before fusing.
         ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
