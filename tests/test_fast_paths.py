@@ -67,20 +67,23 @@ def test_fused_forward_logits_match_plain(case, fused):
     torch.testing.assert_close(b[valid], a[valid], atol=1e-4, rtol=0)
 
 
-def test_fused_batch_equals_each_prompt_alone(case, fused):
-    text, _, _ = case
+def _assert_batch_equals_each_prompt_alone(text: str, model: Blip2ForConditionalGeneration) -> None:
     prompts = OPT_PROMPTS if text == "opt" else T5_PROMPTS
     pixels = pixel_batch(3, seed=9)
     ids, mask = inputs(text)
-    batched = fused.generate(pixels, ids, mask, max_new_tokens=8)
+    batched = model.generate(pixels, ids, mask, max_new_tokens=8)
     for i, p in enumerate(prompts):
         one_ids, one_mask = inputs(text, [p])
-        alone = fused.generate(pixels[i:i + 1], one_ids, one_mask, max_new_tokens=8)
+        alone = model.generate(pixels[i:i + 1], one_ids, one_mask, max_new_tokens=8)
         if text == "opt":  # the prompt is returned first, padded in the batch: compare the new tokens
             assert batched[i, ids.shape[1]:].tolist()[:alone.shape[1] - one_ids.shape[1]] == \
                 alone[0, one_ids.shape[1]:].tolist()
         else:
             assert batched[i, :alone.shape[1]].tolist() == alone[0].tolist()
+
+
+def test_fused_batch_equals_each_prompt_alone(case, fused):
+    _assert_batch_equals_each_prompt_alone(case[0], fused)
 
 
 def test_fused_state_dict_is_the_reference_one(case, fused, tmp_path):
@@ -327,18 +330,7 @@ def test_int8_dynamic_state_dict_and_batches(case, tmp_path):
     for k, v in want.items():
         assert torch.equal(back[k], v), k
 
-    prompts = OPT_PROMPTS if text == "opt" else T5_PROMPTS
-    pixels = pixel_batch(3, seed=9)
-    ids, mask = inputs(text)
-    batched = quant.generate(pixels, ids, mask, max_new_tokens=8)
-    for i, p in enumerate(prompts):
-        one_ids, one_mask = inputs(text, [p])
-        alone = quant.generate(pixels[i:i + 1], one_ids, one_mask, max_new_tokens=8)
-        if text == "opt":
-            assert batched[i, ids.shape[1]:].tolist()[:alone.shape[1] - one_ids.shape[1]] == \
-                alone[0, one_ids.shape[1]:].tolist()
-        else:
-            assert batched[i, :alone.shape[1]].tolist() == alone[0].tolist()
+    _assert_batch_equals_each_prompt_alone(text, quant)
 
     quant.unfuse()
     assert not any(isinstance(m, FusedLinear) for m in quant.modules())

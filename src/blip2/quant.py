@@ -86,8 +86,9 @@ def _has_vnni() -> bool:
 # (reduce_range, levels): the kernel's flag and the integer range [-levels, levels] activations are rounded
 # to. Without VNNI, x86 kernels add pairs of u8 x s8 products in 16 bits, which saturate for 8-bit
 # activations, so they take 7 ("reduce range"); with VNNI the sums are 32-bit and all 8 bits are used.
-# Which one this machine's kernel computes exactly is tried once (``dynamic_int8_available``).
-_CANDIDATES = ((False, 127), (True, 63)) if _has_vnni() else ((True, 63), (False, 127))
+# Which one this machine's kernel computes exactly is tried once (``dynamic_int8_available``), in this
+# order (None: the order for this CPU, VNNI or not, worked out then).
+_CANDIDATES: tuple[tuple[bool, int], ...] | None = None
 _CONFIG: tuple[bool, int] | None = None
 _TRIED = False
 _SENTINELS: dict[tuple[int, int], Tensor] = {}
@@ -104,7 +105,8 @@ def dynamic_int8_available() -> bool:
         g = torch.Generator().manual_seed(0)
         q, s = quantize_weight(torch.randn(16, 32, generator=g))
         x = torch.randn(3, 32, generator=g)
-        for config in _CANDIDATES:
+        candidates = _CANDIDATES or (((False, 127), (True, 63)) if _has_vnni() else ((True, 63), (False, 127)))
+        for config in candidates:
             try:
                 _CONFIG = config
                 y = dynamic_int8_linear(x, dynamic_int8_kernel(pack_dynamic(q, s)), None, 16).double()
