@@ -350,6 +350,7 @@ def test_compiled_int8_dynamic_step_tokens_equal_eager(case):
         model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
         model.compile(batch, backend="eager", fullgraph=True)
         assert fused_format(model.language_model) == "int8-dynamic"
+        assert model.language_model.decode_step != model.language_model._decode_step  # the compiled step runs
         assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == want.tolist()
 
 

@@ -80,15 +80,15 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-# "int8-dynamic" layers by handle: a compiled graph calls the kernel through a custom op, which cannot take
-# the packed weight (an opaque object) as an argument, so it takes the layer's handle
-_PACKED: dict[int, Any] = {}
+# the integer products of live "int8-dynamic" layers by handle: a compiled graph calls one through a custom
+# op, which cannot take the packed weight (an opaque object) as an argument, so it takes the layer's handle
+_KERNELS: dict[int, Callable[[Tensor], Tensor]] = {}
 _HANDLES = itertools.count()
 
 
 @torch.library.custom_op("blip2::dynamic_int8_product", mutates_args=())
 def _dynamic_int8_op(levels: Tensor, handle: int, out_features: int) -> Tensor:
-    return dynamic_int8_kernel(_PACKED[handle])(levels)
+    return _KERNELS[handle](levels)
 
 
 @_dynamic_int8_op.register_fake
@@ -173,8 +173,9 @@ class FusedLinear(nn.Module):
         elif fmt == "int8-dynamic":
             q, s = quantize_weight(w)
             self.handle, self.packed_bytes = next(_HANDLES), q.numel() + 4 * q.shape[0]
-            _PACKED[self.handle] = pack_dynamic(q, s)
-            weakref.finalize(self, _PACKED.pop, self.handle, None)
+            self._packed = pack_dynamic(q, s)
+            self._kernel = _KERNELS[self.handle] = dynamic_int8_kernel(self._packed)
+            weakref.finalize(self, _KERNELS.pop, self.handle, None)
             w = None  # the packed copy is the only one
         elif fmt == "onednn":
             w = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS)
@@ -190,7 +191,7 @@ class FusedLinear(nn.Module):
             if torch.compiler.is_compiling():  # the rounding compiles; the integer product stays opaque
                 handle, n = self.handle, self.out_features
                 return dynamic_int8_linear(x, lambda levels: _dynamic_int8_op(levels, handle, n), self.b, n)
-            return dynamic_int8_linear(x, dynamic_int8_kernel(_PACKED[self.handle]), self.b, self.out_features)
+            return dynamic_int8_linear(x, self._kernel, self.b, self.out_features)
         if self.fmt != "onednn" and _compiling_one_row(x, self.in_features):
             return _row_product(x, self.w, self.scale, self.b)
         if self.fmt == "int8":
@@ -204,7 +205,7 @@ class FusedLinear(nn.Module):
         if self.fmt == "int8":
             return dequantize_weight(self.w, self.scale, self.dtype)
         if self.fmt == "int8-dynamic":
-            return dequantize_weight(*unpack_dynamic(_PACKED[self.handle]), self.dtype)
+            return dequantize_weight(*unpack_dynamic(self._packed), self.dtype)
         return self.w.to_dense() if self.w.is_mkldnn else self.w
 
     def part(self, i: int) -> tuple[Tensor, Tensor | None]:
