@@ -102,8 +102,12 @@ def machine() -> str:
         cpu += f" ({', '.join(extras) or 'no AVX-512'})"
     except (OSError, StopIteration):
         pass
+    from blip2 import kernels
+
+    native = "built" if kernels.load() else f"not used ({kernels.status()})"
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) used; torch {torch.__version__}; "
-            f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+            f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; "
+            f"blip2 row-product kernel: {native}")
 
 
 def write_readme(body: str, start: str, end: str, path: str = README) -> None:

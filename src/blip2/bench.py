@@ -241,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model: {args.model or 'preset ' + args.preset} | {where} | dtype {args.dtype} | "
           f"fast path {args.fast}{' + compile' if args.compile else ''}{' + cuda_graph' if args.cuda_graph else ''}")
 
+    if device.type == "cpu" and args.compile:
+        from . import kernels
+
+        print(f"row-product kernel (one-row products of the compiled step): "
+              f"{'loaded' if kernels.ready() else 'not used, ' + kernels.status()}")
     nbytes = decode_bytes_per_token(model)
     step, bw = time_decode_step(model, 1, 16, copy_bandwidth(device=device))
     bound = nbytes / bw

@@ -17,8 +17,9 @@ Formats (``fmt``):
   by ``torch.ops.mkldnn._linear_pointwise``. For the few rows of a decoding batch (8) this is 2x faster
   than ``F.linear``, whose BLAS repacks the weight on every call; for one row, 1.1-1.2x.
 - ``"dense"``: a plain [N, K] weight; on CPU it still goes through oneDNN (no repacking per call). In a
-  compiled graph, a product with one row is a fused reduction that streams the weight at near the copy
-  bandwidth (``_row_product``): the format ``compile()`` uses for decoding at batch 1.
+  compiled graph, a product with one row streams the weight at near the copy bandwidth (``_row_product``:
+  the native kernel of ``blip2.kernels`` where it is built, else a fused reduction): the format
+  ``compile()`` uses for decoding at batch 1.
 - ``"int8"``: weight-only int8 (``blip2.quant``); in a compiled graph, one row as for "dense".
 - ``"int8-dynamic"``: CPU. int8 weights packed for fbgemm, and each input rounded to 8 bits as it comes, one
   scale per row (``blip2.quant.dynamic_int8_linear``): the product runs on integer units, 3x or more the fp32 speed where
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ..quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
@@ -102,7 +104,14 @@ def _row_product(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor |
     Written as an elementwise product and a sum, which the compiler fuses into one streaming pass over
     the weight, int8 converted on the fly: near the copy bandwidth, where a matrix-vector kernel reaches
     about 60% of it. Used only inside a compiled graph, for one row (decoding at batch 1); compile with
-    ``compile_step`` so x is computed before that loop, not inside it once per output row."""
+    ``compile_step`` so x is computed before that loop, not inside it once per output row.
+
+    Where the native kernel is loaded (``blip2.kernels``, built by ``compile_step``), it computes the same
+    sums with several accumulators and several weight streams at once: the compiled reduction keeps one
+    accumulator per output row, which holds bf16 to about 20 GB/s (benchmarks/bench_decode.py with
+    ``BLIP2_KERNELS=0`` measures the step without the kernel)."""
+    if kernels.row_product_supports(x, weight, scale, bias):
+        return kernels.row_product(x, weight, scale, bias)
     y = (x.reshape(1, -1).float() * weight.float()).sum(-1)  # [N], accumulated in fp32 as a matmul does
     if scale is not None:
         y = y * scale.float()
@@ -315,6 +324,8 @@ def compile_step(fn: Callable[..., Tensor], device: torch.device,
     (before 2.13: the guards stay)."""
     import torch._inductor.config as inductor_config
 
+    if device.type == "cpu":
+        kernels.load()  # the one-row product kernel (built once per machine), before tracing
     if "mode" in compile_kwargs:
         return torch.compile(fn, **compile_kwargs)
     options = dict(compile_kwargs.get("options") or {})

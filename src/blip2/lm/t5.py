@@ -376,7 +376,8 @@ class T5ForConditionalGeneration(nn.Module):
         within a ``generate`` call (the self-attention cache is preallocated), so it compiles once per batch
         size and length. ``batch``: the rows decoded at once (images x beams) to lay the weights out for
         (``fused.compile_format``): for one row the step streams plain or int8 weights at near the copy
-        bandwidth (``fused._row_product``), so it fuses them plain (``"dense"``); for several, in oneDNN's
+        bandwidth (``fused._row_product``: the native kernel of ``blip2.kernels``, built here on first
+        use, once per machine, else a compiled reduction), so it fuses them plain (``"dense"``); for several, in oneDNN's
         packed layout on CPU; int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
         ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded. Returns self."""
         current = fused_format(self)
