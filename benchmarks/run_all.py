@@ -47,7 +47,8 @@ def main() -> None:
         tables[-1].notes.append(f"Load average when this table started: {load:.1f} on {cores} cores.")
         threads(args.threads)
     tables += [
-        bench_decode.run(presets, ["fp32", "bf16"], args.repeats, args.compile),
+        # decoding: steps of a few ms, where a noisy minute moves a median most; more rounds
+        bench_decode.run(presets, ["fp32", "bf16"], max(args.repeats, 5), args.compile),
         bench_load.run(presets),
     ]
     minutes = (time.time() - start) / 60

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ _FLOATS = (torch.float32, torch.bfloat16)
 _loaded = False  # the op is registered in this process
 _status = "not built yet: call blip2.kernels.load()"
 _tried = False
+_lock = threading.Lock()  # one build at a time in a process (a server compiling from several threads)
 
 
 def ready() -> bool:
@@ -139,6 +141,11 @@ def _unavailable(reason: str, warn: bool = False) -> bool:
 def load() -> bool:
     """Builds the kernels if this machine has none cached, loads them, and returns whether they are
     there. Tried once per process; later calls return the first answer at once."""
+    with _lock:
+        return _load()
+
+
+def _load() -> bool:
     global _loaded, _status, _tried
     if _tried:
         return _loaded
