@@ -245,3 +245,15 @@ def test_compiled_batch_one_step_runs_the_kernel_with_the_plain_tokens(hf_opt_di
     # 8 new tokens, compiled already for this length: a prefill (several rows, eager) and 7 one-row steps
     calls = _kernel_calls(lambda: model.generate(pixels, ids, mask, max_new_tokens=8))
     assert calls == 7 * per_step
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_bench_says_the_compiled_step_runs_the_kernel(hf_opt_dir, capsys):
+    from blip2.bench import main
+
+    torch._dynamo.reset()
+    assert main(["--model", hf_opt_dir[1], "--compile", "--batch", "1", "--new-tokens", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "row-product kernel (one-row products of the compiled step): loaded" in out
+    assert "decoding, batch 1:" in out and "captioning, batch 1, 3 new tokens" in out
