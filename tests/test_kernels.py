@@ -257,3 +257,31 @@ def test_bench_says_the_compiled_step_runs_the_kernel(hf_opt_dir, capsys):
     out = capsys.readouterr().out
     assert "row-product kernel (one-row products of the compiled step): loaded" in out
     assert "decoding, batch 1:" in out and "captioning, batch 1, 3 new tokens" in out
+
+
+@needs_kernel
+def test_bf16_without_avx512_bf16_widens_to_fp32(tmp_path):
+    """CPUs with AVX-512 but without its BF16 dot products take the widening path (bf16 -> fp32, fp32
+    multiply-adds): built here with ``-mno-avx512bf16`` and checked against float64 in a fresh process
+    (the op's name is taken in this one)."""
+    lib = tmp_path / "widen.so"
+    cmd = kernels._command(kernels._compiler(), kernels._SOURCE, lib) + ["-mno-avx512bf16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    code = textwrap.dedent(f"""
+        import torch
+        torch.ops.load_library({str(lib)!r})
+        g = torch.Generator().manual_seed(0)
+        for n, k in [(3, 5), (130, 100), (1001, 768)]:
+            w = torch.randn(n, k, generator=g).bfloat16()
+            x = torch.randn(1, k, generator=g).bfloat16()
+            b = torch.randn(n, generator=g).bfloat16()
+            y = torch.ops.blip2_kernels.row_product(x, w, None, b)
+            exact = ((x.double().reshape(-1) * w.double()).sum(-1) + b.double()).to(torch.bfloat16).float()
+            assert y.shape == (1, n) and y.dtype == torch.bfloat16
+            assert ((y.reshape(-1).float() - exact).abs() <= exact.abs() * 2.0 ** -7).all(), (n, k)
+            assert (y.reshape(-1).float() == exact).float().mean() >= 0.95
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
