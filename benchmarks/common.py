@@ -104,7 +104,7 @@ def machine() -> str:
         pass
     from blip2 import kernels
 
-    native = "built" if kernels.load() else f"not used ({kernels.status()})"
+    native = "loaded" if kernels.ready() else f"not loaded ({kernels.status()})"  # compile() loads it
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) used; torch {torch.__version__}; "
             f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; "
             f"blip2 row-product kernel: {native}")

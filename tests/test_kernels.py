@@ -17,7 +17,7 @@ from conftest import pixel_batch, prompts_with_images
 
 
 def _cpu_can_build() -> bool:
-    flags = kernels._cpu_flags()
+    flags = kernels.cpu_flags()
     return sys.platform.startswith("linux") and {"avx512f", "avx512bw"} <= flags and kernels._compiler() is not None
 
 

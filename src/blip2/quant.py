@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import cpu_flags
+
 __all__ = ["quantize_weight", "dequantize_weight", "int8_linear", "dynamic_int8_available", "dynamic_int8_levels",
            "pack_dynamic", "unpack_dynamic", "dynamic_int8_kernel", "dynamic_int8_linear"]
 
@@ -76,11 +78,7 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Ten
 
 
 def _has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "vnni" in f.read(1 << 16)
-    except OSError:
-        return False
+    return any("vnni" in flag for flag in cpu_flags())  # avx512_vnni, avx_vnni
 
 
 # (reduce_range, levels): the kernel's flag and the integer range [-levels, levels] activations are rounded

@@ -3,19 +3,19 @@
 One kernel so far: ``row_product(x, w, scale, bias)``, one row of activations times a weight matrix, the
 product of every layer when decoding one token at a time. Such a step reads every weight once per token,
 so it is bound by how fast one core streams memory; ``row_product.cpp`` says how it keeps that stream
-fast (fp32, bf16 and weight-only int8 weights; about 1.2x the compiled reduction it replaces, 2-3x
-``F.linear`` with one row; see README's decoding table).
+fast (fp32, bf16 and weight-only int8 weights; 2-3x ``F.linear`` with one row, faster than the compiled
+reduction it replaces by a margin this machine's noise blurs: see README's decoding table).
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
 against the installed torch, with ``-march=native``, about 7 s, and cached in
 ``$BLIP2_CACHE_DIR`` (default ``$XDG_CACHE_HOME/blip2`` or ``~/.cache/blip2``) under a name that hashes
 the source, the torch build, the compiler and the CPU's flags. It needs Linux on x86-64 with AVX-512 F
 and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
-is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the callers keep their portable paths (a compiled
-reduction, ``F.linear``): the kernel only ever makes things faster, never changes what runs.
+is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the caller keeps its portable path (a compiled
+reduction): the same sums, in another order.
 
-Callers: ``blip2.lm.fused`` builds it when it lays weights out for one-row products (``fuse("dense")``,
-``quantize_int8()``, ``compile()`` for batch 1).
+Caller: ``blip2.lm.fused.compile_step`` loads it (building it if need be) before it compiles a decoding
+step on CPU; ``fused._row_product`` then calls it for every one-row product of the compiled step.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load", "ready", "status", "row_product", "row_product_supports", "cache_dir"]
+__all__ = ["load", "ready", "status", "row_product", "row_product_supports", "cache_dir", "cpu_flags"]
 
 log = logging.getLogger("blip2.kernels")
 
@@ -69,7 +69,8 @@ def cache_dir() -> Path:
     return Path(base) / "blip2"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -154,7 +155,7 @@ def _load() -> bool:
         return _unavailable("disabled by BLIP2_KERNELS")
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return _unavailable(f"needs Linux on x86-64, this is {sys.platform} on {platform.machine()}")
-    flags = _cpu_flags()
+    flags = cpu_flags()
     missing = [f for f in _NEEDED_FLAGS if f not in flags]
     if missing:
         return _unavailable(f"the CPU lacks {', '.join(missing)}")
