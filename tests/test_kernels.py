@@ -162,7 +162,7 @@ def test_build_is_cached_per_machine(tmp_path):
     cache = tmp_path / "cache"
     first = _load_in_subprocess({"BLIP2_CACHE_DIR": str(cache)})
     assert first[:2] == ["True", "True"] and first[3] == "[3.0, 3.0, 3.0, 3.0, 3.0]"
-    built = list((cache / "kernels").glob("row_product-*.so"))
+    built = list((cache / "kernels").glob("blip2_kernels-*.so"))
     assert len(built) == 1 and first[2] == f"loaded from {built[0]}"
     stamp = built[0].stat().st_mtime_ns
     second = _load_in_subprocess({"BLIP2_CACHE_DIR": str(cache)})
@@ -230,12 +230,12 @@ def test_compiled_batch_one_step_runs_the_kernel_with_the_plain_tokens(hf_opt_di
         kernels.load()
         kernels._loaded = False  # the reference: the same compiled step on the compiled reduction
         try:
-            want = build().compile(1).generate(pixels, ids, mask, max_new_tokens=8)
+            want = build().compile(1, native=False).generate(pixels, ids, mask, max_new_tokens=8)
         finally:
             kernels._loaded = True
     else:
         want = build().generate(pixels, ids, mask, max_new_tokens=8)
-    model = build().compile(1)
+    model = build().compile(1, native=False)  # the compiled graph (compile(1) would run the native step)
     got = model.generate(pixels, ids, mask, max_new_tokens=8)
     assert got.tolist() == want.tolist()
     lm = model.language_model
@@ -249,13 +249,13 @@ def test_compiled_batch_one_step_runs_the_kernel_with_the_plain_tokens(hf_opt_di
 
 @needs_kernel
 @pytest.mark.slow
-def test_bench_says_the_compiled_step_runs_the_kernel(hf_opt_dir, capsys):
+def test_bench_says_the_one_row_step_is_native(hf_opt_dir, capsys):
     from blip2.bench import main
 
     torch._dynamo.reset()
     assert main(["--model", hf_opt_dir[1], "--compile", "--batch", "1", "--new-tokens", "3", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "row-product kernel (one-row products of the compiled step): loaded" in out
+    assert "one-row decoding step: native (blip2.kernels" in out
     assert "decoding, batch 1:" in out and "captioning, batch 1, 3 new tokens" in out
 
 

@@ -243,9 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if device.type == "cpu" and args.compile:
         from . import kernels
+        from .lm.native import NativeOPTStep, NativeT5Step
 
-        print(f"row-product kernel (one-row products of the compiled step): "
-              f"{'loaded' if kernels.ready() else 'not used, ' + kernels.status()}")
+        if isinstance(model.language_model.decode_step, (NativeOPTStep, NativeT5Step)):
+            print("one-row decoding step: native (blip2.kernels, the whole decoder in one call per token)")
+        else:
+            print(f"one-row decoding step: compiled; row-product kernel for its products: "
+                  f"{'loaded' if kernels.ready() else 'not used, ' + kernels.status()}")
     nbytes = decode_bytes_per_token(model)
     step, bw = time_decode_step(model, 1, 16, copy_bandwidth(device=device))
     bound = nbytes / bw

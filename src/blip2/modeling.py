@@ -284,7 +284,7 @@ class Blip2Model(PretrainedMixin, nn.Module):
         unfuse_linears(self.qformer)
         return self
 
-    def compile(self, batch: int = 1, **compile_kwargs: Any) -> Blip2Model:
+    def compile(self, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> Blip2Model:
         """Compile the language model's one-token decoding step with ``torch.compile(**compile_kwargs)``;
         shapes are static within a ``generate`` call, so it compiles once per batch size and length (tens
         of seconds on a small CPU). ``batch`` is the number of rows decoded at once (images x beams) to lay
@@ -293,8 +293,10 @@ class Blip2Model(PretrainedMixin, nn.Module):
         so the weights are fused plain. Several: they keep oneDNN's packed layout, and compiling fuses what
         lies between the products (attention, norms, the cache update). Combines with ``quantize_int8()``
         (call it first). The model is fused afterwards: ``unfuse()`` before casting, moving or reloading it.
-        Returns self."""
-        self.language_model.compile(batch, **compile_kwargs)
+        ``native`` (CPU, one row): the step runs as one native call of ``blip2.kernels`` where it covers the
+        model (``blip2.lm.native``), the whole decoder in C++ with nothing to compile; False keeps the
+        compiled step for every batch. Returns self."""
+        self.language_model.compile(batch, native=native, **compile_kwargs)
         return self
 
     def cuda_graph(self) -> Blip2Model:

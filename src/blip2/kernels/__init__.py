@@ -38,7 +38,9 @@ __all__ = ["load", "ready", "status", "row_product", "row_product_supports", "ca
 
 log = logging.getLogger("blip2.kernels")
 
-_SOURCE = Path(__file__).with_name("row_product.cpp")
+# the translation unit compiled (it includes row_product.cpp), and every file the build reads
+_SOURCE = Path(__file__).with_name("steps.cpp")
+_SOURCES = (Path(__file__).with_name("row_product.cpp"), _SOURCE)
 _OP = "blip2_kernels::row_product"
 _NEEDED_FLAGS = ("avx512f", "avx512bw")
 _BUILD_TIMEOUT_S = 600
@@ -105,12 +107,12 @@ def _library_path(compiler: str, flags: set[str]) -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), str(torch.version.git_version).encode(),
+    for part in (*(p.read_bytes() for p in _SOURCES), torch.__version__.encode(), str(torch.version.git_version).encode(),
                  compiler.encode(), version.encode(), " ".join(sorted(flags)).encode(),
                  " ".join(_command("cc", Path("s"), Path("o"))).encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / "kernels" / f"row_product-{key.hexdigest()[:20]}.so"
+    return cache_dir() / "kernels" / f"blip2_kernels-{key.hexdigest()[:20]}.so"
 
 
 def _build(compiler: str, target: Path) -> None:

@@ -143,6 +143,7 @@ void product(const typename K::W* w, const typename K::X* x, float* y, int64_t r
 struct Vector {
   const float* f32 = nullptr;
   const at::BFloat16* bf16 = nullptr;
+  Vector() = default;
   explicit Vector(const std::optional<at::Tensor>& t) {
     if (!t.has_value()) return;
     if (t->scalar_type() == at::kFloat) f32 = t->data_ptr<float>();
@@ -151,6 +152,24 @@ struct Vector {
   bool present() const { return f32 != nullptr || bf16 != nullptr; }
   float operator[](int64_t n) const { return f32 ? f32[n] : static_cast<float>(bf16[n]); }
 };
+
+// The fp32 sums y[n] = sum_k w[n, k] * x[k] of a contiguous CPU weight [N, K] (float32, bfloat16 or int8),
+// x handed in as fp32 (xf) and, for bf16 weights on CPUs with AVX-512 BF16, as bf16 (xb): the same values.
+void sums(const at::Tensor& w, const float* xf, const uint16_t* xb, float* y) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  const auto wt = w.scalar_type();
+  if (wt == at::kFloat) {
+    product<F32>(w.data_ptr<float>(), xf, y, rows, cols);
+  } else if (wt == at::kChar) {
+    product<Int8>(w.data_ptr<int8_t>(), xf, y, rows, cols);
+  } else {
+#if defined(__AVX512BF16__)
+    product<BF16Dot>((const uint16_t*)w.data_ptr(), xb, y, rows, cols);
+#else
+    product<BF16Widen>((const uint16_t*)w.data_ptr(), xf, y, rows, cols);
+#endif
+  }
+}
 
 at::Tensor row_product(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                        const std::optional<at::Tensor>& bias) {
@@ -180,21 +199,15 @@ at::Tensor row_product(const at::Tensor& x, const at::Tensor& w, const std::opti
     if ((int64_t)buffer.size() < rows) buffer.resize(rows);
     y = buffer.data();
   }
-  if (wt == at::kFloat) {
-    const at::Tensor xc = x.contiguous();
-    product<F32>(w.data_ptr<float>(), xc.data_ptr<float>(), y, rows, cols);
-  } else if (wt == at::kChar) {
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    product<Int8>(w.data_ptr<int8_t>(), xf.data_ptr<float>(), y, rows, cols);
-  } else {
+  const at::Tensor xc = x.contiguous();
+  const bool bf16_dot = wt == at::kBFloat16 && xt == at::kBFloat16
 #if defined(__AVX512BF16__)
-    const at::Tensor xc = x.contiguous();
-    product<BF16Dot>((const uint16_t*)w.data_ptr(), (const uint16_t*)xc.data_ptr(), y, rows, cols);
+      ;
 #else
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    product<BF16Widen>((const uint16_t*)w.data_ptr(), xf.data_ptr<float>(), y, rows, cols);
+      && false;
 #endif
-  }
+  const at::Tensor xf = bf16_dot ? at::Tensor() : xc.to(at::kFloat);
+  sums(w, bf16_dot ? nullptr : xf.data_ptr<float>(), bf16_dot ? (const uint16_t*)xc.data_ptr() : nullptr, y);
   // scale, bias, and one rounding to x's dtype
   const Vector s(scale), b(bias);
   at::BFloat16* out16 = xt == at::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..config import OPTConfig
 from .graphs import graph_step
+from .native import native_opt_step
 from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
                     pack_linears, unfuse_linears)
 
@@ -281,7 +282,7 @@ class OPTForCausalLM(nn.Module):
         self.decode_step = self._decode_step
         return self
 
-    def compile(self, batch: int = 1, **compile_kwargs: Any) -> OPTForCausalLM:
+    def compile(self, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> OPTForCausalLM:
         """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
         within a ``generate`` call (the cache is preallocated), so it compiles once per batch size and
         length. ``batch``: the rows decoded at once (images x beams) to lay the weights out for
@@ -289,7 +290,12 @@ class OPTForCausalLM(nn.Module):
         bandwidth (``fused._row_product``: the native kernel of ``blip2.kernels``, built here on first
         use, once per machine, else a compiled reduction), so it fuses them plain (``"dense"``); for several, in oneDNN's
         packed layout on CPU; int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
-        ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded. Returns self."""
+        ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded.
+
+        ``native``: on CPU, a step of one row runs as one native call where ``blip2.lm.native`` covers the
+        model (float32/bfloat16, plain or int8 weights, the kernels loaded): the whole decoder in C++,
+        without the compiled graph's per-token overhead and without compiling; other rows use the
+        compiled step, compiled when first needed. False: always the compiled step. Returns self."""
         current = fused_format(self)
         fmt = compile_format(current, self.model.decoder.embed_tokens.weight, batch)
         if current != fmt:
@@ -297,7 +303,8 @@ class OPTForCausalLM(nn.Module):
                 self.unfuse()
             self.fuse(fmt)
         device = self.model.decoder.embed_tokens.weight.device
-        self.decode_step = compile_step(self._decode_step, device, **compile_kwargs)
+        step = compile_step(self._decode_step, device, **compile_kwargs)
+        self.decode_step = (native and native_opt_step(self, step)) or step
         return self
 
     def cuda_graph(self) -> OPTForCausalLM:

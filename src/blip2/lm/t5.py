@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..config import T5Config
 from .graphs import graph_step
+from .native import native_t5_step
 from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
                     pack_linears, unfuse_linears)
 
@@ -371,7 +372,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.decode_step = self._decode_step
         return self
 
-    def compile(self, batch: int = 1, **compile_kwargs: Any) -> T5ForConditionalGeneration:
+    def compile(self, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> T5ForConditionalGeneration:
         """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
         within a ``generate`` call (the self-attention cache is preallocated), so it compiles once per batch
         size and length. ``batch``: the rows decoded at once (images x beams) to lay the weights out for
@@ -379,14 +380,20 @@ class T5ForConditionalGeneration(nn.Module):
         bandwidth (``fused._row_product``: the native kernel of ``blip2.kernels``, built here on first
         use, once per machine, else a compiled reduction), so it fuses them plain (``"dense"``); for several, in oneDNN's
         packed layout on CPU; int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
-        ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded. Returns self."""
+        ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded.
+
+        ``native``: on CPU, a step of one row runs as one native call where ``blip2.lm.native`` covers the
+        model (float32/bfloat16, plain or int8 weights, the kernels loaded): the whole decoder in C++,
+        without the compiled graph's per-token overhead and without compiling; other rows use the
+        compiled step, compiled when first needed. False: always the compiled step. Returns self."""
         current = fused_format(self)
         fmt = compile_format(current, self.shared.weight, batch)
         if current != fmt:
             if current is not None:
                 self.unfuse()
             self.fuse(fmt)
-        self.decode_step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
+        step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
+        self.decode_step = (native and native_t5_step(self, step)) or step
         return self
 
     def cuda_graph(self) -> T5ForConditionalGeneration:

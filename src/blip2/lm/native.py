@@ -1,0 +1,184 @@
+"""Whole decoding steps in one native call (``blip2.kernels``: ``t5_step``, ``opt_step``) for one row on CPU.
+
+``compile()`` puts one in front of the compiled step where it can: a step of one row (batch 1, one beam)
+then runs the whole decoder (norms, products, one-query attention over the cache, the head) in C++, one
+call per token; anything else (more rows, a model these steps do not cover) goes to the compiled step.
+At one row a step is bound by reading the weights once; what a compiled graph adds around its products
+(the graph's Python wrapper, dynamo's guards, a kernel call per small operation) is about 0.8 ms a token
+on one core, a fifth of a Flan-T5-small bf16 step, and a native step does not pay it.
+
+Covered: OPT (pre- or post-norm, project_in/out, any supported activation) and T5 (gated or not, tied or
+not), in float32 or bfloat16, with weights in the plain layout (``fuse("dense")``, what ``compile()``
+chooses for one row) or weight-only int8 (``fuse("int8")``). Not covered: fp16 (T5 keeps its FFN output
+projections in fp32 there), oneDNN's packed layout, int8-dynamic, anything off the CPU. Numerics follow
+the eager modules (activations rounded to the model's dtype where a torch operation rounds them; norms,
+softmax and sums in fp32); products accumulate in fp32 in another order than oneDNN's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from .fused import FusedLinear
+
+__all__ = ["NativeT5Step", "NativeOPTStep", "native_t5_step", "native_opt_step"]
+
+ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_fast": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+class Unsupported(Exception):
+    """The model is not one the native steps cover (the reason is the message)."""
+
+
+def _linear(layer: nn.Module | None, dtype: torch.dtype, optional: bool = False) -> list[Tensor | None]:
+    """A linear layer as the three list entries the native steps read: weight [N, K], scale, bias."""
+    if layer is None:
+        if optional:
+            return [None, None, None]
+        raise Unsupported("a projection is missing")
+    if isinstance(layer, FusedLinear):
+        if layer.fmt not in ("dense", "int8"):
+            raise Unsupported(f"weights in the {layer.fmt!r} format (native steps read 'dense' or 'int8')")
+        w, scale, bias = layer.w, layer.scale, layer.b
+    elif isinstance(layer, nn.Linear):
+        w, scale, bias = layer.weight.detach(), None, None if layer.bias is None else layer.bias.detach()
+    else:
+        raise Unsupported(f"a {type(layer).__name__} where a linear layer was expected")
+    if w.device.type != "cpu" or not w.is_contiguous() or w.dim() != 2:
+        raise Unsupported("a weight that is not a contiguous CPU matrix")
+    if w.dtype != torch.int8 and w.dtype != dtype:
+        raise Unsupported(f"a {w.dtype} weight in a {dtype} model")
+    for t in (scale, bias):
+        if t is not None and (t.dtype not in _FLOATS or not t.is_contiguous()):
+            raise Unsupported("a scale or bias that is not a contiguous float32/bfloat16 vector")
+    return [w, scale, bias]
+
+
+def _vector(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+        raise Unsupported(f"a norm weight of {t.dtype} on {t.device} in a {dtype} model")
+    return t
+
+
+def _dtype(weight: Tensor) -> torch.dtype:
+    if weight.device.type != "cpu":
+        raise Unsupported(f"the model is on {weight.device}")
+    if weight.dtype not in _FLOATS:
+        raise Unsupported(f"{weight.dtype} activations (native steps run float32 or bfloat16)")
+    return weight.dtype
+
+
+def _usable() -> None:
+    if not kernels.load():
+        raise Unsupported(f"blip2.kernels is not loaded: {kernels.status()}")
+
+
+class NativeT5Step:
+    """A T5 ``decode_step`` (``T5ForConditionalGeneration._decode_step``'s arguments): one row through
+    ``blip2_kernels::t5_step``, anything else through ``fallback``."""
+
+    def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
+        cfg, dec = model.config, model.decoder
+        dtype = _dtype(model.shared.weight)
+        _usable()
+        if cfg.dense_act_fn not in ACTIVATIONS:
+            raise Unsupported(f"activation {cfg.dense_act_fn!r}")
+        weights: list[Tensor | None] = [_vector(model.shared.weight, dtype)]
+        for blk in dec.block:
+            sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
+            dense = ff.DenseReluDense
+            if sa.SelfAttention.qkv is None:
+                raise Unsupported("self-attention q/k/v not fused (call fuse() first)")
+            if dense.gated and dense.wi_01 is None:
+                raise Unsupported("the gated FFN's wi_0/wi_1 not fused (call fuse() first)")
+            weights += [_vector(sa.layer_norm.weight, dtype), *_linear(sa.SelfAttention.qkv, dtype),
+                        *_linear(sa.SelfAttention.o, dtype),
+                        _vector(ca.layer_norm.weight, dtype), *_linear(ca.EncDecAttention.q, dtype),
+                        *_linear(ca.EncDecAttention.o, dtype),
+                        _vector(ff.layer_norm.weight, dtype),
+                        *_linear(dense.wi_01 if dense.gated else dense.wi, dtype), *_linear(dense.wo, dtype)]
+        weights += [_vector(dec.final_layer_norm.weight, dtype), *_linear(model.lm_head, dtype)]
+        self.weights = weights
+        self.fparams = [float(dec.final_layer_norm.eps),
+                        float(cfg.d_model**-0.5) if cfg.scale_decoder_outputs else 1.0]
+        self.iparams = [cfg.num_heads, cfg.d_kv, ACTIVATIONS[cfg.dense_act_fn], int(bool(cfg.is_gated_act))]
+        self.fallback = fallback
+        self.dtype = dtype
+
+    def __call__(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
+                 caches: list[Any], input_pos: Tensor) -> Tensor:
+        if ids.shape != (1, 1) or input_pos.numel() != 1 or self_mask.dtype not in _FLOATS:
+            return self.fallback(ids, self_mask, cross_kv, cross_mask, caches, input_pos)
+        kv = [t for (k, v), cache in zip(cross_kv, caches) for t in (k, v, cache.k, cache.v)]
+        return torch.ops.blip2_kernels.t5_step(ids, input_pos, self_mask, cross_mask, kv, self.weights,
+                                               self.fparams, self.iparams)
+
+
+class NativeOPTStep:
+    """An OPT ``decode_step`` (``OPTForCausalLM._decode_step``'s arguments): one row through
+    ``blip2_kernels::opt_step``, anything else through ``fallback``."""
+
+    def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
+        cfg, dec = model.config, model.model.decoder
+        dtype = _dtype(dec.embed_tokens.weight)
+        _usable()
+        if cfg.activation_function not in ACTIVATIONS:
+            raise Unsupported(f"activation {cfg.activation_function!r}")
+        norms = [layer.self_attn_layer_norm for layer in dec.layers] + [layer.final_layer_norm for layer in dec.layers]
+        eps = {float(n.eps) for n in norms + ([dec.final_layer_norm] if dec.final_layer_norm is not None else [])}
+        if len(eps) != 1:
+            raise Unsupported(f"layer norms with different eps {sorted(eps)}")
+        weights: list[Tensor | None] = [_vector(dec.embed_positions.weight, dtype),
+                                        *_linear(dec.project_in, dtype, optional=True)]
+        for layer in dec.layers:
+            if layer.self_attn.qkv is None:
+                raise Unsupported("q/k/v not fused (call fuse() first)")
+            ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
+            weights += [_vector(ln1.weight, dtype), _vector(ln1.bias, dtype), *_linear(layer.self_attn.qkv, dtype),
+                        *_linear(layer.self_attn.out_proj, dtype),
+                        _vector(ln2.weight, dtype), _vector(ln2.bias, dtype), *_linear(layer.fc1, dtype),
+                        *_linear(layer.fc2, dtype)]
+        final = dec.final_layer_norm
+        weights += [_vector(final.weight, dtype) if final is not None else None,
+                    _vector(final.bias, dtype) if final is not None else None,
+                    *_linear(dec.project_out, dtype, optional=True), *_linear(model.lm_head, dtype)]
+        self.weights = weights
+        attn = dec.layers[0].self_attn
+        self.fparams = [eps.pop(), float(attn.scaling)]
+        self.iparams = [attn.num_heads, ACTIVATIONS[cfg.activation_function], int(bool(cfg.do_layer_norm_before)),
+                        int(final is not None)]
+        self.fallback = fallback
+        self.dtype = dtype
+
+    def __call__(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any], input_pos: Tensor) -> Tensor:
+        if x.shape[0] != 1 or x.shape[1] != 1 or input_pos.numel() != 1 or mask.dtype != torch.bool \
+                or x.dtype != self.dtype:
+            return self.fallback(x, positions, mask, caches, input_pos)
+        kv = [t for cache in caches for t in (cache.k_cache, cache.v_cache)]
+        return torch.ops.blip2_kernels.opt_step(x, positions, mask, kv, input_pos, self.weights, self.fparams,
+                                                self.iparams)
+
+
+def native_t5_step(model: Any, fallback: Callable[..., Tensor]) -> NativeT5Step | None:
+    """A native step for ``model`` in front of ``fallback``, or None where the native steps do not cover it."""
+    try:
+        return NativeT5Step(model, fallback)
+    except Unsupported:
+        return None
+
+
+def native_opt_step(model: Any, fallback: Callable[..., Tensor]) -> NativeOPTStep | None:
+    """A native step for ``model`` in front of ``fallback``, or None where the native steps do not cover it."""
+    try:
+        return NativeOPTStep(model, fallback)
+    except Unsupported:
+        return None

@@ -1,0 +1,292 @@
+"""Native whole decoding steps (blip2.lm.native, blip2_kernels::t5_step / opt_step): the same logits as the
+eager step, teacher-forced step by step, for OPT and T5 variants in fp32, bf16 and int8; compile() uses
+them for one row and hands everything else to the compiled step; what they do not cover is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip2 import Blip2ForConditionalGeneration, kernels
+from blip2.config import OPTConfig, T5Config
+from blip2.lm.native import NativeOPTStep, NativeT5Step, Unsupported, native_opt_step, native_t5_step
+from blip2.lm.opt import OPTForCausalLM
+from blip2.lm.t5 import T5ForConditionalGeneration
+from conftest import pixel_batch, prompts_with_images, randomize_
+from test_kernels import needs_kernel
+
+pytestmark = needs_kernel
+
+STEPS = 12
+
+OPT_VARIANTS = {
+    "pre-norm": {},
+    "post-norm, project in/out, no bias": dict(do_layer_norm_before=False, word_embed_proj_dim=24,
+                                               enable_bias=False),
+    "gelu, no final norm, no affine": dict(activation_function="gelu", _remove_final_layer_norm=True,
+                                           layer_norm_elementwise_affine=False),
+}
+T5_VARIANTS = {
+    "gated-gelu, untied": {},
+    "relu, tied and scaled": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    "gated-silu, exact gelu off": dict(feed_forward_proj="gated-silu"),
+    "gelu (erf)": dict(feed_forward_proj="gated-gelu", dense_act_fn="gelu"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded():
+    assert kernels.load(), kernels.status()
+
+
+def _opt(overrides: dict, dtype: torch.dtype, fmt: str = "dense", seed: int = 0) -> OPTForCausalLM:
+    cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=3, ffn_dim=80, num_attention_heads=4,
+                    max_position_embeddings=64, dropout=0.0, **overrides)
+    lm = randomize_(OPTForCausalLM(cfg), seed, std=0.4).eval().to(dtype)
+    return lm.fuse(fmt)
+
+
+def _t5(overrides: dict, dtype: torch.dtype, fmt: str = "dense", seed: int = 0) -> T5ForConditionalGeneration:
+    kw = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
+              relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)
+    kw.update(overrides)
+    lm = randomize_(T5ForConditionalGeneration(T5Config(**kw)), seed, std=0.4).eval()
+    return lm.set_dtype(dtype).fuse(fmt)
+
+
+def _prompt(lm, dtype, seed=1, pad=2):
+    """Prompt embeddings [1, T, E] and a mask with `pad` leading padding slots."""
+    g = torch.Generator().manual_seed(seed)
+    width = lm.get_input_embeddings().weight.shape[1]
+    embeds = torch.randn(1, 7, width, generator=g).to(dtype)
+    mask = torch.ones(1, 7, dtype=torch.long)
+    mask[:, :pad] = 0
+    return embeds, mask
+
+
+@torch.no_grad()
+def _teacher_forced(lm, step, dtype, tokens=None):
+    """Logits [STEPS + 1, V] of a prefill and STEPS steps fed `tokens` (default: the greedy ones found);
+    step None: the eager one."""
+    lm.decode_step = step or lm._decode_step
+    embeds, mask = _prompt(lm, dtype)
+    state = lm.start_decoding(embeds, mask if isinstance(lm, OPTForCausalLM) else None, 1, STEPS + 1)
+    out = [state.prefill()]
+    fed = []
+    for i in range(STEPS):
+        t = tokens[i] if tokens is not None else out[-1].argmax(-1)
+        fed.append(t)
+        out.append(state.step(t))
+    return torch.cat(out), fed
+
+
+def _compare(lm, dtype, native, fp32_copy=None):
+    """Native against eager, teacher-forced. fp32: the same logits up to the order of the sums, and the same
+    greedy tokens wherever the eager choice is not a near tie. bf16: each rounds its activations to bf16
+    (2**-8 relative) at the same places, but where the two sums straddle a rounding boundary they round
+    to neighbours, and that carries on through the layers; so both are held against the fp32 model with
+    the same (bf16-rounded) weights, and the native step must be about as close to it as eager is."""
+    want, fed = _teacher_forced(lm, lm._decode_step, dtype)
+    calls = []
+    op = native.__call__
+
+    def counting(*args):
+        calls.append(1)
+        return op(*args)
+
+    got, _ = _teacher_forced(lm, counting, dtype, fed)
+    assert len(calls) == STEPS
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    if dtype == torch.float32:
+        scale = want.abs().max()
+        err = (got - want).abs().max() / scale
+        assert err <= 1e-5, err
+        top2 = want.topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * scale
+        assert clear.sum() >= want.shape[0] - 1
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+    else:
+        truth, _ = _teacher_forced(fp32_copy, fp32_copy._decode_step, torch.float32, fed)
+        scale = truth.abs().max()
+        eager_err = (want - truth).abs().max() / scale
+        native_err = (got - truth).abs().max() / scale
+        assert native_err <= 1.5 * eager_err + 0.005, (native_err, eager_err)
+        assert (got.argmax(-1) == truth.argmax(-1)).float().mean() >= (want.argmax(-1) == truth.argmax(-1)).float().mean() - 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", list(OPT_VARIANTS))
+def test_opt_native_step_gives_the_eager_logits(variant, dtype):
+    lm = _opt(OPT_VARIANTS[variant], dtype)
+    fp32 = _opt(OPT_VARIANTS[variant], dtype).unfuse().float().fuse("dense")
+    _compare(lm, dtype, NativeOPTStep(lm, lm._decode_step), fp32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", list(T5_VARIANTS))
+def test_t5_native_step_gives_the_eager_logits(variant, dtype):
+    lm = _t5(T5_VARIANTS[variant], dtype)
+    fp32 = _t5(T5_VARIANTS[variant], dtype).unfuse().set_dtype(torch.float32).fuse("dense")
+    _compare(lm, dtype, NativeT5Step(lm, lm._decode_step), fp32)
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_native_step_equals_the_dequantized_weights(text, dtype):
+    """int8 weights (the scale applied after the sum, activations kept in their dtype) against the same
+    rounded weights in the plain layout, stepped by the eager step from the same decoding state (eager
+    int8 rounds activations to bf16, so it is not the reference): equal up to the order of the sums."""
+    import copy
+
+    build = _opt if text == "opt" else _t5
+    cls = NativeOPTStep if text == "opt" else NativeT5Step
+    untied = {"tie_word_embeddings": False}  # an int8 copy of a tied head has no dense twin
+    q = build(untied, dtype, fmt="int8")
+    plain = build(untied, dtype, fmt="int8").unfuse().fuse("dense")  # the int8-rounded weights, dense
+    q.decode_step = cls(q, q._decode_step)
+    plain.decode_step = plain._decode_step
+    embeds, mask = _prompt(q, dtype)
+    with torch.no_grad():
+        a = q.start_decoding(embeds, mask if text == "opt" else None, 1, STEPS + 1)
+        a.prefill()
+        b = copy.deepcopy(a, memo={id(q): q})
+        setattr(b, "lm" if text == "opt" else "model", plain)
+        tokens = torch.randint(4, 90, (STEPS,), generator=torch.Generator().manual_seed(3))
+        got = torch.cat([a.step(t[None]) for t in tokens])
+        want = torch.cat([b.step(t[None]) for t in tokens])
+    if dtype == torch.float32:
+        err = (got - want).abs().max() / want.abs().max()
+        assert err <= 1e-5, err
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    else:
+        # in bf16 the dense twin is not exact (q * scale rounds to bf16), so both are held against the fp32
+        # model with the bf16 weights, teacher-forced: the native int8 step about as close to it as eager
+        fed = [t[None] for t in tokens]
+        truth, _ = _teacher_forced(build(untied, dtype).unfuse().to(torch.float32) if text == "opt" else
+                                   build(untied, dtype).unfuse().set_dtype(torch.float32), None, torch.float32, fed)
+        native, _ = _teacher_forced(q, q.decode_step, dtype, fed)
+        eager, _ = _teacher_forced(plain, plain._decode_step, dtype, fed)
+        scale = truth.abs().max()
+        native_err, eager_err = (native - truth).abs().max() / scale, (eager - truth).abs().max() / scale
+        assert native_err <= 1.5 * eager_err + 0.005, (native_err, eager_err)
+
+
+def test_more_rows_go_to_the_fallback():
+    lm = _opt({}, torch.float32)
+    seen = []
+
+    def fallback(*args):
+        seen.append(args[0].shape[0])
+        return lm._decode_step(*args)
+
+    step = NativeOPTStep(lm, fallback)
+    lm.decode_step = step
+    embeds, mask = _prompt(lm, torch.float32)
+    with torch.no_grad():
+        state = lm.start_decoding(embeds, mask, 2, 4)  # two rows: beams
+        state.prefill()
+        state.step(torch.tensor([5, 6]))
+    assert seen == [2]
+
+    t5 = _t5({}, torch.float32)
+    seen.clear()
+
+    def fallback_t5(*args):
+        seen.append(args[0].shape[0])
+        return t5._decode_step(*args)
+
+    t5.decode_step = NativeT5Step(t5, fallback_t5)
+    with torch.no_grad():
+        state = t5.start_decoding(embeds, None, 3, 4)
+        state.prefill()
+        state.step(torch.tensor([5, 6, 7]))
+    assert seen == [3]
+
+
+def test_what_native_steps_do_not_cover_is_refused():
+    with pytest.raises(Unsupported, match="'onednn' format"):
+        NativeOPTStep(_opt({}, torch.float32, fmt="onednn"), None)
+    with pytest.raises(Unsupported, match="int8-dynamic"):
+        NativeT5Step(_t5({}, torch.float32, fmt="int8-dynamic"), None)
+    with pytest.raises(Unsupported, match="float16"):
+        NativeOPTStep(_opt({}, torch.float16), None)
+    not_fused = randomize_(OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                                    num_attention_heads=4)), 0)
+    with pytest.raises(Unsupported, match="not fused"):
+        NativeOPTStep(not_fused, None)
+    assert native_opt_step(_opt({}, torch.float32, fmt="onednn"), None) is None
+    assert native_t5_step(_t5({}, torch.float16), None) is None
+    kernels._loaded = False
+    try:
+        with pytest.raises(Unsupported, match="not loaded"):
+            NativeT5Step(_t5({}, torch.float32), None)
+    finally:
+        kernels._loaded = True
+
+
+def test_the_op_names_bad_arguments():
+    lm = _opt({}, torch.float32)
+    step = NativeOPTStep(lm, lm._decode_step)
+    x = torch.zeros(1, 1, 32)
+    pos, slot = torch.tensor([[0]]), torch.tensor([0])
+    caches = [torch.zeros(1, 4, 5, 8) for _ in range(2 * 3)]
+    valid = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    op = torch.ops.blip2_kernels.opt_step
+    with pytest.raises(RuntimeError, match="weights is not 4 \\+ 16 per layer \\+ 8"):
+        op(x, pos, valid, caches, slot, step.weights[:-1], step.fparams, step.iparams)
+    with pytest.raises(RuntimeError, match="cache tensors for 3 layers"):
+        op(x, pos, valid, caches[:-1], slot, step.weights, step.fparams, step.iparams)
+    with pytest.raises(RuntimeError, match="cache slot 7 outside"):
+        op(x, pos, valid, caches, torch.tensor([7]), step.weights, step.fparams, step.iparams)
+    with pytest.raises(RuntimeError, match="position 70 outside"):
+        op(x, torch.tensor([[70]]), valid, caches, slot, step.weights, step.fparams, step.iparams)
+    t5 = _t5({}, torch.float32)
+    s5 = NativeT5Step(t5, t5._decode_step)
+    with pytest.raises(RuntimeError, match="token id 500 outside the vocabulary of 96"):
+        torch.ops.blip2_kernels.t5_step(torch.tensor([[500]]), slot, torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 1, 5),
+                                        ([torch.zeros(1, 4, 5, 8)] * 2 + [torch.zeros(1, 4, 8, 8)] * 2) * 3,
+                                        s5.weights, s5.fparams, s5.iparams)
+
+
+def _calls(fn, name):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == name)
+
+
+@pytest.mark.parametrize("text,dtype", [("opt", torch.float32), ("opt", torch.bfloat16), ("t5", torch.float32),
+                                        ("t5", torch.bfloat16)])
+def test_compile_for_one_row_decodes_natively_with_the_plain_tokens(hf_opt_dir, hf_t5_dir, text, dtype):
+    """The public path: compile(batch=1) on CPU puts the native step in front; a greedy generate gives the
+    eager model's tokens, one op call per step, and nothing is compiled."""
+    from conftest import IMAGE_TOKEN, NUM_QUERY
+
+    d = (hf_opt_dir if text == "opt" else hf_t5_dir)[1]
+    if text == "opt":
+        ids, mask = prompts_with_images([[2, 11, 12, 13]])
+    else:
+        ids = torch.tensor([[IMAGE_TOKEN] * NUM_QUERY + [11, 12, 13, 1]])
+        mask = torch.ones_like(ids)
+    pixels = pixel_batch(1, seed=7)
+
+    def plain_tokens(dt):
+        m = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dt)
+        return m.generate(pixels.to(dt), ids, mask, max_new_tokens=10, min_new_tokens=10).tolist()
+
+    want = plain_tokens(dtype)
+    model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype).compile(1)
+    assert isinstance(model.language_model.decode_step, NativeOPTStep if text == "opt" else NativeT5Step)
+    torch._dynamo.reset()
+    got = model.generate(pixels.to(dtype), ids, mask, max_new_tokens=10, min_new_tokens=10)
+    if dtype == torch.float32 or got.tolist() != want:
+        # bf16: the T5 prompt meets a near tie at its 8th token where the eager bf16 model leaves the fp32
+        # model's tokens; the native step (fp32 softmax and sums, as eager's) keeps them. Either plain path.
+        assert got.tolist() == (want if dtype == torch.float32 else plain_tokens(torch.float32))
+    assert len(set(got[0, -10:].tolist())) > 2  # a test model that says something
+    op = "blip2_kernels::opt_step" if text == "opt" else "blip2_kernels::t5_step"
+    assert _calls(lambda: model.generate(pixels, ids, mask, max_new_tokens=10, min_new_tokens=10), op) == 9
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # the compiled step never ran
+    plain = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype).compile(1, native=False)
+    assert not isinstance(plain.language_model.decode_step, (NativeOPTStep, NativeT5Step))
