@@ -91,8 +91,9 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
         del models
     table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds; x transformers is the median of the "
                        f"per-round ratios to transformers in the same dtype; tokens compares the output ids with "
-                       f"theirs. bf16: the Q-Former stays fp32 in ours. compile(): compile(batch=images), the first "
-                       f"call compiles (not timed). quantize_int8(): int8 weights, products with bf16 inputs "
+                       f"theirs. bf16: the Q-Former stays fp32 in ours. compile(): compile(batch=images); one image on "
+                       f"CPU decodes with the native step (blip2.lm.native, nothing compiled), several with the "
+                       f"compiled step, whose first call compiles (not timed). quantize_int8(): int8 weights, products with bf16 inputs "
                        f"(the AVX-512 int8 kernel's), fp32 elsewhere. quantize_int8(dynamic, vision): "
                        f"quantize_int8(dynamic=True, vision=True), int8 weights in the LM and the vision encoder "
                        f"and each product's input rounded to 8 bits per row, products in int32 (fbgemm), "

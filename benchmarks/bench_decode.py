@@ -21,15 +21,18 @@ from blip2.bench import copy_bandwidth, decode_bytes_per_token, decode_inputs, i
 NEW_TOKENS = 24
 
 
-def _variants(dtype: str, compile: bool) -> dict[str, tuple[str, bool]]:
-    """name -> (fast path, compiled) of our rows for ``dtype``."""
-    out = {"ours fuse()": ("fuse", False)}
+def _variants(dtype: str, compile: bool) -> dict[str, tuple[str, bool, bool]]:
+    """name -> (fast path, compiled, native step) of our rows for ``dtype``. compile() at one row on CPU runs
+    the native step (blip2.lm.native); in bf16 the compiled graph it stands in front of is timed too."""
+    out = {"ours fuse()": ("fuse", False, False)}
     if compile:
-        out["ours fuse() + compile()"] = ("fuse", True)
+        out["ours fuse() + compile()"] = ("fuse", True, True)
+        if dtype == "bf16":
+            out["ours fuse() + compile(native=False)"] = ("fuse", True, False)
     if dtype == "fp32":
-        out["ours quantize_int8()"] = ("int8", False)
+        out["ours quantize_int8()"] = ("int8", False, False)
         if compile:
-            out["ours quantize_int8() + compile()"] = ("int8", True)
+            out["ours quantize_int8() + compile()"] = ("int8", True, True)
     return out
 
 
@@ -42,8 +45,9 @@ def run(presets: list[str], dtypes: list[str], repeats: int, compile: bool = Tru
         d = checkpoint(preset)
         for dtype in dtypes:
             models = {"transformers": load_hf(d, dtype, device)}
-            models.update({name: load_ours(d, dtype, device, fast, comp)
-                           for name, (fast, comp) in _variants(dtype, compile).items()})
+            models.update({name: load_ours(d, dtype, device, fast, comp, **({} if native or not comp else
+                                                                             {"native": False}))
+                           for name, (fast, comp, native) in _variants(dtype, compile).items()})
             # the weights a step reads: the float model's for transformers, each format's for ours
             nbytes = {name: decode_bytes_per_token(m if name != "transformers" else load_ours(d, dtype, device))
                       for name, m in models.items()}
@@ -77,7 +81,9 @@ def run(presets: list[str], dtypes: list[str], repeats: int, compile: bool = Tru
                                f"{3 * (repeats + 1)} copies of 256 MB made between the timed calls).")
             del models
     table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds. % of bound = (weights read per token "
-                       f"/ copy bandwidth) / ms per token. compile(): the first call compiles (not timed).")
+                       f"/ copy bandwidth) / ms per token. compile(): on CPU at one row the native step (the whole decoder in "
+                       f"one C++ call per token, blip2.lm.native), nothing compiled; compile(native=False): the "
+                       f"torch.compile'd step (inductor), whose first call compiles (not timed).")
     return table
 
 

@@ -48,11 +48,12 @@ def load_hf(d: str, dtype: str = "fp32", device: str = "cpu") -> torch.nn.Module
 
 
 def load_ours(d: str, dtype: str = "fp32", device: str = "cpu", fast: str = "plain",
-              compile: bool = False, batch: int = 1, graph: bool = False) -> Blip2ForConditionalGeneration:
-    """Our model with fast path ``fast``; ``compile``: its decoding step compiled for ``batch`` rows;
-    ``graph``: the step replayed as a CUDA graph (``cuda_graph()``)."""
+              compile: bool = False, batch: int = 1, graph: bool = False,
+              native: bool = True) -> Blip2ForConditionalGeneration:
+    """Our model with fast path ``fast``; ``compile``: its decoding step compiled for ``batch`` rows
+    (``native``: compile(native=...)); ``graph``: the step replayed as a CUDA graph (``cuda_graph()``)."""
     model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=DTYPES[dtype], device=device)
-    model = apply_fast_path(model, fast, compile, batch=batch)
+    model = apply_fast_path(model, fast, compile, batch=batch, **({} if native else {"native": False}))
     return model.cuda_graph() if graph else model
 
 
@@ -104,10 +105,10 @@ def machine() -> str:
         pass
     from blip2 import kernels
 
-    native = "loaded" if kernels.ready() else f"not loaded ({kernels.status()})"  # compile() loads it
+    native = "loaded" if kernels.ready() else f"not loaded ({kernels.status()})"  # compile() loads them
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) used; torch {torch.__version__}; "
             f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; "
-            f"blip2 row-product kernel: {native}")
+            f"blip2 native kernels: {native}")
 
 
 def write_readme(body: str, start: str, end: str, path: str = README) -> None:

@@ -278,7 +278,7 @@ def test_compile_for_one_row_decodes_natively_with_the_plain_tokens(hf_opt_dir, 
     want = plain_tokens(dtype)
     model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype).compile(1)
     assert isinstance(model.language_model.decode_step, NativeOPTStep if text == "opt" else NativeT5Step)
-    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     got = model.generate(pixels.to(dtype), ids, mask, max_new_tokens=10, min_new_tokens=10)
     if dtype == torch.float32 or got.tolist() != want:
         # bf16: the T5 prompt meets a near tie at its 8th token where the eager bf16 model leaves the fp32
@@ -287,6 +287,6 @@ def test_compile_for_one_row_decodes_natively_with_the_plain_tokens(hf_opt_dir, 
     assert len(set(got[0, -10:].tolist())) > 2  # a test model that says something
     op = "blip2_kernels::opt_step" if text == "opt" else "blip2_kernels::t5_step"
     assert _calls(lambda: model.generate(pixels, ids, mask, max_new_tokens=10, min_new_tokens=10), op) == 9
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # the compiled step never ran
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the compiled step never ran
     plain = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype).compile(1, native=False)
     assert not isinstance(plain.language_model.decode_step, (NativeOPTStep, NativeT5Step))

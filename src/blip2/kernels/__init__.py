@@ -1,21 +1,24 @@
 """Native CPU kernels of blip2, built from C++ source on the machine that runs them.
 
-One kernel so far: ``row_product(x, w, scale, bias)``, one row of activations times a weight matrix, the
-product of every layer when decoding one token at a time. Such a step reads every weight once per token,
-so it is bound by how fast one core streams memory; ``row_product.cpp`` says how it keeps that stream
-fast (fp32, bf16 and weight-only int8 weights; 2-3x ``F.linear`` with one row, faster than the compiled
-reduction it replaces by a margin this machine's noise blurs: see README's decoding table).
+- ``row_product(x, w, scale, bias)`` (``row_product.cpp``): one row of activations times a weight matrix,
+  the product of every layer when decoding one token at a time. Such a step reads every weight once per
+  token, so it is bound by how fast one core streams memory; the source says how it keeps that stream
+  fast (fp32, bf16 and weight-only int8 weights; 2-3x ``F.linear`` with one row).
+- ``blip2_kernels::t5_step`` and ``opt_step`` (``steps.cpp``, which includes ``row_product.cpp``): a whole
+  decoding step of one row, the decoder's norms, attention over the cache and products in one call
+  (``blip2.lm.native`` hands the weights over).
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
-against the installed torch, with ``-march=native``, about 7 s, and cached in
+against the installed torch, with ``-march=native``, about 10 s, and cached in
 ``$BLIP2_CACHE_DIR`` (default ``$XDG_CACHE_HOME/blip2`` or ``~/.cache/blip2``) under a name that hashes
-the source, the torch build, the compiler and the CPU's flags. It needs Linux on x86-64 with AVX-512 F
+the sources, the torch build, the compiler and the CPU's flags. It needs Linux on x86-64 with AVX-512 F
 and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
-is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the caller keeps its portable path (a compiled
-reduction): the same sums, in another order.
+is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the callers keep their portable path (a compiled
+step whose products are a compiled reduction: the same sums, in another order).
 
-Caller: ``blip2.lm.fused.compile_step`` loads it (building it if need be) before it compiles a decoding
-step on CPU; ``fused._row_product`` then calls it for every one-row product of the compiled step.
+Callers: ``blip2.lm.fused.compile_step`` loads the kernels (building them if need be) before it compiles a
+decoding step on CPU, and ``fused._row_product`` calls ``row_product`` for every one-row product of the
+compiled step; ``compile()`` then puts ``blip2.lm.native``'s step in front where it covers the model.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        log.info("building the row-product kernel (once per machine, about 7 s): %s", target)
+        log.info("building the blip2 kernels (once per machine, about 10 s): %s", target)
         done = subprocess.run(_command(compiler, _SOURCE, Path(tmp)), capture_output=True, text=True,
                               timeout=_BUILD_TIMEOUT_S)
         if done.returncode != 0:
