@@ -399,6 +399,32 @@ def test_fast_option_same_captions_and_errors(pipe, tiny_model_dir, photos, caps
     assert "invalid choice: 'turbo'" in capsys.readouterr().err
 
 
+def test_fast_native_same_captions_and_errors(pipe, tiny_model_dir, photos, capsys, monkeypatch):
+    """--fast native: one image at a time decodes with the native step (the same captions as plain), a
+    batch with the eager step; where the kernels cannot load, the command says why."""
+    from blip2 import kernels
+    from blip2.lm.native import NativeOPTStep, NativeT5Step
+    from test_kernels import _cpu_can_build
+
+    if not _cpu_can_build():
+        pytest.skip("needs Linux x86-64 with AVX-512 F/BW and a C++ compiler")
+    monkeypatch.chdir(photos.parent)
+    paths = ["photos/a.png", "photos/b.jpg"]
+    want = expected_captions(pipe, paths, photos.parent)
+    fast = Pipeline.load(tiny_model_dir, device="cpu", fast="native")
+    assert isinstance(fast.model.language_model.decode_step, (NativeOPTStep, NativeT5Step))
+    for p in paths:  # one image: native steps
+        assert fast.caption([load_image(photos.parent / p)], "", OPTIONS) == [want[p]]
+    assert main(["caption", *paths, "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", str(TOKENS),
+                 "--workers", "0", "--fast", "native"]) == 0  # a batch of two: the eager step
+    assert capsys.readouterr().out.splitlines() == [f"{p}\t{want[p]}" for p in paths]
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_tried", True)
+    monkeypatch.setattr(kernels, "_status", "disabled by BLIP2_KERNELS")
+    assert main(["caption", *paths, "--model", tiny_model_dir, "--device", "cpu", "--fast", "native"]) == 2
+    assert "--fast native: blip2.kernels is not loaded: disabled by BLIP2_KERNELS" in capsys.readouterr().err
+
+
 def test_fast_int8_dynamic_captions_and_errors(tiny_model_dir, photos, capsys, monkeypatch):
     """--fast int8-dynamic puts the language model and the vision encoder in int8-dynamic and captions;
     where the kernels are missing, the command says so instead of failing deep inside."""

@@ -290,3 +290,46 @@ def test_compile_for_one_row_decodes_natively_with_the_plain_tokens(hf_opt_dir, 
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the compiled step never ran
     plain = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype).compile(1, native=False)
     assert not isinstance(plain.language_model.decode_step, (NativeOPTStep, NativeT5Step))
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_native_method_decodes_one_row_natively_and_batches_eagerly(hf_opt_dir, hf_t5_dir, text):
+    """model.native(): nothing compiled; one image through the native op with the plain tokens, three
+    through the eager step with the plain tokens; what it cannot cover raises before touching the model."""
+    from conftest import IMAGE_TOKEN, NUM_QUERY
+    from blip2.lm.fused import fused_format
+
+    d = (hf_opt_dir if text == "opt" else hf_t5_dir)[1]
+    if text == "opt":
+        ids, mask = prompts_with_images([[2, 11, 12, 13]] * 3)
+    else:
+        ids = torch.tensor([[IMAGE_TOKEN] * NUM_QUERY + [11, 12, 13, 1]] * 3)
+        mask = torch.ones_like(ids)
+    pixels = pixel_batch(3, seed=7)
+    plain = Blip2ForConditionalGeneration.from_pretrained(d)
+    model = Blip2ForConditionalGeneration.from_pretrained(d).native()
+    assert fused_format(model.language_model) == "dense"
+    op = "blip2_kernels::opt_step" if text == "opt" else "blip2_kernels::t5_step"
+    one = dict(max_new_tokens=8, min_new_tokens=8)
+    want1 = plain.generate(pixels[:1], ids[:1], mask[:1], **one)
+    assert model.generate(pixels[:1], ids[:1], mask[:1], **one).tolist() == want1.tolist()
+    assert _calls(lambda: model.generate(pixels[:1], ids[:1], mask[:1], **one), op) == 7
+    want3 = plain.generate(pixels, ids, mask, **one)
+    assert _calls(lambda: model.generate(pixels, ids, mask, **one), op) == 0
+    assert model.generate(pixels, ids, mask, **one).tolist() == want3.tolist()
+    half = Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 activations"):
+        half.native()
+    assert fused_format(half.language_model) is None  # refused before any change
+
+
+def test_the_op_refuses_a_scale_of_another_dtype():
+    lm = _opt({}, torch.float32, fmt="int8")
+    step = NativeOPTStep(lm, lm._decode_step)
+    weights = list(step.weights)
+    i = next(i for i, w in enumerate(weights) if w is not None and w.dtype == torch.int8)
+    weights[i + 1] = weights[i + 1].double()
+    x, caches = torch.zeros(1, 1, 32), [torch.zeros(1, 4, 5, 8) for _ in range(2 * 3)]
+    with pytest.raises(RuntimeError, match=f"scale/bias of weight {i} must be contiguous float32/bfloat16"):
+        torch.ops.blip2_kernels.opt_step(x, torch.tensor([[0]]), torch.ones(1, 1, 1, 5, dtype=torch.bool), caches,
+                                         torch.tensor([0]), weights, step.fparams, step.iparams)

@@ -299,6 +299,15 @@ class Blip2Model(PretrainedMixin, nn.Module):
         self.language_model.compile(batch, native=native, **compile_kwargs)
         return self
 
+    def native(self) -> Blip2Model:
+        """CPU: decode one row per call (one image, greedy or sampled) with the native step of
+        ``blip2.kernels``, the whole language-model decoder in one C++ call per token, and batches with the
+        eager step; nothing is compiled (``compile()`` does the same for one row, with a compiled step for
+        batches). Raises ``blip2.lm.native.Unsupported`` (a ``ValueError``) saying why where it does not
+        cover the model (GPU, fp16, kernels not built). Returns self."""
+        self.language_model.native()
+        return self
+
     def cuda_graph(self) -> Blip2Model:
         """On a GPU, replay the language model's one-token decoding step as a CUDA graph (after ``fuse()``
         and, optionally, ``compile()``): a small model's step is hundreds of kernels whose launches cost

@@ -118,7 +118,7 @@ def _architectures(directory: str) -> list[str]:
         raise PipelineError(f"{path}: not a valid config ({e})") from None
 
 
-FAST = ("none", "fuse", "int8", "int8-dynamic", "cuda-graph")  # Pipeline.load(fast=...), the commands' --fast
+FAST = ("none", "fuse", "int8", "int8-dynamic", "native", "cuda-graph")  # Pipeline.load(fast=...), the commands' --fast
 
 
 class Pipeline:
@@ -139,8 +139,10 @@ class Pipeline:
         projections, the same tokens); "int8" (``quantize_int8()``: int8 language-model weights, most
         tokens the same); "int8-dynamic" (``quantize_int8(dynamic=True, vision=True)``: int8 products in the
         language model and the vision encoder, the fastest for batches on CPU, most tokens the same; CPU
-        only); "cuda-graph" (``fuse()`` and ``cuda_graph()``: the decoding step replayed as a CUDA graph, the
-        same tokens; CUDA only)."""
+        only); "native" (``native()``: one image at a time decodes with the native step, the whole
+        language-model decoder in one C++ call per token, the same tokens; CPU only); "cuda-graph"
+        (``fuse()`` and ``cuda_graph()``: the decoding step replayed as a CUDA graph, the same tokens; CUDA
+        only)."""
         if fast not in FAST:
             raise PipelineError(f"fast must be one of {', '.join(FAST)}, got {fast!r}")
         if model is None:
@@ -151,6 +153,8 @@ class Pipeline:
         dev = resolve_device(device)
         if fast == "cuda-graph" and dev.type != "cuda":
             raise PipelineError(f"--fast cuda-graph needs a CUDA device; the model is on {dev}")
+        if fast == "native" and dev.type != "cpu":
+            raise PipelineError(f"--fast native runs on CPU only; the model is on {dev} (use cuda-graph there)")
         if fast == "int8-dynamic" and dev.type != "cpu":
             raise PipelineError(f"--fast int8-dynamic runs on CPU only; the model is on {dev} (use fuse or "
                                 f"cuda-graph there)")
@@ -176,6 +180,13 @@ class Pipeline:
                     net.quantize_int8(dynamic=True, vision=True)
                 except ValueError as e:  # this torch has no int8 kernels
                     raise PipelineError(f"--fast int8-dynamic: {e}") from None
+            elif fast == "native":
+                from .lm.native import Unsupported
+
+                try:
+                    net.native()
+                except Unsupported as e:
+                    raise PipelineError(f"--fast native: {e}") from None
             else:
                 net.fuse()
             if fast == "cuda-graph":

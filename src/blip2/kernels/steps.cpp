@@ -206,8 +206,9 @@ Linear linear_at(const c10::List<std::optional<at::Tensor>>& list, size_t i, int
               k_expected);
   std::optional<at::Tensor> s = list.get(i + 1), b = list.get(i + 2);
   for (const auto* t : {&s, &b})
-    TORCH_CHECK(!t->has_value() || ((*t)->numel() == l.n && (*t)->is_contiguous()),
-                "decode step: scale/bias of weight ", i, " must be contiguous [", l.n, "]");
+    TORCH_CHECK(!t->has_value() || ((*t)->numel() == l.n && (*t)->is_contiguous() && (*t)->device().is_cpu() &&
+                                    ((*t)->scalar_type() == at::kFloat || (*t)->scalar_type() == at::kBFloat16)),
+                "decode step: scale/bias of weight ", i, " must be contiguous float32/bfloat16 CPU [", l.n, "]");
   TORCH_CHECK(wt != at::kChar || s.has_value(), "decode step: int8 weight ", i, " needs a scale");
   l.scale = Vector(s);
   l.bias = Vector(b);

@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from .. import kernels
 from .fused import FusedLinear
 
-__all__ = ["NativeT5Step", "NativeOPTStep", "native_t5_step", "native_opt_step"]
+__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "native_t5_step", "native_opt_step"]
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_fast": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
-class Unsupported(Exception):
+class Unsupported(ValueError):
     """The model is not one the native steps cover (the reason is the message)."""
 
 
@@ -80,6 +80,13 @@ def _dtype(weight: Tensor) -> torch.dtype:
 def _usable() -> None:
     if not kernels.load():
         raise Unsupported(f"blip2.kernels is not loaded: {kernels.status()}")
+
+
+def check(weight: Tensor) -> None:
+    """Raises ``Unsupported`` unless a model with this (embedding) weight can take a native step as far
+    as device, dtype and the kernels go (the layers are checked when the step is built)."""
+    _dtype(weight)
+    _usable()
 
 
 class NativeT5Step:

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from ..config import OPTConfig
 from .graphs import graph_step
-from .native import native_opt_step
+from .native import NativeOPTStep, native_opt_step
+from .native import check as native_check
 from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
                     pack_linears, unfuse_linears)
 
@@ -305,6 +306,22 @@ class OPTForCausalLM(nn.Module):
         device = self.model.decoder.embed_tokens.weight.device
         step = compile_step(self._decode_step, device, **compile_kwargs)
         self.decode_step = (native and native_opt_step(self, step)) or step
+        return self
+
+    def native(self) -> OPTForCausalLM:
+        """CPU: decode one row (batch 1, one beam) per call with the native step (``blip2.lm.native``: the whole
+        decoder in one C++ call per token) and anything else with the eager step; nothing is compiled.
+        Fuses the weights plain first (int8 stays int8). Raises ``blip2.lm.native.Unsupported`` (a
+        ``ValueError``) saying why where the native steps do not cover the model. ``fuse()``, ``unfuse()``
+        and ``compile()`` replace the step. Returns self."""
+        native_check(self.model.decoder.embed_tokens.weight)  # before changing the layout
+        current = fused_format(self)
+        fmt = compile_format(current, self.model.decoder.embed_tokens.weight, 1)
+        if current != fmt:
+            if current is not None:
+                self.unfuse()
+            self.fuse(fmt)
+        self.decode_step = NativeOPTStep(self, self._decode_step)
         return self
 
     def cuda_graph(self) -> OPTForCausalLM:

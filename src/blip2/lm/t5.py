@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from ..config import T5Config
 from .graphs import graph_step
-from .native import native_t5_step
+from .native import NativeT5Step, native_t5_step
+from .native import check as native_check
 from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
                     pack_linears, unfuse_linears)
 
@@ -394,6 +395,22 @@ class T5ForConditionalGeneration(nn.Module):
             self.fuse(fmt)
         step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
         self.decode_step = (native and native_t5_step(self, step)) or step
+        return self
+
+    def native(self) -> T5ForConditionalGeneration:
+        """CPU: decode one row (batch 1, one beam) per call with the native step (``blip2.lm.native``: the whole
+        decoder in one C++ call per token) and anything else with the eager step; nothing is compiled.
+        Fuses the weights plain first (int8 stays int8). Raises ``blip2.lm.native.Unsupported`` (a
+        ``ValueError``) saying why where the native steps do not cover the model. ``fuse()``, ``unfuse()``
+        and ``compile()`` replace the step. Returns self."""
+        native_check(self.shared.weight)  # before changing the layout
+        current = fused_format(self)
+        fmt = compile_format(current, self.shared.weight, 1)
+        if current != fmt:
+            if current is not None:
+                self.unfuse()
+            self.fuse(fmt)
+        self.decode_step = NativeT5Step(self, self._decode_step)
         return self
 
     def cuda_graph(self) -> T5ForConditionalGeneration:
