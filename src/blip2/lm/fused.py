@@ -42,7 +42,7 @@ from ..quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_ker
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
 __all__ = ["FusedLinear", "LinearView", "attention", "linear", "default_format", "compile_step", "compile_format",
-           "fused_format", "fuse_linears", "pack_linears", "unfuse_linears"]
+           "fused_format", "fuse_linears", "lay_out_for", "pack_linears", "unfuse_linears"]
 
 FORMATS = ("onednn", "dense", "int8", "int8-dynamic")
 INT8_FORMATS = ("int8", "int8-dynamic")
@@ -357,6 +357,17 @@ def compile_format(current: str | None, weight: Tensor, batch: int) -> str:
     if current in INT8_FORMATS:
         return current
     return "dense" if batch == 1 else default_format(weight)
+
+
+def lay_out_for(model: nn.Module, weight: Tensor, batch: int) -> None:
+    """Fuse a language model (one with ``fuse(fmt)`` and ``unfuse()``) in the format ``compile_format``
+    picks for ``batch`` decoded rows, re-fusing if it is in another one; ``weight`` tells device and dtype."""
+    current = fused_format(model)
+    fmt = compile_format(current, weight, batch)
+    if current != fmt:
+        if current is not None:
+            model.unfuse()
+        model.fuse(fmt)
 
 
 def fused_format(root: nn.Module) -> str | None:

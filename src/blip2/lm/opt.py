@@ -33,7 +33,7 @@ from ..config import OPTConfig
 from .graphs import graph_step
 from .native import NativeOPTStep, native_opt_step
 from .native import check as native_check
-from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
+from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, lay_out_for, linear,
                     pack_linears, unfuse_linears)
 
 __all__ = ["OPTForCausalLM", "OPTDecoding", "KVCache"]
@@ -297,12 +297,7 @@ class OPTForCausalLM(nn.Module):
         model (float32/bfloat16, plain or int8 weights, the kernels loaded): the whole decoder in C++,
         without the compiled graph's per-token overhead and without compiling; other rows use the
         compiled step, compiled when first needed. False: always the compiled step. Returns self."""
-        current = fused_format(self)
-        fmt = compile_format(current, self.model.decoder.embed_tokens.weight, batch)
-        if current != fmt:
-            if current is not None:
-                self.unfuse()
-            self.fuse(fmt)
+        lay_out_for(self, self.model.decoder.embed_tokens.weight, batch)
         device = self.model.decoder.embed_tokens.weight.device
         step = compile_step(self._decode_step, device, **compile_kwargs)
         self.decode_step = (native and native_opt_step(self, step)) or step
@@ -315,12 +310,7 @@ class OPTForCausalLM(nn.Module):
         ``ValueError``) saying why where the native steps do not cover the model. ``fuse()``, ``unfuse()``
         and ``compile()`` replace the step. Returns self."""
         native_check(self.model.decoder.embed_tokens.weight)  # before changing the layout
-        current = fused_format(self)
-        fmt = compile_format(current, self.model.decoder.embed_tokens.weight, 1)
-        if current != fmt:
-            if current is not None:
-                self.unfuse()
-            self.fuse(fmt)
+        lay_out_for(self, self.model.decoder.embed_tokens.weight, 1)
         self.decode_step = NativeOPTStep(self, self._decode_step)
         return self
 

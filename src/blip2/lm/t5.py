@@ -40,7 +40,7 @@ from ..config import T5Config
 from .graphs import graph_step
 from .native import NativeT5Step, native_t5_step
 from .native import check as native_check
-from .fused import (FusedLinear, attention, compile_format, compile_step, default_format, fuse_linears, fused_format, linear,
+from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, lay_out_for, linear,
                     pack_linears, unfuse_linears)
 
 __all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
@@ -387,12 +387,7 @@ class T5ForConditionalGeneration(nn.Module):
         model (float32/bfloat16, plain or int8 weights, the kernels loaded): the whole decoder in C++,
         without the compiled graph's per-token overhead and without compiling; other rows use the
         compiled step, compiled when first needed. False: always the compiled step. Returns self."""
-        current = fused_format(self)
-        fmt = compile_format(current, self.shared.weight, batch)
-        if current != fmt:
-            if current is not None:
-                self.unfuse()
-            self.fuse(fmt)
+        lay_out_for(self, self.shared.weight, batch)
         step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
         self.decode_step = (native and native_t5_step(self, step)) or step
         return self
@@ -404,12 +399,7 @@ class T5ForConditionalGeneration(nn.Module):
         ``ValueError``) saying why where the native steps do not cover the model. ``fuse()``, ``unfuse()``
         and ``compile()`` replace the step. Returns self."""
         native_check(self.shared.weight)  # before changing the layout
-        current = fused_format(self)
-        fmt = compile_format(current, self.shared.weight, 1)
-        if current != fmt:
-            if current is not None:
-                self.unfuse()
-            self.fuse(fmt)
+        lay_out_for(self, self.shared.weight, 1)
         self.decode_step = NativeT5Step(self, self._decode_step)
         return self
 
