@@ -9,7 +9,7 @@ import torch
 
 from blip2 import Blip2ForConditionalGeneration, kernels
 from blip2.config import OPTConfig, T5Config
-from blip2.lm.native import NativeOPTStep, NativeT5Step, Unsupported, native_opt_step, native_t5_step
+from blip2.lm.native import NativeOPTStep, NativeT5Step, Unsupported, try_native
 from blip2.lm.opt import OPTForCausalLM
 from blip2.lm.t5 import T5ForConditionalGeneration
 from conftest import pixel_batch, prompts_with_images, randomize_
@@ -214,8 +214,8 @@ def test_what_native_steps_do_not_cover_is_refused():
                                                     num_attention_heads=4)), 0)
     with pytest.raises(Unsupported, match="not fused"):
         NativeOPTStep(not_fused, None)
-    assert native_opt_step(_opt({}, torch.float32, fmt="onednn"), None) is None
-    assert native_t5_step(_t5({}, torch.float16), None) is None
+    assert try_native(NativeOPTStep, _opt({}, torch.float32, fmt="onednn"), None) is None
+    assert try_native(NativeT5Step, _t5({}, torch.float16), None) is None
     kernels._loaded = False
     try:
         with pytest.raises(Unsupported, match="not loaded"):

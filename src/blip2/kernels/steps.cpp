@@ -57,7 +57,6 @@ struct Linear {
 struct Step {
   bool bf16;  // activations are bfloat16 (else float32)
   std::vector<uint16_t> xb;
-  std::vector<float> sum;
 
   explicit Step(bool bf16) : bf16(bf16) {}
 

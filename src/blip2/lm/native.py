@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .fused import FusedLinear
 
-__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "native_t5_step", "native_opt_step"]
+__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "try_native"]
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_fast": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -65,7 +65,7 @@ def _vector(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         return None
     t = t.detach()
     if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
-        raise Unsupported(f"a norm weight of {t.dtype} on {t.device} in a {dtype} model")
+        raise Unsupported(f"a table or norm weight of {t.dtype} on {t.device} in a {dtype} model")
     return t
 
 
@@ -175,17 +175,10 @@ class NativeOPTStep:
                                                 self.iparams)
 
 
-def native_t5_step(model: Any, fallback: Callable[..., Tensor]) -> NativeT5Step | None:
-    """A native step for ``model`` in front of ``fallback``, or None where the native steps do not cover it."""
+def try_native(step_class: type[NativeT5Step] | type[NativeOPTStep], model: Any,
+               fallback: Callable[..., Tensor]) -> NativeT5Step | NativeOPTStep | None:
+    """``step_class(model, fallback)``, or None where the native steps do not cover ``model``."""
     try:
-        return NativeT5Step(model, fallback)
-    except Unsupported:
-        return None
-
-
-def native_opt_step(model: Any, fallback: Callable[..., Tensor]) -> NativeOPTStep | None:
-    """A native step for ``model`` in front of ``fallback``, or None where the native steps do not cover it."""
-    try:
-        return NativeOPTStep(model, fallback)
+        return step_class(model, fallback)
     except Unsupported:
         return None

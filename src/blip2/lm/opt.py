@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..config import OPTConfig
 from .graphs import graph_step
-from .native import NativeOPTStep, native_opt_step
+from .native import NativeOPTStep, try_native
 from .native import check as native_check
 from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, lay_out_for, linear,
                     pack_linears, unfuse_linears)
@@ -300,7 +300,7 @@ class OPTForCausalLM(nn.Module):
         lay_out_for(self, self.model.decoder.embed_tokens.weight, batch)
         device = self.model.decoder.embed_tokens.weight.device
         step = compile_step(self._decode_step, device, **compile_kwargs)
-        self.decode_step = (native and native_opt_step(self, step)) or step
+        self.decode_step = (native and try_native(NativeOPTStep, self, step)) or step
         return self
 
     def native(self) -> OPTForCausalLM:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..config import T5Config
 from .graphs import graph_step
-from .native import NativeT5Step, native_t5_step
+from .native import NativeT5Step, try_native
 from .native import check as native_check
 from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, lay_out_for, linear,
                     pack_linears, unfuse_linears)
@@ -389,7 +389,7 @@ class T5ForConditionalGeneration(nn.Module):
         compiled step, compiled when first needed. False: always the compiled step. Returns self."""
         lay_out_for(self, self.shared.weight, batch)
         step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
-        self.decode_step = (native and native_t5_step(self, step)) or step
+        self.decode_step = (native and try_native(NativeT5Step, self, step)) or step
         return self
 
     def native(self) -> T5ForConditionalGeneration:
