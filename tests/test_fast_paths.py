@@ -11,7 +11,7 @@ import torch
 
 from blip2 import Blip2ForConditionalGeneration
 from blip2.bench import module_bytes
-from blip2.lm.fused import FusedLinear, default_format, fused_format
+from blip2.lm.fused import FusedLinear, decode_format, default_format, fused_format
 from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
 
 OPT_PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]  # BOS + text, left-padded in a batch
@@ -377,12 +377,12 @@ def test_compiled_int8_dynamic_inductor_agrees(hf_opt_dir):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compiled_step_tokens_equal_plain_eager_backend(case, batch):
     """The compile wiring (static shapes, caches as graph inputs, no recompiles) with the cheap "eager"
-    backend, for both language models, with the weights laid out for one row (plain) or several (oneDNN's
-    packed layout on CPU)."""
+    backend, for both language models, with the weights laid out for one row (plain) or several (blip2's
+    blocked layout on CPU where the kernels load, else oneDNN's packed one)."""
     text, d, plain = case
     torch._dynamo.reset()
     model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(batch, backend="eager", fullgraph=True)
-    assert fused_format(model.language_model) == ("dense" if batch == 1 else default_format(plain.language_projection.weight))
+    assert fused_format(model.language_model) == ("dense" if batch == 1 else decode_format(plain.language_projection.weight))
     pixels = pixel_batch(3, seed=7)
     ids, mask = inputs(text)
     want = plain.generate(pixels, ids, mask, max_new_tokens=8)
@@ -469,7 +469,12 @@ def test_bytes_read_per_token_follow_the_weight_format(hf_opt_dir, capsys):
                if k.startswith(tuple(f"language_model.model.decoder.{m}." for m in
                                      ("layers", "final_layer_norm", "embed_tokens"))))
     assert decode_bytes_per_token(plain) == want
-    assert decode_bytes_per_token(plain.fuse()) == want  # a layout change reads the same bytes
+    # a layout change reads the same bytes; the blocked layout (CPU) pads each matrix to whole blocks of 16
+    # outputs: 2% more on this tiny model, nothing on real ones (their widths are multiples of 16)
+    fused = decode_bytes_per_token(plain.fuse())
+    assert want <= fused <= 1.025 * want
+    if fused_format(plain.language_model) != "blocked":
+        assert fused == want
     quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
     assert decode_bytes_per_token(quant) < 0.35 * want  # int8 weights, fp32 biases, norms and scales
     dynamic = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)

@@ -15,6 +15,7 @@
 // one these steps cover; each step passes the caches and masks of its generate call.
 
 #include "row_product.cpp"
+#include "blocked.cpp"
 
 #include <cmath>
 #include <limits>

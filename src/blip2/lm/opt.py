@@ -33,7 +33,7 @@ from ..config import OPTConfig
 from .graphs import graph_step
 from .native import NativeOPTStep, try_native
 from .native import check as native_check
-from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, lay_out_for, linear,
+from .fused import (FusedLinear, attention, compile_step, decode_format, fuse_linears, lay_out_for, linear,
                     pack_linears, unfuse_linears)
 
 __all__ = ["OPTForCausalLM", "OPTDecoding", "KVCache"]
@@ -259,7 +259,9 @@ class OPTForCausalLM(nn.Module):
     def fuse(self, fmt: str | None = None) -> OPTForCausalLM:
         """Prepare for inference: q/k/v in one matmul, every projection in weight format ``fmt``.
 
-        ``fmt``: None picks the fastest float format for the device (oneDNN's blocked layout on CPU),
+        ``fmt``: None picks the fastest float format for decoding on the device (``fused.decode_format``: on CPU
+        blip2's blocked layout, ``"blocked"``, where the native kernels load, built on first use; else
+        oneDNN's),
         ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
         channel, activations stay float; a head tied to the embeddings gets an int8 copy, which the state
         dict leaves out as tied checkpoints do), ``"int8-dynamic"`` also rounds each product's input to
@@ -269,7 +271,7 @@ class OPTForCausalLM(nn.Module):
         ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
         if any(isinstance(m, FusedLinear) for m in self.modules()):
             raise RuntimeError("already fused; call unfuse() first to change the format")
-        fmt = fmt or default_format(self.model.decoder.embed_tokens.weight)
+        fmt = fmt or decode_format(self.model.decoder.embed_tokens.weight)
         for layer in self.model.decoder.layers:
             fuse_linears(layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj"), fmt)
         pack_linears(self, fmt, tied=[self.lm_head] if self._tied_head() else [])
@@ -289,8 +291,8 @@ class OPTForCausalLM(nn.Module):
         length. ``batch``: the rows decoded at once (images x beams) to lay the weights out for
         (``fused.compile_format``): for one row the step streams plain or int8 weights at near the copy
         bandwidth (``fused._row_product``: the native kernel of ``blip2.kernels``, built here on first
-        use, once per machine, else a compiled reduction), so it fuses them plain (``"dense"``); for several, in oneDNN's
-        packed layout on CPU; int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
+        use, once per machine, else a compiled reduction), so it fuses them plain (``"dense"``); for several, in
+        ``fused.decode_format``'s layout (blip2's blocked one on CPU); int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
         ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded.
 
         ``native``: on CPU, a step of one row runs as one native call where ``blip2.lm.native`` covers the

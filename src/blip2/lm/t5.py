@@ -40,7 +40,7 @@ from ..config import T5Config
 from .graphs import graph_step
 from .native import NativeT5Step, try_native
 from .native import check as native_check
-from .fused import (FusedLinear, attention, compile_step, default_format, fuse_linears, lay_out_for, linear,
+from .fused import (FusedLinear, attention, compile_step, decode_format, fuse_linears, lay_out_for, linear,
                     pack_linears, unfuse_linears)
 
 __all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
@@ -343,7 +343,9 @@ class T5ForConditionalGeneration(nn.Module):
         """Prepare for inference: self-attention q/k/v, cross-attention k/v and the gated FFN's ``wi_0``/``wi_1``
         in one matmul each, every projection in weight format ``fmt``.
 
-        ``fmt``: None picks the fastest float format for the device (oneDNN's blocked layout on CPU),
+        ``fmt``: None picks the fastest float format for decoding on the device (``fused.decode_format``: on CPU
+        blip2's blocked layout, ``"blocked"``, where the native kernels load, built on first use; else
+        oneDNN's),
         ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
         channel, activations stay float), ``"int8-dynamic"`` also rounds each product's input to 8 bits and
         multiplies in integers (CPU; ``blip2.quant.dynamic_int8_linear``). The state dict keeps the reference keys and shapes (int8:
@@ -352,7 +354,7 @@ class T5ForConditionalGeneration(nn.Module):
         ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
         if any(isinstance(m, FusedLinear) for m in self.modules()):
             raise RuntimeError("already fused; call unfuse() first to change the format")
-        fmt = fmt or default_format(self.shared.weight)
+        fmt = fmt or decode_format(self.shared.weight)
         for stack in (self.encoder, self.decoder):
             for blk in stack.block:
                 fuse_linears(blk.layer[0].SelfAttention, "qkv", ("q", "k", "v"), fmt)
@@ -379,8 +381,8 @@ class T5ForConditionalGeneration(nn.Module):
         size and length. ``batch``: the rows decoded at once (images x beams) to lay the weights out for
         (``fused.compile_format``): for one row the step streams plain or int8 weights at near the copy
         bandwidth (``fused._row_product``: the native kernel of ``blip2.kernels``, built here on first
-        use, once per machine, else a compiled reduction), so it fuses them plain (``"dense"``); for several, in oneDNN's
-        packed layout on CPU; int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
+        use, once per machine, else a compiled reduction), so it fuses them plain (``"dense"``); for several, in
+        ``fused.decode_format``'s layout (blip2's blocked one on CPU); int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
         ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded.
 
         ``native``: on CPU, a step of one row runs as one native call where ``blip2.lm.native`` covers the

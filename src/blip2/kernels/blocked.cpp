@@ -1,0 +1,220 @@
+// A few rows of activations times a weight matrix kept in a blocked layout: y = x @ W.T + b.
+//
+// Decoding several images (or beams) at once multiplies a handful of rows (8) by every weight of the
+// model each step. At that size the product is bound by the weight stream and, on one core, by the
+// multiply-adds as well (8 per weight): a matmul library tuned for large matrices (oneDNN) reaches about
+// half of either (measured on an AMD EPYC, one thread, OPT-125m's layers at 8 rows: 11 GB/s, against 21 here).
+//
+// The layout: W [N, K] is cut into blocks of 16 output columns, and each block is stored k by k,
+// [ceil(N / 16), K, 16] for float32 (zero-padded to whole blocks). A block's 16 weights of one k are one
+// vector, so the product is an axpy: for each k, acc[r] += x[r, k] * W[block, k, :] for every row r, one
+// vector load of weights feeding a multiply-add per row. A tile of C blocks side by side (C weight
+// streams; several streams keep more reads in flight than one) and R <= 8 rows keeps R x C accumulators
+// in registers for the whole sum over k; the result is stored once. bfloat16 weights pair neighbouring
+// k: [ceil(N / 16), ceil(K / 2), 16, 2], and an AVX-512 BF16 dot product takes one pair per column.
+//
+// Accumulation is in fp32, in the plain order k = 0, 1, ..., K - 1 (bf16: pairs), bias added, rounded once
+// to x's dtype. Many rows (a prefill) run in chunks of 8 rows over a tile while its weights sit in the
+// core's cache; K is cut into slices of kSliceK so a tile's slice stays there, with the partial sums in
+// fp32. Threads split the tiles.
+//
+// Included by steps.cpp (one translation unit); needs AVX-512 F (bf16 weights: AVX-512 BF16).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace blocked {
+
+constexpr int kBlock = 16;             // output columns per block: one fp32 vector
+constexpr int kMaxRows = 8;            // rows per register tile
+constexpr int64_t kSliceK = 1024;      // k per slice when many rows reuse a tile (fits a 1 MB L2 with C = 3)
+constexpr int64_t kFewRows = 16;       // up to this many rows, one pass over K (the weights stream once)
+constexpr int64_t kTaskBytes = 192 * 1024;  // the least weight one thread's task reads
+
+// fp32 weights [NB, K, 16], x fp32
+struct F32 {
+  using W = float;
+  using X = float;
+  static constexpr int kPer = 1;  // k per step
+  static inline __m512 x_at(const X* x, int64_t step) { return _mm512_set1_ps(x[step]); }
+  static inline __m512 load(const W* w) { return _mm512_loadu_ps(w); }
+  static inline __m512 mac(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+
+#if defined(__AVX512BF16__)
+// bf16 weights [NB, ceil(K/2), 16, 2], x bf16: one dot product of a pair per column
+struct BF16 {
+  using W = uint16_t;
+  using X = uint16_t;
+  static constexpr int kPer = 2;
+  static inline __m512 x_at(const X* x, int64_t step) {
+    int32_t pair;
+    std::memcpy(&pair, x + 2 * step, sizeof(pair));
+    return _mm512_castsi512_ps(_mm512_set1_epi32(pair));
+  }
+  static inline __m512 load(const W* w) { return _mm512_castsi512_ps(_mm512_loadu_si512(w)); }
+  static inline __m512 mac(__m512 acc, __m512 w, __m512 x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(w), (__m512bh)_mm512_castps_si512(x));
+  }
+};
+#endif
+
+// acc over steps [s0, s1) of R rows (x rows ldx apart, indexed by step) and C blocks starting at w
+// (blocks `block_stride` elements apart, kBlock * kPer elements a step); out: R x C vectors, added to
+// `into` when it is not null (fp32 partial sums, ldi apart) and written to `out` (ldo apart).
+template <class T, int R, int C>
+inline void tile(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t s0,
+                 int64_t s1, float* out, int64_t ldo, bool add) {
+  constexpr int64_t step_elems = kBlock * T::kPer;
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = add ? _mm512_loadu_ps(out + r * ldo + c * kBlock) : _mm512_setzero_ps();
+  for (int64_t s = s0; s < s1; ++s) {
+    const typename T::W* ws = w + s * step_elems;
+    __m512 wv[C];  // each weight vector loaded once, used by every row
+    for (int c = 0; c < C; ++c) wv[c] = T::load(ws + c * block_stride);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = T::x_at(x + r * ldx, s);
+      for (int c = 0; c < C; ++c) acc[r][c] = T::mac(acc[r][c], wv[c], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * ldo + c * kBlock, acc[r][c]);
+}
+
+// the sums of rows [0, rows) (<= kMaxRows) over blocks [b, b + width) and steps [s0, s1)
+template <class T, int R>
+void tile_rows(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t b,
+               int64_t width, int64_t s0, int64_t s1, float* out, int64_t ldo, bool add) {
+  constexpr int C = R <= 4 ? 6 : 3;
+  const typename T::W* wb = w + b * block_stride;
+  float* ob = out + b * kBlock;
+  int64_t c = 0;
+  for (; c + C <= width; c += C) tile<T, R, C>(x, ldx, wb + c * block_stride, block_stride, s0, s1, ob + c * kBlock, ldo, add);
+  for (; c < width; ++c) tile<T, R, 1>(x, ldx, wb + c * block_stride, block_stride, s0, s1, ob + c * kBlock, ldo, add);
+}
+
+template <class T>
+void tile_any(int64_t rows, const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride,
+              int64_t b, int64_t width, int64_t s0, int64_t s1, float* out, int64_t ldo, bool add) {
+  switch (rows) {
+    case 8: return tile_rows<T, 8>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+    case 7: return tile_rows<T, 7>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+    case 6: return tile_rows<T, 6>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+    case 5: return tile_rows<T, 5>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+    case 4: return tile_rows<T, 4>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+    case 3: return tile_rows<T, 3>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+    case 2: return tile_rows<T, 2>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+    default: return tile_rows<T, 1>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+  }
+}
+
+// fp32 sums y [M, NB * 16] (ldy = NB * 16) of x [M, steps * kPer] and a blocked weight [NB, steps, 16 * kPer].
+template <class T>
+void sums(const typename T::X* x, int64_t M, int64_t steps, const typename T::W* w, int64_t NB, float* y) {
+  const int64_t block_stride = steps * kBlock * T::kPer;
+  const int64_t ldx = steps * T::kPer, ldy = NB * kBlock;
+  const int64_t tile_blocks = M <= 4 ? 6 : 3;
+  const int64_t tiles = (NB + tile_blocks - 1) / tile_blocks;
+  const int64_t tile_bytes = tile_blocks * block_stride * (int64_t)sizeof(typename T::W);
+  const int64_t grain = std::max<int64_t>(1, kTaskBytes / tile_bytes);
+  const int64_t slice = M <= kFewRows ? steps : std::max<int64_t>(1, kSliceK / T::kPer);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t * tile_blocks, width = std::min(tile_blocks, NB - b);
+      for (int64_t s0 = 0; s0 < steps; s0 += slice) {
+        const int64_t s1 = std::min(steps, s0 + slice);
+        for (int64_t m = 0; m < M; m += kMaxRows) {
+          tile_any<T>(std::min<int64_t>(kMaxRows, M - m), x + m * ldx, ldx, w, block_stride, b, width, s0, s1,
+                      y + m * ldy, ldy, s0 > 0);
+        }
+      }
+    }
+  });
+}
+
+inline bool bf16_dot() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [..., K] (float32 with a float32 weight, bfloat16 with a bfloat16 one), w blocked, bias [N] or none
+// -> [..., N] in x's dtype
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t n) {
+  const auto xt = x.scalar_type(), wt = w.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "blocked_linear: x and w must be on the CPU");
+  TORCH_CHECK(w.is_contiguous() && ((wt == at::kFloat && w.dim() == 3 && w.size(2) == kBlock) ||
+                                    (wt == at::kBFloat16 && w.dim() == 4 && w.size(2) == kBlock && w.size(3) == 2)),
+              "blocked_linear: w must be a contiguous blocked weight, float32 [NB, K, 16] or bfloat16 "
+              "[NB, K/2, 16, 2], got ", wt, " ", w.sizes());
+  TORCH_CHECK(xt == wt, "blocked_linear: x is ", xt, " but the weight is ", wt);
+  TORCH_CHECK(wt != at::kBFloat16 || bf16_dot(), "blocked_linear: bfloat16 weights need AVX-512 BF16");
+  const int64_t NB = w.size(0), steps = w.size(1), per = wt == at::kFloat ? 1 : 2;
+  TORCH_CHECK(n > (NB - 1) * kBlock && n <= NB * kBlock, "blocked_linear: ", n, " outputs do not fit ", NB,
+              " blocks of ", kBlock);
+  TORCH_CHECK(x.dim() >= 1, "blocked_linear: x must have a last dimension");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K > (steps - 1) * per && K <= steps * per, "blocked_linear: x has ", K, " features, the weight ",
+              steps * per);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->is_contiguous() && bias->numel() == n &&
+                (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
+                "blocked_linear: bias must be a contiguous float32/bfloat16 CPU tensor of ", n);
+  }
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x.options());
+  if (M == 0) return out;
+  at::Tensor xc = x.reshape({M, K}).contiguous();
+  if (K != steps * per) xc = at::constant_pad_nd(xc, {0, steps * per - K});  // odd K, bf16: a zero to pair with
+  // fp32 sums over whole blocks, then bias and one rounding into out
+  const int64_t ldy = NB * kBlock;
+  const bool direct = xt == at::kFloat && n == ldy;
+  at::Tensor sums_t = direct ? out : at::empty({M, ldy}, x.options().dtype(at::kFloat));
+  float* y = sums_t.data_ptr<float>();
+  if (wt == at::kFloat) {
+    sums<F32>(xc.data_ptr<float>(), M, steps, w.data_ptr<float>(), NB, y);
+  } else {
+#if defined(__AVX512BF16__)
+    sums<BF16>((const uint16_t*)xc.data_ptr(), M, steps, (const uint16_t*)w.data_ptr(), NB, y);
+#endif
+  }
+  const Vector b(bias);
+  if (direct && !b.present()) return out;
+  float* o32 = xt == at::kFloat ? out.data_ptr<float>() : nullptr;
+  at::BFloat16* o16 = xt == at::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = y + m * ldy;
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = b.present() ? row[i] + b[i] : row[i];
+        if (o16) o16[m * n + i] = at::BFloat16(v);
+        else o32[m * n + i] = v;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace blocked
+
+TORCH_LIBRARY_FRAGMENT(blip2_kernels, m) {
+  m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(blip2_kernels, CPU, m) { m.impl("blocked_linear", &blocked::linear); }

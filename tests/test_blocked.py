@@ -1,0 +1,174 @@
+"""The blocked-layout product (blip2.kernels.blocked_linear) and the "blocked" weight format the language
+models use on CPU: layout round trips, sums against float64 for every row count the kernel treats apart,
+thread independence, refusals, and the format's place in fuse()/compile()/unfuse() and the state dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from blip2 import Blip2ForConditionalGeneration, kernels
+from blip2.lm.fused import FusedLinear, decode_format, fused_format
+from conftest import pixel_batch, prompts_with_images
+from test_kernels import needs_kernel
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    assert kernels.load(), kernels.status()
+
+
+def _dtypes():
+    return [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        "avx512_bf16" not in kernels.cpu_flags(), reason="bf16 blocked weights need AVX-512 BF16"))]
+
+
+# (rows, N, K): one row, fewer rows than a register tile (8), a tile and one more, many rows (the prefill
+# path: several tiles of rows, K cut in slices of 1024), N not a multiple of the 16-column block, odd K
+# (bf16 pairs k: one zero pads), N = 1
+CASES = [(1, 37, 19), (3, 100, 64), (8, 2304, 96), (9, 50, 33), (40, 70, 2100), (264, 130, 768), (5, 1, 1)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("n,k", [(1, 1), (15, 3), (16, 4), (17, 5), (100, 33)])
+def test_block_weight_round_trip(loaded, dtype, n, k):
+    w = torch.randn(n, k).to(dtype)
+    b = kernels.block_weight(w)
+    nb = -(-n // 16)
+    assert b.shape == ((nb, k, 16) if dtype == torch.float32 else (nb, -(-k // 2), 16, 2))
+    assert b.is_contiguous()
+    assert torch.equal(kernels.unblock_weight(b, n, k), w)
+    if dtype == torch.float32:  # the layout itself: block j // 16, step k, column j % 16
+        j = n - 1
+        assert torch.equal(b[j // 16, :, j % 16], w[j])
+    ones = kernels.block_weight(torch.ones(n, k, dtype=dtype))
+    assert ones.float().sum() == n * k  # the padding is zeros
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("rows,n,k", CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_blocked_linear_equals_float64(loaded, dtype, rows, n, k, with_bias):
+    g = torch.Generator().manual_seed(rows * 31 + n + k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(2, rows, k, generator=g).to(dtype)[1]  # a view: the kernel takes any layout of x
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    assert kernels.blocked_supports(dtype)
+    y = kernels.blocked_linear(x, kernels.block_weight(w), bias, n)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    want = x.double() @ w.double().T + (bias.double() if with_bias else 0)
+    if dtype == torch.float32:
+        # fp32 sums: a few ulps of the largest term's size
+        scale = (x.double().abs() @ w.double().abs().T).max()
+        assert (y.double() - want).abs().max() <= 1e-6 * scale
+    else:
+        # bf16 products are exact in fp32, the sum is fp32 (a few ulps of the largest term), rounded once:
+        # within one bf16 step of the exact sum rounded to bf16, and equal to it almost everywhere
+        exact = want.to(torch.bfloat16).float()
+        fp32_sum = 1e-6 * (x.double().abs() @ w.double().abs().T).float()
+        step = exact.abs() * 2.0 ** -7 + fp32_sum
+        assert ((y.float() - exact).abs() <= step).all()
+        assert (y.float() == exact).float().mean() >= 0.95
+
+
+@needs_kernel
+def test_blocked_linear_keeps_leading_dims_and_empty_batches(loaded):
+    w = torch.randn(40, 24)
+    b = kernels.block_weight(w)
+    x = torch.randn(2, 3, 24)
+    y = kernels.blocked_linear(x, b, None, 40)
+    assert y.shape == (2, 3, 40)
+    torch.testing.assert_close(y, x @ w.T, atol=1e-5, rtol=1e-5)
+    assert kernels.blocked_linear(torch.randn(0, 24), b, None, 40).shape == (0, 40)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("rows", [8, 100])
+def test_blocked_linear_does_not_depend_on_the_threads(loaded, dtype, rows):
+    """Each output is summed in the plain order of k whichever thread computes its block: bit-equal."""
+    g = torch.Generator().manual_seed(11)
+    w = kernels.block_weight(torch.randn(3000, 1500, generator=g).to(dtype))
+    x = torch.randn(rows, 1500, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.blocked_linear(x, w, None, 3000)
+        torch.set_num_threads(2)
+        two = kernels.blocked_linear(x, w, None, 3000)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_blocked_linear_refuses_what_it_does_not_take(loaded):
+    w = kernels.block_weight(torch.randn(20, 8))
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="x is BFloat16 but the weight is Float"):
+        kernels.blocked_linear(x.bfloat16(), w, None, 20)
+    with pytest.raises(RuntimeError, match="x has 9 features, the weight 8"):
+        kernels.blocked_linear(torch.randn(3, 9), w, None, 20)
+    with pytest.raises(RuntimeError, match="40 outputs do not fit 2 blocks"):
+        kernels.blocked_linear(x, w, None, 40)
+    with pytest.raises(RuntimeError, match="must be a contiguous blocked weight"):
+        kernels.blocked_linear(x, torch.randn(20, 8), None, 20)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32/bfloat16 CPU tensor of 20"):
+        kernels.blocked_linear(x, w, torch.randn(19), 20)
+    with pytest.raises(ValueError, match="block_weight: expected a float32/bfloat16"):
+        kernels.block_weight(torch.randn(4, 4).half())
+
+
+# -- the "blocked" format ------------------------------------------------------------------------------
+
+
+@needs_kernel
+def test_fused_linear_blocked_format(loaded):
+    layers = [nn.Linear(24, 10), nn.Linear(24, 7, bias=False)]
+    fused = FusedLinear(layers, "blocked")
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        want = torch.cat([layer(x) for layer in layers], -1)
+        torch.testing.assert_close(fused(x), want, atol=1e-5, rtol=1e-5)
+    # the plain weights come back exactly (a permutation), the padding to 32 outputs is not in them
+    assert torch.equal(fused.part(0)[0], layers[0].weight) and torch.equal(fused.part(1)[0], layers[1].weight)
+    assert fused.part(1)[1] is None
+    # with gradients on, a differentiable fallback
+    xg = x.clone().requires_grad_()
+    fused(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.cat([l.weight for l in layers]).sum(0).expand(5, -1).detach())
+    with pytest.raises(ValueError, match="blocked format needs"):
+        FusedLinear([nn.Linear(4, 4).half()], "blocked")
+
+
+@needs_kernel
+def test_language_models_fuse_blocked_and_tied_heads_tie_again(loaded, hf_opt_dir):
+    """On CPU with the kernels, fuse() lays the language model out blocked (the vision encoder and Q-Former
+    keep oneDNN's layout); OPT's head tied to the embeddings gets a blocked copy that writes the head's key
+    as the tied model does, and unfuse() ties it to the embedding again."""
+    _, d = hf_opt_dir
+    plain = Blip2ForConditionalGeneration.from_pretrained(d)
+    lm = plain.language_model
+    assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight
+    want = plain.state_dict()
+    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse()
+    assert decode_format(lm.lm_head.weight) == "blocked"
+    assert fused_format(model.language_model) == "blocked"
+    assert fused_format(model.vision_model) == fused_format(model.qformer) != "blocked"
+    head = model.language_model.lm_head
+    assert isinstance(head, FusedLinear) and head.tied and head.fmt == "blocked"
+    got = model.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], v) for k, v in want.items())
+    pixels = pixel_batch(3, seed=4)
+    ids, mask = prompts_with_images([[2, 11, 12, 13], [2, 21], [2, 31, 32]])
+    assert model.generate(pixels, ids, mask, max_new_tokens=6).tolist() == \
+        plain.generate(pixels, ids, mask, max_new_tokens=6).tolist()
+    model.unfuse()
+    lm = model.language_model
+    assert isinstance(lm.lm_head, nn.Linear) and lm.lm_head.weight is lm.model.decoder.embed_tokens.weight
+    # compile(batch > 1) keeps the blocked layout; compile(1) and native() re-fuse plain for the native step
+    assert fused_format(model.compile(3, backend="eager").language_model) == "blocked"
+    assert fused_format(model.compile(1, backend="eager").language_model) == "dense"
