@@ -400,8 +400,8 @@ def test_fast_option_same_captions_and_errors(pipe, tiny_model_dir, photos, caps
 
 
 def test_fast_native_same_captions_and_errors(pipe, tiny_model_dir, photos, capsys, monkeypatch):
-    """--fast native: one image at a time decodes with the native step (the same captions as plain), a
-    batch with the eager step; where the kernels cannot load, the command says why."""
+    """--fast native: one image and a batch decode with the native step (the same captions as plain); where
+    the kernels cannot load, the command says why."""
     from blip2 import kernels
     from blip2.lm.native import NativeOPTStep, NativeT5Step
     from test_kernels import _cpu_can_build
@@ -412,11 +412,12 @@ def test_fast_native_same_captions_and_errors(pipe, tiny_model_dir, photos, caps
     paths = ["photos/a.png", "photos/b.jpg"]
     want = expected_captions(pipe, paths, photos.parent)
     fast = Pipeline.load(tiny_model_dir, device="cpu", fast="native")
-    assert isinstance(fast.model.language_model.decode_step, (NativeOPTStep, NativeT5Step))
+    step = fast.model.language_model.decode_step
+    assert isinstance(step, (NativeOPTStep, NativeT5Step)) and step.batched
     for p in paths:  # one image: native steps
         assert fast.caption([load_image(photos.parent / p)], "", OPTIONS) == [want[p]]
     assert main(["caption", *paths, "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", str(TOKENS),
-                 "--workers", "0", "--fast", "native"]) == 0  # a batch of two: the eager step
+                 "--workers", "0", "--fast", "native"]) == 0  # a batch of two, natively too
     assert capsys.readouterr().out.splitlines() == [f"{p}\t{want[p]}" for p in paths]
     monkeypatch.setattr(kernels, "_loaded", False)
     monkeypatch.setattr(kernels, "_tried", True)

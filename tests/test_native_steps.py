@@ -54,23 +54,24 @@ def _t5(overrides: dict, dtype: torch.dtype, fmt: str = "dense", seed: int = 0) 
     return lm.set_dtype(dtype).fuse(fmt)
 
 
-def _prompt(lm, dtype, seed=1, pad=2):
-    """Prompt embeddings [1, T, E] and a mask with `pad` leading padding slots."""
+def _prompt(lm, dtype, seed=1, pad=2, rows=1):
+    """Prompt embeddings [rows, T, E] and a mask with `pad` leading padding slots (row r: pad + r, mod 4)."""
     g = torch.Generator().manual_seed(seed)
     width = lm.get_input_embeddings().weight.shape[1]
-    embeds = torch.randn(1, 7, width, generator=g).to(dtype)
-    mask = torch.ones(1, 7, dtype=torch.long)
-    mask[:, :pad] = 0
+    embeds = torch.randn(rows, 7, width, generator=g).to(dtype)
+    mask = torch.ones(rows, 7, dtype=torch.long)
+    for r in range(rows):
+        mask[r, :(pad + r) % 4] = 0
     return embeds, mask
 
 
 @torch.no_grad()
-def _teacher_forced(lm, step, dtype, tokens=None):
-    """Logits [STEPS + 1, V] of a prefill and STEPS steps fed `tokens` (default: the greedy ones found);
-    step None: the eager one."""
+def _teacher_forced(lm, step, dtype, tokens=None, rows=1):
+    """Logits [(STEPS + 1) * rows, V] of a prefill and STEPS steps fed `tokens` (default: the greedy ones
+    found); step None: the eager one. One row: T5 without an encoder mask; several: with it."""
     lm.decode_step = step or lm._decode_step
-    embeds, mask = _prompt(lm, dtype)
-    state = lm.start_decoding(embeds, mask if isinstance(lm, OPTForCausalLM) else None, 1, STEPS + 1)
+    embeds, mask = _prompt(lm, dtype, rows=rows)
+    state = lm.start_decoding(embeds, mask if isinstance(lm, OPTForCausalLM) or rows > 1 else None, 1, STEPS + 1)
     out = [state.prefill()]
     fed = []
     for i in range(STEPS):
@@ -80,13 +81,13 @@ def _teacher_forced(lm, step, dtype, tokens=None):
     return torch.cat(out), fed
 
 
-def _compare(lm, dtype, native, fp32_copy=None):
+def _compare(lm, dtype, native, fp32_copy=None, rows=1):
     """Native against eager, teacher-forced. fp32: the same logits up to the order of the sums, and the same
     greedy tokens wherever the eager choice is not a near tie. bf16: each rounds its activations to bf16
     (2**-8 relative) at the same places, but where the two sums straddle a rounding boundary they round
     to neighbours, and that carries on through the layers; so both are held against the fp32 model with
     the same (bf16-rounded) weights, and the native step must be about as close to it as eager is."""
-    want, fed = _teacher_forced(lm, lm._decode_step, dtype)
+    want, fed = _teacher_forced(lm, lm._decode_step, dtype, rows=rows)
     calls = []
     op = native.__call__
 
@@ -94,7 +95,7 @@ def _compare(lm, dtype, native, fp32_copy=None):
         calls.append(1)
         return op(*args)
 
-    got, _ = _teacher_forced(lm, counting, dtype, fed)
+    got, _ = _teacher_forced(lm, counting, dtype, fed, rows=rows)
     assert len(calls) == STEPS
     assert got.dtype == torch.float32 and got.shape == want.shape
     if dtype == torch.float32:
@@ -103,10 +104,10 @@ def _compare(lm, dtype, native, fp32_copy=None):
         assert err <= 1e-5, err
         top2 = want.topk(2, -1).values
         clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * scale
-        assert clear.sum() >= want.shape[0] - 1
+        assert clear.float().mean() >= 0.9  # few near ties: the token check below means something
         assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
     else:
-        truth, _ = _teacher_forced(fp32_copy, fp32_copy._decode_step, torch.float32, fed)
+        truth, _ = _teacher_forced(fp32_copy, fp32_copy._decode_step, torch.float32, fed, rows=rows)
         scale = truth.abs().max()
         eager_err = (want - truth).abs().max() / scale
         native_err = (got - truth).abs().max() / scale
@@ -128,6 +129,63 @@ def test_t5_native_step_gives_the_eager_logits(variant, dtype):
     lm = _t5(T5_VARIANTS[variant], dtype)
     fp32 = _t5(T5_VARIANTS[variant], dtype).unfuse().set_dtype(torch.float32).fuse("dense")
     _compare(lm, dtype, NativeT5Step(lm, lm._decode_step), fp32)
+
+
+BLOCKED_DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    "avx512_bf16" not in kernels.cpu_flags(), reason="bf16 blocked weights need AVX-512 BF16"))]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", BLOCKED_DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", list(OPT_VARIANTS))
+def test_opt_native_step_on_blocked_weights_gives_the_eager_logits(variant, dtype, rows):
+    """Blocked weights: one row or several (prompts with different padding) in one call, each row as the
+    eager step computes it."""
+    lm = _opt(OPT_VARIANTS[variant], dtype, fmt="blocked")
+    step = NativeOPTStep(lm, None)  # no fallback: every step must run natively
+    assert step.batched
+    fp32 = _opt(OPT_VARIANTS[variant], dtype).unfuse().float().fuse("dense")
+    _compare(lm, dtype, step, fp32, rows=rows)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", BLOCKED_DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", list(T5_VARIANTS))
+def test_t5_native_step_on_blocked_weights_gives_the_eager_logits(variant, dtype, rows):
+    lm = _t5(T5_VARIANTS[variant], dtype, fmt="blocked")
+    step = NativeT5Step(lm, None)
+    assert step.batched
+    fp32 = _t5(T5_VARIANTS[variant], dtype).unfuse().set_dtype(torch.float32).fuse("dense")
+    _compare(lm, dtype, step, fp32, rows=rows)
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_a_row_of_a_native_batch_is_the_row_alone(text):
+    """Each row is computed on its own: stepping three rows at once gives each row the logits it gets
+    stepped alone from the same state, bit for bit (the blocked product sums every row in the same order)."""
+    import copy
+
+    lm = (_opt if text == "opt" else _t5)({}, torch.float32, fmt="blocked")
+    step = (NativeOPTStep if text == "opt" else NativeT5Step)(lm, None)
+    lm.decode_step = step
+    embeds, mask = _prompt(lm, torch.float32, rows=3)
+    tokens = torch.randint(4, 90, (4, 3), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        state = lm.start_decoding(embeds, mask, 1, 6)
+        state.prefill()
+        alone = []
+        for r in range(3):  # row r alone: the same state narrowed to that row
+            one = copy.deepcopy(state, memo={id(lm): lm})
+            if text == "t5":
+                one.reorder(torch.tensor([r]))
+            else:  # OPT reorders in place, keeping the row count: narrow by hand
+                for cache in one.caches:
+                    cache.k_cache, cache.v_cache = cache.k_cache[r:r + 1].clone(), cache.v_cache[r:r + 1].clone()
+                one.key_valid, one.next_position = one.key_valid[r:r + 1].clone(), one.next_position[r:r + 1].clone()
+            alone.append(torch.cat([one.step(t[r:r + 1]) for t in tokens]))
+        together = torch.stack([state.step(t) for t in tokens], 1)  # [3, steps, V]
+    for r in range(3):
+        assert torch.equal(together[r], alone[r])
 
 
 @pytest.mark.parametrize("text", ["opt", "t5"])
@@ -240,6 +298,20 @@ def test_the_op_names_bad_arguments():
         op(x, pos, valid, caches, torch.tensor([7]), step.weights, step.fparams, step.iparams)
     with pytest.raises(RuntimeError, match="position 70 outside"):
         op(x, torch.tensor([[70]]), valid, caches, slot, step.weights, step.fparams, step.iparams)
+    rows2 = dict(position=torch.tensor([[0], [1]]), key_valid=torch.ones(2, 1, 1, 5, dtype=torch.bool),
+                 kv=[torch.zeros(2, 4, 5, 8) for _ in range(2 * 3)])
+    with pytest.raises(RuntimeError, match="2 rows need blocked weights, weight 6 is \\[N, K\\]"):
+        op(torch.zeros(2, 1, 32), rows2["position"], rows2["key_valid"], rows2["kv"], slot, step.weights,
+           step.fparams, step.iparams)
+    blocked = NativeOPTStep(_opt({}, torch.float32, fmt="blocked"), None)
+    weights = list(blocked.weights)
+    weights[8] = None  # the bias of the first layer's q/k/v (weight 6: table, project_in x3, two norm tensors)
+    with pytest.raises(RuntimeError, match="blocked weight 6 needs its bias"):
+        op(torch.zeros(2, 1, 32), rows2["position"], rows2["key_valid"], rows2["kv"], slot, weights,
+           blocked.fparams, blocked.iparams)
+    with pytest.raises(RuntimeError, match="cached keys must be float32/bfloat16 CPU \\[2, H, S, Dh\\]"):
+        op(torch.zeros(2, 1, 32), rows2["position"], rows2["key_valid"], caches, slot, blocked.weights,
+           blocked.fparams, blocked.iparams)
     t5 = _t5({}, torch.float32)
     s5 = NativeT5Step(t5, t5._decode_step)
     with pytest.raises(RuntimeError, match="token id 500 outside the vocabulary of 96"):
@@ -293,34 +365,61 @@ def test_compile_for_one_row_decodes_natively_with_the_plain_tokens(hf_opt_dir, 
 
 
 @pytest.mark.parametrize("text", ["opt", "t5"])
-def test_native_method_decodes_one_row_natively_and_batches_eagerly(hf_opt_dir, hf_t5_dir, text):
-    """model.native(): nothing compiled; one image through the native op with the plain tokens, three
-    through the eager step with the plain tokens; what it cannot cover raises before touching the model."""
+def test_native_method_decodes_every_row_natively(hf_opt_dir, hf_t5_dir, text):
+    """model.native(): nothing compiled; the language model blocked, the vision encoder and Q-Former packed;
+    one image and three images each through one op call per step with the plain tokens. After
+    quantize_int8() (int8 stays): one row natively, three through the eager step. What it cannot cover
+    raises before touching the model."""
     from conftest import IMAGE_TOKEN, NUM_QUERY
-    from blip2.lm.fused import fused_format
+    from blip2.lm.fused import default_format, fused_format
 
     d = (hf_opt_dir if text == "opt" else hf_t5_dir)[1]
     if text == "opt":
-        ids, mask = prompts_with_images([[2, 11, 12, 13]] * 3)
+        ids, mask = prompts_with_images([[2, 11, 12, 13], [2, 21], [2, 31, 32]])
     else:
         ids = torch.tensor([[IMAGE_TOKEN] * NUM_QUERY + [11, 12, 13, 1]] * 3)
         mask = torch.ones_like(ids)
     pixels = pixel_batch(3, seed=7)
     plain = Blip2ForConditionalGeneration.from_pretrained(d)
     model = Blip2ForConditionalGeneration.from_pretrained(d).native()
-    assert fused_format(model.language_model) == "dense"
+    assert fused_format(model.language_model) == "blocked"
+    assert fused_format(model.vision_model) == default_format(plain.vision_model.post_layernorm.weight)
     op = "blip2_kernels::opt_step" if text == "opt" else "blip2_kernels::t5_step"
     one = dict(max_new_tokens=8, min_new_tokens=8)
     want1 = plain.generate(pixels[:1], ids[:1], mask[:1], **one)
     assert model.generate(pixels[:1], ids[:1], mask[:1], **one).tolist() == want1.tolist()
     assert _calls(lambda: model.generate(pixels[:1], ids[:1], mask[:1], **one), op) == 7
     want3 = plain.generate(pixels, ids, mask, **one)
-    assert _calls(lambda: model.generate(pixels, ids, mask, **one), op) == 0
     assert model.generate(pixels, ids, mask, **one).tolist() == want3.tolist()
+    assert _calls(lambda: model.generate(pixels, ids, mask, **one), op) == 7
+    q = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8().native()
+    assert fused_format(q.language_model) == "int8"
+    assert _calls(lambda: q.generate(pixels[:1], ids[:1], mask[:1], **one), op) == 7
+    assert _calls(lambda: q.generate(pixels, ids, mask, **one), op) == 0
     half = Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.float16)
     with pytest.raises(ValueError, match="float16 activations"):
         half.native()
-    assert fused_format(half.language_model) is None  # refused before any change
+    assert fused_format(half.language_model) is None and fused_format(half.vision_model) is None  # refused first
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_compile_for_a_batch_decodes_natively(hf_opt_dir, hf_t5_dir, text):
+    """compile(batch=3) lays the weights out blocked, so the native step takes the three rows and the
+    compiled step is never traced."""
+    from conftest import IMAGE_TOKEN, NUM_QUERY
+
+    d = (hf_opt_dir if text == "opt" else hf_t5_dir)[1]
+    if text == "opt":
+        ids, mask = prompts_with_images([[2, 11, 12, 13], [2, 21], [2, 31, 32]])
+    else:
+        ids = torch.tensor([[IMAGE_TOKEN] * NUM_QUERY + [11, 12, 13, 1]] * 3)
+        mask = torch.ones_like(ids)
+    pixels = pixel_batch(3, seed=8)
+    want = Blip2ForConditionalGeneration.from_pretrained(d).generate(pixels, ids, mask, max_new_tokens=8)
+    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(3)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == want.tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_the_op_refuses_a_scale_of_another_dtype():

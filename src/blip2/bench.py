@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
 }
 
-FAST_PATHS = ("plain", "fuse", "int8", "int8-dynamic")
+FAST_PATHS = ("plain", "fuse", "int8", "int8-dynamic", "native")
 
 
 def module_bytes(*modules: nn.Module | None) -> int:
@@ -142,6 +142,8 @@ def apply_fast_path(model: Blip2ForConditionalGeneration, fast: str, compile: bo
         model.quantize_int8()
     elif fast == "int8-dynamic":
         model.quantize_int8(dynamic=True, vision=True)
+    elif fast == "native":
+        model.native()
     if compile:
         model.compile(**compile_kwargs)
     return model
@@ -241,12 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model: {args.model or 'preset ' + args.preset} | {where} | dtype {args.dtype} | "
           f"fast path {args.fast}{' + compile' if args.compile else ''}{' + cuda_graph' if args.cuda_graph else ''}")
 
-    if device.type == "cpu" and args.compile:
+    if device.type == "cpu" and (args.compile or args.fast == "native"):
         from . import kernels
         from .lm.native import NativeOPTStep, NativeT5Step
 
-        if isinstance(model.language_model.decode_step, (NativeOPTStep, NativeT5Step)):
-            print("one-row decoding step: native (blip2.kernels, the whole decoder in one call per token)")
+        step = model.language_model.decode_step
+        if isinstance(step, (NativeOPTStep, NativeT5Step)):
+            print(f"decoding step: native (blip2.kernels, the whole decoder in one call per token, "
+                  f"{'any number of rows' if step.batched else 'one row; batches: the fallback step'})")
         else:
             print(f"one-row decoding step: compiled; row-product kernel for its products: "
                   f"{'loaded' if kernels.ready() else 'not used, ' + kernels.status()}")

@@ -338,7 +338,9 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fast", default="none", choices=FAST,
                    help="speed-up: fuse (fused projections, same tokens), int8 (int8 language-model weights), "
                         "int8-dynamic (int8 products in the language model and vision encoder: the fastest for "
-                        "batches on CPU, most tokens the same; CPU only), native (one image at a time: the whole decoder in one native call per token, same tokens; CPU only), cuda-graph (fuse + decoding step "
+                        "batches on CPU, most tokens the same; CPU only), native (the whole decoder in one native "
+                        "call per token for the batch: the fastest exact path on CPU, same tokens; CPU only), "
+                        "cuda-graph (fuse + decoding step "
                         "replayed as a CUDA graph, same tokens; CUDA only) (default: none)")
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint import PretrainedMixin
 from .config import Blip2Config
 from .generation import GenerationConfig, generate
-from .lm.fused import default_format, pack_linears, unfuse_linears
+from .lm.fused import default_format, fused_format, pack_linears, unfuse_linears
 from .lm.opt import OPTForCausalLM
 from .lm.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
 from .qformer import Blip2QFormerModel
@@ -300,12 +300,17 @@ class Blip2Model(PretrainedMixin, nn.Module):
         return self
 
     def native(self) -> Blip2Model:
-        """CPU: decode one row per call (one image, greedy or sampled) with the native step of
-        ``blip2.kernels``, the whole language-model decoder in one C++ call per token, and batches with the
-        eager step; nothing is compiled (``compile()`` does the same for one row, with a compiled step for
-        batches). Raises ``blip2.lm.native.Unsupported`` (a ``ValueError``) saying why where it does not
-        cover the model (GPU, fp16, kernels not built). Returns self."""
+        """CPU: decode with the native step of ``blip2.kernels``, the whole language-model decoder in one C++
+        call per token for all rows (images x beams), greedy or sampled; nothing is compiled. The language
+        model is laid out in blip2's blocked layout (after ``quantize_int8()``, int8 stays: one row
+        natively, batches with the eager step), the vision encoder and Q-Former packed as ``fuse()`` packs
+        them. The fastest CPU path for one image and for batches, with the plain path's tokens. Raises
+        ``blip2.lm.native.Unsupported`` (a ``ValueError``) saying why where it does not cover the model
+        (GPU, fp16, kernels not built), before changing anything. Returns self."""
         self.language_model.native()
+        for tower in (self.vision_model, self.qformer):
+            if fused_format(tower) is None:
+                pack_linears(tower, default_format(next(tower.parameters())))
         return self
 
     def cuda_graph(self) -> Blip2Model:

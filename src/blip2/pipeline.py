@@ -139,8 +139,9 @@ class Pipeline:
         projections, the same tokens); "int8" (``quantize_int8()``: int8 language-model weights, most
         tokens the same); "int8-dynamic" (``quantize_int8(dynamic=True, vision=True)``: int8 products in the
         language model and the vision encoder, the fastest for batches on CPU, most tokens the same; CPU
-        only); "native" (``native()``: one image at a time decodes with the native step, the whole
-        language-model decoder in one C++ call per token, the same tokens; CPU only); "cuda-graph"
+        only); "native" (``native()``: decoding runs the native step, the whole
+        language-model decoder in one C++ call per token for the whole batch, the same tokens; the fastest
+        on CPU; CPU only); "cuda-graph"
         (``fuse()`` and ``cuda_graph()``: the decoding step replayed as a CUDA graph, the same tokens; CUDA
         only)."""
         if fast not in FAST:

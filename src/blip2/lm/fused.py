@@ -379,21 +379,25 @@ def _can_isolate_graphs() -> bool:
             and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"))
 
 
-def compile_format(current: str | None, weight: Tensor, batch: int) -> str:
-    """The weight format a compiled decoding step of ``batch`` rows runs fastest with, given the current
-    one (None: not fused) and a weight of the model (its device and dtype). One row: the plain layout,
-    which ``_row_product`` and the native steps stream at near the copy bandwidth; several: the language
+def compile_format(current: str | None, weight: Tensor, batch: int | None) -> str:
+    """The weight format a decoding step of ``batch`` rows runs fastest with, given the current one (None:
+    not fused) and a weight of the model (its device and dtype). One row: the plain layout, which
+    ``_row_product`` and the native steps stream at near the copy bandwidth; several: the language
     models' fastest float layout (``decode_format``: blip2's blocked one on CPU, else oneDNN's packed one;
-    with a plain weight oneDNN repacks it on every call, a step of 8 rows 1.9x slower). int8 (either kind)
-    stays as it is."""
+    with a plain weight oneDNN repacks it on every call, a step of 8 rows 1.9x slower). None (any number,
+    ``native()``): blocked where the CPU takes it (the native steps read it for one row or several; at one
+    row as fast as plain in fp32, 5-10% slower in bf16), else plain. int8 (either kind) stays as it is."""
     if current in INT8_FORMATS:
         return current
+    if batch is None:
+        return "blocked" if decode_format(weight) == "blocked" else "dense"
     return "dense" if batch == 1 else decode_format(weight)
 
 
-def lay_out_for(model: nn.Module, weight: Tensor, batch: int) -> None:
+def lay_out_for(model: nn.Module, weight: Tensor, batch: int | None) -> None:
     """Fuse a language model (one with ``fuse(fmt)`` and ``unfuse()``) in the format ``compile_format``
-    picks for ``batch`` decoded rows, re-fusing if it is in another one; ``weight`` tells device and dtype."""
+    picks for ``batch`` decoded rows (None: any), re-fusing if it is in another one; ``weight`` tells
+    device and dtype."""
     current = fused_format(model)
     fmt = compile_format(current, weight, batch)
     if current != fmt:

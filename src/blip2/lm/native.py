@@ -1,18 +1,20 @@
-"""Whole decoding steps in one native call (``blip2.kernels``: ``t5_step``, ``opt_step``) for one row on CPU.
+"""Whole decoding steps in one native call (``blip2.kernels``: ``t5_step``, ``opt_step``) on CPU.
 
-``compile()`` puts one in front of the compiled step where it can: a step of one row (batch 1, one beam)
-then runs the whole decoder (norms, products, one-query attention over the cache, the head) in C++, one
-call per token; anything else (more rows, a model these steps do not cover) goes to the compiled step.
-At one row a step is bound by reading the weights once; what a compiled graph adds around its products
-(the graph's Python wrapper, dynamo's guards, a kernel call per small operation) is about 0.8 ms a token
-on one core, a fifth of a Flan-T5-small bf16 step, and a native step does not pay it.
+``compile()`` and ``native()`` put one in front of the Python step where they can: a decoding step then
+runs the whole decoder (norms, products, one-query attention over the cache, the head) in C++, one call
+per token for all rows; anything else (a model these steps do not cover) goes to the fallback step. What a
+compiled graph adds around its products (the graph's Python wrapper, dynamo's guards, a kernel call per
+small operation) is about 0.8 ms a token on one core, a fifth of a Flan-T5-small bf16 step at one row;
+an eager step at 8 rows spends several ms a token on its small operations. A native step pays neither.
 
 Covered: OPT (pre- or post-norm, project_in/out, any supported activation) and T5 (gated or not, tied or
-not), in float32 or bfloat16, with weights in the plain layout (``fuse("dense")``, what ``compile()``
-chooses for one row) or weight-only int8 (``fuse("int8")``). Not covered: fp16 (T5 keeps its FFN output
-projections in fp32 there), oneDNN's packed layout, int8-dynamic, anything off the CPU. Numerics follow
-the eager modules (activations rounded to the model's dtype where a torch operation rounds them; norms,
-softmax and sums in fp32); products accumulate in fp32 in another order than oneDNN's.
+not), in float32 or bfloat16. Weights in blip2's blocked layout (``fuse("blocked")``, the CPU default
+where the kernels load) take any number of rows; the plain layout (``fuse("dense")``, what ``compile()``
+chooses for one row) and weight-only int8 (``fuse("int8")``) take one row, larger batches going to the
+fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 there), oneDNN's packed layout,
+int8-dynamic, anything off the CPU. Numerics follow the eager modules (activations rounded to the model's
+dtype where a torch operation rounds them; norms, softmax and sums in fp32); products accumulate in fp32
+in another order than oneDNN's. Each row is computed on its own.
 """
 
 from __future__ import annotations
@@ -36,15 +38,26 @@ class Unsupported(ValueError):
     """The model is not one the native steps cover (the reason is the message)."""
 
 
+_FORMATS = ("dense", "int8", "blocked")
+
+
 def _linear(layer: nn.Module | None, dtype: torch.dtype, optional: bool = False) -> list[Tensor | None]:
-    """A linear layer as the three list entries the native steps read: weight [N, K], scale, bias."""
+    """A linear layer as the three list entries the native steps read: weight [N, K] or blocked, scale,
+    bias (a blocked weight always has one, zeros where the layer has none: it gives the output count)."""
     if layer is None:
         if optional:
             return [None, None, None]
         raise Unsupported("a projection is missing")
+    if isinstance(layer, FusedLinear) and layer.fmt == "blocked":
+        if layer.dtype != dtype:
+            raise Unsupported(f"a {layer.dtype} weight in a {dtype} model")
+        if dtype == torch.bfloat16 and layer.in_features % 2:
+            raise Unsupported(f"a blocked bf16 weight of {layer.in_features} (odd) inputs")
+        bias = layer.b if layer.b is not None else torch.zeros(layer.out_features, dtype=dtype)
+        return [layer.w, None, bias]
     if isinstance(layer, FusedLinear):
-        if layer.fmt not in ("dense", "int8"):
-            raise Unsupported(f"weights in the {layer.fmt!r} format (native steps read 'dense' or 'int8')")
+        if layer.fmt not in _FORMATS:
+            raise Unsupported(f"weights in the {layer.fmt!r} format (native steps read {', '.join(map(repr, _FORMATS))})")
         w, scale, bias = layer.w, layer.scale, layer.b
     elif isinstance(layer, nn.Linear):
         w, scale, bias = layer.weight.detach(), None, None if layer.bias is None else layer.bias.detach()
@@ -82,6 +95,12 @@ def _usable() -> None:
         raise Unsupported(f"blip2.kernels is not loaded: {kernels.status()}")
 
 
+def _batched(products: list[list[Tensor | None]]) -> bool:
+    """Whether every product (``_linear``'s entries) has a blocked weight, read once for all rows: then a
+    step takes several rows."""
+    return all(w is None or w.dim() != 2 for w, _, _ in products)
+
+
 def check(weight: Tensor) -> None:
     """Raises ``Unsupported`` unless a model with this (embedding) weight can take a native step as far
     as device, dtype and the kernels go (the layers are checked when the step is built)."""
@@ -90,8 +109,9 @@ def check(weight: Tensor) -> None:
 
 
 class NativeT5Step:
-    """A T5 ``decode_step`` (``T5ForConditionalGeneration._decode_step``'s arguments): one row through
-    ``blip2_kernels::t5_step``, anything else through ``fallback``."""
+    """A T5 ``decode_step`` (``T5ForConditionalGeneration._decode_step``'s arguments): one token per row
+    through ``blip2_kernels::t5_step`` (several rows where the weights are blocked: ``batched``), anything
+    else through ``fallback``."""
 
     def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
         cfg, dec = model.config, model.decoder
@@ -99,6 +119,12 @@ class NativeT5Step:
         _usable()
         if cfg.dense_act_fn not in ACTIVATIONS:
             raise Unsupported(f"activation {cfg.dense_act_fn!r}")
+        products: list[list[Tensor | None]] = []
+
+        def linear(layer: nn.Module | None) -> list[Tensor | None]:
+            products.append(_linear(layer, dtype))
+            return products[-1]
+
         weights: list[Tensor | None] = [_vector(model.shared.weight, dtype)]
         for blk in dec.block:
             sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
@@ -107,14 +133,15 @@ class NativeT5Step:
                 raise Unsupported("self-attention q/k/v not fused (call fuse() first)")
             if dense.gated and dense.wi_01 is None:
                 raise Unsupported("the gated FFN's wi_0/wi_1 not fused (call fuse() first)")
-            weights += [_vector(sa.layer_norm.weight, dtype), *_linear(sa.SelfAttention.qkv, dtype),
-                        *_linear(sa.SelfAttention.o, dtype),
-                        _vector(ca.layer_norm.weight, dtype), *_linear(ca.EncDecAttention.q, dtype),
-                        *_linear(ca.EncDecAttention.o, dtype),
+            weights += [_vector(sa.layer_norm.weight, dtype), *linear(sa.SelfAttention.qkv),
+                        *linear(sa.SelfAttention.o),
+                        _vector(ca.layer_norm.weight, dtype), *linear(ca.EncDecAttention.q),
+                        *linear(ca.EncDecAttention.o),
                         _vector(ff.layer_norm.weight, dtype),
-                        *_linear(dense.wi_01 if dense.gated else dense.wi, dtype), *_linear(dense.wo, dtype)]
-        weights += [_vector(dec.final_layer_norm.weight, dtype), *_linear(model.lm_head, dtype)]
+                        *linear(dense.wi_01 if dense.gated else dense.wi), *linear(dense.wo)]
+        weights += [_vector(dec.final_layer_norm.weight, dtype), *linear(model.lm_head)]
         self.weights = weights
+        self.batched = _batched(products)  # any number of rows, else one
         self.fparams = [float(dec.final_layer_norm.eps),
                         float(cfg.d_model**-0.5) if cfg.scale_decoder_outputs else 1.0]
         self.iparams = [cfg.num_heads, cfg.d_kv, ACTIVATIONS[cfg.dense_act_fn], int(bool(cfg.is_gated_act))]
@@ -123,7 +150,8 @@ class NativeT5Step:
 
     def __call__(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
                  caches: list[Any], input_pos: Tensor) -> Tensor:
-        if ids.shape != (1, 1) or input_pos.numel() != 1 or self_mask.dtype not in _FLOATS:
+        if ids.dim() != 2 or ids.shape[1] != 1 or (ids.shape[0] != 1 and not self.batched) \
+                or input_pos.numel() != 1 or self_mask.dtype not in _FLOATS:
             return self.fallback(ids, self_mask, cross_kv, cross_mask, caches, input_pos)
         kv = [t for (k, v), cache in zip(cross_kv, caches) for t in (k, v, cache.k, cache.v)]
         return torch.ops.blip2_kernels.t5_step(ids, input_pos, self_mask, cross_mask, kv, self.weights,
@@ -131,8 +159,9 @@ class NativeT5Step:
 
 
 class NativeOPTStep:
-    """An OPT ``decode_step`` (``OPTForCausalLM._decode_step``'s arguments): one row through
-    ``blip2_kernels::opt_step``, anything else through ``fallback``."""
+    """An OPT ``decode_step`` (``OPTForCausalLM._decode_step``'s arguments): one token per row through
+    ``blip2_kernels::opt_step`` (several rows where the weights are blocked: ``batched``), anything else
+    through ``fallback``."""
 
     def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
         cfg, dec = model.config, model.model.decoder
@@ -144,21 +173,28 @@ class NativeOPTStep:
         eps = {float(n.eps) for n in norms + ([dec.final_layer_norm] if dec.final_layer_norm is not None else [])}
         if len(eps) != 1:
             raise Unsupported(f"layer norms with different eps {sorted(eps)}")
+        products: list[list[Tensor | None]] = []
+
+        def linear(layer: nn.Module | None, optional: bool = False) -> list[Tensor | None]:
+            products.append(_linear(layer, dtype, optional))
+            return products[-1]
+
         weights: list[Tensor | None] = [_vector(dec.embed_positions.weight, dtype),
-                                        *_linear(dec.project_in, dtype, optional=True)]
+                                        *linear(dec.project_in, optional=True)]
         for layer in dec.layers:
             if layer.self_attn.qkv is None:
                 raise Unsupported("q/k/v not fused (call fuse() first)")
             ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
-            weights += [_vector(ln1.weight, dtype), _vector(ln1.bias, dtype), *_linear(layer.self_attn.qkv, dtype),
-                        *_linear(layer.self_attn.out_proj, dtype),
-                        _vector(ln2.weight, dtype), _vector(ln2.bias, dtype), *_linear(layer.fc1, dtype),
-                        *_linear(layer.fc2, dtype)]
+            weights += [_vector(ln1.weight, dtype), _vector(ln1.bias, dtype), *linear(layer.self_attn.qkv),
+                        *linear(layer.self_attn.out_proj),
+                        _vector(ln2.weight, dtype), _vector(ln2.bias, dtype), *linear(layer.fc1),
+                        *linear(layer.fc2)]
         final = dec.final_layer_norm
         weights += [_vector(final.weight, dtype) if final is not None else None,
                     _vector(final.bias, dtype) if final is not None else None,
-                    *_linear(dec.project_out, dtype, optional=True), *_linear(model.lm_head, dtype)]
+                    *linear(dec.project_out, optional=True), *linear(model.lm_head)]
         self.weights = weights
+        self.batched = _batched(products)  # any number of rows, else one
         attn = dec.layers[0].self_attn
         self.fparams = [eps.pop(), float(attn.scaling)]
         self.iparams = [attn.num_heads, ACTIVATIONS[cfg.activation_function], int(bool(cfg.do_layer_norm_before)),
@@ -167,8 +203,8 @@ class NativeOPTStep:
         self.dtype = dtype
 
     def __call__(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any], input_pos: Tensor) -> Tensor:
-        if x.shape[0] != 1 or x.shape[1] != 1 or input_pos.numel() != 1 or mask.dtype != torch.bool \
-                or x.dtype != self.dtype:
+        if x.dim() != 3 or x.shape[1] != 1 or (x.shape[0] != 1 and not self.batched) or input_pos.numel() != 1 \
+                or mask.dtype != torch.bool or x.dtype != self.dtype:
             return self.fallback(x, positions, mask, caches, input_pos)
         kv = [t for cache in caches for t in (cache.k_cache, cache.v_cache)]
         return torch.ops.blip2_kernels.opt_step(x, positions, mask, kv, input_pos, self.weights, self.fparams,

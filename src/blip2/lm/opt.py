@@ -306,13 +306,14 @@ class OPTForCausalLM(nn.Module):
         return self
 
     def native(self) -> OPTForCausalLM:
-        """CPU: decode one row (batch 1, one beam) per call with the native step (``blip2.lm.native``: the whole
-        decoder in one C++ call per token) and anything else with the eager step; nothing is compiled.
-        Fuses the weights plain first (int8 stays int8). Raises ``blip2.lm.native.Unsupported`` (a
-        ``ValueError``) saying why where the native steps do not cover the model. ``fuse()``, ``unfuse()``
-        and ``compile()`` replace the step. Returns self."""
+        """CPU: decode with the native step (``blip2.lm.native``: the whole decoder in one C++ call per token,
+        for all rows); nothing is compiled. Lays the weights out first (``fused.compile_format(.., None)``):
+        blocked where the kernels take the dtype, so any number of rows (images x beams) runs natively;
+        else plain, and int8 stays int8: one row natively, several with the eager step. Raises
+        ``blip2.lm.native.Unsupported`` (a ``ValueError``) saying why where the native steps do not cover
+        the model. ``fuse()``, ``unfuse()`` and ``compile()`` replace the step. Returns self."""
         native_check(self.model.decoder.embed_tokens.weight)  # before changing the layout
-        lay_out_for(self, self.model.decoder.embed_tokens.weight, 1)
+        lay_out_for(self, self.model.decoder.embed_tokens.weight, None)
         self.decode_step = NativeOPTStep(self, self._decode_step)
         return self
 
