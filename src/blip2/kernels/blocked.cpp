@@ -71,11 +71,12 @@ struct BF16 {
 #endif
 
 // acc over steps [s0, s1) of R rows (x rows ldx apart, indexed by step) and C blocks starting at w
-// (blocks `block_stride` elements apart, kBlock * kPer elements a step); out: R x C vectors, added to
-// `into` when it is not null (fp32 partial sums, ldi apart) and written to `out` (ldo apart).
+// (blocks `block_stride` elements apart, kBlock * kPer elements a step), started from zero or (add) from
+// the partial sums in `out`, plus `bias` (C * 16 floats, or none) once the sums are whole; written to
+// `out` (R x C vectors, ldo apart).
 template <class T, int R, int C>
 inline void tile(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t s0,
-                 int64_t s1, float* out, int64_t ldo, bool add) {
+                 int64_t s1, float* out, int64_t ldo, bool add, const float* bias) {
   constexpr int64_t step_elems = kBlock * T::kPer;
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
@@ -89,6 +90,12 @@ inline void tile(const typename T::X* x, int64_t ldx, const typename T::W* w, in
       for (int c = 0; c < C; ++c) acc[r][c] = T::mac(acc[r][c], wv[c], xv);
     }
   }
+  if (bias != nullptr) {
+    for (int c = 0; c < C; ++c) {
+      const __m512 b = _mm512_loadu_ps(bias + c * kBlock);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_add_ps(acc[r][c], b);
+    }
+  }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * ldo + c * kBlock, acc[r][c]);
 }
@@ -96,33 +103,38 @@ inline void tile(const typename T::X* x, int64_t ldx, const typename T::W* w, in
 // the sums of rows [0, rows) (<= kMaxRows) over blocks [b, b + width) and steps [s0, s1)
 template <class T, int R>
 void tile_rows(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t b,
-               int64_t width, int64_t s0, int64_t s1, float* out, int64_t ldo, bool add) {
+               int64_t width, int64_t s0, int64_t s1, float* out, int64_t ldo, bool add, const float* bias) {
   constexpr int C = R <= 4 ? 6 : 3;
   const typename T::W* wb = w + b * block_stride;
   float* ob = out + b * kBlock;
+  const float* bb = bias ? bias + b * kBlock : nullptr;
   int64_t c = 0;
-  for (; c + C <= width; c += C) tile<T, R, C>(x, ldx, wb + c * block_stride, block_stride, s0, s1, ob + c * kBlock, ldo, add);
-  for (; c < width; ++c) tile<T, R, 1>(x, ldx, wb + c * block_stride, block_stride, s0, s1, ob + c * kBlock, ldo, add);
+  for (; c + C <= width; c += C)
+    tile<T, R, C>(x, ldx, wb + c * block_stride, block_stride, s0, s1, ob + c * kBlock, ldo, add, bb ? bb + c * kBlock : nullptr);
+  for (; c < width; ++c)
+    tile<T, R, 1>(x, ldx, wb + c * block_stride, block_stride, s0, s1, ob + c * kBlock, ldo, add, bb ? bb + c * kBlock : nullptr);
 }
 
 template <class T>
 void tile_any(int64_t rows, const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride,
-              int64_t b, int64_t width, int64_t s0, int64_t s1, float* out, int64_t ldo, bool add) {
+              int64_t b, int64_t width, int64_t s0, int64_t s1, float* out, int64_t ldo, bool add, const float* bias) {
   switch (rows) {
-    case 8: return tile_rows<T, 8>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
-    case 7: return tile_rows<T, 7>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
-    case 6: return tile_rows<T, 6>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
-    case 5: return tile_rows<T, 5>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
-    case 4: return tile_rows<T, 4>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
-    case 3: return tile_rows<T, 3>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
-    case 2: return tile_rows<T, 2>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
-    default: return tile_rows<T, 1>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add);
+    case 8: return tile_rows<T, 8>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add, bias);
+    case 7: return tile_rows<T, 7>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add, bias);
+    case 6: return tile_rows<T, 6>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add, bias);
+    case 5: return tile_rows<T, 5>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add, bias);
+    case 4: return tile_rows<T, 4>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add, bias);
+    case 3: return tile_rows<T, 3>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add, bias);
+    case 2: return tile_rows<T, 2>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add, bias);
+    default: return tile_rows<T, 1>(x, ldx, w, block_stride, b, width, s0, s1, out, ldo, add, bias);
   }
 }
 
-// fp32 sums y [M, NB * 16] (ldy = NB * 16) of x [M, steps * kPer] and a blocked weight [NB, steps, 16 * kPer].
+// fp32 sums y [M, NB * 16] (ldy = NB * 16) of x [M, steps * kPer] and a blocked weight [NB, steps, 16 * kPer],
+// plus bias (NB * 16 floats, zero-padded; or none).
 template <class T>
-void sums(const typename T::X* x, int64_t M, int64_t steps, const typename T::W* w, int64_t NB, float* y) {
+void sums(const typename T::X* x, int64_t M, int64_t steps, const typename T::W* w, int64_t NB, float* y,
+          const float* bias = nullptr) {
   const int64_t block_stride = steps * kBlock * T::kPer;
   const int64_t ldx = steps * T::kPer, ldy = NB * kBlock;
   const int64_t tile_blocks = M <= 4 ? 6 : 3;
@@ -137,7 +149,7 @@ void sums(const typename T::X* x, int64_t M, int64_t steps, const typename T::W*
         const int64_t s1 = std::min(steps, s0 + slice);
         for (int64_t m = 0; m < M; m += kMaxRows) {
           tile_any<T>(std::min<int64_t>(kMaxRows, M - m), x + m * ldx, ldx, w, block_stride, b, width, s0, s1,
-                      y + m * ldy, ldy, s0 > 0);
+                      y + m * ldy, ldy, s0 > 0, s1 == steps ? bias : nullptr);
         }
       }
     }
@@ -150,6 +162,21 @@ inline bool bf16_dot() {
 #else
   return false;
 #endif
+}
+
+// a float32/bfloat16 bias [n] as fp32, zero-padded to `width` (empty: no bias)
+inline std::vector<float> padded(const std::optional<at::Tensor>& bias, int64_t width) {
+  std::vector<float> out;
+  if (!bias.has_value()) return out;
+  const Vector b(bias);
+  out.assign(width, 0.f);
+  for (int64_t i = 0; i < bias->numel(); ++i) out[i] = b[i];
+  return out;
+}
+
+// y[0:n] rounded to bfloat16 (to nearest even, as at::BFloat16)
+inline void to_bf16(const float* y, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = at::BFloat16(y[i]).x;
 }
 
 // x [..., K] (float32 with a float32 weight, bfloat16 with a bfloat16 one), w blocked, bias [N] or none
@@ -182,30 +209,25 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   if (M == 0) return out;
   at::Tensor xc = x.reshape({M, K}).contiguous();
   if (K != steps * per) xc = at::constant_pad_nd(xc, {0, steps * per - K});  // odd K, bf16: a zero to pair with
-  // fp32 sums over whole blocks, then bias and one rounding into out
+  // fp32 sums over whole blocks with the bias, then one rounding into out
   const int64_t ldy = NB * kBlock;
+  const std::vector<float> b32 = padded(bias, ldy);
   const bool direct = xt == at::kFloat && n == ldy;
   at::Tensor sums_t = direct ? out : at::empty({M, ldy}, x.options().dtype(at::kFloat));
   float* y = sums_t.data_ptr<float>();
   if (wt == at::kFloat) {
-    sums<F32>(xc.data_ptr<float>(), M, steps, w.data_ptr<float>(), NB, y);
+    sums<F32>(xc.data_ptr<float>(), M, steps, w.data_ptr<float>(), NB, y, b32.empty() ? nullptr : b32.data());
   } else {
 #if defined(__AVX512BF16__)
-    sums<BF16>((const uint16_t*)xc.data_ptr(), M, steps, (const uint16_t*)w.data_ptr(), NB, y);
+    sums<BF16>((const uint16_t*)xc.data_ptr(), M, steps, (const uint16_t*)w.data_ptr(), NB, y,
+               b32.empty() ? nullptr : b32.data());
 #endif
   }
-  const Vector b(bias);
-  if (direct && !b.present()) return out;
-  float* o32 = xt == at::kFloat ? out.data_ptr<float>() : nullptr;
-  at::BFloat16* o16 = xt == at::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  if (direct) return out;
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const float* row = y + m * ldy;
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = b.present() ? row[i] + b[i] : row[i];
-        if (o16) o16[m * n + i] = at::BFloat16(v);
-        else o32[m * n + i] = v;
-      }
+      if (xt == at::kFloat) std::memcpy(out.data_ptr<float>() + m * n, y + m * ldy, n * sizeof(float));
+      else to_bf16(y + m * ldy, (uint16_t*)out.data_ptr() + m * n, n);
     }
   });
   return out;

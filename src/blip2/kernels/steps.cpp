@@ -65,7 +65,7 @@ struct Linear {
 struct Step {
   bool bf16;  // activations are bfloat16 (else float32)
   std::vector<uint16_t> xb;
-  std::vector<float> sums_buf;
+  std::vector<float> sums_buf, bias_buf;
 
   explicit Step(bool bf16) : bf16(bf16) {}
 
@@ -74,21 +74,27 @@ struct Step {
   // y[r, 0:N] = round(x[r] @ W.T * scale + bias) for rows r < R; x [R, K] (already rounded to the
   // activation dtype) and y [R, N] contiguous
   void linear(const Linear& l, const float* x, int64_t R, float* y) {
-    if (l.blocked) {
+    if (l.blocked) {  // the bias is added in the kernel (a blocked weight has no scale)
       const int64_t NB = l.w.size(0), steps = l.w.size(1), ld = NB * blocked::kBlock;
-      sums_buf.resize(R * ld);
+      bias_buf.assign(ld, 0.f);
+      for (int64_t i = 0; i < l.n; ++i) bias_buf[i] = l.bias[i];
+      const bool direct = !bf16 && ld == l.n;  // fp32 sums straight into y
+      if (!direct) sums_buf.resize(R * ld);
+      float* into = direct ? y : sums_buf.data();
       if (l.w.scalar_type() == at::kFloat) {
-        blocked::sums<blocked::F32>(x, R, steps, l.w.data_ptr<float>(), NB, sums_buf.data());
+        blocked::sums<blocked::F32>(x, R, steps, l.w.data_ptr<float>(), NB, into, bias_buf.data());
       } else {
 #if defined(__AVX512BF16__)
         const int64_t kp = 2 * steps;  // K rounded up to whole pairs, the last one padded with a zero
         xb.assign(R * kp, 0);
         for (int64_t r = 0; r < R; ++r)
           for (int64_t i = 0; i < l.k; ++i) xb[r * kp + i] = at::BFloat16(x[r * l.k + i]).x;  // exact: bf16-valued
-        blocked::sums<blocked::BF16>(xb.data(), R, steps, (const uint16_t*)l.w.data_ptr(), NB, sums_buf.data());
+        blocked::sums<blocked::BF16>(xb.data(), R, steps, (const uint16_t*)l.w.data_ptr(), NB, into, bias_buf.data());
 #endif
       }
-      for (int64_t r = 0; r < R; ++r) finish(l, sums_buf.data() + r * ld, y + r * l.n);
+      if (direct) return;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < l.n; ++i) y[r * l.n + i] = round(sums_buf[r * ld + i]);
       return;
     }
     for (int64_t r = 0; r < R; ++r) {
