@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"decoding step: native (blip2.kernels, the whole decoder in one call per token, "
                   f"{'any number of rows' if step.batched else 'one row; batches: the fallback step'})")
         else:
-            print(f"one-row decoding step: compiled; row-product kernel for its products: "
+            print(f"decoding step: compiled; native kernels for its products: "
                   f"{'loaded' if kernels.ready() else 'not used, ' + kernels.status()}")
     nbytes = decode_bytes_per_token(model)
     step, bw = time_decode_step(model, 1, 16, copy_bandwidth(device=device))

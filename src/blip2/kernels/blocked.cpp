@@ -41,6 +41,7 @@ constexpr int kMaxRows = 8;            // rows per register tile
 constexpr int64_t kSliceK = 1024;      // k per slice when many rows reuse a tile (fits a 1 MB L2 with C = 3)
 constexpr int64_t kFewRows = 16;       // up to this many rows, one pass over K (the weights stream once)
 constexpr int64_t kTaskBytes = 192 * 1024;  // the least weight one thread's task reads
+constexpr int kOneRowStreams = 6;           // far-apart blocks one row's tile reads at once
 
 // fp32 weights [NB, K, 16], x fp32
 struct F32 {
@@ -76,15 +77,16 @@ struct BF16 {
 // `out` (R x C vectors, ldo apart).
 template <class T, int R, int C>
 inline void tile(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t s0,
-                 int64_t s1, float* out, int64_t ldo, bool add, const float* bias) {
+                 int64_t s1, float* out, int64_t ldo, bool add, const float* bias, int64_t spacing = 1) {
   constexpr int64_t step_elems = kBlock * T::kPer;
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = add ? _mm512_loadu_ps(out + r * ldo + c * kBlock) : _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c)
+      acc[r][c] = add ? _mm512_loadu_ps(out + r * ldo + c * spacing * kBlock) : _mm512_setzero_ps();
   for (int64_t s = s0; s < s1; ++s) {
     const typename T::W* ws = w + s * step_elems;
     __m512 wv[C];  // each weight vector loaded once, used by every row
-    for (int c = 0; c < C; ++c) wv[c] = T::load(ws + c * block_stride);
+    for (int c = 0; c < C; ++c) wv[c] = T::load(ws + c * spacing * block_stride);
     for (int r = 0; r < R; ++r) {
       const __m512 xv = T::x_at(x + r * ldx, s);
       for (int c = 0; c < C; ++c) acc[r][c] = T::mac(acc[r][c], wv[c], xv);
@@ -92,12 +94,12 @@ inline void tile(const typename T::X* x, int64_t ldx, const typename T::W* w, in
   }
   if (bias != nullptr) {
     for (int c = 0; c < C; ++c) {
-      const __m512 b = _mm512_loadu_ps(bias + c * kBlock);
+      const __m512 b = _mm512_loadu_ps(bias + c * spacing * kBlock);
       for (int r = 0; r < R; ++r) acc[r][c] = _mm512_add_ps(acc[r][c], b);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * ldo + c * kBlock, acc[r][c]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * ldo + c * spacing * kBlock, acc[r][c]);
 }
 
 // the sums of rows [0, rows) (<= kMaxRows) over blocks [b, b + width) and steps [s0, s1)
@@ -142,6 +144,21 @@ void sums(const typename T::X* x, int64_t M, int64_t steps, const typename T::W*
   const int64_t tile_bytes = tile_blocks * block_stride * (int64_t)sizeof(typename T::W);
   const int64_t grain = std::max<int64_t>(1, kTaskBytes / tile_bytes);
   const int64_t slice = M <= kFewRows ? steps : std::max<int64_t>(1, kSliceK / T::kPer);
+  if (M == 1 && NB >= 2 * kOneRowStreams) {
+    // one row: each tile reads kOneRowStreams blocks far apart (a core keeps more reads in flight for
+    // streams in distant parts of memory, as row_product.cpp's), the blocks left over one at a time
+    const int64_t spacing = NB / kOneRowStreams;
+    const int64_t g = std::max<int64_t>(1, kTaskBytes / (kOneRowStreams * block_stride * (int64_t)sizeof(typename T::W)));
+    at::parallel_for(0, spacing, g, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        tile<T, 1, kOneRowStreams>(x, ldx, w + t * block_stride, block_stride, 0, steps, y + t * kBlock, ldy, false,
+                                   bias ? bias + t * kBlock : nullptr, spacing);
+    });
+    for (int64_t b = spacing * kOneRowStreams; b < NB; ++b)
+      tile<T, 1, 1>(x, ldx, w + b * block_stride, block_stride, 0, steps, y + b * kBlock, ldy, false,
+                    bias ? bias + b * kBlock : nullptr);
+    return;
+  }
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t * tile_blocks, width = std::min(tile_blocks, NB - b);

@@ -380,18 +380,19 @@ def _can_isolate_graphs() -> bool:
 
 
 def compile_format(current: str | None, weight: Tensor, batch: int | None) -> str:
-    """The weight format a decoding step of ``batch`` rows runs fastest with, given the current one (None:
-    not fused) and a weight of the model (its device and dtype). One row: the plain layout, which
-    ``_row_product`` and the native steps stream at near the copy bandwidth; several: the language
-    models' fastest float layout (``decode_format``: blip2's blocked one on CPU, else oneDNN's packed one;
-    with a plain weight oneDNN repacks it on every call, a step of 8 rows 1.9x slower). None (any number,
-    ``native()``): blocked where the CPU takes it (the native steps read it for one row or several; at one
-    row as fast as plain in fp32, 5-10% slower in bf16), else plain. int8 (either kind) stays as it is."""
+    """The weight format a decoding step of ``batch`` rows (None: any number, ``native()``) runs fastest
+    with, given the current one (None: not fused) and a weight of the model (its device and dtype). Where
+    the CPU kernels take the dtype, blip2's blocked layout for any batch (``decode_format``): the native
+    steps and ``blocked_linear`` read it for one row (as fast as the plain layout's row product, or
+    faster) or several (1.4-1.6x oneDNN). Elsewhere: one row (or any) the plain layout, which
+    ``_row_product`` streams at near the copy bandwidth; several, oneDNN's packed one (with a plain weight
+    oneDNN repacks it on every call, a step of 8 rows 1.9x slower). int8 (either kind) stays as it is."""
     if current in INT8_FORMATS:
         return current
-    if batch is None:
-        return "blocked" if decode_format(weight) == "blocked" else "dense"
-    return "dense" if batch == 1 else decode_format(weight)
+    fmt = decode_format(weight)
+    if fmt == "blocked":
+        return fmt
+    return "dense" if batch is None or batch == 1 else fmt
 
 
 def lay_out_for(model: nn.Module, weight: Tensor, batch: int | None) -> None:

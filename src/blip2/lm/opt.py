@@ -288,17 +288,18 @@ class OPTForCausalLM(nn.Module):
     def compile(self, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> OPTForCausalLM:
         """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
         within a ``generate`` call (the cache is preallocated), so it compiles once per batch size and
-        length. ``batch``: the rows decoded at once (images x beams) to lay the weights out for
-        (``fused.compile_format``): for one row the step streams plain or int8 weights at near the copy
-        bandwidth (``fused._row_product``: the native kernel of ``blip2.kernels``, built here on first
-        use, once per machine, else a compiled reduction), so it fuses them plain (``"dense"``); for several, in
-        ``fused.decode_format``'s layout (blip2's blocked one on CPU); int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or
-        ``fuse()`` (which put the eager step back) the model cannot be cast, moved or reloaded.
+        length. ``batch``: the rows decoded at once (images x beams) to lay the weights
+        out for (``fused.compile_format``): on a CPU where the kernels of ``blip2.kernels`` load (built here
+        on first use, once per machine), blip2's blocked layout for any batch; elsewhere plain weights for
+        one row (``fused._row_product``, a compiled reduction) and the fastest float layout for several; int8
+        stays int8. Any batch still runs, only slower. Until ``unfuse()`` or ``fuse()`` (which put the eager
+        step back) the model cannot be cast, moved or reloaded.
 
-        ``native``: on CPU, a step of one row runs as one native call where ``blip2.lm.native`` covers the
-        model (float32/bfloat16, plain or int8 weights, the kernels loaded): the whole decoder in C++,
-        without the compiled graph's per-token overhead and without compiling; other rows use the
-        compiled step, compiled when first needed. False: always the compiled step. Returns self."""
+        ``native``: on CPU, a step runs as one native call where ``blip2.lm.native`` covers the model
+        (float32/bfloat16, the kernels loaded; blocked weights for any number of rows, plain or int8 ones
+        for one row): the whole decoder in C++, without the compiled graph's per-token overhead and without
+        compiling; other calls use the compiled step, compiled when first needed. False: always the compiled
+        step. Returns self."""
         lay_out_for(self, self.model.decoder.embed_tokens.weight, batch)
         device = self.model.decoder.embed_tokens.weight.device
         step = compile_step(self._decode_step, device, **compile_kwargs)
