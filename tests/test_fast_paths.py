@@ -377,14 +377,12 @@ def test_compiled_int8_dynamic_inductor_agrees(hf_opt_dir):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compiled_step_tokens_equal_plain_eager_backend(case, batch):
     """The compile wiring (static shapes, caches as graph inputs, no recompiles) with the cheap "eager"
-    backend, for both language models, with the weights laid out for the batch (blip2's blocked layout on
-    CPU where the kernels load; else plain for one row, oneDNN's packed one for several)."""
+    backend, for both language models, with the weights laid out for one row (plain) or several (blip2's
+    blocked layout on CPU where the kernels load, else oneDNN's packed one)."""
     text, d, plain = case
     torch._dynamo.reset()
     model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(batch, backend="eager", fullgraph=True)
-    want_format = decode_format(plain.language_projection.weight)  # blocked for any batch where the kernels load
-    if want_format != "blocked" and batch == 1:
-        want_format = "dense"
+    want_format = "dense" if batch == 1 else decode_format(plain.language_projection.weight)
     assert fused_format(model.language_model) == want_format
     pixels = pixel_batch(3, seed=7)
     ids, mask = inputs(text)

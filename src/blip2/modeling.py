@@ -288,13 +288,13 @@ class Blip2Model(PretrainedMixin, nn.Module):
         """Compile the language model's one-token decoding step with ``torch.compile(**compile_kwargs)``;
         shapes are static within a ``generate`` call, so it compiles once per batch size and length (tens
         of seconds on a small CPU). ``batch`` is the number of rows decoded at once (images x beams) to lay
-        the weights out for: on a CPU with the native kernels, blip2's blocked layout whatever the batch;
-        elsewhere plain weights for one row, the fastest float layout for several. Combines with
+        the weights out for: plain for one row; for several, blip2's blocked layout on a CPU with the native
+        kernels, else the fastest float layout. Combines with
         ``quantize_int8()`` (call it first). The model is fused afterwards: ``unfuse()`` before casting,
         moving or reloading it. ``native`` (CPU): the step runs as one native call of ``blip2.kernels`` where
         it covers the model (``blip2.lm.native``; blocked weights any batch, int8 one row), the whole
-        decoder in C++ with nothing to compile, which makes ``compile()`` on CPU the same as ``native()``
-        for the language model; False keeps the compiled step. Returns self."""
+        decoder in C++ with nothing to compile (for ``batch`` > 1 on CPU the same as ``native()``); False
+        keeps the compiled step. Returns self."""
         self.language_model.compile(batch, native=native, **compile_kwargs)
         return self
 

@@ -8,9 +8,9 @@
 // The layout: W [N, K] is cut into blocks of 16 output columns, and each block is stored k by k,
 // [ceil(N / 16), K, 16] for float32 (zero-padded to whole blocks). A block's 16 weights of one k are one
 // vector, so the product is an axpy: for each k, acc[r] += x[r, k] * W[block, k, :] for every row r, one
-// vector load of weights feeding a multiply-add per row. A tile of C blocks side by side (C weight
-// streams; several streams keep more reads in flight than one) and R <= 8 rows keeps R x C accumulators
-// in registers for the whole sum over k; the result is stored once. bfloat16 weights pair neighbouring
+// vector load of weights feeding a multiply-add per row. A tile of C blocks (C weight streams: several
+// streams keep more reads in flight than one; side by side, or far apart for one row) and R <= 8 rows
+// keeps R x C accumulators in registers for the whole sum over k; the result is stored once. bfloat16 weights pair neighbouring
 // k: [ceil(N / 16), ceil(K / 2), 16, 2], and an AVX-512 BF16 dot product takes one pair per column.
 //
 // Accumulation is in fp32, in the plain order k = 0, 1, ..., K - 1 (bf16: pairs), bias added, rounded once

@@ -76,20 +76,24 @@ struct Step {
   void linear(const Linear& l, const float* x, int64_t R, float* y) {
     if (l.blocked) {  // the bias is added in the kernel (a blocked weight has no scale)
       const int64_t NB = l.w.size(0), steps = l.w.size(1), ld = NB * blocked::kBlock;
-      bias_buf.assign(ld, 0.f);
-      for (int64_t i = 0; i < l.n; ++i) bias_buf[i] = l.bias[i];
+      const float* bias = l.bias.f32;  // fp32 and a whole number of blocks: used in place
+      if (bias == nullptr || l.n != ld) {
+        bias_buf.assign(ld, 0.f);
+        for (int64_t i = 0; i < l.n; ++i) bias_buf[i] = l.bias[i];
+        bias = bias_buf.data();
+      }
       const bool direct = !bf16 && ld == l.n;  // fp32 sums straight into y
       if (!direct) sums_buf.resize(R * ld);
       float* into = direct ? y : sums_buf.data();
       if (l.w.scalar_type() == at::kFloat) {
-        blocked::sums<blocked::F32>(x, R, steps, l.w.data_ptr<float>(), NB, into, bias_buf.data());
+        blocked::sums<blocked::F32>(x, R, steps, l.w.data_ptr<float>(), NB, into, bias);
       } else {
 #if defined(__AVX512BF16__)
         const int64_t kp = 2 * steps;  // K rounded up to whole pairs, the last one padded with a zero
         xb.assign(R * kp, 0);
         for (int64_t r = 0; r < R; ++r)
           for (int64_t i = 0; i < l.k; ++i) xb[r * kp + i] = at::BFloat16(x[r * l.k + i]).x;  // exact: bf16-valued
-        blocked::sums<blocked::BF16>(xb.data(), R, steps, (const uint16_t*)l.w.data_ptr(), NB, into, bias_buf.data());
+        blocked::sums<blocked::BF16>(xb.data(), R, steps, (const uint16_t*)l.w.data_ptr(), NB, into, bias);
 #endif
       }
       if (direct) return;

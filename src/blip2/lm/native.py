@@ -9,9 +9,9 @@ an eager step at 8 rows spends several ms a token on its small operations. A nat
 
 Covered: OPT (pre- or post-norm, project_in/out, any supported activation) and T5 (gated or not, tied or
 not), in float32 or bfloat16. Weights in blip2's blocked layout (``fuse("blocked")``, the CPU default
-where the kernels load) take any number of rows; the plain layout (``fuse("dense")``, what ``compile()``
-chooses for one row) and weight-only int8 (``fuse("int8")``) take one row, larger batches going to the
-fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 there), oneDNN's packed layout,
+where the kernels load, what ``compile()`` and ``native()`` choose there) take any number of rows; the
+plain layout (``fuse("dense")``) and weight-only int8 (``fuse("int8")``) take one row, larger batches going
+to the fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 there), oneDNN's packed layout,
 int8-dynamic, anything off the CPU. Numerics follow the eager modules (activations rounded to the model's
 dtype where a torch operation rounds them; norms, softmax and sums in fp32); products accumulate in fp32
 in another order than oneDNN's. Each row is computed on its own.
@@ -43,7 +43,8 @@ _FORMATS = ("dense", "int8", "blocked")
 
 def _linear(layer: nn.Module | None, dtype: torch.dtype, optional: bool = False) -> list[Tensor | None]:
     """A linear layer as the three list entries the native steps read: weight [N, K] or blocked, scale,
-    bias (a blocked weight always has one, zeros where the layer has none: it gives the output count)."""
+    bias (a blocked weight always has one, in fp32, zeros where the layer has none: it gives the output
+    count)."""
     if layer is None:
         if optional:
             return [None, None, None]
@@ -53,11 +54,13 @@ def _linear(layer: nn.Module | None, dtype: torch.dtype, optional: bool = False)
             raise Unsupported(f"a {layer.dtype} weight in a {dtype} model")
         if dtype == torch.bfloat16 and layer.in_features % 2:
             raise Unsupported(f"a blocked bf16 weight of {layer.in_features} (odd) inputs")
-        bias = layer.b if layer.b is not None else torch.zeros(layer.out_features, dtype=dtype)
+        # fp32 (exact for a bf16 bias), zeros where the layer has none: the kernel adds it in place
+        bias = layer.b.float() if layer.b is not None else torch.zeros(layer.out_features)
         return [layer.w, None, bias]
     if isinstance(layer, FusedLinear):
         if layer.fmt not in _FORMATS:
-            raise Unsupported(f"weights in the {layer.fmt!r} format (native steps read {', '.join(map(repr, _FORMATS))})")
+            raise Unsupported(f"weights in the {layer.fmt!r} format "
+                              f"(native steps read {', '.join(map(repr, _FORMATS))})")
         w, scale, bias = layer.w, layer.scale, layer.b
     elif isinstance(layer, nn.Linear):
         w, scale, bias = layer.weight.detach(), None, None if layer.bias is None else layer.bias.detach()
