@@ -173,3 +173,39 @@ def test_language_models_fuse_blocked_and_tied_heads_tie_again(loaded, hf_opt_di
     assert fused_format(model.compile(3, backend="eager").language_model) == "blocked"
     assert fused_format(model.compile(1, backend="eager").language_model) == "dense"
     assert fused_format(model.native().language_model) == "blocked"
+
+
+def test_without_the_kernels_fuse_falls_back_to_onednn(tmp_path):
+    """Where the kernels cannot load (here: BLIP2_KERNELS=0), fuse() lays the language model out in oneDNN's
+    format and decodes as before, and native() says why it cannot run (a fresh process: load() is once
+    per process)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from blip2.config import OPTConfig
+        from blip2.lm.fused import fused_format
+        from blip2.lm.native import Unsupported
+        from blip2.lm.opt import OPTForCausalLM
+        torch.manual_seed(0)
+        lm = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                      num_attention_heads=4, max_position_embeddings=32)).eval()
+        x = torch.randn(2, 5, 32)
+        with torch.no_grad():
+            want = lm(x)
+            got = lm.fuse()(x)
+        print(fused_format(lm), bool(torch.allclose(got, want, atol=1e-5)))
+        try:
+            lm.unfuse().native()
+        except Unsupported as e:
+            print("refused:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "BLIP2_KERNELS": "0"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "onednn True"
+    assert lines[1] == "refused: blip2.kernels is not loaded: disabled by BLIP2_KERNELS"
