@@ -153,6 +153,36 @@ def test_vision_matches_reference(vision_pair):
     assert max_diff(o.pooler_output, ours.post_layernorm(once)) < TOL
 
 
+def test_vision_inference_in_place_equals_the_autograd_path(vision_pair):
+    """Without autograd the encoder layers add residuals and apply the activation in place: the same values,
+    bit for bit, as the path autograd records, and the caller's tensors untouched."""
+    _, ours = vision_pair
+    x = torch.randn(2, 3, 28, 28)
+    kept = x.clone()
+    with torch.no_grad():
+        fast = ours(x).last_hidden_state
+    slow = ours(x).last_hidden_state.detach()
+    assert torch.equal(fast, slow) and torch.equal(x, kept)
+    layer = ours.encoder.layers[0]
+    h = torch.randn(2, 5, ours.config.hidden_size)
+    h_kept = h.clone()
+    with torch.no_grad():
+        out = layer(h)
+    assert torch.equal(h, h_kept) and torch.equal(out, layer(h).detach())
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu",
+                                  "swish", "tanh"])
+def test_in_place_activations_equal_the_plain_ones(name):
+    from blip2.vision import activation
+
+    x = torch.randn(1000) * 4
+    want = activation(name)(x)
+    y = x.clone()
+    got = activation(name, in_place=True)(y)
+    assert torch.equal(got, want) and torch.equal(y, want)  # the input itself holds the result
+
+
 @pytest.mark.parametrize("size", [(42, 42), (35, 49)])
 def test_vision_interpolated_positions_match_reference(vision_pair, size):
     ref, ours = vision_pair
