@@ -364,21 +364,25 @@ def test_compile_for_one_row_decodes_natively_with_the_plain_tokens(hf_opt_dir, 
     assert not isinstance(plain.language_model.decode_step, (NativeOPTStep, NativeT5Step))
 
 
+def _three_prompts(text, hf_opt_dir, hf_t5_dir):
+    """(checkpoint directory, input_ids, attention_mask) of three prompts for the tiny model of `text`."""
+    from conftest import IMAGE_TOKEN, NUM_QUERY
+
+    if text == "opt":
+        return (hf_opt_dir[1], *prompts_with_images([[2, 11, 12, 13], [2, 21], [2, 31, 32]]))
+    ids = torch.tensor([[IMAGE_TOKEN] * NUM_QUERY + [11, 12, 13, 1]] * 3)
+    return hf_t5_dir[1], ids, torch.ones_like(ids)
+
+
 @pytest.mark.parametrize("text", ["opt", "t5"])
 def test_native_method_decodes_every_row_natively(hf_opt_dir, hf_t5_dir, text):
     """model.native(): nothing compiled; the language model blocked, the vision encoder and Q-Former packed;
     one image and three images each through one op call per step with the plain tokens. After
     quantize_int8() (int8 stays): one row natively, three through the eager step. What it cannot cover
     raises before touching the model."""
-    from conftest import IMAGE_TOKEN, NUM_QUERY
     from blip2.lm.fused import default_format, fused_format
 
-    d = (hf_opt_dir if text == "opt" else hf_t5_dir)[1]
-    if text == "opt":
-        ids, mask = prompts_with_images([[2, 11, 12, 13], [2, 21], [2, 31, 32]])
-    else:
-        ids = torch.tensor([[IMAGE_TOKEN] * NUM_QUERY + [11, 12, 13, 1]] * 3)
-        mask = torch.ones_like(ids)
+    d, ids, mask = _three_prompts(text, hf_opt_dir, hf_t5_dir)
     pixels = pixel_batch(3, seed=7)
     plain = Blip2ForConditionalGeneration.from_pretrained(d)
     model = Blip2ForConditionalGeneration.from_pretrained(d).native()
@@ -406,14 +410,7 @@ def test_native_method_decodes_every_row_natively(hf_opt_dir, hf_t5_dir, text):
 def test_compile_for_a_batch_decodes_natively(hf_opt_dir, hf_t5_dir, text):
     """compile(batch=3) lays the weights out blocked, so the native step takes the three rows and the
     compiled step is never traced."""
-    from conftest import IMAGE_TOKEN, NUM_QUERY
-
-    d = (hf_opt_dir if text == "opt" else hf_t5_dir)[1]
-    if text == "opt":
-        ids, mask = prompts_with_images([[2, 11, 12, 13], [2, 21], [2, 31, 32]])
-    else:
-        ids = torch.tensor([[IMAGE_TOKEN] * NUM_QUERY + [11, 12, 13, 1]] * 3)
-        mask = torch.ones_like(ids)
+    d, ids, mask = _three_prompts(text, hf_opt_dir, hf_t5_dir)
     pixels = pixel_batch(3, seed=8)
     want = Blip2ForConditionalGeneration.from_pretrained(d).generate(pixels, ids, mask, max_new_tokens=8)
     model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(3)
