@@ -9,20 +9,21 @@
   (``blip2.lm.fused``'s "blocked" format): 1.4-1.6x oneDNN's speed at 8 rows, where a step is bound by the
   weight stream and the multiply-adds together, and as fast as oneDNN for a prefill's hundreds of rows.
 - ``blip2_kernels::t5_step`` and ``opt_step`` (``steps.cpp``, which includes the other two sources): a whole
-  decoding step of one row, the decoder's norms, attention over the cache and products in one call
-  (``blip2.lm.native`` hands the weights over).
+  decoding step, the decoder's norms, attention over the cache and products in one call, for one row or
+  (on blocked weights) several (``blip2.lm.native`` hands the weights over).
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
-against the installed torch, with ``-march=native``, about 10 s, and cached in
+against the installed torch, with ``-march=native``, about 15 s, and cached in
 ``$BLIP2_CACHE_DIR`` (default ``$XDG_CACHE_HOME/blip2`` or ``~/.cache/blip2``) under a name that hashes
 the sources, the torch build, the compiler and the CPU's flags. It needs Linux on x86-64 with AVX-512 F
 and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
 is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the callers keep their portable path (a compiled
 step whose products are a compiled reduction: the same sums, in another order).
 
-Callers: ``blip2.lm.fused.compile_step`` loads the kernels (building them if need be) before it compiles a
-decoding step on CPU, and ``fused._row_product`` calls ``row_product`` for every one-row product of the
-compiled step; ``compile()`` then puts ``blip2.lm.native``'s step in front where it covers the model.
+Callers: ``blip2.lm.fused.decode_format`` (the language models' ``fuse()``) and ``fused.compile_step`` load
+the kernels (building them if need be); "blocked" ``FusedLinear`` layers call ``blocked_linear``,
+``fused._row_product`` calls ``row_product`` for every one-row product of a compiled step, and
+``compile()``/``native()`` put ``blip2.lm.native``'s step in front where it covers the model.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ _BUILD_TIMEOUT_S = 600
 _FLOATS = (torch.float32, torch.bfloat16)
 
 _loaded = False  # the op is registered in this process
+_bf16_dot = False  # the loaded build multiplies bf16 with AVX-512 BF16 (the CPU has it; -march=native)
 _status = "not built yet: call blip2.kernels.load()"
 _tried = False
 _lock = threading.Lock()  # one build at a time in a process (a server compiling from several threads)
@@ -159,7 +161,7 @@ def load() -> bool:
 
 
 def _load() -> bool:
-    global _loaded, _status, _tried
+    global _loaded, _status, _tried, _bf16_dot
     if _tried:
         return _loaded
     _tried = True
@@ -187,6 +189,7 @@ def _load() -> bool:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return _unavailable(f"the build or load failed: {e}", warn=True)
     _loaded = True
+    _bf16_dot = "avx512_bf16" in flags
     _status = f"loaded from {path}"
     return True
 
@@ -231,7 +234,7 @@ def blocked_supports(dtype: torch.dtype) -> bool:
     on a CPU with AVX-512 BF16 (the build targets this CPU)."""
     if not _loaded:
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and "avx512_bf16" in cpu_flags())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_dot)
 
 
 def block_weight(w: Tensor) -> Tensor:

@@ -181,14 +181,14 @@ inline bool bf16_dot() {
 #endif
 }
 
-// a float32/bfloat16 bias [n] as fp32, zero-padded to `width` (empty: no bias)
-inline std::vector<float> padded(const std::optional<at::Tensor>& bias, int64_t width) {
-  std::vector<float> out;
-  if (!bias.has_value()) return out;
-  const Vector b(bias);
-  out.assign(width, 0.f);
-  for (int64_t i = 0; i < bias->numel(); ++i) out[i] = b[i];
-  return out;
+// a bias of n outputs as the kernel takes it, fp32 over `width` (whole blocks): in place where it is fp32
+// and fills them, else widened and zero-padded into buf; nullptr without a bias
+inline const float* padded_bias(const Vector& b, int64_t n, int64_t width, std::vector<float>& buf) {
+  if (!b.present()) return nullptr;
+  if (b.f32 != nullptr && n == width) return b.f32;
+  buf.assign(width, 0.f);
+  for (int64_t i = 0; i < n; ++i) buf[i] = b[i];
+  return buf.data();
 }
 
 // y[0:n] rounded to bfloat16 (to nearest even, as at::BFloat16)
@@ -228,16 +228,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   if (K != steps * per) xc = at::constant_pad_nd(xc, {0, steps * per - K});  // odd K, bf16: a zero to pair with
   // fp32 sums over whole blocks with the bias, then one rounding into out
   const int64_t ldy = NB * kBlock;
-  const std::vector<float> b32 = padded(bias, ldy);
+  std::vector<float> bias_buf;
+  const float* b32 = padded_bias(Vector(bias), n, ldy, bias_buf);
   const bool direct = xt == at::kFloat && n == ldy;
   at::Tensor sums_t = direct ? out : at::empty({M, ldy}, x.options().dtype(at::kFloat));
   float* y = sums_t.data_ptr<float>();
   if (wt == at::kFloat) {
-    sums<F32>(xc.data_ptr<float>(), M, steps, w.data_ptr<float>(), NB, y, b32.empty() ? nullptr : b32.data());
+    sums<F32>(xc.data_ptr<float>(), M, steps, w.data_ptr<float>(), NB, y, b32);
   } else {
 #if defined(__AVX512BF16__)
-    sums<BF16>((const uint16_t*)xc.data_ptr(), M, steps, (const uint16_t*)w.data_ptr(), NB, y,
-               b32.empty() ? nullptr : b32.data());
+    sums<BF16>((const uint16_t*)xc.data_ptr(), M, steps, (const uint16_t*)w.data_ptr(), NB, y, b32);
 #endif
   }
   if (direct) return out;

@@ -76,12 +76,7 @@ struct Step {
   void linear(const Linear& l, const float* x, int64_t R, float* y) {
     if (l.blocked) {  // the bias is added in the kernel (a blocked weight has no scale)
       const int64_t NB = l.w.size(0), steps = l.w.size(1), ld = NB * blocked::kBlock;
-      const float* bias = l.bias.f32;  // fp32 and a whole number of blocks: used in place
-      if (bias == nullptr || l.n != ld) {
-        bias_buf.assign(ld, 0.f);
-        for (int64_t i = 0; i < l.n; ++i) bias_buf[i] = l.bias[i];
-        bias = bias_buf.data();
-      }
+      const float* bias = blocked::padded_bias(l.bias, l.n, ld, bias_buf);
       const bool direct = !bf16 && ld == l.n;  // fp32 sums straight into y
       if (!direct) sums_buf.resize(R * ld);
       float* into = direct ? y : sums_buf.data();

@@ -9,7 +9,7 @@ an eager step at 8 rows spends several ms a token on its small operations. A nat
 
 Covered: OPT (pre- or post-norm, project_in/out, any supported activation) and T5 (gated or not, tied or
 not), in float32 or bfloat16. Weights in blip2's blocked layout (``fuse("blocked")``, the CPU default
-where the kernels load, what ``compile()`` and ``native()`` choose there) take any number of rows; the
+where the kernels load, what ``compile(batch > 1)`` and ``native()`` choose there) take any number of rows; the
 plain layout (``fuse("dense")``) and weight-only int8 (``fuse("int8")``) take one row, larger batches going
 to the fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 there), oneDNN's packed layout,
 int8-dynamic, anything off the CPU. Numerics follow the eager modules (activations rounded to the model's
