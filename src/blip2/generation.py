@@ -43,6 +43,10 @@ class Decoder(Protocol):
         """Keep rows ``index`` [N] (beam search), in place."""
         ...
 
+    # Optional: ``step_greedy(tokens, banned) -> next tokens [N]``, the argmax of what ``step(tokens)`` would
+    # return with the ids ``banned`` (or none) at -inf, without the whole logits where a model can do it
+    # faster (blip2.lm.native's screened head). Greedy decoding without a repetition penalty uses it.
+
 
 @dataclass
 class GenerationConfig:
@@ -173,6 +177,11 @@ class _Processor:
             self.seen = self.seen[rows]
         self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
 
+    def banned(self, length: int) -> Tensor | None:
+        """The ids greedy decoding without a repetition penalty sets to -inf at ``length`` tokens so far
+        (what ``__call__`` does then), or None."""
+        return self.eos if self.eos is not None and length < self.min_length else None
+
     def __call__(self, scores: Tensor, length: int) -> Tensor:
         # scores [N, V] float32; length = tokens so far (prefix + generated)
         cfg = self.cfg
@@ -181,8 +190,9 @@ class _Processor:
                 self.seen = self._init_seen(scores.shape[1])
             p = cfg.repetition_penalty
             scores = torch.where(self.seen, torch.where(scores < 0, scores * p, scores / p), scores)
-        if self.eos is not None and length < self.min_length:
-            scores = scores.index_fill(1, self.eos, -float("inf"))
+        banned = self.banned(length)
+        if banned is not None:
+            scores = scores.index_fill(1, banned, -float("inf"))
         if not cfg.do_sample:
             return scores
         if cfg.temperature != 1.0:
@@ -282,12 +292,19 @@ def _sample(decoder: Decoder, logits: Tensor, prefix: Tensor, max_new: int, proc
     out = torch.empty(N, P + max_new, dtype=torch.long, device=prefix.device)
     out[:, :P] = prefix
     unfinished = torch.ones(N, dtype=torch.bool, device=prefix.device)
+    # greedy with no processor but the minimum length's ban of eos: the decoder may pick the tokens itself
+    step_greedy = getattr(decoder, "step_greedy", None) if generator is None and \
+        process.cfg.repetition_penalty == 1.0 else None
+    chosen: Tensor | None = None  # the next tokens, where step_greedy chose them
     for i in range(max_new):
-        scores = process(logits, P + i)  # [N, V]
-        if generator is not None:
-            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        if chosen is not None:
+            tokens = chosen
         else:
-            tokens = scores.argmax(-1)
+            scores = process(logits, P + i)  # [N, V]
+            if generator is not None:
+                tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                tokens = scores.argmax(-1)
         if eos is not None:
             tokens = torch.where(unfinished, tokens, pad)
             unfinished &= ~torch.isin(tokens, eos)
@@ -297,7 +314,10 @@ def _sample(decoder: Decoder, logits: Tensor, prefix: Tensor, max_new: int, proc
             streamer(tokens)
         if i + 1 == max_new or not unfinished.any():
             break
-        logits = decoder.step(tokens)
+        if step_greedy is not None:
+            chosen = step_greedy(tokens, process.banned(P + i + 1))
+        else:
+            logits = decoder.step(tokens)
     return out[:, :P + i + 1]
 
 

@@ -8,9 +8,14 @@
   layout (``block_weight``), the products of a language model fused for decoding several rows at once
   (``blip2.lm.fused``'s "blocked" format): 1.4-1.6x oneDNN's speed at 8 rows, where a step is bound by the
   weight stream and the multiply-adds together, and as fast as oneDNN for a prefill's hundreds of rows.
-- ``blip2_kernels::t5_step`` and ``opt_step`` (``steps.cpp``, which includes the other two sources): a whole
+- ``greedy_head(x, screen, norms, w, bias, banned)`` (``screen.cpp``): greedy decoding's next token,
+  exactly the argmax of the fp32 head's logits, from a bfloat16 screen of the vocabulary
+  (``screen_weight``) with a proven error bound and the few candidates it leaves computed by the head's
+  own code: half the head's bytes and multiply-adds.
+- ``blip2_kernels::t5_step`` and ``opt_step`` (``steps.cpp``, which includes the other sources): a whole
   decoding step, the decoder's norms, attention over the cache and products in one call, for one row or
-  (on blocked weights) several (``blip2.lm.native`` hands the weights over).
+  (on blocked weights) several (``blip2.lm.native`` hands the weights over); or, for ``greedy_head``, the
+  step up to the head's input.
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
 against the installed torch, with ``-march=native``, about 15 s, and cached in
@@ -43,13 +48,13 @@ import torch
 from torch import Tensor
 
 __all__ = ["load", "ready", "status", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
-           "block_weight", "unblock_weight", "cache_dir", "cpu_flags"]
+           "block_weight", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags"]
 
 log = logging.getLogger("blip2.kernels")
 
 # the translation unit compiled (it includes the other two), and every file the build reads
 _SOURCE = Path(__file__).with_name("steps.cpp")
-_SOURCES = (Path(__file__).with_name("row_product.cpp"), Path(__file__).with_name("blocked.cpp"), _SOURCE)
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("row_product.cpp", "blocked.cpp", "screen.cpp")) + (_SOURCE,)
 _OP = "blip2_kernels::row_product"
 _BLOCKED_OP = "blip2_kernels::blocked_linear"
 _BLOCK = 16  # output columns per block of the blocked layout (blocked.cpp's kBlock)
@@ -264,3 +269,37 @@ def blocked_linear(x: Tensor, w: Tensor, bias: Tensor | None, out_features: int)
     [out_features] -> [..., out_features] in x's dtype, which must be the weight's. Accumulated in fp32 in
     the plain order of k and rounded once. Check ``blocked_supports`` first."""
     return torch.ops.blip2_kernels.blocked_linear(x, w, bias, out_features)
+
+
+def screen_supports(w: Tensor) -> bool:
+    """Whether ``greedy_head`` can screen a head weight ``w``: the kernels loaded on a CPU with AVX-512 BF16,
+    and ``w`` a float32 CPU weight, plain [N, K] or blocked."""
+    return (_loaded and _bf16_dot and w.device.type == "cpu" and w.dtype == torch.float32
+            and (w.dim() == 2 or (w.dim() == 3 and w.shape[2] == _BLOCK)))
+
+
+@torch.no_grad()
+def screen_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The screen of a plain float32 head weight ``w`` [N, K] for ``greedy_head``: (its bfloat16 copy in
+    the blocked layout, norms [2, N] float32: each row's length and the length of its bf16 rounding error,
+    computed in float64 and rounded up)."""
+    if w.dim() != 2 or w.dtype != torch.float32:
+        raise ValueError(f"screen_weight: expected a float32 [N, K] weight, got {w.dtype} {tuple(w.shape)}")
+    wb = w.bfloat16()
+    norms = torch.empty(2, w.shape[0], dtype=torch.float64)
+    for i in range(0, w.shape[0], 4096):  # in chunks: a float64 copy of a 50k-token head is 300 MB
+        chunk = w[i:i + 4096].double()
+        norms[0, i:i + 4096] = chunk.norm(dim=1)
+        norms[1, i:i + 4096] = (chunk - wb[i:i + 4096].double()).norm(dim=1)
+    up = norms.float()
+    up = torch.where(up.double() < norms, torch.nextafter(up, torch.tensor(float("inf"))), up)  # round up
+    return block_weight(wb), up.contiguous()
+
+
+def greedy_head(x: Tensor, screen: Tensor, norms: Tensor, w: Tensor, bias: Tensor | None,
+                banned: Tensor) -> tuple[Tensor, Tensor]:
+    """The argmax over the vocabulary of ``x @ w.T + bias`` (x [R, K] float32; w the float32 head, blocked
+    or [N, K]) with the ids ``banned`` (int64) left out, as the full head's logits give it (ties to the
+    lowest id), computed from the screen ``screen_weight`` made of the same head. Returns (tokens [R],
+    how many logits each row computed exactly: N where it computed them all). Check ``screen_supports``."""
+    return torch.ops.blip2_kernels.greedy_head(x, screen, norms, w, bias, banned)

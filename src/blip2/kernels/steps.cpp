@@ -20,6 +20,7 @@
 
 #include "row_product.cpp"
 #include "blocked.cpp"
+#include "screen.cpp"
 
 #include <cmath>
 #include <limits>
@@ -259,6 +260,13 @@ void write_cache(const Heads& c, int64_t R, int64_t pos, const float* x, int64_t
     }
 }
 
+// rows [R, n] of v as a new float32 tensor (the head's input, for blip2_kernels::greedy_head)
+at::Tensor torch_from(const std::vector<float>& v, int64_t R, int64_t n) {
+  at::Tensor t = at::empty({R, n}, at::TensorOptions().dtype(at::kFloat));
+  std::copy(v.begin(), v.begin() + R * n, t.data_ptr<float>());
+  return t;
+}
+
 enum Act : int64_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 
 inline float activate(float x, int64_t act) {
@@ -339,7 +347,8 @@ void check_rows(const Linear& l, int64_t R, size_t i) {
 // ids [R, 1]: one token per row; kv: per layer cross k, cross v [R, H, S, Dk], self-attention cache k, v
 // [R, H, L, Dk]; self_mask [1, H, L', L'] float (bias + causal, the same for every row), row `pos` used;
 // cross_mask float, S values per row.
-// fparams: eps, output scale (d_model**-0.5 for tied T5, else 1); iparams: heads, d_kv, activation, gated.
+// fparams: eps, output scale (d_model**-0.5 for tied T5, else 1); iparams: heads, d_kv, activation, gated
+// and optionally hidden: 1 returns the head's input [R, D] (fp32) instead of the logits (greedy_head's x).
 constexpr size_t kT5PerLayer = 21;
 
 at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at::Tensor& self_mask,
@@ -349,14 +358,15 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
   TORCH_CHECK(ids.numel() >= 1 && ids.numel() == ids.size(0) && ids.scalar_type() == at::kLong,
               "t5_step: one int64 token id per row ([R] or [R, 1]), got ", ids.sizes());
   TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "t5_step: one int64 cache slot");
-  TORCH_CHECK(fparams.size() == 2 && iparams.size() == 4, "t5_step: fparams [eps, out_scale], iparams [heads, d_kv, act, gated]");
+  TORCH_CHECK(fparams.size() == 2 && (iparams.size() == 4 || iparams.size() == 5),
+              "t5_step: fparams [eps, out_scale], iparams [heads, d_kv, act, gated(, hidden)]");
   TORCH_CHECK(weights.size() >= 5 && (weights.size() - 5) % kT5PerLayer == 0, "t5_step: ", weights.size(),
               " weights is not 1 + 21 per layer + 4");
   const int64_t layers = (weights.size() - 5) / kT5PerLayer;
   TORCH_CHECK((int64_t)kv.size() == 4 * layers, "t5_step: ", kv.size(), " key/value tensors for ", layers, " layers");
   const float eps = fparams[0], out_scale = fparams[1];
   const int64_t H = iparams[0], dk = iparams[1], act = iparams[2];
-  const bool gated = iparams[3] != 0;
+  const bool gated = iparams[3] != 0, hidden = iparams.size() == 5 && iparams[4] != 0;
   const at::Tensor shared = need(weights, 0, "shared");
   const bool bf16 = is_bf16(shared);
   const int64_t R = ids.size(0), D = shared.size(1), inner = H * dk;
@@ -443,6 +453,7 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
   norm(view_at(weights, tail));
   if (out_scale != 1.f)
     for (int64_t i = 0; i < R * D; ++i) h[i] = st.round(h[i] * out_scale);
+  if (hidden) return torch_from(h, R, D);
   const Linear head = linear_at(weights, tail + 1, D, bf16);
   check_rows(head, R, tail + 1);
   at::Tensor logits = at::empty({R, head.n}, shared.options().dtype(at::kFloat));
@@ -456,7 +467,8 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
 // None without an affine part); project_out (3, may be None); lm_head (3).
 // x: the rows' token embeddings [R, 1, E]; position [R, 1]: their position ids; key_valid [R, S] bool
 // (any shape of R * S); kv: per layer cache k, v [R, H, S, Dh]; input_pos: the cache slot.
-// fparams: eps, query scaling; iparams: heads, activation, pre-norm, final norm.
+// fparams: eps, query scaling; iparams: heads, activation, pre-norm, final norm and optionally hidden: 1
+// returns the head's input [R, K] (fp32) instead of the logits (greedy_head's x).
 constexpr size_t kOptPerLayer = 16;
 
 at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at::Tensor& key_valid,
@@ -469,15 +481,15 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
   TORCH_CHECK(position.numel() == R && position.scalar_type() == at::kLong, "opt_step: one int64 position per row");
   TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "opt_step: one int64 cache slot");
   TORCH_CHECK(key_valid.scalar_type() == at::kBool, "opt_step: key_valid must be bool");
-  TORCH_CHECK(fparams.size() == 2 && iparams.size() == 4,
-              "opt_step: fparams [eps, scaling], iparams [heads, act, pre_norm, final_norm]");
+  TORCH_CHECK(fparams.size() == 2 && (iparams.size() == 4 || iparams.size() == 5),
+              "opt_step: fparams [eps, scaling], iparams [heads, act, pre_norm, final_norm(, hidden)]");
   TORCH_CHECK(weights.size() >= 12 && (weights.size() - 12) % kOptPerLayer == 0, "opt_step: ", weights.size(),
               " weights is not 4 + 16 per layer + 8");
   const int64_t layers = (weights.size() - 12) / kOptPerLayer;
   TORCH_CHECK((int64_t)kv.size() == 2 * layers, "opt_step: ", kv.size(), " cache tensors for ", layers, " layers");
   const float eps = fparams[0], scaling = fparams[1];
   const int64_t H = iparams[0], act = iparams[1];
-  const bool pre_norm = iparams[2] != 0, final_norm = iparams[3] != 0;
+  const bool pre_norm = iparams[2] != 0, final_norm = iparams[3] != 0, hidden = iparams.size() == 5 && iparams[4] != 0;
   const bool bf16 = is_bf16(x_in);
   const at::Tensor table = need(weights, 0, "embed_positions");
   const int64_t D = table.size(1), dh = D / H, pos = input_pos.data_ptr<int64_t>()[0];
@@ -574,6 +586,7 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     st.linear(pout, y.data(), R, e.data());
     last = e.data();
   }
+  if (hidden) return torch_from(pout.present ? e : y, R, pout.present ? pout.n : D);
   const Linear head = linear_at(weights, tail + 5, pout.present ? pout.n : D, bf16);
   TORCH_CHECK(head.present, "opt_step: lm_head is missing");
   check_rows(head, R, tail + 5);

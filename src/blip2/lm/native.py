@@ -15,6 +15,11 @@ to the fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 
 int8-dynamic, anything off the CPU. Numerics follow the eager modules (activations rounded to the model's
 dtype where a torch operation rounds them; norms, softmax and sums in fp32); products accumulate in fp32
 in another order than oneDNN's. Each row is computed on its own.
+
+Greedy decoding (``generate``'s greedy loop without a repetition penalty, through the decoders'
+``step_greedy``) takes the next tokens from ``greedy``: the step up to the head's input, then
+``kernels.greedy_head``, which screens the vocabulary with a bfloat16 copy of an fp32 head and computes the
+candidates it leaves exactly, so the tokens are the argmax of the full logits (``_Greedy``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .fused import FusedLinear
 
-__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "try_native"]
+__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "try_native", "greedy_step"]
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_fast": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -104,6 +109,69 @@ def _batched(products: list[list[Tensor | None]]) -> bool:
     return all(w is None or w.dim() != 2 for w, _, _ in products)
 
 
+def _screen(head: list[Tensor | None]) -> tuple[Tensor, Tensor] | None:
+    """The bfloat16 screen of an fp32 head (``_linear``'s entries) for ``kernels.greedy_head``, or None
+    where the kernels cannot screen it (no AVX-512 BF16, a bf16 or int8 head)."""
+    w, scale, bias = head
+    if w is None or scale is not None or not kernels.screen_supports(w) \
+            or (bias is not None and bias.dtype != torch.float32):
+        return None
+    if w.dim() == 3:  # blocked: the plain weight back, for the bf16 copy and the norms
+        w = kernels.unblock_weight(w, bias.numel(), w.shape[1])
+    return kernels.screen_weight(w)
+
+
+def masked_argmax(logits: Tensor, banned: Tensor | None) -> Tensor:
+    """The greedy choice over ``logits`` [N, V] with the ids ``banned`` at -inf (the logits processor's)."""
+    if banned is not None:
+        logits = logits.index_fill(1, banned, -float("inf"))
+    return logits.argmax(-1)
+
+
+def greedy_step(step: Callable[..., Tensor], banned: Tensor | None) -> Callable[..., Tensor]:
+    """A decoding step's stand-in that returns the next greedy tokens [N] instead of the logits: a native
+    step's ``greedy`` (the screened head), else the argmax of ``step``'s logits."""
+    greedy = getattr(step, "greedy", None)
+    if greedy is not None:
+        return lambda *args: greedy(banned, *args)
+    return lambda *args: masked_argmax(step(*args), banned)
+
+
+class _Greedy:
+    """Greedy decoding's next tokens from a native step without the whole head (``kernels.greedy_head``:
+    a bfloat16 screen of the vocabulary, the few candidates it leaves computed exactly by the head's own
+    code, so the tokens are the argmax of the fp32 logits): half the head's weight bytes and multiply-adds
+    a token. fp32 heads on CPUs with AVX-512 BF16; ``screen = None`` turns it off (it holds a bf16 copy of
+    the head, half the head's size). ``exact`` holds the last call's count of logits computed exactly per
+    row (the vocabulary size where it computed the whole row)."""
+
+    screen: tuple[Tensor, Tensor] | None = None
+    exact: Tensor | None = None
+    weights: list[Tensor | None]
+    fparams: list[float]
+    iparams: list[int]
+
+    def _op(self) -> Callable[..., Tensor]:
+        raise NotImplementedError
+
+    def _covers(self, *args: Any) -> bool:
+        raise NotImplementedError
+
+    def _native_args(self, *args: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def greedy(self, banned: Tensor | None, *args: Any) -> Tensor:
+        """The next tokens [N] of greedy decoding, ``banned`` ids left out; ``args`` as for a call."""
+        if self.screen is None or not self._covers(*args):
+            return masked_argmax(self(*args), banned)  # type: ignore[operator]
+        hidden = self._op()(*self._native_args(*args), self.weights, self.fparams, [*self.iparams, 1])
+        w, _, bias = self.weights[-3:]
+        if banned is None:
+            banned = torch.empty(0, dtype=torch.long)
+        tokens, self.exact = kernels.greedy_head(hidden, *self.screen, w, bias, banned.cpu())
+        return tokens.to(hidden.device)
+
+
 def check(weight: Tensor) -> None:
     """Raises ``Unsupported`` unless a model with this (embedding) weight can take a native step as far
     as device, dtype and the kernels go (the layers are checked when the step is built)."""
@@ -111,10 +179,10 @@ def check(weight: Tensor) -> None:
     _usable()
 
 
-class NativeT5Step:
+class NativeT5Step(_Greedy):
     """A T5 ``decode_step`` (``T5ForConditionalGeneration._decode_step``'s arguments): one token per row
     through ``blip2_kernels::t5_step`` (several rows where the weights are blocked: ``batched``), anything
-    else through ``fallback``."""
+    else through ``fallback``. ``greedy``: the next greedy tokens through the screened head (``_Greedy``)."""
 
     def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
         cfg, dec = model.config, model.decoder
@@ -150,21 +218,31 @@ class NativeT5Step:
         self.iparams = [cfg.num_heads, cfg.d_kv, ACTIVATIONS[cfg.dense_act_fn], int(bool(cfg.is_gated_act))]
         self.fallback = fallback
         self.dtype = dtype
+        self.screen = _screen(products[-1])
 
-    def __call__(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
-                 caches: list[Any], input_pos: Tensor) -> Tensor:
-        if ids.dim() != 2 or ids.shape[1] != 1 or (ids.shape[0] != 1 and not self.batched) \
-                or input_pos.numel() != 1 or self_mask.dtype not in _FLOATS:
-            return self.fallback(ids, self_mask, cross_kv, cross_mask, caches, input_pos)
+    def _op(self) -> Callable[..., Tensor]:
+        return torch.ops.blip2_kernels.t5_step
+
+    def _covers(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
+                caches: list[Any], input_pos: Tensor) -> bool:
+        return ids.dim() == 2 and ids.shape[1] == 1 and (ids.shape[0] == 1 or self.batched) \
+            and input_pos.numel() == 1 and self_mask.dtype in _FLOATS
+
+    def _native_args(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]],
+                     cross_mask: Tensor, caches: list[Any], input_pos: Tensor) -> tuple[Any, ...]:
         kv = [t for (k, v), cache in zip(cross_kv, caches) for t in (k, v, cache.k, cache.v)]
-        return torch.ops.blip2_kernels.t5_step(ids, input_pos, self_mask, cross_mask, kv, self.weights,
-                                               self.fparams, self.iparams)
+        return ids, input_pos, self_mask, cross_mask, kv
+
+    def __call__(self, *args: Any) -> Tensor:
+        if not self._covers(*args):
+            return self.fallback(*args)
+        return self._op()(*self._native_args(*args), self.weights, self.fparams, self.iparams)
 
 
-class NativeOPTStep:
+class NativeOPTStep(_Greedy):
     """An OPT ``decode_step`` (``OPTForCausalLM._decode_step``'s arguments): one token per row through
     ``blip2_kernels::opt_step`` (several rows where the weights are blocked: ``batched``), anything else
-    through ``fallback``."""
+    through ``fallback``. ``greedy``: the next greedy tokens through the screened head (``_Greedy``)."""
 
     def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
         cfg, dec = model.config, model.model.decoder
@@ -204,14 +282,24 @@ class NativeOPTStep:
                         int(final is not None)]
         self.fallback = fallback
         self.dtype = dtype
+        self.screen = _screen(products[-1])
 
-    def __call__(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any], input_pos: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[1] != 1 or (x.shape[0] != 1 and not self.batched) or input_pos.numel() != 1 \
-                or mask.dtype != torch.bool or x.dtype != self.dtype:
-            return self.fallback(x, positions, mask, caches, input_pos)
+    def _op(self) -> Callable[..., Tensor]:
+        return torch.ops.blip2_kernels.opt_step
+
+    def _covers(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any], input_pos: Tensor) -> bool:
+        return x.dim() == 3 and x.shape[1] == 1 and (x.shape[0] == 1 or self.batched) and input_pos.numel() == 1 \
+            and mask.dtype == torch.bool and x.dtype == self.dtype
+
+    def _native_args(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any],
+                     input_pos: Tensor) -> tuple[Any, ...]:
         kv = [t for cache in caches for t in (cache.k_cache, cache.v_cache)]
-        return torch.ops.blip2_kernels.opt_step(x, positions, mask, kv, input_pos, self.weights, self.fparams,
-                                                self.iparams)
+        return x, positions, mask, kv, input_pos
+
+    def __call__(self, *args: Any) -> Tensor:
+        if not self._covers(*args):
+            return self.fallback(*args)
+        return self._op()(*self._native_args(*args), self.weights, self.fparams, self.iparams)
 
 
 def try_native(step_class: type[NativeT5Step] | type[NativeOPTStep], model: Any,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..config import OPTConfig
 from .graphs import graph_step
-from .native import NativeOPTStep, try_native
+from .native import NativeOPTStep, greedy_step, try_native
 from .native import check as native_check
 from .fused import (FusedLinear, attention, compile_step, decode_format, fuse_linears, lay_out_for, linear,
                     pack_linears, unfuse_linears)
@@ -376,17 +376,25 @@ class OPTDecoding:
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         """Append ``tokens`` [N]; logits [N, V] (float32) for the token after them."""
+        return self._run(tokens, self.lm.decode_step)
+
+    @torch.no_grad()
+    def step_greedy(self, tokens: Tensor, banned: Tensor | None) -> Tensor:
+        """Append ``tokens`` [N]; the next greedy tokens [N] (``banned`` ids left out)."""
+        return self._run(tokens, greedy_step(self.lm.decode_step, banned))
+
+    def _run(self, tokens: Tensor, step: Callable[..., Tensor]) -> Tensor:
         slot = self.length
         if slot >= self.key_valid.shape[1]:
             raise RuntimeError(f"KV cache full ({slot} slots): start_decoding got a smaller max_new_tokens")
         x = self.lm.model.decoder.embed_tokens(tokens)[:, None]  # [N, 1, E]
         self.key_valid[:, slot] = True
         mask = self.key_valid[:, None, None, :]  # [N, 1, 1, S]
-        logits = self.lm.decode_step(x, self.next_position, mask, self.caches, self.input_pos)
+        out = step(x, self.next_position, mask, self.caches, self.input_pos)
         self.next_position += 1
         self.input_pos += 1
         self.length = slot + 1
-        return logits
+        return out
 
     @torch.no_grad()
     def reorder(self, index: Tensor) -> None:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..config import T5Config
 from .graphs import graph_step
-from .native import NativeT5Step, try_native
+from .native import NativeT5Step, greedy_step, try_native
 from .native import check as native_check
 from .fused import (FusedLinear, attention, compile_step, decode_format, fuse_linears, lay_out_for, linear,
                     pack_linears, unfuse_linears)
@@ -549,6 +549,11 @@ class T5Decoder:
     def step(self, tokens: Tensor) -> Tensor:
         """tokens [N]: append one token per row; logits [N, V] float32 for the next."""
         return self._run(tokens[:, None], self.model.decode_step)
+
+    @torch.no_grad()
+    def step_greedy(self, tokens: Tensor, banned: Tensor | None) -> Tensor:
+        """tokens [N]: append one token per row; the next greedy tokens [N] (``banned`` ids left out)."""
+        return self._run(tokens[:, None], greedy_step(self.model.decode_step, banned))
 
     @torch.no_grad()
     def reorder(self, index: Tensor) -> None:
