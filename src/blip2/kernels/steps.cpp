@@ -281,6 +281,32 @@ inline float activate(float x, int64_t act) {
   }
 }
 
+// torch's vectorized tanh (SLEEF, exported by libtorch_cpu): what F.gelu(approximate="tanh") calls on an
+// AVX-512 CPU
+extern "C" __m512 Sleef_tanhf16_u10(__m512);
+
+// out[0:n] = round(activate(x[0:n])) (out may be x). The tanh GELU 16 at a time as torch's kernel writes it
+// (x^3, the inner product, SLEEF's tanh): a scalar tanh per element costs about 1 ms of a T5-small step at 8 rows.
+inline void activate_row(const float* x, int64_t n, int64_t act, const Step& st, float* out) {
+  int64_t i = 0;
+  if (act == kGeluTanh) {
+    const __m512 beta = _mm512_set1_ps(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5));
+    const __m512 kappa = _mm512_set1_ps(0.044715f), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+    for (; i < n; i += 16) {
+      const __mmask16 m = mask16(n - i);
+      const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+      const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      const __m512 inner = _mm512_mul_ps(beta, _mm512_add_ps(v, _mm512_mul_ps(kappa, cube)));
+      _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(half, v),
+                                                      _mm512_add_ps(one, Sleef_tanhf16_u10(inner))));
+    }
+    if (st.bf16)
+      for (int64_t j = 0; j < n; ++j) out[j] = st.round(out[j]);
+    return;
+  }
+  for (; i < n; ++i) out[i] = st.round(activate(x[i], act));
+}
+
 // Reads entries [i, i+3) of the weight list as a linear layer (absent when the weight is None).
 Linear linear_at(const c10::List<std::optional<at::Tensor>>& list, size_t i, int64_t k_expected, bool bf16) {
   Linear l;
@@ -440,10 +466,9 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     acts.resize(R * F);
     for (int64_t r = 0; r < R; ++r) {
       const float* in = big.data() + r * wi.n;
-      for (int64_t i = 0; i < F; ++i) {
-        const float a = st.round(activate(in[i], act));
-        acts[r * F + i] = gated ? st.round(a * in[F + i]) : a;
-      }
+      activate_row(in, F, act, st, acts.data() + r * F);
+      if (gated)
+        for (int64_t i = 0; i < F; ++i) acts[r * F + i] = st.round(acts[r * F + i] * in[F + i]);
     }
     st.linear(wo, acts.data(), R, h.data());
     residual();
@@ -563,7 +588,7 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     else std::copy(x.begin(), x.end(), h.begin());
     big.resize(R * fc1.n);
     st.linear(fc1, h.data(), R, big.data());
-    for (int64_t i = 0; i < R * fc1.n; ++i) big[i] = st.round(activate(big[i], act));
+    activate_row(big.data(), R * fc1.n, act, st, big.data());
     st.linear(fc2, big.data(), R, h.data());
     residual();
     if (!pre_norm) {
