@@ -173,6 +173,8 @@ inline void axpy(float w, const E* v, float* o, int64_t n) {
 // Keys or values of one layer, [R, H, S, Dh] (any strides, the last one 1), of float32 or bfloat16.
 struct Heads {
   const at::Tensor& t;
+  void* base = nullptr;  // the data pointer, read once (data_ptr() checks the tensor on every call)
+  bool half = false;
   int64_t sb, sh, ss;
   Heads(const at::Tensor& t, int64_t rows, const char* what) : t(t) {
     TORCH_CHECK(t.dim() == 4 && t.size(0) == rows && t.stride(3) == 1 && t.device().is_cpu() &&
@@ -180,10 +182,12 @@ struct Heads {
                 " must be float32/bfloat16 CPU [", rows, ", H, S, Dh] with unit last stride, got ", t.scalar_type(),
                 " ", t.sizes(), " strides ", t.strides());
     sb = t.stride(0), sh = t.stride(1), ss = t.stride(2);
+    base = t.data_ptr();
+    half = t.scalar_type() == at::kBFloat16;
   }
-  bool bf16() const { return t.scalar_type() == at::kBFloat16; }
+  bool bf16() const { return half; }
   template <class E>
-  E* at(int64_t b, int64_t h, int64_t s) const { return t.data_ptr<E>() + b * sb + h * sh + s * ss; }
+  E* at(int64_t b, int64_t h, int64_t s) const { return static_cast<E*>(base) + b * sb + h * sh + s * ss; }
 };
 
 // One query per head of row b attends over S keys: out[h, :] = softmax(q . k_j * scale + mask_j) @ v, in
