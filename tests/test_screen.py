@@ -203,3 +203,21 @@ def test_bf16_and_missing_bf16_dot_keep_the_whole_head(hf_opt_dir, monkeypatch):
     pixels = pixel_batch(3, seed=10)
     assert model.generate(pixels, ids, mask, max_new_tokens=6).tolist() == \
         plain.generate(pixels, ids, mask, max_new_tokens=6).tolist()
+
+
+def test_bytes_read_per_token_count_the_screen_not_the_head(hf_t5_dir):
+    """blip2.bench's bound: a screened step reads the head's bf16 screen (half the head) instead of it."""
+    from blip2.bench import decode_bytes_per_token, module_bytes
+
+    d = hf_t5_dir[1]
+    model = Blip2ForConditionalGeneration.from_pretrained(d).native()
+    step = model.language_model.decode_step
+    screened = decode_bytes_per_token(model)
+    screen, step.screen = step.screen, None
+    whole = decode_bytes_per_token(model)
+    head = module_bytes(model.language_model.lm_head)
+    assert whole - screened == head - sum(t.numel() * t.element_size() for t in screen)
+    head_layer = model.language_model.lm_head
+    n, k = head_layer.out_features, head_layer.in_features
+    assert screen[0].numel() * 2 == -(-n // 16) * 16 * k * 2 and screen[1].numel() * 4 == 2 * n * 4  # bf16 + norms
+    assert whole - screened > 0.4 * head

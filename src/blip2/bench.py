@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import parse_dtype
 from .config import Blip2Config
@@ -74,16 +74,19 @@ def module_bytes(*modules: nn.Module | None) -> int:
 
 
 def decode_bytes_per_token(model: Blip2ForConditionalGeneration) -> int:
-    """Bytes of language-model weights one decoding step reads: the decoder layers and the head (in whatever
-    format they are stored), not the embedding tables (a few rows) nor T5's cross-attention keys and values
-    (projected once per image)."""
+    """Bytes of language-model weights one greedy decoding step reads: the decoder layers and the head (in
+    whatever format they are stored; the head's bf16 screen instead where the decoding step screens it), not
+    the embedding tables (a few rows) nor T5's cross-attention keys and values (projected once per image)."""
     lm = model.language_model
+    # greedy decoding with a screened head (blip2.lm.native) reads the head's bf16 screen instead of the head
+    screen = getattr(lm.decode_step, "screen", None)
+    head = sum(t.numel() * t.element_size() for t in screen) - module_bytes(lm.lm_head) if screen else 0
     if isinstance(lm, OPTForCausalLM):
         dec = lm.model.decoder
-        return module_bytes(dec.layers, dec.final_layer_norm, dec.project_in, dec.project_out, lm.lm_head)
+        return module_bytes(dec.layers, dec.final_layer_norm, dec.project_in, dec.project_out, lm.lm_head) + head
     cross = [m for blk in lm.decoder.block for m in (blk.layer[1].EncDecAttention.k, blk.layer[1].EncDecAttention.v,
                                                       blk.layer[1].EncDecAttention.kv)]
-    return module_bytes(lm.decoder.block, lm.decoder.final_layer_norm, lm.lm_head) - module_bytes(*cross)
+    return module_bytes(lm.decoder.block, lm.decoder.final_layer_norm, lm.lm_head) - module_bytes(*cross) + head
 
 
 def _sync(device: torch.device) -> None:
@@ -166,23 +169,29 @@ def decode_inputs(config: Blip2Config, batch: int, device: torch.device | str = 
 @torch.no_grad()
 def time_decode_step(model: Blip2ForConditionalGeneration, batch: int, steps: int,
                      bandwidth: Callable[[], float] | None = None) -> tuple[float, float | None]:
-    """Median seconds of one decoding step at ``batch`` rows (after a prefill over the image queries and
-    two untimed steps), and the best copy bandwidth measured between the steps."""
+    """Median seconds of one greedy decoding step at ``batch`` rows (after a prefill over the image queries
+    and two untimed steps; ``step_greedy`` where the decoder has it, as ``generate`` uses it), and the best
+    copy bandwidth measured between the steps."""
     cfg = model.config
     pixels, ids, mask = decode_inputs(cfg, batch, model.device)
     _, _, lm_inputs = model.image_to_lm_inputs(pixels)
     embeds, mask = model.merge_image_inputs(lm_inputs, ids, mask)
     decoder = model.language_model.start_decoding(embeds, mask, expand=1, max_new_tokens=steps + 3)
     tokens = decoder.prefill().argmax(-1)
+    greedy = getattr(decoder, "step_greedy", None)
+
+    def step(tokens: Tensor) -> Tensor:
+        return greedy(tokens, None) if greedy is not None else decoder.step(tokens).argmax(-1)
+
     for _ in range(2):  # warm-up: a compiled step compiles here
-        tokens = decoder.step(tokens).argmax(-1)
+        tokens = step(tokens)
     times, bws = [], []
     for _ in range(steps):
         if bandwidth is not None:
             bws.append(bandwidth())
         _sync(model.device)
         t = time.perf_counter()
-        tokens = decoder.step(tokens).argmax(-1)
+        tokens = step(tokens)
         _sync(model.device)
         times.append(time.perf_counter() - t)
     return statistics.median(times), max(bws) if bws else None
