@@ -169,7 +169,7 @@ def test_screen_weight_bounds_the_rounding():
 def test_native_greedy_generate_screens_and_keeps_the_tokens(hf_opt_dir, hf_t5_dir, text):
     """native(): greedy generate (with min_new_tokens banning eos) goes through the screen, computing few
     logits exactly, and gives the tokens of the same model with the screen off, for one and three images.
-    Sampling and a repetition penalty keep the whole head."""
+    Sampling, beam search and a repetition penalty keep the whole head. compile(1) screens its plain head."""
     d, ids, mask = _three_prompts(text, hf_opt_dir, hf_t5_dir)
     pixels = pixel_batch(3, seed=9)
     model = Blip2ForConditionalGeneration.from_pretrained(d).native()
@@ -188,7 +188,15 @@ def test_native_greedy_generate_screens_and_keeps_the_tokens(hf_opt_dir, hf_t5_d
     step.exact = None
     model.generate(pixels, ids, mask, max_new_tokens=4, repetition_penalty=1.3)
     model.generate(pixels, ids, mask, max_new_tokens=4, do_sample=True, seed=0)
+    model.generate(pixels[:1], ids[:1], mask[:1], max_new_tokens=4, num_beams=2)
     assert step.exact is None
+    # compile(1): plain weights, the screen's candidates computed by the row kernel
+    one = Blip2ForConditionalGeneration.from_pretrained(d).compile(1)
+    step = one.language_model.decode_step
+    assert step.screen is not None and step.weights[-3].dim() == 2
+    got = one.generate(pixels[:1], ids[:1], mask[:1], **kw)
+    assert step.exact is not None and int(step.exact[0]) < vocab
+    assert got.tolist() == model.generate(pixels[:1], ids[:1], mask[:1], **kw).tolist()
 
 
 def test_bf16_and_missing_bf16_dot_keep_the_whole_head(hf_opt_dir, monkeypatch):
