@@ -81,7 +81,9 @@ def run(presets: list[str], dtypes: list[str], repeats: int, compile: bool = Tru
                                f"{3 * (repeats + 1)} copies of 256 MB made between the timed calls).")
             del models
     table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds. % of bound = (weights read per token "
-                       f"/ copy bandwidth) / ms per token. compile(): on CPU at one row the native step (the whole decoder in "
+                       f"/ copy bandwidth) / ms per token; generate's greedy steps are timed, and where they screen the head "
+                       f"(compile(): blip2.kernels.greedy_head) the weights read count its bf16 screen instead of it. "
+                       f"compile(): on CPU at one row the native step (the whole decoder in "
                        f"one C++ call per token, blip2.lm.native), nothing compiled; compile(native=False): the "
                        f"torch.compile'd step (inductor), whose first call compiles (not timed).")
     return table

@@ -15,13 +15,12 @@
 //   z_j - a_j = (x - xb) . W_j + xb . (W_j - Wb_j) + (rounding of the exact fp32 sum) - (rounding of a_j)
 //   |.| <= |x - xb| |W_j| + |xb| |W_j - Wb_j| + g_K (|xb| |Wb_j| + |x| |W_j|),   g_K = K u / (1 - K u)
 // (Cauchy-Schwarz for the first two; each sum of K terms in fp32 is within g_K of its exact value,
-// u = 2^-24), widened by a relative margin, the bias's rounding (4 u (|a_j| + |b_j|)), and an absolute
-// margin for products the bf16 dot product flushes to zero (below 2^-126). |W_j| and |W_j - Wb_j| come
+// u = 2^-24), widened by a relative margin (x 1.001), the roundings of the bias's addition and of the fp32
+// evaluation of a_j +- E_j (16 u (|a_j| + |b_j|)), and an absolute margin for values the bf16 dot product
+// flushes to zero (below 2^-126). |W_j| and |W_j - Wb_j| come
 // rounded up from the caller, computed once in float64 (blip2.kernels.screen_weight).
 //
 // Included by steps.cpp after row_product.cpp and blocked.cpp; needs AVX-512 BF16 for the screen.
-
-#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <limits>
