@@ -9,9 +9,10 @@
 // [ceil(N / 16), K, 16] for float32 (zero-padded to whole blocks). A block's 16 weights of one k are one
 // vector, so the product is an axpy: for each k, acc[r] += x[r, k] * W[block, k, :] for every row r, one
 // vector load of weights feeding a multiply-add per row. A tile of C blocks (C weight streams: several
-// streams keep more reads in flight than one; side by side, or far apart for one row) and R <= 8 rows
-// keeps R x C accumulators in registers for the whole sum over k; the result is stored once. bfloat16 weights pair neighbouring
-// k: [ceil(N / 16), ceil(K / 2), 16, 2], and an AVX-512 BF16 dot product takes one pair per column.
+// streams keep more reads in flight than one, the more so far apart in memory: NB / C blocks between them
+// for up to 8 rows, side by side for a prefill's chunks) and R <= 8 rows keeps R x C accumulators in
+// registers for the whole sum over k; the result is stored once. bfloat16 weights pair neighbouring k:
+// [ceil(N / 16), ceil(K / 2), 16, 2], and an AVX-512 BF16 dot product takes one pair per column.
 //
 // Accumulation is in fp32, in the plain order k = 0, 1, ..., K - 1 (bf16: pairs), bias added, rounded once
 // to x's dtype. Many rows (a prefill) run in chunks of 8 rows over a tile while its weights sit in the
@@ -41,7 +42,7 @@ constexpr int kMaxRows = 8;            // rows per register tile
 constexpr int64_t kSliceK = 1024;      // k per slice when many rows reuse a tile (fits a 1 MB L2 with C = 3)
 constexpr int64_t kFewRows = 16;       // up to this many rows, one pass over K (the weights stream once)
 constexpr int64_t kTaskBytes = 192 * 1024;  // the least weight one thread's task reads
-constexpr int kOneRowStreams = 6;           // far-apart blocks one row's tile reads at once
+constexpr int kFewRowStreams = 6;           // far-apart blocks a tile of up to 4 rows reads at once
 
 // fp32 weights [NB, K, 16], x fp32
 struct F32 {
@@ -132,6 +133,24 @@ void tile_any(int64_t rows, const typename T::X* x, int64_t ldx, const typename 
   }
 }
 
+// the sums of R <= kMaxRows rows over every block in one pass over K: tiles of C blocks NB / C apart (C = 6
+// for up to 4 rows, else 3: the accumulators fill the registers), the leftover blocks one at a time
+template <class T, int R>
+void spaced(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t steps,
+            int64_t NB, float* y, int64_t ldy, const float* bias) {
+  constexpr int C = R <= 4 ? kFewRowStreams : 3;
+  const int64_t spacing = NB / C;  // 0 when NB < C: every block is left over
+  const int64_t g = std::max<int64_t>(1, kTaskBytes / (C * block_stride * (int64_t)sizeof(typename T::W)));
+  at::parallel_for(0, spacing, g, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      tile<T, R, C>(x, ldx, w + t * block_stride, block_stride, 0, steps, y + t * kBlock, ldy, false,
+                    bias ? bias + t * kBlock : nullptr, spacing);
+  });
+  for (int64_t b = spacing * C; b < NB; ++b)
+    tile<T, R, 1>(x, ldx, w + b * block_stride, block_stride, 0, steps, y + b * kBlock, ldy, false,
+                  bias ? bias + b * kBlock : nullptr);
+}
+
 // fp32 sums y [M, NB * 16] (ldy = NB * 16) of x [M, steps * kPer] and a blocked weight [NB, steps, 16 * kPer],
 // plus bias (NB * 16 floats, zero-padded; or none).
 template <class T>
@@ -139,26 +158,28 @@ void sums(const typename T::X* x, int64_t M, int64_t steps, const typename T::W*
           const float* bias = nullptr) {
   const int64_t block_stride = steps * kBlock * T::kPer;
   const int64_t ldx = steps * T::kPer, ldy = NB * kBlock;
-  const int64_t tile_blocks = M <= 4 ? 6 : 3;
+  if (M <= kMaxRows) {
+    // a few rows: each tile reads its blocks far apart (NB / C blocks between them: a core keeps more
+    // reads in flight for streams in distant parts of memory, as row_product.cpp's; measured at 8 rows,
+    // OPT-125m's layers: 4-5% faster than side by side at one thread, 7% at two), the blocks left over one
+    // at a time. The sums are the same whatever the tile: each column's, row by row, in the order of k.
+    switch (M) {
+      case 8: return spaced<T, 8>(x, ldx, w, block_stride, steps, NB, y, ldy, bias);
+      case 7: return spaced<T, 7>(x, ldx, w, block_stride, steps, NB, y, ldy, bias);
+      case 6: return spaced<T, 6>(x, ldx, w, block_stride, steps, NB, y, ldy, bias);
+      case 5: return spaced<T, 5>(x, ldx, w, block_stride, steps, NB, y, ldy, bias);
+      case 4: return spaced<T, 4>(x, ldx, w, block_stride, steps, NB, y, ldy, bias);
+      case 3: return spaced<T, 3>(x, ldx, w, block_stride, steps, NB, y, ldy, bias);
+      case 2: return spaced<T, 2>(x, ldx, w, block_stride, steps, NB, y, ldy, bias);
+      default: return spaced<T, 1>(x, ldx, w, block_stride, steps, NB, y, ldy, bias);
+    }
+  }
+  // more rows: tiles of blocks side by side, the rows in chunks of kMaxRows over each while it is in cache
+  const int64_t tile_blocks = 3;
   const int64_t tiles = (NB + tile_blocks - 1) / tile_blocks;
   const int64_t tile_bytes = tile_blocks * block_stride * (int64_t)sizeof(typename T::W);
   const int64_t grain = std::max<int64_t>(1, kTaskBytes / tile_bytes);
   const int64_t slice = M <= kFewRows ? steps : std::max<int64_t>(1, kSliceK / T::kPer);
-  if (M == 1 && NB >= 2 * kOneRowStreams) {
-    // one row: each tile reads kOneRowStreams blocks far apart (a core keeps more reads in flight for
-    // streams in distant parts of memory, as row_product.cpp's), the blocks left over one at a time
-    const int64_t spacing = NB / kOneRowStreams;
-    const int64_t g = std::max<int64_t>(1, kTaskBytes / (kOneRowStreams * block_stride * (int64_t)sizeof(typename T::W)));
-    at::parallel_for(0, spacing, g, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        tile<T, 1, kOneRowStreams>(x, ldx, w + t * block_stride, block_stride, 0, steps, y + t * kBlock, ldy, false,
-                                   bias ? bias + t * kBlock : nullptr, spacing);
-    });
-    for (int64_t b = spacing * kOneRowStreams; b < NB; ++b)
-      tile<T, 1, 1>(x, ldx, w + b * block_stride, block_stride, 0, steps, y + b * kBlock, ldy, false,
-                    bias ? bias + b * kBlock : nullptr);
-    return;
-  }
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t * tile_blocks, width = std::min(tile_blocks, NB - b);
