@@ -133,6 +133,8 @@ def test_non_finite_rows_are_what_torch_argmax_says():
         assert exact[1:].tolist() == [200, 200, 200] and exact[0] < 200
     W[9, 0] = float("inf")  # a non-finite head: every row whole
     assert _check(x[:1], W).tolist() == [200]
+    W[9, 0] = float("nan")  # its logit NaN: torch.argmax picks it
+    assert _check(x[:1], W, blocked=False).tolist() == [200]
 
 
 def test_greedy_head_names_bad_arguments():

@@ -145,8 +145,6 @@ std::tuple<at::Tensor, at::Tensor> greedy_head(const at::Tensor& x, const at::Te
 
   const float* wn = norms.data_ptr<float>();
   const float* we = wn + N;
-  bool norms_finite = true;
-  for (int64_t j = 0; j < 2 * N; ++j) norms_finite &= std::isfinite(wn[j]);
   // banned ids as cleared bits of 16-lane masks
   std::vector<__mmask16> allowed((N + 15) / 16);
   for (int64_t i = 0; i < (int64_t)allowed.size(); ++i) allowed[i] = mask16(N - 16 * i);
@@ -163,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_head(const at::Tensor& x, const at::Te
       const float* xr = xf + r * K;
       const float* ar = a.data() + r * lds;
       double dx = 0, xn = 0, xbn = 0;
-      bool finite = norms_finite;
+      bool finite = true;  // a head with a non-finite weight has a non-finite screen sum: caught below
       for (int64_t i = 0; i < K; ++i) {
         const double v = xr[i], vb = static_cast<float>(at::BFloat16(xr[i]));
         finite &= std::isfinite(xr[i]);
