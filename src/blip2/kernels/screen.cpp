@@ -67,11 +67,9 @@ struct Exact {
 };
 
 // torch.argmax over z with the banned ids at -inf: the first NaN if any, else the first maximum
-int64_t argmax(std::vector<float>& z, const std::vector<char>& ban) {
+int64_t argmax(std::vector<float>& z, const std::vector<int64_t>& ban) {
   int64_t best = 0;
-  for (int64_t j = 0; j < (int64_t)z.size(); ++j) {
-    if (ban[j]) z[j] = -std::numeric_limits<float>::infinity();
-  }
+  for (const int64_t j : ban) z[j] = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < (int64_t)z.size(); ++j) {
     if (std::isnan(z[j])) return j;
     if (z[j] > z[best]) best = j;
@@ -113,13 +111,13 @@ std::tuple<at::Tensor, at::Tensor> greedy_head(const at::Tensor& x, const at::Te
                 bias->numel() == N, "greedy_head: bias must be a contiguous float32 CPU [", N, "]");
   TORCH_CHECK(banned.device().is_cpu() && banned.scalar_type() == at::kLong && banned.dim() == 1,
               "greedy_head: banned must be an int64 CPU [n] of token ids");
-  std::vector<char> ban(N, 0);
+  std::vector<int64_t> ban;  // a few ids (the eos ids until the minimum length)
   {
     const at::Tensor bc = banned.contiguous();
     for (int64_t i = 0; i < bc.numel(); ++i) {
       const int64_t id = bc.data_ptr<int64_t>()[i];
       TORCH_CHECK(id >= 0 && id < N, "greedy_head: banned id ", id, " outside the vocabulary of ", N);
-      ban[id] = 1;
+      ban.push_back(id);
     }
   }
   at::Tensor tokens = at::empty({R}, x.options().dtype(at::kLong));
@@ -148,8 +146,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_head(const at::Tensor& x, const at::Te
   // banned ids as cleared bits of 16-lane masks
   std::vector<__mmask16> allowed((N + 15) / 16);
   for (int64_t i = 0; i < (int64_t)allowed.size(); ++i) allowed[i] = mask16(N - 16 * i);
-  for (int64_t j = 0; j < N; ++j)
-    if (ban[j]) allowed[j / 16] &= (__mmask16)~(1u << (j % 16));
+  for (const int64_t j : ban) allowed[j / 16] &= (__mmask16)~(1u << (j % 16));
   const double u = std::ldexp(1.0, -24), g = K * u / (1.0 - K * u);
   const int64_t most = std::max<int64_t>(64, N / 64);  // more candidates than this: the whole row
   int64_t* tok = tokens.data_ptr<int64_t>();
@@ -162,8 +159,9 @@ std::tuple<at::Tensor, at::Tensor> greedy_head(const at::Tensor& x, const at::Te
       const float* ar = a.data() + r * lds;
       double dx = 0, xn = 0, xbn = 0;
       bool finite = true;  // a head with a non-finite weight has a non-finite screen sum: caught below
+      const uint16_t* xbr = xb.data() + r * kp;  // x rounded to bf16 above
       for (int64_t i = 0; i < K; ++i) {
-        const double v = xr[i], vb = static_cast<float>(at::BFloat16(xr[i]));
+        const double v = xr[i], vb = static_cast<float>(c10::BFloat16(xbr[i], c10::BFloat16::from_bits()));
         finite &= std::isfinite(xr[i]);
         dx += (v - vb) * (v - vb), xn += v * v, xbn += vb * vb;
       }

@@ -37,6 +37,7 @@ __all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "try_native"
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_fast": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 _FLOATS = (torch.float32, torch.bfloat16)
+_NOTHING_BANNED = torch.empty(0, dtype=torch.long)  # greedy_head's banned ids past the minimum length
 
 
 class Unsupported(ValueError):
@@ -166,9 +167,8 @@ class _Greedy:
             return masked_argmax(self(*args), banned)  # type: ignore[operator]
         hidden = self._op()(*self._native_args(*args), self.weights, self.fparams, [*self.iparams, 1])
         w, _, bias = self.weights[-3:]
-        if banned is None:
-            banned = torch.empty(0, dtype=torch.long)
-        tokens, self.exact = kernels.greedy_head(hidden, *self.screen, w, bias, banned.cpu())
+        tokens, self.exact = kernels.greedy_head(hidden, *self.screen, w, bias,
+                                                 _NOTHING_BANNED if banned is None else banned.cpu())
         return tokens.to(hidden.device)
 
 
