@@ -4,19 +4,26 @@
 
 Times whole ``generate`` calls (vision encoder, Q-Former, prefill, decoding), ours and transformers'
 interleaved; "tokens" compares our output ids with transformers' (int8: the share of equal tokens).
+
+"% of fp32 floor" (fp32 rows on CPU) = the fewest seconds a call can take with fp32 products / the call's
+median time. The floor counts every product's floating-point operations (``blip2.bench.product_flops``) at
+the best rate of a 1536^3 fp32 matrix product measured in the same rounds, except that a decoding step takes
+at least its weights' bytes (the fp32 decoder and head) over the best copy bandwidth measured with them.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from common import Table, checkpoint, load_hf, load_ours, machine, threads
 from blip2 import Blip2Config
-from blip2.bench import decode_inputs, interleave
+from blip2.bench import (copy_bandwidth, decode_bytes_per_token, decode_inputs, floor_seconds, interleave,
+                         matmul_rate, product_flops)
 
 NEW_TOKENS = 24
 
@@ -59,7 +66,7 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
     where = f"{device}, {torch.get_num_threads()} thread(s)" if device == "cpu" else device
     table = Table(f"Batch captioning, {NEW_TOKENS} new tokens, greedy ({where})",
                   ["LM", "images", "dtype", "implementation", "s / batch", "images/s", "tokens/s", "x transformers",
-                   "tokens"])
+                   "% of fp32 floor", "tokens"])
     for preset in presets:
         d = checkpoint(preset)
         models = {v: load_hf(d, v.dtype, device) if v.fast is None else
@@ -67,6 +74,8 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
                   for v in variants if set(v.batches) & set(batches)}
         reference = {v.dtype: v for v in models if v.fast is None}
         config = Blip2Config.from_pretrained(d)
+        plain = next((m for v, m in models.items() if (v.fast, v.dtype) == ("plain", "fp32")), None)
+        step_bytes = decode_bytes_per_token(plain if plain is not None else load_ours(d, "fp32", device))
         for batch in batches:
             pixels, ids, mask = decode_inputs(config, batch, device)
             kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
@@ -81,17 +90,36 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
                         outs[v] = models[v].generate(pixels, ids, mask, **kw)
 
             here = [v for v in models if batch in v.batches]
-            times = interleave({v: (lambda v=v: call(v)) for v in here}, repeats, device)
+            rate, bandwidth = matmul_rate(device=device), copy_bandwidth(device=device)
+            rates: list[float] = []
+            bws: list[float] = []
+            fns: dict[object, Callable[[], object]] = {v: (lambda v=v: call(v)) for v in here}
+            fns["machine"] = lambda: (rates.append(rate()), bws.append(bandwidth()))
+            times = interleave(fns, repeats, device)
+            flops = product_flops(config, ids.shape[1], NEW_TOKENS, batch)
+            floor = floor_seconds(flops, NEW_TOKENS, step_bytes, max(rates), max(bws))
             for v in here:
                 ref = reference[v.dtype]
                 t = statistics.median(times[v])
                 speedup = statistics.median(r / x for r, x in zip(times[ref], times[v]))
                 same = "-" if v is ref else _same(outs[v].cpu(), outs[ref].cpu())
+                floats = v.dtype == "fp32" and v.fast in (None, "plain", "fuse", "native") and device == "cpu"
                 table.add(preset, batch, v.dtype, v.name, f"{t:.2f}", f"{batch / t:.2f}",
-                          f"{batch * NEW_TOKENS / t:.0f}", f"{speedup:.2f}", same)
+                          f"{batch * NEW_TOKENS / t:.0f}", f"{speedup:.2f}",
+                          f"{100 * floor / t:.0f}%" if floats else "-", same)
+            if device == "cpu":
+                table.notes.append(
+                    f"{preset}, {batch} image(s): {sum(flops.values()) / 1e9:.1f} GFLOP of products (vision "
+                    f"{flops['vision'] / 1e9:.1f}, Q-Former {flops['qformer'] / 1e9:.1f}, language model "
+                    f"{(flops['lm_prefill'] + flops['lm_steps'] + flops['lm_head']) / 1e9:.1f}, its head "
+                    f"{flops['lm_head'] / 1e9:.1f}), {step_bytes / 1e6:.0f} MB of weights per decoding step; "
+                    f"fp32 products at best {max(rates) / 1e9:.0f} GFLOP/s, copies at best {max(bws) / 1e9:.1f} "
+                    f"GB/s in these rounds: floor {floor:.2f} s.")
         del models
     table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds; x transformers is the median of the "
-                       f"per-round ratios to transformers in the same dtype; tokens compares the output ids with "
+                       f"per-round ratios to transformers in the same dtype; % of fp32 floor: the floor (each preset's "
+                       f"note) / the median time, for the rows whose products are fp32 (a floor all of them share: "
+                       f"ours native() screens the greedy head in bf16 and could pass 100%); tokens compares the output ids with "
                        f"theirs. bf16: the Q-Former stays fp32 in ours. fuse(): the language model's weights in "
                        f"blip2's blocked layout (blocked_linear) where the kernels load, the vision encoder's and "
                        f"Q-Former's in oneDNN's. native(): fuse() and the native decoding step (blip2.lm.native: "

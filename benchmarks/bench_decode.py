@@ -4,7 +4,8 @@
 
 A step reads every decoder weight once, so ms per token >= bytes of weights read per token / bandwidth.
 The bandwidth is a 256 MB tensor copy, (read + written) / time, the best of three in every round,
-measured between the decoding calls. ms per token = (time of generate with 24 new tokens - with 1) / 23
+measured between the decoding calls; "% of bandwidth bound" is the median over rounds of each round's bound
+over its time per token, so a busy minute slows the copy and the steps it is compared with alike. ms per token = (time of generate with 24 new tokens - with 1) / 23
 for every implementation alike, so vision, Q-Former and prefill cancel out.
 """
 
@@ -72,16 +73,20 @@ def run(presets: list[str], dtypes: list[str], repeats: int, compile: bool = Tru
             per_token = {name: [(a - b) / (NEW_TOKENS - 1) for a, b in zip(times[name + "|n"], times[name + "|1"])]
                          for name in models}
             speedup = ratios(per_token, "transformers")
-            bw = max(bws)  # the best seen: the bound is what the memory can do
+            rounds = bws[1:]  # the first is the untimed warm-up round's
             for name, ts in per_token.items():
                 t = statistics.median(ts)
+                # each round's steps against the same round's copies, as x transformers pairs each round
+                share = statistics.median(nbytes[name] / bw / x for bw, x in zip(rounds, ts))
                 table.add(preset, dtype, name, f"{t * 1e3:.1f}", f"{1 / t:.1f}", f"{nbytes[name] / 1e6:.0f} MB",
-                          f"{100 * nbytes[name] / bw / t:.0f}%", f"{speedup[name]:.2f}")
-            table.notes.append(f"{preset} {dtype}: copy bandwidth {bw / 1e9:.1f} GB/s (read + write, the best of "
-                               f"{3 * (repeats + 1)} copies of 256 MB made between the timed calls).")
+                          f"{100 * share:.0f}%", f"{speedup[name]:.2f}")
+            table.notes.append(f"{preset} {dtype}: copy bandwidth {min(rounds) / 1e9:.1f}-{max(rounds) / 1e9:.1f} "
+                               f"GB/s over the rounds (read + write, each round's the best of 3 copies of 256 MB "
+                               f"made between its timed calls).")
             del models
     table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds. % of bound = (weights read per token "
-                       f"/ copy bandwidth) / ms per token; generate's greedy steps are timed, and where they screen the head "
+                       f"/ copy bandwidth) / ms per token, each round's copies with its steps, the median over "
+                       f"rounds; generate's greedy steps are timed, and where they screen the head "
                        f"(compile(): blip2.kernels.greedy_head) the weights read count its bf16 screen instead of it. "
                        f"compile(): on CPU at one row the native step (the whole decoder in "
                        f"one C++ call per token, blip2.lm.native), nothing compiled; compile(native=False): the "

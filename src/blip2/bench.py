@@ -28,13 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import parse_dtype
-from .config import Blip2Config
+from .config import Blip2Config, OPTConfig
 from .lm.fused import FusedLinear
 from .lm.opt import OPTForCausalLM
 from .modeling import Blip2ForConditionalGeneration
 
 __all__ = ["PRESETS", "FAST_PATHS", "module_bytes", "decode_bytes_per_token", "copy_bandwidth", "interleave",
-           "apply_fast_path", "decode_inputs", "time_decode_step", "main"]
+           "apply_fast_path", "decode_inputs", "time_decode_step", "product_flops", "floor_seconds", "matmul_rate", "main"]
 
 # A vision encoder and Q-Former much smaller than BLIP-2's (ViT-g is 1B parameters): these presets are for
 # timing the language model, which is what generation spends its time in with the real encoders too
@@ -87,6 +87,91 @@ def decode_bytes_per_token(model: Blip2ForConditionalGeneration) -> int:
     cross = [m for blk in lm.decoder.block for m in (blk.layer[1].EncDecAttention.k, blk.layer[1].EncDecAttention.v,
                                                       blk.layer[1].EncDecAttention.kv)]
     return module_bytes(lm.decoder.block, lm.decoder.final_layer_norm, lm.lm_head) - module_bytes(*cross) + head
+
+
+def product_flops(config: Blip2Config, prompt_len: int, new_tokens: int, batch: int = 1) -> dict[str, int]:
+    """Floating-point operations (a multiply-add counts 2) in the matrix products of one greedy ``generate``
+    call of ``batch`` rows: every linear layer, the patch embedding, and attention's two products (scores and
+    weighted values) over the keys a row attends (the prefill's whole square). Not norms, activations,
+    softmax. ``prompt_len``: the language model's input length (image tokens included, as ``decode_inputs``
+    lays it out); ``new_tokens``: tokens generated, the first by the prefill. For a decoder that caches keys
+    and values (T5's cross-attention ones projected once) and applies the head at the last position only.
+
+    Keys: ``vision``, ``qformer`` (with the language projection), ``lm_prefill`` (OPT: the prompt; T5: the
+    encoder, the cross-attention keys and values and the first decoder step), ``lm_steps`` (the other
+    ``new_tokens - 1`` steps), ``lm_head`` (the head, once per new token)."""
+    if prompt_len < 1 or new_tokens < 1 or batch < 1:
+        raise ValueError(f"product_flops: prompt_len, new_tokens and batch must be >= 1, got {prompt_len}, "
+                         f"{new_tokens}, {batch}")
+    v, q, text = config.vision_config, config.qformer_config, config.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    T, D = patches + 1, v.hidden_size  # image tokens: the patches and the class token
+    vision = 2 * patches * 3 * v.patch_size ** 2 * D
+    vision += v.num_hidden_layers * (2 * T * (4 * D * D + 2 * D * v.intermediate_size) + 4 * T * T * D)
+    Q, Dq = config.num_query_tokens, q.hidden_size
+    qformer = 0
+    for layer in range(q.num_hidden_layers):
+        qformer += 2 * Q * 4 * Dq * Dq + 4 * Q * Q * Dq + 2 * Q * 2 * Dq * q.intermediate_size
+        if layer % q.cross_attention_frequency == 0:  # queries, output; keys and values of the image tokens
+            qformer += 2 * Q * 2 * Dq * Dq + 2 * T * 2 * q.encoder_hidden_size * Dq + 4 * Q * T * Dq
+    S, N = prompt_len, new_tokens
+    if isinstance(text, OPTConfig):
+        Dl = text.hidden_size  # BLIP-2's OPT models have no embedding projection (word_embed_proj_dim)
+        per_token = text.num_hidden_layers * 2 * (4 * Dl * Dl + 2 * Dl * text.ffn_dim)
+        prefill = S * per_token + text.num_hidden_layers * 4 * S * S * Dl
+        # step k (1..N-1) feeds the token at position S + k - 1: it attends S + k keys
+        steps = sum(per_token + text.num_hidden_layers * 4 * (S + k) * Dl for k in range(1, N))
+        head = N * 2 * Dl * text.vocab_size
+    else:
+        Dl, inner = text.d_model, text.num_heads * text.d_kv
+        ffn = (3 if text.is_gated_act else 2) * Dl * text.d_ff
+        enc_layers, dec_layers = text.num_layers, text.num_decoder_layers or text.num_layers
+        encoder = enc_layers * (S * 2 * (4 * Dl * inner + ffn) + 4 * S * S * inner)
+        cross_kv = dec_layers * S * 2 * 2 * Dl * inner
+
+        def step(j: int) -> int:  # decoder token j (0: the start token) attends j + 1 keys and the S encoder ones
+            return dec_layers * (2 * (6 * Dl * inner + ffn) + 4 * (j + 1) * inner + 4 * S * inner)
+
+        prefill = encoder + cross_kv + step(0)
+        steps = sum(step(j) for j in range(1, N))
+        head = N * 2 * Dl * text.vocab_size
+    qformer += 2 * Q * Dq * Dl  # language projection
+    return {k: batch * n for k, n in dict(vision=vision, qformer=qformer, lm_prefill=prefill, lm_steps=steps,
+                                          lm_head=head).items()}
+
+
+def floor_seconds(flops: dict[str, int], new_tokens: int, step_bytes: int, rate: float, bandwidth: float) -> float:
+    """The fewest seconds a generate call of ``flops`` (``product_flops`` for ``new_tokens``) can take at
+    ``rate`` FLOP/s when each decoding step also reads ``step_bytes`` of weights at ``bandwidth`` bytes/s: the
+    prefill and the first token's head bound by arithmetic, each other step by arithmetic or memory, whichever
+    is slower (the steps' FLOPs taken as even)."""
+    steps = new_tokens - 1
+    head = flops["lm_head"] / new_tokens
+    first = (flops["vision"] + flops["qformer"] + flops["lm_prefill"] + head) / rate
+    per_step = (flops["lm_steps"] / steps + head) / rate if steps else 0.0
+    return first + steps * max(per_step, step_bytes / bandwidth)
+
+
+def matmul_rate(n: int = 1536, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                tries: int = 3) -> Callable[[], float]:
+    """A function that multiplies two ``n`` x ``n`` matrices ``tries`` times and returns the best rate,
+    floating-point operations per second: what this device's matrix products reach at best, measured next to
+    what it bounds (the best, as ``copy_bandwidth``: a product that lost its core says nothing of the core)."""
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+
+    def measure() -> float:
+        best = float("inf")
+        for _ in range(tries):
+            _sync(dev)
+            t = time.perf_counter()
+            torch.mm(a, b)
+            _sync(dev)
+            best = min(best, time.perf_counter() - t)
+        return 2 * n ** 3 / best
+
+    return measure
 
 
 def _sync(device: torch.device) -> None:
