@@ -5,8 +5,9 @@
 A step reads every decoder weight once, so ms per token >= bytes of weights read per token / bandwidth.
 The bandwidth is a 256 MB tensor copy, (read + written) / time, the best of three in every round,
 measured between the decoding calls; "% of bandwidth bound" is the median over rounds of each round's bound
-over its time per token, so a busy minute slows the copy and the steps it is compared with alike. ms per token = (time of generate with 24 new tokens - with 1) / 23
-for every implementation alike, so vision, Q-Former and prefill cancel out.
+over its time per token, so a busy minute slows the copy and the steps it is compared with alike.
+ms per token = (time of generate with 24 new tokens - with 1) / 23 for every implementation alike, so
+vision, Q-Former and prefill cancel out.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``blip2.bench.product_flops`` (the caption benchmark's compute floor) against torch's FLOP counter on
 transformers' models run with eager attention: every product of a greedy generate counted the same, part by
-part, for OPT and T5 (gated and not), and for a Q-Former with
-cross-attention in every layer."""
+part, for OPT and T5 (gated and not), and for a Q-Former with cross-attention in every layer; and the floor
+that the benchmark builds from it."""
 
 from __future__ import annotations
 

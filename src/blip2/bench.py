@@ -34,7 +34,8 @@ from .lm.opt import OPTForCausalLM
 from .modeling import Blip2ForConditionalGeneration
 
 __all__ = ["PRESETS", "FAST_PATHS", "module_bytes", "decode_bytes_per_token", "copy_bandwidth", "interleave",
-           "apply_fast_path", "decode_inputs", "time_decode_step", "product_flops", "floor_seconds", "matmul_rate", "main"]
+           "apply_fast_path", "decode_inputs", "time_decode_step", "product_flops", "floor_seconds", "matmul_rate",
+           "main"]
 
 # A vision encoder and Q-Former much smaller than BLIP-2's (ViT-g is 1B parameters): these presets are for
 # timing the language model, which is what generation spends its time in with the real encoders too
