@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._compat import custom_op
 from .kernels import cpu_flags
 
 __all__ = ["quantize_weight", "dequantize_weight", "int8_linear", "dynamic_int8_available", "dynamic_int8_levels",
@@ -48,7 +49,7 @@ def dequantize_weight(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
-@torch.library.custom_op("blip2::int8pack_mm", mutates_args=())
+@custom_op("blip2::int8pack_mm", mutates_args=())
 def _int8pack_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     # inductor's own lowering of this op fails on a computed input (torch 2.13); as a custom op it stays
     # an opaque call inside a compiled graph

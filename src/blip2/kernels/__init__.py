@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._compat import register_fake
+
 __all__ = ["load", "ready", "status", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
            "block_weight", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags"]
 
@@ -201,11 +203,11 @@ def _load() -> bool:
 
 def _register_fake() -> None:
     # the output's shape and dtype, for tracing in torch.compile
-    @torch.library.register_fake(_OP)
+    @register_fake(_OP)
     def _(x: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
-    @torch.library.register_fake(_BLOCKED_OP)
+    @register_fake(_BLOCKED_OP)
     def _(x: Tensor, w: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 

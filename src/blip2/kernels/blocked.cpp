@@ -274,6 +274,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 }  // namespace blocked
 
 TORCH_LIBRARY_FRAGMENT(blip2_kernels, m) {
+  python_module(m, 0);
   m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
 }
 

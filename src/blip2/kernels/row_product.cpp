@@ -223,7 +223,16 @@ at::Tensor row_product(const at::Tensor& x, const at::Tensor& w, const std::opti
 
 }  // namespace
 
+// The ops' shapes for torch.compile (fake implementations) are registered from Python, by blip2.kernels; each
+// library block names that module before its definitions (torch 2.3 requires it: impl_abstract_pystub, called
+// set_python_module from torch 2.4 on).
+template <class L>
+auto python_module(L& m, int) -> decltype(m.set_python_module("")) { return m.set_python_module("blip2.kernels"); }
+template <class L>
+L& python_module(L& m, long) { return m.impl_abstract_pystub("blip2.kernels"); }
+
 TORCH_LIBRARY(blip2_kernels, m) {
+  python_module(m, 0);
   m.def("row_product(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
 }
 

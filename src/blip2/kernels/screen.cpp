@@ -249,6 +249,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_head(const at::Tensor& x, const at::Te
 }  // namespace screen
 
 TORCH_LIBRARY_FRAGMENT(blip2_kernels, m) {
+  python_module(m, 0);
   m.def("greedy_head(Tensor x, Tensor screen, Tensor norms, Tensor w, Tensor? bias, Tensor banned) -> (Tensor, Tensor)");
 }
 

@@ -627,6 +627,7 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(blip2_kernels, m) {
+  python_module(m, 0);
   m.def("t5_step(Tensor ids, Tensor input_pos, Tensor self_mask, Tensor cross_mask, Tensor[] kv, Tensor?[] weights, "
         "float[] fparams, int[] iparams) -> Tensor");
   m.def("opt_step(Tensor x, Tensor position, Tensor key_valid, Tensor[] kv, Tensor input_pos, Tensor?[] weights, "

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
+from .._compat import custom_op
 from ..quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
@@ -72,7 +73,7 @@ def _onednn_ok(x: Tensor) -> bool:
     return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _MKLDNN_BF16)
 
 
-@torch.library.custom_op("blip2::onednn_linear", mutates_args=())
+@custom_op("blip2::onednn_linear", mutates_args=())
 def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
     # inductor cannot lower `_linear_pointwise` with a weight it did not pack itself; as a custom op
     # it stays an opaque call inside a compiled graph
@@ -96,7 +97,7 @@ _KERNELS: dict[int, Callable[[Tensor], Tensor]] = {}
 _HANDLES = itertools.count()
 
 
-@torch.library.custom_op("blip2::dynamic_int8_product", mutates_args=())
+@custom_op("blip2::dynamic_int8_product", mutates_args=())
 def _dynamic_int8_op(levels: Tensor, handle: int, out_features: int) -> Tensor:
     return _KERNELS[handle](levels)
 
