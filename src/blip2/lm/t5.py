@@ -107,9 +107,11 @@ def _dtype_of(layer: nn.Module) -> torch.dtype:
 
 
 def _float_mask(keep: Tensor, bias: Tensor | float, dtype: torch.dtype) -> Tensor:
-    """Additive SDPA mask: ``bias`` where ``keep``, the dtype's most negative finite value elsewhere."""
+    """Additive SDPA mask: ``bias`` where ``keep``, the dtype's most negative finite value elsewhere; contiguous
+    (the position bias comes as a permuted view; torch 2.6's CPU attention gives a permuted mask results a few
+    ulps from those of the contiguous one transformers passes, which bf16 rounding then carries on)."""
     bias = bias.to(dtype) if isinstance(bias, Tensor) else torch.tensor(bias, dtype=dtype, device=keep.device)
-    return torch.where(keep, bias, torch.finfo(dtype).min)
+    return torch.where(keep, bias, torch.finfo(dtype).min).contiguous()
 
 
 class T5LayerNorm(nn.Module):
