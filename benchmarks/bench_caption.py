@@ -67,6 +67,7 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
     table = Table(f"Batch captioning, {NEW_TOKENS} new tokens, greedy ({where})",
                   ["LM", "images", "dtype", "implementation", "s / batch", "images/s", "tokens/s", "x transformers",
                    "% of fp32 floor", "tokens"])
+    rate, bandwidth = matmul_rate(device=device), copy_bandwidth(device=device)  # measured in every round
     for preset in presets:
         d = checkpoint(preset)
         models = {v: load_hf(d, v.dtype, device) if v.fast is None else
@@ -90,7 +91,6 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
                         outs[v] = models[v].generate(pixels, ids, mask, **kw)
 
             here = [v for v in models if batch in v.batches]
-            rate, bandwidth = matmul_rate(device=device), copy_bandwidth(device=device)
             rates: list[float] = []
             bws: list[float] = []
             fns: dict[object, Callable[[], object]] = {v: (lambda v=v: call(v)) for v in here}
