@@ -6,7 +6,7 @@ Times whole ``generate`` calls (vision encoder, Q-Former, prefill, decoding), ou
 interleaved; "tokens" compares our output ids with transformers' (int8: the share of equal tokens).
 
 "% of fp32 floor" (fp32 rows on CPU) = the fewest seconds a call can take with fp32 products / the call's
-median time. The floor counts every product's floating-point operations (``blip2.bench.product_flops``) at
+median time. The floor counts every product's floating-point operations (``blip2.apps.bench.product_flops``) at
 the best rate of a 1536^3 fp32 matrix product measured in the same rounds, except that a decoding step takes
 at least its weights' bytes (the fp32 decoder and head) over the best copy bandwidth measured with them.
 """
@@ -22,7 +22,7 @@ import torch
 
 from common import Table, checkpoint, load_hf, load_ours, machine, threads
 from blip2 import Blip2Config
-from blip2.bench import (copy_bandwidth, decode_bytes_per_token, decode_inputs, floor_seconds, interleave,
+from blip2.apps.bench import (copy_bandwidth, decode_bytes_per_token, decode_inputs, floor_seconds, interleave,
                          matmul_rate, product_flops)
 
 NEW_TOKENS = 24
@@ -32,7 +32,7 @@ NEW_TOKENS = 24
 class Variant:
     name: str
     dtype: str
-    fast: str | None  # None: transformers; else a blip2.bench fast path
+    fast: str | None  # None: transformers; else a blip2.apps.bench fast path
     compile: bool = False
     batches: tuple[int, ...] = (8, 1)
 
@@ -42,7 +42,7 @@ VARIANTS = [
     Variant("ours", "fp32", "plain"),
     Variant("ours fuse()", "fp32", "fuse"),
     Variant("ours quantize_int8()", "fp32", "int8"),
-    # the native step (blip2.lm.native) for every row, weights blocked: nothing compiled. compile() on CPU
+    # the native step (blip2.fast.native) for every row, weights blocked: nothing compiled. compile() on CPU
     # lays the weights out the same way and runs the same native step, so it is not timed twice
     Variant("ours native()", "fp32", "native"),
     # int8 products in the LM and the vision encoder: where the fp32 products are bound by arithmetic
@@ -123,8 +123,8 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
         f"head in bf16 and could pass 100%); tokens compares the output ids with theirs. bf16: the Q-Former stays "
         f"fp32 in ours. fuse(): the language model's weights in blip2's blocked layout (blocked_linear) where the "
         f"kernels load, the vision encoder's and Q-Former's in oneDNN's. native(): fuse() and the native decoding "
-        f"step (blip2.lm.native: the whole decoder in one C++ call per token, every row; greedy tokens from a bf16 "
-        f"screen of the fp32 head, the candidates it leaves computed exactly: blip2.kernels.greedy_head), nothing "
+        f"step (blip2.fast.native: the whole decoder in one C++ call per token, every row; greedy tokens from a bf16 "
+        f"screen of the fp32 head, the candidates it leaves computed exactly: blip2.fast.kernels.greedy_head), nothing "
         f"compiled; compile() runs the same step on CPU (at one row on plain weights: the decoding table). "
         f"int8-dynamic + compile(): the compiled step, whose first call compiles (not timed). quantize_int8(): "
         f"int8 weights, products with bf16 inputs (the AVX-512 int8 kernel's), fp32 elsewhere. "

@@ -18,14 +18,14 @@ import statistics
 import torch
 
 from common import Table, checkpoint, load_hf, load_ours, machine, ratios, threads
-from blip2.bench import copy_bandwidth, decode_bytes_per_token, decode_inputs, interleave
+from blip2.apps.bench import copy_bandwidth, decode_bytes_per_token, decode_inputs, interleave
 
 NEW_TOKENS = 24
 
 
 def _variants(dtype: str, compile: bool) -> dict[str, tuple[str, bool, bool]]:
     """name -> (fast path, compiled, native step) of our rows for ``dtype``. compile() at one row on CPU runs
-    the native step (blip2.lm.native); in bf16 the compiled graph it stands in front of is timed too."""
+    the native step (blip2.fast.native); in bf16 the compiled graph it stands in front of is timed too."""
     out = {"ours fuse()": ("fuse", False, False)}
     if compile:
         out["ours fuse() + compile()"] = ("fuse", True, True)
@@ -88,9 +88,9 @@ def run(presets: list[str], dtypes: list[str], repeats: int, compile: bool = Tru
     table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds. % of bound = (weights read per token "
                        f"/ copy bandwidth) / ms per token, each round's copies with its steps, the median over "
                        f"rounds; generate's greedy steps are timed, and where they screen the head "
-                       f"(compile(): blip2.kernels.greedy_head) the weights read count its bf16 screen instead of it. "
+                       f"(compile(): blip2.fast.kernels.greedy_head) the weights read count its bf16 screen instead of it. "
                        f"compile(): on CPU at one row the native step (the whole decoder in "
-                       f"one C++ call per token, blip2.lm.native), nothing compiled; compile(native=False): the "
+                       f"one C++ call per token, blip2.fast.native), nothing compiled; compile(native=False): the "
                        f"torch.compile'd step (inductor), whose first call compiles (not timed).")
     return table
 

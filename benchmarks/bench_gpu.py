@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from common import Table, checkpoint, load_hf, load_ours, machine, write_readme
-from blip2.bench import decode_inputs, interleave
+from blip2.apps.bench import decode_inputs, interleave
 
 NEW_TOKENS = 24
 OURS = {  # name: (fast path, compile(), cuda_graph())

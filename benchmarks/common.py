@@ -2,7 +2,7 @@
 implementations loaded from the same files, timing against transformers, and the table format.
 
 Timing rules: ours and transformers run in the same process, interleaved round by round
-(``blip2.bench.interleave``), and a speed-up is the median over rounds of the per-round ratio, so a change
+(``blip2.apps.bench.interleave``), and a speed-up is the median over rounds of the per-round ratio, so a change
 in the machine's load between rounds cancels out. The default is one CPU thread: on a shared two-core
 machine a second OpenMP thread waits at every barrier for a core someone else holds (measured: 10x slower
 steps), which says nothing about either implementation.
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from blip2 import Blip2ForConditionalGeneration  # noqa: E402
-from blip2.bench import PRESETS, apply_fast_path  # noqa: E402
+from blip2.apps.bench import PRESETS, apply_fast_path  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
 CACHE = os.environ.get("BLIP2_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "blip2-bench"))
@@ -103,7 +103,7 @@ def machine() -> str:
         cpu += f" ({', '.join(extras) or 'no AVX-512'})"
     except (OSError, StopIteration):
         pass
-    from blip2 import kernels
+    from blip2.fast import kernels
 
     native = "loaded" if kernels.ready() else f"not loaded ({kernels.status()})"  # compile() loads them
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) used; torch {torch.__version__}; "

@@ -1,4 +1,4 @@
-"""``blip2.bench.product_flops`` (the caption benchmark's compute floor) against torch's FLOP counter on
+"""``blip2.apps.bench.product_flops`` (the caption benchmark's compute floor) against torch's FLOP counter on
 transformers' models run with eager attention: every product of a greedy generate counted the same, part by
 part, for OPT and T5 (gated and not), and for a Q-Former with cross-attention in every layer; and the floor
 that the benchmark builds from it."""
@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from blip2 import Blip2Config
-from blip2.bench import floor_seconds, matmul_rate, product_flops
+from blip2.apps.bench import floor_seconds, matmul_rate, product_flops
 from conftest import randomize_, tiny_hf_config
 
 BATCH, NEW = 3, 5

@@ -1,4 +1,4 @@
-"""The blocked-layout product (blip2.kernels.blocked_linear) and the "blocked" weight format the language
+"""The blocked-layout product (blip2.fast.kernels.blocked_linear) and the "blocked" weight format the language
 models use on CPU: layout round trips, sums against float64 for every row count the kernel treats apart,
 thread independence, refusals, and the format's place in fuse()/compile()/unfuse() and the state dict."""
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from blip2 import Blip2ForConditionalGeneration, kernels
-from blip2.lm.fused import FusedLinear, decode_format, fused_format
+from blip2 import Blip2ForConditionalGeneration
+from blip2.fast import kernels
+from blip2.fast.linear import FusedLinear, decode_format, fused_format
 from conftest import pixel_batch, prompts_with_images
 from test_kernels import needs_kernel
 
@@ -187,9 +188,9 @@ def test_without_the_kernels_fuse_falls_back_to_onednn(tmp_path):
     code = textwrap.dedent("""
         import torch
         from blip2.config import OPTConfig
-        from blip2.lm.fused import fused_format
-        from blip2.lm.native import Unsupported
-        from blip2.lm.opt import OPTForCausalLM
+        from blip2.fast.linear import fused_format
+        from blip2.fast.native import Unsupported
+        from blip2.models.opt import OPTForCausalLM
         torch.manual_seed(0)
         lm = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                       num_attention_heads=4, max_position_embeddings=32)).eval()
@@ -208,4 +209,4 @@ def test_without_the_kernels_fuse_falls_back_to_onednn(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "onednn True"
-    assert lines[1] == "refused: blip2.kernels is not loaded: disabled by BLIP2_KERNELS"
+    assert lines[1] == "refused: blip2.fast.kernels is not loaded: disabled by BLIP2_KERNELS"

@@ -22,8 +22,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from test_server import OPTIONS, Served, decoded, png
 
-from blip2.pipeline import Pipeline
-from blip2.server import ServerSettings
+from blip2.apps.pipeline import Pipeline
+from blip2.apps.server import ServerSettings
 
 APT_PACKAGES = ["chromium", "chromium-driver"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 import blip2
-from blip2.cli import expand_inputs, main, read_results
-from blip2.pipeline import GenerationOptions, Pipeline
+from blip2.apps.cli import expand_inputs, main, read_results
+from blip2.apps.pipeline import GenerationOptions, Pipeline
 from blip2.processing import load_image
 
 TOKENS = 5
@@ -245,7 +245,7 @@ def test_usage_errors_are_messages_not_tracebacks(tiny_model_dir, tiny_retrieval
     err = capsys.readouterr().err
     assert err.startswith("blip2 ask: error: cannot read image 'bad.png'") and "Traceback" not in err
 
-    monkeypatch.setattr("blip2.pipeline.DEFAULT_MODEL", str(tmp_path / "no-demo"))
+    monkeypatch.setattr("blip2.apps.pipeline.DEFAULT_MODEL", str(tmp_path / "no-demo"))
     assert main(["ask", "ok.png", "what?"]) == 2
     assert capsys.readouterr().err == (
         f"blip2 ask: error: no model given and the bundled demo model is not installed ({tmp_path / 'no-demo'}); "
@@ -277,7 +277,7 @@ def test_read_results_rejects_a_corrupt_middle_line(tmp_path):
 
 
 def test_library_imports_neither_transformers_nor_the_server(tmp_path):
-    code = ("import sys, blip2, blip2.cli, blip2.pipeline; "
+    code = ("import sys, blip2, blip2.apps.cli, blip2.apps.pipeline; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'fastapi', 'uvicorn', 'starlette'}))")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                        timeout=120, check=False)
@@ -285,7 +285,7 @@ def test_library_imports_neither_transformers_nor_the_server(tmp_path):
 
 
 def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
-    for name in [m for m in sys.modules if m == "blip2.server" or m.startswith(("blip2.server.", "fastapi"))]:
+    for name in [m for m in sys.modules if m == "blip2.apps.server" or m.startswith(("blip2.apps.server.", "fastapi"))]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ModuleNotFoundError
     assert main(["serve", "--port", "0"]) == 2
@@ -380,7 +380,7 @@ def test_convert_lavis_checkpoint_then_caption(pipe, tmp_path, capsys, monkeypat
 
 def test_fast_option_same_captions_and_errors(pipe, tiny_model_dir, photos, capsys, monkeypatch):
     """--fast fuse gives the plain captions; int8 quantizes the LM; cuda-graph needs CUDA."""
-    from blip2.lm.fused import fused_format
+    from blip2.fast.linear import fused_format
 
     monkeypatch.chdir(photos.parent)
     paths = ["photos/a.png", "photos/b.jpg"]
@@ -402,8 +402,8 @@ def test_fast_option_same_captions_and_errors(pipe, tiny_model_dir, photos, caps
 def test_fast_native_same_captions_and_errors(pipe, tiny_model_dir, photos, capsys, monkeypatch):
     """--fast native: one image and a batch decode with the native step (the same captions as plain); where
     the kernels cannot load, the command says why."""
-    from blip2 import kernels
-    from blip2.lm.native import NativeOPTStep, NativeT5Step
+    from blip2.fast import kernels
+    from blip2.fast.native import NativeOPTStep, NativeT5Step
     from test_kernels import _cpu_can_build
 
     if not _cpu_can_build():
@@ -423,14 +423,14 @@ def test_fast_native_same_captions_and_errors(pipe, tiny_model_dir, photos, caps
     monkeypatch.setattr(kernels, "_tried", True)
     monkeypatch.setattr(kernels, "_status", "disabled by BLIP2_KERNELS")
     assert main(["caption", *paths, "--model", tiny_model_dir, "--device", "cpu", "--fast", "native"]) == 2
-    assert "--fast native: blip2.kernels is not loaded: disabled by BLIP2_KERNELS" in capsys.readouterr().err
+    assert "--fast native: blip2.fast.kernels is not loaded: disabled by BLIP2_KERNELS" in capsys.readouterr().err
 
 
 def test_fast_int8_dynamic_captions_and_errors(tiny_model_dir, photos, capsys, monkeypatch):
     """--fast int8-dynamic puts the language model and the vision encoder in int8-dynamic and captions;
     where the kernels are missing, the command says so instead of failing deep inside."""
-    import blip2.lm.fused as fused
-    from blip2.lm.fused import fused_format
+    import blip2.fast.linear as fused
+    from blip2.fast.linear import fused_format
 
     monkeypatch.chdir(photos.parent)
     pipe = Pipeline.load(tiny_model_dir, device="cpu", fast="int8-dynamic")

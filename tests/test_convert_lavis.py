@@ -21,15 +21,15 @@ from conftest import (  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from blip2.config import Blip2Config  # noqa: E402
-from blip2.convert_lavis import (  # noqa: E402
+from blip2.convert.lavis import (  # noqa: E402
     LavisConversionError,
     convert_lavis_checkpoint,
     convert_lavis_state_dict,
     lavis_config,
     lavis_key_target,
 )
-from blip2.modeling import Blip2ForConditionalGeneration  # noqa: E402
-from blip2.retrieval import Blip2ForImageTextRetrieval  # noqa: E402
+from blip2.models.blip2 import Blip2ForConditionalGeneration  # noqa: E402
+from blip2.models.retrieval import Blip2ForImageTextRetrieval  # noqa: E402
 
 QVOCAB = 120
 TEMP = 0.0625

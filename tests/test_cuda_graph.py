@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from blip2 import Blip2ForConditionalGeneration
-from blip2.lm.graphs import GraphedStep
+from blip2.fast.graphs import GraphedStep
 from conftest import pixel_batch
 from test_fast_paths import inputs
 
@@ -114,7 +114,7 @@ def test_cuda_graph_tokens_equal_plain_on_gpu(case):
 
 
 def test_bench_cuda_graph_flag_needs_cuda(case, capsys):
-    from blip2.bench import main
+    from blip2.apps.bench import main
 
     text, d, plain = case
     with pytest.raises(SystemExit):

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from blip2.assets import DEFAULT_MODEL, DEFAULT_RETRIEVAL_MODEL
-from blip2.demo_eval import answer_questions, caption_images, markdown_table, update_readme
-from blip2.modeling import Blip2ForConditionalGeneration
+from blip2.demo import DEFAULT_MODEL, DEFAULT_RETRIEVAL_MODEL
+from blip2.demo.evaluate import answer_questions, caption_images, markdown_table, update_readme
+from blip2.models.blip2 import Blip2ForConditionalGeneration
 from blip2.processing import Blip2Processor
-from blip2.recipe.tokenizer import vqa_prompt
-from blip2.retrieval import Blip2ForImageTextRetrieval
-from blip2.world import VARIANTS, caption, render_variant, sample_scene
-from blip2.world_eval import caption_scores, parse_caption
+from blip2.demo.recipe.tokenizer import vqa_prompt
+from blip2.models.retrieval import Blip2ForImageTextRetrieval
+from blip2.demo.world import VARIANTS, caption, render_variant, sample_scene
+from blip2.demo.world_eval import caption_scores, parse_caption
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "images")
 # Share of 50 redrawn / perturbed images captioned right. Measured on the bundled model: 0.94, and 0.98
@@ -111,7 +111,7 @@ def test_heldout_floors():
     """Issue 6's floor on the README's held-out set (500 clean images, the eval script's): captions and
     every VQA type >= 90%, text-to-image R@1 >= 80% by ITC and by ITC + ITM. Measured: captions 99.2,
     VQA colour 100.0, shape 99.5, count 99.4, colour count 99.3; R@1 88.1 (ITC), 83.2 (ITC + ITM)."""
-    from blip2.demo_eval import evaluate
+    from blip2.demo.evaluate import evaluate
 
     result = evaluate(DEFAULT_MODEL, DEFAULT_RETRIEVAL_MODEL, n=500)
     assert result["images"] == 500 and result["t2i_queries"] >= 300

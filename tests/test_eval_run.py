@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2.assets import DEFAULT_MODEL, DEFAULT_RETRIEVAL_MODEL
+from blip2.demo import DEFAULT_MODEL, DEFAULT_RETRIEVAL_MODEL
 from blip2.eval import (
     CaptionedImage,
     GQAQuestion,
@@ -47,11 +47,11 @@ from blip2.eval import (
     write_gqa_questions,
     write_vqa_annotations,
 )
-from blip2.eval.synthetic import write_world_benchmarks
+from blip2.demo.eval_sets import write_world_benchmarks
 from blip2.eval.tasks import PRESETS, TASKS, pre_caption, pre_question, trailing_number
-from blip2.modeling import Blip2ForConditionalGeneration
+from blip2.models.blip2 import Blip2ForConditionalGeneration
 from blip2.processing import Blip2Processor
-from blip2.world import COLORS, COUNT_WORDS, SHAPES, SIZES
+from blip2.demo.world import COLORS, COUNT_WORDS, SHAPES, SIZES
 from conftest import IMAGE_TOKEN, VOCAB, hf_blip2, randomize_, tiny_hf_config
 
 DEMO = Path(DEFAULT_MODEL)
@@ -128,7 +128,7 @@ def gen_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ret_dir(tmp_path_factory) -> str:
-    pytest.importorskip("blip2.retrieval")
+    pytest.importorskip("blip2.models.retrieval")
     if USE_DEMO:
         found = demo_dir(retrieval=True)
         if found is None:
@@ -461,7 +461,7 @@ def test_nocaps_per_domain(gen_dir, bench, direct_captions, tmp_path, capsys):
 @torch.no_grad()
 def direct_retrieval(model_dir: str, images: list[str], texts: list[str], text_to_image: list[int], k: int):
     """LAVIS' evaluation written out on the whole set at once: ITC matrix, ITM + ITC on each query's top k."""
-    from blip2.retrieval import Blip2ForImageTextRetrieval, itc_similarity
+    from blip2.models.retrieval import Blip2ForImageTextRetrieval, itc_similarity
 
     model = Blip2ForImageTextRetrieval.from_pretrained(model_dir)
     processor = Blip2Processor.from_pretrained(model_dir)

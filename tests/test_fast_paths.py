@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from blip2 import Blip2ForConditionalGeneration
-from blip2.bench import module_bytes
-from blip2.lm.fused import FusedLinear, decode_format, default_format, fused_format
+from blip2.apps.bench import module_bytes
+from blip2.fast.linear import FusedLinear, decode_format, default_format, fused_format
 from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
 
 OPT_PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]  # BOS + text, left-padded in a batch
@@ -149,7 +149,7 @@ def _agreement_case(hf_opt_dir: tuple) -> tuple[str, torch.Tensor, torch.Tensor 
     model captioning its example images when it is there, else the tiny random BLIP-2-OPT with eight
     prompts (its greedy continuations use many different tokens: see the test)."""
     try:
-        from blip2.assets import DEFAULT_MODEL
+        from blip2.demo import DEFAULT_MODEL
     except ImportError:
         DEFAULT_MODEL = None
     images = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "images", "*.png")))
@@ -229,7 +229,7 @@ def test_dynamic_int8_product_is_exact_on_the_rounded_rows():
     """The kernel gets each row rounded to integers with its own scale and returns their exact product
     with the int8 weights: equal, to fp32 rounding, to the same product in float64; a row's result does
     not depend on the other rows; an all-zero row gives the bias."""
-    from blip2.quant import (dynamic_int8_kernel, dynamic_int8_levels, dynamic_int8_linear, pack_dynamic,
+    from blip2.fast.quant import (dynamic_int8_kernel, dynamic_int8_levels, dynamic_int8_linear, pack_dynamic,
                              quantize_weight)
 
     QMAX = dynamic_int8_levels()
@@ -260,7 +260,7 @@ def test_dynamic_int8_product_is_exact_on_the_rounded_rows():
 def test_dynamic_int8_takes_the_activation_range_its_kernel_computes_exactly(monkeypatch):
     """The activation range is chosen by trying the kernel: a range the kernel does not reproduce exactly
     (63 levels without "reduce range": its scale is not 1) is passed over; none that works -> unavailable."""
-    import blip2.quant as quant
+    import blip2.fast.quant as quant
 
     monkeypatch.setattr(quant, "_TRIED", False)
     monkeypatch.setattr(quant, "_CONFIG", None)
@@ -276,7 +276,7 @@ def test_dynamic_int8_takes_the_activation_range_its_kernel_computes_exactly(mon
 
 
 def test_dynamic_int8_layer_refuses_where_it_cannot_run(monkeypatch):
-    import blip2.lm.fused as fused
+    import blip2.fast.linear as fused
 
     with pytest.raises(ValueError, match="int8-dynamic format needs a CPU.*meta"):
         FusedLinear([torch.nn.Linear(16, 8, device="meta")], "int8-dynamic")
@@ -420,7 +420,7 @@ def test_compile_on_a_torch_without_graph_isolation(case, monkeypatch):
     """torch before 2.13 has no ``torch.compile(isolate_recompiles=...)`` (found on a GPU machine with
     torch 2.11, where compile() raised TypeError): there the module guards stay and the keyword is not
     passed; the compiled step still gives the plain tokens."""
-    import blip2.lm.fused as fused
+    import blip2.fast.linear as fused
 
     text, d, plain = case
     torch._dynamo.reset()
@@ -456,11 +456,11 @@ def test_compiled_step_tokens_equal_plain_inductor(hf_opt_dir, batch):
     assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == want.tolist()
 
 
-# -- blip2.bench ------------------------------------------------------------------------------
+# -- blip2.apps.bench ------------------------------------------------------------------------------
 
 
 def test_bytes_read_per_token_follow_the_weight_format(hf_opt_dir, capsys):
-    from blip2.bench import decode_bytes_per_token, main
+    from blip2.apps.bench import decode_bytes_per_token, main
 
     _, d = hf_opt_dir
     plain = Blip2ForConditionalGeneration.from_pretrained(d)

@@ -1,4 +1,4 @@
-"""blip2.index: search and rank_texts against a brute-force LAVIS k_test ranking computed with the
+"""blip2.apps.index: search and rank_texts against a brute-force LAVIS k_test ranking computed with the
 transformers reference over all pairs; incremental building; save/load; folders."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import pixel_batch, randomize_, tiny_hf_config  # noqa: E402
 
-from blip2.index import ImageIndex, list_images, rank_texts  # noqa: E402
-from blip2.retrieval import Blip2ForImageTextRetrieval  # noqa: E402
+from blip2.apps.index import ImageIndex, list_images, rank_texts  # noqa: E402
+from blip2.models.retrieval import Blip2ForImageTextRetrieval  # noqa: E402
 
 QVOCAB = 120
 N_IMAGES, N_TEXTS = 12, 5

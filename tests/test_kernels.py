@@ -1,4 +1,4 @@
-"""The native row-product kernel (blip2.kernels): its sums against float64, its build and cache, the
+"""The native row-product kernel (blip2.fast.kernels): its sums against float64, its build and cache, the
 fallback where it cannot be built, and compiled decoding at batch 1 calling it with the plain path's
 tokens."""
 
@@ -12,7 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from blip2 import Blip2ForConditionalGeneration, kernels
+from blip2 import Blip2ForConditionalGeneration
+from blip2.fast import kernels
 from conftest import pixel_batch, prompts_with_images
 
 
@@ -139,9 +140,9 @@ def _load_in_subprocess(env: dict[str, str]) -> list[str]:
         class Catch(logging.Handler):
             def emit(self, record):
                 built.append("building" in record.getMessage())
-        logging.getLogger("blip2.kernels").addHandler(Catch())
-        logging.getLogger("blip2.kernels").setLevel(logging.INFO)
-        from blip2 import kernels
+        logging.getLogger("blip2.fast.kernels").addHandler(Catch())
+        logging.getLogger("blip2.fast.kernels").setLevel(logging.INFO)
+        from blip2.fast import kernels
         ok = kernels.load()
         print(ok, any(built), sep="\\n")
         print(kernels.status())
@@ -250,12 +251,12 @@ def test_compiled_batch_one_step_runs_the_kernel_with_the_plain_tokens(hf_opt_di
 @needs_kernel
 @pytest.mark.slow
 def test_bench_says_the_one_row_step_is_native(hf_opt_dir, capsys):
-    from blip2.bench import main
+    from blip2.apps.bench import main
 
     torch._dynamo.reset()
     assert main(["--model", hf_opt_dir[1], "--compile", "--batch", "1", "--new-tokens", "3", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "decoding step: native (blip2.kernels, the whole decoder in one call per token, one row" in out
+    assert "decoding step: native (blip2.fast.kernels, the whole decoder in one call per token, one row" in out
     assert "decoding, batch 1:" in out and "captioning, batch 1, 3 new tokens" in out
 
 

@@ -1,4 +1,4 @@
-"""Native whole decoding steps (blip2.lm.native, blip2_kernels::t5_step / opt_step): the same logits as the
+"""Native whole decoding steps (blip2.fast.native, blip2_kernels::t5_step / opt_step): the same logits as the
 eager step, teacher-forced step by step, for OPT and T5 variants in fp32, bf16 and int8; compile() uses
 them for one row and hands everything else to the compiled step; what they do not cover is refused."""
 
@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip2 import Blip2ForConditionalGeneration, kernels
+from blip2 import Blip2ForConditionalGeneration
+from blip2.fast import kernels
 from blip2.config import OPTConfig, T5Config
-from blip2.lm.native import NativeOPTStep, NativeT5Step, Unsupported, try_native
-from blip2.lm.opt import OPTForCausalLM
-from blip2.lm.t5 import T5ForConditionalGeneration
+from blip2.fast.native import NativeOPTStep, NativeT5Step, Unsupported, try_native
+from blip2.models.opt import OPTForCausalLM
+from blip2.models.t5 import T5ForConditionalGeneration
 from conftest import pixel_batch, prompts_with_images, randomize_
 from test_kernels import needs_kernel
 
@@ -383,7 +384,7 @@ def test_native_method_decodes_every_row_natively(hf_opt_dir, hf_t5_dir, text):
     one image and three images each through one op call per step with the plain tokens. After
     quantize_int8() (int8 stays): one row natively, three through the eager step. What it cannot cover
     raises before touching the model."""
-    from blip2.lm.fused import default_format, fused_format
+    from blip2.fast.linear import default_format, fused_format
 
     d, ids, mask = _three_prompts(text, hf_opt_dir, hf_t5_dir)
     pixels = pixel_batch(3, seed=7)

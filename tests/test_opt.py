@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from blip2.config import OPTConfig
-from blip2.lm.opt import OPTForCausalLM
+from blip2.models.opt import OPTForCausalLM
 
 VOCAB = 40
 PAD = 1

@@ -9,7 +9,7 @@ import torch
 import transformers
 from PIL import Image
 
-from blip2.pipeline import (
+from blip2.apps.pipeline import (
     GenerationOptions,
     Pipeline,
     PipelineError,

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from blip2.modeling import Blip2ForConditionalGeneration
+from blip2.models.blip2 import Blip2ForConditionalGeneration
 from blip2.processing import Blip2Processor, TextTokenizer
-from blip2.recipe.config import quick
-from blip2.recipe.data import make_scene_data
-from blip2.recipe.driver import run
-from blip2.recipe.lm import scene_documents, scene_table
-from blip2.recipe.stages import CAPTION_COPIES, VQA_PROMPT, hard_negative, stage1_dataset, stage2_dataset
-from blip2.recipe.tokenizer import build_tokenizer, vqa_prompt
-from blip2.retrieval import Blip2ForImageTextRetrieval
-from blip2.world import caption, questions, sample_scene
+from blip2.demo.recipe.config import quick
+from blip2.demo.recipe.data import make_scene_data
+from blip2.demo.recipe.driver import run
+from blip2.demo.recipe.lm import scene_documents, scene_table
+from blip2.demo.recipe.stages import CAPTION_COPIES, VQA_PROMPT, hard_negative, stage1_dataset, stage2_dataset
+from blip2.demo.recipe.tokenizer import build_tokenizer, vqa_prompt
+from blip2.models.retrieval import Blip2ForImageTextRetrieval
+from blip2.demo.world import caption, questions, sample_scene
 
 CAPTION = "a small green triangle, a large yellow circle and a small purple square"
 CAPTION_IDS = [1, 4, 7, 10, 17, 6, 4, 8, 12, 15, 5, 4, 7, 13, 16]
@@ -127,7 +127,7 @@ def test_scene_documents_end_with_eos():
 
 
 def test_quick_recipe_end_to_end(tmp_path):
-    """Every step of ``python -m blip2.recipe --quick``: files in the HF layout, loadable, evaluated."""
+    """Every step of ``python -m blip2.demo.recipe --quick``: files in the HF layout, loadable, evaluated."""
     cfg = quick(len(build_tokenizer()))
     report = run(str(tmp_path), cfg)
     demo, retrieval = tmp_path / "demo", tmp_path / "demo-retrieval"
@@ -154,7 +154,7 @@ def test_quick_recipe_end_to_end(tmp_path):
 
 
 def test_lm_rows_open_with_the_scene_table_where_the_image_goes():
-    from blip2.recipe.lm import _batch
+    from blip2.demo.recipe.lm import _batch
 
     tok = build_tokenizer()
     docs = scene_documents(tok, "a small red circle and a large blue square",

@@ -1,4 +1,4 @@
-"""Parity of blip2.retrieval with transformers' BLIP-2 retrieval classes on tiny random models.
+"""Parity of blip2.models.retrieval with transformers' BLIP-2 retrieval classes on tiny random models.
 
 The reference is saved with ``save_pretrained`` and ours is loaded with ``from_pretrained`` from that
 directory, so these tests cover the key names and the loading as well as the arithmetic.
@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, randomize_, tiny_hf_config  # noqa: E402
 
 from blip2.config import Blip2Config  # noqa: E402
-from blip2.retrieval import (  # noqa: E402
+from blip2.models.retrieval import (  # noqa: E402
     Blip2ForImageTextRetrieval,
     Blip2TextModelWithProjection,
     Blip2VisionModelWithProjection,

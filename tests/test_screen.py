@@ -1,4 +1,4 @@
-"""The screened greedy head (blip2_kernels::greedy_head, blip2.lm.native's ``greedy``): the token is the
+"""The screened greedy head (blip2_kernels::greedy_head, blip2.fast.native's ``greedy``): the token is the
 argmax of the full fp32 head's logits, bit for bit, banned ids left out, ties to the lowest id, for blocked
 and plain heads; near ties, exact ties, non-finite inputs and huge logits included. Greedy generate with
 native() screens (few logits computed exactly) and gives the tokens of the unscreened step; what it does
@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip2 import Blip2ForConditionalGeneration, kernels
-from blip2.lm.native import NativeOPTStep, NativeT5Step, masked_argmax
+from blip2 import Blip2ForConditionalGeneration
+from blip2.fast import kernels
+from blip2.fast.native import NativeOPTStep, NativeT5Step, masked_argmax
 from conftest import pixel_batch
 from test_kernels import needs_kernel
 from test_native_steps import _three_prompts
@@ -216,8 +217,8 @@ def test_bf16_and_missing_bf16_dot_keep_the_whole_head(hf_opt_dir, monkeypatch):
 
 
 def test_bytes_read_per_token_count_the_screen_not_the_head(hf_t5_dir):
-    """blip2.bench's bound: a screened step reads the head's bf16 screen (half the head) instead of it."""
-    from blip2.bench import decode_bytes_per_token, module_bytes
+    """blip2.apps.bench's bound: a screened step reads the head's bf16 screen (half the head) instead of it."""
+    from blip2.apps.bench import decode_bytes_per_token, module_bytes
 
     d = hf_t5_dir[1]
     model = Blip2ForConditionalGeneration.from_pretrained(d).native()

@@ -22,8 +22,8 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from blip2.pipeline import GenerationOptions, Pipeline
-from blip2.server import MicroBatcher, QueueFull, ServerSettings, bind, create_app
+from blip2.apps.pipeline import GenerationOptions, Pipeline
+from blip2.apps.server import MicroBatcher, QueueFull, ServerSettings, bind, create_app
 
 OPTIONS = GenerationOptions(max_new_tokens=5)
 

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from blip2.config import T5Config
-from blip2.lm.t5 import T5ForConditionalGeneration, relative_position_bucket, seq2seq_lm_loss, shift_right
+from blip2.models.t5 import T5ForConditionalGeneration, relative_position_bucket, seq2seq_lm_loss, shift_right
 
 
 D, V = 32, 100

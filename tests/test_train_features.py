@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from train_fixtures import NUM_QUERY, OPT_SPECIAL, WORDS, write_bert_dir, write_blip2_dir, write_vision_preprocessor  # noqa: E402
 
-from blip2.modeling import Blip2ForConditionalGeneration  # noqa: E402
+from blip2.models.blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.processing import Blip2Processor  # noqa: E402
 from blip2.train import (  # noqa: E402
     Blip2Stage2,

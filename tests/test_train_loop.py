@@ -31,7 +31,7 @@ from train_fixtures import (  # noqa: E402
 )
 
 from blip2.images import Blip2ImageProcessor  # noqa: E402
-from blip2.modeling import Blip2ForConditionalGeneration  # noqa: E402
+from blip2.models.blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.processing import Blip2Processor  # noqa: E402
 from blip2.train import (  # noqa: E402
     Blip2Stage2,
@@ -330,7 +330,7 @@ def test_gradient_accumulation_equals_the_larger_batch(dirs):
 
 def test_learns_the_synthetic_world(dirs):
     """Stage 1: ITC retrieval among 8 images of held-out scenes from chance to well above it; stage 2: the
-    held-out LM loss drops clearly. Tiny models, one-object scenes of blip2.world, CPU, well under a minute."""
+    held-out LM loss drops clearly. Tiny models, one-object scenes of blip2.demo.world, CPU, well under a minute."""
     stage1, processor = stage1_model(dirs)
     val = make_dataset(dirs["val"] + "/captions.jsonl", processor.image_processor, TrainConfig(augment=False))
     vb = collate([val[i] for i in range(len(val))])

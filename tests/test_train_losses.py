@@ -25,9 +25,9 @@ from train_fixtures import (  # noqa: E402
     write_vision_preprocessor,
 )
 
-from blip2.modeling import Blip2ForConditionalGeneration  # noqa: E402
+from blip2.models.blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.processing import Blip2Processor  # noqa: E402
-from blip2.retrieval import Blip2ForImageTextRetrieval  # noqa: E402
+from blip2.models.retrieval import Blip2ForImageTextRetrieval  # noqa: E402
 from blip2.train import Blip2Stage1, Blip2Stage2, Stage1Text, Stage2Text, build_stage1  # noqa: E402
 from blip2.train.losses import negative_weights, sample_negatives  # noqa: E402
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from train_fixtures import NUM_QUERY, OPT_SPECIAL, WORDS, write_blip2_dir  # noqa: E402
 
-from blip2.modeling import Blip2ForConditionalGeneration  # noqa: E402
+from blip2.models.blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.processing import Blip2Processor  # noqa: E402
 from blip2.train import Blip2Stage2, FeatureDataset, Record, Stage2Text, TrainConfig, load_records, train_stage2, vision_states  # noqa: E402
 from blip2.train.data import collate  # noqa: E402

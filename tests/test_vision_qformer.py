@@ -1,4 +1,4 @@
-"""Parity of blip2.vision / blip2.qformer with transformers' BLIP-2 on tiny random models.
+"""Parity of blip2.models.vision / blip2.models.qformer with transformers' BLIP-2 on tiny random models.
 
 transformers is the reference here (the package itself never imports it). Every weight of the
 reference is re-randomised so nothing is left at its (often zero/one) initial value: a weight we
@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.blip_2 import modeling_blip_2 as hf  # noqa: E402
 
 from blip2.config import Blip2Config  # noqa: E402
-from blip2.qformer import Blip2QFormerModel, Blip2QFormerTextEmbeddings  # noqa: E402
-from blip2.vision import Blip2VisionModel  # noqa: E402
+from blip2.models.qformer import Blip2QFormerModel, Blip2QFormerTextEmbeddings  # noqa: E402
+from blip2.models.vision import Blip2VisionModel  # noqa: E402
 
 TOL = 1e-5
 Q = 5  # queries
@@ -174,7 +174,7 @@ def test_vision_inference_in_place_equals_the_autograd_path(vision_pair):
 @pytest.mark.parametrize("name", ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu",
                                   "swish", "tanh"])
 def test_in_place_activations_equal_the_plain_ones(name):
-    from blip2.vision import activation
+    from blip2.models.vision import activation
 
     x = torch.randn(1000) * 4
     want = activation(name)(x)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip2 import world
-from blip2.world import (
+from blip2.demo import world
+from blip2.demo.world import (
     COLORS, COUNT_WORDS, DEFAULT_SIZE, PALETTE, PERTURBATIONS, SHAPES, VARIANTS, Scene, caption,
     object_mask, perturb, questions, render, render_variant, sample_scene, write_dataset, write_examples,
 )
-from blip2.world_eval import answer_correct, caption_correct, caption_scores, normalize_answer, parse_caption
+from blip2.demo.world_eval import answer_correct, caption_correct, caption_scores, normalize_answer, parse_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -352,9 +352,9 @@ def test_generation_speed(tmp_path):
 
 def test_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, "-m", "blip2.world", "--help"], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "blip2.demo.world", "--help"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "--seed" in out.stdout and "--variant" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "blip2.world", "--out", str(tmp_path), "--n", "7", "--seed", "2"],
+    out = subprocess.run([sys.executable, "-m", "blip2.demo.world", "--out", str(tmp_path), "--n", "7", "--seed", "2"],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert len((tmp_path / "train" / "captions.jsonl").read_text().splitlines()) == 7

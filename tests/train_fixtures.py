@@ -1,6 +1,6 @@
 """Tiny models, tokenizers and data for the training tests (built with transformers and tokenizers).
 
-Vocabularies are the synthetic world's words, so ``blip2.world`` captions tokenize without unknowns.
+Vocabularies are the synthetic world's words, so ``blip2.demo.world`` captions tokenize without unknowns.
 """
 
 from __future__ import annotations
@@ -130,18 +130,18 @@ def write_vision_preprocessor(directory: Path) -> None:
 
 
 def world_data(directory: Path, n: int, seed: int = 0, split: str = "train") -> Path:
-    """``blip2.world`` images at 64 px with captions.jsonl / vqa.jsonl; returns the split directory."""
-    from blip2 import world
+    """``blip2.demo.world`` images at 64 px with captions.jsonl / vqa.jsonl; returns the split directory."""
+    from blip2.demo import world
 
     return Path(world.write_dataset(directory, n, seed=seed, split=split, size=64))
 
 
 def one_object_data(directory: Path, n: int, seed: int = 0, split: str = "train", size: int = 32) -> Path:
-    """``blip2.world`` scenes with one object each ("a small red circle": 36 captions, all 4 words), drawn
+    """``blip2.demo.world`` scenes with one object each ("a small red circle": 36 captions, all 4 words), drawn
     at ``size`` px, with captions.jsonl; returns the split directory."""
     import numpy as np
 
-    from blip2 import world
+    from blip2.demo import world
 
     root = directory / split
     (root / "images").mkdir(parents=True, exist_ok=True)

@@ -32,5 +32,5 @@ def register_fake(op: str) -> Callable[[Callable[..., Any]], Any]:
     a C++ op, for tracing."""
     if hasattr(torch.library, "register_fake"):
         return torch.library.register_fake(op, _stacklevel=2)
-    # torch 2.3 checks that the caller's module is the one the C++ library names (blip2.kernels)
+    # torch 2.3 checks that the caller's module is the one the C++ library names (blip2.fast.kernels)
     return torch.library.impl_abstract(op, _stacklevel=2)

@@ -421,7 +421,7 @@ class SubmodelMixin(PretrainedMixin):
     @classmethod
     def _select_config(cls, raw: dict[str, Any], source: str) -> tuple[Any, str]:
         if raw.get("model_type") in ("blip-2", "blip_2"):
-            from .config import Blip2Config
+            from blip2.config import Blip2Config
 
             return getattr(Blip2Config.from_dict(raw, source), cls._blip2_config_key), cls._blip2_prefix
         return cls._config_from_dict(raw, source), ""

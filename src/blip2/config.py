@@ -364,7 +364,7 @@ class Blip2Config(_Config):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **hub_kwargs: Any) -> Blip2Config:
-        from .checkpoint import resolve_dir
+        from blip2.checkpoint import resolve_dir
 
         directory = resolve_dir(path_or_id, **hub_kwargs)
         return cls.from_json_file(os.path.join(directory, "config.json"))

@@ -45,7 +45,7 @@ class Decoder(Protocol):
 
     # Optional: ``step_greedy(tokens, banned) -> next tokens [N]``, the argmax of what ``step(tokens)`` would
     # return with the ids ``banned`` (or none) at -inf, without the whole logits where a model can do it
-    # faster (blip2.lm.native's screened head). Greedy decoding without a repetition penalty uses it.
+    # faster (blip2.fast.native's screened head). Greedy decoding without a repetition penalty uses it.
 
 
 @dataclass

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .checkpoint import resolve_dir
+from blip2.checkpoint import resolve_dir
 
 __all__ = [
     "BatchFeature",

@@ -26,8 +26,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import BPE
 
-from .checkpoint import resolve_dir
-from .images import (
+from blip2.checkpoint import resolve_dir
+from blip2.images import (
     BatchFeature,
     Blip2ImageProcessor,
     DEFAULT_MAX_PIXELS,

@@ -5,10 +5,10 @@ at import time.
 
 Submodules not imported here: ``blip2.eval.run`` (the ``blip2 eval`` command: a model on a
 benchmark's files, resumable, with the paper's presets), ``blip2.eval.tasks`` (which files each
-benchmark reads, the presets, scoring) and ``blip2.eval.synthetic`` (the shapes world written as
+benchmark reads, the presets, scoring) and ``blip2.demo.eval_sets`` (the shapes world written as
 VQAv2 / GQA / Karpathy / NoCaps / retrieval files)."""
 
-from .caption import (
+from blip2.eval.caption import (
     CaptionScores,
     cider_d,
     corpus_bleu,
@@ -19,7 +19,7 @@ from .caption import (
     spice_score,
     tokenize_captions,
 )
-from .formats import (
+from blip2.eval.formats import (
     NOCAPS_DOMAINS,
     CaptionedImage,
     GQAQuestion,
@@ -46,7 +46,7 @@ from .formats import (
     write_vqa_questions,
     write_vqa_results,
 )
-from .retrieval import (
+from blip2.eval.retrieval import (
     ranks_from_rankings,
     ranks_from_scores,
     recall_at_k,
@@ -55,7 +55,7 @@ from .retrieval import (
     retrieval_recall,
     retrieval_recall_from_rankings,
 )
-from .vqa import (
+from blip2.eval.vqa import (
     VQAScore,
     gqa_accuracy,
     normalize_answer,

@@ -19,7 +19,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from .formats import NOCAPS_DOMAINS, CaptionedImage
+from blip2.eval.formats import NOCAPS_DOMAINS, CaptionedImage
 
 __all__ = [
     "ptb_tokenize",

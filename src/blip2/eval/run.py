@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ..checkpoint import resolve_dir
-from ..modeling import Blip2ForConditionalGeneration
-from ..pipeline import resolve_device, resolve_dtype
-from ..processing import Blip2ImageProcessor, Blip2Processor
-from .retrieval import ranks_from_scores, rerank_top_k
-from .tasks import (
+from blip2.checkpoint import resolve_dir
+from blip2.models.blip2 import Blip2ForConditionalGeneration
+from blip2.apps.pipeline import resolve_device, resolve_dtype
+from blip2.processing import Blip2ImageProcessor, Blip2Processor
+from blip2.eval.retrieval import ranks_from_scores, rerank_top_k
+from blip2.eval.tasks import (
     PREDICTION_FIELDS,
     PRESETS,
     TASKS,
@@ -58,7 +58,7 @@ from .tasks import (
 )
 
 if TYPE_CHECKING:
-    from ..retrieval import Blip2ForImageTextRetrieval
+    from blip2.models.retrieval import Blip2ForImageTextRetrieval
 
 __all__ = ["EvalOptions", "build_parser", "evaluate", "generate_texts", "load_model", "main", "rank_retrieval",
            "summary_table"]
@@ -116,7 +116,7 @@ def load_model(checkpoint: str, retrieval: bool, device: torch.device, dtype: to
             if retrieval else "a captioning/VQA checkpoint (Blip2ForConditionalGeneration)"
         raise ValueError(f"this task needs {need}; {checkpoint} is {', '.join(architectures) or 'of unknown class'}")
     if retrieval:  # imported here: only retrieval tasks need the retrieval heads
-        from ..retrieval import Blip2ForImageTextRetrieval as model_class
+        from blip2.models.retrieval import Blip2ForImageTextRetrieval as model_class
     else:
         model_class = Blip2ForConditionalGeneration
     model = model_class.from_pretrained(directory, dtype=dtype, device=device)
@@ -213,7 +213,7 @@ def rank_retrieval(model: Blip2ForImageTextRetrieval, processor: Blip2Processor,
     queries in ``skip`` ((direction, index) pairs, done before a resume) are not run again. The vision
     features of all images are kept ([n_images, N+1, Dv] in the model's dtype), as LAVIS keeps them.
     """
-    from ..retrieval import itc_similarity
+    from blip2.models.retrieval import itc_similarity
 
     split, dev = data.split, model.device
     feats, image_embeds = [], []

@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .caption import evaluate_captions, evaluate_nocaps
-from .formats import (
+from blip2.eval.caption import evaluate_captions, evaluate_nocaps
+from blip2.eval.formats import (
     CaptionedImage,
     GQAQuestion,
     RetrievalSet,
@@ -40,8 +40,8 @@ from .formats import (
     read_vqa_annotations,
     read_vqa_questions,
 )
-from .retrieval import recall_summary
-from .vqa import gqa_accuracy, vqa_accuracy
+from blip2.eval.retrieval import recall_summary
+from blip2.eval.vqa import gqa_accuracy, vqa_accuracy
 
 __all__ = [
     "PREDICTION_FIELDS", "PRESETS", "TASKS", "GenerationData", "Item", "Preset", "RetrievalData", "Task", "TaskData",

@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .formats import GQAQuestion, VQAAnnotation
+from blip2.eval.formats import GQAQuestion, VQAAnnotation
 
 __all__ = [
     "process_punctuation",

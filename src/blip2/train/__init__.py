@@ -14,9 +14,9 @@ Command line: ``blip2 train stage1|stage2|finetune --data MANIFEST --out DIR ...
 ``python -m blip2.train ...``; under ``torchrun`` for DDP.
 """
 
-from .command import main
-from .common import vision_states
-from .data import (
+from blip2.train.command import main
+from blip2.train.common import vision_states
+from blip2.train.data import (
     FeatureDataset,
     GlobalBatchSampler,
     ImageTextDataset,
@@ -24,9 +24,9 @@ from .data import (
     TrainTransform,
     load_records,
 )
-from .loop import lr_at
-from .presets import PRESETS, TrainConfig
-from .stage1 import (
+from blip2.train.loop import lr_at
+from blip2.train.presets import PRESETS, TrainConfig
+from blip2.train.stage1 import (
     Blip2Stage1,
     QFormerLMHead,
     Stage1Text,
@@ -34,7 +34,7 @@ from .stage1 import (
     load_bert_into,
     train_stage1,
 )
-from .stage2 import Blip2Stage2, Stage2Text, build_stage2, finetune, load_stage1_into, train_stage2
+from blip2.train.stage2 import Blip2Stage2, Stage2Text, build_stage2, finetune, load_stage1_into, train_stage2
 
 __all__ = [
     "PRESETS",

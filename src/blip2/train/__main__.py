@@ -2,6 +2,6 @@
 
 import sys
 
-from . import main
+from blip2.train import main
 
 sys.exit(main())

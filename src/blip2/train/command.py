@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError
-from ..modeling import Blip2ForConditionalGeneration
-from ..processing import Blip2Processor
-from .presets import PRESETS, TrainConfig, load_config_file
-from .stage1 import Blip2Stage1, build_stage1, train_stage1
-from .stage2 import build_stage2, load_stage1_into, train_stage2
+from blip2.checkpoint import CheckpointError
+from blip2.config import ConfigError
+from blip2.models.blip2 import Blip2ForConditionalGeneration
+from blip2.processing import Blip2Processor
+from blip2.train.presets import PRESETS, TrainConfig, load_config_file
+from blip2.train.stage1 import Blip2Stage1, build_stage1, train_stage1
+from blip2.train.stage2 import build_stage2, load_stage1_into, train_stage2
 
 __all__ = ["build_parser", "main"]
 

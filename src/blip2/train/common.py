@@ -10,11 +10,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..images import Blip2ImageProcessor
-from ..processing import Blip2Processor
-from ..vision import Blip2VisionModel
-from .data import FeatureDataset, ImageTextDataset, TrainTransform, load_records
-from .presets import TrainConfig
+from blip2.images import Blip2ImageProcessor
+from blip2.processing import Blip2Processor
+from blip2.models.vision import Blip2VisionModel
+from blip2.train.data import FeatureDataset, ImageTextDataset, TrainTransform, load_records
+from blip2.train.presets import TrainConfig
 
 __all__ = ["autocast", "encode_image", "frozen_vision_modules", "image_inputs", "make_dataset", "save_processor",
            "vision_states"]

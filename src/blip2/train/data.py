@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..images import DEFAULT_MAX_PIXELS, Blip2ImageProcessor, ImageLoadError, load_image
+from blip2.images import DEFAULT_MAX_PIXELS, Blip2ImageProcessor, ImageLoadError, load_image
 
 __all__ = [
     "FeatureDataset",

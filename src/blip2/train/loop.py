@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .data import GlobalBatchSampler, ImageTextDataset, collate
-from .losses import rank_and_world
-from .presets import TrainConfig
+from blip2.train.data import GlobalBatchSampler, ImageTextDataset, collate
+from blip2.train.losses import rank_and_world
+from blip2.train.presets import TrainConfig
 
 __all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "Trainee", "derive_seed", "lr_at", "run"]
 

@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import iter_checkpoint_tensors
-from ..config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
-from ..images import Blip2ImageProcessor
-from ..processing import Blip2Processor, TextTokenizer
-from ..retrieval import Blip2ForImageTextRetrieval
-from ..vision import activation
-from .common import encode_image, frozen_vision_modules, image_inputs, make_dataset, save_processor
-from .data import FeatureDataset, ImageTextDataset
-from .loop import derive_seed, run
-from .losses import (
+from blip2.checkpoint import iter_checkpoint_tensors
+from blip2.config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from blip2.images import Blip2ImageProcessor
+from blip2.processing import Blip2Processor, TextTokenizer
+from blip2.models.retrieval import Blip2ForImageTextRetrieval
+from blip2.models.vision import activation
+from blip2.train.common import encode_image, frozen_vision_modules, image_inputs, make_dataset, save_processor
+from blip2.train.data import FeatureDataset, ImageTextDataset
+from blip2.train.loop import derive_seed, run
+from blip2.train.losses import (
     ITG_LABEL_SMOOTHING,
     gather_no_grad,
     gather_with_grad,
@@ -48,7 +48,7 @@ from .losses import (
     sample_negatives,
     token_cross_entropy,
 )
-from .presets import TrainConfig
+from blip2.train.presets import TrainConfig
 
 __all__ = [
     "DEFAULT_TEMPERATURE",

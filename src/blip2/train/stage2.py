@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import iter_checkpoint_tensors, load_into
-from ..config import Blip2Config, OPTConfig, T5Config
-from ..images import Blip2ImageProcessor
-from ..modeling import Blip2ForConditionalGeneration
-from ..processing import Blip2Processor, TextTokenizer
-from .common import (
+from blip2.checkpoint import iter_checkpoint_tensors, load_into
+from blip2.config import Blip2Config, OPTConfig, T5Config
+from blip2.images import Blip2ImageProcessor
+from blip2.models.blip2 import Blip2ForConditionalGeneration
+from blip2.processing import Blip2Processor, TextTokenizer
+from blip2.train.common import (
     autocast,
     encode_image,
     frozen_vision_modules,
@@ -48,10 +48,10 @@ from .common import (
     make_dataset,
     save_processor,
 )
-from .data import FeatureDataset, ImageTextDataset
-from .loop import run
-from .losses import rank_and_world, token_cross_entropy
-from .presets import TrainConfig
+from blip2.train.data import FeatureDataset, ImageTextDataset
+from blip2.train.loop import run
+from blip2.train.losses import rank_and_world, token_cross_entropy
+from blip2.train.presets import TrainConfig
 
 __all__ = ["Blip2Stage2", "Stage2Text", "build_stage2", "finetune", "load_stage1_into", "train_stage2"]
 

@@ -1,0 +1,1 @@
+"""Command-line tools, the captioning pipeline, the image index, the server and the benchmark helpers."""

@@ -1,0 +1,341 @@
+"""Load a BLIP-2 checkpoint once and run it on batches: captions, answers, chat, image-text matching.
+
+The ``blip2`` command and the HTTP server share this object. Text generation relies only on the
+transformers-style API of the model and processor (``generate``, ``processor.tokenizer(...)``,
+``processor.image_processor(...)``, ``batch_decode``); matching, embedding and search use
+``blip2.models.retrieval.Blip2ForImageTextRetrieval`` and ``blip2.apps.index.ImageIndex``.
+
+    pipe = Pipeline.load("Salesforce/blip2-opt-2.7b", device="cuda")
+    pipe.caption([image_a, image_b])                       # ["a cat on a sofa", "two dogs"]
+    pipe.ask([image_a], ["what colour is the cat?"])       # ["black"]
+    pipe.chat(image_a, [("what is it?", "a cat")], "where is it?")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from blip2.demo import DEFAULT_MODEL
+from blip2.models.retrieval import itc_similarity
+
+__all__ = [
+    "QUESTION_TEMPLATE",
+    "GenerationOptions",
+    "MatchScore",
+    "Pipeline",
+    "PipelineError",
+    "chat_prompt",
+    "question_prompt",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+# The prompt BLIP-2 was evaluated with for VQA (and what the transformers docs use).
+QUESTION_TEMPLATE = "Question: {} Answer:"
+
+Images = Sequence[Image.Image] | torch.Tensor  # PIL images, or pixel_values [B, 3, H, W] already preprocessed
+
+
+class PipelineError(ValueError):
+    """A request the loaded model cannot serve (wrong checkpoint kind, prompt too long, bad model path)."""
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to decode; hashable so the server can batch requests that share them."""
+
+    max_new_tokens: int = 30
+    num_beams: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "num_beams"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MatchScore:
+    text: str
+    itm: float  # probability that the text describes the image (ITM head, softmax over [no, yes])
+    itc: float  # cosine similarity of image and text features (ITC, best of the query tokens)
+
+
+def question_prompt(question: str) -> str:
+    return QUESTION_TEMPLATE.format(question.strip())
+
+
+def chat_prompt(history: Sequence[tuple[str, str]], question: str) -> str:
+    """Earlier turns kept in the prompt: ``Question: q1 Answer: a1. Question: q2 Answer:``."""
+    turns = [f"{question_prompt(q)} {a.strip().rstrip('.')}." for q, a in history]
+    return " ".join([*turns, question_prompt(question)])
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the GPU when there is one; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PipelineError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise PipelineError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU; bfloat16 on a GPU that has it (Flan-T5 overflows in float16), else float16."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise PipelineError(f"--dtype: expected auto or one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _architectures(directory: str) -> list[str]:
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return list(json.load(f).get("architectures") or [])
+    except FileNotFoundError:
+        raise PipelineError(f"{directory}: no config.json (not a BLIP-2 checkpoint directory)") from None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise PipelineError(f"{path}: not a valid config ({e})") from None
+
+
+FAST = ("none", "fuse", "int8", "int8-dynamic", "native", "cuda-graph")  # Pipeline.load(fast=...), the commands' --fast
+
+
+class Pipeline:
+    """A BLIP-2 model and its processor, loaded once, run on batches under ``torch.inference_mode``."""
+
+    def __init__(self, model: Any, processor: Any, name: str = "") -> None:
+        self.model = model
+        self.processor = processor
+        self.name = name
+        # retrieval checkpoints (Blip2ForImageTextRetrieval) have the ITM head and cannot generate
+        self.is_retrieval = hasattr(model, "itm_head")
+
+    @classmethod
+    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", fast: str = "none") -> Pipeline:
+        """From a checkpoint directory or Hub id; ``None`` is the bundled demo model ``blip2.DEFAULT_MODEL``.
+
+        ``fast`` (generation models; one of ``FAST``): "none"; "fuse" (``fuse()``: fused, pre-packed
+        projections, the same tokens); "int8" (``quantize_int8()``: int8 language-model weights, most
+        tokens the same); "int8-dynamic" (``quantize_int8(dynamic=True, vision=True)``: int8 products in the
+        language model and the vision encoder, the fastest for batches on CPU, most tokens the same; CPU
+        only); "native" (``native()``: decoding runs the native step, the whole
+        language-model decoder in one C++ call per token for the whole batch, the same tokens; the fastest
+        on CPU; CPU only); "cuda-graph"
+        (``fuse()`` and ``cuda_graph()``: the decoding step replayed as a CUDA graph, the same tokens; CUDA
+        only)."""
+        if fast not in FAST:
+            raise PipelineError(f"fast must be one of {', '.join(FAST)}, got {fast!r}")
+        if model is None:
+            if not os.path.isdir(DEFAULT_MODEL):
+                raise PipelineError(f"no model given and the bundled demo model is not installed ({DEFAULT_MODEL}); "
+                                    "pass --model DIR_OR_HUB_ID, e.g. --model Salesforce/blip2-opt-2.7b")
+            model = DEFAULT_MODEL
+        dev = resolve_device(device)
+        if fast == "cuda-graph" and dev.type != "cuda":
+            raise PipelineError(f"--fast cuda-graph needs a CUDA device; the model is on {dev}")
+        if fast == "native" and dev.type != "cpu":
+            raise PipelineError(f"--fast native runs on CPU only; the model is on {dev} (use cuda-graph there)")
+        if fast == "int8-dynamic" and dev.type != "cpu":
+            raise PipelineError(f"--fast int8-dynamic runs on CPU only; the model is on {dev} (use fuse or "
+                                f"cuda-graph there)")
+        dt = resolve_dtype(dtype, dev)
+        from blip2.checkpoint import resolve_dir
+        from blip2.processing import Blip2Processor
+
+        try:
+            directory = resolve_dir(model)
+            if "Blip2ForImageTextRetrieval" in _architectures(directory):
+                from blip2.models.retrieval import Blip2ForImageTextRetrieval as model_class
+            else:
+                from blip2.models.blip2 import Blip2ForConditionalGeneration as model_class
+            net = model_class.from_pretrained(directory, torch_dtype=dt, device=dev)
+            processor = Blip2Processor.from_pretrained(directory)
+        except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
+            raise PipelineError(f"cannot load model {model!r}: {e}") from None
+        if fast != "none" and hasattr(net, "fuse"):  # retrieval checkpoints have no fast paths
+            if fast == "int8":
+                net.quantize_int8()
+            elif fast == "int8-dynamic":
+                try:
+                    net.quantize_int8(dynamic=True, vision=True)
+                except ValueError as e:  # this torch has no int8 kernels
+                    raise PipelineError(f"--fast int8-dynamic: {e}") from None
+            elif fast == "native":
+                from blip2.fast.native import Unsupported
+
+                try:
+                    net.native()
+                except Unsupported as e:
+                    raise PipelineError(f"--fast native: {e}") from None
+            else:
+                net.fuse()
+            if fast == "cuda-graph":
+                net.cuda_graph()
+        return cls(net, processor, name=model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Decoded images -> pixel_values [B, 3, H, W] float32 (what DataLoader workers compute)."""
+        return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+
+    def _pixels(self, images: Images) -> torch.Tensor:
+        return images if isinstance(images, torch.Tensor) else self.preprocess(images)
+
+    def _text_inputs(self, texts: Sequence[str], padding_side: str, image_tokens: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids/attention_mask [B, Q + T] laid out as ``processor(images=..., text=...)`` lays them out:
+        ``num_query_tokens`` image tokens first (when the processor declares them), then the padded text.
+        Built here so pixel_values can come from DataLoader workers. ``image_tokens=False``: text only [B, T]."""
+        enc = self.processor.tokenizer(list(texts), padding=True, padding_side=padding_side, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        q = self.processor.num_query_tokens
+        if q is not None and image_tokens:
+            image_id = self.processor.tokenizer.convert_tokens_to_ids(str(self.processor.image_token))
+            ids = torch.cat([torch.full((ids.shape[0], q), image_id, dtype=ids.dtype), ids], dim=1)
+            mask = torch.cat([torch.ones((mask.shape[0], q), dtype=mask.dtype), mask], dim=1)
+        return ids, mask
+
+    def _require(self, retrieval: bool, what: str) -> None:
+        if retrieval and not self.is_retrieval:
+            raise PipelineError(f"{what} needs an image-text retrieval checkpoint (Blip2ForImageTextRetrieval, "
+                                f"e.g. Salesforce/blip2-itm-vit-g); {self.name or 'this model'} generates text")
+        if not retrieval and self.is_retrieval:
+            raise PipelineError(f"{what} needs a captioning checkpoint (Blip2ForConditionalGeneration, e.g. "
+                                f"Salesforce/blip2-opt-2.7b); {self.name or 'this model'} is a retrieval model")
+
+    def check_prompt(self, prompt: str, options: GenerationOptions) -> None:
+        """Raise PipelineError when prompt + image tokens + new tokens exceed OPT's position table."""
+        self._require(False, "text generation")
+        config = self.model.config
+        limit = getattr(config.text_config, "max_position_embeddings", None)
+        if not config.use_decoder_only_language_model or limit is None:
+            return  # T5's relative positions have no hard limit
+        n = self._prompt_length(prompt) + options.max_new_tokens
+        if n > limit:
+            raise PipelineError(f"prompt too long: {n} tokens (image, prompt and max_new_tokens={options.max_new_tokens}) "
+                                f"exceed the model's max_position_embeddings={limit}")
+
+    def _prompt_length(self, prompt: str) -> int:
+        return int(self._text_inputs([prompt], "left")[0].shape[1])
+
+    # -- generation ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, images: Images, prompts: Sequence[str], options: GenerationOptions = GenerationOptions()
+                 ) -> list[str]:
+        """One text per image continuing ``prompts[i]``; an empty prompt asks for a plain caption."""
+        self._require(False, "text generation")
+        pixels = self._pixels(images)
+        if len(prompts) != pixels.shape[0]:
+            raise ValueError(f"got {pixels.shape[0]} images and {len(prompts)} prompts")
+        for p in set(prompts):
+            self.check_prompt(p, options)
+        decoder_only = self.model.config.use_decoder_only_language_model
+        ids = mask = None
+        # OPT always gets a prompt (BOS alone for a caption); T5 with no prompt sees only the image
+        if decoder_only or any(prompts):
+            ids, mask = self._text_inputs(prompts, "left" if decoder_only else "right")
+            ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.model.generate(pixel_values=pixels.to(self.device, self.model.dtype), input_ids=ids,
+                                  attention_mask=mask, max_new_tokens=options.max_new_tokens,
+                                  num_beams=options.num_beams)
+        # transformers 5.x layout: OPT returns the prompt then the new tokens; T5 the start token then them
+        new = out[:, ids.shape[1]:] if decoder_only else out[:, 1:]
+        return [t.strip() for t in self.processor.batch_decode(new.cpu(), skip_special_tokens=True)]
+
+    def caption(self, images: Images, prompt: str | Sequence[str] = "",
+                options: GenerationOptions = GenerationOptions()) -> list[str]:
+        """Captions, optionally continuing a prompt (one for all images, or one per image)."""
+        n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        return self.generate(images, prompts, options)
+
+    def ask(self, images: Images, questions: Sequence[str], options: GenerationOptions = GenerationOptions()
+            ) -> list[str]:
+        """Answer ``questions[i]`` about ``images[i]`` (prompted as ``Question: ... Answer:``)."""
+        return self.generate(images, [question_prompt(q) for q in questions], options)
+
+    def chat(self, image: Image.Image | torch.Tensor, history: Sequence[tuple[str, str]], question: str,
+             options: GenerationOptions = GenerationOptions()) -> str:
+        """Answer ``question`` with the earlier (question, answer) turns in the prompt.
+
+        The oldest turns are dropped when the prompt would not fit the model's positions."""
+        pixels = image.unsqueeze(0) if isinstance(image, torch.Tensor) else self.preprocess([image])
+        kept = list(history)
+        while True:
+            prompt = chat_prompt(kept, question)
+            try:
+                self.check_prompt(prompt, options)
+                break
+            except PipelineError:
+                if not kept:
+                    raise
+                kept.pop(0)
+        return self.generate(pixels, [prompt], options)[0]
+
+    # -- retrieval -------------------------------------------------------------------------------
+
+    def text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q-Former input_ids/attention_mask [B, T] (right-padded, no image tokens) for the retrieval model."""
+        self._require(True, "text features")
+        return self._text_inputs(texts, "right", image_tokens=False)
+
+    @torch.inference_mode()
+    def match_many(self, items: Sequence[tuple[Image.Image | torch.Tensor, Sequence[str]]]) -> list[list[MatchScore]]:
+        """ITM probability and ITC similarity of each image with each of its texts; the vision encoder runs once."""
+        self._require(True, "image-text matching")
+        pixels = torch.stack([i if isinstance(i, torch.Tensor) else self.preprocess([i])[0] for i, _ in items])
+        texts = [t for _, ts in items for t in ts]
+        owner = torch.tensor([k for k, (_, ts) in enumerate(items) for _ in ts], device=self.device)
+        ids, mask = (t.to(self.device) for t in self.text_ids(texts))
+        feats = self.model.vision_features(pixels)  # [images, N+1, Dv]
+        prob = self.model.itm_logits_from_features(feats[owner], ids, mask).float().softmax(dim=-1)[:, 1]  # [N]
+        sim = itc_similarity(self.model.image_embeds_from_features(feats), self.model.text_embeds(ids, mask))
+        itc = sim.float()[owner, torch.arange(len(texts), device=self.device)]  # [N]: each text with its image
+        scores = [MatchScore(t, float(p), float(c)) for t, p, c in zip(texts, prob.tolist(), itc.tolist())]
+        out, start = [], 0
+        for _, ts in items:
+            out.append(scores[start:start + len(ts)])
+            start += len(ts)
+        return out
+
+    def match(self, image: Image.Image | torch.Tensor, texts: Sequence[str]) -> list[MatchScore]:
+        return self.match_many([(image, texts)])[0]
+
+    @torch.inference_mode()
+    def image_embeds(self, images: Images) -> torch.Tensor:
+        """Normalised ITC query embeddings [B, Q, E] (float32, CPU)."""
+        self._require(True, "image features")
+        return self.model.image_embeds(self._pixels(images)).float().cpu()
+
+    @torch.inference_mode()
+    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised ITC text embeddings [T, E] (float32, CPU)."""
+        ids, mask = self.text_ids(texts)
+        return self.model.text_embeds(ids.to(self.device), mask.to(self.device)).float().cpu()

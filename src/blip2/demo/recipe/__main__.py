@@ -1,0 +1,3 @@
+from blip2.demo.recipe.driver import main
+
+main()

@@ -1,0 +1,307 @@
+"""Native CPU kernels of blip2, built from C++ source on the machine that runs them.
+
+- ``row_product(x, w, scale, bias)`` (``row_product.cpp``): one row of activations times a weight matrix,
+  the product of every layer when decoding one token at a time. Such a step reads every weight once per
+  token, so it is bound by how fast one core streams memory; the source says how it keeps that stream
+  fast (fp32, bf16 and weight-only int8 weights; 2-3x ``F.linear`` with one row).
+- ``blocked_linear(x, w, bias, n)`` (``blocked.cpp``): any number of rows times a weight in blip2's blocked
+  layout (``block_weight``), the products of a language model fused for decoding several rows at once
+  (``blip2.fast.linear``'s "blocked" format): 1.4-1.6x oneDNN's speed at 8 rows, where a step is bound by the
+  weight stream and the multiply-adds together, and as fast as oneDNN for a prefill's hundreds of rows.
+- ``greedy_head(x, screen, norms, w, bias, banned)`` (``screen.cpp``): greedy decoding's next token,
+  exactly the argmax of the fp32 head's logits, from a bfloat16 screen of the vocabulary
+  (``screen_weight``) with a proven error bound and the few candidates it leaves computed by the head's
+  own code: half the head's bytes and multiply-adds.
+- ``blip2_kernels::t5_step`` and ``opt_step`` (``steps.cpp``, which includes the other sources): a whole
+  decoding step, the decoder's norms, attention over the cache and products in one call, for one row or
+  (on blocked weights) several (``blip2.fast.native`` hands the weights over); or, for ``greedy_head``, the
+  step up to the head's input.
+
+The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
+against the installed torch, with ``-march=native``, about 15 s, and cached in
+``$BLIP2_CACHE_DIR`` (default ``$XDG_CACHE_HOME/blip2`` or ``~/.cache/blip2``) under a name that hashes
+the sources, the torch build, the compiler and the CPU's flags. It needs Linux on x86-64 with AVX-512 F
+and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
+is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the callers keep their portable path (a compiled
+step whose products are a compiled reduction: the same sums, in another order).
+
+Callers: ``blip2.fast.linear.decode_format`` (the language models' ``fuse()``) and ``fused.compile_step`` load
+the kernels (building them if need be); "blocked" ``FusedLinear`` layers call ``blocked_linear``,
+``fused._row_product`` calls ``row_product`` for every one-row product of a compiled step, and
+``compile()``/``native()`` put ``blip2.fast.native``'s step in front where it covers the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from blip2._compat import register_fake
+
+__all__ = ["load", "ready", "status", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
+           "block_weight", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags"]
+
+log = logging.getLogger("blip2.fast.kernels")
+
+# the translation unit compiled (it includes the other two), and every file the build reads
+_SOURCE = Path(__file__).with_name("steps.cpp")
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("row_product.cpp", "blocked.cpp", "screen.cpp")) + (_SOURCE,)
+_OP = "blip2_kernels::row_product"
+_BLOCKED_OP = "blip2_kernels::blocked_linear"
+_BLOCK = 16  # output columns per block of the blocked layout (blocked.cpp's kBlock)
+_NEEDED_FLAGS = ("avx512f", "avx512bw")
+_BUILD_TIMEOUT_S = 600
+_FLOATS = (torch.float32, torch.bfloat16)
+
+_loaded = False  # the op is registered in this process
+_bf16_dot = False  # the loaded build multiplies bf16 with AVX-512 BF16 (the CPU has it; -march=native)
+_status = "not built yet: call blip2.fast.kernels.load()"
+_tried = False
+_lock = threading.Lock()  # one build at a time in a process (a server compiling from several threads)
+
+
+def ready() -> bool:
+    """Whether the kernels are loaded in this process (never builds; cheap enough for a forward pass)."""
+    return _loaded
+
+
+def status() -> str:
+    """Where the kernels stand: "loaded from <path>", or why they are not."""
+    return _status
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$BLIP2_CACHE_DIR``, else ``$XDG_CACHE_HOME/blip2``, else
+    ``~/.cache/blip2``."""
+    if os.environ.get("BLIP2_CACHE_DIR"):
+        return Path(os.environ["BLIP2_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "blip2"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _command(compiler: str, source: Path, output: Path) -> list[str]:
+    root = Path(torch.__file__).parent
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    return [compiler, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+            str(source), "-o", str(output),
+            f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{root / 'lib'}"]
+
+
+def _library_path(compiler: str, flags: set[str]) -> Path:
+    """The cached library's path: a name that changes with anything the build depends on."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256()
+    for part in (*(p.read_bytes() for p in _SOURCES), torch.__version__.encode(), str(torch.version.git_version).encode(),
+                 compiler.encode(), version.encode(), " ".join(sorted(flags)).encode(),
+                 " ".join(_command("cc", Path("s"), Path("o"))).encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / "kernels" / f"blip2_kernels-{key.hexdigest()[:20]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compiles the source into ``target`` (written to a temporary name first, then renamed, so a
+    concurrent build or an interrupted one never leaves a broken library under the cached name)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        log.info("building the blip2 kernels (once per machine, about 10 s): %s", target)
+        done = subprocess.run(_command(compiler, _SOURCE, Path(tmp)), capture_output=True, text=True,
+                              timeout=_BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"{Path(compiler).name} exited with {done.returncode}:\n{tail}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _unavailable(reason: str, warn: bool = False) -> bool:
+    global _status
+    _status = reason
+    (log.warning if warn else log.debug)("blip2 kernels not used: %s", reason)
+    return False
+
+
+def load() -> bool:
+    """Builds the kernels if this machine has none cached, loads them, and returns whether they are
+    there. Tried once per process; later calls return the first answer at once."""
+    with _lock:
+        return _load()
+
+
+def _load() -> bool:
+    global _loaded, _status, _tried, _bf16_dot
+    if _tried:
+        return _loaded
+    _tried = True
+    if os.environ.get("BLIP2_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return _unavailable("disabled by BLIP2_KERNELS")
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return _unavailable(f"needs Linux on x86-64, this is {sys.platform} on {platform.machine()}")
+    flags = cpu_flags()
+    missing = [f for f in _NEEDED_FLAGS if f not in flags]
+    if missing:
+        return _unavailable(f"the CPU lacks {', '.join(missing)}")
+    compiler = _compiler()
+    if compiler is None:
+        return _unavailable("no C++ compiler (set $CXX, or install g++)")
+    try:
+        path = _library_path(compiler, flags)
+        if not path.exists():
+            try:
+                _build(compiler, path)
+            except OSError:  # the cache is not writable: build for this process only
+                path = Path(tempfile.mkdtemp(prefix="blip2-kernels-")) / path.name
+                _build(compiler, path)
+        torch.ops.load_library(str(path))
+        _register_fake()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return _unavailable(f"the build or load failed: {e}", warn=True)
+    _loaded = True
+    _bf16_dot = "avx512_bf16" in flags
+    _status = f"loaded from {path}"
+    return True
+
+
+def _register_fake() -> None:
+    # the output's shape and dtype, for tracing in torch.compile
+    @register_fake(_OP)
+    def _(x: Tensor, w: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+
+    @register_fake(_BLOCKED_OP)
+    def _(x: Tensor, w: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
+
+def row_product_supports(x: Tensor, w: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> bool:
+    """Whether ``row_product(x, w, scale, bias)`` takes these: the kernels loaded, all on the CPU, x one row
+    (``x.numel() == K``), w a contiguous [N, K] of float32 (x float32), bfloat16 (x bfloat16) or int8 with
+    a scale (x either), scale and bias contiguous [N] of float32 or bfloat16."""
+    if not _loaded or x.device.type != "cpu" or w.device.type != "cpu" or w.dim() != 2:
+        return False
+    if x.numel() != w.shape[1] or not w.is_contiguous():
+        return False
+    for t in (scale, bias):
+        if t is not None and (t.device.type != "cpu" or t.dtype not in _FLOATS or t.numel() != w.shape[0]
+                              or not t.is_contiguous()):
+            return False
+    if w.dtype == torch.int8:
+        return scale is not None and x.dtype in _FLOATS
+    return w.dtype == x.dtype and x.dtype in _FLOATS
+
+
+def row_product(x: Tensor, w: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] holding one row, w [N, K] (int8 with ``scale`` [N]) -> [..., N] in x's dtype:
+    ``(x @ w.T) * scale + bias`` accumulated in fp32 and rounded once. Check ``row_product_supports``
+    first."""
+    return torch.ops.blip2_kernels.row_product(x, w, scale, bias)
+
+
+def blocked_supports(dtype: torch.dtype) -> bool:
+    """Whether ``blocked_linear`` takes weights of ``dtype`` here: the kernels loaded, float32, or bfloat16
+    on a CPU with AVX-512 BF16 (the build targets this CPU)."""
+    if not _loaded:
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_dot)
+
+
+def block_weight(w: Tensor) -> Tensor:
+    """A weight [N, K] in the blocked layout of ``blocked_linear``, zero-padded to whole blocks: float32
+    [ceil(N / 16), K, 16] (block b, k, column j holds ``w[16 b + j, k]``), bfloat16
+    [ceil(N / 16), ceil(K / 2), 16, 2] (pairs of neighbouring k)."""
+    if w.dim() != 2 or w.dtype not in _FLOATS:
+        raise ValueError(f"block_weight: expected a float32/bfloat16 [N, K] weight, got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    nb = -(-n // _BLOCK)
+    if w.dtype == torch.float32:
+        return torch.nn.functional.pad(w, (0, 0, 0, nb * _BLOCK - n)).view(nb, _BLOCK, k).transpose(1, 2).contiguous()
+    kp = -(-k // 2)
+    padded = torch.nn.functional.pad(w, (0, 2 * kp - k, 0, nb * _BLOCK - n))
+    return padded.view(nb, _BLOCK, kp, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unblock_weight(b: Tensor, n: int, k: int) -> Tensor:
+    """``block_weight``'s inverse: the plain [n, k] weight (a new tensor)."""
+    if b.dim() == 3:
+        return b.transpose(1, 2).reshape(-1, b.shape[1])[:n, :k].contiguous()
+    return b.permute(0, 2, 1, 3).reshape(b.shape[0] * _BLOCK, -1)[:n, :k].contiguous()
+
+
+def blocked_linear(x: Tensor, w: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """x [..., K] times a blocked weight (``block_weight``) of ``out_features`` outputs, plus ``bias``
+    [out_features] -> [..., out_features] in x's dtype, which must be the weight's. Accumulated in fp32 in
+    the plain order of k and rounded once. Check ``blocked_supports`` first."""
+    return torch.ops.blip2_kernels.blocked_linear(x, w, bias, out_features)
+
+
+def screen_supports(w: Tensor) -> bool:
+    """Whether ``greedy_head`` can screen a head weight ``w``: the kernels loaded on a CPU with AVX-512 BF16,
+    and ``w`` a float32 CPU weight, plain [N, K] or blocked."""
+    return (_loaded and _bf16_dot and w.device.type == "cpu" and w.dtype == torch.float32
+            and (w.dim() == 2 or (w.dim() == 3 and w.shape[2] == _BLOCK)))
+
+
+@torch.no_grad()
+def screen_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The screen of a plain float32 head weight ``w`` [N, K] for ``greedy_head``: (its bfloat16 copy in
+    the blocked layout, norms [2, N] float32: each row's length and the length of its bf16 rounding error,
+    computed in float64 and rounded up)."""
+    if w.dim() != 2 or w.dtype != torch.float32:
+        raise ValueError(f"screen_weight: expected a float32 [N, K] weight, got {w.dtype} {tuple(w.shape)}")
+    wb = w.bfloat16()
+    norms = torch.empty(2, w.shape[0], dtype=torch.float64)
+    for i in range(0, w.shape[0], 4096):  # in chunks: a float64 copy of a 50k-token head is 300 MB
+        chunk = w[i:i + 4096].double()
+        norms[0, i:i + 4096] = chunk.norm(dim=1)
+        norms[1, i:i + 4096] = (chunk - wb[i:i + 4096].double()).norm(dim=1)
+    up = norms.float()
+    up = torch.where(up.double() < norms, torch.nextafter(up, torch.tensor(float("inf"))), up)  # round up
+    return block_weight(wb), up.contiguous()
+
+
+def greedy_head(x: Tensor, screen: Tensor, norms: Tensor, w: Tensor, bias: Tensor | None,
+                banned: Tensor) -> tuple[Tensor, Tensor]:
+    """The argmax over the vocabulary of ``x @ w.T + bias`` (x [R, K] float32; w the float32 head, blocked
+    or [N, K]) with the ids ``banned`` (int64) left out, as the full head's logits give it (ties to the
+    lowest id), computed from the screen ``screen_weight`` made of the same head. Returns (tokens [R],
+    how many logits each row computed exactly: N where it computed them all). Check ``screen_supports``."""
+    return torch.ops.blip2_kernels.greedy_head(x, screen, norms, w, bias, banned)

@@ -1,0 +1,460 @@
+"""Inference kernels of the language models: linear layers in an inference format (several projections
+fused into one matmul, weights laid out for the fastest kernel, or int8), and what a compiled decoding step
+needs (``compile_step``, one-query ``attention``).
+
+``fuse_linears(owner, name, parts, fmt)`` replaces the ``nn.Linear`` children ``parts`` of ``owner`` (say
+``q_proj, k_proj, v_proj``) by one ``FusedLinear`` stored as ``owner.<name>`` that computes all of them
+in one matmul; the old names become ``LinearView``s of it. ``pack_linears(root, fmt)`` turns every
+remaining ``nn.Linear`` below ``root`` into a one-part ``FusedLinear`` in place.
+
+The state dict does not change: a ``LinearView``, or a one-part ``FusedLinear``, writes ``weight`` and
+``bias`` under its own name, rebuilt in the reference layout (int8: dequantized), so ``save_pretrained``
+still writes the reference keys. The weights are buffers, not parameters: this is for inference only.
+``unfuse_linears`` turns everything back into ``nn.Linear`` with parameters.
+
+Formats (``fmt``):
+- ``"onednn"``: CPU, fp32/bf16. The weight is reordered once into oneDNN's blocked layout and multiplied
+  by ``torch.ops.mkldnn._linear_pointwise``. For the few rows of a decoding batch (8) this is 2x faster
+  than ``F.linear``, whose BLAS repacks the weight on every call; for one row, 1.1-1.2x.
+- ``"blocked"``: CPU, fp32 (bf16 where the CPU has AVX-512 BF16), the native kernels loaded. blip2's own
+  blocked layout (``blip2.fast.kernels.block_weight``: 16 output columns a block, stored k by k) multiplied by
+  ``blip2.fast.kernels.blocked_linear``: 1.4-1.6x oneDNN's speed for the 8 rows of a decoding batch (the head
+  included), as fast for a prefill. The language models' default on CPU (``decode_format``); the vision
+  encoder and Q-Former keep oneDNN's, whose hundreds of rows it multiplies as fast or faster (bf16).
+- ``"dense"``: a plain [N, K] weight; on CPU it still goes through oneDNN (no repacking per call). In a
+  compiled graph, a product with one row streams the weight at near the copy bandwidth (``_row_product``:
+  the native kernel of ``blip2.fast.kernels`` where it is built, else a fused reduction): the format
+  ``compile()`` uses for decoding at batch 1.
+- ``"int8"``: weight-only int8 (``blip2.fast.quant``); in a compiled graph, one row as for "dense".
+- ``"int8-dynamic"``: CPU. int8 weights packed for fbgemm, and each input rounded to 8 bits as it comes, one
+  scale per row (``blip2.fast.quant.dynamic_int8_linear``): the product runs on integer units, 3x or more the fp32 speed where
+  products are bound by arithmetic (many rows: a vision encoder, a prefill, decoding several images).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blip2.fast import kernels
+from blip2._compat import custom_op
+from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
+                     int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
+
+__all__ = ["FusedLinear", "LinearView", "attention", "linear", "default_format", "decode_format", "compile_step",
+           "compile_format",
+           "fused_format", "fuse_linears", "lay_out_for", "pack_linears", "unfuse_linears"]
+
+FORMATS = ("onednn", "blocked", "dense", "int8", "int8-dynamic")
+INT8_FORMATS = ("int8", "int8-dynamic")
+# formats that keep their own copy of a head tied to the embeddings (the embedding needs the plain matrix)
+COPY_TIED = (*INT8_FORMATS, "blocked")
+# inductor's threshold of elementwise ops above which a producer is computed once, not inlined (CPU)
+_OPCOUNT_KEY = "realize_cpu_opcount_threshold"
+# oneDNN picks its blocked layout for an expected number of rows; 64 measured best for 1 to 264 rows
+_PACK_ROWS = 64
+
+
+# asked once: torch.compile does not trace into torch.backends
+_MKLDNN = torch.backends.mkldnn.is_available()
+# bf16 only where the CPU has bf16 instructions (AVX-512 BF16 / AMX); elsewhere oneDNN emulates it
+_MKLDNN_BF16 = _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _onednn_ok(x: Tensor) -> bool:
+    if x.device.type != "cpu" or not _MKLDNN:
+        return False
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _MKLDNN_BF16)
+
+
+@custom_op("blip2::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    # inductor cannot lower `_linear_pointwise` with a weight it did not pack itself; as a custom op
+    # it stays an opaque call inside a compiled graph
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _onednn_linear_op(x, weight, bias, out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# the integer products of live "int8-dynamic" layers by handle: a compiled graph calls one through a custom
+# op, which cannot take the packed weight (an opaque object) as an argument, so it takes the layer's handle
+_KERNELS: dict[int, Callable[[Tensor], Tensor]] = {}
+_HANDLES = itertools.count()
+
+
+@custom_op("blip2::dynamic_int8_product", mutates_args=())
+def _dynamic_int8_op(levels: Tensor, handle: int, out_features: int) -> Tensor:
+    return _KERNELS[handle](levels)
+
+
+@_dynamic_int8_op.register_fake
+def _(levels: Tensor, handle: int, out_features: int) -> Tensor:
+    return levels.new_empty(levels.shape[0], out_features, dtype=torch.float32)
+
+
+def _row_product(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """x [..., K] holding one row, weight [N, K] (float or int8 with ``scale`` [N]) -> [..., N].
+
+    Written as an elementwise product and a sum, which the compiler fuses into one streaming pass over
+    the weight, int8 converted on the fly: near the copy bandwidth, where a matrix-vector kernel reaches
+    about 60% of it. Used only inside a compiled graph, for one row (decoding at batch 1); compile with
+    ``compile_step`` so x is computed before that loop, not inside it once per output row.
+
+    Where the native kernel is loaded (``blip2.fast.kernels``, built by ``compile_step``), it computes the same
+    sums with several accumulators and several weight streams at once: the compiled reduction keeps one
+    accumulator per output row, which holds bf16 to about 20 GB/s (benchmarks/bench_decode.py with
+    ``BLIP2_KERNELS=0`` measures the step without the kernel)."""
+    if kernels.row_product_supports(x, weight, scale, bias):
+        return kernels.row_product(x, weight, scale, bias)
+    y = (x.reshape(1, -1).float() * weight.float()).sum(-1)  # [N], accumulated in fp32 as a matmul does
+    if scale is not None:
+        y = y * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def _compiling_one_row(x: Tensor, in_features: int) -> bool:
+    return torch.compiler.is_compiling() and x.numel() == in_features
+
+
+def _autograd(x: Tensor, weight: Tensor | None = None) -> bool:
+    """Whether a product must be differentiable: the fast kernels have no backward (a frozen language model
+    still passes gradients to its inputs in stage-2 training)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+
+
+def linear(x: Tensor, layer: nn.Module) -> Tensor:
+    """``layer(x)`` for an ``nn.Linear`` or a ``FusedLinear``. A plain ``nn.Linear`` outside autograd goes
+    through oneDNN on CPU (for few rows, BLAS repacks the whole weight on every call), or, for one row in
+    a compiled graph, through ``_row_product``."""
+    if isinstance(layer, nn.Linear) and not _autograd(x, layer.weight):
+        if _compiling_one_row(x, layer.in_features):
+            return _row_product(x, layer.weight, None, layer.bias)
+        if _onednn_ok(x) and x.dtype == layer.weight.dtype:
+            return _onednn_linear(x, layer.weight, layer.bias, layer.out_features)
+    return layer(x)
+
+
+def default_format(weight: Tensor) -> str:
+    """The fastest float format for a weight's device and dtype, for products of many rows (a vision
+    encoder, a Q-Former)."""
+    return "onednn" if _onednn_ok(weight) else "dense"
+
+
+def decode_format(weight: Tensor) -> str:
+    """The fastest float format for a language model's products, which decode a few rows per call: on a CPU
+    where the native kernels load (built on first use, once per machine), ``"blocked"``; else
+    ``default_format``."""
+    if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and kernels.load():
+        if kernels.blocked_supports(weight.dtype):
+            return "blocked"
+    return default_format(weight)
+
+
+class FusedLinear(nn.Module):
+    """``y = x @ W.T + b`` for one or several ``nn.Linear`` with the same input, concatenated along the output.
+
+    ``forward`` returns [..., sum of out_features]; ``part(i)`` rebuilds the i-th layer's weight and bias.
+    A one-part ``FusedLinear`` stands in for its ``nn.Linear`` in the state dict (unless ``in_state_dict``
+    is False: an int8 copy of a head tied to the embeddings, which cannot rebuild the embedding's values).
+    ``tied``: a copy of a head tied to the embeddings; ``unfuse_linears`` ties the head again.
+    """
+
+    def __init__(self, layers: Sequence[nn.Linear], fmt: str, in_state_dict: bool = True, tied: bool = False) -> None:
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"weight format {fmt!r}: expected one of {FORMATS}")
+        weights = [layer.weight.detach() for layer in layers]
+        w = torch.cat(weights) if len(weights) > 1 else weights[0]  # [N, K]
+        if fmt == "onednn" and not _onednn_ok(w):
+            raise ValueError(f"onednn format needs fp32/bf16 weights on CPU, got {w.dtype} on {w.device}")
+        if fmt == "blocked" and (w.device.type != "cpu" or not kernels.blocked_supports(w.dtype)):
+            raise ValueError(f"blocked format needs the native kernels (blip2.fast.kernels: {kernels.status()}) and "
+                             f"fp32 weights (bf16 with AVX-512 BF16) on CPU, got {w.dtype} on {w.device}")
+        if fmt == "int8-dynamic" and (w.device.type != "cpu" or not dynamic_int8_available()):
+            raise ValueError(f"int8-dynamic format needs a CPU with torch's int8 kernels (fbgemm/qnnpack); the "
+                             f"weights are on {w.device}" + ("" if w.device.type != "cpu" else
+                                                            f", quantized engine {torch.backends.quantized.engine}"))
+        self.splits = [layer.out_features for layer in layers]
+        self.has_bias = [layer.bias is not None for layer in layers]
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.fmt, self.dtype, self.in_state_dict, self.tied = fmt, w.dtype, in_state_dict, tied
+        b = None
+        if any(self.has_bias):
+            b = torch.cat([layer.bias.detach() if layer.bias is not None else w.new_zeros(layer.out_features)
+                           for layer in layers])  # [N]
+        scale = None  # [N], int8 only
+        self.handle, self.packed_bytes = None, 0  # int8-dynamic: the packed weight's handle and size
+        if fmt == "int8":
+            w, scale = quantize_weight(w)
+        elif fmt == "int8-dynamic":
+            q, s = quantize_weight(w)
+            self.handle, self.packed_bytes = next(_HANDLES), q.numel() + 4 * q.shape[0]
+            self._packed = pack_dynamic(q, s)
+            self._kernel = _KERNELS[self.handle] = dynamic_int8_kernel(self._packed)
+            weakref.finalize(self, _KERNELS.pop, self.handle, None)
+            w = None  # the packed copy is the only one
+        elif fmt == "onednn":
+            w = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS)
+        elif fmt == "blocked":
+            w = kernels.block_weight(w)
+        self.register_buffer("w", w, persistent=False)
+        self.register_buffer("b", b, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x [..., K] -> [..., N]
+        if _autograd(x):  # slow but differentiable: the plain weight, rebuilt
+            return F.linear(x, self.dense_weight(), self.b)
+        if self.fmt == "int8-dynamic":
+            if torch.compiler.is_compiling():  # the rounding compiles; the integer product stays opaque
+                handle, n = self.handle, self.out_features
+                return dynamic_int8_linear(x, lambda levels: _dynamic_int8_op(levels, handle, n), self.b, n)
+            return dynamic_int8_linear(x, self._kernel, self.b, self.out_features)
+        if self.fmt == "blocked":
+            if x.dtype == self.dtype and x.device.type == "cpu":
+                return kernels.blocked_linear(x, self.w, self.b, self.out_features)
+            return F.linear(x, self.dense_weight(), self.b)  # as nn.Linear would: a dtype mismatch raises
+        if self.fmt != "onednn" and _compiling_one_row(x, self.in_features):
+            return _row_product(x, self.w, self.scale, self.b)
+        if self.fmt == "int8":
+            return int8_linear(x, self.w, self.scale, self.b)
+        if _onednn_ok(x) and x.dtype == self.dtype:  # always so for "onednn"
+            return _onednn_linear(x, self.w, self.b, self.out_features)
+        return F.linear(x, self.w, self.b)
+
+    def dense_weight(self) -> Tensor:
+        """The fused weight [N, K] in the plain layout and the original dtype."""
+        if self.fmt == "int8":
+            return dequantize_weight(self.w, self.scale, self.dtype)
+        if self.fmt == "int8-dynamic":
+            return dequantize_weight(*unpack_dynamic(self._packed), self.dtype)
+        if self.fmt == "blocked":
+            return kernels.unblock_weight(self.w, self.out_features, self.in_features)
+        return self.w.to_dense() if self.w.is_mkldnn else self.w
+
+    def part(self, i: int) -> tuple[Tensor, Tensor | None]:
+        """Weight [n_i, K] and bias [n_i] (or None) of the i-th fused layer, as fresh tensors."""
+        start = sum(self.splits[:i])
+        rows = slice(start, start + self.splits[i])
+        w = self.dense_weight()[rows].clone()
+        b = self.b[rows].clone() if self.has_bias[i] else None
+        return w, b
+
+    def to_linear(self, i: int) -> nn.Linear:
+        """The i-th fused layer as an ``nn.Linear`` with parameters again."""
+        w, b = self.part(i)
+        layer = nn.Linear(self.in_features, self.splits[i], bias=b is not None, device="meta")
+        layer.weight = nn.Parameter(w)
+        if b is not None:
+            layer.bias = nn.Parameter(b)
+        return layer
+
+    def write_part(self, i: int, destination: dict[str, Tensor], prefix: str) -> None:
+        w, b = self.part(i)
+        destination[prefix + "weight"] = w
+        if b is not None:
+            destination[prefix + "bias"] = b
+
+    def _save_to_state_dict(self, destination: dict[str, Tensor], prefix: str, keep_vars: bool) -> None:
+        if len(self.splits) == 1 and self.in_state_dict:
+            self.write_part(0, destination, prefix)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+        _refuse_load(self, state_dict, prefix)
+
+    def _apply(self, fn: object, recurse: bool = True) -> FusedLinear:
+        raise RuntimeError("a fused model cannot be moved or cast: call unfuse() first, or move/cast before fuse()")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, splits={self.splits}, fmt={self.fmt!r}, dtype={self.dtype}"
+
+
+class LinearView(nn.Module):
+    """Stands where a fused ``nn.Linear`` was: no tensors of its own, but its ``weight``/``bias`` keys in
+    the state dict, rebuilt from the ``FusedLinear`` that computes it."""
+
+    def __init__(self, fused: FusedLinear, index: int) -> None:
+        super().__init__()
+        self._fused = (fused,)  # a tuple, so nn.Module does not register the fused layer a second time
+        self.index = index
+
+    @property
+    def fused(self) -> FusedLinear:
+        return self._fused[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fused.dtype
+
+    def _save_to_state_dict(self, destination: dict[str, Tensor], prefix: str, keep_vars: bool) -> None:
+        self.fused.write_part(self.index, destination, prefix)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+        _refuse_load(self, state_dict, prefix)
+
+    def extra_repr(self) -> str:
+        return f"part {self.index} of {self.fused.splits}"
+
+
+def _refuse_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> None:
+    if any(k.startswith(prefix) for k in state_dict):
+        raise RuntimeError(f"{prefix.rstrip('.')}: the model is fused for inference; call unfuse() before "
+                           f"load_state_dict")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """``F.scaled_dot_product_attention``: q [B, H, T, Dh], k, v [B, H, S, Dh], mask (bool, True = attend, or
+    float, added) broadcastable to [B, H, T, S] -> [B, H, T, Dh].
+
+    In a compiled graph, one query (a decoding step) is written as elementwise products, a softmax and a sum
+    that the compiler fuses: the attention kernel's fixed cost is several times the work at this size
+    (measured: 24 vs 9 us a layer, a fifth of a Flan-T5-small step)."""
+    if not (torch.compiler.is_compiling() and q.shape[-2] == 1 and dropout_p == 0.0):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    scores = (q.float() * k.float()).sum(-1) * scale  # [B, H, S], in fp32 as the kernel computes
+    if mask is not None:
+        m = mask.squeeze(-2)  # [B|1, H|1, S]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    p = scores.softmax(-1)
+    return (p[..., None] * v.float()).sum(-2, keepdim=True).to(q.dtype)  # [B, H, 1, Dh]
+
+
+def compile_step(fn: Callable[..., Tensor], device: torch.device,
+                 **compile_kwargs: Any) -> Callable[..., Tensor]:
+    """``torch.compile(fn, **compile_kwargs)`` for a decoding step on ``device``.
+
+    On CPU, inductor inlines a cheap elementwise producer (a layer norm, an activation) into the loop that
+    consumes it; inside ``_row_product``'s loop over the weight that recomputes it for every output row
+    (measured: a decoding step 1.5-2.5x slower). A lower "opcount" threshold makes inductor compute such
+    producers once. Only for the default inductor backend and when the caller sets no mode or options.
+
+    The step is a method of the language model, and dynamo guards every attribute of every submodule it
+    reads (a few thousand checks: 0.6 ms a call, a tenth of a Flan-T5-small step in bf16). The callers
+    freeze the model's structure while the compiled step is in use (the weights are fused, so it cannot
+    be cast, moved or reloaded, and ``fuse``/``unfuse`` put the eager step back), so the guards on the
+    modules are left out (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``); those on the step's
+    arguments (shapes, dtypes of the inputs and caches) stay. Without module guards, a graph compiled for
+    one model would match another model's call of the same method, so each compiled step keeps its graphs
+    to itself (``isolate_recompiles``). Not when the caller sets a mode, nor on a torch without those two
+    (before 2.13: the guards stay)."""
+    import torch._inductor.config as inductor_config
+
+    if device.type == "cpu":
+        kernels.load()  # the one-row product kernel (built once per machine), before tracing
+    if "mode" in compile_kwargs:
+        return torch.compile(fn, **compile_kwargs)
+    options = dict(compile_kwargs.get("options") or {})
+    plain_inductor = compile_kwargs.get("backend", "inductor") == "inductor" and "options" not in compile_kwargs
+    if device.type == "cpu" and plain_inductor and hasattr(inductor_config, _OPCOUNT_KEY):
+        options[_OPCOUNT_KEY] = 4
+    if _can_isolate_graphs():
+        options.setdefault("guard_filter_fn", torch.compiler.skip_guard_on_all_nn_modules_unsafe)
+        compile_kwargs = {"isolate_recompiles": True, **compile_kwargs}
+    return torch.compile(fn, **{**compile_kwargs, "options": options})
+
+
+def _can_isolate_graphs() -> bool:
+    """Whether this torch can drop the module guards safely: ``torch.compile(isolate_recompiles=...)``
+    (torch 2.13) and ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``. Older releases keep the
+    guards (correct, a little slower per step)."""
+    import inspect
+
+    return ("isolate_recompiles" in inspect.signature(torch.compile).parameters
+            and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"))
+
+
+def compile_format(current: str | None, weight: Tensor, batch: int | None) -> str:
+    """The weight format a decoding step of ``batch`` rows (None: any number, ``native()``) runs fastest
+    with, given the current one (None: not fused) and a weight of the model (its device and dtype). One
+    row: the plain layout, which the native steps and ``_row_product`` stream at near the copy bandwidth
+    (in a whole bf16 step 5-15% faster than the blocked one, whose one-row products read a single cache
+    line per stream and step). Several: the language models' fastest float layout (``decode_format``:
+    blip2's blocked one on CPU, 1.4-1.6x oneDNN's speed at 8 rows; else oneDNN's packed one, since with a
+    plain weight oneDNN repacks it on every call, a step of 8 rows 1.9x slower). Any number: blocked where
+    the CPU takes it (the native steps read it for every batch), else plain. int8 (either kind) stays as
+    it is."""
+    if current in INT8_FORMATS:
+        return current
+    if batch is None:
+        return "blocked" if decode_format(weight) == "blocked" else "dense"
+    return "dense" if batch == 1 else decode_format(weight)
+
+
+def lay_out_for(model: nn.Module, weight: Tensor, batch: int | None) -> None:
+    """Fuse a language model (one with ``fuse(fmt)`` and ``unfuse()``) in the format ``compile_format``
+    picks for ``batch`` decoded rows (None: any), re-fusing if it is in another one; ``weight`` tells
+    device and dtype."""
+    current = fused_format(model)
+    fmt = compile_format(current, weight, batch)
+    if current != fmt:
+        if current is not None:
+            model.unfuse()
+        model.fuse(fmt)
+
+
+def fused_format(root: nn.Module) -> str | None:
+    """The weight format of the ``FusedLinear`` layers below ``root``, None when there are none."""
+    return next((m.fmt for m in root.modules() if isinstance(m, FusedLinear)), None)
+
+
+def fuse_linears(owner: nn.Module, name: str, parts: Sequence[str], fmt: str) -> None:
+    """Compute ``owner``'s ``nn.Linear`` children ``parts`` as one ``FusedLinear`` at ``owner.<name>``."""
+    fused = FusedLinear([getattr(owner, p) for p in parts], fmt)
+    setattr(owner, name, fused)
+    for i, p in enumerate(parts):
+        setattr(owner, p, LinearView(fused, i))
+
+
+def pack_linears(root: nn.Module, fmt: str, tied: Sequence[nn.Module] = ()) -> None:
+    """Every ``nn.Linear`` below ``root`` becomes a one-part ``FusedLinear`` in ``fmt``; those in ``tied``
+    (heads sharing the embedding matrix) are left alone unless ``fmt`` is an int8 one or "blocked", where
+    they get a copy in that format, the embedding keeping the plain matrix. A blocked copy writes the head's
+    key as the tied model does (the same values); an int8 one stays out of the state dict, as tied
+    checkpoints leave the head out. (A blocked fp32 head of OPT's 50k tokens: 2x faster than the plain
+    tied one at 8 rows, for the memory of a second copy.)"""
+    for owner in list(root.modules()):
+        for child_name, child in list(owner.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if any(child is t for t in tied):
+                if fmt in COPY_TIED:
+                    setattr(owner, child_name, FusedLinear([child], fmt, in_state_dict=fmt not in INT8_FORMATS,
+                                                           tied=True))
+            else:
+                setattr(owner, child_name, FusedLinear([child], fmt))
+
+
+def unfuse_linears(root: nn.Module, embedding: nn.Embedding | None = None) -> None:
+    """Undo ``fuse_linears``/``pack_linears`` below ``root``: ``nn.Linear`` with parameters everywhere.
+
+    A copy of a tied head (``tied``) shares ``embedding.weight`` again."""
+    for owner in list(root.modules()):
+        for child_name, child in list(owner.named_children()):
+            if isinstance(child, LinearView):
+                setattr(owner, child_name, child.fused.to_linear(child.index))
+            elif isinstance(child, FusedLinear):
+                if child.tied:
+                    layer = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                    layer.weight = embedding.weight
+                    setattr(owner, child_name, layer)
+                elif len(child.splits) == 1:
+                    setattr(owner, child_name, child.to_linear(0))
+                else:
+                    setattr(owner, child_name, None)  # the fused holder; its views became Linears above

@@ -1,0 +1,329 @@
+"""BLIP-2 (Li et al., 2023): frozen image encoder -> Q-Former -> projection -> frozen LM.
+
+    pixel_values [B,3,H,W]
+      -> vision_model             image_embeds [B, N+1, Dv]
+      -> qformer(query_tokens)    query_output [B, Q, Dq]   (cross-attends to image_embeds)
+      -> language_projection      lm_inputs    [B, Q, D_lm]
+      -> language_model           OPT (decoder-only) or Flan-T5 (encoder-decoder)
+
+The projected queries reach the LM in one of two ways: written over the ``<image>`` tokens the
+processor puts in ``input_ids`` (transformers >= 4.47 checkpoints), or, when ``input_ids`` has
+no image tokens, prepended to the prompt embeddings with the attention mask extended (legacy).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip2.checkpoint import PretrainedMixin
+from blip2.config import Blip2Config
+from blip2.generation import GenerationConfig, generate
+from blip2.fast.linear import default_format, fused_format, pack_linears, unfuse_linears
+from blip2.models.opt import OPTForCausalLM
+from blip2.models.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
+from blip2.models.qformer import Blip2QFormerModel
+from blip2.models.vision import Blip2VisionModel
+
+__all__ = ["Blip2Output", "Blip2Model", "Blip2ForConditionalGeneration"]
+
+
+@dataclass
+class Blip2Output:
+    """What ``forward`` returns; attribute names follow transformers' output classes."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    image_embeds: torch.Tensor  # [B, N+1, Dv] vision encoder output
+    qformer_output: torch.Tensor  # [B, Q, Dq]
+    language_model_inputs: torch.Tensor  # [B, Q, D_lm] projected queries
+
+    def __getitem__(self, i: int) -> Any:  # tuple-style access, loss first when present
+        items = [getattr(self, f.name) for f in fields(self)]
+        return [x for x in items if x is not None][i]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the last ``labels.size(1)`` positions; -100 is ignored."""
+    logits = logits[:, -labels.size(1):, :]
+    shift_logits = logits[:, :-1, :].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+
+
+class Blip2Model(PretrainedMixin, nn.Module):
+    config_class = Blip2Config
+    # The reference keeps these in fp32 under fp16 only; we keep them in fp32 under bf16 too, as
+    # BLIP-2 was trained (the Q-Former is small, so it costs little).
+    _keep_in_fp32_modules = ("query_tokens", "qformer")
+
+    def keeps_fp32(self, key: str, dtype: torch.dtype) -> bool:
+        if super().keeps_fp32(key, dtype):
+            return True
+        # T5 under fp16: every FFN output projection stays fp32 (its activations overflow fp16)
+        return (dtype == torch.float16 and not self.config.use_decoder_only_language_model
+                and key.startswith("language_model.") and ".DenseReluDense.wo." in key)
+
+    def __init__(self, config: Blip2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        if config.use_decoder_only_language_model:
+            self.language_model: OPTForCausalLM | T5ForConditionalGeneration = OPTForCausalLM(config.text_config)
+        else:
+            self.language_model = T5ForConditionalGeneration(config.text_config)
+        t = config.text_config
+        self.generation_config = GenerationConfig(
+            bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+            decoder_start_token_id=getattr(t, "decoder_start_token_id", None))
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def _after_load(self, directory: str) -> None:
+        path = os.path.join(directory, "generation_config.json")
+        if os.path.exists(path):
+            self.generation_config = GenerationConfig.from_json_file(path)
+
+    def _save_extra(self, directory: str) -> None:
+        self.generation_config.save_pretrained(directory)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_projection.weight.dtype
+
+    # -- the three stages ------------------------------------------------------------------------
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> Any:
+        """Vision encoder output: ``(last_hidden_state [B,N+1,Dv], pooler_output [B,Dv])``."""
+        pixel_values = pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype)
+        return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+
+    def _query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query, image_embeds.to(query.dtype))  # [B, Q, Dq]
+
+    def get_qformer_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The Q-Former's last hidden states for the queries, [B, Q, Dq]."""
+        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)[0]
+        return self._query_output(image_embeds)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM's text hidden states: OPT decoder output or T5 encoder output, [B, T, D]."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.get_input_embeddings()(input_ids)
+        if isinstance(self.language_model, T5ForConditionalGeneration):
+            return self.language_model.encode(embeds, attention_mask)
+        return self.language_model.hidden_states(embeds, attention_mask)
+
+    def image_to_lm_inputs(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run vision and Q-Former: ``(image_embeds, query_output, projected queries [B,Q,D_lm])``."""
+        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)[0]
+        query_output = self._query_output(image_embeds)
+        lm_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        return image_embeds, query_output, lm_inputs
+
+    def merge_image_inputs(self, lm_inputs: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM input embeddings with the image placed in them, and the matching mask.
+
+        ``<image>`` tokens present: their embeddings are replaced by the projected queries
+        (exactly ``num_query_tokens`` per row). None present: the queries are prepended (legacy).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.get_input_embeddings()(input_ids)  # [B, T, D]
+        lm_inputs = lm_inputs.to(embeds.dtype)
+        image_token = self.config.image_token_index
+        is_image = input_ids == image_token if image_token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        counts = is_image.sum(1)
+        if bool((counts == 0).all()):
+            embeds = torch.cat([lm_inputs, embeds], dim=1)
+            attention_mask = torch.cat([attention_mask.new_ones(lm_inputs.shape[:2]), attention_mask], dim=1)
+            return embeds, attention_mask
+        q = lm_inputs.shape[1]
+        if bool((counts != q).any()):
+            raise ValueError(
+                f"input_ids: every row needs exactly num_query_tokens={q} <image> tokens (id {image_token}) "
+                f"or none; got counts {counts.tolist()}"
+            )
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), lm_inputs)
+        return embeds, attention_mask
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False) -> Blip2Output:
+        image_embeds, query_output, lm_inputs = self.image_to_lm_inputs(pixel_values, interpolate_pos_encoding)
+        embeds, mask = self.merge_image_inputs(lm_inputs, input_ids, attention_mask)
+        loss = None
+        if self.config.use_decoder_only_language_model:
+            logits = self.language_model(embeds, mask)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels)
+        else:
+            logits = self.language_model(embeds, mask, decoder_input_ids=decoder_input_ids,
+                                         decoder_attention_mask=decoder_attention_mask, labels=labels)
+            if labels is not None:
+                loss = seq2seq_lm_loss(logits, labels)
+        return Blip2Output(loss, logits, image_embeds, query_output, lm_inputs)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _generation_config(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
+        base = generation_config or self.generation_config
+        unknown = sorted(set(kwargs) - {f.name for f in fields(GenerationConfig)} - {"extra"})
+        if unknown:
+            raise TypeError(f"generate() got unknown options {unknown}; see blip2.GenerationConfig for the names")
+        return base.replace(**kwargs) if kwargs else base
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
+                 generation_config: GenerationConfig | None = None,
+                 streamer: Callable[[torch.Tensor], None] | None = None, **kwargs: Any) -> torch.Tensor:
+        """Captions or answers, as token ids (transformers 5.x convention).
+
+        Decoder-only: the prompt ``input_ids`` (image tokens included) followed by the new tokens.
+        Encoder-decoder: ``decoder_start_token_id`` followed by the new tokens. Finished rows are
+        padded with ``pad_token_id``. ``kwargs`` are ``GenerationConfig`` fields.
+        """
+        cfg = self._generation_config(generation_config, kwargs)
+        batch = pixel_values.shape[0]
+        device = self.device
+        _, _, lm_inputs = self.image_to_lm_inputs(pixel_values.to(device), interpolate_pos_encoding)
+        if input_ids is None:
+            start: list[int] = []
+            if self.config.image_token_index is not None:
+                start += [self.config.image_token_index] * self.config.num_query_tokens
+            if self.config.use_decoder_only_language_model:
+                start += [self.config.text_config.bos_token_id]
+            input_ids = torch.tensor([start] * batch, dtype=torch.long, device=device)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+        input_ids = input_ids.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+        if input_ids.shape[1] == 0:  # T5 with no prompt: the queries alone form the encoder input
+            embeds, mask = lm_inputs, torch.ones(lm_inputs.shape[:2], dtype=torch.long, device=device)
+        else:
+            embeds, mask = self.merge_image_inputs(lm_inputs, input_ids, attention_mask)
+        lm = self.language_model
+
+        def start_decoder(expand: int, max_new_tokens: int) -> Any:
+            return lm.start_decoding(embeds, mask, expand=expand, max_new_tokens=max_new_tokens)
+
+        if self.config.use_decoder_only_language_model:
+            # the prompt's padding is left out of the repetition penalty, as transformers does
+            prefix, prefix_mask = input_ids, attention_mask
+        else:
+            prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+            prefix_mask = None
+        return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer)
+
+
+    # -- inference speed-ups (blip2.fast.linear) ----------------------------------------------------
+
+    def fuse(self) -> Blip2Model:
+        """Prepare for fast inference: the language model's q/k/v (and T5's other parallel projections)
+        in one matmul each, and every linear layer of the language model, the vision encoder and the
+        Q-Former in the fastest weight layout for the device. On CPU the language model takes blip2's
+        blocked layout where the native kernels load (``fused.decode_format``: its products of a decoding
+        batch 1.4-1.6x oneDNN's speed; a head tied to the embeddings gets its own blocked copy), and the
+        vision encoder and Q-Former oneDNN's packed one (through BLAS each weight is repacked on every
+        call). Outputs equal the plain model's up to float rounding. ``native()`` adds the native decoding
+        step, the fastest CPU path.
+
+        The state dict keeps the reference keys and shapes (``save_pretrained`` is unchanged). Inference
+        only: gradients still flow, through slow fallbacks; move and cast the model first, and reload or
+        train only after ``unfuse()``. Returns self."""
+        self.language_model.fuse()
+        for tower in (self.vision_model, self.qformer):
+            pack_linears(tower, default_format(next(tower.parameters())))
+        return self
+
+    def quantize_int8(self, vision: bool = False, dynamic: bool = False) -> Blip2Model:
+        """``fuse()`` with the language model's weights in int8 (one scale per output channel): a quarter of
+        fp32's weight bytes per decoded token, and a language model 1.8x (OPT-125m: its fp32 embedding
+        matrix is a third of it) to nearly 4x smaller. Tokens agree with the float model's on most, not all,
+        positions. The Q-Former (small, kept fp32) is never quantized. ``save_pretrained`` writes dequantized
+        weights under the reference keys.
+
+        ``dynamic=False`` (weight-only): activations stay float; the weights are widened as they are read,
+        which pays where decoding is bound by weight bytes (one image at a time). ``vision=True`` then
+        stores the vision encoder in int8 too: less memory, but on CPU slower than float, its products
+        being bound by arithmetic.
+
+        ``dynamic=True`` (CPU only): each product's input is quantized to 8 bits as it is computed and
+        the product runs on the CPU's integer units (``blip2.fast.quant.dynamic_int8_linear``): 3x or more
+        the fp32 speed of products with many rows, so it pays for the prefill and for decoding several
+        images at once, and, with ``vision=True``, for the vision encoder. Returns self."""
+        fmt = "int8-dynamic" if dynamic else "int8"
+        self.language_model.fuse(fmt)
+        pack_linears(self.vision_model, fmt if vision else default_format(next(self.vision_model.parameters())))
+        pack_linears(self.qformer, default_format(next(self.qformer.parameters())))
+        return self
+
+    def unfuse(self) -> Blip2Model:
+        """Undo ``fuse()``/``quantize_int8()``: plain ``nn.Linear`` layers with parameters again (int8
+        weights stay rounded). Returns self."""
+        self.language_model.unfuse()
+        unfuse_linears(self.vision_model)
+        unfuse_linears(self.qformer)
+        return self
+
+    def compile(self, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> Blip2Model:
+        """Compile the language model's one-token decoding step with ``torch.compile(**compile_kwargs)``;
+        shapes are static within a ``generate`` call, so it compiles once per batch size and length (tens
+        of seconds on a small CPU). ``batch`` is the number of rows decoded at once (images x beams) to lay
+        the weights out for: plain for one row; for several, blip2's blocked layout on a CPU with the native
+        kernels, else the fastest float layout. Combines with
+        ``quantize_int8()`` (call it first). The model is fused afterwards: ``unfuse()`` before casting,
+        moving or reloading it. ``native`` (CPU): the step runs as one native call of ``blip2.fast.kernels`` where
+        it covers the model (``blip2.fast.native``; blocked weights any batch, int8 one row), the whole
+        decoder in C++ with nothing to compile (for ``batch`` > 1 on CPU the same as ``native()``); False
+        keeps the compiled step. Returns self."""
+        self.language_model.compile(batch, native=native, **compile_kwargs)
+        return self
+
+    def native(self) -> Blip2Model:
+        """CPU: decode with the native step of ``blip2.fast.kernels``, the whole language-model decoder in one C++
+        call per token for all rows (images x beams), greedy or sampled; nothing is compiled. The language
+        model is laid out in blip2's blocked layout (after ``quantize_int8()``, int8 stays: one row
+        natively, batches with the eager step), the vision encoder and Q-Former packed as ``fuse()`` packs
+        them. The fastest CPU path for one image and for batches, with the plain path's tokens. Raises
+        ``blip2.fast.native.Unsupported`` (a ``ValueError``) saying why where it does not cover the model
+        (GPU, fp16, kernels not built), before changing anything. Returns self."""
+        self.language_model.native()
+        for tower in (self.vision_model, self.qformer):
+            if fused_format(tower) is None:
+                pack_linears(tower, default_format(next(tower.parameters())))
+        return self
+
+    def cuda_graph(self) -> Blip2Model:
+        """On a GPU, replay the language model's one-token decoding step as a CUDA graph (after ``fuse()``
+        and, optionally, ``compile()``): a small model's step is hundreds of kernels whose launches cost
+        more than their work, and a graph launches them all at once. Same tokens as without. A graph is
+        recorded at the first step of each ``generate`` call (a fraction of a step's cost again). CUDA only;
+        ``fuse()``, ``unfuse()`` and ``compile()`` put the plain step back. Returns self."""
+        self.language_model.cuda_graph()
+        return self
+
+
+class Blip2ForConditionalGeneration(Blip2Model):
+    """Captioning and VQA: ``forward`` with ``labels`` gives the LM loss, ``generate`` the text."""

@@ -1,0 +1,566 @@
+"""T5 encoder-decoder (T5, T5 v1.1, Flan-T5): the language model of the BLIP-2 Flan-T5 checkpoints.
+
+Module names equal the Hugging Face state-dict keys (``shared``, ``encoder.block.{i}.layer.0.SelfAttention.q``,
+``decoder.block.{i}.layer.1.EncDecAttention.k``, ``layer.{-1}.DenseReluDense.wo``, ``lm_head``, ...).
+
+What makes T5 T5:
+- RMS norm (no mean, no bias), its variance always computed in fp32.
+- No 1/sqrt(d) scaling of the attention scores; instead a learned bias per head and *bucketed*
+  relative position (key - query), owned by block 0 of each stack and shared by all its blocks.
+  The encoder buckets both directions, the decoder only the past. Cross-attention has no bias.
+- The bias enters ``scaled_dot_product_attention`` as a float mask: ``where(keep, bias, finfo.min)``.
+- ``scale_decoder_outputs`` (original, tied T5): the decoder output is scaled by d_model**-0.5 before
+  ``lm_head``. T5 v1.1 / Flan-T5 have an untied ``lm_head`` and no scaling.
+- fp16: Flan-T5 was trained in bf16 and its FFN overflows fp16. transformers keeps every ``wo`` in fp32
+  when loading in fp16 (which also turns the residual stream fp32 after the first FFN, by type
+  promotion) and clamps the residual stream after each sub-layer while it is fp16. We do the same
+  (``set_dtype``); bf16 needs neither.
+
+Decoding (``start_decoding``) runs the encoder once on the unexpanded batch, computes every layer's
+cross-attention K/V once, and keeps decoder self-attention K/V in a preallocated cache.
+
+For inference, ``fuse()`` computes self-attention q/k/v, cross-attention k/v and the gated FFN's two input
+projections in one matmul each and stores every projection in the fastest format for the device (or int8,
+``fuse("int8")``), keeping the state-dict keys (``blip2.fast.linear``); ``compile()`` compiles the one-token
+step. Outside autograd, plain ``nn.Linear`` layers go through ``fused.linear`` (oneDNN on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blip2.config import T5Config
+from blip2.fast.graphs import graph_step
+from blip2.fast.native import NativeT5Step, greedy_step, try_native
+from blip2.fast.native import check as native_check
+from blip2.fast.linear import (FusedLinear, attention, compile_step, decode_format, fuse_linears, lay_out_for, linear,
+                    pack_linears, unfuse_linears)
+
+__all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
+           "shift_right"]
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,  # exact (erf)
+    # transformers' NewGELU / FastGELU are the tanh approximation written out; same function
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_fast": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Tensor:
+    """Bucket of each relative position (key - query), as Mesh TensorFlow's T5.
+
+    Half of the buckets (per direction) are exact small distances, the rest are log-spaced up to
+    ``max_distance``; everything farther shares the last bucket. The decoder (``bidirectional=False``)
+    only has buckets for keys at or before the query.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    # in fp32 as the reference computes it, so the bucket boundaries agree exactly
+    log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+    far = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, far)
+
+
+def shift_right(labels: Tensor, decoder_start_token_id: int, pad_token_id: int) -> Tensor:
+    """Decoder inputs for teacher forcing: ``[start, labels[:-1]]`` with -100 replaced by the pad id."""
+    shifted = torch.cat([labels.new_full((*labels.shape[:-1], 1), decoder_start_token_id), labels[..., :-1]], -1)
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def seq2seq_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean token cross-entropy, labels -100 ignored (transformers' T5 loss; computed in the logits' dtype)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100)
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    # transformers' fp16 overflow guard: clamp to the fp16 range, 1000 below it once anything is inf
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+def _dtype_of(layer: nn.Module) -> torch.dtype:
+    """The compute dtype of an ``nn.Linear`` or of its fused stand-in."""
+    return layer.weight.dtype if isinstance(layer, nn.Linear) else layer.dtype
+
+
+def _float_mask(keep: Tensor, bias: Tensor | float, dtype: torch.dtype) -> Tensor:
+    """Additive SDPA mask: ``bias`` where ``keep``, the dtype's most negative finite value elsewhere; contiguous
+    (the position bias comes as a permuted view; torch 2.6's CPU attention gives a permuted mask results a few
+    ulps from those of the contiguous one transformers passes, which bf16 rounding then carries on)."""
+    bias = bias.to(dtype) if isinstance(bias, Tensor) else torch.tensor(bias, dtype=dtype, device=keep.device)
+    return torch.where(keep, bias, torch.finfo(dtype).min).contiguous()
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm: ``weight * x / sqrt(mean(x^2) + eps)``; the mean square in fp32 whatever the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)  # fp32 (promoted)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class KVCache:
+    """Preallocated decoder self-attention keys and values of one layer: [N, H, L, Dk] each."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.k = torch.zeros(batch, heads, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # input_pos [T]; k, v [N, H, T, Dk] -> the whole cache [N, H, L, Dk] (unwritten slots are masked)
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without score scaling; block 0 also holds the relative position bias table."""
+
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool = False) -> None:
+        super().__init__()
+        self.n_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout_rate
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        # after fuse(): q, k, v in one matmul (self-attention), or k, v (cross-attention)
+        self.qkv: FusedLinear | None = None
+        self.kv: FusedLinear | None = None
+
+    def _heads(self, x: Tensor, n: int = 1) -> Tensor:  # [B, T, n*H*Dk] -> [B, H, T, Dk] (n == 1), [n, B, H, T, Dk]
+        y = x.view(*x.shape[:2], n, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4)
+        return y[0] if n == 1 else y
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention: x [B, T, D] -> queries, keys, values [B, H, T, Dk]."""
+        if self.qkv is not None:
+            return self._heads(self.qkv(x), 3).unbind(0)
+        return self._heads(linear(x, self.q)), *self.project_kv(x)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, S, D] -> keys, values [B, H, S, Dk]."""
+        if self.kv is not None:
+            return self._heads(self.kv(x), 2).unbind(0)
+        return self._heads(linear(x, self.k)), self._heads(linear(x, self.v))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """q [B, H, T, Dk] attends to k, v [B, H, S, Dk] under the float mask [B|1, H|1, T, S] -> [B, T, D]."""
+        y = attention(q, k, v, mask, scale=1.0, dropout_p=self.dropout if self.training else 0.0)
+        return linear(y.transpose(1, 2).flatten(2), self.o)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Cross-attention: x [B, T, D] attends to k, v [B, H, S, Dk] -> [B, T, D]."""
+        return self.attend(self._heads(linear(x, self.q)), k, v, mask)
+
+
+class T5DenseReluDense(nn.Module):
+    """The FFN: ``wo(act(wi x))``, or gated ``wo(act(wi_0 x) * wi_1 x)`` (T5 v1.1 / Flan-T5)."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        if config.dense_act_fn not in _ACTIVATIONS:
+            raise ValueError(f"T5 dense_act_fn {config.dense_act_fn!r} is not supported (one of {sorted(_ACTIVATIONS)})")
+        self.act = _ACTIVATIONS[config.dense_act_fn]
+        self.gated = bool(config.is_gated_act)
+        if self.gated:
+            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = config.dropout_rate
+        self.wi_01: FusedLinear | None = None  # gated: wi_0 and wi_1 in one matmul, after fuse()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.wi_01 is not None:
+            gate, up = self.wi_01(x).chunk(2, dim=-1)  # [B, T, F] each
+            h = self.act(gate) * up
+        elif self.gated:
+            h = self.act(linear(x, self.wi_0)) * linear(x, self.wi_1)  # [B, T, F]
+        else:
+            h = self.act(linear(x, self.wi))
+        h = F.dropout(h, self.dropout, self.training)
+        return linear(h.to(_dtype_of(self.wo)), self.wo)  # wo may be kept in fp32 (see set_dtype)
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool) -> None:
+        super().__init__()
+        self.SelfAttention = T5Attention(config, has_relative_attention_bias)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = config.dropout_rate
+
+    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor | None) -> Tensor:
+        q, k, v = self.SelfAttention.project_qkv(self.layer_norm(x))
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)
+        return x + F.dropout(self.SelfAttention.attend(q, k, v, mask), self.dropout, self.training)
+
+
+class T5LayerCrossAttention(nn.Module):
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.EncDecAttention = T5Attention(config)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = config.dropout_rate
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return x + F.dropout(self.EncDecAttention(self.layer_norm(x), k, v, mask), self.dropout, self.training)
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.DenseReluDense = T5DenseReluDense(config)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = config.dropout_rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.dropout(self.DenseReluDense(self.layer_norm(x)), self.dropout, self.training)
+
+
+class T5Block(nn.Module):
+    """layer = [self-attention, (cross-attention,) FFN], each pre-norm with a residual."""
+
+    def __init__(self, config: T5Config, is_decoder: bool, has_relative_attention_bias: bool) -> None:
+        super().__init__()
+        self.is_decoder = is_decoder
+        sublayers: list[nn.Module] = [T5LayerSelfAttention(config, has_relative_attention_bias)]
+        if is_decoder:
+            sublayers.append(T5LayerCrossAttention(config))
+        sublayers.append(T5LayerFF(config))
+        self.layer = nn.ModuleList(sublayers)
+
+    def forward(self, x: Tensor, mask: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
+                cross_mask: Tensor | None = None, cache: KVCache | None = None,
+                input_pos: Tensor | None = None) -> Tensor:
+        x = _clamp_fp16(self.layer[0](x, mask, cache, input_pos))
+        if self.is_decoder:
+            x = _clamp_fp16(self.layer[1](x, *cross_kv, cross_mask))
+        return _clamp_fp16(self.layer[-1](x))
+
+
+class T5Stack(nn.Module):
+    """The encoder or the decoder: embeddings (shared), blocks, final RMS norm."""
+
+    def __init__(self, config: T5Config, embed_tokens: nn.Embedding, is_decoder: bool) -> None:
+        super().__init__()
+        self.is_decoder = is_decoder
+        self.embed_tokens = embed_tokens  # the model's `shared`, registered again under this name
+        n_layers = config.num_decoder_layers if is_decoder else config.num_layers
+        self.block = nn.ModuleList([T5Block(config, is_decoder, i == 0) for i in range(n_layers)])
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = config.dropout_rate
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+
+    @property
+    def attn_dtype(self) -> torch.dtype:
+        """dtype of queries and keys, hence of the SDPA float masks."""
+        return _dtype_of(self.block[0].layer[0].SelfAttention.q)
+
+    def position_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """Learned bias for query positions [Tq] against key positions [Tk] -> [1, H, Tq, Tk]."""
+        rel = k_pos[None, :] - q_pos[:, None]
+        bucket = relative_position_bucket(rel, not self.is_decoder, self.num_buckets, self.max_distance)
+        return self.block[0].layer[0].SelfAttention.relative_attention_bias(bucket).permute(2, 0, 1)[None]
+
+    def cross_kv(self, encoder_out: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per decoder layer, the cross-attention keys/values of the encoder output [B, S, D] -> [B, H, S, Dk]."""
+        return [blk.layer[1].EncDecAttention.project_kv(encoder_out) for blk in self.block]
+
+    def forward(self, x: Tensor, mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]] | None = None,
+                cross_mask: Tensor | None = None, caches: list[KVCache] | None = None,
+                input_pos: Tensor | None = None) -> Tensor:
+        """x [B, T, D] embeddings, mask [B|1, H, T, S] (bias + masking) -> [B, T, D] normed output."""
+        x = F.dropout(x, self.dropout, self.training)
+        for i, blk in enumerate(self.block):
+            x = blk(x, mask, cross_kv[i] if cross_kv is not None else None, cross_mask,
+                    caches[i] if caches is not None else None, input_pos)
+        return F.dropout(self.final_layer_norm(x), self.dropout, self.training)
+
+
+class T5ForConditionalGeneration(nn.Module):
+    """T5 with a language-model head; state-dict keys and shapes equal transformers'."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, self.shared, is_decoder=False)
+        self.decoder = T5Stack(config, self.shared, is_decoder=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+        self._register_load_state_dict_pre_hook(self._adapt_checkpoint)
+        # the one-token decoding step; compile() swaps in a compiled version
+        self.decode_step: Callable[..., Tensor] = self._decode_step
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    # -- inference formats ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fuse(self, fmt: str | None = None) -> T5ForConditionalGeneration:
+        """Prepare for inference: self-attention q/k/v, cross-attention k/v and the gated FFN's ``wi_0``/``wi_1``
+        in one matmul each, every projection in weight format ``fmt``.
+
+        ``fmt``: None picks the fastest float format for decoding on the device (``fused.decode_format``: on CPU
+        blip2's blocked layout, ``"blocked"``, where the native kernels load, built on first use; else
+        oneDNN's),
+        ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
+        channel, activations stay float), ``"int8-dynamic"`` also rounds each product's input to 8 bits and
+        multiplies in integers (CPU; ``blip2.fast.quant.dynamic_int8_linear``). The state dict keeps the reference keys and shapes (int8:
+        dequantized). For inference: the weights become buffers
+        (gradients reach the inputs only, through slow fallbacks); move and cast (``set_dtype``) before fusing.
+        ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
+        if any(isinstance(m, FusedLinear) for m in self.modules()):
+            raise RuntimeError("already fused; call unfuse() first to change the format")
+        fmt = fmt or decode_format(self.shared.weight)
+        for stack in (self.encoder, self.decoder):
+            for blk in stack.block:
+                fuse_linears(blk.layer[0].SelfAttention, "qkv", ("q", "k", "v"), fmt)
+                if stack.is_decoder:
+                    fuse_linears(blk.layer[1].EncDecAttention, "kv", ("k", "v"), fmt)
+                ff = blk.layer[-1].DenseReluDense
+                if ff.gated:
+                    fuse_linears(ff, "wi_01", ("wi_0", "wi_1"), fmt)
+        tied = isinstance(self.lm_head, nn.Linear) and self.lm_head.weight is self.shared.weight
+        pack_linears(self, fmt, tied=[self.lm_head] if tied else [])
+        self.decode_step = self._decode_step  # a compiled step was traced for the old layers
+        return self
+
+    @torch.no_grad()
+    def unfuse(self) -> T5ForConditionalGeneration:
+        """Back to ``nn.Linear`` layers with parameters (int8 weights stay rounded). Returns self."""
+        unfuse_linears(self, self.shared)
+        self.decode_step = self._decode_step
+        return self
+
+    def compile(self, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> T5ForConditionalGeneration:
+        """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
+        within a ``generate`` call (the self-attention cache is preallocated), so it compiles once per batch
+        size and length. ``batch``: the rows decoded at once (images x beams) to lay the weights
+        out for (``fused.compile_format``): one row, plain weights (the native step's, and in a compiled step
+        ``fused._row_product``: the kernel of ``blip2.fast.kernels``, built here on first use, once per machine,
+        else a compiled reduction); several, ``fused.decode_format``'s layout (blip2's blocked one on CPU);
+        int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or ``fuse()`` (which put the eager
+        step back) the model cannot be cast, moved or reloaded.
+
+        ``native``: on CPU, a step runs as one native call where ``blip2.fast.native`` covers the model
+        (float32/bfloat16, the kernels loaded; blocked weights for any number of rows, plain or int8 ones
+        for one row): the whole decoder in C++, without the compiled graph's per-token overhead and without
+        compiling; other calls use the compiled step, compiled when first needed. False: always the compiled
+        step. Returns self."""
+        lay_out_for(self, self.shared.weight, batch)
+        step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
+        self.decode_step = (native and try_native(NativeT5Step, self, step)) or step
+        return self
+
+    def native(self) -> T5ForConditionalGeneration:
+        """CPU: decode with the native step (``blip2.fast.native``: the whole decoder in one C++ call per token,
+        for all rows); nothing is compiled. Lays the weights out first (``fused.compile_format(.., None)``):
+        blocked where the kernels take the dtype, so any number of rows (images x beams) runs natively;
+        else plain, and int8 stays int8: one row natively, several with the eager step. (At one row in bf16,
+        ``compile()``'s plain layout is 5-15% faster.) Raises
+        ``blip2.fast.native.Unsupported`` (a ``ValueError``) saying why where the native steps do not cover
+        the model. ``fuse()``, ``unfuse()`` and ``compile()`` replace the step. Returns self."""
+        native_check(self.shared.weight)  # before changing the layout
+        lay_out_for(self, self.shared.weight, None)
+        self.decode_step = NativeT5Step(self, self._decode_step)
+        return self
+
+    def cuda_graph(self) -> T5ForConditionalGeneration:
+        """Replay the one-token decoding step (eager, or compiled by ``compile()`` before) as a CUDA graph:
+        one launch instead of hundreds of small kernels per token (``blip2.fast.graphs``). A graph is recorded
+        at the first step of each ``generate`` call. CUDA only; ``fuse()``, ``unfuse()`` and ``compile()``
+        put the plain step back. Returns self."""
+        self.decode_step = graph_step(self.decode_step, self.shared.weight.device)
+        return self
+
+    def _decode_step(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]],
+                     cross_mask: Tensor, caches: list[KVCache], input_pos: Tensor) -> Tensor:
+        # ids [N, T] at cache positions input_pos [T]; self_mask [1, H, L, L] for the whole cache
+        # -> logits [N, V] float32 of the last position
+        h = self.decoder(self.shared(ids), self_mask[:, :, input_pos], cross_kv, cross_mask, caches, input_pos)
+        return self._logits(h[:, -1]).float()
+
+    def set_dtype(self, dtype: torch.dtype) -> T5ForConditionalGeneration:
+        """Cast to ``dtype``; in fp16 every FFN ``wo`` stays fp32, as transformers loads T5 in fp16."""
+        keep = {id(m.wo.weight) for m in self.modules() if isinstance(m, T5DenseReluDense)}
+        with torch.no_grad():
+            for p in self.parameters():
+                # wo straight from its stored precision, not rounded through fp16
+                p.data = p.data.to(torch.float32 if dtype == torch.float16 and id(p) in keep else dtype)
+        return self
+
+    def _adapt_checkpoint(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+        # What checkpoints in the wild look like, as transformers reads them:
+        # - transformers 5 writes tied tensors once: only `shared.weight` (embed_tokens/lm_head are copies);
+        # - old files carry an unused cross-attention bias on decoder block 0 (transformers ignores it);
+        # - transformers 5 configs say `tie_word_embeddings: true` for Flan-T5 too, and the model unties
+        #   when the file's `lm_head.weight` differs from `shared.weight`.
+        state_dict.pop(prefix + "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
+        shared = state_dict.get(prefix + "shared.weight")
+        if shared is None:
+            return
+        for key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+            state_dict.setdefault(prefix + key, shared)
+        head = state_dict[prefix + "lm_head.weight"]
+        if self.lm_head.weight is self.shared.weight and head is not shared and not torch.equal(head, shared):
+            self.lm_head.weight = nn.Parameter(torch.empty_like(self.shared.weight))
+
+    def _logits(self, h: Tensor) -> Tensor:  # decoder output [..., D] -> [..., V]
+        if self.config.scale_decoder_outputs:
+            h = h * self.config.d_model**-0.5
+        return linear(h, self.lm_head)
+
+    def encode(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """inputs_embeds [B, S, D], attention_mask [B, S] (1/True = keep; any side padded) -> [B, S, D]."""
+        B, S, _ = inputs_embeds.shape
+        pos = torch.arange(S, device=inputs_embeds.device)
+        keep = torch.ones(B, 1, 1, S, dtype=torch.bool, device=pos.device)
+        if attention_mask is not None:
+            keep = attention_mask.bool()[:, None, None, :]
+        mask = _float_mask(keep, self.encoder.position_bias(pos, pos), self.encoder.attn_dtype)  # [B, H, S, S]
+        return self.encoder(inputs_embeds, mask)
+
+    def _cross_mask(self, attention_mask: Tensor | None, encoder_out: Tensor) -> Tensor:
+        B, S, _ = encoder_out.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.bool, device=encoder_out.device)
+        return _float_mask(attention_mask.bool()[:, None, None, :], 0.0, self.decoder.attn_dtype)  # [B, 1, 1, S]
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
+                decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits [B, Td, V]. Without ``decoder_input_ids`` they are ``labels`` shifted right.
+        For the loss, apply ``seq2seq_lm_loss(logits, labels)``."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("T5 forward needs decoder_input_ids or labels")
+            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
+        enc = self.encode(inputs_embeds, attention_mask)
+        T = decoder_input_ids.shape[1]
+        pos = torch.arange(T, device=enc.device)
+        keep = (pos[None, :] <= pos[:, None])[None, None]  # [1, 1, T, T] causal
+        if decoder_attention_mask is not None:
+            keep = keep & decoder_attention_mask.bool()[:, None, None, :]
+        mask = _float_mask(keep, self.decoder.position_bias(pos, pos), self.decoder.attn_dtype)
+        h = self.decoder(self.shared(decoder_input_ids), mask, self.decoder.cross_kv(enc),
+                         self._cross_mask(attention_mask, enc))
+        return self._logits(h)
+
+    @torch.no_grad()
+    def start_decoding(self, inputs_embeds: Tensor, attention_mask: Tensor | None, expand: int,
+                       max_new_tokens: int, decoder_input_ids: Tensor | None = None) -> T5Decoder:
+        """Decoding state for ``generate``: row ``i * expand + j`` continues input row ``i``.
+
+        ``decoder_input_ids`` ([B, P] or [B * expand, P]) default to ``decoder_start_token_id``."""
+        enc = self.encode(inputs_embeds, attention_mask)  # once, on the B unexpanded rows
+        cross_kv = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0))
+                    for k, v in self.decoder.cross_kv(enc)]
+        cross_mask = self._cross_mask(attention_mask, enc).repeat_interleave(expand, 0)
+        B, N = enc.shape[0], enc.shape[0] * expand
+        if decoder_input_ids is None:
+            decoder_input_ids = torch.full((N, 1), self.config.decoder_start_token_id, device=enc.device)
+        decoder_input_ids = decoder_input_ids.to(enc.device)
+        if decoder_input_ids.shape[0] == B:
+            decoder_input_ids = decoder_input_ids.repeat_interleave(expand, 0)
+        elif decoder_input_ids.shape[0] != N:
+            raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, expected {B} or {N}")
+        return T5Decoder(self, cross_kv, cross_mask, decoder_input_ids, max_new_tokens)
+
+
+class T5Decoder:
+    """One generate call's decoding state (the ``blip2.generation.Decoder`` protocol).
+
+    Self-attention K/V live in a preallocated cache of ``P + max_new_tokens`` positions (rounded up to a
+    multiple of 8 for aligned SDPA masks); every step attends over the whole cache with the not-yet-written
+    positions masked, so shapes stay static."""
+
+    def __init__(self, model: T5ForConditionalGeneration, cross_kv: list[tuple[Tensor, Tensor]],
+                 cross_mask: Tensor, decoder_input_ids: Tensor, max_new_tokens: int) -> None:
+        self.model, self.cross_kv, self.cross_mask = model, cross_kv, cross_mask
+        self.prefix = decoder_input_ids  # [N, P]
+        self.pos = 0
+        N, P = decoder_input_ids.shape
+        self.length = P + max_new_tokens  # one spare: a loop may feed its last token
+        dec, cfg, device = model.decoder, model.config, cross_mask.device
+        pos = torch.arange(-(-self.length // 8) * 8, device=device)
+        causal = (pos[None, :] <= pos[:, None])[None, None]
+        self.self_mask = _float_mask(causal, dec.position_bias(pos, pos), dec.attn_dtype)  # [1, H, L, L]
+        self.caches = [KVCache(N, cfg.num_heads, len(pos), cfg.d_kv, dec.attn_dtype, device) for _ in dec.block]
+
+    def _run(self, ids: Tensor, step: Callable[..., Tensor]) -> Tensor:
+        # ids [N, T] -> logits [N, V] of the last position
+        T = ids.shape[1]
+        if self.pos + T > self.length:
+            raise RuntimeError(f"T5Decoder: past its {self.length} preallocated positions")
+        input_pos = torch.arange(self.pos, self.pos + T, device=self.cross_mask.device)
+        logits = step(ids, self.self_mask, self.cross_kv, self.cross_mask, self.caches, input_pos)
+        self.pos += T
+        return logits
+
+    @torch.no_grad()
+    def prefill(self) -> Tensor:
+        """Feed the decoder prefix (the start token); logits [N, V] float32 of the first new token."""
+        return self._run(self.prefix, self.model._decode_step)
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor) -> Tensor:
+        """tokens [N]: append one token per row; logits [N, V] float32 for the next."""
+        return self._run(tokens[:, None], self.model.decode_step)
+
+    @torch.no_grad()
+    def step_greedy(self, tokens: Tensor, banned: Tensor | None) -> Tensor:
+        """tokens [N]: append one token per row; the next greedy tokens [N] (``banned`` ids left out)."""
+        return self._run(tokens[:, None], greedy_step(self.model.decode_step, banned))
+
+    @torch.no_grad()
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (beam search): self-attention caches, cross K/V and encoder mask."""
+        for cache in self.caches:
+            cache.reorder(index)
+        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+        self.cross_mask = self.cross_mask.index_select(0, index)
