@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.apps.bench import PRESETS, apply_fast_path  # noqa: E402
+from blip2.fast import cuda_graph  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
 CACHE = os.environ.get("BLIP2_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "blip2-bench"))
@@ -54,7 +55,7 @@ def load_ours(d: str, dtype: str = "fp32", device: str = "cpu", fast: str = "pla
     (``native``: compile(native=...)); ``graph``: the step replayed as a CUDA graph (``cuda_graph()``)."""
     model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=DTYPES[dtype], device=device)
     model = apply_fast_path(model, fast, compile, batch=batch, **({} if native else {"native": False}))
-    return model.cuda_graph() if graph else model
+    return cuda_graph(model) if graph else model
 
 
 def ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:

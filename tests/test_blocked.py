@@ -13,6 +13,7 @@ from blip2.fast import kernels
 from blip2.fast.linear import FusedLinear, decode_format, fused_format
 from conftest import pixel_batch, prompts_with_images
 from test_kernels import needs_kernel
+from blip2 import fast
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_language_models_fuse_blocked_and_tied_heads_tie_again(loaded, hf_opt_di
     lm = plain.language_model
     assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight
     want = plain.state_dict()
-    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse()
+    model = fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d))
     assert decode_format(lm.lm_head.weight) == "blocked"
     assert fused_format(model.language_model) == "blocked"
     assert fused_format(model.vision_model) == fused_format(model.qformer) != "blocked"
@@ -167,13 +168,13 @@ def test_language_models_fuse_blocked_and_tied_heads_tie_again(loaded, hf_opt_di
     ids, mask = prompts_with_images([[2, 11, 12, 13], [2, 21], [2, 31, 32]])
     assert model.generate(pixels, ids, mask, max_new_tokens=6).tolist() == \
         plain.generate(pixels, ids, mask, max_new_tokens=6).tolist()
-    model.unfuse()
+    fast.unfuse(model)
     lm = model.language_model
     assert isinstance(lm.lm_head, nn.Linear) and lm.lm_head.weight is lm.model.decoder.embed_tokens.weight
     # compile(batch > 1) and native() keep the blocked layout; compile(1) re-fuses plain for the one-row step
-    assert fused_format(model.compile(3, backend="eager").language_model) == "blocked"
-    assert fused_format(model.compile(1, backend="eager").language_model) == "dense"
-    assert fused_format(model.native().language_model) == "blocked"
+    assert fused_format(fast.compile_decoding(model, 3, backend="eager").language_model) == "blocked"
+    assert fused_format(fast.compile_decoding(model, 1, backend="eager").language_model) == "dense"
+    assert fused_format(fast.native(model).language_model) == "blocked"
 
 
 def test_without_the_kernels_fuse_falls_back_to_onednn(tmp_path):
@@ -188,6 +189,7 @@ def test_without_the_kernels_fuse_falls_back_to_onednn(tmp_path):
     code = textwrap.dedent("""
         import torch
         from blip2.config import OPTConfig
+        from blip2 import fast
         from blip2.fast.linear import fused_format
         from blip2.fast.native import Unsupported
         from blip2.models.opt import OPTForCausalLM
@@ -197,10 +199,10 @@ def test_without_the_kernels_fuse_falls_back_to_onednn(tmp_path):
         x = torch.randn(2, 5, 32)
         with torch.no_grad():
             want = lm(x)
-            got = lm.fuse()(x)
+            got = fast.fuse(lm)(x)
         print(fused_format(lm), bool(torch.allclose(got, want, atol=1e-5)))
         try:
-            lm.unfuse().native()
+            fast.native(fast.unfuse(lm))
         except Unsupported as e:
             print("refused:", e)
     """)

@@ -17,6 +17,7 @@ from blip2 import Blip2ForConditionalGeneration
 from blip2.fast.graphs import GraphedStep
 from conftest import pixel_batch
 from test_fast_paths import inputs
+from blip2 import fast
 
 
 class ReplayGraph:
@@ -42,7 +43,7 @@ def case(request, hf_opt_dir, hf_t5_dir):
 
 
 def graphed(d: str) -> tuple[Blip2ForConditionalGeneration, GraphedStep]:
-    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse()
+    model = fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d))
     lm = model.language_model
     lm.decode_step = GraphedStep(lm.decode_step, "cpu", backend=ReplayGraph)
     return model, lm.decode_step
@@ -98,13 +99,13 @@ def test_cuda_graph_needs_cuda(case):
     text, d, plain = case
     model = Blip2ForConditionalGeneration.from_pretrained(d)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; the model is on cpu"):
-        model.cuda_graph()
+        fast.cuda_graph(model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_tokens_equal_plain_on_gpu(case):
     text, d, plain = case
-    model = Blip2ForConditionalGeneration.from_pretrained(d, device="cuda").fuse().cuda_graph()
+    model = fast.cuda_graph(fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d, device="cuda")))
     eager = Blip2ForConditionalGeneration.from_pretrained(d, device="cuda")
     pixels = pixel_batch(3, seed=5).cuda()
     ids, mask = (t.cuda() for t in inputs(text))

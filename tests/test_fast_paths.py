@@ -13,6 +13,7 @@ from blip2 import Blip2ForConditionalGeneration
 from blip2.apps.bench import module_bytes
 from blip2.fast.linear import FusedLinear, decode_format, default_format, fused_format
 from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
+from blip2 import fast
 
 OPT_PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]  # BOS + text, left-padded in a batch
 T5_PROMPTS = [[11, 12, 13, 14, 15, 1], [21, 1], [31, 32, 33, 1]]  # text + </s>, right-padded
@@ -40,7 +41,7 @@ def case(request, hf_opt_dir, hf_t5_dir):
 
 @pytest.fixture(scope="module")
 def fused(case):
-    return Blip2ForConditionalGeneration.from_pretrained(case[1]).fuse()
+    return fast.fuse(Blip2ForConditionalGeneration.from_pretrained(case[1]))
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -99,7 +100,7 @@ def test_fused_state_dict_is_the_reference_one(case, fused, tmp_path):
     back = Blip2ForConditionalGeneration.from_pretrained(tmp_path)
     for k, v in back.state_dict().items():
         assert torch.equal(v, want[k]), k
-    again = Blip2ForConditionalGeneration.from_pretrained(d).fuse().unfuse()
+    again = fast.unfuse(fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d)))
     assert not any(isinstance(m, FusedLinear) for m in again.modules())
     assert {k: tuple(p.shape) for k, p in again.named_parameters()} == \
         {k: tuple(p.shape) for k, p in plain.named_parameters()}
@@ -127,18 +128,18 @@ def test_fused_model_refuses_to_move_or_reload(case, fused):
     with pytest.raises(RuntimeError, match="unfuse"):
         fused.load_state_dict(case[2].state_dict())
     with pytest.raises(RuntimeError, match="already fused"):
-        fused.language_model.fuse()
+        fast.fuse(fused.language_model)
 
 
 def test_bf16_fused_tokens_equal_bf16_plain(case):
     text, d, _ = case
     plain = Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16)
-    fast = Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).fuse()
-    assert fast.qformer.layernorm.weight.dtype == torch.float32  # the Q-Former stays fp32
+    fused_model = fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16))
+    assert fused_model.qformer.layernorm.weight.dtype == torch.float32  # the Q-Former stays fp32
     pixels = pixel_batch(3, seed=4)
     ids, mask = inputs(text)
     want = plain.generate(pixels, ids, mask, max_new_tokens=10)
-    assert fast.generate(pixels, ids, mask, max_new_tokens=10).tolist() == want.tolist()
+    assert fused_model.generate(pixels, ids, mask, max_new_tokens=10).tolist() == want.tolist()
 
 
 # -- int8 -------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def _teacher_forced_agreement(plain: Blip2ForConditionalGeneration, quant: Blip2
 def test_int8_agrees_and_shrinks_the_language_model(hf_opt_dir):
     d, pixels, ids, mask = _agreement_case(hf_opt_dir)
     plain = Blip2ForConditionalGeneration.from_pretrained(d)
-    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
+    quant = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d))
     agreement, distinct = _teacher_forced_agreement(plain, quant, pixels, ids, mask, new=20)
     assert distinct >= 10
     assert agreement >= 0.95, agreement
@@ -209,7 +210,7 @@ def hf_t5_mild_dir(tmp_path_factory) -> str:
 
 def test_int8_t5_agrees(hf_t5_mild_dir):
     plain = Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir)
-    quant = Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir).quantize_int8()
+    quant = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir))
     pixels = pixel_batch(16, seed=5)
     ids, mask = t5_inputs(T5_PROMPTS * 5 + [[5, 1]])
     out = plain.generate(pixels, ids, mask, max_new_tokens=16, min_new_tokens=16)
@@ -265,8 +266,12 @@ def test_dynamic_int8_takes_the_activation_range_its_kernel_computes_exactly(mon
     monkeypatch.setattr(quant, "_TRIED", False)
     monkeypatch.setattr(quant, "_CONFIG", None)
     monkeypatch.setattr(quant, "_SENTINELS", {})
-    monkeypatch.setattr(quant, "_CANDIDATES", ((False, 63), (False, 127)))
-    assert quant.dynamic_int8_available() and quant._CONFIG == (False, 127)
+    assert quant.dynamic_int8_available()
+    working = quant._CONFIG  # (False, 127) with VNNI; (True, 63) where AVX2 products saturate at 127 levels
+    monkeypatch.setattr(quant, "_TRIED", False)
+    monkeypatch.setattr(quant, "_SENTINELS", {})
+    monkeypatch.setattr(quant, "_CANDIDATES", ((False, 63), working))
+    assert quant.dynamic_int8_available() and quant._CONFIG == working
     monkeypatch.setattr(quant, "_TRIED", False)
     monkeypatch.setattr(quant, "_SENTINELS", {})
     monkeypatch.setattr(quant, "_CANDIDATES", ((False, 63),))
@@ -288,7 +293,7 @@ def test_dynamic_int8_layer_refuses_where_it_cannot_run(monkeypatch):
 def test_int8_dynamic_agrees_and_shrinks(hf_opt_dir):
     d, pixels, ids, mask = _agreement_case(hf_opt_dir)
     plain = Blip2ForConditionalGeneration.from_pretrained(d)
-    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True, vision=True)
+    quant = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d), dynamic=True, vision=True)
     assert fused_format(quant.language_model) == fused_format(quant.vision_model) == "int8-dynamic"
     assert fused_format(quant.qformer) == default_format(plain.qformer.layernorm.weight)  # never quantized
     agreement, distinct = _teacher_forced_agreement(plain, quant, pixels, ids, mask, new=20)
@@ -301,7 +306,7 @@ def test_int8_dynamic_agrees_and_shrinks(hf_opt_dir):
 
 def test_int8_dynamic_t5_agrees(hf_t5_mild_dir):
     plain = Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir)
-    quant = Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir).quantize_int8(dynamic=True, vision=True)
+    quant = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(hf_t5_mild_dir), dynamic=True, vision=True)
     pixels = pixel_batch(16, seed=5)
     ids, mask = t5_inputs(T5_PROMPTS * 5 + [[5, 1]])
     out = plain.generate(pixels, ids, mask, max_new_tokens=16, min_new_tokens=16)
@@ -318,8 +323,8 @@ def test_int8_dynamic_state_dict_and_batches(case, tmp_path):
     saves and loads back; a prompt's tokens do not depend on the rest of its batch (one activation scale
     per row); unfuse() gives nn.Linear layers back."""
     text, d, plain = case
-    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True, vision=True)
-    weight_only = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(vision=True)
+    quant = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d), dynamic=True, vision=True)
+    weight_only = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d), vision=True)
     got, want = quant.state_dict(), weight_only.state_dict()
     assert list(got) == list(want)  # the reference keys (a tied head's copy left out, as weight-only int8 does)
     for k, v in want.items():
@@ -332,7 +337,7 @@ def test_int8_dynamic_state_dict_and_batches(case, tmp_path):
 
     _assert_batch_equals_each_prompt_alone(text, quant)
 
-    quant.unfuse()
+    fast.unfuse(quant)
     assert not any(isinstance(m, FusedLinear) for m in quant.modules())
     assert all(torch.equal(p, want[k]) for k, p in quant.named_parameters() if k in want)
 
@@ -342,13 +347,13 @@ def test_compiled_int8_dynamic_step_tokens_equal_eager(case):
     that finds the layer's packed weight by handle): the same tokens as eager, at one row and several."""
     text, d, _ = case
     torch._dynamo.reset()
-    eager = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
+    eager = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d), dynamic=True)
     pixels = pixel_batch(3, seed=7)
     ids, mask = inputs(text)
     want = eager.generate(pixels, ids, mask, max_new_tokens=8)
     for batch in (1, 3):
-        model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
-        model.compile(batch, backend="eager", fullgraph=True)
+        model = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d), dynamic=True)
+        fast.compile_decoding(model, batch, backend="eager", fullgraph=True)
         assert fused_format(model.language_model) == "int8-dynamic"
         assert model.language_model.decode_step != model.language_model._decode_step  # the compiled step runs
         assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == want.tolist()
@@ -362,8 +367,8 @@ def test_compiled_int8_dynamic_inductor_agrees(hf_opt_dir):
     not equality, with the eager path."""
     _, d = hf_opt_dir
     torch._dynamo.reset()
-    eager = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
-    model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True).compile(3)
+    eager = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d), dynamic=True)
+    model = fast.compile_decoding(fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d), dynamic=True), 3)
     pixels = pixel_batch(3, seed=7)
     ids, mask = prompts_with_images(OPT_PROMPTS)
     want = eager.generate(pixels, ids, mask, max_new_tokens=8, min_new_tokens=8)[:, ids.shape[1]:]
@@ -381,7 +386,7 @@ def test_compiled_step_tokens_equal_plain_eager_backend(case, batch):
     blocked layout on CPU where the kernels load, else oneDNN's packed one)."""
     text, d, plain = case
     torch._dynamo.reset()
-    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(batch, backend="eager", fullgraph=True)
+    model = fast.compile_decoding(fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d)), batch, backend="eager", fullgraph=True)
     want_format = "dense" if batch == 1 else decode_format(plain.language_projection.weight)
     assert fused_format(model.language_model) == want_format
     pixels = pixel_batch(3, seed=7)
@@ -399,19 +404,19 @@ def test_compiled_steps_of_two_models_stay_apart(case):
     torch._dynamo.reset()
     pixels = pixel_batch(3, seed=7)
     ids, mask = inputs(text)
-    float_model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(backend="eager")
-    int8_model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
+    float_model = fast.compile_decoding(fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d)), backend="eager")
+    int8_model = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d))
     int8_want = int8_model.generate(pixels, ids, mask, max_new_tokens=8)
-    int8_model.compile(backend="eager")
+    fast.compile_decoding(int8_model, backend="eager")
     assert float_model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == \
         plain.generate(pixels, ids, mask, max_new_tokens=8).tolist()
     assert int8_model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == int8_want.tolist()
     lm = float_model.language_model
     assert lm.decode_step != lm._decode_step
-    float_model.unfuse()
+    fast.unfuse(float_model)
     assert lm.decode_step == lm._decode_step
-    lm.fuse().compile(backend="eager")
-    lm.unfuse().fuse()
+    fast.compile_decoding(fast.fuse(lm), backend="eager")
+    fast.fuse(fast.unfuse(lm))
     assert lm.decode_step == lm._decode_step
 
 
@@ -420,7 +425,7 @@ def test_compile_on_a_torch_without_graph_isolation(case, monkeypatch):
     """torch before 2.13 has no ``torch.compile(isolate_recompiles=...)`` (found on a GPU machine with
     torch 2.11, where compile() raised TypeError): there the module guards stay and the keyword is not
     passed; the compiled step still gives the plain tokens."""
-    import blip2.fast.linear as fused
+    import blip2.fast.decoding as fused
 
     text, d, plain = case
     torch._dynamo.reset()
@@ -434,7 +439,7 @@ def test_compile_on_a_torch_without_graph_isolation(case, monkeypatch):
 
     monkeypatch.setattr(fused, "_can_isolate_graphs", lambda: False)
     monkeypatch.setattr(torch, "compile", old_compile)
-    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(backend="eager")
+    model = fast.compile_decoding(fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d)), backend="eager")
     assert len(seen) == 1
     pixels = pixel_batch(3, seed=7)
     ids, mask = inputs(text)
@@ -449,7 +454,7 @@ def test_compiled_step_tokens_equal_plain_inductor(hf_opt_dir, batch):
     _, d = hf_opt_dir
     torch._dynamo.reset()
     plain = Blip2ForConditionalGeneration.from_pretrained(d)
-    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(batch)
+    model = fast.compile_decoding(fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d)), batch)
     pixels = pixel_batch(3, seed=7)
     ids, mask = prompts_with_images(OPT_PROMPTS)
     want = plain.generate(pixels, ids, mask, max_new_tokens=8)
@@ -472,13 +477,13 @@ def test_bytes_read_per_token_follow_the_weight_format(hf_opt_dir, capsys):
     assert decode_bytes_per_token(plain) == want
     # a layout change reads the same bytes; the blocked layout (CPU) pads each matrix to whole blocks of 16
     # outputs: 2% more on this tiny model, nothing on real ones (their widths are multiples of 16)
-    fused = decode_bytes_per_token(plain.fuse())
+    fused = decode_bytes_per_token(fast.fuse(plain))
     assert want <= fused <= 1.025 * want
     if fused_format(plain.language_model) != "blocked":
         assert fused == want
-    quant = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
+    quant = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d))
     assert decode_bytes_per_token(quant) < 0.35 * want  # int8 weights, fp32 biases, norms and scales
-    dynamic = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8(dynamic=True)
+    dynamic = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d), dynamic=True)
     # the packed int8 weights live inside the kernel's objects, counted all the same
     assert 0.25 * want < decode_bytes_per_token(dynamic) < 0.35 * want
     assert main(["--model", d, "--fast", "int8", "--batch", "2", "--new-tokens", "3", "--repeats", "1"]) == 0
@@ -492,8 +497,8 @@ def test_compiled_int8_batch_uses_the_int8_kernel(hf_opt_dir):
     """Several rows in a compiled int8 step go through the same int8 kernel as eager: the same tokens."""
     _, d = hf_opt_dir
     torch._dynamo.reset()
-    eager = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8()
-    model = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8().compile()
+    eager = fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d))
+    model = fast.compile_decoding(fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d)))
     pixels = pixel_batch(3, seed=7)
     ids, mask = prompts_with_images(OPT_PROMPTS)
     want = eager.generate(pixels, ids, mask, max_new_tokens=6)

@@ -15,6 +15,7 @@ import torch
 from blip2 import Blip2ForConditionalGeneration
 from blip2.fast import kernels
 from conftest import pixel_batch, prompts_with_images
+from blip2 import fast
 
 
 def _cpu_can_build() -> bool:
@@ -224,19 +225,19 @@ def test_compiled_batch_one_step_runs_the_kernel_with_the_plain_tokens(hf_opt_di
 
     def build():
         m = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype)
-        return m.quantize_int8() if how == "int8" else m
+        return fast.quantize_int8(m) if how == "int8" else m
 
     torch._dynamo.reset()
     if how == "int8":
         kernels.load()
         kernels._loaded = False  # the reference: the same compiled step on the compiled reduction
         try:
-            want = build().compile(1, native=False).generate(pixels, ids, mask, max_new_tokens=8)
+            want = fast.compile_decoding(build(), 1, native=False).generate(pixels, ids, mask, max_new_tokens=8)
         finally:
             kernels._loaded = True
     else:
         want = build().generate(pixels, ids, mask, max_new_tokens=8)
-    model = build().compile(1, native=False)  # the compiled graph (compile(1) would run the native step)
+    model = fast.compile_decoding(build(), 1, native=False)  # the compiled graph (compile(1) would run the native step)
     got = model.generate(pixels, ids, mask, max_new_tokens=8)
     assert got.tolist() == want.tolist()
     lm = model.language_model

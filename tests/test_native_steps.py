@@ -15,6 +15,7 @@ from blip2.models.opt import OPTForCausalLM
 from blip2.models.t5 import T5ForConditionalGeneration
 from conftest import pixel_batch, prompts_with_images, randomize_
 from test_kernels import needs_kernel
+from blip2 import fast
 
 pytestmark = needs_kernel
 
@@ -44,7 +45,7 @@ def _opt(overrides: dict, dtype: torch.dtype, fmt: str = "dense", seed: int = 0)
     cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=3, ffn_dim=80, num_attention_heads=4,
                     max_position_embeddings=64, dropout=0.0, **overrides)
     lm = randomize_(OPTForCausalLM(cfg), seed, std=0.4).eval().to(dtype)
-    return lm.fuse(fmt)
+    return fast.fuse(lm, fmt)
 
 
 def _t5(overrides: dict, dtype: torch.dtype, fmt: str = "dense", seed: int = 0) -> T5ForConditionalGeneration:
@@ -52,7 +53,7 @@ def _t5(overrides: dict, dtype: torch.dtype, fmt: str = "dense", seed: int = 0) 
               relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)
     kw.update(overrides)
     lm = randomize_(T5ForConditionalGeneration(T5Config(**kw)), seed, std=0.4).eval()
-    return lm.set_dtype(dtype).fuse(fmt)
+    return fast.fuse(lm.set_dtype(dtype), fmt)
 
 
 def _prompt(lm, dtype, seed=1, pad=2, rows=1):
@@ -123,7 +124,7 @@ def _compare(lm, dtype, native, fp32_copy=None, rows=1):
 @pytest.mark.parametrize("variant", list(OPT_VARIANTS))
 def test_opt_native_step_gives_the_eager_logits(variant, dtype):
     lm = _opt(OPT_VARIANTS[variant], dtype)
-    fp32 = _opt(OPT_VARIANTS[variant], dtype).unfuse().float().fuse("dense")
+    fp32 = fast.fuse(fast.unfuse(_opt(OPT_VARIANTS[variant], dtype)).float(), "dense")
     _compare(lm, dtype, NativeOPTStep(lm, lm._decode_step), fp32)
 
 
@@ -131,7 +132,7 @@ def test_opt_native_step_gives_the_eager_logits(variant, dtype):
 @pytest.mark.parametrize("variant", list(T5_VARIANTS))
 def test_t5_native_step_gives_the_eager_logits(variant, dtype):
     lm = _t5(T5_VARIANTS[variant], dtype)
-    fp32 = _t5(T5_VARIANTS[variant], dtype).unfuse().set_dtype(torch.float32).fuse("dense")
+    fp32 = fast.fuse(fast.unfuse(_t5(T5_VARIANTS[variant], dtype)).set_dtype(torch.float32), "dense")
     _compare(lm, dtype, NativeT5Step(lm, lm._decode_step), fp32)
 
 
@@ -148,7 +149,7 @@ def test_opt_native_step_on_blocked_weights_gives_the_eager_logits(variant, dtyp
     lm = _opt(OPT_VARIANTS[variant], dtype, fmt="blocked")
     step = NativeOPTStep(lm, None)  # no fallback: every step must run natively
     assert step.batched
-    fp32 = _opt(OPT_VARIANTS[variant], dtype).unfuse().float().fuse("dense")
+    fp32 = fast.fuse(fast.unfuse(_opt(OPT_VARIANTS[variant], dtype)).float(), "dense")
     _compare(lm, dtype, step, fp32, rows=rows)
 
 
@@ -159,7 +160,7 @@ def test_t5_native_step_on_blocked_weights_gives_the_eager_logits(variant, dtype
     lm = _t5(T5_VARIANTS[variant], dtype, fmt="blocked")
     step = NativeT5Step(lm, None)
     assert step.batched
-    fp32 = _t5(T5_VARIANTS[variant], dtype).unfuse().set_dtype(torch.float32).fuse("dense")
+    fp32 = fast.fuse(fast.unfuse(_t5(T5_VARIANTS[variant], dtype)).set_dtype(torch.float32), "dense")
     _compare(lm, dtype, step, fp32, rows=rows)
 
 
@@ -184,7 +185,7 @@ def test_a_row_of_a_native_batch_is_the_row_alone(text):
                 one.reorder(torch.tensor([r]))
             else:  # OPT reorders in place, keeping the row count: narrow by hand
                 for cache in one.caches:
-                    cache.k_cache, cache.v_cache = cache.k_cache[r:r + 1].clone(), cache.v_cache[r:r + 1].clone()
+                    cache.k, cache.v = cache.k[r:r + 1].clone(), cache.v[r:r + 1].clone()
                 one.key_valid, one.next_position = one.key_valid[r:r + 1].clone(), one.next_position[r:r + 1].clone()
             alone.append(torch.cat([one.step(t[r:r + 1]) for t in tokens]))
         together = torch.stack([state.step(t) for t in tokens], 1)  # [3, steps, V]
@@ -204,7 +205,7 @@ def test_int8_native_step_equals_the_dequantized_weights(text, dtype):
     cls = NativeOPTStep if text == "opt" else NativeT5Step
     untied = {"tie_word_embeddings": False}  # an int8 copy of a tied head has no dense twin
     q = build(untied, dtype, fmt="int8")
-    plain = build(untied, dtype, fmt="int8").unfuse().fuse("dense")  # the int8-rounded weights, dense
+    plain = fast.fuse(fast.unfuse(build(untied, dtype, fmt="int8")), "dense")  # the int8-rounded weights, dense
     q.decode_step = cls(q, q._decode_step)
     plain.decode_step = plain._decode_step
     embeds, mask = _prompt(q, dtype)
@@ -224,8 +225,8 @@ def test_int8_native_step_equals_the_dequantized_weights(text, dtype):
         # in bf16 the dense twin is not exact (q * scale rounds to bf16), so both are held against the fp32
         # model with the bf16 weights, teacher-forced: the native int8 step about as close to it as eager
         fed = [t[None] for t in tokens]
-        truth, _ = _teacher_forced(build(untied, dtype).unfuse().to(torch.float32) if text == "opt" else
-                                   build(untied, dtype).unfuse().set_dtype(torch.float32), None, torch.float32, fed)
+        truth, _ = _teacher_forced(fast.unfuse(build(untied, dtype)).to(torch.float32) if text == "opt" else
+                                   fast.unfuse(build(untied, dtype)).set_dtype(torch.float32), None, torch.float32, fed)
         native, _ = _teacher_forced(q, q.decode_step, dtype, fed)
         eager, _ = _teacher_forced(plain, plain._decode_step, dtype, fed)
         scale = truth.abs().max()
@@ -352,7 +353,7 @@ def test_compile_for_one_row_decodes_natively_with_the_plain_tokens(hf_opt_dir, 
         return m.generate(pixels.to(dt), ids, mask, max_new_tokens=10, min_new_tokens=10).tolist()
 
     want = plain_tokens(dtype)
-    model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype).compile(1)
+    model = fast.compile_decoding(Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype), 1)
     assert isinstance(model.language_model.decode_step, NativeOPTStep if text == "opt" else NativeT5Step)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     got = model.generate(pixels.to(dtype), ids, mask, max_new_tokens=10, min_new_tokens=10)
@@ -364,7 +365,7 @@ def test_compile_for_one_row_decodes_natively_with_the_plain_tokens(hf_opt_dir, 
     op = "blip2_kernels::opt_step" if text == "opt" else "blip2_kernels::t5_step"
     assert _calls(lambda: model.generate(pixels, ids, mask, max_new_tokens=10, min_new_tokens=10), op) == 9
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the compiled step never ran
-    plain = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype).compile(1, native=False)
+    plain = fast.compile_decoding(Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype), 1, native=False)
     assert not isinstance(plain.language_model.decode_step, (NativeOPTStep, NativeT5Step))
 
 
@@ -380,7 +381,7 @@ def _three_prompts(text, hf_opt_dir, hf_t5_dir):
 
 @pytest.mark.parametrize("text", ["opt", "t5"])
 def test_native_method_decodes_every_row_natively(hf_opt_dir, hf_t5_dir, text):
-    """model.native(): nothing compiled; the language model blocked, the vision encoder and Q-Former packed;
+    """fast.native(model): nothing compiled; the language model blocked, the vision encoder and Q-Former packed;
     one image and three images each through one op call per step with the plain tokens. After
     quantize_int8() (int8 stays): one row natively, three through the eager step. What it cannot cover
     raises before touching the model."""
@@ -389,7 +390,7 @@ def test_native_method_decodes_every_row_natively(hf_opt_dir, hf_t5_dir, text):
     d, ids, mask = _three_prompts(text, hf_opt_dir, hf_t5_dir)
     pixels = pixel_batch(3, seed=7)
     plain = Blip2ForConditionalGeneration.from_pretrained(d)
-    model = Blip2ForConditionalGeneration.from_pretrained(d).native()
+    model = fast.native(Blip2ForConditionalGeneration.from_pretrained(d))
     assert fused_format(model.language_model) == "blocked"
     assert fused_format(model.vision_model) == default_format(plain.vision_model.post_layernorm.weight)
     op = "blip2_kernels::opt_step" if text == "opt" else "blip2_kernels::t5_step"
@@ -400,13 +401,13 @@ def test_native_method_decodes_every_row_natively(hf_opt_dir, hf_t5_dir, text):
     want3 = plain.generate(pixels, ids, mask, **one)
     assert model.generate(pixels, ids, mask, **one).tolist() == want3.tolist()
     assert _calls(lambda: model.generate(pixels, ids, mask, **one), op) == 7
-    q = Blip2ForConditionalGeneration.from_pretrained(d).quantize_int8().native()
+    q = fast.native(fast.quantize_int8(Blip2ForConditionalGeneration.from_pretrained(d)))
     assert fused_format(q.language_model) == "int8"
     assert _calls(lambda: q.generate(pixels[:1], ids[:1], mask[:1], **one), op) == 7
     assert _calls(lambda: q.generate(pixels, ids, mask, **one), op) == 0
     half = Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.float16)
     with pytest.raises(ValueError, match="float16 activations"):
-        half.native()
+        fast.native(half)
     assert fused_format(half.language_model) is None and fused_format(half.vision_model) is None  # refused first
 
 
@@ -417,7 +418,7 @@ def test_compile_for_a_batch_decodes_natively(hf_opt_dir, hf_t5_dir, text):
     d, ids, mask = _three_prompts(text, hf_opt_dir, hf_t5_dir)
     pixels = pixel_batch(3, seed=8)
     want = Blip2ForConditionalGeneration.from_pretrained(d).generate(pixels, ids, mask, max_new_tokens=8)
-    model = Blip2ForConditionalGeneration.from_pretrained(d).fuse().compile(3)
+    model = fast.compile_decoding(fast.fuse(Blip2ForConditionalGeneration.from_pretrained(d)), 3)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert model.generate(pixels, ids, mask, max_new_tokens=8).tolist() == want.tolist()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -11,10 +11,12 @@ import torch
 
 from blip2 import Blip2ForConditionalGeneration
 from blip2.fast import kernels
-from blip2.fast.native import NativeOPTStep, NativeT5Step, masked_argmax
+from blip2.fast.native import NativeOPTStep, NativeT5Step
+from blip2.generation import masked_argmax
 from conftest import pixel_batch
 from test_kernels import needs_kernel
 from test_native_steps import _three_prompts
+from blip2 import fast
 
 pytestmark = needs_kernel
 
@@ -175,7 +177,7 @@ def test_native_greedy_generate_screens_and_keeps_the_tokens(hf_opt_dir, hf_t5_d
     Sampling, beam search and a repetition penalty keep the whole head. compile(1) screens its plain head."""
     d, ids, mask = _three_prompts(text, hf_opt_dir, hf_t5_dir)
     pixels = pixel_batch(3, seed=9)
-    model = Blip2ForConditionalGeneration.from_pretrained(d).native()
+    model = fast.native(Blip2ForConditionalGeneration.from_pretrained(d))
     step = model.language_model.decode_step
     assert isinstance(step, NativeOPTStep if text == "opt" else NativeT5Step) and step.screen is not None
     vocab = model.language_model.get_input_embeddings().weight.shape[0]
@@ -194,7 +196,7 @@ def test_native_greedy_generate_screens_and_keeps_the_tokens(hf_opt_dir, hf_t5_d
     model.generate(pixels[:1], ids[:1], mask[:1], max_new_tokens=4, num_beams=2)
     assert step.exact is None
     # compile(1): plain weights, the screen's candidates computed by the row kernel
-    one = Blip2ForConditionalGeneration.from_pretrained(d).compile(1)
+    one = fast.compile_decoding(Blip2ForConditionalGeneration.from_pretrained(d), 1)
     step = one.language_model.decode_step
     assert step.screen is not None and step.weights[-3].dim() == 2
     got = one.generate(pixels[:1], ids[:1], mask[:1], **kw)
@@ -204,10 +206,10 @@ def test_native_greedy_generate_screens_and_keeps_the_tokens(hf_opt_dir, hf_t5_d
 
 def test_bf16_and_missing_bf16_dot_keep_the_whole_head(hf_opt_dir, monkeypatch):
     d = hf_opt_dir[1]
-    assert Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).native() \
+    assert fast.native(Blip2ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16)) \
         .language_model.decode_step.screen is None
     monkeypatch.setattr(kernels, "_bf16_dot", False)
-    model = Blip2ForConditionalGeneration.from_pretrained(d).native()
+    model = fast.native(Blip2ForConditionalGeneration.from_pretrained(d))
     assert model.language_model.decode_step.screen is None
     ids, mask = _three_prompts("opt", hf_opt_dir, None)[1:]
     plain = Blip2ForConditionalGeneration.from_pretrained(d)
@@ -221,7 +223,7 @@ def test_bytes_read_per_token_count_the_screen_not_the_head(hf_t5_dir):
     from blip2.apps.bench import decode_bytes_per_token, module_bytes
 
     d = hf_t5_dir[1]
-    model = Blip2ForConditionalGeneration.from_pretrained(d).native()
+    model = fast.native(Blip2ForConditionalGeneration.from_pretrained(d))
     step = model.language_model.decode_step
     screened = decode_bytes_per_token(model)
     screen, step.screen = step.screen, None

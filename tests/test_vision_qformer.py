@@ -174,7 +174,7 @@ def test_vision_inference_in_place_equals_the_autograd_path(vision_pair):
 @pytest.mark.parametrize("name", ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu",
                                   "swish", "tanh"])
 def test_in_place_activations_equal_the_plain_ones(name):
-    from blip2.models.vision import activation
+    from blip2.models.layers import activation
 
     x = torch.randn(1000) * 4
     want = activation(name)(x)

@@ -48,6 +48,23 @@ class Decoder(Protocol):
     # faster (blip2.fast.native's screened head). Greedy decoding without a repetition penalty uses it.
 
 
+def masked_argmax(logits: Tensor, banned: Tensor | None) -> Tensor:
+    """The greedy choice over ``logits`` [N, V] with the ids ``banned`` at -inf (the logits processor's)."""
+    if banned is not None:
+        logits = logits.index_fill(1, banned, -float("inf"))
+    return logits.argmax(-1)
+
+
+def greedy_step(step: Callable[..., Tensor], banned: Tensor | None) -> Callable[..., Tensor]:
+    """A decoding step's stand-in that returns the next greedy tokens [N] instead of the logits: the step's own
+    ``greedy(banned, *args)`` where it has one (a speed-up may pick tokens without the whole head), else the
+    argmax of its logits. The decoders' ``step_greedy`` run it."""
+    greedy = getattr(step, "greedy", None)
+    if greedy is not None:
+        return lambda *args: greedy(banned, *args)
+    return lambda *args: masked_argmax(step(*args), banned)
+
+
 @dataclass
 class GenerationConfig:
     """Decoding settings, with the field names and defaults of ``transformers.GenerationConfig``.

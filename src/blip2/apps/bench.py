@@ -32,6 +32,7 @@ from blip2.config import Blip2Config, OPTConfig
 from blip2.fast.linear import FusedLinear
 from blip2.models.opt import OPTForCausalLM
 from blip2.models.blip2 import Blip2ForConditionalGeneration
+from blip2.fast import apply as apply_fast, compile_decoding, cuda_graph
 
 __all__ = ["PRESETS", "FAST_PATHS", "module_bytes", "decode_bytes_per_token", "copy_bandwidth", "interleave",
            "apply_fast_path", "decode_inputs", "time_decode_step", "product_flops", "floor_seconds", "matmul_rate",
@@ -223,16 +224,10 @@ def apply_fast_path(model: Blip2ForConditionalGeneration, fast: str, compile: bo
     """The model with fast path ``fast`` (one of ``FAST_PATHS``) and, if asked, its decoding step compiled."""
     if fast not in FAST_PATHS:
         raise ValueError(f"fast path {fast!r}: expected one of {FAST_PATHS}")
-    if fast == "fuse":
-        model.fuse()
-    elif fast == "int8":
-        model.quantize_int8()
-    elif fast == "int8-dynamic":
-        model.quantize_int8(dynamic=True, vision=True)
-    elif fast == "native":
-        model.native()
+    if fast != "plain":
+        apply_fast(model, fast)
     if compile:
-        model.compile(**compile_kwargs)
+        compile_decoding(model, **compile_kwargs)
     return model
 
 
@@ -328,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = apply_fast_path(_load(args.model, None if args.model else args.preset, dtype, args.device),
                             args.fast, args.compile)
     if args.cuda_graph:
-        model.cuda_graph()
+        cuda_graph(model)
     device = torch.device(args.device)
     n = torch.get_num_threads()
     where = f"{device.type}" + (f", {n} thread{'s' if n != 1 else ''}" if device.type == "cpu" else
@@ -358,9 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pixels, ids, mask = decode_inputs(model.config, args.batch, device)
     n = args.new_tokens
     if args.compile and args.batch > 1:  # the captioning batch gets the layout for its rows
-        model.compile(args.batch)
+        compile_decoding(model, args.batch)
         if args.cuda_graph:  # compile() put its own step in
-            model.cuda_graph()
+            cuda_graph(model)
 
     def caption() -> None:
         model.generate(pixels, ids, mask, max_new_tokens=n, min_new_tokens=n)

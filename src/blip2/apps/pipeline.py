@@ -24,6 +24,7 @@ from PIL import Image
 
 from blip2.demo import DEFAULT_MODEL
 from blip2.models.retrieval import itc_similarity
+from blip2.fast import apply as apply_fast
 
 __all__ = [
     "QUESTION_TEMPLATE",
@@ -173,25 +174,11 @@ class Pipeline:
             processor = Blip2Processor.from_pretrained(directory)
         except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
-        if fast != "none" and hasattr(net, "fuse"):  # retrieval checkpoints have no fast paths
-            if fast == "int8":
-                net.quantize_int8()
-            elif fast == "int8-dynamic":
-                try:
-                    net.quantize_int8(dynamic=True, vision=True)
-                except ValueError as e:  # this torch has no int8 kernels
-                    raise PipelineError(f"--fast int8-dynamic: {e}") from None
-            elif fast == "native":
-                from blip2.fast.native import Unsupported
-
-                try:
-                    net.native()
-                except Unsupported as e:
-                    raise PipelineError(f"--fast native: {e}") from None
-            else:
-                net.fuse()
-            if fast == "cuda-graph":
-                net.cuda_graph()
+        if fast != "none" and hasattr(net, "language_model"):  # retrieval checkpoints have no fast paths
+            try:
+                apply_fast(net, fast)
+            except ValueError as e:  # the mode does not apply here (device, dtype, kernels), said before any change
+                raise PipelineError(f"--fast {fast}: {e}") from None
         return cls(net, processor, name=model)
 
     @property

@@ -1,10 +1,9 @@
-"""Inference kernels of the language models: linear layers in an inference format (several projections
-fused into one matmul, weights laid out for the fastest kernel, or int8), and what a compiled decoding step
-needs (``compile_step``, one-query ``attention``).
+"""Linear layers in an inference format: several projections fused into one product, weights laid out for the
+fastest kernel, or int8.
 
 ``fuse_linears(owner, name, parts, fmt)`` replaces the ``nn.Linear`` children ``parts`` of ``owner`` (say
 ``q_proj, k_proj, v_proj``) by one ``FusedLinear`` stored as ``owner.<name>`` that computes all of them
-in one matmul; the old names become ``LinearView``s of it. ``pack_linears(root, fmt)`` turns every
+in one product; the old names become ``LinearView``s of it. ``pack_linears(root, fmt)`` turns every
 remaining ``nn.Linear`` below ``root`` into a one-part ``FusedLinear`` in place.
 
 The state dict does not change: a ``LinearView``, or a one-part ``FusedLinear``, writes ``weight`` and
@@ -12,23 +11,22 @@ The state dict does not change: a ``LinearView``, or a one-part ``FusedLinear``,
 still writes the reference keys. The weights are buffers, not parameters: this is for inference only.
 ``unfuse_linears`` turns everything back into ``nn.Linear`` with parameters.
 
-Formats (``fmt``):
+Formats (``fmt``; their speeds are measured in docs/BENCHMARKS.md):
 - ``"onednn"``: CPU, fp32/bf16. The weight is reordered once into oneDNN's blocked layout and multiplied
-  by ``torch.ops.mkldnn._linear_pointwise``. For the few rows of a decoding batch (8) this is 2x faster
-  than ``F.linear``, whose BLAS repacks the weight on every call; for one row, 1.1-1.2x.
+  by ``torch.ops.mkldnn._linear_pointwise``; ``F.linear``'s BLAS repacks the weight on every call, which
+  costs most where a call has few rows (decoding).
 - ``"blocked"``: CPU, fp32 (bf16 where the CPU has AVX-512 BF16), the native kernels loaded. blip2's own
   blocked layout (``blip2.fast.kernels.block_weight``: 16 output columns a block, stored k by k) multiplied by
-  ``blip2.fast.kernels.blocked_linear``: 1.4-1.6x oneDNN's speed for the 8 rows of a decoding batch (the head
-  included), as fast for a prefill. The language models' default on CPU (``decode_format``); the vision
-  encoder and Q-Former keep oneDNN's, whose hundreds of rows it multiplies as fast or faster (bf16).
+  ``blip2.fast.kernels.blocked_linear``, built for the few rows of a decoding batch. The language models'
+  default on CPU (``decode_format``); the vision encoder and Q-Former keep oneDNN's, which multiplies their
+  hundreds of rows as fast.
 - ``"dense"``: a plain [N, K] weight; on CPU it still goes through oneDNN (no repacking per call). In a
-  compiled graph, a product with one row streams the weight at near the copy bandwidth (``_row_product``:
-  the native kernel of ``blip2.fast.kernels`` where it is built, else a fused reduction): the format
-  ``compile()`` uses for decoding at batch 1.
+  compiled graph, a product with one row streams the weight (``_row_product``: the native kernel of
+  ``blip2.fast.kernels`` where it is built, else a fused reduction): the layout for decoding one row.
 - ``"int8"``: weight-only int8 (``blip2.fast.quant``); in a compiled graph, one row as for "dense".
 - ``"int8-dynamic"``: CPU. int8 weights packed for fbgemm, and each input rounded to 8 bits as it comes, one
-  scale per row (``blip2.fast.quant.dynamic_int8_linear``): the product runs on integer units, 3x or more the fp32 speed where
-  products are bound by arithmetic (many rows: a vision encoder, a prefill, decoding several images).
+  scale per row (``blip2.fast.quant.dynamic_int8_linear``): the product runs on integer units, which pays
+  where products are bound by arithmetic (many rows: a vision encoder, a prefill, decoding several images).
 """
 
 from __future__ import annotations
@@ -47,16 +45,13 @@ from blip2._compat import custom_op
 from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
-__all__ = ["FusedLinear", "LinearView", "attention", "linear", "default_format", "decode_format", "compile_step",
-           "compile_format",
-           "fused_format", "fuse_linears", "lay_out_for", "pack_linears", "unfuse_linears"]
+__all__ = ["FORMATS", "FusedLinear", "INT8_FORMATS", "LinearView", "decode_format", "default_format", "fused_format",
+           "fuse_linears", "pack_linears", "unfuse_linears"]
 
 FORMATS = ("onednn", "blocked", "dense", "int8", "int8-dynamic")
 INT8_FORMATS = ("int8", "int8-dynamic")
 # formats that keep their own copy of a head tied to the embeddings (the embedding needs the plain matrix)
 COPY_TIED = (*INT8_FORMATS, "blocked")
-# inductor's threshold of elementwise ops above which a producer is computed once, not inlined (CPU)
-_OPCOUNT_KEY = "realize_cpu_opcount_threshold"
 # oneDNN picks its blocked layout for an expected number of rows; 64 measured best for 1 to 264 rows
 _PACK_ROWS = 64
 
@@ -137,18 +132,6 @@ def _autograd(x: Tensor, weight: Tensor | None = None) -> bool:
     """Whether a product must be differentiable: the fast kernels have no backward (a frozen language model
     still passes gradients to its inputs in stage-2 training)."""
     return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
-
-
-def linear(x: Tensor, layer: nn.Module) -> Tensor:
-    """``layer(x)`` for an ``nn.Linear`` or a ``FusedLinear``. A plain ``nn.Linear`` outside autograd goes
-    through oneDNN on CPU (for few rows, BLAS repacks the whole weight on every call), or, for one row in
-    a compiled graph, through ``_row_product``."""
-    if isinstance(layer, nn.Linear) and not _autograd(x, layer.weight):
-        if _compiling_one_row(x, layer.in_features):
-            return _row_product(x, layer.weight, None, layer.bias)
-        if _onednn_ok(x) and x.dtype == layer.weight.dtype:
-            return _onednn_linear(x, layer.weight, layer.bias, layer.out_features)
-    return layer(x)
 
 
 def default_format(weight: Tensor) -> str:
@@ -280,7 +263,8 @@ class FusedLinear(nn.Module):
         _refuse_load(self, state_dict, prefix)
 
     def _apply(self, fn: object, recurse: bool = True) -> FusedLinear:
-        raise RuntimeError("a fused model cannot be moved or cast: call unfuse() first, or move/cast before fuse()")
+        raise RuntimeError("a fused model cannot be moved or cast: call blip2.fast.unfuse(model) first, or move or cast "
+                           "before the speed-up")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, splits={self.splits}, fmt={self.fmt!r}, dtype={self.dtype}"
@@ -315,98 +299,8 @@ class LinearView(nn.Module):
 
 def _refuse_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> None:
     if any(k.startswith(prefix) for k in state_dict):
-        raise RuntimeError(f"{prefix.rstrip('.')}: the model is fused for inference; call unfuse() before "
+        raise RuntimeError(f"{prefix.rstrip('.')}: the model is fused for inference; call blip2.fast.unfuse(model) before "
                            f"load_state_dict")
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0) -> Tensor:
-    """``F.scaled_dot_product_attention``: q [B, H, T, Dh], k, v [B, H, S, Dh], mask (bool, True = attend, or
-    float, added) broadcastable to [B, H, T, S] -> [B, H, T, Dh].
-
-    In a compiled graph, one query (a decoding step) is written as elementwise products, a softmax and a sum
-    that the compiler fuses: the attention kernel's fixed cost is several times the work at this size
-    (measured: 24 vs 9 us a layer, a fifth of a Flan-T5-small step)."""
-    if not (torch.compiler.is_compiling() and q.shape[-2] == 1 and dropout_p == 0.0):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    scores = (q.float() * k.float()).sum(-1) * scale  # [B, H, S], in fp32 as the kernel computes
-    if mask is not None:
-        m = mask.squeeze(-2)  # [B|1, H|1, S]
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    p = scores.softmax(-1)
-    return (p[..., None] * v.float()).sum(-2, keepdim=True).to(q.dtype)  # [B, H, 1, Dh]
-
-
-def compile_step(fn: Callable[..., Tensor], device: torch.device,
-                 **compile_kwargs: Any) -> Callable[..., Tensor]:
-    """``torch.compile(fn, **compile_kwargs)`` for a decoding step on ``device``.
-
-    On CPU, inductor inlines a cheap elementwise producer (a layer norm, an activation) into the loop that
-    consumes it; inside ``_row_product``'s loop over the weight that recomputes it for every output row
-    (measured: a decoding step 1.5-2.5x slower). A lower "opcount" threshold makes inductor compute such
-    producers once. Only for the default inductor backend and when the caller sets no mode or options.
-
-    The step is a method of the language model, and dynamo guards every attribute of every submodule it
-    reads (a few thousand checks: 0.6 ms a call, a tenth of a Flan-T5-small step in bf16). The callers
-    freeze the model's structure while the compiled step is in use (the weights are fused, so it cannot
-    be cast, moved or reloaded, and ``fuse``/``unfuse`` put the eager step back), so the guards on the
-    modules are left out (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``); those on the step's
-    arguments (shapes, dtypes of the inputs and caches) stay. Without module guards, a graph compiled for
-    one model would match another model's call of the same method, so each compiled step keeps its graphs
-    to itself (``isolate_recompiles``). Not when the caller sets a mode, nor on a torch without those two
-    (before 2.13: the guards stay)."""
-    import torch._inductor.config as inductor_config
-
-    if device.type == "cpu":
-        kernels.load()  # the one-row product kernel (built once per machine), before tracing
-    if "mode" in compile_kwargs:
-        return torch.compile(fn, **compile_kwargs)
-    options = dict(compile_kwargs.get("options") or {})
-    plain_inductor = compile_kwargs.get("backend", "inductor") == "inductor" and "options" not in compile_kwargs
-    if device.type == "cpu" and plain_inductor and hasattr(inductor_config, _OPCOUNT_KEY):
-        options[_OPCOUNT_KEY] = 4
-    if _can_isolate_graphs():
-        options.setdefault("guard_filter_fn", torch.compiler.skip_guard_on_all_nn_modules_unsafe)
-        compile_kwargs = {"isolate_recompiles": True, **compile_kwargs}
-    return torch.compile(fn, **{**compile_kwargs, "options": options})
-
-
-def _can_isolate_graphs() -> bool:
-    """Whether this torch can drop the module guards safely: ``torch.compile(isolate_recompiles=...)``
-    (torch 2.13) and ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``. Older releases keep the
-    guards (correct, a little slower per step)."""
-    import inspect
-
-    return ("isolate_recompiles" in inspect.signature(torch.compile).parameters
-            and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"))
-
-
-def compile_format(current: str | None, weight: Tensor, batch: int | None) -> str:
-    """The weight format a decoding step of ``batch`` rows (None: any number, ``native()``) runs fastest
-    with, given the current one (None: not fused) and a weight of the model (its device and dtype). One
-    row: the plain layout, which the native steps and ``_row_product`` stream at near the copy bandwidth
-    (in a whole bf16 step 5-15% faster than the blocked one, whose one-row products read a single cache
-    line per stream and step). Several: the language models' fastest float layout (``decode_format``:
-    blip2's blocked one on CPU, 1.4-1.6x oneDNN's speed at 8 rows; else oneDNN's packed one, since with a
-    plain weight oneDNN repacks it on every call, a step of 8 rows 1.9x slower). Any number: blocked where
-    the CPU takes it (the native steps read it for every batch), else plain. int8 (either kind) stays as
-    it is."""
-    if current in INT8_FORMATS:
-        return current
-    if batch is None:
-        return "blocked" if decode_format(weight) == "blocked" else "dense"
-    return "dense" if batch == 1 else decode_format(weight)
-
-
-def lay_out_for(model: nn.Module, weight: Tensor, batch: int | None) -> None:
-    """Fuse a language model (one with ``fuse(fmt)`` and ``unfuse()``) in the format ``compile_format``
-    picks for ``batch`` decoded rows (None: any), re-fusing if it is in another one; ``weight`` tells
-    device and dtype."""
-    current = fused_format(model)
-    fmt = compile_format(current, weight, batch)
-    if current != fmt:
-        if current is not None:
-            model.unfuse()
-        model.fuse(fmt)
 
 
 def fused_format(root: nn.Module) -> str | None:
@@ -457,4 +351,4 @@ def unfuse_linears(root: nn.Module, embedding: nn.Embedding | None = None) -> No
                 elif len(child.splits) == 1:
                     setattr(owner, child_name, child.to_linear(0))
                 else:
-                    setattr(owner, child_name, None)  # the fused holder; its views became Linears above
+                    delattr(owner, child_name)  # the fused holder; its views became Linears above

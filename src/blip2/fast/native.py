@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from blip2.fast import kernels
+from blip2.generation import masked_argmax
 from blip2.fast.linear import FusedLinear
 
-__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "try_native", "greedy_step"]
+__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "try_native"]
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_fast": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -122,22 +123,6 @@ def _screen(head: list[Tensor | None]) -> tuple[Tensor, Tensor] | None:
     return kernels.screen_weight(w)
 
 
-def masked_argmax(logits: Tensor, banned: Tensor | None) -> Tensor:
-    """The greedy choice over ``logits`` [N, V] with the ids ``banned`` at -inf (the logits processor's)."""
-    if banned is not None:
-        logits = logits.index_fill(1, banned, -float("inf"))
-    return logits.argmax(-1)
-
-
-def greedy_step(step: Callable[..., Tensor], banned: Tensor | None) -> Callable[..., Tensor]:
-    """A decoding step's stand-in that returns the next greedy tokens [N] instead of the logits: a native
-    step's ``greedy`` (the screened head), else the argmax of ``step``'s logits."""
-    greedy = getattr(step, "greedy", None)
-    if greedy is not None:
-        return lambda *args: greedy(banned, *args)
-    return lambda *args: masked_argmax(step(*args), banned)
-
-
 class _Greedy:
     """Greedy decoding's next tokens from a native step without the whole head (``kernels.greedy_head``:
     a bfloat16 screen of the vocabulary, the few candidates it leaves computed exactly by the head's own
@@ -200,10 +185,10 @@ class NativeT5Step(_Greedy):
         for blk in dec.block:
             sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
             dense = ff.DenseReluDense
-            if sa.SelfAttention.qkv is None:
-                raise Unsupported("self-attention q/k/v not fused (call fuse() first)")
-            if dense.gated and dense.wi_01 is None:
-                raise Unsupported("the gated FFN's wi_0/wi_1 not fused (call fuse() first)")
+            if getattr(sa.SelfAttention, "qkv", None) is None:
+                raise Unsupported("self-attention q/k/v not fused (blip2.fast.fuse first)")
+            if dense.gated and getattr(dense, "wi_01", None) is None:
+                raise Unsupported("the gated FFN's wi_0/wi_1 not fused (blip2.fast.fuse first)")
             weights += [_vector(sa.layer_norm.weight, dtype), *linear(sa.SelfAttention.qkv),
                         *linear(sa.SelfAttention.o),
                         _vector(ca.layer_norm.weight, dtype), *linear(ca.EncDecAttention.q),
@@ -263,8 +248,8 @@ class NativeOPTStep(_Greedy):
         weights: list[Tensor | None] = [_vector(dec.embed_positions.weight, dtype),
                                         *linear(dec.project_in, optional=True)]
         for layer in dec.layers:
-            if layer.self_attn.qkv is None:
-                raise Unsupported("q/k/v not fused (call fuse() first)")
+            if getattr(layer.self_attn, "qkv", None) is None:
+                raise Unsupported("q/k/v not fused (blip2.fast.fuse first)")
             ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
             weights += [_vector(ln1.weight, dtype), _vector(ln1.bias, dtype), *linear(layer.self_attn.qkv),
                         *linear(layer.self_attn.out_proj),
@@ -293,7 +278,7 @@ class NativeOPTStep(_Greedy):
 
     def _native_args(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any],
                      input_pos: Tensor) -> tuple[Any, ...]:
-        kv = [t for cache in caches for t in (cache.k_cache, cache.v_cache)]
+        kv = [t for cache in caches for t in (cache.k, cache.v)]
         return x, positions, mask, kv, input_pos
 
     def __call__(self, *args: Any) -> Tensor:

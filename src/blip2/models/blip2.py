@@ -24,7 +24,6 @@ from torch import nn
 from blip2.checkpoint import PretrainedMixin
 from blip2.config import Blip2Config
 from blip2.generation import GenerationConfig, generate
-from blip2.fast.linear import default_format, fused_format, pack_linears, unfuse_linears
 from blip2.models.opt import OPTForCausalLM
 from blip2.models.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
 from blip2.models.qformer import Blip2QFormerModel
@@ -235,94 +234,6 @@ class Blip2Model(PretrainedMixin, nn.Module):
             prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
             prefix_mask = None
         return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer)
-
-
-    # -- inference speed-ups (blip2.fast.linear) ----------------------------------------------------
-
-    def fuse(self) -> Blip2Model:
-        """Prepare for fast inference: the language model's q/k/v (and T5's other parallel projections)
-        in one matmul each, and every linear layer of the language model, the vision encoder and the
-        Q-Former in the fastest weight layout for the device. On CPU the language model takes blip2's
-        blocked layout where the native kernels load (``fused.decode_format``: its products of a decoding
-        batch 1.4-1.6x oneDNN's speed; a head tied to the embeddings gets its own blocked copy), and the
-        vision encoder and Q-Former oneDNN's packed one (through BLAS each weight is repacked on every
-        call). Outputs equal the plain model's up to float rounding. ``native()`` adds the native decoding
-        step, the fastest CPU path.
-
-        The state dict keeps the reference keys and shapes (``save_pretrained`` is unchanged). Inference
-        only: gradients still flow, through slow fallbacks; move and cast the model first, and reload or
-        train only after ``unfuse()``. Returns self."""
-        self.language_model.fuse()
-        for tower in (self.vision_model, self.qformer):
-            pack_linears(tower, default_format(next(tower.parameters())))
-        return self
-
-    def quantize_int8(self, vision: bool = False, dynamic: bool = False) -> Blip2Model:
-        """``fuse()`` with the language model's weights in int8 (one scale per output channel): a quarter of
-        fp32's weight bytes per decoded token, and a language model 1.8x (OPT-125m: its fp32 embedding
-        matrix is a third of it) to nearly 4x smaller. Tokens agree with the float model's on most, not all,
-        positions. The Q-Former (small, kept fp32) is never quantized. ``save_pretrained`` writes dequantized
-        weights under the reference keys.
-
-        ``dynamic=False`` (weight-only): activations stay float; the weights are widened as they are read,
-        which pays where decoding is bound by weight bytes (one image at a time). ``vision=True`` then
-        stores the vision encoder in int8 too: less memory, but on CPU slower than float, its products
-        being bound by arithmetic.
-
-        ``dynamic=True`` (CPU only): each product's input is quantized to 8 bits as it is computed and
-        the product runs on the CPU's integer units (``blip2.fast.quant.dynamic_int8_linear``): 3x or more
-        the fp32 speed of products with many rows, so it pays for the prefill and for decoding several
-        images at once, and, with ``vision=True``, for the vision encoder. Returns self."""
-        fmt = "int8-dynamic" if dynamic else "int8"
-        self.language_model.fuse(fmt)
-        pack_linears(self.vision_model, fmt if vision else default_format(next(self.vision_model.parameters())))
-        pack_linears(self.qformer, default_format(next(self.qformer.parameters())))
-        return self
-
-    def unfuse(self) -> Blip2Model:
-        """Undo ``fuse()``/``quantize_int8()``: plain ``nn.Linear`` layers with parameters again (int8
-        weights stay rounded). Returns self."""
-        self.language_model.unfuse()
-        unfuse_linears(self.vision_model)
-        unfuse_linears(self.qformer)
-        return self
-
-    def compile(self, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> Blip2Model:
-        """Compile the language model's one-token decoding step with ``torch.compile(**compile_kwargs)``;
-        shapes are static within a ``generate`` call, so it compiles once per batch size and length (tens
-        of seconds on a small CPU). ``batch`` is the number of rows decoded at once (images x beams) to lay
-        the weights out for: plain for one row; for several, blip2's blocked layout on a CPU with the native
-        kernels, else the fastest float layout. Combines with
-        ``quantize_int8()`` (call it first). The model is fused afterwards: ``unfuse()`` before casting,
-        moving or reloading it. ``native`` (CPU): the step runs as one native call of ``blip2.fast.kernels`` where
-        it covers the model (``blip2.fast.native``; blocked weights any batch, int8 one row), the whole
-        decoder in C++ with nothing to compile (for ``batch`` > 1 on CPU the same as ``native()``); False
-        keeps the compiled step. Returns self."""
-        self.language_model.compile(batch, native=native, **compile_kwargs)
-        return self
-
-    def native(self) -> Blip2Model:
-        """CPU: decode with the native step of ``blip2.fast.kernels``, the whole language-model decoder in one C++
-        call per token for all rows (images x beams), greedy or sampled; nothing is compiled. The language
-        model is laid out in blip2's blocked layout (after ``quantize_int8()``, int8 stays: one row
-        natively, batches with the eager step), the vision encoder and Q-Former packed as ``fuse()`` packs
-        them. The fastest CPU path for one image and for batches, with the plain path's tokens. Raises
-        ``blip2.fast.native.Unsupported`` (a ``ValueError``) saying why where it does not cover the model
-        (GPU, fp16, kernels not built), before changing anything. Returns self."""
-        self.language_model.native()
-        for tower in (self.vision_model, self.qformer):
-            if fused_format(tower) is None:
-                pack_linears(tower, default_format(next(tower.parameters())))
-        return self
-
-    def cuda_graph(self) -> Blip2Model:
-        """On a GPU, replay the language model's one-token decoding step as a CUDA graph (after ``fuse()``
-        and, optionally, ``compile()``): a small model's step is hundreds of kernels whose launches cost
-        more than their work, and a graph launches them all at once. Same tokens as without. A graph is
-        recorded at the first step of each ``generate`` call (a fraction of a step's cost again). CUDA only;
-        ``fuse()``, ``unfuse()`` and ``compile()`` put the plain step back. Returns self."""
-        self.language_model.cuda_graph()
-        return self
 
 
 class Blip2ForConditionalGeneration(Blip2Model):

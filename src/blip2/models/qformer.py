@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from blip2.checkpoint import SubmodelMixin
 from blip2.config import Blip2QFormerConfig
-from blip2.models.vision import activation
+from blip2.models.layers import activation
 
 __all__ = ["Blip2QFormerModel", "Blip2QFormerTextEmbeddings"]
 

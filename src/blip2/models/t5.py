@@ -19,17 +19,16 @@ What makes T5 T5:
 Decoding (``start_decoding``) runs the encoder once on the unexpanded batch, computes every layer's
 cross-attention K/V once, and keeps decoder self-attention K/V in a preallocated cache.
 
-For inference, ``fuse()`` computes self-attention q/k/v, cross-attention k/v and the gated FFN's two input
-projections in one matmul each and stores every projection in the fastest format for the device (or int8,
-``fuse("int8")``), keeping the state-dict keys (``blip2.fast.linear``); ``compile()`` compiles the one-token
-step. Outside autograd, plain ``nn.Linear`` layers go through ``fused.linear`` (oneDNN on CPU).
+The one-token step is the attribute ``decode_step``; the projections that read the same input are
+methods (``T5Attention.project_qkv``/``project_kv``, ``T5DenseReluDense.expand``), so that ``blip2.fast``
+can replace them from outside (fused or quantized products, a native or compiled step); nothing here
+knows about it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -37,26 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blip2.config import T5Config
-from blip2.fast.graphs import graph_step
-from blip2.fast.native import NativeT5Step, greedy_step, try_native
-from blip2.fast.native import check as native_check
-from blip2.fast.linear import (FusedLinear, attention, compile_step, decode_format, fuse_linears, lay_out_for, linear,
-                    pack_linears, unfuse_linears)
+from blip2.generation import greedy_step
+from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention
 
-__all__ = ["KVCache", "T5Decoder", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
+__all__ = ["T5Decoding", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
            "shift_right"]
-
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,  # exact (erf)
-    # transformers' NewGELU / FastGELU are the tanh approximation written out; same function
-    "gelu_new": partial(F.gelu, approximate="tanh"),
-    "gelu_fast": partial(F.gelu, approximate="tanh"),
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "silu": F.silu,
-    "swish": F.silu,
-}
-
 
 def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Tensor:
@@ -102,7 +86,7 @@ def _clamp_fp16(x: Tensor) -> Tensor:
 
 
 def _dtype_of(layer: nn.Module) -> torch.dtype:
-    """The compute dtype of an ``nn.Linear`` or of its fused stand-in."""
+    """The compute dtype of an ``nn.Linear``, or of a stand-in that ``blip2.fast`` put there (its ``dtype``)."""
     return layer.weight.dtype if isinstance(layer, nn.Linear) else layer.dtype
 
 
@@ -130,25 +114,6 @@ class T5LayerNorm(nn.Module):
         return self.weight * x
 
 
-class KVCache:
-    """Preallocated decoder self-attention keys and values of one layer: [N, H, L, Dk] each."""
-
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.k = torch.zeros(batch, heads, length, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # input_pos [T]; k, v [N, H, T, Dk] -> the whole cache [N, H, L, Dk] (unwritten slots are masked)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
-
-    def reorder(self, index: Tensor) -> None:
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
-
-
 class T5Attention(nn.Module):
     """Multi-head attention without score scaling; block 0 also holds the relative position bias table."""
 
@@ -162,9 +127,6 @@ class T5Attention(nn.Module):
         self.o = nn.Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
-        # after fuse(): q, k, v in one matmul (self-attention), or k, v (cross-attention)
-        self.qkv: FusedLinear | None = None
-        self.kv: FusedLinear | None = None
 
     def _heads(self, x: Tensor, n: int = 1) -> Tensor:  # [B, T, n*H*Dk] -> [B, H, T, Dk] (n == 1), [n, B, H, T, Dk]
         y = x.view(*x.shape[:2], n, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4)
@@ -172,24 +134,20 @@ class T5Attention(nn.Module):
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention: x [B, T, D] -> queries, keys, values [B, H, T, Dk]."""
-        if self.qkv is not None:
-            return self._heads(self.qkv(x), 3).unbind(0)
-        return self._heads(linear(x, self.q)), *self.project_kv(x)
+        return self._heads(self.q(x)), *self.project_kv(x)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, S, D] -> keys, values [B, H, S, Dk]."""
-        if self.kv is not None:
-            return self._heads(self.kv(x), 2).unbind(0)
-        return self._heads(linear(x, self.k)), self._heads(linear(x, self.v))
+        return self._heads(self.k(x)), self._heads(self.v(x))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """q [B, H, T, Dk] attends to k, v [B, H, S, Dk] under the float mask [B|1, H|1, T, S] -> [B, T, D]."""
         y = attention(q, k, v, mask, scale=1.0, dropout_p=self.dropout if self.training else 0.0)
-        return linear(y.transpose(1, 2).flatten(2), self.o)
+        return self.o(y.transpose(1, 2).flatten(2))
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """Cross-attention: x [B, T, D] attends to k, v [B, H, S, Dk] -> [B, T, D]."""
-        return self.attend(self._heads(linear(x, self.q)), k, v, mask)
+        return self.attend(self._heads(self.q(x)), k, v, mask)
 
 
 class T5DenseReluDense(nn.Module):
@@ -197,9 +155,9 @@ class T5DenseReluDense(nn.Module):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
-        if config.dense_act_fn not in _ACTIVATIONS:
-            raise ValueError(f"T5 dense_act_fn {config.dense_act_fn!r} is not supported (one of {sorted(_ACTIVATIONS)})")
-        self.act = _ACTIVATIONS[config.dense_act_fn]
+        if config.dense_act_fn not in ACTIVATIONS:
+            raise ValueError(f"T5 dense_act_fn {config.dense_act_fn!r} is not supported (one of {sorted(ACTIVATIONS)})")
+        self.act = activation(config.dense_act_fn)
         self.gated = bool(config.is_gated_act)
         if self.gated:
             self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
@@ -208,18 +166,16 @@ class T5DenseReluDense(nn.Module):
             self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = config.dropout_rate
-        self.wi_01: FusedLinear | None = None  # gated: wi_0 and wi_1 in one matmul, after fuse()
+
+    def expand(self, x: Tensor) -> Tensor:
+        """x [B, T, D] -> the activated hidden layer [B, T, F] (one method, so wi_0 and wi_1 can be fused)."""
+        if self.gated:
+            return self.act(self.wi_0(x)) * self.wi_1(x)
+        return self.act(self.wi(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.wi_01 is not None:
-            gate, up = self.wi_01(x).chunk(2, dim=-1)  # [B, T, F] each
-            h = self.act(gate) * up
-        elif self.gated:
-            h = self.act(linear(x, self.wi_0)) * linear(x, self.wi_1)  # [B, T, F]
-        else:
-            h = self.act(linear(x, self.wi))
-        h = F.dropout(h, self.dropout, self.training)
-        return linear(h.to(_dtype_of(self.wo)), self.wo)  # wo may be kept in fp32 (see set_dtype)
+        h = F.dropout(self.expand(x), self.dropout, self.training)
+        return self.wo(h.to(_dtype_of(self.wo)))  # wo may be kept in fp32 (see set_dtype)
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -332,91 +288,11 @@ class T5ForConditionalGeneration(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
         self._register_load_state_dict_pre_hook(self._adapt_checkpoint)
-        # the one-token decoding step; compile() swaps in a compiled version
+        # the one-token decoding step; blip2.fast may put a native, compiled or graphed one here
         self.decode_step: Callable[..., Tensor] = self._decode_step
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
-
-    # -- inference formats ----------------------------------------------------------------------
-
-    @torch.no_grad()
-    def fuse(self, fmt: str | None = None) -> T5ForConditionalGeneration:
-        """Prepare for inference: self-attention q/k/v, cross-attention k/v and the gated FFN's ``wi_0``/``wi_1``
-        in one matmul each, every projection in weight format ``fmt``.
-
-        ``fmt``: None picks the fastest float format for decoding on the device (``fused.decode_format``: on CPU
-        blip2's blocked layout, ``"blocked"``, where the native kernels load, built on first use; else
-        oneDNN's),
-        ``"dense"`` keeps the plain layout (``compile()``'s choice), ``"int8"`` quantizes weights (per output
-        channel, activations stay float), ``"int8-dynamic"`` also rounds each product's input to 8 bits and
-        multiplies in integers (CPU; ``blip2.fast.quant.dynamic_int8_linear``). The state dict keeps the reference keys and shapes (int8:
-        dequantized). For inference: the weights become buffers
-        (gradients reach the inputs only, through slow fallbacks); move and cast (``set_dtype``) before fusing.
-        ``unfuse()`` restores plain ``nn.Linear`` layers. Returns self."""
-        if any(isinstance(m, FusedLinear) for m in self.modules()):
-            raise RuntimeError("already fused; call unfuse() first to change the format")
-        fmt = fmt or decode_format(self.shared.weight)
-        for stack in (self.encoder, self.decoder):
-            for blk in stack.block:
-                fuse_linears(blk.layer[0].SelfAttention, "qkv", ("q", "k", "v"), fmt)
-                if stack.is_decoder:
-                    fuse_linears(blk.layer[1].EncDecAttention, "kv", ("k", "v"), fmt)
-                ff = blk.layer[-1].DenseReluDense
-                if ff.gated:
-                    fuse_linears(ff, "wi_01", ("wi_0", "wi_1"), fmt)
-        tied = isinstance(self.lm_head, nn.Linear) and self.lm_head.weight is self.shared.weight
-        pack_linears(self, fmt, tied=[self.lm_head] if tied else [])
-        self.decode_step = self._decode_step  # a compiled step was traced for the old layers
-        return self
-
-    @torch.no_grad()
-    def unfuse(self) -> T5ForConditionalGeneration:
-        """Back to ``nn.Linear`` layers with parameters (int8 weights stay rounded). Returns self."""
-        unfuse_linears(self, self.shared)
-        self.decode_step = self._decode_step
-        return self
-
-    def compile(self, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> T5ForConditionalGeneration:
-        """Compile the one-token decoding step with ``torch.compile(**compile_kwargs)``. Shapes are static
-        within a ``generate`` call (the self-attention cache is preallocated), so it compiles once per batch
-        size and length. ``batch``: the rows decoded at once (images x beams) to lay the weights
-        out for (``fused.compile_format``): one row, plain weights (the native step's, and in a compiled step
-        ``fused._row_product``: the kernel of ``blip2.fast.kernels``, built here on first use, once per machine,
-        else a compiled reduction); several, ``fused.decode_format``'s layout (blip2's blocked one on CPU);
-        int8 stays int8. Any batch still runs, only slower. Until ``unfuse()`` or ``fuse()`` (which put the eager
-        step back) the model cannot be cast, moved or reloaded.
-
-        ``native``: on CPU, a step runs as one native call where ``blip2.fast.native`` covers the model
-        (float32/bfloat16, the kernels loaded; blocked weights for any number of rows, plain or int8 ones
-        for one row): the whole decoder in C++, without the compiled graph's per-token overhead and without
-        compiling; other calls use the compiled step, compiled when first needed. False: always the compiled
-        step. Returns self."""
-        lay_out_for(self, self.shared.weight, batch)
-        step = compile_step(self._decode_step, self.shared.weight.device, **compile_kwargs)
-        self.decode_step = (native and try_native(NativeT5Step, self, step)) or step
-        return self
-
-    def native(self) -> T5ForConditionalGeneration:
-        """CPU: decode with the native step (``blip2.fast.native``: the whole decoder in one C++ call per token,
-        for all rows); nothing is compiled. Lays the weights out first (``fused.compile_format(.., None)``):
-        blocked where the kernels take the dtype, so any number of rows (images x beams) runs natively;
-        else plain, and int8 stays int8: one row natively, several with the eager step. (At one row in bf16,
-        ``compile()``'s plain layout is 5-15% faster.) Raises
-        ``blip2.fast.native.Unsupported`` (a ``ValueError``) saying why where the native steps do not cover
-        the model. ``fuse()``, ``unfuse()`` and ``compile()`` replace the step. Returns self."""
-        native_check(self.shared.weight)  # before changing the layout
-        lay_out_for(self, self.shared.weight, None)
-        self.decode_step = NativeT5Step(self, self._decode_step)
-        return self
-
-    def cuda_graph(self) -> T5ForConditionalGeneration:
-        """Replay the one-token decoding step (eager, or compiled by ``compile()`` before) as a CUDA graph:
-        one launch instead of hundreds of small kernels per token (``blip2.fast.graphs``). A graph is recorded
-        at the first step of each ``generate`` call. CUDA only; ``fuse()``, ``unfuse()`` and ``compile()``
-        put the plain step back. Returns self."""
-        self.decode_step = graph_step(self.decode_step, self.shared.weight.device)
-        return self
 
     def _decode_step(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]],
                      cross_mask: Tensor, caches: list[KVCache], input_pos: Tensor) -> Tensor:
@@ -453,7 +329,7 @@ class T5ForConditionalGeneration(nn.Module):
     def _logits(self, h: Tensor) -> Tensor:  # decoder output [..., D] -> [..., V]
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
-        return linear(h, self.lm_head)
+        return self.lm_head(h)
 
     def encode(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """inputs_embeds [B, S, D], attention_mask [B, S] (1/True = keep; any side padded) -> [B, S, D]."""
@@ -493,7 +369,7 @@ class T5ForConditionalGeneration(nn.Module):
 
     @torch.no_grad()
     def start_decoding(self, inputs_embeds: Tensor, attention_mask: Tensor | None, expand: int,
-                       max_new_tokens: int, decoder_input_ids: Tensor | None = None) -> T5Decoder:
+                       max_new_tokens: int, decoder_input_ids: Tensor | None = None) -> T5Decoding:
         """Decoding state for ``generate``: row ``i * expand + j`` continues input row ``i``.
 
         ``decoder_input_ids`` ([B, P] or [B * expand, P]) default to ``decoder_start_token_id``."""
@@ -509,10 +385,10 @@ class T5ForConditionalGeneration(nn.Module):
             decoder_input_ids = decoder_input_ids.repeat_interleave(expand, 0)
         elif decoder_input_ids.shape[0] != N:
             raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, expected {B} or {N}")
-        return T5Decoder(self, cross_kv, cross_mask, decoder_input_ids, max_new_tokens)
+        return T5Decoding(self, cross_kv, cross_mask, decoder_input_ids, max_new_tokens)
 
 
-class T5Decoder:
+class T5Decoding:
     """One generate call's decoding state (the ``blip2.generation.Decoder`` protocol).
 
     Self-attention K/V live in a preallocated cache of ``P + max_new_tokens`` positions (rounded up to a
@@ -536,7 +412,7 @@ class T5Decoder:
         # ids [N, T] -> logits [N, V] of the last position
         T = ids.shape[1]
         if self.pos + T > self.length:
-            raise RuntimeError(f"T5Decoder: past its {self.length} preallocated positions")
+            raise RuntimeError(f"T5Decoding: past its {self.length} preallocated positions")
         input_pos = torch.arange(self.pos, self.pos + T, device=self.cross_mask.device)
         logits = step(ids, self.self_mask, self.cross_kv, self.cross_mask, self.caches, input_pos)
         self.pos += T

@@ -20,56 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 from blip2.checkpoint import SubmodelMixin
 from blip2.config import Blip2VisionConfig
+from blip2.models.layers import activation
 
-__all__ = ["Blip2VisionModel", "Blip2VisionOutput", "activation"]
-
-
-def _quick_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# Activation names as they appear in Hugging Face configs (`hidden_act`, `dense_act_fn`).
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,  # exact (erf) GELU
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "quick_gelu": _quick_gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
-
-# The same functions computed in place (the same kernels, the same values): for inference, where the input
-# is a fresh product output nobody else holds. A batch of images makes tensors of several MB per layer, and
-# each fresh one costs page faults and zeroed pages (measured: the vision encoder at 8 images 5-7% faster at
-# one thread, 15-20% at two).
-_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": torch.ops.aten.gelu_,
-    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
-    "gelu_fast": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
-    "quick_gelu": lambda x: x.mul_(torch.sigmoid(1.702 * x)),
-    "relu": torch.relu_,
-    "silu": lambda x: F.silu(x, inplace=True),
-    "swish": lambda x: F.silu(x, inplace=True),
-    "tanh": torch.tanh_,
-}
-
-
-def activation(name: str, in_place: bool = False) -> Callable[[Tensor], Tensor]:
-    """The activation function a Hugging Face config names (``"gelu"`` is the exact erf GELU);
-    ``in_place``: the version that overwrites its input (not for tensors autograd records)."""
-    try:
-        return (_IN_PLACE if in_place else _ACTIVATIONS)[name]
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r} (known: {sorted(_ACTIVATIONS)})") from None
+__all__ = ["Blip2VisionModel", "Blip2VisionOutput"]
 
 
 class Blip2VisionOutput(NamedTuple):

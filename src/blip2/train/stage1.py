@@ -32,7 +32,7 @@ from blip2.config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 from blip2.images import Blip2ImageProcessor
 from blip2.processing import Blip2Processor, TextTokenizer
 from blip2.models.retrieval import Blip2ForImageTextRetrieval
-from blip2.models.vision import activation
+from blip2.models.layers import activation
 from blip2.train.common import encode_image, frozen_vision_modules, image_inputs, make_dataset, save_processor
 from blip2.train.data import FeatureDataset, ImageTextDataset
 from blip2.train.loop import derive_seed, run

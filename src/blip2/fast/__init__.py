@@ -1,0 +1,161 @@
+"""Speed-ups, applied to a loaded model from outside: ``blip2.fast.apply(model, mode)``.
+
+    from blip2 import Blip2ForConditionalGeneration, fast
+    model = fast.apply(Blip2ForConditionalGeneration.from_pretrained(path), "native")
+
+Modes (``MODES``; the commands' ``--fast``), each giving the plain model's tokens unless it says otherwise:
+- ``"none"``: the model as loaded.
+- ``"fuse"``: the language model's projections that read one input in one product, every linear layer in
+  the fastest weight layout for the device (on CPU: blip2's blocked layout for the language model where the
+  native kernels build, oneDNN's for the vision encoder and Q-Former).
+- ``"int8"``: ``"fuse"`` with the language model's weights in int8 (one scale per output channel); most
+  tokens the same.
+- ``"int8-dynamic"`` (CPU): int8 products in the language model and the vision encoder, each input rounded to
+  8 bits as it comes; most tokens the same.
+- ``"native"`` (CPU): the whole language-model decoder in one C++ call per token, for every row
+  (``blip2.fast.native``), and a greedy head that screens the vocabulary in bf16; nothing compiled.
+- ``"compile"``: the one-token step compiled with ``torch.compile`` for ``batch`` rows (on CPU the native step
+  stands in front where it covers the model: ``compile_decoding(native=False)`` keeps the compiled one).
+- ``"cuda-graph"`` (CUDA): ``"fuse"``, and the step replayed as a CUDA graph.
+
+Modes combine where it makes sense: ``apply(model, "int8")`` then ``apply(model, "compile", batch=8)``.
+A model with speed-ups is for inference: it cannot be cast, moved or reloaded until ``unfuse(model)``; its
+state dict keeps the reference keys, so ``save_pretrained`` writes a normal checkpoint. Where a mode cannot
+apply (device, dtype, kernels not built) it raises ``Unsupported`` (a ``ValueError``) saying why, before
+changing anything. The measured speeds are in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from blip2.fast.decoding import LanguageModel, compile_step, fuse_language_model, lay_out_for, unfuse_language_model
+from blip2.fast.graphs import graph_step
+from blip2.fast.linear import default_format, fused_format, pack_linears, unfuse_linears
+from blip2.fast.native import NativeOPTStep, NativeT5Step, Unsupported, check, try_native
+from blip2.models.opt import OPTForCausalLM
+
+__all__ = ["MODES", "Unsupported", "apply", "compile_decoding", "cuda_graph", "fuse", "native", "quantize_int8",
+           "unfuse"]
+
+MODES = ("none", "fuse", "int8", "int8-dynamic", "native", "compile", "cuda-graph")
+
+
+def apply(model: nn.Module, mode: str, batch: int = 1, **compile_kwargs: Any) -> nn.Module:
+    """``model`` (a ``Blip2ForConditionalGeneration``/``Blip2Model``, or its language model alone) with the
+    speed-up ``mode`` (one of ``MODES``); ``batch`` and ``compile_kwargs`` for "compile". Returns the model."""
+    if mode not in MODES:
+        raise ValueError(f"fast mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "none":
+        return model
+    _language_model(model)  # a model without one (retrieval) is refused before anything changes
+    if mode == "fuse":
+        return fuse(model)
+    if mode in ("int8", "int8-dynamic"):
+        dynamic = mode == "int8-dynamic"
+        return quantize_int8(model, vision=dynamic, dynamic=dynamic)
+    if mode == "native":
+        return native(model)
+    if mode == "compile":
+        return compile_decoding(model, batch, **compile_kwargs)
+    lm = _language_model(model)
+    if lm.get_input_embeddings().weight.device.type != "cuda":
+        raise Unsupported(f"CUDA graphs need a CUDA device; the model is on {lm.get_input_embeddings().weight.device}")
+    if fused_format(lm) is None:
+        fuse(model)
+    return cuda_graph(model)
+
+
+def _language_model(model: nn.Module) -> LanguageModel:
+    lm = getattr(model, "language_model", model)
+    if not isinstance(lm, LanguageModel):
+        raise Unsupported(f"{type(model).__name__} has no language model to speed up (only the generation "
+                          f"models do)")
+    return lm
+
+
+def _towers(model: nn.Module) -> list[nn.Module]:
+    """The vision encoder and Q-Former of a BLIP-2 model (none for a language model alone)."""
+    return [model.vision_model, model.qformer] if hasattr(model, "language_model") else []
+
+
+def _pack(tower: nn.Module, fmt: str | None = None) -> None:
+    pack_linears(tower, fmt or default_format(next(tower.parameters())))
+
+
+def fuse(model: nn.Module, fmt: str | None = None) -> nn.Module:
+    """The language model fused (``fuse_language_model``: its format ``fmt``, by default the fastest for decoding
+    on the device), the vision encoder and Q-Former packed in the fastest layout for their many rows."""
+    fuse_language_model(_language_model(model), fmt)
+    for tower in _towers(model):
+        _pack(tower)
+    return model
+
+
+def quantize_int8(model: nn.Module, vision: bool = False, dynamic: bool = False) -> nn.Module:
+    """``fuse`` with the language model's weights in int8 (one scale per output channel). The Q-Former (small,
+    kept fp32) is never quantized; ``save_pretrained`` writes dequantized weights under the reference keys.
+
+    ``dynamic=False`` (weight-only): activations stay float and the weights are widened as they are read,
+    which pays where decoding is bound by weight bytes. ``dynamic=True`` (CPU): each product's input is
+    rounded to 8 bits as it is computed and the product runs on the CPU's integer units, which pays where
+    products are bound by arithmetic (a prefill, several images, the vision encoder). ``vision``: the vision
+    encoder in int8 too (with ``dynamic=False`` less memory, but slower on CPU)."""
+    fmt = "int8-dynamic" if dynamic else "int8"
+    fuse_language_model(_language_model(model), fmt)
+    for tower in _towers(model):
+        _pack(tower, fmt if vision and tower is model.vision_model else None)
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Undo every speed-up: plain ``nn.Linear`` layers with parameters (int8 weights stay rounded), the eager
+    step."""
+    unfuse_language_model(_language_model(model))
+    for tower in _towers(model):
+        unfuse_linears(tower)
+    return model
+
+
+def _native_step_class(lm: LanguageModel) -> type[NativeOPTStep] | type[NativeT5Step]:
+    return NativeOPTStep if isinstance(lm, OPTForCausalLM) else NativeT5Step
+
+
+def compile_decoding(model: nn.Module, batch: int = 1, native: bool = True, **compile_kwargs: Any) -> nn.Module:
+    """The language model's one-token step compiled with ``torch.compile(**compile_kwargs)``, with the weights
+    laid out for ``batch`` rows (images x beams; ``decoding.compile_format``). Shapes are static within a
+    ``generate`` call, so it compiles once per batch size and length. Combines with ``quantize_int8`` (call
+    it first). ``native`` (CPU): a step runs as one native call where ``blip2.fast.native`` covers the model,
+    the compiled step otherwise; False: always the compiled step."""
+    lm = _language_model(model)
+    lay_out_for(lm, batch)
+    step = compile_step(lm._decode_step, lm.get_input_embeddings().weight.device, **compile_kwargs)
+    lm.decode_step = (native and try_native(_native_step_class(lm), lm, step)) or step
+    return model
+
+
+def native(model: nn.Module) -> nn.Module:
+    """CPU: decode with the native step (``blip2.fast.native``: the whole decoder in one C++ call per token,
+    for all rows); nothing is compiled. The language model is laid out for any number of rows (blocked where
+    the kernels take the dtype; int8 stays int8: one row natively, several with the eager step), the vision
+    encoder and Q-Former packed as ``fuse`` packs them. Raises ``Unsupported`` saying why where the native
+    steps do not cover the model (GPU, fp16, kernels not built), before changing anything."""
+    lm = _language_model(model)
+    check(lm.get_input_embeddings().weight)  # before changing the layout
+    lay_out_for(lm, None)
+    lm.decode_step = _native_step_class(lm)(lm, lm._decode_step)
+    for tower in _towers(model):
+        if fused_format(tower) is None:
+            _pack(tower)
+    return model
+
+
+def cuda_graph(model: nn.Module) -> nn.Module:
+    """On a GPU, replay the language model's one-token step (eager, or compiled before) as a CUDA graph: one
+    launch instead of hundreds of small kernels per token (``blip2.fast.graphs``). A graph is recorded at the
+    first step of each ``generate`` call. Fusing, unfusing and compiling put the plain step back."""
+    lm = _language_model(model)
+    lm.decode_step = graph_step(lm.decode_step, lm.get_input_embeddings().weight.device)
+    return model

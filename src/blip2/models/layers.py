@@ -1,0 +1,98 @@
+"""What the model files share: the activation table, scaled-dot-product attention, the KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ACTIVATIONS", "KVCache", "activation", "attention"]
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# Activation names as they appear in Hugging Face configs (`hidden_act`, `activation_function`,
+# `dense_act_fn`). transformers' NewGELU and FastGELU are the tanh approximation written out: same function.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,  # exact (erf) GELU
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+# The same functions computed in place (the same kernels, the same values): for inference, where the input
+# is a fresh product output nobody else holds. A batch of images makes tensors of several MB per layer, and
+# each fresh one costs page faults and zeroed pages.
+_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_fast": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "quick_gelu": lambda x: x.mul_(torch.sigmoid(1.702 * x)),
+    "relu": torch.relu_,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "swish": lambda x: F.silu(x, inplace=True),
+    "tanh": torch.tanh_,
+}
+
+
+def activation(name: str, in_place: bool = False) -> Callable[[Tensor], Tensor]:
+    """The activation function a Hugging Face config names (``"gelu"`` is the exact erf GELU);
+    ``in_place``: the version that overwrites its input (not for tensors autograd records)."""
+    try:
+        return (_IN_PLACE if in_place else ACTIVATIONS)[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r} (known: {sorted(ACTIVATIONS)})") from None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """``F.scaled_dot_product_attention``: q [B, H, T, Dh], k, v [B, H, S, Dh], mask (bool, True = attend, or
+    float, added) broadcastable to [B, H, T, S] -> [B, H, T, Dh].
+
+    Inside ``torch.compile``, one query (a decoding step) is written as elementwise products, a softmax and a
+    sum, which the compiler fuses: at that size the attention kernel's fixed cost is several times the work."""
+    if not (torch.compiler.is_compiling() and q.shape[-2] == 1 and dropout_p == 0.0):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    scores = (q.float() * k.float()).sum(-1) * scale  # [B, H, S], in fp32 as the kernel computes
+    if mask is not None:
+        m = mask.squeeze(-2)  # [B|1, H|1, S]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    p = scores.softmax(-1)
+    return (p[..., None] * v.float()).sum(-2, keepdim=True).to(q.dtype)  # [B, H, 1, Dh]
+
+
+class KVCache:
+    """Keys and values of one attention layer for ``length`` positions, allocated once: [N, H, L, Dh] each.
+
+    Updated and reordered in place, so a recorded CUDA graph that reads them stays valid across steps."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        # zeros, not empty: unwritten slots are masked out, but 0 * NaN garbage would still be NaN
+        self.k = torch.zeros(batch, heads, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # input_pos [T]; k, v [N, H, T, Dh] -> the whole cache [N, H, L, Dh]
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+    def reorder(self, index: Tensor, length: int | None = None) -> None:
+        """Keep rows ``index`` [N] (beam search); only the first ``length`` slots (all: None) hold anything."""
+        n = self.k.shape[2] if length is None else length
+        self.k[:, :, :n] = self.k[index, :, :n]
+        self.v[:, :, :n] = self.v[index, :, :n]
