@@ -116,21 +116,24 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
                     f"fp32 products at best {max(rates) / 1e9:.0f} GFLOP/s, copies at best {max(bws) / 1e9:.1f} "
                     f"GB/s in these rounds: floor {floor:.2f} s.")
         del models
-    table.notes.append(
+    table.notes += [
         f"{machine()}. Median of {repeats} interleaved rounds; x transformers is the median of the per-round "
         f"ratios to transformers in the same dtype; % of fp32 floor: the floor (each preset's note) / the median "
         f"time, for the rows whose products are fp32 (a floor all of them share: ours native() screens the greedy "
-        f"head in bf16 and could pass 100%); tokens compares the output ids with theirs. bf16: the Q-Former stays "
-        f"fp32 in ours. fuse(): the language model's weights in blip2's blocked layout (blocked_linear) where the "
-        f"kernels load, the vision encoder's and Q-Former's in oneDNN's. native(): fuse() and the native decoding "
-        f"step (blip2.fast.native: the whole decoder in one C++ call per token, every row; greedy tokens from a bf16 "
-        f"screen of the fp32 head, the candidates it leaves computed exactly: blip2.fast.kernels.greedy_head), nothing "
-        f"compiled; compile() runs the same step on CPU (at one row on plain weights: the decoding table). "
-        f"int8-dynamic + compile(): the compiled step, whose first call compiles (not timed). quantize_int8(): "
-        f"int8 weights, products with bf16 inputs (the AVX-512 int8 kernel's), fp32 elsewhere. "
-        f"quantize_int8(dynamic, vision): quantize_int8(dynamic=True, vision=True), int8 weights in the LM and the "
-        f"vision encoder and each product's input rounded to 8 bits per row, products in int32 (fbgemm), the "
-        f"Q-Former fp32.")
+        f"head in bf16 and could pass 100%); tokens compares the output ids with theirs.",
+        "- bf16: the Q-Former stays fp32 in ours.",
+        "- fuse(): the language model's weights in blip2's blocked layout (blocked_linear) where the kernels load, "
+        "the vision encoder's and Q-Former's in oneDNN's.",
+        "- native(): fuse() and the native decoding step (blip2.fast.native: the whole decoder in one C++ call per "
+        "token, every row; greedy tokens from a bf16 screen of the fp32 head, the candidates it leaves computed "
+        "exactly: blip2.fast.kernels.greedy_head), nothing compiled; compile() runs the same step on CPU (at one "
+        "row on plain weights: the decoding table).",
+        "- int8-dynamic + compile(): the compiled step, whose first call compiles (not timed).",
+        "- quantize_int8(): int8 weights, products with bf16 inputs (the AVX-512 int8 kernel's), fp32 elsewhere.",
+        "- quantize_int8(dynamic, vision): quantize_int8(dynamic=True, vision=True), int8 weights in the LM and the "
+        "vision encoder and each product's input rounded to 8 bits per row, products in int32 (fbgemm), the "
+        "Q-Former fp32.",
+    ]
     return table
 
 

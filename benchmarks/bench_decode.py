@@ -85,13 +85,15 @@ def run(presets: list[str], dtypes: list[str], repeats: int, compile: bool = Tru
                                f"GB/s over the rounds (read + write, each round's the best of 3 copies of 256 MB "
                                f"made between its timed calls).")
             del models
-    table.notes.append(f"{machine()}. Median of {repeats} interleaved rounds. % of bound = (weights read per token "
-                       f"/ copy bandwidth) / ms per token, each round's copies with its steps, the median over "
-                       f"rounds; generate's greedy steps are timed, and where they screen the head "
-                       f"(compile(): blip2.fast.kernels.greedy_head) the weights read count its bf16 screen instead of it. "
-                       f"compile(): on CPU at one row the native step (the whole decoder in "
-                       f"one C++ call per token, blip2.fast.native), nothing compiled; compile(native=False): the "
-                       f"torch.compile'd step (inductor), whose first call compiles (not timed).")
+    table.notes += [
+        f"{machine()}. Median of {repeats} interleaved rounds. % of bound = (weights read per token / copy "
+        f"bandwidth) / ms per token, each round's copies with its steps, the median over rounds; generate's "
+        f"greedy steps are timed, and where they screen the head (compile(): blip2.fast.kernels.greedy_head) the "
+        f"weights read count its bf16 screen instead of it.",
+        "- compile(): on CPU at one row the native step (the whole decoder in one C++ call per token, "
+        "blip2.fast.native), nothing compiled.",
+        "- compile(native=False): the torch.compile'd step (inductor), whose first call compiles (not timed).",
+    ]
     return table
 
 

@@ -1,13 +1,13 @@
 """fp16 batch captioning on a GPU against transformers on the same card.
 
     python benchmarks/bench_gpu.py [--presets opt-125m flan-t5-small] [--batches 8 32] [--repeats 5]
-                                   [--record benchmarks/results/gpu.md] [--readme]
+                                   [--record benchmarks/results/gpu.md] [--docs]
 
 Flan-T5 runs in bf16 instead (fp16 overflows in its FFN; transformers keeps ``wo`` in fp32 for it).
 
 A machine without CUDA cannot fill this table, so ``--record`` keeps the markdown of the last run on a
 GPU in a file; ``run(...)`` on a machine without CUDA returns that recorded table (saying where and when
-it was measured), which is how ``run_all.py`` puts it in the README. A variant that fails (on a card
+it was measured), which is how ``run_all.py`` puts it in docs/BENCHMARKS.md. A variant that fails (on a card
 or torch version we have not seen) gets a row with its error, and the others still run.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from common import Table, checkpoint, load_hf, load_ours, machine, write_readme
+from common import Table, checkpoint, load_hf, load_ours, machine, write_results
 from blip2.apps.bench import decode_inputs, interleave
 
 NEW_TOKENS = 24
@@ -62,7 +62,18 @@ def recorded(path: str = RECORD) -> Table:
         lines = f.read().strip().splitlines()
     rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| LM ")]
     table.rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in rows]
-    table.notes = [ln for ln in lines if ln and not ln.startswith("|") and not ln.startswith("**")]
+    table.notes = []
+    new_note = True
+    for ln in lines:  # the notes as Table.markdown wrote them: paragraphs and list items, wrapped
+        if ln.startswith(("|", "**")):
+            continue
+        if not ln.strip():
+            new_note = True
+        elif new_note or ln.startswith("- "):
+            table.notes.append(ln.strip())
+            new_note = False
+        else:
+            table.notes[-1] += " " + ln.strip()
     table.notes.append("Written by `python benchmarks/bench_gpu.py --record benchmarks/results/gpu.md` on that "
                        "machine and copied from that file, since this run had no GPU.")
     return table
@@ -171,8 +182,9 @@ def main() -> None:
     p.add_argument("--record", help="write the table's markdown to this file (run_all.py reads benchmarks/results/gpu.md)")
     p.add_argument("--log", help="append each row to this file as it is measured")
     p.add_argument("--device", default="cuda", help='"cpu" checks the script on a machine without CUDA')
-    p.add_argument("--readme", action="store_true",
-                   help="write the table into the README (between <!-- bench-gpu:start --> and <!-- bench-gpu:end -->)")
+    p.add_argument("--docs", action="store_true",
+                   help="write the table into docs/BENCHMARKS.md (between <!-- bench-gpu:start --> and "
+                        "<!-- bench-gpu:end -->)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"No CUDA device here ({machine()}); the recorded run ({os.path.relpath(RECORD)}):\n")
@@ -184,8 +196,8 @@ def main() -> None:
             with open(args.record, "w", encoding="utf-8") as f:
                 f.write(table.markdown() + "\n")
     print(table.markdown())
-    if args.readme:
-        write_readme(table.markdown(), START, END)
+    if args.docs:
+        write_results(table.markdown(), START, END)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.apps.bench import PRESETS, apply_fast_path  # noqa: E402
 from blip2.fast import cuda_graph  # noqa: E402
 
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "BENCHMARKS.md")
 CACHE = os.environ.get("BLIP2_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "blip2-bench"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,9 +63,28 @@ def ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
     return {k: statistics.median(r / t for r, t in zip(times[reference], v)) for k, v in times.items()}
 
 
+# a word that would make a line a list item, quote, heading or heading underline if it began the line
+_BLOCK_START = re.compile(r"[-+*>]$|#|\d+[.)]$|=+$|-+$")
+
+
+def wrap(note: str, width: int = 120) -> str:
+    """A note as markdown lines of about ``width`` characters; a note that starts with "- " is a list item,
+    its further lines indented under it. No line but the first starts with a word markdown would read as
+    the start of a block (see ``_BLOCK_START``): such a word stays at the end of the line before."""
+    indent = "  " if note.startswith("- ") else ""
+    lines: list[str] = []
+    for word in note.split():
+        if lines and (len(lines[-1]) + 1 + len(word) <= width or _BLOCK_START.match(word)):
+            lines[-1] += " " + word
+        else:
+            lines.append((indent if lines else "") + word)
+    return "\n".join(lines)
+
+
 @dataclass
 class Table:
-    """A markdown table with a title and notes, as the README shows it."""
+    """A markdown table with a title and notes, as docs/BENCHMARKS.md shows it. A note is a paragraph, or
+    a list item when it starts with "- " (consecutive items form one list)."""
 
     title: str
     columns: list[str]
@@ -80,8 +99,12 @@ class Table:
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
                  "|" + "|".join("---" for _ in self.columns) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
-        for note in self.notes:  # each its own paragraph
-            lines += ["", note]
+        previous = ""
+        for note in self.notes:
+            if not (note.startswith("- ") and previous.startswith("- ")):
+                lines.append("")  # a new paragraph or list
+            lines.append(wrap(note))
+            previous = note
         return "\n".join(lines)
 
 
@@ -112,7 +135,7 @@ def machine() -> str:
             f"blip2 native kernels: {native}")
 
 
-def write_readme(body: str, start: str, end: str, path: str = README) -> None:
+def write_results(body: str, start: str, end: str, path: str = BENCHMARKS) -> None:
     """Replace what is between the markers ``start`` and ``end`` (which must be there) with ``body``."""
     with open(path, encoding="utf-8") as f:
         text = f.read()

@@ -108,7 +108,7 @@ def test_transformers_loads_the_retrieval_bundle_and_agrees():
 
 @bundled
 def test_heldout_floors():
-    """Issue 6's floor on the README's held-out set (500 clean images, the eval script's): captions and
+    """Issue 6's floor on docs/BENCHMARKS.md's held-out set (500 clean images, the eval script's): captions and
     every VQA type >= 90%, text-to-image R@1 >= 80% by ITC and by ITC + ITM. Measured: captions 99.2,
     VQA colour 100.0, shape 99.5, count 99.4, colour count 99.3; R@1 88.1 (ITC), 83.2 (ITC + ITM)."""
     from blip2.demo.evaluate import evaluate

@@ -59,7 +59,7 @@ DEMO_RETRIEVAL = Path(DEFAULT_RETRIEVAL_MODEL)
 N_IMAGES = 8
 # What the bundled demo must reach on these small synthetic sets of N_IMAGES images (percent; caption
 # scores on pycocoevalcap's scale): "clearly better than chance" on 8 images; the held-out numbers on
-# 500 images are the README's demo table (benchmarks/eval_demo.py).
+# 500 images are the demo table in docs/BENCHMARKS.md (benchmarks/eval_demo.py).
 DEMO_MIN = {"vqa": 50.0, "gqa": 50.0, "Bleu_4": 0.2, "CIDEr": 0.5, "t2i_r1": 20.0, "i2t_r1": 20.0}
 # The demo was trained to caption with no prompt and to answer "Question: {q} Answer:". It also reads
 # the paper's "a photo of" and "Short answer:" (its LM saw them), but the caption preset's

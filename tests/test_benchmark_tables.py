@@ -1,0 +1,64 @@
+"""The benchmark scripts' markdown: notes wrapped to readable lines, the recorded GPU table read back as it was
+written, and docs/BENCHMARKS.md's blocks replaced between their markers."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+
+import bench_gpu  # noqa: E402
+from common import BENCHMARKS, Table, wrap, write_results  # noqa: E402
+
+LONG = ("AMD EPYC (avx512f, avx512_bf16), 2 cores, 1 thread(s) used; torch 2.13.0+cpu; x transformers is the median "
+        "of the per-round ratios - 2. a word that starts a list # or a heading + or a bullet, then more words " * 4)
+
+
+def test_wrap_keeps_every_word_and_starts_no_block():
+    text = wrap(LONG, 80)
+    lines = text.splitlines()
+    assert text.split() == LONG.split()
+    assert len(lines) > 5 and max(len(line) for line in lines) <= 83  # a marker word may follow a full line
+    # a continuation line never begins with what markdown reads as a list item, heading or quote
+    assert [line for line in lines[1:] if line.split()[0] in ("-", "+", "*", "#", ">", "2.")] == []
+
+
+def test_wrap_list_item_indents_its_continuation():
+    lines = wrap("- " + "item " * 50, 40).splitlines()
+    assert lines[0].startswith("- ") and all(line.startswith("  ") and line[2] != " " for line in lines[1:])
+
+
+def test_table_markdown_paragraphs_and_one_list():
+    table = Table("T", ["a", "b"], [["1", "2"]], ["first paragraph", "- one", "- two", "last paragraph"])
+    assert table.markdown() == ("**T**\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nfirst paragraph\n\n- one\n- two\n\n"
+                                "last paragraph")
+
+
+def test_recorded_gpu_table_reads_back_its_notes(tmp_path):
+    written = Table(bench_gpu.TITLE, bench_gpu.COLUMNS, [["opt-125m", "fp16", "8", "ours", "0.262", "31", "1.11",
+                                                          "26", "equal"]],
+                    [LONG, "- a list item " * 20, "- another", "Peak MB: short."])
+    path = tmp_path / "gpu.md"
+    path.write_text(written.markdown() + "\n")
+    read = bench_gpu.recorded(str(path))
+    assert read.rows == written.rows
+    assert [n.split() for n in read.notes[:-1]] == [n.split() for n in written.notes]
+    assert read.notes[-1].startswith("Written by `python benchmarks/bench_gpu.py --record")
+
+
+def test_write_results_replaces_only_the_marked_block(tmp_path):
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text("# B\n<!-- x:start -->\nold\n<!-- x:end -->\n<!-- y:start -->\nkept\n<!-- y:end -->\n")
+    write_results("new **table**", "<!-- x:start -->", "<!-- x:end -->", str(page))
+    assert page.read_text() == ("# B\n<!-- x:start -->\nnew **table**\n<!-- x:end -->\n<!-- y:start -->\nkept\n"
+                                "<!-- y:end -->\n")
+    with pytest.raises(SystemExit, match="no <!-- z:start --> ... <!-- z:end --> block"):
+        write_results("t", "<!-- z:start -->", "<!-- z:end -->", str(page))
+
+
+def test_benchmarks_page_has_every_generated_block():
+    with open(BENCHMARKS, encoding="utf-8") as f:
+        text = f.read()
+    for name in ("bench", "bench-gpu", "demo-eval"):
+        assert text.count(f"<!-- {name}:start -->") == 1 and text.count(f"<!-- {name}:end -->") == 1
