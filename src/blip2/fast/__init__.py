@@ -5,6 +5,8 @@
 
 Modes (``MODES``; the commands' ``--fast``), each giving the plain model's tokens unless it says otherwise:
 - ``"none"``: the model as loaded.
+- ``"auto"``: the fastest exact mode this machine runs: ``"native"`` on a CPU where the kernels build,
+  ``"cuda-graph"`` on a GPU, else ``"fuse"``.
 - ``"fuse"``: the language model's projections that read one input in one product, every linear layer in
   the fastest weight layout for the device (on CPU: blip2's blocked layout for the language model where the
   native kernels build, oneDNN's for the vision encoder and Q-Former).
@@ -40,7 +42,7 @@ from blip2.models.opt import OPTForCausalLM
 __all__ = ["MODES", "Unsupported", "apply", "compile_decoding", "cuda_graph", "fuse", "native", "quantize_int8",
            "unfuse"]
 
-MODES = ("none", "fuse", "int8", "int8-dynamic", "native", "compile", "cuda-graph")
+MODES = ("none", "auto", "fuse", "int8", "int8-dynamic", "native", "compile", "cuda-graph")
 
 
 def apply(model: nn.Module, mode: str, batch: int = 1, **compile_kwargs: Any) -> nn.Module:
@@ -50,7 +52,9 @@ def apply(model: nn.Module, mode: str, batch: int = 1, **compile_kwargs: Any) ->
         raise ValueError(f"fast mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "none":
         return model
-    _language_model(model)  # a model without one (retrieval) is refused before anything changes
+    lm = _language_model(model)  # a model without one (retrieval) is refused before anything changes
+    if mode == "auto":
+        mode = _fastest_exact(lm)
     if mode == "fuse":
         return fuse(model)
     if mode in ("int8", "int8-dynamic"):
@@ -60,12 +64,22 @@ def apply(model: nn.Module, mode: str, batch: int = 1, **compile_kwargs: Any) ->
         return native(model)
     if mode == "compile":
         return compile_decoding(model, batch, **compile_kwargs)
-    lm = _language_model(model)
     if lm.get_input_embeddings().weight.device.type != "cuda":
         raise Unsupported(f"CUDA graphs need a CUDA device; the model is on {lm.get_input_embeddings().weight.device}")
     if fused_format(lm) is None:
         fuse(model)
     return cuda_graph(model)
+
+
+def _fastest_exact(lm: LanguageModel) -> str:
+    weight = lm.get_input_embeddings().weight
+    if weight.device.type == "cuda":
+        return "cuda-graph"
+    try:
+        check(weight)
+    except Unsupported:
+        return "fuse"
+    return "native"
 
 
 def _language_model(model: nn.Module) -> LanguageModel:
