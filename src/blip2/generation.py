@@ -376,12 +376,7 @@ def _beam_search(decoder: Decoder, logits: Tensor, prefix: Tensor, cfg: Generati
         V = logits.shape[-1]
         log_probs = process(F.log_softmax(logits, -1), cur)  # [B * nb, V]
         total = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-        if generator is not None:
-            idx = torch.multinomial(total.softmax(-1), K, generator=generator)  # without replacement
-            top, order = total.gather(1, idx).sort(-1, descending=True)
-            idx = idx.gather(1, order)
-        else:
-            top, idx = torch.topk(total, K)  # [B, K]
+        top, idx = _top_continuations(total, K, generator)  # [B, K]
         beam, tokens = idx // V, idx % V
         cand = running.gather(1, beam[:, :, None].expand(B, K, L)).clone()  # [B, K, L]
         cand[:, :, cur] = tokens
@@ -420,6 +415,16 @@ def _beam_search(decoder: Decoder, logits: Tensor, prefix: Tensor, cfg: Generati
     n = cfg.num_return_sequences
     out_len = P + int(done_len[:, :n].max())
     return done[:, :n, :out_len].reshape(B * n, out_len)
+
+
+def _top_continuations(total: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """The ``k`` best continuations of ``total`` [B, nb * V] (beam sampling: ``k`` drawn without replacement),
+    best first: (their scores, their flat indices), each [B, k]."""
+    if generator is None:
+        return torch.topk(total, k)
+    idx = torch.multinomial(total.softmax(-1), k, generator=generator)
+    top, order = total.gather(1, idx).sort(-1, descending=True)
+    return top, idx.gather(1, order)
 
 
 def _can_improve(running_scores: Tensor, done_scores: Tensor, is_done: Tensor, n_new: int, max_new: int,
