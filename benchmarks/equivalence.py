@@ -116,23 +116,26 @@ _NEW_MODES = {"plain": "none", "fuse": "fuse", "int8": "int8", "int8-dynamic": "
               "compile": "compile"}
 
 
+def has_old_api(model: Any) -> bool:
+    """The layout before the refactor: speed-ups are methods of the model. (Not ``compile``: every
+    ``nn.Module`` has torch's own ``compile``, so it tells nothing.)"""
+    return hasattr(model, "quantize_int8") and hasattr(model, "native") and hasattr(model, "fuse")
+
+
 def apply_path(model: Any, path: str, batch: int = 1) -> Any:
     """``model`` with speed-up ``path`` (one of ``PATHS``): the model's own methods where it has them (the
     layout before the refactor), else ``blip2.fast.apply(model, mode, batch=batch)``."""
     if path not in _NEW_MODES:
         raise ValueError(f"path {path!r}: expected one of {PATHS}")
-    if path == "plain":
-        if all(not hasattr(model, m) for m, _ in _OLD_METHODS.values()):
-            out = importlib.import_module("blip2.fast").apply(model, "none", batch=batch)
-            return model if out is None else out
-        return model
-    method, kwargs = _OLD_METHODS[path]
-    if hasattr(model, method):
+    if has_old_api(model):
+        if path == "plain":
+            return model
+        method, kwargs = _OLD_METHODS[path]
         if path == "compile":
-            kwargs = {"batch": batch}
+            kwargs = {"batch": batch}  # native=True, the default
         out = getattr(model, method)(**kwargs)
-        return model if out is None else out
-    out = importlib.import_module("blip2.fast").apply(model, _NEW_MODES[path], batch=batch)
+    else:
+        out = importlib.import_module("blip2.fast").apply(model, _NEW_MODES[path], batch=batch)
     return model if out is None else out
 
 
@@ -149,6 +152,15 @@ def tensor_record(t: Any, head: int = 8) -> dict[str, Any]:
     flat = t.reshape(-1)[:head]
     return {"sha256": hashlib.sha256(data).hexdigest(), "dtype": str(t.dtype), "shape": list(t.shape),
             "head": [float(x) for x in flat.float()] if t.is_floating_point() else [int(x) for x in flat]}
+
+
+def record_intermediates(rec: "Recorder", prefix: str, out: Any) -> None:
+    """The forward's image features, Q-Former output and LM inputs, to tell where a difference starts."""
+    for name in ("image_embeds", "qformer_output", "language_model_inputs"):
+        value = getattr(out, name, None)
+        value = getattr(value, "last_hidden_state", value)
+        if value is not None and hasattr(value, "detach"):
+            rec[f"{prefix}/forward_{name}"] = tensor_record(value)
 
 
 def ids_record(t: Any) -> list[list[int]]:
@@ -171,7 +183,9 @@ class Recorder:
             fn()
         except Exception as e:  # noqa: BLE001 - a failing path is a result too
             ok = False
-            self.data[f"{prefix}/error"] = f"{type(e).__name__}: {e}"
+            # compared: the exception type; informational: its message (it names modules, which move)
+            self.data[f"{prefix}/error"] = type(e).__name__
+            self.data[f"_meta/errors/{prefix}"] = f"{type(e).__name__}: {e}"
             self.failures.append(prefix)
             print(f"[{prefix}] FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             traceback.print_exc(limit=4, file=sys.stderr)
@@ -225,6 +239,7 @@ def record_demo(rec: Recorder, A: dict[str, Any], paths: tuple[str, ...]) -> Non
                     lg = out.logits.float()
                     logits[path] = lg
                     rec[f"{prefix}/forward_logits"] = tensor_record(lg)
+                    record_intermediates(rec, prefix, out)
 
         rec.guard(prefix, run)
     if "plain" in logits and "fuse" in logits:  # informational: how far fuse is from plain within one tree
@@ -284,9 +299,10 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def record_presets(rec: Recorder, A: dict[str, Any], presets: list[str]) -> None:
+def record_presets(rec: Recorder, A: dict[str, Any], presets: list[str], dtypes: list[str]) -> None:
     import torch
 
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     bench = A["bench"]
     rec["presets/available"] = sorted(bench.PRESETS)
     for preset in presets:
@@ -307,29 +323,33 @@ def record_presets(rec: Recorder, A: dict[str, Any], presets: list[str]) -> None
         if not rec.guard(f"presets/{preset}/checkpoint", build):
             continue
         d = holder["dir"]
-        for path in PRESET_PATHS:
-            prefix = f"presets/{preset}/{path}"
+        for dtype in dtypes:
+            for path in PRESET_PATHS:
+                prefix = f"presets/{preset}/{dtype}/{path}"
 
-            def run(path: str = path, prefix: str = prefix) -> None:
-                model = A["Model"].from_pretrained(d, dtype=torch.float32, device="cpu").eval()
-                pixels, ids, mask = bench.decode_inputs(model.config, 2, "cpu")
-                if path == "plain":
-                    rec[f"presets/{preset}/inputs/pixel_values"] = tensor_record(pixels)
-                    rec[f"presets/{preset}/inputs/input_ids"] = ids_record(ids)
-                model = apply_path(model, path, batch=2)
-                with torch.no_grad():
-                    out = model.generate(pixels, ids, mask, max_new_tokens=PRESET_NEW_TOKENS, min_new_tokens=PRESET_NEW_TOKENS,
-                                         do_sample=False, num_beams=1)
-                    rec[f"{prefix}/tokens"] = ids_record(out)
-                    if path == "plain":
-                        fwd_ids = torch.cat([ids, out[:, -PRESET_NEW_TOKENS:]], 1) if model.config.use_decoder_only_language_model else ids
-                        kw = {}
-                        if not model.config.use_decoder_only_language_model:
-                            kw["decoder_input_ids"] = out
-                        lg = model(pixels, fwd_ids, torch.ones_like(fwd_ids), **kw).logits.float()
-                        rec[f"{prefix}/forward_logits"] = tensor_record(lg)
+                def run(path: str = path, prefix: str = prefix, dtype: str = dtype) -> None:
+                    model = A["Model"].from_pretrained(d, dtype=torch_dtypes[dtype], device="cpu").eval()
+                    pixels, ids, mask = bench.decode_inputs(model.config, 2, "cpu")
+                    pixels = pixels.to(torch_dtypes[dtype])
+                    if path == "plain" and dtype == dtypes[0]:
+                        rec[f"presets/{preset}/inputs/pixel_values"] = tensor_record(pixels.float())
+                        rec[f"presets/{preset}/inputs/input_ids"] = ids_record(ids)
+                    model = apply_path(model, path, batch=2)
+                    with torch.no_grad():
+                        out = model.generate(pixels, ids, mask, max_new_tokens=PRESET_NEW_TOKENS,
+                                             min_new_tokens=PRESET_NEW_TOKENS, do_sample=False, num_beams=1)
+                        rec[f"{prefix}/tokens"] = ids_record(out)
+                        if path in ("plain", "fuse"):
+                            # one forward over the prompt and the generated tokens
+                            if model.config.use_decoder_only_language_model:
+                                fwd_ids, kw = torch.cat([ids, out[:, -PRESET_NEW_TOKENS:]], 1), {}
+                            else:
+                                fwd_ids, kw = ids, {"decoder_input_ids": out}
+                            out = model(pixels, fwd_ids, torch.ones_like(fwd_ids), **kw)
+                            rec[f"{prefix}/forward_logits"] = tensor_record(out.logits)
+                            record_intermediates(rec, prefix, out)
 
-            rec.guard(prefix, run)
+                rec.guard(prefix, run)
 
 
 # -- 4. training steps -------------------------------------------------------------------------------
@@ -432,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so both runs reduce alike)")
     p.add_argument("--paths", default=",".join(PATHS), help="demo-model paths to record")
     p.add_argument("--presets", default="opt-125m,flan-t5-small")
+    p.add_argument("--dtypes", default="fp32,bf16", help="preset dtypes (fp32 and/or bf16)")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out: demo,retrieval,presets,train")
     args = p.parse_args(argv)
     if args.compare:
@@ -464,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["_meta/transformers"] = None
     A = api()
     rec["_meta/default_model"] = A["DEFAULT_MODEL"]
-    rec["_meta/fast_api"] = "blip2.fast" if not hasattr(A["Model"], "native") else "model methods"
+    rec["_meta/fast_api"] = "model methods" if has_old_api(A["Model"]) else "blip2.fast"
     try:
         kernels = resolve("blip2.kernels", "blip2.fast.kernels")
         rec["_meta/kernels_status_at_start"] = kernels.status()
@@ -477,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     if "retrieval" not in skip:
         rec.guard("retrieval", lambda: record_retrieval(rec, A))
     if "presets" not in skip:
-        rec.guard("presets", lambda: record_presets(rec, A, [x for x in args.presets.split(",") if x]))
+        rec.guard("presets", lambda: record_presets(rec, A, [x for x in args.presets.split(",") if x],
+                                                       [x for x in args.dtypes.split(",") if x]))
     if "train" not in skip:
         rec.guard("train", lambda: record_training(rec, A))
     try:

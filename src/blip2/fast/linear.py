@@ -321,8 +321,8 @@ def pack_linears(root: nn.Module, fmt: str, tied: Sequence[nn.Module] = ()) -> N
     (heads sharing the embedding matrix) are left alone unless ``fmt`` is an int8 one or "blocked", where
     they get a copy in that format, the embedding keeping the plain matrix. A blocked copy writes the head's
     key as the tied model does (the same values); an int8 one stays out of the state dict, as tied
-    checkpoints leave the head out. (A blocked fp32 head of OPT's 50k tokens: 2x faster than the plain
-    tied one at 8 rows, for the memory of a second copy.)"""
+    checkpoints leave the head out. (The copy costs a second head's memory; the head is the largest product
+    of a decoding step.)"""
     for owner in list(root.modules()):
         for child_name, child in list(owner.named_children()):
             if not isinstance(child, nn.Linear):

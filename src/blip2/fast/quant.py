@@ -11,10 +11,9 @@ Elsewhere (CUDA, odd K) the weight is dequantized to the activation dtype and mu
 
 Dynamic int8 (``pack_dynamic``/``dynamic_int8_linear``, CPU only): the same int8 weights, and each
 product's input rounded to 8 bits when it is computed (one scale per row), so the product itself runs on
-the CPU's integer units (fbgemm's kernels; AVX-512 VNNI does four int8 multiply-adds where fp32 does one). That is what pays off where products are bound by arithmetic, not by
-weight bytes: the vision encoder, the prefill, decoding several images at once (measured on a 2-core
-AVX-512 VNNI CPU: 3x the fp32 speed of a ViT's products, 3.5x at 8 rows of an LM head). The price is a
-second rounding, of the activations.
+the CPU's integer units (fbgemm's kernels; AVX-512 VNNI does four int8 multiply-adds where fp32 does one).
+That pays where products are bound by arithmetic, not by weight bytes: the vision encoder, the prefill,
+decoding several images at once (docs/BENCHMARKS.md). The price is a second rounding, of the activations.
 """
 
 from __future__ import annotations
