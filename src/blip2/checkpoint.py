@@ -1,9 +1,10 @@
-"""Checkpoints in the Hugging Face format: find them, read them, write them.
+"""Checkpoints in the Hugging Face format: read their weights, build models from them, write them.
 
 A checkpoint is a directory with ``config.json`` and weights as ``model.safetensors``, sharded
 safetensors (``model.safetensors.index.json``) or the legacy ``pytorch_model.bin`` (read with
 ``weights_only=True``). Models are built on the meta device and the loaded tensors are assigned,
-never copied into random weights, so loading needs about the memory of the weights alone.
+never copied into random weights, so loading needs about the memory of the weights alone. Where a
+checkpoint directory is (local or a Hub snapshot), and its file names, are ``blip2.hub``'s.
 """
 
 from __future__ import annotations

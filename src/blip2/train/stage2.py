@@ -26,7 +26,6 @@ run in fp32 outside it, as the reference keeps them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
