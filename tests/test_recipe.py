@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -184,3 +185,15 @@ def test_resumed_recipe_gives_the_same_weights(tmp_path):
         a = load_file(str(tmp_path / "a" / model / "model.safetensors"))
         b = load_file(str(tmp_path / "b" / model / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
+
+
+def test_pretraining_lr_warms_up_to_the_peak_then_decays_to_a_tenth():
+    """The schedule the shipped encoder and LM were pretrained with: peak at step warmup - 1 (blip2.train's
+    lr_at reaches it a step later, from warmup_lr), cosine to lr / 10 at the last step."""
+    from blip2.demo.recipe.pretraining import pretraining_lr
+
+    assert [pretraining_lr(s, 105, 1e-3, warmup=5) for s in range(6)] == pytest.approx(
+        [2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-3])
+    assert pretraining_lr(55, 105, 1e-3, warmup=5) == pytest.approx(1e-4 + 0.9e-3 / 2)  # half-way down
+    # the last step is 99/100 of the way down: the floor itself is never used
+    assert pretraining_lr(104, 105, 1e-3, warmup=5) == pytest.approx(1e-4 + 0.9e-3 / 2 * (1 + math.cos(math.pi * 0.99)))

@@ -1,9 +1,10 @@
-"""Checkpoints in the Hugging Face format: find them, read them, write them.
+"""Checkpoints in the Hugging Face format: read their weights, build models from them, write them.
 
 A checkpoint is a directory with ``config.json`` and weights as ``model.safetensors``, sharded
 safetensors (``model.safetensors.index.json``) or the legacy ``pytorch_model.bin`` (read with
 ``weights_only=True``). Models are built on the meta device and the loaded tensors are assigned,
-never copied into random weights, so loading needs about the memory of the weights alone.
+never copied into random weights, so loading needs about the memory of the weights alone. Where a
+checkpoint directory is (local or a Hub snapshot), and its file names, are ``blip2.hub``'s.
 """
 
 from __future__ import annotations
@@ -17,20 +18,17 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from blip2.config import Blip2Config
+from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, resolve_dir
+
 __all__ = [
     "CheckpointError",
-    "resolve_dir",
     "weight_files",
     "iter_checkpoint_tensors",
     "load_into",
     "save_state_dict",
     "PretrainedMixin",
 ]
-
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
 
 # Keys some writers add that carry no weights (buffers recomputed at build time).
 # Old T5 files also carry a cross-attention relative bias on decoder block 0 that nothing reads.
@@ -40,47 +38,6 @@ _IGNORABLE = re.compile(r"((^|\.)(position_ids|inv_freq|num_batches_tracked)"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: names the file, the key and what was expected."""
-
-
-# what the Hub accepts as a repo id: "name" alone is a local path to us, "org/name" may be either
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def resolve_dir(path_or_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None,
-                token: str | bool | None = None, local_files_only: bool = False) -> str:
-    """A local directory for ``path_or_id``: the directory itself, or a Hub snapshot.
-
-    Hub ids (``org/name``) need the optional ``huggingface_hub`` package and a network
-    connection; everything is checked here so the caller gets one clear error.
-    """
-    s = os.path.expanduser(os.fspath(path_or_id))
-    if os.path.isdir(s):
-        return s
-    if os.path.exists(s):
-        raise FileNotFoundError(f"{s}: expected a checkpoint directory, got a file")
-    if not _HUB_ID.fullmatch(s) or ".." in s:
-        raise FileNotFoundError(f"{s}: no such checkpoint directory")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(
-            f"{s}: not a local directory, and it looks like a Hub id but huggingface_hub is not installed "
-            f"(pip install 'blip2[hub]')"
-        ) from None
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
-    try:
-        d = snapshot_download(s, revision=revision, cache_dir=cache_dir, token=token,
-                              local_files_only=local_files_only, allow_patterns=patterns)
-        if not _has_weights(d) and not os.path.exists(os.path.join(d, "preprocessor_config.json")):
-            d = snapshot_download(s, revision=revision, cache_dir=cache_dir, token=token,
-                                  local_files_only=local_files_only, allow_patterns=patterns + ["*.bin"])
-    except Exception as e:  # network, auth, missing repo: all reach the user as one message
-        raise FileNotFoundError(f"{s}: not a local directory, and fetching it from the Hub failed: {e}") from None
-    return d
-
-
-def _has_weights(directory: str) -> bool:
-    return any(os.path.exists(os.path.join(directory, f)) for f in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX))
 
 
 def weight_files(directory: str) -> list[str]:
@@ -366,15 +323,8 @@ class PretrainedMixin:
                         dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
                         **hub_kwargs: Any) -> M:
         directory = resolve_dir(path_or_id, **hub_kwargs)
-        cfg_path = os.path.join(directory, "config.json")
-        if not os.path.exists(cfg_path):
-            raise CheckpointError(f"{directory}: no config.json")
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-        config, prefix = cls._select_config(raw, cfg_path)
+        raw = read_config(directory, CheckpointError)
+        config, prefix = cls._select_config(raw, os.path.join(directory, CONFIG_FILE))
         want = parse_dtype(dtype if dtype is not None else torch_dtype)
         weight_files(directory)  # fail on missing weights before building anything
         with torch.device("meta"):
@@ -399,7 +349,7 @@ class PretrainedMixin:
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(self._config_to_save(), f, indent=2, sort_keys=True)
             f.write("\n")
         save_state_dict(self.state_dict(), directory, max_shard_size=max_shard_size,  # type: ignore[attr-defined]
@@ -421,7 +371,5 @@ class SubmodelMixin(PretrainedMixin):
     @classmethod
     def _select_config(cls, raw: dict[str, Any], source: str) -> tuple[Any, str]:
         if raw.get("model_type") in ("blip-2", "blip_2"):
-            from blip2.config import Blip2Config
-
             return getattr(Blip2Config.from_dict(raw, source), cls._blip2_config_key), cls._blip2_prefix
         return cls._config_from_dict(raw, source), ""

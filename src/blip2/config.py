@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from blip2.hub import CONFIG_FILE, read_json, resolve_dir
+
 __all__ = [
     "Blip2VisionConfig",
     "Blip2QFormerConfig",
@@ -344,27 +346,17 @@ class Blip2Config(_Config):
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> Blip2Config:
-        path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(read_json(path, ConfigError), source=os.fspath(path))
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **hub_kwargs: Any) -> Blip2Config:
-        from blip2.checkpoint import resolve_dir
-
         directory = resolve_dir(path_or_id, **hub_kwargs)
-        return cls.from_json_file(os.path.join(directory, "config.json"))
+        return cls.from_json_file(os.path.join(directory, CONFIG_FILE))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from blip2.checkpoint import resolve_dir
+from blip2.hub import read_json, resolve_dir
 
 __all__ = [
     "BatchFeature",
@@ -362,18 +362,18 @@ class Blip2ImageProcessor:
         """
         path = os.fspath(path_or_id)
         if os.path.isfile(path):
-            return cls.from_dict(_read_json(path))
+            return cls.from_dict(read_json(path))
         directory = resolve_dir(path)
         nested = os.path.join(directory, "processor_config.json")
         if os.path.isfile(nested):
-            config = _read_json(nested).get("image_processor")
+            config = read_json(nested).get("image_processor")
             if isinstance(config, dict):
                 return cls.from_dict(config)
         legacy = os.path.join(directory, "preprocessor_config.json")
         if not os.path.isfile(legacy):
             raise FileNotFoundError(f"{directory}: no preprocessor_config.json (nor an image_processor entry in "
                                     "processor_config.json)")
-        return cls.from_dict(_read_json(legacy))
+        return cls.from_dict(read_json(legacy))
 
     def save_pretrained(self, directory: str | os.PathLike, processor_class: str | None = None) -> str:
         """Write preprocessor_config.json (optionally tagged with the owning processor's class); returns its path."""
@@ -384,17 +384,6 @@ class Blip2ImageProcessor:
         path = os.path.join(directory, "preprocessor_config.json")
         _write_json(path, config)
         return path
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:

@@ -26,14 +26,13 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import BPE
 
-from blip2.checkpoint import resolve_dir
+from blip2.hub import read_json as _read_json, resolve_dir
 from blip2.images import (
     BatchFeature,
     Blip2ImageProcessor,
     DEFAULT_MAX_PIXELS,
     ImageInput,
     ImageLoadError,
-    _read_json,
     _write_json,
     load_image,
 )

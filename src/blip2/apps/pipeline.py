@@ -161,7 +161,7 @@ class Pipeline:
             raise PipelineError(f"--fast int8-dynamic runs on CPU only; the model is on {dev} (use fuse or "
                                 f"cuda-graph there)")
         dt = resolve_dtype(dtype, dev)
-        from blip2.checkpoint import resolve_dir
+        from blip2.hub import resolve_dir
         from blip2.processing import Blip2Processor
 
         try:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from blip2.checkpoint import resolve_dir
+from blip2.hub import resolve_dir
 from blip2.models.blip2 import Blip2ForConditionalGeneration
 from blip2.apps.pipeline import resolve_device, resolve_dtype
 from blip2.processing import Blip2ImageProcessor, Blip2Processor

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,17 +29,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from blip2.checkpoint import parse_dtype
 from blip2.train.data import GlobalBatchSampler, ImageTextDataset, collate
 from blip2.train.losses import rank_and_world
 from blip2.train.presets import TrainConfig
 
-__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "Trainee", "derive_seed", "lr_at", "run"]
+__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "Trainee", "adamw", "derive_seed", "lr_at", "run"]
 
 logger = logging.getLogger("blip2.train")
 
 CHECKPOINT_FILE = os.path.join("checkpoint", "state.pt")
 METRICS_FILE = "metrics.jsonl"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class Trainee(Protocol):
@@ -67,13 +67,16 @@ def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters: weight decay on matrices and embeddings; none on biases, norms, the temperature."""
+def adamw(module: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98),
+          eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``module``: weight decay on matrices and embeddings; none on
+    biases, norms, the temperature (parameters with ndim < 2)."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 def _cast_frozen(trainee: nn.Module, frozen: list[nn.Module], dtype: torch.dtype) -> None:
@@ -162,116 +165,43 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
     rank, world = rank_and_world()
     device = _device(config)
     max_steps = _max_steps(config, len(dataset))
-
-    # -- the model: frozen parts without gradients, in eval mode, out of the optimizer ------------------
-    frozen = trainee.frozen_modules(config.freeze_vision)  # type: ignore[operator]
-    for module in frozen:
-        module.requires_grad_(False)
-    if config.frozen_dtype is not None:
-        _cast_frozen(trainee, frozen, _DTYPES[config.frozen_dtype])
-    trainee.to(device)
-    trainee.autocast_dtype = None if config.amp == "no" else _DTYPES[config.amp]  # type: ignore[assignment]
-    for module in trainee.modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module.gradient_checkpointing = config.gradient_checkpointing
-    trainee.train()
-    for module in frozen:
-        module.eval()
-    optimizer = torch.optim.AdamW(_param_groups(trainee, config.weight_decay), lr=config.lr, betas=config.betas,
-                                  eps=config.eps)
+    _prepare(trainee, config, device)
+    optimizer = adamw(trainee, config.lr, config.weight_decay, config.betas, config.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     model = trainee
     if world > 1:
         model = nn.parallel.DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # -- resume ------------------------------------------------------------------------------------------
     step = 0
     out = config.out_dir
     ckpt_path = os.path.join(out, CHECKPOINT_FILE) if out else None
     if config.resume and ckpt_path and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        params = dict(trainee.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
+        step = _resume(ckpt_path, trainee, optimizer, scaler)
         if rank == 0:
             logger.info("resumed from %s at step %d", ckpt_path, step)
-    metrics_path = os.path.join(out, METRICS_FILE) if out else None
-    history = _read_metrics(metrics_path, step) if metrics_path and step > 0 else []
-    if metrics_path and rank == 0:
-        os.makedirs(out, exist_ok=True)  # type: ignore[arg-type]
-        with open(metrics_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in history)
 
     def checkpoint() -> None:
         if ckpt_path and rank == 0:
             _atomic_save({"step": step, "trainable": _trainable_state(trainee), "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict(), "config": config.to_dict()}, ckpt_path)
 
-    # -- data --------------------------------------------------------------------------------------------
     sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, config.seed,
                                  start=step * config.grad_accum)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda")
     batches = iter(loader)
-
-    # -- steps -------------------------------------------------------------------------------------------
-    sums: dict[str, float] = {}
-    bad = 0.0
-    skipped_total = float(history[-1]["skipped"] if history else dataset.skipped)  # cumulative, all ranks
-    steps_since, t_last = 0, time.perf_counter()
+    log = _MetricsLog(os.path.join(out, METRICS_FILE) if out else None, step, dataset.skipped, rank, world)
     end = max_steps if config.stop_at is None else min(max_steps, config.stop_at)
     while step < end:
         torch.manual_seed(derive_seed(config.seed, step, rank, 1))  # dropout: a function of (seed, step, rank)
         lr = lr_at(step, config, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(config.grad_accum):
-            batch = next(batches)
-            bad += batch["bad"]
-            inputs = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
-                      for k, v in make_inputs(batch, step, micro).items()}
-            sync = micro == config.grad_accum - 1 or world == 1
-            with contextlib.nullcontext() if sync else model.no_sync():  # type: ignore[operator]
-                outputs = model(**inputs)
-                scaler.scale(outputs["loss"] / config.grad_accum).backward()
-            for key, value in outputs.items():
-                if isinstance(value, Tensor) and value.ndim == 0:
-                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
-        if config.max_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_([p for p in trainee.parameters() if p.requires_grad],
-                                                       config.max_grad_norm))
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        trainee.after_step()  # type: ignore[operator]
+        _optimizer_step(model, trainee, optimizer, scaler, batches, make_inputs, step, config, device, world, log)
         step += 1
-        steps_since += 1
-
+        log.steps += 1
         if step % config.log_every == 0 or step == end:
-            names = sorted(sums)
-            totals = torch.tensor([sums[n] for n in names] + [bad], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(totals)
-                totals[:-1] /= world
-            elapsed = time.perf_counter() - t_last
-            skipped_total += float(totals[-1])
-            row = {"step": step, **{n: float(totals[i]) / steps_since for i, n in enumerate(names)}, "lr": lr,
-                   "samples_per_s": config.batch_size * config.grad_accum * steps_since / max(elapsed, 1e-9),
-                   "epoch": step * config.batch_size * config.grad_accum / len(dataset), "skipped": int(skipped_total)}
-            history.append(row)
-            if rank == 0:
-                if metrics_path:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
-                values = " ".join(f"{n} {row[n]:.4f}" for n in sorted(names, key=lambda n: n != "loss"))
-                logger.info("step %d/%d %s lr %.3g %.1f samples/s", step, max_steps, values, lr, row["samples_per_s"])
-            sums, bad, steps_since, t_last = {}, 0.0, 0, time.perf_counter()
+            log.write(step, max_steps, lr, config, len(dataset))
         if config.save_every and step % config.save_every == 0 and step < end:
             checkpoint()
 
@@ -281,4 +211,108 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
         save(out)
     if world > 1:
         dist.barrier()
-    return history
+    return log.history
+
+
+def _prepare(trainee: nn.Module, config: TrainConfig, device: torch.device) -> None:
+    """Frozen parts without gradients, in eval mode (and in ``frozen_dtype``); the rest in train mode, on
+    ``device``, with the run's autocast dtype and gradient checkpointing."""
+    frozen = trainee.frozen_modules(config.freeze_vision)  # type: ignore[operator]
+    for module in frozen:
+        module.requires_grad_(False)
+    if config.frozen_dtype is not None:
+        _cast_frozen(trainee, frozen, parse_dtype(config.frozen_dtype))
+    trainee.to(device)
+    trainee.autocast_dtype = None if config.amp == "no" else parse_dtype(config.amp)  # type: ignore[assignment]
+    for module in trainee.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = config.gradient_checkpointing
+    trainee.train()
+    for module in frozen:
+        module.eval()
+
+
+def _resume(ckpt_path: str, trainee: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+            ) -> int:
+    """Load the trained weights, optimizer and loss-scaler state of a checkpoint; returns its step."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    params = dict(trainee.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def _optimizer_step(model: nn.Module, trainee: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, batches: Iterator[dict[str, Any]],
+                    make_inputs: Callable[[dict[str, Any], int, int], dict[str, Any]], step: int,
+                    config: TrainConfig, device: torch.device, world: int, log: _MetricsLog) -> None:
+    """One update from ``config.grad_accum`` micro-batches (``model``: ``trainee``, or its DDP wrapper);
+    the losses and the gradient norm go to ``log``."""
+    for micro in range(config.grad_accum):
+        batch = next(batches)
+        log.bad += batch["bad"]
+        inputs = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                  for k, v in make_inputs(batch, step, micro).items()}
+        sync = micro == config.grad_accum - 1 or world == 1
+        with contextlib.nullcontext() if sync else model.no_sync():  # type: ignore[operator]
+            outputs = model(**inputs)
+            scaler.scale(outputs["loss"] / config.grad_accum).backward()
+        for key, value in outputs.items():
+            if isinstance(value, Tensor) and value.ndim == 0:
+                log.add(key, float(value.detach()) / config.grad_accum)
+    if config.max_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        grad_norm = float(nn.utils.clip_grad_norm_([p for p in trainee.parameters() if p.requires_grad],
+                                                   config.max_grad_norm))
+        log.add("grad_norm", grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    trainee.after_step()  # type: ignore[operator]
+
+
+class _MetricsLog:
+    """The logged values: their sums since the last row, and a row of means (over steps and ranks) every
+    ``log_every`` steps, kept in ``history`` and appended to ``metrics.jsonl`` by rank 0.
+
+    A resumed run starts from the earlier run's rows up to its checkpoint's step."""
+
+    def __init__(self, path: str | None, step: int, skipped: int, rank: int, world: int) -> None:
+        self.path, self.rank, self.world = path, rank, world
+        self.history = _read_metrics(path, step) if path and step > 0 else []
+        if path and rank == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.history)
+        self.skipped_total = float(self.history[-1]["skipped"] if self.history else skipped)  # cumulative, all ranks
+        self.sums: dict[str, float] = {}
+        self.bad = 0.0  # records that failed to load since the last row, this rank
+        self.steps = 0  # steps since the last row
+        self.t_last = time.perf_counter()
+
+    def add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def write(self, step: int, max_steps: int, lr: float, config: TrainConfig, num_samples: int) -> None:
+        names = sorted(self.sums)
+        totals = torch.tensor([self.sums[n] for n in names] + [self.bad], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(totals)
+            totals[:-1] /= self.world
+        elapsed = time.perf_counter() - self.t_last
+        self.skipped_total += float(totals[-1])
+        samples = config.batch_size * config.grad_accum
+        row = {"step": step, **{n: float(totals[i]) / self.steps for i, n in enumerate(names)}, "lr": lr,
+               "samples_per_s": samples * self.steps / max(elapsed, 1e-9), "epoch": step * samples / num_samples,
+               "skipped": int(self.skipped_total)}
+        self.history.append(row)
+        if self.rank == 0:
+            if self.path:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            values = " ".join(f"{n} {row[n]:.4f}" for n in sorted(names, key=lambda n: n != "loss"))
+            logger.info("step %d/%d %s lr %.3g %.1f samples/s", step, max_steps, values, lr, row["samples_per_s"])
+        self.sums, self.bad, self.steps, self.t_last = {}, 0.0, 0, time.perf_counter()

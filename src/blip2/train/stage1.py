@@ -18,7 +18,6 @@ vocabulary as BOS for ITG.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from blip2.checkpoint import iter_checkpoint_tensors
 from blip2.config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from blip2.hub import read_config
 from blip2.images import Blip2ImageProcessor
 from blip2.processing import Blip2Processor, TextTokenizer
 from blip2.models.retrieval import Blip2ForImageTextRetrieval
@@ -332,11 +332,6 @@ def load_bert_into(stage1: Blip2Stage1, bert_dir: str) -> list[str]:
     return done
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def build_stage1(vision_dir: str, bert_dir: str, *, num_query_tokens: int = 32, cross_attention_frequency: int = 2,
                  image_text_hidden_size: int = 256) -> tuple[Blip2Stage1, Blip2Processor]:
     """A fresh stage-1 model: the image encoder of a BLIP-2 checkpoint, a Q-Former started from BERT.
@@ -350,8 +345,8 @@ def build_stage1(vision_dir: str, bert_dir: str, *, num_query_tokens: int = 32, 
     if tokenizer.bos_token_id is None:
         tokenizer.add_tokens([DEC_TOKEN], special_tokens=True)
         tokenizer.special_tokens["bos_token"] = DEC_TOKEN
-    vision_config = Blip2VisionConfig.from_dict(_read_json(os.path.join(vision_dir, "config.json"))["vision_config"])
-    qformer_config = qformer_config_from_bert(_read_json(os.path.join(bert_dir, "config.json")),
+    vision_config = Blip2VisionConfig.from_dict(read_config(vision_dir)["vision_config"])
+    qformer_config = qformer_config_from_bert(read_config(bert_dir),
                                               vision_config.hidden_size, cross_attention_frequency)
     qformer_config.vocab_size = max(qformer_config.vocab_size, len(tokenizer))
     config = Blip2Config(vision_config=vision_config, qformer_config=qformer_config,

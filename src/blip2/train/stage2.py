@@ -26,8 +26,6 @@ run in fp32 outside it, as the reference keeps them.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +35,7 @@ from torch import Tensor, nn
 
 from blip2.checkpoint import iter_checkpoint_tensors, load_into
 from blip2.config import Blip2Config, OPTConfig, T5Config
+from blip2.hub import read_config
 from blip2.images import Blip2ImageProcessor
 from blip2.models.blip2 import Blip2ForConditionalGeneration
 from blip2.processing import Blip2Processor, TextTokenizer
@@ -281,8 +280,7 @@ def build_stage2(stage1_dir: str, lm_dir: str) -> tuple[Blip2ForConditionalGener
     it does for OPT (50272 rows, 50265 tokens) and Flan-T5 (32128 rows, 32100 tokens).
     """
     stage1 = Blip2Config.from_pretrained(stage1_dir)
-    with open(os.path.join(lm_dir, "config.json"), encoding="utf-8") as f:
-        lm_raw = json.load(f)
+    lm_raw = read_config(lm_dir)
     text_classes = {"opt": OPTConfig, "t5": T5Config}
     if lm_raw.get("model_type") not in text_classes:
         raise ValueError(f"{lm_dir}: expected an OPT or T5 checkpoint, got model_type {lm_raw.get('model_type')!r}")

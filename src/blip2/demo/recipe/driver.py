@@ -29,6 +29,7 @@ from torch import nn
 from blip2.demo.evaluate import evaluate
 from blip2.config import Blip2Config, Blip2VisionConfig, OPTConfig
 from blip2.generation import GenerationConfig
+from blip2.hub import read_config
 from blip2.images import Blip2ImageProcessor
 from blip2.models.opt import OPTForCausalLM
 from blip2.processing import Blip2Processor, TextTokenizer
@@ -57,8 +58,7 @@ def _save_part(model: nn.Module, directory: str) -> None:
 
 
 def _load_part(cls: type[nn.Module], config_cls: type, directory: str) -> nn.Module:
-    with open(os.path.join(directory, "config.json")) as f:
-        model = cls(config_cls.from_dict(json.load(f)))
+    model = cls(config_cls.from_dict(read_config(directory)))
     model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=False)
     return model.eval()
 

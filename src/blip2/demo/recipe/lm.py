@@ -23,7 +23,7 @@ from blip2.models.opt import OPTForCausalLM
 from blip2.models.blip2 import causal_lm_loss
 from blip2.processing import TextTokenizer
 from blip2.demo.recipe.data import SceneData
-from blip2.demo.recipe.schedule import train_steps
+from blip2.demo.recipe.pretraining import pretraining_loop
 from blip2.demo.recipe.tokenizer import vqa_prompt
 
 __all__ = ["FUNCTION_WORDS", "scene_table", "scene_documents", "pretrain_lm"]
@@ -89,4 +89,4 @@ def pretrain_lm(config: OPTConfig, tokenizer: TextTokenizer, data: SceneData, st
                                    config.pad_token_id)
         return causal_lm_loss(model(model.get_input_embeddings()(ids), mask), labels)  # logits [B, T, V]
 
-    return train_steps(model, loss_at, steps, lr, 0.01, "lm", log_every)
+    return pretraining_loop(model, loss_at, steps, lr, 0.01, "lm", log_every)

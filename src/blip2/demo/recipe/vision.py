@@ -22,7 +22,7 @@ from blip2.config import Blip2VisionConfig
 from blip2.models.vision import Blip2VisionModel
 from blip2.demo.world import COLORS, SHAPES, SIZES
 from blip2.demo.recipe.data import MAX_OBJECTS, SUB, SceneData, normalize
-from blip2.demo.recipe.schedule import train_steps
+from blip2.demo.recipe.pretraining import pretraining_loop
 
 __all__ = ["VisionPretrainer", "pretrain_vision", "evaluate_vision"]
 
@@ -98,7 +98,8 @@ def pretrain_vision(config: Blip2VisionConfig, data: SceneData, steps: int, batc
     def loss_at(step: int) -> torch.Tensor:
         return _loss(model, data, torch.randint(len(data), (batch_size,), generator=g))
 
-    return train_steps(model, loss_at, steps, lr, 0.05, "vision", log_every)
+    return pretraining_loop(model, loss_at, steps, lr, 0.05, "vision", log_every)
+
 
 @torch.no_grad()
 def evaluate_vision(model: VisionPretrainer, data: SceneData, batch_size: int = 128) -> dict[str, float]:
