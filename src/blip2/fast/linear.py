@@ -318,10 +318,10 @@ def fuse_linears(owner: nn.Module, name: str, parts: Sequence[str], fmt: str) ->
 
 def pack_linears(root: nn.Module, fmt: str, tied: Sequence[nn.Module] = ()) -> None:
     """Every ``nn.Linear`` below ``root`` becomes a one-part ``FusedLinear`` in ``fmt``; those in ``tied``
-    (heads sharing the embedding matrix) are left alone unless ``fmt`` is an int8 one or "blocked", where
-    they get a copy in that format, the embedding keeping the plain matrix. A blocked copy writes the head's
-    key as the tied model does (the same values); an int8 one stays out of the state dict, as tied
-    checkpoints leave the head out. (The copy costs a second head's memory; the head is the largest product
+    (heads sharing the embedding matrix) keep multiplying by the embedding's own matrix ("dense") unless
+    ``fmt`` is an int8 one or "blocked", where they get a copy in that format, the embedding keeping the
+    plain matrix. A blocked copy writes the head's key as the tied model does (the same values); an int8 one
+    stays out of the state dict, as tied checkpoints leave the head out. (The copy costs a second head's memory; the head is the largest product
     of a decoding step.)"""
     for owner in list(root.modules()):
         for child_name, child in list(owner.named_children()):
@@ -331,6 +331,8 @@ def pack_linears(root: nn.Module, fmt: str, tied: Sequence[nn.Module] = ()) -> N
                 if fmt in COPY_TIED:
                     setattr(owner, child_name, FusedLinear([child], fmt, in_state_dict=fmt not in INT8_FORMATS,
                                                            tied=True))
+                else:  # the embedding's own matrix, not a copy, multiplied as a plain weight (oneDNN on CPU)
+                    setattr(owner, child_name, FusedLinear([child], "dense", tied=True))
             else:
                 setattr(owner, child_name, FusedLinear([child], fmt))
 
