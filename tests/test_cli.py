@@ -228,6 +228,35 @@ def test_help_everywhere(command, capsys):
     assert "--model DIR_OR_HUB_ID" in out and "--device auto|cpu|cuda" in out
 
 
+def test_a_command_whose_module_is_broken_breaks_no_other(pipe, tiny_model_dir, photos, capsys, monkeypatch):
+    """The delegated commands (train, eval, bench) import their module only when chosen."""
+    for name in [m for m in sys.modules if m == "blip2.train" or m.startswith("blip2.train.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "blip2.train", None)  # import blip2.train -> ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "train" in capsys.readouterr().out
+    monkeypatch.chdir(photos.parent)
+    want = expected_captions(pipe, ["photos/a.png"], photos.parent)
+    assert main(["caption", "photos/a.png", "--model", tiny_model_dir, "--device", "cpu", "--workers", "0",
+                 "--max-new-tokens", str(TOKENS)]) == 0
+    assert capsys.readouterr().out == f"photos/a.png\t{want['photos/a.png']}\n"
+    assert main(["train", "--preset", "x"]) == 2
+    assert capsys.readouterr().err == ("blip2 train: error: this command is unavailable: importing blip2.train failed "
+                                       "(ModuleNotFoundError: import of blip2.train halted; None in sys.modules)\n")
+
+
+@pytest.mark.parametrize("command", ["caption", "ask", "chat", "match", "search", "embed", "serve", "eval", "bench"])
+def test_every_command_spells_dtype_and_fast_alike(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
+    assert "--dtype {auto,float32,bfloat16,float16,fp32,bf16,fp16}" in usage
+    if command in ("caption", "ask", "chat", "serve", "bench"):
+        assert "--fast {none,fuse,int8,int8-dynamic,native,cuda-graph}" in usage
+
+
 def test_eval_is_handed_its_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--help"])
@@ -248,8 +277,8 @@ def test_usage_errors_are_messages_not_tracebacks(tiny_model_dir, tiny_retrieval
     monkeypatch.setattr("blip2.apps.pipeline.DEFAULT_MODEL", str(tmp_path / "no-demo"))
     assert main(["ask", "ok.png", "what?"]) == 2
     assert capsys.readouterr().err == (
-        f"blip2 ask: error: no model given and the bundled demo model is not installed ({tmp_path / 'no-demo'}); "
-        "pass --model DIR_OR_HUB_ID, e.g. --model Salesforce/blip2-opt-2.7b\n")
+        f"blip2 ask: error: --model: no model given and the bundled demo model is not installed "
+        f"({tmp_path / 'no-demo'}); give a checkpoint directory or Hub id, e.g. Salesforce/blip2-opt-2.7b\n")
 
     assert main(["ask", "ok.png", "what?", "--model", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith(f"blip2 ask: error: cannot load model '{tmp_path / 'nowhere'}': ")
@@ -393,7 +422,7 @@ def test_fast_option_same_captions_and_errors(pipe, tiny_model_dir, photos, caps
     assert fused_format(Pipeline.load(tiny_model_dir, device="cpu", fast="int8").model.language_model) == "int8"
     assert main(["ask", "photos/a.png", "what ?", "--model", tiny_model_dir, "--device", "cpu",
                  "--fast", "cuda-graph"]) == 2
-    assert "--fast cuda-graph needs a CUDA device; the model is on cpu" in capsys.readouterr().err
+    assert "error: --fast cuda-graph: needs a CUDA device; the model is on cpu\n" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["caption", "photos", "--fast", "turbo"])
     assert "invalid choice: 'turbo'" in capsys.readouterr().err

@@ -101,10 +101,16 @@ def test_options_devices_and_dtypes_are_checked():
         GenerationOptions(num_beams=0)
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    with pytest.raises(PipelineError, match="--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"):
+    assert resolve_dtype("bf16", torch.device("cpu")) == resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    # library errors name the argument (the command line names its option: see test_cli)
+    with pytest.raises(PipelineError, match="^device='tpu': expected auto, cpu, cuda or cuda:N$") as e:
         resolve_device("tpu")
-    with pytest.raises(PipelineError, match="--dtype: expected auto or one of float32, float16, bfloat16, got 'int8'"):
+    assert (e.value.argument, e.value.value) == ("device", "tpu")
+    with pytest.raises(PipelineError, match="^dtype='int8': expected one of auto, float32, bfloat16, float16, "
+                                            "fp32, bf16, fp16$"):
         resolve_dtype("int8", torch.device("cpu"))
+    with pytest.raises(PipelineError, match="^fast='turbo': expected one of none, fuse, int8"):
+        Pipeline.load(fast="turbo")
     if not torch.cuda.is_available():
         with pytest.raises(PipelineError, match="CUDA is not available"):
             resolve_device("cuda")

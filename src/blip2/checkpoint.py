@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -23,6 +24,10 @@ from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGL
 
 __all__ = [
     "CheckpointError",
+    "DTYPES",
+    "DTYPE_NAMES",
+    "atomic_write",
+    "parse_dtype",
     "weight_files",
     "iter_checkpoint_tensors",
     "load_into",
@@ -283,18 +288,33 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], directory: str,
     return names + [SAFE_INDEX]
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The one table of dtype names, used by every command's --dtype and by from_pretrained: torch's names
+# and their short aliases. "auto" (not a dtype: each caller decides what it means) comes first in DTYPE_NAMES.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = ("auto", *DTYPES)
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A name of ``DTYPES`` (or a torch dtype) -> the torch dtype; ``"auto"`` and None -> None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return None
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@contextmanager
+def atomic_write(path: str) -> Iterator[str]:
+    """``with atomic_write(path) as tmp:`` write ``tmp``; on leaving, it replaces ``path`` in one rename, so a
+    reader, or a run killed while writing, sees the old file or the new one, never half of one. The folder is
+    created if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    yield tmp
+    os.replace(tmp, path)
 
 
 M = TypeVar("M", bound="PretrainedMixin")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Decoder", "GenerationConfig", "generate"]
+__all__ = ["Decoder", "GenerationConfig", "generate", "generated_texts"]
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -299,6 +299,14 @@ def generate(
         return _sample(decoder, logits, prefix_ids.repeat_interleave(expand, 0), max_new, process, eos, pad,
                        generator, streamer)
     return _beam_search(decoder, logits, prefix_ids, cfg, max_new, process, eos, pad, generator)
+
+
+def generated_texts(processor: Any, sequences: Tensor, prompt_ids: Tensor | None, decoder_only: bool) -> list[str]:
+    """The text a model's ``generate`` added to each row, stripped: ``sequences`` [B, L] is the prompt
+    ``prompt_ids`` [B, P] then the new tokens for a decoder-only model, the decoder start token then them for
+    an encoder-decoder one (which may have had no prompt). ``processor``: anything with ``batch_decode``."""
+    new = sequences[:, prompt_ids.shape[1]:] if decoder_only else sequences[:, 1:]
+    return [t.strip() for t in processor.batch_decode(new.cpu(), skip_special_tokens=True)]
 
 
 def _sample(decoder: Decoder, logits: Tensor, prefix: Tensor, max_new: int, process: _Processor,

@@ -215,37 +215,15 @@ class TextTokenizer:
         token = self.special_tokens.get(name)
         return None if token is None else self.convert_tokens_to_ids(token)
 
-    @property
-    def bos_token(self) -> str | None:
-        return self.special_tokens.get("bos_token")
-
-    @property
-    def eos_token(self) -> str | None:
-        return self.special_tokens.get("eos_token")
-
-    @property
-    def unk_token(self) -> str | None:
-        return self.special_tokens.get("unk_token")
-
-    @property
-    def pad_token(self) -> str | None:
-        return self.special_tokens.get("pad_token")
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._special_id("bos_token")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._special_id("eos_token")
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._special_id("unk_token")
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._special_id("pad_token")
+    # bos_token / bos_token_id ... pad_token / pad_token_id: the special tokens transformers names, None if unset
+    bos_token = property(lambda self: self.special_tokens.get("bos_token"))
+    eos_token = property(lambda self: self.special_tokens.get("eos_token"))
+    unk_token = property(lambda self: self.special_tokens.get("unk_token"))
+    pad_token = property(lambda self: self.special_tokens.get("pad_token"))
+    bos_token_id = property(lambda self: self._special_id("bos_token"))
+    eos_token_id = property(lambda self: self._special_id("eos_token"))
+    unk_token_id = property(lambda self: self._special_id("unk_token"))
+    pad_token_id = property(lambda self: self._special_id("pad_token"))
 
     def add_tokens(self, tokens: str | AddedToken | Sequence[str | AddedToken], special_tokens: bool = False) -> int:
         """Add tokens not yet in the vocabulary (at its end); returns how many were new. As in transformers."""
@@ -435,14 +413,28 @@ class Blip2Processor:
                 max_length -= self.num_query_tokens
             encoding = self.tokenizer(texts, padding=padding, truncation=truncation, max_length=max_length,
                                       add_special_tokens=add_special_tokens)
-            if images is not None and self.num_query_tokens is not None:
-                prefix = [self.image_token_id] * self.num_query_tokens
-                encoding["input_ids"] = [prefix + row for row in encoding["input_ids"]]
-                encoding["attention_mask"] = [[1] * len(prefix) + row for row in encoding["attention_mask"]]
-            out.update(_as_tensors(encoding, return_tensors))
+            out.update(_as_tensors(self._image_tokens_first(encoding) if images is not None else encoding,
+                                   return_tensors))
         if images is not None:
             out.update(self.image_processor(images, return_tensors=return_tensors))
         return out
+
+    def prompt_inputs(self, prompts: Sequence[str], padding_side: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids / attention_mask [B, Q + T] of ``prompts`` as ``self(images=..., text=prompts, padding=True)``
+        lays them out (the Q image tokens first, when declared, then the padded text) but without the images,
+        for pixel_values made elsewhere (in DataLoader workers). Decoder-only LMs want ``padding_side="left"``,
+        so every row's new tokens start at the same position."""
+        encoding = self.tokenizer(list(prompts), padding=True, padding_side=padding_side)
+        out = _as_tensors(self._image_tokens_first(encoding), "pt")
+        return out["input_ids"], out["attention_mask"]
+
+    def _image_tokens_first(self, encoding: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+        """Each row of ``encoding`` after ``num_query_tokens`` image tokens (unchanged when there is no such number)."""
+        if self.num_query_tokens is None:
+            return encoding
+        prefix = [self.image_token_id] * self.num_query_tokens
+        return {"input_ids": [prefix + row for row in encoding["input_ids"]],
+                "attention_mask": [[1] * len(prefix) + row for row in encoding["attention_mask"]]}
 
     def decode(self, token_ids: Any, skip_special_tokens: bool = False,
                clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
@@ -469,3 +461,23 @@ class Blip2Processor:
         self.tokenizer.processor_class = "Blip2Processor"
         return [processor_file, self.image_processor.save_pretrained(directory, processor_class="Blip2Processor"),
                 *self.tokenizer.save_pretrained(directory)]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """One image file per item, decoded and preprocessed where it is read (a DataLoader worker):
+    ``(path, pixel_values [3, H, W], None)``, or ``(path, None, reason)`` when the file cannot be read."""
+
+    def __init__(self, paths: Sequence[str], image_processor: Blip2ImageProcessor) -> None:
+        self.paths = list(paths)
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str | None]:
+        path = self.paths[i]
+        try:
+            pixels = self.image_processor([load_image(path)], return_tensors="pt")["pixel_values"][0]
+        except ImageLoadError as e:
+            return path, None, str(e)
+        return path, pixels, None

@@ -6,13 +6,13 @@ measured in the same run, interleaved with the decoding, as a large tensor copy 
 written) / time, the STREAM convention), because on a shared machine it changes from minute to minute.
 
     blip2 bench --preset opt-125m --fast fuse --batch 8
-    blip2 bench --model Salesforce/blip2-opt-2.7b --dtype bf16 --fast int8 --compile --batch 1
+    blip2 bench --model Salesforce/blip2-opt-2.7b --dtype bfloat16 --fast int8 --compile --batch 1
 
-Every measurement is repeated and the median kept. Fast paths (``--fast``): ``plain`` (as loaded),
-``fuse`` (``Blip2Model.fuse``), ``int8`` (``Blip2Model.quantize_int8``: weight-only int8 language model),
-``int8-dynamic`` (``quantize_int8(dynamic=True, vision=True)``: int8 products in the language model and
-the vision encoder, CPU only); ``--compile`` adds
-``Blip2Model.compile``. The presets are random models of a published language model's size with a small
+Every measurement is repeated and the median kept. ``--dtype`` and ``--fast`` take what every ``blip2``
+command takes: ``none`` (as loaded), ``fuse`` (``Blip2Model.fuse``), ``int8`` (``Blip2Model.quantize_int8``:
+weight-only int8 language model), ``int8-dynamic`` (``quantize_int8(dynamic=True, vision=True)``: int8
+products in the language model and the vision encoder, CPU only), ``native``, ``cuda-graph`` (``fuse`` and
+``--cuda-graph``); ``--compile`` adds ``Blip2Model.compile``. The presets are random models of a published language model's size with a small
 vision encoder, for timing only (their tokens mean nothing).
 """
 
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blip2.checkpoint import parse_dtype
+from blip2.apps.options import add_dtype_option, add_fast_option
+from blip2.apps.pipeline import resolve_dtype
 from blip2.config import Blip2Config, OPTConfig
 from blip2.fast.linear import FusedLinear
 from blip2.models.opt import OPTForCausalLM
@@ -63,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
 }
 
-FAST_PATHS = ("plain", "fuse", "int8", "int8-dynamic", "native")
+FAST_PATHS = ("none", "fuse", "int8", "int8-dynamic", "native")  # what apply_fast_path applies ("plain": "none")
 
 
 def module_bytes(*modules: nn.Module | None) -> int:
@@ -222,7 +223,7 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, device: torch.device | str = "cpu"
 def apply_fast_path(model: Blip2ForConditionalGeneration, fast: str, compile: bool = False,
                     **compile_kwargs: Any) -> Blip2ForConditionalGeneration:
     """The model with fast path ``fast`` (one of ``FAST_PATHS``) and, if asked, its decoding step compiled."""
-    if fast not in FAST_PATHS:
+    if fast not in (*FAST_PATHS, "plain"):
         raise ValueError(f"fast path {fast!r}: expected one of {FAST_PATHS}")
     if fast != "plain":
         apply_fast(model, fast)
@@ -294,16 +295,16 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e6:.0f} MB" if nbytes >= 10**7 else f"{nbytes / 1e3:.0f} kB"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip2 bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="DIR_OR_HUB_ID", help="a checkpoint to time")
     src.add_argument("--preset", choices=sorted(PRESETS), default="opt-125m",
                      help="a random model of this size (default: opt-125m)")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
+    add_dtype_option(p, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fast", choices=FAST_PATHS, default="fuse", help="fast path (default: fuse)")
+    add_fast_option(p, default="fuse")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step: for one row to time decoding, then for --batch rows to time "
                         "captioning (minutes on a small CPU)")
@@ -314,12 +315,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is kept (default: 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's; on a shared machine 1 is the stable choice)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
+    graph_option = "--fast cuda-graph" if args.fast == "cuda-graph" else "--cuda-graph"
+    if args.fast == "cuda-graph":  # as in the other commands: fuse, and the decoding step as a CUDA graph
+        args.fast, args.cuda_graph = "fuse", True
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cuda_graph and not args.device.startswith("cuda"):
-        p.error(f"--cuda-graph needs a CUDA device, got --device {args.device}")
-    dtype = parse_dtype(args.dtype)
+        p.error(f"{graph_option} needs a CUDA device, got --device {args.device}")
+    dtype = resolve_dtype(args.dtype, torch.device(args.device))
     model = apply_fast_path(_load(args.model, None if args.model else args.preset, dtype, args.device),
                             args.fast, args.compile)
     if args.cuda_graph:

@@ -19,13 +19,12 @@ from typing import Any, TextIO
 
 import torch
 
+from blip2.apps.errors import CliError
 from blip2.apps.index import IMAGE_EXTENSIONS, list_images
 from blip2.apps.pipeline import GenerationOptions, Pipeline, resolve_device
+from blip2.processing import ImageFiles
 
 LIST_EXTENSIONS = (".txt", ".lst")
-
-class CliError(Exception):
-    """A usage or setup error: printed as ``blip2 COMMAND: error: ...``, exit code 2."""
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -181,7 +180,7 @@ class Ranks:
 # -- progress ---------------------------------------------------------------------------------------
 
 
-class Progress:
+class ProgressLine:
     """``12/40 images (30%) 8.1 images/s ETA 0:03`` on stderr: redrawn in place on a terminal,
     otherwise a line every ``every`` seconds and at the end."""
 
@@ -213,28 +212,6 @@ class Progress:
         if self.tty:
             self.stream.write("\r\033[K")
         print(self.line(), file=self.stream, flush=True)
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """One image file per item, decoded and preprocessed in a DataLoader worker: ``(path, pixels [3,H,W], None)``,
-    or ``(path, None, reason)`` when the file cannot be read."""
-
-    def __init__(self, paths: Sequence[str], image_processor: Any) -> None:
-        self.paths = list(paths)
-        self.image_processor = image_processor
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str | None]:
-        from blip2.processing import ImageLoadError, load_image
-
-        path = self.paths[i]
-        try:
-            pixels = self.image_processor([load_image(path)], return_tensors="pt")["pixel_values"][0]
-        except ImageLoadError as e:
-            return path, None, str(e)
-        return path, pixels, None
 
 
 def caption_job(ranks: Ranks, paths: list[str], model: str | None, device: str, dtype: str, prompt: str,
@@ -276,7 +253,7 @@ def caption_job(ranks: Ranks, paths: list[str], model: str | None, device: str, 
         pipe.check_prompt(prompt, options)  # a retrieval checkpoint or an over-long prompt fails here, not per batch
     sink = output if output is None or ranks.world == 1 else f"{output}.rank{ranks.rank}.part"
     captioned = failed = 0
-    progress = Progress(len(mine)) if lead and mine else None
+    progress = ProgressLine(len(mine)) if lead and mine else None
     if pipe is not None:
         loader = torch.utils.data.DataLoader(ImageFiles(mine, pipe.processor.image_processor), batch_size=batch_size,
                                              num_workers=workers, collate_fn=list)

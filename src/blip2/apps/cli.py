@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -20,9 +19,12 @@ from typing import Any
 import torch
 
 from blip2 import __version__
-from blip2.apps.captioning import CliError, ImageFiles, Ranks, caption_job, expand_inputs, read_results
+from blip2.apps.captioning import Ranks, caption_job, expand_inputs, read_results
+from blip2.apps.errors import CliError, cli_message
 from blip2.apps.index import ImageIndex, list_images
-from blip2.apps.pipeline import FAST, GenerationOptions, Pipeline, PipelineError
+from blip2.apps.options import add_dtype_option, add_fast_option
+from blip2.apps.pipeline import GenerationOptions, Pipeline, PipelineError
+from blip2.processing import ImageFiles
 
 __all__ = ["CliError", "build_parser", "expand_inputs", "main", "read_results"]
 
@@ -313,6 +315,7 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
 # -- the parser -------------------------------------------------------------------------------------
 
 # Commands that hand their arguments to a module of their own: `blip2 NAME ARGS...` -> module.main(ARGS).
+# The module is imported only when its command runs, so one that fails to import breaks no other command.
 DELEGATED = {
     "train": ("blip2.train", "train stage 1 (Q-Former: ITC, ITM, ITG), stage 2 (Q-Former and projection against "
                              "a frozen LM) or fine-tune; torchrun for several processes"),
@@ -327,21 +330,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory or Hugging Face Hub id (default: the bundled demo model)")
     g.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
                    help="where to run (default: auto = cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weights dtype (default: auto = float32 on CPU, bfloat16 on GPU)")
+    add_dtype_option(g)
 
 
 def _generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=30, help="most tokens to generate (default: 30)")
     g.add_argument("--num-beams", type=int, default=1, help="beam search width; 1 is greedy (default: 1)")
-    g.add_argument("--fast", default="none", choices=FAST,
-                   help="speed-up: fuse (fused projections, same tokens), int8 (int8 language-model weights), "
-                        "int8-dynamic (int8 products in the language model and vision encoder: the fastest for "
-                        "batches on CPU, most tokens the same; CPU only), native (the whole decoder in one native "
-                        "call per token for the batch: the fastest exact path on CPU, same tokens; CPU only), "
-                        "cuda-graph (fuse + decoding step "
-                        "replayed as a CUDA graph, same tokens; CUDA only) (default: none)")
+    add_fast_option(g)
 
 
 def _command(sub: Any, func: Callable[..., int], **kw: Any) -> argparse.ArgumentParser:
@@ -356,7 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "serving, in pure PyTorch; loads Hugging Face checkpoints.")
     parser.add_argument("--version", action="version", version=f"blip2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _generation_commands(sub)
+    _retrieval_commands(sub)
+    _convert_command(sub)
+    _serve_command(sub)
+    for name, (module, help_text) in DELEGATED.items():
+        p = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        p.add_argument("argv", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+    return parser
 
+
+def _generation_commands(sub: Any) -> None:
     p = _command(sub, caption, epilog="Scale out with: torchrun --nproc_per_node N -m blip2 caption ... "
                  "(inputs split across ranks, one merged --output).")
     p.add_argument("paths", nargs="+", metavar="PATH",
@@ -382,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _generation_options(p)
 
+
+def _retrieval_commands(sub: Any) -> None:
     p = _command(sub, match)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("texts", nargs="+", metavar="TEXT")
@@ -406,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
+
+def _convert_command(sub: Any) -> None:
     p = _command(sub, convert)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT.pth")
     p.add_argument("--output", "-o", required=True, metavar="DIR")
@@ -416,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="CONFIG.json", help="a BLIP-2 config.json for the whole architecture")
     p.add_argument("--processor", metavar="DIR_OR_HUB_ID", help="copy the processor and tokenizer from this checkpoint")
 
+
+def _serve_command(sub: Any) -> None:
     p = _command(sub, serve)
     _model_options(p)
     _generation_options(p)
@@ -431,25 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="largest image, width x height, checked before decoding (default: 40000000)")
 
-    for name, (module, help_text) in DELEGATED.items():
-        entry = _entry_point(module)
-        if entry is not None:
-            p = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
-            p.add_argument("argv", nargs=argparse.REMAINDER)
-            p.set_defaults(func=entry)
-    return parser
 
-
-def _entry_point(module: str) -> Callable[[list[str]], int] | None:
-    """``module.main(argv) -> int`` when the module is installed and has one; such commands parse their own options."""
-    if importlib.util.find_spec(module) is None:
-        return None
-    main = getattr(importlib.import_module(module), "main", None)
-    if not callable(main):
-        return None
+def _delegate(module: str) -> Callable[[list[str]], int]:
+    """Run ``module.main(argv) -> int``, which parses its own options; the module is imported here, when its
+    command was chosen."""
 
     def run(argv: list[str]) -> int:
-        return int(main(argv) or 0)
+        try:
+            entry = importlib.import_module(module).main
+        except Exception as e:  # not installed, or broken: only this command is unavailable
+            raise CliError(f"this command is unavailable: importing {module} failed ({type(e).__name__}: {e})") from None
+        return int(entry(argv) or 0)
 
     return run
 
@@ -461,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(**kwargs)
     except (CliError, PipelineError) as e:
-        print(f"blip2 {args.command}: error: {e}", file=sys.stderr)
+        print(f"blip2 {args.command}: error: {cli_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"blip2 {args.command}: interrupted (results written so far are kept; "

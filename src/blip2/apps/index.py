@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from blip2.checkpoint import DTYPES, atomic_write, parse_dtype
 from blip2.models.retrieval import Blip2ForImageTextRetrieval, itc_similarity
 
 __all__ = ["ImageIndex", "SearchResult", "Ranking", "rank_texts", "list_images", "IMAGE_EXTENSIONS", "Preprocess"]
@@ -42,7 +43,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 INDEX_FILE = "index.json"
 FORMAT = "blip2-image-index"
 VERSION = 1
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Ranking(NamedTuple):
@@ -111,8 +111,8 @@ class ImageIndex:
 
     def __init__(self, model: Blip2ForImageTextRetrieval, preprocess: Preprocess, *, model_id: str | None = None,
                  batch_size: int = 32, chunk_size: int = 4096, dtype: torch.dtype = torch.float32) -> None:
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype: expected one of {list(_DTYPES)}, got {dtype}")
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
         self.model = model
         self.preprocess = preprocess
         self.model_id = model_id
@@ -239,10 +239,9 @@ class ImageIndex:
         meta = {"format": FORMAT, "version": VERSION, "model_id": self.model_id,
                 "num_query_tokens": self.num_query_tokens, "embed_dim": self.embed_dim,
                 "dtype": str(self.dtype).removeprefix("torch."), "count": len(self), "shards": shards}
-        tmp = os.path.join(directory, INDEX_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(directory, INDEX_FILE))  # the sidecar names the shards: write it last
+        with atomic_write(os.path.join(directory, INDEX_FILE)) as tmp:  # the sidecar names the shards: write it last
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)
         keep = {s["file"] for s in shards}
         for stale in os.listdir(directory):
             if stale.startswith("embeds-") and stale.endswith(".safetensors") and stale not in keep:
@@ -268,7 +267,7 @@ class ImageIndex:
             raise ValueError(f"{path}: embeddings are [N, {meta['num_query_tokens']}, {meta['embed_dim']}], "
                              f"the model gives [N, {shape[0]}, {shape[1]}]")
         index = cls(model, preprocess, model_id=meta["model_id"], batch_size=batch_size, chunk_size=chunk_size,
-                    dtype=_DTYPES[meta["dtype"]])
+                    dtype=parse_dtype(meta["dtype"]))
         for shard in meta["shards"]:
             # a fresh (aligned) copy: safetensors hands out views at arbitrary offsets of its buffer, and
             # the vectorised matmul rounds differently on unaligned data; search results must not change

@@ -1,9 +1,9 @@
 """Load a BLIP-2 checkpoint once and run it on batches: captions, answers, chat, image-text matching.
 
-The ``blip2`` command and the HTTP server share this object. Text generation relies only on the
-transformers-style API of the model and processor (``generate``, ``processor.tokenizer(...)``,
-``processor.image_processor(...)``, ``batch_decode``); matching, embedding and search use
-``blip2.models.retrieval.Blip2ForImageTextRetrieval`` and ``blip2.apps.index.ImageIndex``.
+The ``blip2`` command and the HTTP server share this object. Text generation uses the model's
+``generate`` and the processor's ``prompt_inputs``, ``image_processor`` and ``batch_decode``; matching,
+embedding and search use ``blip2.models.retrieval.Blip2ForImageTextRetrieval`` and
+``blip2.apps.index.ImageIndex``.
 
     pipe = Pipeline.load("Salesforce/blip2-opt-2.7b", device="cuda")
     pipe.caption([image_a, image_b])                       # ["a cat on a sofa", "two dogs"]
@@ -13,7 +13,6 @@ transformers-style API of the model and processor (``generate``, ``processor.tok
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +21,13 @@ from typing import Any
 import torch
 from PIL import Image
 
+from blip2.checkpoint import DTYPE_NAMES, parse_dtype
 from blip2.demo import DEFAULT_MODEL
+from blip2.generation import generated_texts
 from blip2.models.retrieval import itc_similarity
 from blip2.fast import apply as apply_fast
+from blip2.hub import read_config, resolve_dir
+from blip2.processing import Blip2Processor
 
 __all__ = [
     "QUESTION_TEMPLATE",
@@ -33,6 +36,7 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "chat_prompt",
+    "model_class",
     "question_prompt",
     "resolve_device",
     "resolve_dtype",
@@ -45,7 +49,14 @@ Images = Sequence[Image.Image] | torch.Tensor  # PIL images, or pixel_values [B,
 
 
 class PipelineError(ValueError):
-    """A request the loaded model cannot serve (wrong checkpoint kind, prompt too long, bad model path)."""
+    """A request the loaded model cannot serve (wrong checkpoint kind, prompt too long, bad model path).
+
+    When an argument is at fault, ``argument`` names it and ``value`` is what was given; the message reads
+    ``fast='native': runs on CPU only ...`` (``blip2.apps.errors.cli_message`` names the option instead)."""
+
+    def __init__(self, reason: str, argument: str | None = None, value: Any = None) -> None:
+        self.reason, self.argument, self.value = reason, argument, value
+        super().__init__(reason if argument is None else f"{argument}={value!r}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -83,43 +94,45 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` is the GPU when there is one; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "expected auto, cpu, cuda or cuda:N"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise PipelineError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+        raise PipelineError(expected, "device", device) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        raise PipelineError("CUDA is not available on this machine (use cpu)", "device", device)
     if dev.type not in ("cpu", "cuda"):
-        raise PipelineError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        raise PipelineError(expected, "device", device)
     return dev
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU; bfloat16 on a GPU that has it (Flan-T5 overflows in float16), else float16."""
+    """A name of ``blip2.checkpoint.DTYPE_NAMES``. ``auto``: float32 on CPU; bfloat16 on a GPU that has it
+    (Flan-T5 overflows in float16), else float16."""
     if dtype == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in _DTYPES:
-        raise PipelineError(f"--dtype: expected auto or one of {', '.join(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def _architectures(directory: str) -> list[str]:
-    path = os.path.join(directory, "config.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            return list(json.load(f).get("architectures") or [])
-    except FileNotFoundError:
-        raise PipelineError(f"{directory}: no config.json (not a BLIP-2 checkpoint directory)") from None
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise PipelineError(f"{path}: not a valid config ({e})") from None
+        return parse_dtype(dtype)
+    except ValueError:
+        raise PipelineError(f"expected one of {', '.join(DTYPE_NAMES)}", "dtype", dtype) from None
 
 
-FAST = ("none", "fuse", "int8", "int8-dynamic", "native", "cuda-graph")  # Pipeline.load(fast=...), the commands' --fast
+def model_class(directory: str) -> type:
+    """The class a checkpoint directory's config.json names: ``Blip2ForImageTextRetrieval`` when its
+    ``architectures`` say so, else ``Blip2ForConditionalGeneration``."""
+    architectures = list(read_config(directory, PipelineError).get("architectures") or [])
+    if "Blip2ForImageTextRetrieval" in architectures:
+        from blip2.models.retrieval import Blip2ForImageTextRetrieval
+
+        return Blip2ForImageTextRetrieval
+    from blip2.models.blip2 import Blip2ForConditionalGeneration
+
+    return Blip2ForConditionalGeneration
+
+
+FAST = ("none", "auto", "fuse", "int8", "int8-dynamic", "native", "cuda-graph")  # Pipeline.load(fast=...), --fast
 
 
 class Pipeline:
@@ -136,41 +149,27 @@ class Pipeline:
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", fast: str = "none") -> Pipeline:
         """From a checkpoint directory or Hub id; ``None`` is the bundled demo model ``blip2.DEFAULT_MODEL``.
 
-        ``fast`` (generation models; one of ``FAST``): "none"; "fuse" (``fuse()``: fused, pre-packed
-        projections, the same tokens); "int8" (``quantize_int8()``: int8 language-model weights, most
-        tokens the same); "int8-dynamic" (``quantize_int8(dynamic=True, vision=True)``: int8 products in the
-        language model and the vision encoder, the fastest for batches on CPU, most tokens the same; CPU
-        only); "native" (``native()``: decoding runs the native step, the whole
-        language-model decoder in one C++ call per token for the whole batch, the same tokens; the fastest
-        on CPU; CPU only); "cuda-graph"
-        (``fuse()`` and ``cuda_graph()``: the decoding step replayed as a CUDA graph, the same tokens; CUDA
-        only)."""
+        ``fast`` (generation models; one of ``FAST``): a mode of ``blip2.fast.apply`` ("none", "auto", "fuse",
+        "int8", "int8-dynamic", "native", "cuda-graph"; see ``blip2.fast``)."""
         if fast not in FAST:
-            raise PipelineError(f"fast must be one of {', '.join(FAST)}, got {fast!r}")
+            raise PipelineError(f"expected one of {', '.join(FAST)}", "fast", fast)
         if model is None:
             if not os.path.isdir(DEFAULT_MODEL):
                 raise PipelineError(f"no model given and the bundled demo model is not installed ({DEFAULT_MODEL}); "
-                                    "pass --model DIR_OR_HUB_ID, e.g. --model Salesforce/blip2-opt-2.7b")
+                                    "give a checkpoint directory or Hub id, e.g. Salesforce/blip2-opt-2.7b",
+                                    "model")
             model = DEFAULT_MODEL
         dev = resolve_device(device)
         if fast == "cuda-graph" and dev.type != "cuda":
-            raise PipelineError(f"--fast cuda-graph needs a CUDA device; the model is on {dev}")
+            raise PipelineError(f"needs a CUDA device; the model is on {dev}", "fast", fast)
         if fast == "native" and dev.type != "cpu":
-            raise PipelineError(f"--fast native runs on CPU only; the model is on {dev} (use cuda-graph there)")
+            raise PipelineError(f"runs on CPU only; the model is on {dev} (use cuda-graph there)", "fast", fast)
         if fast == "int8-dynamic" and dev.type != "cpu":
-            raise PipelineError(f"--fast int8-dynamic runs on CPU only; the model is on {dev} (use fuse or "
-                                f"cuda-graph there)")
+            raise PipelineError(f"runs on CPU only; the model is on {dev} (use fuse or cuda-graph there)", "fast", fast)
         dt = resolve_dtype(dtype, dev)
-        from blip2.hub import resolve_dir
-        from blip2.processing import Blip2Processor
-
         try:
             directory = resolve_dir(model)
-            if "Blip2ForImageTextRetrieval" in _architectures(directory):
-                from blip2.models.retrieval import Blip2ForImageTextRetrieval as model_class
-            else:
-                from blip2.models.blip2 import Blip2ForConditionalGeneration as model_class
-            net = model_class.from_pretrained(directory, torch_dtype=dt, device=dev)
+            net = model_class(directory).from_pretrained(directory, torch_dtype=dt, device=dev)
             processor = Blip2Processor.from_pretrained(directory)
         except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
@@ -178,7 +177,7 @@ class Pipeline:
             try:
                 apply_fast(net, fast)
             except ValueError as e:  # the mode does not apply here (device, dtype, kernels), said before any change
-                raise PipelineError(f"--fast {fast}: {e}") from None
+                raise PipelineError(str(e), "fast", fast) from None
         return cls(net, processor, name=model)
 
     @property
@@ -193,20 +192,6 @@ class Pipeline:
 
     def _pixels(self, images: Images) -> torch.Tensor:
         return images if isinstance(images, torch.Tensor) else self.preprocess(images)
-
-    def _text_inputs(self, texts: Sequence[str], padding_side: str, image_tokens: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids/attention_mask [B, Q + T] laid out as ``processor(images=..., text=...)`` lays them out:
-        ``num_query_tokens`` image tokens first (when the processor declares them), then the padded text.
-        Built here so pixel_values can come from DataLoader workers. ``image_tokens=False``: text only [B, T]."""
-        enc = self.processor.tokenizer(list(texts), padding=True, padding_side=padding_side, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        q = self.processor.num_query_tokens
-        if q is not None and image_tokens:
-            image_id = self.processor.tokenizer.convert_tokens_to_ids(str(self.processor.image_token))
-            ids = torch.cat([torch.full((ids.shape[0], q), image_id, dtype=ids.dtype), ids], dim=1)
-            mask = torch.cat([torch.ones((mask.shape[0], q), dtype=mask.dtype), mask], dim=1)
-        return ids, mask
 
     def _require(self, retrieval: bool, what: str) -> None:
         if retrieval and not self.is_retrieval:
@@ -229,7 +214,7 @@ class Pipeline:
                                 f"exceed the model's max_position_embeddings={limit}")
 
     def _prompt_length(self, prompt: str) -> int:
-        return int(self._text_inputs([prompt], "left")[0].shape[1])
+        return int(self.processor.prompt_inputs([prompt], "left")[0].shape[1])
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -247,14 +232,12 @@ class Pipeline:
         ids = mask = None
         # OPT always gets a prompt (BOS alone for a caption); T5 with no prompt sees only the image
         if decoder_only or any(prompts):
-            ids, mask = self._text_inputs(prompts, "left" if decoder_only else "right")
+            ids, mask = self.processor.prompt_inputs(prompts, "left" if decoder_only else "right")
             ids, mask = ids.to(self.device), mask.to(self.device)
         out = self.model.generate(pixel_values=pixels.to(self.device, self.model.dtype), input_ids=ids,
                                   attention_mask=mask, max_new_tokens=options.max_new_tokens,
                                   num_beams=options.num_beams)
-        # transformers 5.x layout: OPT returns the prompt then the new tokens; T5 the start token then them
-        new = out[:, ids.shape[1]:] if decoder_only else out[:, 1:]
-        return [t.strip() for t in self.processor.batch_decode(new.cpu(), skip_special_tokens=True)]
+        return generated_texts(self.processor, out, ids, decoder_only)
 
     def caption(self, images: Images, prompt: str | Sequence[str] = "",
                 options: GenerationOptions = GenerationOptions()) -> list[str]:
@@ -291,7 +274,8 @@ class Pipeline:
     def text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Q-Former input_ids/attention_mask [B, T] (right-padded, no image tokens) for the retrieval model."""
         self._require(True, "text features")
-        return self._text_inputs(texts, "right", image_tokens=False)
+        enc = self.processor.tokenizer(list(texts), padding=True, padding_side="right", return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
 
     @torch.inference_mode()
     def match_many(self, items: Sequence[tuple[Image.Image | torch.Tensor, Sequence[str]]]) -> list[list[MatchScore]]:

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from blip2.eval.retrieval import ranks_from_scores, recall_at_k, rerank_top_k
+from blip2.generation import generated_texts
 from blip2.models.blip2 import Blip2ForConditionalGeneration
 from blip2.processing import Blip2Processor
 from blip2.models.retrieval import Blip2ForImageTextRetrieval, itc_similarity
@@ -74,7 +75,7 @@ def caption_images(model: Blip2ForConditionalGeneration, processor: Blip2Process
 @torch.no_grad()
 def answer_questions(model: Blip2ForConditionalGeneration, processor: Blip2Processor, images: list[Image.Image],
                      questions: list[str], batch_size: int = 64) -> list[str]:
-    """Greedy answers to "Question: {q} Answer:", one image per question; the prompt is cut off."""
+    """Greedy answers to "Question: {q} Answer:", one image per question, without the prompt."""
     from blip2.demo.recipe.tokenizer import vqa_prompt
 
     out: list[str] = []
@@ -82,8 +83,7 @@ def answer_questions(model: Blip2ForConditionalGeneration, processor: Blip2Proce
         prompts = [vqa_prompt(q) for q in questions[i:i + batch_size]]
         inputs = processor(images=images[i:i + batch_size], text=prompts, padding=True)
         ids = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
-        new = ids[:, inputs["input_ids"].shape[1]:]
-        out += [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+        out += generated_texts(processor, ids, inputs["input_ids"], model.config.use_decoder_only_language_model)
     return out
 
 

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -376,19 +376,16 @@ def evaluate_captions(
     hyp_lists = tokenize_captions({k: [predictions[k]] for k in references}, tokenizer)
     hyps = {k: v[0] for k, v in hyp_lists.items()}
     unavailable: dict[str, str] = {}
-    meteor_value = spice_value = None
-    if meteor:
-        meteor_value, why = meteor_score(refs, hyps)
+
+    def java_metric(name: str, wanted: bool, measure: Callable[..., tuple[float | None, str]]) -> float | None:
+        """METEOR or SPICE, or None with the reason in ``unavailable``."""
+        value, why = measure(refs, hyps) if wanted else (None, "not requested")
         if why:
-            unavailable["METEOR"] = why
-    else:
-        unavailable["METEOR"] = "not requested"
-    if spice:
-        spice_value, why = spice_score(refs, hyps)
-        if why:
-            unavailable["SPICE"] = why
-    else:
-        unavailable["SPICE"] = "not requested"
+            unavailable[name] = why
+        return value
+
+    meteor_value = java_metric("METEOR", meteor, meteor_score)
+    spice_value = java_metric("SPICE", spice, spice_score)
     return CaptionScores(
         bleu=corpus_bleu(refs, hyps),
         cider=cider_d(refs, hyps)[0],

@@ -148,6 +148,11 @@ def _get(obj: Any, key: str, kind: type | tuple[type, ...], path: PathLike, wher
     return value
 
 
+def _fields(obj: Any, kinds: dict[str, type], path: PathLike, where: str) -> dict[str, Any]:
+    """``{key: obj[key]}`` for each key of ``kinds``, each checked as ``_get`` checks it (in that order)."""
+    return {key: _get(obj, key, kind, path, where) for key, kind in kinds.items()}
+
+
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
@@ -171,14 +176,8 @@ def read_vqa_questions(path: PathLike) -> list[VQAQuestion]:
     """VQAv2 / OK-VQA questions file: ``{"questions": [{image_id, question, question_id}]}``."""
     out = []
     for k, q in enumerate(_list_field(_load(path), "questions", path)):
-        where = f"questions[{k}]"
-        out.append(
-            VQAQuestion(
-                question_id=_get(q, "question_id", int, path, where),
-                image_id=_get(q, "image_id", int, path, where),
-                question=_get(q, "question", str, path, where),
-            )
-        )
+        out.append(VQAQuestion(**_fields(q, {"question_id": int, "image_id": int, "question": str}, path,
+                                         f"questions[{k}]")))
     return out
 
 
@@ -207,16 +206,9 @@ def read_vqa_annotations(path: PathLike) -> list[VQAAnnotation]:
         if not raw:
             raise ValueError(f"{os.fspath(path)}: {where}: field 'answers' is empty")
         answers = [_get(ans, "answer", str, path, f"{where}.answers[{j}]") for j, ans in enumerate(raw)]
-        out.append(
-            VQAAnnotation(
-                question_id=_get(a, "question_id", int, path, where),
-                image_id=_get(a, "image_id", int, path, where),
-                answers=answers,
-                multiple_choice_answer=_get(a, "multiple_choice_answer", str, path, where),
-                answer_type=_get(a, "answer_type", str, path, where),
-                question_type=_get(a, "question_type", str, path, where),
-            )
-        )
+        fields = _fields(a, {"question_id": int, "image_id": int, "multiple_choice_answer": str, "answer_type": str,
+                             "question_type": str}, path, where)
+        out.append(VQAAnnotation(answers=answers, **fields))
     return out
 
 

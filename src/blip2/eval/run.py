@@ -35,11 +35,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from blip2.apps.errors import cli_message
+from blip2.apps.options import add_dtype_option
+from blip2.apps.pipeline import model_class, resolve_device, resolve_dtype
+from blip2.checkpoint import atomic_write
 from blip2.hub import resolve_dir
-from blip2.models.blip2 import Blip2ForConditionalGeneration
-from blip2.apps.pipeline import resolve_device, resolve_dtype
-from blip2.processing import Blip2ImageProcessor, Blip2Processor
+from blip2.eval.partial import PartialResults, check_settings
 from blip2.eval.retrieval import ranks_from_scores, rerank_top_k
+from blip2.generation import generated_texts
+from blip2.processing import Blip2Processor, ImageFiles, ImageLoadError
 from blip2.eval.tasks import (
     PREDICTION_FIELDS,
     PRESETS,
@@ -58,13 +62,13 @@ from blip2.eval.tasks import (
 )
 
 if TYPE_CHECKING:
+    from blip2.models.blip2 import Blip2ForConditionalGeneration
     from blip2.models.retrieval import Blip2ForImageTextRetrieval
 
 __all__ = ["EvalOptions", "build_parser", "evaluate", "generate_texts", "load_model", "main", "rank_retrieval",
            "summary_table"]
 
 TOP = 10  # candidates kept per retrieval query in the results file (R@10 needs no more)
-_RETRIEVAL_ARCH = "Blip2ForImageTextRetrieval"
 
 
 @dataclass
@@ -109,39 +113,26 @@ def load_model(checkpoint: str, retrieval: bool, device: torch.device, dtype: to
                ) -> tuple[Blip2ForConditionalGeneration | Blip2ForImageTextRetrieval, Blip2Processor]:
     """(model, processor) from a checkpoint directory or Hub id; the class must suit the task."""
     directory = resolve_dir(checkpoint)
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-        architectures = json.load(f).get("architectures") or []
-    if retrieval != (_RETRIEVAL_ARCH in architectures):
+    cls = model_class(directory)
+    if retrieval != (cls.__name__ == "Blip2ForImageTextRetrieval"):
         need = "an image-text retrieval checkpoint (Blip2ForImageTextRetrieval, e.g. Salesforce/blip2-itm-vit-g)" \
             if retrieval else "a captioning/VQA checkpoint (Blip2ForConditionalGeneration)"
-        raise ValueError(f"this task needs {need}; {checkpoint} is {', '.join(architectures) or 'of unknown class'}")
-    if retrieval:  # imported here: only retrieval tasks need the retrieval heads
-        from blip2.models.retrieval import Blip2ForImageTextRetrieval as model_class
-    else:
-        model_class = Blip2ForConditionalGeneration
-    model = model_class.from_pretrained(directory, dtype=dtype, device=device)
+        raise ValueError(f"this task needs {need}; {checkpoint} is a {cls.__name__}")
+    model = cls.from_pretrained(directory, dtype=dtype, device=device)
     return model, Blip2Processor.from_pretrained(directory)
 
 
-class _ImageBatches(torch.utils.data.Dataset):
-    """Batches of image paths -> pixel_values [B, 3, H, W], so DataLoader workers decode them."""
-
-    def __init__(self, batches: Sequence[Sequence[str]], image_processor: Blip2ImageProcessor) -> None:
-        self.batches = batches
-        self.image_processor = image_processor
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.image_processor(list(self.batches[i]), return_tensors="pt")["pixel_values"]
-
-
-def _pixel_batches(batches: Sequence[Sequence[str]], processor: Blip2Processor, workers: int
+def _pixel_batches(paths: Sequence[str], processor: Blip2Processor, batch_size: int, workers: int
                    ) -> Iterator[torch.Tensor]:
-    loader = torch.utils.data.DataLoader(_ImageBatches(batches, processor.image_processor), batch_size=None,
-                                         num_workers=workers)
-    return iter(loader)
+    """pixel_values [B, 3, H, W] of ``paths``, ``batch_size`` at a time, decoded by DataLoader workers;
+    an image that cannot be read stops the run, naming it."""
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, processor.image_processor), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=list)
+    for batch in loader:
+        for _, _, reason in batch:
+            if reason is not None:
+                raise ImageLoadError(reason)
+        yield torch.stack([pixels for _, pixels, _ in batch])
 
 
 def _chunks(xs: Sequence, n: int) -> list[Sequence]:
@@ -149,18 +140,6 @@ def _chunks(xs: Sequence, n: int) -> list[Sequence]:
 
 
 # ----------------------------------------------------------------------------- generation
-
-
-def _prompt_inputs(processor: Blip2Processor, prompts: list[str], padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids / attention_mask [B, Q + T] as the processor lays them out with images: the
-    ``num_query_tokens`` image tokens first (when it declares them), then the padded prompt."""
-    enc = processor.tokenizer(prompts, padding=True, padding_side=padding_side, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    q = processor.num_query_tokens
-    if q is not None:
-        ids = torch.cat([torch.full((ids.shape[0], q), processor.image_token_id, dtype=ids.dtype), ids], dim=1)
-        mask = torch.cat([torch.ones((mask.shape[0], q), dtype=mask.dtype), mask], dim=1)
-    return ids, mask
 
 
 def _prompts(items: Sequence[Item], preset: Preset) -> list[str]:
@@ -179,17 +158,15 @@ def generate_texts(model: Blip2ForConditionalGeneration, processor: Blip2Process
     """
     decoder_only = model.config.use_decoder_only_language_model
     batches = _chunks(list(items), batch_size)
-    for batch, pixels in zip(batches, _pixel_batches([[it.image for it in b] for b in batches], processor, workers)):
-        ids, mask = _prompt_inputs(processor, _prompts(batch, preset), "left" if decoder_only else "right")
+    for batch, pixels in zip(batches, _pixel_batches([it.image for it in items], processor, batch_size, workers)):
+        ids, mask = processor.prompt_inputs(_prompts(batch, preset), "left" if decoder_only else "right")
         out = model.generate(
             pixel_values=pixels.to(model.device), input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
             do_sample=False, num_return_sequences=1, repetition_penalty=1.0, num_beams=preset.num_beams,
             max_new_tokens=preset.max_new_tokens, min_new_tokens=preset.min_new_tokens,
             length_penalty=preset.length_penalty,
         )
-        # transformers 5.x layout: decoder-only returns prompt + new tokens; T5 the start token + new tokens
-        new = out[:, ids.shape[1]:] if decoder_only else out[:, 1:]
-        yield [t.strip() for t in processor.batch_decode(new.cpu(), skip_special_tokens=True)]
+        yield generated_texts(processor, out, ids, decoder_only)
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -217,7 +194,7 @@ def rank_retrieval(model: Blip2ForImageTextRetrieval, processor: Blip2Processor,
 
     split, dev = data.split, model.device
     feats, image_embeds = [], []
-    for pixels in _pixel_batches(_chunks(split.images, batch_size), processor, workers):
+    for pixels in _pixel_batches(split.images, processor, batch_size, workers):
         f = model.vision_features(pixels.to(dev))  # [b, N+1, Dv]
         feats.append(f)
         image_embeds.append(model.image_embeds_from_features(f))  # [b, Q, E]
@@ -250,68 +227,15 @@ def rank_retrieval(model: Blip2ForImageTextRetrieval, processor: Blip2Processor,
             yield [{"direction": name, "query": q, "rank": int(r), "top": t} for q, r, t in zip(queries, ranks, top)]
 
 
-# ----------------------------------------------------------------------------- progress and results
+# ----------------------------------------------------------------------------- results
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the entries that differ between two nested dicts."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _differences(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append(f"{prefix}{k} ({x!r} then, {y!r} now)")
-    return out
-
-
-class Progress:
-    """Finished records of a run, kept in ``<output>.partial`` (JSON lines after a settings header).
-
-    Opening with ``resume`` reads what an interrupted run left (a torn last line is dropped) and
-    rewrites the file clean; without it the file starts over.
-    """
-
-    def __init__(self, path: str, settings: dict[str, Any], resume: bool) -> None:
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-        if resume and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-            header = json.loads(lines[0]) if lines else {}
-            _check_settings(header.get("settings", {}), settings, path)
-            for line in lines[1:]:
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError:  # the write an interruption cut short
-                    break
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in [{"settings": settings}, *self.records])
-
-    def add(self, records: list[dict[str, Any]]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
-        self.records += records
-
-    def remove(self) -> None:
-        os.remove(self.path)
-
-
-def _check_settings(then: dict[str, Any], now: dict[str, Any], path: str) -> None:
-    diff = _differences(then, now)
-    if diff:
-        raise ValueError(f"--resume: {path} was made with other settings ({'; '.join(diff)}); "
-                         "rerun with the same ones, or without --resume to start over")
 
 
 def _settings(options: EvalOptions, preset: Preset, dtype: torch.dtype) -> dict[str, Any]:
@@ -364,7 +288,7 @@ class _Meter:
 
 
 def _predict(options: EvalOptions, data: TaskData, preset: Preset, device: torch.device, dtype: torch.dtype,
-             progress: Progress, log: Callable[[str], None]) -> None:
+             progress: PartialResults, log: Callable[[str], None]) -> None:
     """Run the model on what ``progress`` does not hold yet (loading it only if there is any)."""
     retrieval = isinstance(data, RetrievalData)
     total = _num_items(data)
@@ -432,8 +356,8 @@ def evaluate(options: EvalOptions, log: Callable[[str], None] | None = None) -> 
     if options.resume and os.path.exists(output):
         with open(output, encoding="utf-8") as f:
             finished = json.load(f)
-        _check_settings(finished.get("settings", {}), settings, output)
-    progress = Progress(f"{output}.partial", settings, options.resume)
+        check_settings(finished.get("settings", {}), settings, output)
+    progress = PartialResults(f"{output}.partial", settings, options.resume)
     if finished is not None:
         progress.add(_records_from_results(data, finished))
     _predict(options, data, preset, device, dtype, progress, log)
@@ -517,8 +441,7 @@ def build_parser(prog: str = "blip2 eval") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same settings")
     p.add_argument("--limit", type=int, help="only the first N questions / images")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="auto: float32 on CPU, bfloat16 on GPU")
+    add_dtype_option(p)
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2; 0: in this one)")
     p.add_argument("--predictions", help="also write the predictions in the official results format here")
     g = p.add_argument_group("preset overrides")
@@ -543,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = evaluate(options)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: finished batches are kept in {options.output_path}.partial; rerun with --resume",

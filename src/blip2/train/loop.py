@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from blip2.checkpoint import parse_dtype
+from blip2.checkpoint import atomic_write, parse_dtype
 from blip2.train.data import GlobalBatchSampler, ImageTextDataset, collate
 from blip2.train.losses import rank_and_world
 from blip2.train.presets import TrainConfig
@@ -96,10 +96,8 @@ def _trainable_state(module: nn.Module) -> dict[str, Tensor]:
 
 def _atomic_save(obj: Any, path: str) -> None:
     # a run killed while writing leaves the previous checkpoint intact
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _max_steps(config: TrainConfig, num_samples: int) -> int:

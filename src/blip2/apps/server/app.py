@@ -126,6 +126,72 @@ class Guard:
             self.counts[f"{scope['method']} {path} {status}"] += 1
 
 
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def _add_error_handlers(app: FastAPI, timeout_s: float) -> None:
+    """Every error answers ``{"error": message}`` with its status."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, str(e))
+
+    @app.exception_handler(HTTPException)  # 404, 405, malformed multipart bodies
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(PipelineError)
+    async def _pipeline_error(request: Request, e: PipelineError) -> JSONResponse:
+        return _error(422, str(e))
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, e: QueueFull) -> JSONResponse:
+        return _error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+
+    @app.exception_handler(ShuttingDown)
+    async def _shutting_down(request: Request, e: ShuttingDown) -> JSONResponse:
+        return _error(503, str(e))
+
+    @app.exception_handler(asyncio.TimeoutError)
+    async def _timeout(request: Request, e: asyncio.TimeoutError) -> JSONResponse:
+        return _error(504, f"no answer within {timeout_s:g} s")
+
+
+async def _read_form(request: Request) -> FormData:
+    return await request.form(max_files=1, max_fields=MAX_MATCH_TEXTS + 8)
+
+
+async def _read_image(form: FormData, pipe: Pipeline, max_pixels: int) -> torch.Tensor:
+    """The uploaded ``image`` field, decoded and preprocessed off the event loop: pixel_values [3, H, W]."""
+    upload = form.get("image")
+    if upload is None:
+        raise ApiError(400, "no image: send the file as multipart/form-data field 'image'")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, "'image' must be an uploaded file (URLs are not fetched)")
+    data = await upload.read()
+    if not data:
+        raise ApiError(400, "'image' is an empty file")
+
+    def prepare() -> torch.Tensor:
+        return pipe.preprocess([decode_image(data, max_pixels)])[0]
+
+    return await run_in_threadpool(prepare)
+
+
+def _read_text(form: FormData, name: str, required: bool) -> str:
+    value = form.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise ApiError(400, f"missing form field '{name}'")
+        return ""
+    if not isinstance(value, str):
+        raise ApiError(422, f"'{name}' must be a text field, not a file")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ApiError(422, f"'{name}' is {len(value)} characters, over the limit of {MAX_TEXT_CHARS}")
+    return value.strip()
+
+
 def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> FastAPI:
     def run_batch(key: Hashable, items: list[Any]) -> list[Any]:
         if key == "match":
@@ -147,62 +213,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> F
     app.add_middleware(Guard, max_bytes=settings.max_upload_bytes, counts=counts,
                        paths=frozenset({"/", "/health", "/metrics", "/v1/caption", "/v1/ask", "/v1/match"}))
 
-    def error(status: int, message: str, **headers: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error(e.status, str(e))
-
-    @app.exception_handler(HTTPException)  # 404, 405, malformed multipart bodies
-    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return error(e.status_code, str(e.detail))
-
-    @app.exception_handler(PipelineError)
-    async def _pipeline_error(request: Request, e: PipelineError) -> JSONResponse:
-        return error(422, str(e))
-
-    @app.exception_handler(QueueFull)
-    async def _queue_full(request: Request, e: QueueFull) -> JSONResponse:
-        return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
-
-    @app.exception_handler(ShuttingDown)
-    async def _shutting_down(request: Request, e: ShuttingDown) -> JSONResponse:
-        return error(503, str(e))
-
-    @app.exception_handler(asyncio.TimeoutError)
-    async def _timeout(request: Request, e: asyncio.TimeoutError) -> JSONResponse:
-        return error(504, f"no answer within {settings.timeout_s:g} s")
-
-    async def read_form(request: Request) -> FormData:
-        return await request.form(max_files=1, max_fields=MAX_MATCH_TEXTS + 8)
-
-    async def read_image(form: FormData) -> torch.Tensor:
-        upload = form.get("image")
-        if upload is None:
-            raise ApiError(400, "no image: send the file as multipart/form-data field 'image'")
-        if not isinstance(upload, UploadFile):
-            raise ApiError(400, "'image' must be an uploaded file (URLs are not fetched)")
-        data = await upload.read()
-        if not data:
-            raise ApiError(400, "'image' is an empty file")
-
-        def prepare() -> torch.Tensor:
-            return pipe.preprocess([decode_image(data, settings.max_pixels)])[0]
-
-        return await run_in_threadpool(prepare)
-
-    def read_text(form: FormData, name: str, required: bool) -> str:
-        value = form.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            if required:
-                raise ApiError(400, f"missing form field '{name}'")
-            return ""
-        if not isinstance(value, str):
-            raise ApiError(422, f"'{name}' must be a text field, not a file")
-        if len(value) > MAX_TEXT_CHARS:
-            raise ApiError(422, f"'{name}' is {len(value)} characters, over the limit of {MAX_TEXT_CHARS}")
-        return value.strip()
+    _add_error_handlers(app, settings.timeout_s)
 
     def needs(retrieval: bool) -> None:
         if retrieval != pipe.is_retrieval:
@@ -212,30 +223,30 @@ def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> F
     async def generate(form: FormData, prompt: str) -> str:
         needs(retrieval=False)
         pipe.check_prompt(prompt, settings.options)
-        pixels = await read_image(form)
+        pixels = await _read_image(form, pipe, settings.max_pixels)
         return await batcher.submit("generate", (pixels, prompt), settings.timeout_s)
 
     @app.post("/v1/caption")
     async def caption(request: Request) -> dict[str, str]:
-        form = await read_form(request)
-        return {"caption": await generate(form, read_text(form, "prompt", required=False))}
+        form = await _read_form(request)
+        return {"caption": await generate(form, _read_text(form, "prompt", required=False))}
 
     @app.post("/v1/ask")
     async def ask(request: Request) -> dict[str, str]:
-        form = await read_form(request)
-        question = read_text(form, "question", required=True)
+        form = await _read_form(request)
+        question = _read_text(form, "question", required=True)
         return {"question": question, "answer": await generate(form, question_prompt(question))}
 
     @app.post("/v1/match")
     async def match(request: Request) -> dict[str, Any]:
         needs(retrieval=True)
-        form = await read_form(request)
+        form = await _read_form(request)
         texts = form.getlist("text")
         if not texts:
             raise ApiError(400, "missing form field 'text' (repeat it for several texts)")
         if len(texts) > MAX_MATCH_TEXTS or not all(isinstance(t, str) and 0 < len(t) <= MAX_TEXT_CHARS for t in texts):
             raise ApiError(422, f"'text': 1 to {MAX_MATCH_TEXTS} non-empty texts of at most {MAX_TEXT_CHARS} characters")
-        pixels = await read_image(form)
+        pixels = await _read_image(form, pipe, settings.max_pixels)
         scores = await batcher.submit("match", (pixels, texts), settings.timeout_s)
         return {"scores": [{"text": s.text, "itm": s.itm, "itc": s.itc} for s in scores]}
 
