@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from blip2 import __version__
+from blip2._version import __version__
 from blip2.apps.captioning import Ranks, caption_job, expand_inputs, read_results
 from blip2.apps.errors import CliError, cli_message
 from blip2.apps.index import ImageIndex, list_images
