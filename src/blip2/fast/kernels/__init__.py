@@ -15,7 +15,8 @@
 - ``blip2_kernels::t5_step`` and ``opt_step`` (``steps.cpp``, which includes the other sources; its pieces
   in ``decode.cpp``): a whole decoding step, the decoder's norms, attention over the cache and products in
   one call, for one row or (on blocked weights) several (``blip2.fast.native`` hands the weights over); or,
-  for ``greedy_head``, the step up to the head's input.
+  for ``greedy_head``, the step up to the head's input. The steps take their weights and scalars by name
+  (``slots.cpp``; ``blip2_kernels::step_schema(op)`` gives the names).
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
 against the installed torch, with ``-march=native``, about 15 s, and cached in

@@ -29,9 +29,10 @@ struct View {
   }
 };
 
-// A linear layer as three list entries: weight, scale [N] (int8) and bias [N], both optional. The weight
-// is plain [N, K] (float or int8) or blocked (blocked.cpp: float32 [NB, K, 16], bfloat16 [NB, K/2, 16, 2]),
-// whose bias must be there (zeros where the layer has none): it gives the output count.
+// A linear layer: its weight, scale [N] (int8) and bias [N], both optional (the slots <name>.weight, .scale
+// and .bias of a step's weight list, read by Call::linear in slots.cpp). The weight is plain [N, K] (float
+// or int8) or blocked (blocked.cpp: float32 [NB, K, 16], bfloat16 [NB, K/2, 16, 2]), whose bias must be
+// there (zeros where the layer has none): it gives the output count.
 struct Linear {
   at::Tensor w;
   Vector scale, bias;

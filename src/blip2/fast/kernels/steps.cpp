@@ -15,103 +15,55 @@
 // Products accumulate in fp32 (row_product.cpp, blocked.cpp), so results differ from oneDNN's in the order
 // of the sums. Each row is computed alone: a row's result does not depend on the others.
 //
-// The Python side (blip2.fast.native) hands the weights over once as a flat list and checks the model is
-// one these steps cover; each step passes the caches and masks of its generate call.
+// Python (blip2.fast.native) checks the model is one these steps cover and builds the weight list and the
+// scalars once, by name (slots.cpp: the op's schema below, blip2_kernels::step_schema); each call passes
+// them with the names, and the caches and masks of its generate call.
 
 #include "row_product.cpp"
 #include "blocked.cpp"
 #include "screen.cpp"
 #include "decode.cpp"
+#include "slots.cpp"
+
+#include <tuple>
 
 namespace {
 
-at::Tensor need(const c10::List<std::optional<at::Tensor>>& list, size_t i, const char* what) {
-  TORCH_CHECK(list.get(i).has_value(), "decode step: weight ", i, " (", what, ") is missing");
-  return *list.get(i);
-}
-
-// Reads entries [i, i+3) of the weight list as a linear layer (absent when the weight is None).
-Linear linear_at(const c10::List<std::optional<at::Tensor>>& list, size_t i, int64_t k_expected, bool bf16) {
-  Linear l;
-  if (!list.get(i).has_value()) return l;
-  l.w = *list.get(i);
-  const auto wt = l.w.scalar_type();
-  std::optional<at::Tensor> s = list.get(i + 1), b = list.get(i + 2);
-  TORCH_CHECK(l.w.is_contiguous() && l.w.device().is_cpu(), "decode step: weight ", i, " must be a contiguous CPU tensor");
-  l.blocked = l.w.dim() != 2;
-  if (l.blocked) {
-    const int64_t per = wt == at::kFloat ? 1 : 2;
-    TORCH_CHECK((wt == at::kFloat && l.w.dim() == 3 && l.w.size(2) == blocked::kBlock) ||
-                (wt == at::kBFloat16 && l.w.dim() == 4 && l.w.size(2) == blocked::kBlock && l.w.size(3) == 2),
-                "decode step: weight ", i, " must be [N, K] or blocked (float32 [NB, K, 16], bfloat16 [NB, K/2, 16, 2]), "
-                "got ", wt, " ", l.w.sizes());
-    TORCH_CHECK(wt != at::kBFloat16 || blocked::bf16_dot(), "decode step: blocked bfloat16 weights need AVX-512 BF16");
-    TORCH_CHECK(b.has_value(), "decode step: blocked weight ", i, " needs its bias (zeros where the layer has none)");
-    TORCH_CHECK(!s.has_value(), "decode step: blocked weight ", i, " takes no scale");
-    l.n = b->numel();
-    l.k = l.w.size(1) * per;
-    if (per == 2 && k_expected == l.k - 1) l.k = k_expected;  // an odd K, padded to whole pairs
-    TORCH_CHECK(l.n > (l.w.size(0) - 1) * blocked::kBlock && l.n <= l.w.size(0) * blocked::kBlock, "decode step: ",
-                "blocked weight ", i, " of ", l.w.size(0), " blocks with a bias of ", l.n);
-  } else {
-    TORCH_CHECK(l.w.dim() == 2, "decode step: weight ", i, " must be a contiguous CPU [N, K], got ", l.w.sizes());
-    l.n = l.w.size(0);
-    l.k = l.w.size(1);
-  }
-  TORCH_CHECK(wt == (bf16 ? at::kBFloat16 : at::kFloat) || (wt == at::kChar && !l.blocked), "decode step: weight ", i,
-              " is ", wt, ", expected int8 or the activations' ", (bf16 ? "bfloat16" : "float32"));
-  TORCH_CHECK(k_expected < 0 || l.k == k_expected, "decode step: weight ", i, " takes ", l.k, " inputs, expected ",
-              k_expected);
-  for (const auto* t : {&s, &b})
-    TORCH_CHECK(!t->has_value() || ((*t)->numel() == l.n && (*t)->is_contiguous() && (*t)->device().is_cpu() &&
-                                    ((*t)->scalar_type() == at::kFloat || (*t)->scalar_type() == at::kBFloat16)),
-                "decode step: scale/bias of weight ", i, " must be contiguous float32/bfloat16 CPU [", l.n, "]");
-  TORCH_CHECK(wt != at::kChar || s.has_value(), "decode step: int8 weight ", i, " needs a scale");
-  l.scale = Vector(s);
-  l.bias = Vector(b);
-  l.present = true;
-  return l;
-}
-
-View view_at(const c10::List<std::optional<at::Tensor>>& list, size_t i) {
-  return list.get(i).has_value() ? View(*list.get(i)) : View();
-}
-
-
-// several rows read each weight once only from the blocked layout
-void check_rows(const Linear& l, int64_t R, size_t i) {
-  TORCH_CHECK(R == 1 || !l.present || l.blocked, "decode step: ", R, " rows need blocked weights, weight ", i,
-              " is [N, K]");
-}
-
 // ---- T5 decoder -------------------------------------------------------------------------------------
-// weights: shared [V, D]; per layer (21 entries): self-attention norm, qkv (3), o (3), cross-attention norm,
-// cross q (3), cross o (3), FFN norm, wi (3: [2F, D] gated wi_0 then wi_1, else [F, D]), wo (3);
-// then the final norm and lm_head (3).
 // ids [R, 1]: one token per row; kv: per layer cross k, cross v [R, H, S, Dk], self-attention cache k, v
 // [R, H, L, Dk]; self_mask [1, H, L', L'] float (bias + causal, the same for every row), row `pos` used;
 // cross_mask float, S values per row.
-// fparams: eps, output scale (d_model**-0.5 for tied T5, else 1); iparams: heads, d_kv, activation, gated
-// and optionally hidden: 1 returns the head's input [R, D] (fp32) instead of the logits (greedy_head's x).
-constexpr size_t kT5PerLayer = 21;
+namespace t5 {
+constexpr std::string_view kFirst[] = {"shared"};  // the embedding [V, D]
+// wi: [2F, D] gated (wi_0 then wi_1), else [F, D]
+constexpr std::string_view kLayer[] = {
+    "self_attn_norm.weight", "qkv.weight", "qkv.scale", "qkv.bias", "o.weight", "o.scale", "o.bias",
+    "cross_attn_norm.weight", "cross_q.weight", "cross_q.scale", "cross_q.bias",
+    "cross_o.weight", "cross_o.scale", "cross_o.bias",
+    "ffn_norm.weight", "wi.weight", "wi.scale", "wi.bias", "wo.weight", "wo.scale", "wo.bias"};
+constexpr std::string_view kLast[] = {"final_norm.weight", "lm_head.weight", "lm_head.scale", "lm_head.bias"};
+// out_scale: d_model**-0.5 for tied T5, else 1; activation: an Act (decode.cpp); gated: 0 or 1; want_hidden: 1
+// returns the head's input [R, D] (fp32) instead of the logits (greedy_head's x)
+constexpr std::string_view kParams[] = {"eps", "out_scale", "heads", "d_kv", "activation", "gated", "want_hidden"};
+const Schema kSchema("t5_step", kFirst, kLayer, kLast, kParams);
+}  // namespace t5
 
 at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at::Tensor& self_mask,
-                   const at::Tensor& cross_mask, at::TensorList kv,
-                   const c10::List<std::optional<at::Tensor>>& weights, c10::ArrayRef<double> fparams,
-                   c10::ArrayRef<int64_t> iparams) {
+                   const at::Tensor& cross_mask, at::TensorList kv, const std::vector<std::string>& slots,
+                   const c10::List<std::optional<at::Tensor>>& weights, const std::vector<std::string>& params,
+                   c10::ArrayRef<double> values) {
+  using namespace t5;
+  const Call c(kSchema, slots, weights, params, values);
   TORCH_CHECK(ids.numel() >= 1 && ids.numel() == ids.size(0) && ids.scalar_type() == at::kLong,
               "t5_step: one int64 token id per row ([R] or [R, 1]), got ", ids.sizes());
   TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "t5_step: one int64 cache slot");
-  TORCH_CHECK(fparams.size() == 2 && (iparams.size() == 4 || iparams.size() == 5),
-              "t5_step: fparams [eps, out_scale], iparams [heads, d_kv, act, gated(, hidden)]");
-  TORCH_CHECK(weights.size() >= 5 && (weights.size() - 5) % kT5PerLayer == 0, "t5_step: ", weights.size(),
-              " weights is not 1 + 21 per layer + 4");
-  const int64_t layers = (weights.size() - 5) / kT5PerLayer;
+  const int64_t layers = c.layers;
   TORCH_CHECK((int64_t)kv.size() == 4 * layers, "t5_step: ", kv.size(), " key/value tensors for ", layers, " layers");
-  const float eps = fparams[0], out_scale = fparams[1];
-  const int64_t H = iparams[0], dk = iparams[1], act = iparams[2];
-  const bool gated = iparams[3] != 0, hidden = iparams.size() == 5 && iparams[4] != 0;
-  const at::Tensor shared = need(weights, 0, "shared");
+  const float eps = c.scalar(slot(kParams, "eps")), out_scale = c.scalar(slot(kParams, "out_scale"));
+  const int64_t H = c.integer(slot(kParams, "heads")), dk = c.integer(slot(kParams, "d_kv"));
+  const int64_t act = c.integer(slot(kParams, "activation"));
+  const bool gated = c.integer(slot(kParams, "gated")) != 0, hidden = c.integer(slot(kParams, "want_hidden")) != 0;
+  const at::Tensor shared = c.tensor(slot(kFirst, "shared"));
   const bool bf16 = is_bf16(shared);
   const int64_t R = ids.size(0), D = shared.size(1), inner = H * dk;
   const at::Tensor idc = ids.contiguous();
@@ -140,15 +92,15 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
   };
 
   for (int64_t l = 0; l < layers; ++l) {
-    const size_t w0 = 1 + l * kT5PerLayer;
-    const Linear qkv = linear_at(weights, w0 + 1, D, bf16), o = linear_at(weights, w0 + 4, inner, bf16);
-    const Linear cq = linear_at(weights, w0 + 8, D, bf16), co = linear_at(weights, w0 + 11, inner, bf16);
-    const Linear wi = linear_at(weights, w0 + 15, D, bf16), wo = linear_at(weights, w0 + 18, -1, bf16);
+    const size_t w0 = c.layer(l);
+    const Linear qkv = c.linear(w0 + linear_slot(kLayer, "qkv"), D, bf16, R);
+    const Linear o = c.linear(w0 + linear_slot(kLayer, "o"), inner, bf16, R);
+    const Linear cq = c.linear(w0 + linear_slot(kLayer, "cross_q"), D, bf16, R);
+    const Linear co = c.linear(w0 + linear_slot(kLayer, "cross_o"), inner, bf16, R);
+    const Linear wi = c.linear(w0 + linear_slot(kLayer, "wi"), D, bf16, R);
+    const Linear wo = c.linear(w0 + linear_slot(kLayer, "wo"), -1, bf16, R);
     TORCH_CHECK(qkv.n == 3 * inner && cq.n == inner && o.n == D && co.n == D && wo.n == D &&
                 wi.n == (gated ? 2 : 1) * wo.k, "t5_step: layer ", l, ": projection shapes do not fit");
-    for (const auto& [lin, idx] : {std::pair{&qkv, w0 + 1}, {&o, w0 + 4}, {&cq, w0 + 8}, {&co, w0 + 11},
-                                  {&wi, w0 + 15}, {&wo, w0 + 18}})
-      check_rows(*lin, R, idx);
     const Heads ck(kv[4 * l], R, "cross keys"), cv(kv[4 * l + 1], R, "cross values");
     const Heads sk(kv[4 * l + 2], R, "cached keys"), sv(kv[4 * l + 3], R, "cached values");
     const int64_t S = ck.t.size(2);
@@ -157,7 +109,7 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
                 sv.t.sizes() == sk.t.sizes(), "t5_step: layer ", l, ": cache or cross key/value shapes do not fit");
 
     // self-attention
-    norm(view_at(weights, w0));
+    norm(c.view(w0 + slot(kLayer, "self_attn_norm.weight")));
     big.resize(R * 3 * inner);
     st.linear(qkv, h.data(), R, big.data());
     write_cache(sk, R, pos, big.data() + inner, 3 * inner, H, dk);
@@ -168,7 +120,7 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     residual();
 
     // cross-attention
-    norm(view_at(weights, w0 + 7));
+    norm(c.view(w0 + slot(kLayer, "cross_attn_norm.weight")));
     big.resize(R * inner);
     st.linear(cq, h.data(), R, big.data());
     attend(big.data(), inner, ck, cv, R, H, dk, S, [&](int64_t r, int64_t, int64_t j) { return cmask[r * S + j]; },
@@ -177,7 +129,7 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     residual();
 
     // feed-forward
-    norm(view_at(weights, w0 + 14));
+    norm(c.view(w0 + slot(kLayer, "ffn_norm.weight")));
     big.resize(R * wi.n);
     st.linear(wi, h.data(), R, big.data());
     const int64_t F = wo.k;
@@ -192,49 +144,59 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     residual();
   }
 
-  const size_t tail = 1 + layers * kT5PerLayer;
-  norm(view_at(weights, tail));
+  const size_t tail = c.last();
+  norm(c.view(tail + slot(kLast, "final_norm.weight")));
   if (out_scale != 1.f)
     for (int64_t i = 0; i < R * D; ++i) h[i] = st.round(h[i] * out_scale);
   if (hidden) return torch_from(h, R, D);
-  const Linear head = linear_at(weights, tail + 1, D, bf16);
-  check_rows(head, R, tail + 1);
+  const Linear head = c.linear(tail + linear_slot(kLast, "lm_head"), D, bf16, R);
   at::Tensor logits = at::empty({R, head.n}, shared.options().dtype(at::kFloat));
   st.linear(head, h.data(), R, logits.data_ptr<float>());
   return logits;
 }
 
 // ---- OPT decoder ------------------------------------------------------------------------------------
-// weights: position table [P, D]; project_in (3, may be None); per layer (16 entries): attention norm
-// (weight, bias), qkv (3), out (3), FFN norm (weight, bias), fc1 (3), fc2 (3); final norm (weight, bias;
-// None without an affine part); project_out (3, may be None); lm_head (3).
 // x: the rows' token embeddings [R, 1, E]; position [R, 1]: their position ids; key_valid [R, S] bool
 // (any shape of R * S); kv: per layer cache k, v [R, H, S, Dh]; input_pos: the cache slot.
-// fparams: eps, query scaling; iparams: heads, activation, pre-norm, final norm and optionally hidden: 1
-// returns the head's input [R, K] (fp32) instead of the logits (greedy_head's x).
-constexpr size_t kOptPerLayer = 16;
+namespace opt {
+// the position table [P, D]; project_in absent (None) where the embedding has the hidden size
+constexpr std::string_view kFirst[] = {"embed_positions", "project_in.weight", "project_in.scale", "project_in.bias"};
+constexpr std::string_view kLayer[] = {
+    "self_attn_norm.weight", "self_attn_norm.bias", "qkv.weight", "qkv.scale", "qkv.bias",
+    "out_proj.weight", "out_proj.scale", "out_proj.bias", "ffn_norm.weight", "ffn_norm.bias",
+    "fc1.weight", "fc1.scale", "fc1.bias", "fc2.weight", "fc2.scale", "fc2.bias"};
+// the final norm's weight and bias None where it has no affine part; project_out None where absent
+constexpr std::string_view kLast[] = {"final_norm.weight", "final_norm.bias", "project_out.weight",
+                                      "project_out.scale", "project_out.bias", "lm_head.weight", "lm_head.scale",
+                                      "lm_head.bias"};
+// scaling: the query's; activation: an Act (decode.cpp); pre_norm, has_final_norm: 0 or 1; want_hidden: 1
+// returns the head's input [R, K] (fp32) instead of the logits (greedy_head's x)
+constexpr std::string_view kParams[] = {"eps", "scaling", "heads", "activation", "pre_norm", "has_final_norm",
+                                        "want_hidden"};
+const Schema kSchema("opt_step", kFirst, kLayer, kLast, kParams);
+}  // namespace opt
 
 at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at::Tensor& key_valid,
-                    at::TensorList kv, const at::Tensor& input_pos,
-                    const c10::List<std::optional<at::Tensor>>& weights, c10::ArrayRef<double> fparams,
-                    c10::ArrayRef<int64_t> iparams) {
+                    at::TensorList kv, const at::Tensor& input_pos, const std::vector<std::string>& slots,
+                    const c10::List<std::optional<at::Tensor>>& weights, const std::vector<std::string>& params,
+                    c10::ArrayRef<double> values) {
+  using namespace opt;
+  const Call c(kSchema, slots, weights, params, values);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1 && x_in.size(0) >= 1, "opt_step: x must be [R, 1, E], got ",
               x_in.sizes());
   const int64_t R = x_in.size(0), E = x_in.size(2);
   TORCH_CHECK(position.numel() == R && position.scalar_type() == at::kLong, "opt_step: one int64 position per row");
   TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "opt_step: one int64 cache slot");
   TORCH_CHECK(key_valid.scalar_type() == at::kBool, "opt_step: key_valid must be bool");
-  TORCH_CHECK(fparams.size() == 2 && (iparams.size() == 4 || iparams.size() == 5),
-              "opt_step: fparams [eps, scaling], iparams [heads, act, pre_norm, final_norm(, hidden)]");
-  TORCH_CHECK(weights.size() >= 12 && (weights.size() - 12) % kOptPerLayer == 0, "opt_step: ", weights.size(),
-              " weights is not 4 + 16 per layer + 8");
-  const int64_t layers = (weights.size() - 12) / kOptPerLayer;
+  const int64_t layers = c.layers;
   TORCH_CHECK((int64_t)kv.size() == 2 * layers, "opt_step: ", kv.size(), " cache tensors for ", layers, " layers");
-  const float eps = fparams[0], scaling = fparams[1];
-  const int64_t H = iparams[0], act = iparams[1];
-  const bool pre_norm = iparams[2] != 0, final_norm = iparams[3] != 0, hidden = iparams.size() == 5 && iparams[4] != 0;
+  const float eps = c.scalar(slot(kParams, "eps")), scaling = c.scalar(slot(kParams, "scaling"));
+  const int64_t H = c.integer(slot(kParams, "heads")), act = c.integer(slot(kParams, "activation"));
+  const bool pre_norm = c.integer(slot(kParams, "pre_norm")) != 0;
+  const bool final_norm = c.integer(slot(kParams, "has_final_norm")) != 0;
+  const bool hidden = c.integer(slot(kParams, "want_hidden")) != 0;
   const bool bf16 = is_bf16(x_in);
-  const at::Tensor table = need(weights, 0, "embed_positions");
+  const at::Tensor table = c.tensor(slot(kFirst, "embed_positions"));
   const int64_t D = table.size(1), dh = D / H, pos = input_pos.data_ptr<int64_t>()[0];
   const at::Tensor pc = position.contiguous();
   std::vector<int64_t> where(R);
@@ -251,8 +213,7 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
   std::vector<float> x(R * D), h(R * std::max(D, E)), big, attn(R * D);
   const at::Tensor xc = x_in.contiguous();
   const View xv(xc), pv(table);
-  const Linear pin = linear_at(weights, 1, E, bf16);
-  check_rows(pin, R, 1);
+  const Linear pin = c.linear(linear_slot(kFirst, "project_in"), E, bf16, R);
   if (pin.present) {
     std::vector<float> e(R * E);
     for (int64_t i = 0; i < R * E; ++i) e[i] = xv[i];
@@ -272,15 +233,16 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
   const float inf = std::numeric_limits<float>::infinity();
 
   for (int64_t l = 0; l < layers; ++l) {
-    const size_t w0 = 4 + l * kOptPerLayer;
-    const View ln1w = view_at(weights, w0), ln1b = view_at(weights, w0 + 1);
-    const View ln2w = view_at(weights, w0 + 8), ln2b = view_at(weights, w0 + 9);
-    const Linear qkv = linear_at(weights, w0 + 2, D, bf16), out = linear_at(weights, w0 + 5, D, bf16);
-    const Linear fc1 = linear_at(weights, w0 + 10, D, bf16), fc2 = linear_at(weights, w0 + 13, -1, bf16);
+    const size_t w0 = c.layer(l);
+    const View ln1w = c.view(w0 + slot(kLayer, "self_attn_norm.weight"));
+    const View ln1b = c.view(w0 + slot(kLayer, "self_attn_norm.bias"));
+    const View ln2w = c.view(w0 + slot(kLayer, "ffn_norm.weight")), ln2b = c.view(w0 + slot(kLayer, "ffn_norm.bias"));
+    const Linear qkv = c.linear(w0 + linear_slot(kLayer, "qkv"), D, bf16, R);
+    const Linear out = c.linear(w0 + linear_slot(kLayer, "out_proj"), D, bf16, R);
+    const Linear fc1 = c.linear(w0 + linear_slot(kLayer, "fc1"), D, bf16, R);
+    const Linear fc2 = c.linear(w0 + linear_slot(kLayer, "fc2"), -1, bf16, R);
     TORCH_CHECK(qkv.n == 3 * D && out.n == D && fc2.n == D && fc1.n == fc2.k, "opt_step: layer ", l,
                 ": projection shapes do not fit");
-    for (const auto& [lin, idx] : {std::pair{&qkv, w0 + 2}, {&out, w0 + 5}, {&fc1, w0 + 10}, {&fc2, w0 + 13}})
-      check_rows(*lin, R, idx);
     const Heads ck(kv[2 * l], R, "cached keys"), cv(kv[2 * l + 1], R, "cached values");
     TORCH_CHECK(ck.t.size(1) == H && ck.t.size(3) == dh && ck.t.size(2) == S && cv.t.sizes() == ck.t.sizes(),
                 "opt_step: layer ", l, ": cache of ", ck.t.sizes(), " for ", S, " keys");
@@ -315,13 +277,12 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     }
   }
 
-  const size_t tail = 4 + layers * kOptPerLayer;
-  const View fw = view_at(weights, tail), fb = view_at(weights, tail + 1);
+  const size_t tail = c.last();
+  const View fw = c.view(tail + slot(kLast, "final_norm.weight")), fb = c.view(tail + slot(kLast, "final_norm.bias"));
   std::vector<float> y(R * D);
   if (final_norm) norm(fw, fb, y.data());
   else std::copy(x.begin(), x.end(), y.begin());
-  const Linear pout = linear_at(weights, tail + 2, D, bf16);
-  check_rows(pout, R, tail + 2);
+  const Linear pout = c.linear(tail + linear_slot(kLast, "project_out"), D, bf16, R);
   std::vector<float> e;
   const float* last = y.data();
   if (pout.present) {
@@ -330,22 +291,30 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     last = e.data();
   }
   if (hidden) return torch_from(pout.present ? e : y, R, pout.present ? pout.n : D);
-  const Linear head = linear_at(weights, tail + 5, pout.present ? pout.n : D, bf16);
+  const Linear head = c.linear(tail + linear_slot(kLast, "lm_head"), pout.present ? pout.n : D, bf16, R);
   TORCH_CHECK(head.present, "opt_step: lm_head is missing");
-  check_rows(head, R, tail + 5);
   at::Tensor logits = at::empty({R, head.n}, x_in.options().dtype(at::kFloat));
   st.linear(head, last, R, logits.data_ptr<float>());
   return logits;
+}
+
+// The names a step op reads its weights and scalars by: (the slots in list order, a layer's once as
+// "layers.<name>"; the scalars). Python builds its lists from them (blip2.fast.native).
+std::tuple<std::vector<std::string>, std::vector<std::string>> step_schema(const std::string& op) {
+  const Schema* schema = op == t5::kSchema.op ? &t5::kSchema : op == opt::kSchema.op ? &opt::kSchema : nullptr;
+  TORCH_CHECK(schema != nullptr, "step_schema: no step op '", op, "' (t5_step, opt_step)");
+  return {schema->slots, schema->params};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(blip2_kernels, m) {
   python_module(m, 0);
-  m.def("t5_step(Tensor ids, Tensor input_pos, Tensor self_mask, Tensor cross_mask, Tensor[] kv, Tensor?[] weights, "
-        "float[] fparams, int[] iparams) -> Tensor");
-  m.def("opt_step(Tensor x, Tensor position, Tensor key_valid, Tensor[] kv, Tensor input_pos, Tensor?[] weights, "
-        "float[] fparams, int[] iparams) -> Tensor");
+  m.def("step_schema(str op) -> (str[], str[])", &step_schema);
+  m.def("t5_step(Tensor ids, Tensor input_pos, Tensor self_mask, Tensor cross_mask, Tensor[] kv, str[] slots, "
+        "Tensor?[] weights, str[] params, float[] values) -> Tensor");
+  m.def("opt_step(Tensor x, Tensor position, Tensor key_valid, Tensor[] kv, Tensor input_pos, str[] slots, "
+        "Tensor?[] weights, str[] params, float[] values) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(blip2_kernels, CPU, m) {
