@@ -295,34 +295,36 @@ def test_the_op_names_bad_arguments():
     caches = [torch.zeros(1, 4, 5, 8) for _ in range(2 * 3)]
     valid = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     op = torch.ops.blip2_kernels.opt_step
-    with pytest.raises(RuntimeError, match="weights is not 4 \\+ 16 per layer \\+ 8"):
-        op(x, pos, valid, caches, slot, step.weights[:-1], step.fparams, step.iparams)
+
+    def call(x=x, pos=pos, valid=valid, caches=caches, slot=slot, step=step, weights=None):
+        return op(x, pos, valid, caches, slot, step.slots, step.weights if weights is None else weights, step.params,
+                  step.values)
+
+    with pytest.raises(RuntimeError, match="59 weights is not 4 \\+ 16 per layer \\+ 8"):
+        call(weights=step.weights[:-1])
     with pytest.raises(RuntimeError, match="cache tensors for 3 layers"):
-        op(x, pos, valid, caches[:-1], slot, step.weights, step.fparams, step.iparams)
+        call(caches=caches[:-1])
     with pytest.raises(RuntimeError, match="cache slot 7 outside"):
-        op(x, pos, valid, caches, torch.tensor([7]), step.weights, step.fparams, step.iparams)
+        call(slot=torch.tensor([7]))
     with pytest.raises(RuntimeError, match="position 70 outside"):
-        op(x, torch.tensor([[70]]), valid, caches, slot, step.weights, step.fparams, step.iparams)
-    rows2 = dict(position=torch.tensor([[0], [1]]), key_valid=torch.ones(2, 1, 1, 5, dtype=torch.bool),
-                 kv=[torch.zeros(2, 4, 5, 8) for _ in range(2 * 3)])
-    with pytest.raises(RuntimeError, match="2 rows need blocked weights, weight 6 is \\[N, K\\]"):
-        op(torch.zeros(2, 1, 32), rows2["position"], rows2["key_valid"], rows2["kv"], slot, step.weights,
-           step.fparams, step.iparams)
+        call(pos=torch.tensor([[70]]))
+    rows2 = dict(x=torch.zeros(2, 1, 32), pos=torch.tensor([[0], [1]]),
+                 valid=torch.ones(2, 1, 1, 5, dtype=torch.bool), caches=[torch.zeros(2, 4, 5, 8) for _ in range(2 * 3)])
+    with pytest.raises(RuntimeError, match="2 rows need blocked weights, weight layers.0.qkv.weight is \\[N, K\\]"):
+        call(**rows2)
     blocked = NativeOPTStep(_opt({}, torch.float32, fmt="blocked"), None)
     weights = list(blocked.weights)
-    weights[8] = None  # the bias of the first layer's q/k/v (weight 6: table, project_in x3, two norm tensors)
-    with pytest.raises(RuntimeError, match="blocked weight 6 needs its bias"):
-        op(torch.zeros(2, 1, 32), rows2["position"], rows2["key_valid"], rows2["kv"], slot, weights,
-           blocked.fparams, blocked.iparams)
+    weights[blocked.slots.index("layers.qkv.bias")] = None  # the first layer's
+    with pytest.raises(RuntimeError, match="blocked weight layers.0.qkv.weight needs its bias"):
+        call(**rows2, step=blocked, weights=weights)
     with pytest.raises(RuntimeError, match="cached keys must be float32/bfloat16 CPU \\[2, H, S, Dh\\]"):
-        op(torch.zeros(2, 1, 32), rows2["position"], rows2["key_valid"], caches, slot, blocked.weights,
-           blocked.fparams, blocked.iparams)
+        call(**{**rows2, "caches": caches}, step=blocked)
     t5 = _t5({}, torch.float32)
     s5 = NativeT5Step(t5, t5._decode_step)
     with pytest.raises(RuntimeError, match="token id 500 outside the vocabulary of 96"):
         torch.ops.blip2_kernels.t5_step(torch.tensor([[500]]), slot, torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 1, 5),
                                         ([torch.zeros(1, 4, 5, 8)] * 2 + [torch.zeros(1, 4, 8, 8)] * 2) * 3,
-                                        s5.weights, s5.fparams, s5.iparams)
+                                        s5.slots, s5.weights, s5.params, s5.values)
 
 
 def _calls(fn, name):
@@ -428,9 +430,9 @@ def test_the_op_refuses_a_scale_of_another_dtype():
     lm = _opt({}, torch.float32, fmt="int8")
     step = NativeOPTStep(lm, lm._decode_step)
     weights = list(step.weights)
-    i = next(i for i, w in enumerate(weights) if w is not None and w.dtype == torch.int8)
-    weights[i + 1] = weights[i + 1].double()
+    i = step.slots.index("layers.fc1.scale") + 16  # the second layer's (16 slots a layer)
+    weights[i] = weights[i].double()
     x, caches = torch.zeros(1, 1, 32), [torch.zeros(1, 4, 5, 8) for _ in range(2 * 3)]
-    with pytest.raises(RuntimeError, match=f"scale/bias of weight {i} must be contiguous float32/bfloat16"):
+    with pytest.raises(RuntimeError, match="scale/bias of weight layers.1.fc1.weight must be contiguous float32"):
         torch.ops.blip2_kernels.opt_step(x, torch.tensor([[0]]), torch.ones(1, 1, 1, 5, dtype=torch.bool), caches,
-                                         torch.tensor([0]), weights, step.fparams, step.iparams)
+                                         torch.tensor([0]), step.slots, weights, step.params, step.values)

@@ -19,7 +19,19 @@ in another order than oneDNN's. Each row is computed on its own.
 Greedy decoding (``generate``'s greedy loop without a repetition penalty, through the decoders'
 ``step_greedy``) takes the next tokens from ``greedy``: the step up to the head's input, then
 ``kernels.greedy_head``, which screens the vocabulary with a bfloat16 copy of an fp32 head and computes the
-candidates it leaves exactly, so the tokens are the argmax of the full logits (``_Greedy``).
+candidates it leaves exactly, so the tokens are the argmax of the full logits (``_NativeStep.greedy``).
+
+The op reads its weights and scalars by name. Its schema is the C++'s own (``steps.cpp``: the names of the
+slots of its weight list in list order, a layer's once as ``layers.<name>``, and of its scalars; the C++
+reads each slot at an index found from its name while compiling), and ``blip2_kernels::step_schema(op)``
+hands it to Python. A step builds dicts keyed by those names (a linear layer is three slots,
+``<name>.weight``, ``.scale``, ``.bias``) and orders them by the schema once (``_bind``); a name the op reads
+that Python does not give, or one Python gives that the op does not read, is a ``SchemaError`` naming it.
+Every call sends the names with the lists and the op checks them against its schema before reading
+anything, so a list built another way (reordered, a slot or scalar missing or extra) is an error naming the
+slot, never a wrong read. Scalars travel as one list of floats, flags and counts included (``want_hidden``:
+1 returns the head's input instead of the logits). The build's check runs once; the call's hands over and
+compares a few dozen short names, some microseconds on a step of milliseconds.
 """
 
 from __future__ import annotations
@@ -31,10 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from blip2.fast import kernels
-from blip2.generation import masked_argmax
 from blip2.fast.linear import FusedLinear
+from blip2.generation import masked_argmax
 
-__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "check", "try_native"]
+__all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "SchemaError", "check", "try_native"]
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_fast": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -43,6 +55,11 @@ _NOTHING_BANNED = torch.empty(0, dtype=torch.long)  # greedy_head's banned ids p
 
 class Unsupported(ValueError):
     """The model is not one the native steps cover (the reason is the message)."""
+
+
+class SchemaError(RuntimeError):
+    """The Python step and the C++ op disagree on the names of the op's weight slots or scalars: a bug in
+    this package, not a model the native steps do not cover (so never an ``Unsupported``)."""
 
 
 _FORMATS = ("dense", "int8", "blocked")
@@ -123,22 +140,84 @@ def _screen(head: list[Tensor | None]) -> tuple[Tensor, Tensor] | None:
     return kernels.screen_weight(w)
 
 
-class _Greedy:
-    """Greedy decoding's next tokens from a native step without the whole head (``kernels.greedy_head``:
-    a bfloat16 screen of the vocabulary, the few candidates it leaves computed exactly by the head's own
-    code, so the tokens are the argmax of the fp32 logits): half the head's weight bytes and multiply-adds
-    a token. fp32 heads on CPUs with AVX-512 BF16; ``screen = None`` turns it off (it holds a bf16 copy of
-    the head, half the head's size). ``exact`` holds the last call's count of logits computed exactly per
-    row (the vocabulary size where it computed the whole row)."""
+_LAYER = "layers."  # the prefix of a layer's slots in an op's schema (slots.cpp)
+_LINEAR_PARTS = ("weight", "scale", "bias")
 
+
+def _schema(op: str) -> tuple[list[str], list[str]]:
+    """The names ``op`` reads its weight list by, in order (a layer's slots once, as ``layers.<name>``), and
+    its scalars': the C++ op's own (``blip2_kernels::step_schema``)."""
+    slots, params = torch.ops.blip2_kernels.step_schema(op)
+    return list(slots), list(params)
+
+
+def _check_names(op: str, kind: str, wanted: list[str], given: dict[str, Any]) -> None:
+    """Raises ``SchemaError`` naming what ``op`` reads that ``given`` lacks, and what it has that ``op`` does
+    not read."""
+    missing = [n for n in wanted if n not in given]
+    extra = [n for n in given if n not in wanted]
+    if missing or extra:
+        parts = ([f"reads the {kind} {missing} the Python step does not give"] if missing else []) + \
+                ([f"does not read the {kind} {extra} the Python step gives"] if extra else [])
+        raise SchemaError(f"{op} {' and '.join(parts)} (blip2_kernels::step_schema({op!r}) names what it reads)")
+
+
+def _ordered(op: str, slots: list[str], outer: dict[str, Tensor | None],
+             layers: list[dict[str, Tensor | None]]) -> list[Tensor | None]:
+    """``op``'s weight list: the slots ``slots`` names outside the layers from ``outer``, a layer's (named
+    without the ``layers.`` prefix) from each of ``layers``, in the order of ``slots``."""
+    per_layer = [n[len(_LAYER):] for n in slots if n.startswith(_LAYER)]
+    start = next((i for i, n in enumerate(slots) if n.startswith(_LAYER)), len(slots))
+    before, after = slots[:start], slots[start + len(per_layer):]
+    _check_names(op, "slots", before + after, outer)
+    for layer in layers:
+        _check_names(op, "layer slots", per_layer, layer)
+    return [outer[n] for n in before] + [layer[n] for layer in layers for n in per_layer] + [outer[n] for n in after]
+
+
+def _values(op: str, params: list[str], scalars: dict[str, float]) -> list[float]:
+    """``op``'s scalar values in the order of its names ``params``."""
+    _check_names(op, "scalars", params, scalars)
+    return [float(scalars[n]) for n in params]
+
+
+class _NativeStep:
+    """What both native steps share: the op's weight list and scalars built by name (``_bind``), the call
+    (anything the op does not cover goes to ``fallback``), and ``greedy``.
+
+    ``greedy``: greedy decoding's next tokens without the whole head (``kernels.greedy_head``: a bfloat16
+    screen of the vocabulary, the few candidates it leaves computed exactly by the head's own code, so the
+    tokens are the argmax of the fp32 logits): half the head's weight bytes and multiply-adds a token. fp32
+    heads on CPUs with AVX-512 BF16; ``screen = None`` turns it off (it holds a bf16 copy of the head, half
+    the head's size). ``exact`` holds the last call's count of logits computed exactly per row (the
+    vocabulary size where it computed the whole row)."""
+
+    op: str  # the blip2_kernels op
+    dtype: torch.dtype
+    fallback: Callable[..., Tensor]
     screen: tuple[Tensor, Tensor] | None = None
     exact: Tensor | None = None
-    weights: list[Tensor | None]
-    fparams: list[float]
-    iparams: list[int]
 
-    def _op(self) -> Callable[..., Tensor]:
-        raise NotImplementedError
+    def __init__(self) -> None:
+        self.products: list[list[Tensor | None]] = []  # every linear layer's entries (``_linear``)
+
+    def _linear_slots(self, name: str, layer: nn.Module | None, optional: bool = False) -> dict[str, Tensor | None]:
+        """A linear layer as its slots ``<name>.weight``, ``<name>.scale``, ``<name>.bias``."""
+        self.products.append(_linear(layer, self.dtype, optional))
+        return {f"{name}.{part}": t for part, t in zip(_LINEAR_PARTS, self.products[-1])}
+
+    def _bind(self, outer: dict[str, Tensor | None], layers: list[dict[str, Tensor | None]],
+              scalars: dict[str, float]) -> None:
+        """The op's arguments after the decoding state, from the slots outside the layers (``outer``), each
+        layer's and the scalars, all by name (``want_hidden`` set here): ``slots``, ``weights``, ``params``
+        and ``values`` (the logits) or ``hidden_values`` (the head's input)."""
+        self.slots, self.params = _schema(self.op)
+        self.weights = _ordered(self.op, self.slots, outer, layers)
+        self.values = _values(self.op, self.params, {**scalars, "want_hidden": 0})
+        self.hidden_values = _values(self.op, self.params, {**scalars, "want_hidden": 1})
+        self.batched = _batched(self.products)  # any number of rows, else one
+        self.head = [outer[f"lm_head.{part}"] for part in _LINEAR_PARTS]
+        self.screen = _screen(self.head)
 
     def _covers(self, *args: Any) -> bool:
         raise NotImplementedError
@@ -146,12 +225,21 @@ class _Greedy:
     def _native_args(self, *args: Any) -> tuple[Any, ...]:
         raise NotImplementedError
 
+    def _run(self, args: tuple[Any, ...], values: list[float]) -> Tensor:
+        op = getattr(torch.ops.blip2_kernels, self.op)
+        return op(*self._native_args(*args), self.slots, self.weights, self.params, values)
+
+    def __call__(self, *args: Any) -> Tensor:
+        if not self._covers(*args):
+            return self.fallback(*args)
+        return self._run(args, self.values)
+
     def greedy(self, banned: Tensor | None, *args: Any) -> Tensor:
         """The next tokens [N] of greedy decoding, ``banned`` ids left out; ``args`` as for a call."""
         if self.screen is None or not self._covers(*args):
-            return masked_argmax(self(*args), banned)  # type: ignore[operator]
-        hidden = self._op()(*self._native_args(*args), self.weights, self.fparams, [*self.iparams, 1])
-        w, _, bias = self.weights[-3:]
+            return masked_argmax(self(*args), banned)
+        hidden = self._run(args, self.hidden_values)
+        w, _, bias = self.head
         tokens, self.exact = kernels.greedy_head(hidden, *self.screen, w, bias,
                                                  _NOTHING_BANNED if banned is None else banned.cpu())
         return tokens.to(hidden.device)
@@ -164,49 +252,46 @@ def check(weight: Tensor) -> None:
     _usable()
 
 
-class NativeT5Step(_Greedy):
+class NativeT5Step(_NativeStep):
     """A T5 ``decode_step`` (``T5ForConditionalGeneration._decode_step``'s arguments): one token per row
     through ``blip2_kernels::t5_step`` (several rows where the weights are blocked: ``batched``), anything
-    else through ``fallback``. ``greedy``: the next greedy tokens through the screened head (``_Greedy``)."""
+    else through ``fallback``. ``greedy``: the next greedy tokens through the screened head."""
+
+    op = "t5_step"
 
     def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
+        super().__init__()
         cfg, dec = model.config, model.decoder
-        dtype = _dtype(model.shared.weight)
+        self.dtype = _dtype(model.shared.weight)
         _usable()
         if cfg.dense_act_fn not in ACTIVATIONS:
             raise Unsupported(f"activation {cfg.dense_act_fn!r}")
-        products: list[list[Tensor | None]] = []
-
-        def linear(layer: nn.Module | None) -> list[Tensor | None]:
-            products.append(_linear(layer, dtype))
-            return products[-1]
-
-        weights: list[Tensor | None] = [_vector(model.shared.weight, dtype)]
-        for blk in dec.block:
-            sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
-            dense = ff.DenseReluDense
-            if getattr(sa.SelfAttention, "qkv", None) is None:
-                raise Unsupported("self-attention q/k/v not fused (blip2.fast.fuse first)")
-            if dense.gated and getattr(dense, "wi_01", None) is None:
-                raise Unsupported("the gated FFN's wi_0/wi_1 not fused (blip2.fast.fuse first)")
-            weights += [_vector(sa.layer_norm.weight, dtype), *linear(sa.SelfAttention.qkv),
-                        *linear(sa.SelfAttention.o),
-                        _vector(ca.layer_norm.weight, dtype), *linear(ca.EncDecAttention.q),
-                        *linear(ca.EncDecAttention.o),
-                        _vector(ff.layer_norm.weight, dtype),
-                        *linear(dense.wi_01 if dense.gated else dense.wi), *linear(dense.wo)]
-        weights += [_vector(dec.final_layer_norm.weight, dtype), *linear(model.lm_head)]
-        self.weights = weights
-        self.batched = _batched(products)  # any number of rows, else one
-        self.fparams = [float(dec.final_layer_norm.eps),
-                        float(cfg.d_model**-0.5) if cfg.scale_decoder_outputs else 1.0]
-        self.iparams = [cfg.num_heads, cfg.d_kv, ACTIVATIONS[cfg.dense_act_fn], int(bool(cfg.is_gated_act))]
         self.fallback = fallback
-        self.dtype = dtype
-        self.screen = _screen(products[-1])
+        layers = [self._layer(blk) for blk in dec.block]
+        outer = {"shared": _vector(model.shared.weight, self.dtype),
+                 "final_norm.weight": _vector(dec.final_layer_norm.weight, self.dtype),
+                 **self._linear_slots("lm_head", model.lm_head)}
+        self._bind(outer, layers, {
+            "eps": float(dec.final_layer_norm.eps),
+            "out_scale": float(cfg.d_model**-0.5) if cfg.scale_decoder_outputs else 1.0,
+            "heads": cfg.num_heads, "d_kv": cfg.d_kv, "activation": ACTIVATIONS[cfg.dense_act_fn],
+            "gated": int(bool(cfg.is_gated_act))})
 
-    def _op(self) -> Callable[..., Tensor]:
-        return torch.ops.blip2_kernels.t5_step
+    def _layer(self, blk: nn.Module) -> dict[str, Tensor | None]:
+        sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
+        dense = ff.DenseReluDense
+        if getattr(sa.SelfAttention, "qkv", None) is None:
+            raise Unsupported("self-attention q/k/v not fused (blip2.fast.fuse first)")
+        if dense.gated and getattr(dense, "wi_01", None) is None:
+            raise Unsupported("the gated FFN's wi_0/wi_1 not fused (blip2.fast.fuse first)")
+        return {"self_attn_norm.weight": _vector(sa.layer_norm.weight, self.dtype),
+                **self._linear_slots("qkv", sa.SelfAttention.qkv), **self._linear_slots("o", sa.SelfAttention.o),
+                "cross_attn_norm.weight": _vector(ca.layer_norm.weight, self.dtype),
+                **self._linear_slots("cross_q", ca.EncDecAttention.q),
+                **self._linear_slots("cross_o", ca.EncDecAttention.o),
+                "ffn_norm.weight": _vector(ff.layer_norm.weight, self.dtype),
+                **self._linear_slots("wi", dense.wi_01 if dense.gated else dense.wi),
+                **self._linear_slots("wo", dense.wo)}
 
     def _covers(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
                 caches: list[Any], input_pos: Tensor) -> bool:
@@ -218,20 +303,18 @@ class NativeT5Step(_Greedy):
         kv = [t for (k, v), cache in zip(cross_kv, caches) for t in (k, v, cache.k, cache.v)]
         return ids, input_pos, self_mask, cross_mask, kv
 
-    def __call__(self, *args: Any) -> Tensor:
-        if not self._covers(*args):
-            return self.fallback(*args)
-        return self._op()(*self._native_args(*args), self.weights, self.fparams, self.iparams)
 
-
-class NativeOPTStep(_Greedy):
+class NativeOPTStep(_NativeStep):
     """An OPT ``decode_step`` (``OPTForCausalLM._decode_step``'s arguments): one token per row through
     ``blip2_kernels::opt_step`` (several rows where the weights are blocked: ``batched``), anything else
-    through ``fallback``. ``greedy``: the next greedy tokens through the screened head (``_Greedy``)."""
+    through ``fallback``. ``greedy``: the next greedy tokens through the screened head."""
+
+    op = "opt_step"
 
     def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
+        super().__init__()
         cfg, dec = model.config, model.model.decoder
-        dtype = _dtype(dec.embed_tokens.weight)
+        self.dtype = _dtype(dec.embed_tokens.weight)
         _usable()
         if cfg.activation_function not in ACTIVATIONS:
             raise Unsupported(f"activation {cfg.activation_function!r}")
@@ -239,38 +322,31 @@ class NativeOPTStep(_Greedy):
         eps = {float(n.eps) for n in norms + ([dec.final_layer_norm] if dec.final_layer_norm is not None else [])}
         if len(eps) != 1:
             raise Unsupported(f"layer norms with different eps {sorted(eps)}")
-        products: list[list[Tensor | None]] = []
-
-        def linear(layer: nn.Module | None, optional: bool = False) -> list[Tensor | None]:
-            products.append(_linear(layer, dtype, optional))
-            return products[-1]
-
-        weights: list[Tensor | None] = [_vector(dec.embed_positions.weight, dtype),
-                                        *linear(dec.project_in, optional=True)]
-        for layer in dec.layers:
-            if getattr(layer.self_attn, "qkv", None) is None:
-                raise Unsupported("q/k/v not fused (blip2.fast.fuse first)")
-            ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
-            weights += [_vector(ln1.weight, dtype), _vector(ln1.bias, dtype), *linear(layer.self_attn.qkv),
-                        *linear(layer.self_attn.out_proj),
-                        _vector(ln2.weight, dtype), _vector(ln2.bias, dtype), *linear(layer.fc1),
-                        *linear(layer.fc2)]
-        final = dec.final_layer_norm
-        weights += [_vector(final.weight, dtype) if final is not None else None,
-                    _vector(final.bias, dtype) if final is not None else None,
-                    *linear(dec.project_out, optional=True), *linear(model.lm_head)]
-        self.weights = weights
-        self.batched = _batched(products)  # any number of rows, else one
-        attn = dec.layers[0].self_attn
-        self.fparams = [eps.pop(), float(attn.scaling)]
-        self.iparams = [attn.num_heads, ACTIVATIONS[cfg.activation_function], int(bool(cfg.do_layer_norm_before)),
-                        int(final is not None)]
         self.fallback = fallback
-        self.dtype = dtype
-        self.screen = _screen(products[-1])
+        final = dec.final_layer_norm
+        outer = {"embed_positions": _vector(dec.embed_positions.weight, self.dtype),
+                 **self._linear_slots("project_in", dec.project_in, optional=True)}
+        layers = [self._layer(layer) for layer in dec.layers]
+        outer |= {"final_norm.weight": _vector(final.weight, self.dtype) if final is not None else None,
+                  "final_norm.bias": _vector(final.bias, self.dtype) if final is not None else None,
+                  **self._linear_slots("project_out", dec.project_out, optional=True),
+                  **self._linear_slots("lm_head", model.lm_head)}
+        attn = dec.layers[0].self_attn
+        self._bind(outer, layers, {
+            "eps": eps.pop(), "scaling": float(attn.scaling), "heads": attn.num_heads,
+            "activation": ACTIVATIONS[cfg.activation_function], "pre_norm": int(bool(cfg.do_layer_norm_before)),
+            "has_final_norm": int(final is not None)})
 
-    def _op(self) -> Callable[..., Tensor]:
-        return torch.ops.blip2_kernels.opt_step
+    def _layer(self, layer: nn.Module) -> dict[str, Tensor | None]:
+        if getattr(layer.self_attn, "qkv", None) is None:
+            raise Unsupported("q/k/v not fused (blip2.fast.fuse first)")
+        ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
+        return {"self_attn_norm.weight": _vector(ln1.weight, self.dtype),
+                "self_attn_norm.bias": _vector(ln1.bias, self.dtype),
+                **self._linear_slots("qkv", layer.self_attn.qkv),
+                **self._linear_slots("out_proj", layer.self_attn.out_proj),
+                "ffn_norm.weight": _vector(ln2.weight, self.dtype), "ffn_norm.bias": _vector(ln2.bias, self.dtype),
+                **self._linear_slots("fc1", layer.fc1), **self._linear_slots("fc2", layer.fc2)}
 
     def _covers(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any], input_pos: Tensor) -> bool:
         return x.dim() == 3 and x.shape[1] == 1 and (x.shape[0] == 1 or self.batched) and input_pos.numel() == 1 \
@@ -280,11 +356,6 @@ class NativeOPTStep(_Greedy):
                      input_pos: Tensor) -> tuple[Any, ...]:
         kv = [t for cache in caches for t in (cache.k, cache.v)]
         return x, positions, mask, kv, input_pos
-
-    def __call__(self, *args: Any) -> Tensor:
-        if not self._covers(*args):
-            return self.fallback(*args)
-        return self._op()(*self._native_args(*args), self.weights, self.fparams, self.iparams)
 
 
 def try_native(step_class: type[NativeT5Step] | type[NativeOPTStep], model: Any,

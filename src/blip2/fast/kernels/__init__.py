@@ -12,10 +12,11 @@
   exactly the argmax of the fp32 head's logits, from a bfloat16 screen of the vocabulary
   (``screen_weight``) with a proven error bound and the few candidates it leaves computed by the head's
   own code: half the head's bytes and multiply-adds.
-- ``blip2_kernels::t5_step`` and ``opt_step`` (``steps.cpp``, which includes the other sources): a whole
-  decoding step, the decoder's norms, attention over the cache and products in one call, for one row or
-  (on blocked weights) several (``blip2.fast.native`` hands the weights over); or, for ``greedy_head``, the
-  step up to the head's input.
+- ``blip2_kernels::t5_step`` and ``opt_step`` (``steps.cpp``, which includes the other sources; its pieces
+  in ``decode.cpp``): a whole decoding step, the decoder's norms, attention over the cache and products in
+  one call, for one row or (on blocked weights) several (``blip2.fast.native`` hands the weights over); or,
+  for ``greedy_head``, the step up to the head's input. The steps take their weights and scalars by name
+  (``slots.cpp``; ``blip2_kernels::step_schema(op)`` gives the names).
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
 against the installed torch, with ``-march=native``, about 15 s, and cached in
@@ -54,9 +55,10 @@ __all__ = ["load", "ready", "status", "row_product", "row_product_supports", "bl
 
 log = logging.getLogger("blip2.fast.kernels")
 
-# the translation unit compiled (it includes the other two), and every file the build reads
+# the translation unit compiled (it includes the others), and every file the build reads: all the sources
+# here, so that a change to any of them (or a new one) changes the cached library's name
 _SOURCE = Path(__file__).with_name("steps.cpp")
-_SOURCES = tuple(Path(__file__).with_name(f) for f in ("row_product.cpp", "blocked.cpp", "screen.cpp")) + (_SOURCE,)
+_SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
 _OP = "blip2_kernels::row_product"
 _BLOCKED_OP = "blip2_kernels::blocked_linear"
 _BLOCK = 16  # output columns per block of the blocked layout (blocked.cpp's kBlock)
@@ -126,9 +128,9 @@ def _library_path(compiler: str, flags: set[str]) -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in _SOURCES), torch.__version__.encode(), str(torch.version.git_version).encode(),
-                 compiler.encode(), version.encode(), " ".join(sorted(flags)).encode(),
-                 " ".join(_command("cc", Path("s"), Path("o"))).encode()):
+    sources = (p.name.encode() + b"\0" + p.read_bytes() for p in _SOURCES)
+    for part in (*sources, torch.__version__.encode(), str(torch.version.git_version).encode(), compiler.encode(),
+                 version.encode(), " ".join(sorted(flags)).encode(), " ".join(_command("cc", Path("s"), Path("o"))).encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / "kernels" / f"blip2_kernels-{key.hexdigest()[:20]}.so"

@@ -15,389 +15,55 @@
 // Products accumulate in fp32 (row_product.cpp, blocked.cpp), so results differ from oneDNN's in the order
 // of the sums. Each row is computed alone: a row's result does not depend on the others.
 //
-// The Python side (blip2.fast.native) hands the weights over once as a flat list and checks the model is
-// one these steps cover; each step passes the caches and masks of its generate call.
+// Python (blip2.fast.native) checks the model is one these steps cover and builds the weight list and the
+// scalars once, by name (slots.cpp: the op's schema below, blip2_kernels::step_schema); each call passes
+// them with the names, and the caches and masks of its generate call.
 
 #include "row_product.cpp"
 #include "blocked.cpp"
 #include "screen.cpp"
+#include "decode.cpp"
+#include "slots.cpp"
 
-#include <cmath>
-#include <limits>
+#include <tuple>
 
 namespace {
 
-// A float32 or bfloat16 tensor's elements read (and written) as float.
-struct View {
-  float* f = nullptr;
-  at::BFloat16* h = nullptr;
-  View() = default;
-  explicit View(const at::Tensor& t) {
-    if (!t.defined()) return;
-    TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
-                "decode step: expected a float32 or bfloat16 CPU tensor, got ", t.scalar_type(), " on ", t.device());
-    if (t.scalar_type() == at::kFloat) f = t.data_ptr<float>();
-    else h = t.data_ptr<at::BFloat16>();
-  }
-  bool present() const { return f != nullptr || h != nullptr; }
-  float operator[](int64_t i) const { return f ? f[i] : static_cast<float>(h[i]); }
-  void set(int64_t i, float v) const {
-    if (f) f[i] = v;
-    else h[i] = at::BFloat16(v);
-  }
-};
-
-at::Tensor need(const c10::List<std::optional<at::Tensor>>& list, size_t i, const char* what) {
-  TORCH_CHECK(list.get(i).has_value(), "decode step: weight ", i, " (", what, ") is missing");
-  return *list.get(i);
-}
-
-// A linear layer as three list entries: weight, scale [N] (int8) and bias [N], both optional. The weight
-// is plain [N, K] (float or int8) or blocked (blocked.cpp: float32 [NB, K, 16], bfloat16 [NB, K/2, 16, 2]),
-// whose bias must be there (zeros where the layer has none): it gives the output count.
-struct Linear {
-  at::Tensor w;
-  Vector scale, bias;
-  int64_t n = 0, k = 0;
-  bool present = false;
-  bool blocked = false;
-};
-
-struct Step {
-  bool bf16;  // activations are bfloat16 (else float32)
-  std::vector<uint16_t> xb;
-  std::vector<float> sums_buf, bias_buf;
-
-  explicit Step(bool bf16) : bf16(bf16) {}
-
-  float round(float v) const { return bf16 ? static_cast<float>(at::BFloat16(v)) : v; }
-
-  // y[r, 0:N] = round(x[r] @ W.T * scale + bias) for rows r < R; x [R, K] (already rounded to the
-  // activation dtype) and y [R, N] contiguous
-  void linear(const Linear& l, const float* x, int64_t R, float* y) {
-    if (l.blocked) {  // the bias is added in the kernel (a blocked weight has no scale)
-      const int64_t NB = l.w.size(0), steps = l.w.size(1), ld = NB * blocked::kBlock;
-      const float* bias = blocked::padded_bias(l.bias, l.n, ld, bias_buf);
-      const bool direct = !bf16 && ld == l.n;  // fp32 sums straight into y
-      if (!direct) sums_buf.resize(R * ld);
-      float* into = direct ? y : sums_buf.data();
-      if (l.w.scalar_type() == at::kFloat) {
-        blocked::sums<blocked::F32>(x, R, steps, l.w.data_ptr<float>(), NB, into, bias);
-      } else {
-#if defined(__AVX512BF16__)
-        const int64_t kp = 2 * steps;  // K rounded up to whole pairs, the last one padded with a zero
-        xb.assign(R * kp, 0);
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t i = 0; i < l.k; ++i) xb[r * kp + i] = at::BFloat16(x[r * l.k + i]).x;  // exact: bf16-valued
-        blocked::sums<blocked::BF16>(xb.data(), R, steps, (const uint16_t*)l.w.data_ptr(), NB, into, bias);
-#endif
-      }
-      if (direct) return;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t i = 0; i < l.n; ++i) y[r * l.n + i] = round(sums_buf[r * ld + i]);
-      return;
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const float* xr = x + r * l.k;
-      const uint16_t* x16 = nullptr;
-#if defined(__AVX512BF16__)
-      if (l.w.scalar_type() == at::kBFloat16) {
-        xb.resize(l.k);
-        for (int64_t i = 0; i < l.k; ++i) xb[i] = at::BFloat16(xr[i]).x;  // exact: x is bf16-valued
-        x16 = xb.data();
-      }
-#endif
-      sums(l.w, xr, x16, y + r * l.n);
-      finish(l, y + r * l.n, y + r * l.n);
-    }
-  }
-
-  // scale, bias and one rounding: y[i] = round(sums[i] * scale[i] + bias[i])
-  void finish(const Linear& l, const float* sums, float* y) const {
-    for (int64_t i = 0; i < l.n; ++i) {
-      float v = sums[i];
-      if (l.scale.present()) v *= l.scale[i];
-      if (l.bias.present()) v += l.bias[i];
-      y[i] = round(v);
-    }
-  }
-
-  // T5's RMS norm: mean square in fp32, x * rsqrt(ms + eps) rounded to the dtype, then times the weight
-  void rms_norm(const float* x, const View& w, int64_t d, float eps, float* y) const {
-    float ss = 0.f;
-    for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
-    const float r = 1.f / std::sqrt(ss / d + eps);
-    for (int64_t i = 0; i < d; ++i) y[i] = round(w[i] * round(x[i] * r));
-  }
-
-  // LayerNorm: mean and biased variance in fp32, one rounding after the affine part
-  void layer_norm(const float* x, const View& w, const View& b, int64_t d, float eps, float* y) const {
-    float mean = 0.f;
-    for (int64_t i = 0; i < d; ++i) mean += x[i];
-    mean /= d;
-    float var = 0.f;
-    for (int64_t i = 0; i < d; ++i) var += (x[i] - mean) * (x[i] - mean);
-    const float r = 1.f / std::sqrt(var / d + eps);
-    for (int64_t i = 0; i < d; ++i) {
-      float v = (x[i] - mean) * r;
-      if (w.present()) v *= w[i];
-      if (b.present()) v += b[i];
-      y[i] = round(v);
-    }
-  }
-};
-
-// 16 floats from p (the first `left` of them when fewer): float32 as is, bfloat16 widened exactly
-inline __m512 load16(const float* p, int64_t left) { return _mm512_maskz_loadu_ps(mask16(left), p); }
-inline __m512 load16(const at::BFloat16* p, int64_t left) {
-  return widen_bf16(_mm256_maskz_loadu_epi16(mask16(left), p));
-}
-
-template <class E>
-inline float dot(const float* q, const E* k, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(load16(q + i, n - i), load16(k + i, n - i), acc);
-  return _mm512_reduce_add_ps(acc);
-}
-
-// o[0:n] += w * v[0:n]
-template <class E>
-inline void axpy(float w, const E* v, float* o, int64_t n) {
-  const __m512 wv = _mm512_set1_ps(w);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = mask16(n - i);
-    _mm512_mask_storeu_ps(o + i, m, _mm512_fmadd_ps(wv, load16(v + i, n - i), _mm512_maskz_loadu_ps(m, o + i)));
-  }
-}
-
-// Keys or values of one layer, [R, H, S, Dh] (any strides, the last one 1), of float32 or bfloat16.
-struct Heads {
-  const at::Tensor& t;
-  void* base = nullptr;  // the data pointer, read once (data_ptr() checks the tensor on every call)
-  bool half = false;
-  int64_t sb, sh, ss;
-  Heads(const at::Tensor& t, int64_t rows, const char* what) : t(t) {
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == rows && t.stride(3) == 1 && t.device().is_cpu() &&
-                (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16), "decode step: ", what,
-                " must be float32/bfloat16 CPU [", rows, ", H, S, Dh] with unit last stride, got ", t.scalar_type(),
-                " ", t.sizes(), " strides ", t.strides());
-    sb = t.stride(0), sh = t.stride(1), ss = t.stride(2);
-    base = t.data_ptr();
-    half = t.scalar_type() == at::kBFloat16;
-  }
-  bool bf16() const { return half; }
-  template <class E>
-  E* at(int64_t b, int64_t h, int64_t s) const { return static_cast<E*>(base) + b * sb + h * sh + s * ss; }
-};
-
-// One query per head of row b attends over S keys: out[h, :] = softmax(q . k_j * scale + mask_j) @ v, in
-// fp32. mask(h, j) returns the additive mask (-inf drops the key); keys whose mask is -inf, or the
-// dtype's lowest value, are skipped (their weight is exactly 0) unless every key is.
-template <class E, class Mask>
-void attend_head(const float* qh, const Heads& k, const Heads& v, int64_t b, int64_t h, int64_t dh, int64_t S,
-                 const Mask& mask, float* oh, std::vector<float>& p, const Step& st) {
-  p.resize(S);
-  float best = -std::numeric_limits<float>::infinity();
-  bool any = false;
-  for (int64_t j = 0; j < S; ++j) {
-    const float m = mask(h, j);
-    if (m == -std::numeric_limits<float>::infinity() || m <= -3.3e38f) {
-      p[j] = std::numeric_limits<float>::quiet_NaN();  // marks a skipped key
-      continue;
-    }
-    any = true;
-    p[j] = dot(qh, k.at<E>(b, h, j), dh) + m;
-    best = std::max(best, p[j]);
-  }
-  if (!any) {  // every key masked: softmax over the masked scores, as the reference does
-    for (int64_t j = 0; j < S; ++j) {
-      p[j] = dot(qh, k.at<E>(b, h, j), dh) + mask(h, j);
-      best = std::max(best, p[j]);
-    }
-  }
-  float total = 0.f;
-  for (int64_t j = 0; j < S; ++j) {
-    if (std::isnan(p[j]) && any) { p[j] = 0.f; continue; }
-    p[j] = std::exp(p[j] - best);
-    total += p[j];
-  }
-  for (int64_t d = 0; d < dh; ++d) oh[d] = 0.f;
-  for (int64_t j = 0; j < S; ++j) {
-    if (p[j] != 0.f) axpy(p[j] / total, v.at<E>(b, h, j), oh, dh);
-  }
-  for (int64_t d = 0; d < dh; ++d) oh[d] = st.round(oh[d]);
-}
-
-// Every row's query (q: row r at q + r * q_stride, heads side by side) attends over its own keys and
-// values; out [R, heads * dh]. mask(r, h, j) as in attend_head. Rows and heads are split over threads.
-template <class Mask>
-void attend(const float* q, int64_t q_stride, const Heads& k, const Heads& v, int64_t R, int64_t heads, int64_t dh,
-            int64_t S, const Mask& mask, float* out, const Step& st) {
-  TORCH_CHECK(k.t.scalar_type() == v.t.scalar_type(), "decode step: keys and values of different dtypes");
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S * dh));
-  at::parallel_for(0, R * heads, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / heads, h = i % heads;
-      const auto m = [&](int64_t hh, int64_t j) { return mask(r, hh, j); };
-      const float* qh = q + r * q_stride + h * dh;
-      float* oh = out + r * heads * dh + h * dh;
-      if (k.bf16()) attend_head<at::BFloat16>(qh, k, v, r, h, dh, S, m, oh, p, st);
-      else attend_head<float>(qh, k, v, r, h, dh, S, m, oh, p, st);
-    }
-  });
-}
-
-// the R rows' keys or values (row r at x + r * x_stride, heads side by side) into cache slot pos
-void write_cache(const Heads& c, int64_t R, int64_t pos, const float* x, int64_t x_stride, int64_t heads,
-                 int64_t dh) {
-  TORCH_CHECK(pos >= 0 && pos < c.t.size(2), "decode step: cache slot ", pos, " outside [0, ", c.t.size(2), ")");
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* src = x + r * x_stride + h * dh;
-      if (c.bf16()) {
-        at::BFloat16* dst = c.at<at::BFloat16>(r, h, pos);
-        for (int64_t d = 0; d < dh; ++d) dst[d] = at::BFloat16(src[d]);
-      } else {
-        std::copy(src, src + dh, c.at<float>(r, h, pos));
-      }
-    }
-}
-
-// rows [R, n] of v as a new float32 tensor (the head's input, for blip2_kernels::greedy_head)
-at::Tensor torch_from(const std::vector<float>& v, int64_t R, int64_t n) {
-  at::Tensor t = at::empty({R, n}, at::TensorOptions().dtype(at::kFloat));
-  std::copy(v.begin(), v.begin() + R * n, t.data_ptr<float>());
-  return t;
-}
-
-enum Act : int64_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
-
-inline float activate(float x, int64_t act) {
-  switch (act) {
-    case kRelu: return x > 0.f ? x : 0.f;
-    case kGelu: return 0.5f * x * (1.f + std::erf(x * static_cast<float>(M_SQRT1_2)));
-    case kGeluTanh: {
-      const float kBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5);
-      return 0.5f * x * (1.f + std::tanh(kBeta * (x + 0.044715f * x * x * x)));
-    }
-    default: return x / (1.f + std::exp(-x));
-  }
-}
-
-// torch's vectorized tanh (SLEEF, exported by libtorch_cpu): what F.gelu(approximate="tanh") calls on an
-// AVX-512 CPU
-extern "C" __m512 Sleef_tanhf16_u10(__m512);
-
-// out[0:n] = round(activate(x[0:n])) (out may be x). The tanh GELU 16 at a time as torch's kernel writes it
-// (x^3, the inner product, SLEEF's tanh): a scalar tanh per element costs about 1 ms of a T5-small step at 8 rows.
-inline void activate_row(const float* x, int64_t n, int64_t act, const Step& st, float* out) {
-  int64_t i = 0;
-  if (act == kGeluTanh) {
-    const __m512 beta = _mm512_set1_ps(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5));
-    const __m512 kappa = _mm512_set1_ps(0.044715f), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
-    for (; i < n; i += 16) {
-      const __mmask16 m = mask16(n - i);
-      const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-      const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-      const __m512 inner = _mm512_mul_ps(beta, _mm512_add_ps(v, _mm512_mul_ps(kappa, cube)));
-      _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(half, v),
-                                                      _mm512_add_ps(one, Sleef_tanhf16_u10(inner))));
-    }
-    if (st.bf16)
-      for (int64_t j = 0; j < n; ++j) out[j] = st.round(out[j]);
-    return;
-  }
-  for (; i < n; ++i) out[i] = st.round(activate(x[i], act));
-}
-
-// Reads entries [i, i+3) of the weight list as a linear layer (absent when the weight is None).
-Linear linear_at(const c10::List<std::optional<at::Tensor>>& list, size_t i, int64_t k_expected, bool bf16) {
-  Linear l;
-  if (!list.get(i).has_value()) return l;
-  l.w = *list.get(i);
-  const auto wt = l.w.scalar_type();
-  std::optional<at::Tensor> s = list.get(i + 1), b = list.get(i + 2);
-  TORCH_CHECK(l.w.is_contiguous() && l.w.device().is_cpu(), "decode step: weight ", i, " must be a contiguous CPU tensor");
-  l.blocked = l.w.dim() != 2;
-  if (l.blocked) {
-    const int64_t per = wt == at::kFloat ? 1 : 2;
-    TORCH_CHECK((wt == at::kFloat && l.w.dim() == 3 && l.w.size(2) == blocked::kBlock) ||
-                (wt == at::kBFloat16 && l.w.dim() == 4 && l.w.size(2) == blocked::kBlock && l.w.size(3) == 2),
-                "decode step: weight ", i, " must be [N, K] or blocked (float32 [NB, K, 16], bfloat16 [NB, K/2, 16, 2]), "
-                "got ", wt, " ", l.w.sizes());
-    TORCH_CHECK(wt != at::kBFloat16 || blocked::bf16_dot(), "decode step: blocked bfloat16 weights need AVX-512 BF16");
-    TORCH_CHECK(b.has_value(), "decode step: blocked weight ", i, " needs its bias (zeros where the layer has none)");
-    TORCH_CHECK(!s.has_value(), "decode step: blocked weight ", i, " takes no scale");
-    l.n = b->numel();
-    l.k = l.w.size(1) * per;
-    if (per == 2 && k_expected == l.k - 1) l.k = k_expected;  // an odd K, padded to whole pairs
-    TORCH_CHECK(l.n > (l.w.size(0) - 1) * blocked::kBlock && l.n <= l.w.size(0) * blocked::kBlock, "decode step: ",
-                "blocked weight ", i, " of ", l.w.size(0), " blocks with a bias of ", l.n);
-  } else {
-    TORCH_CHECK(l.w.dim() == 2, "decode step: weight ", i, " must be a contiguous CPU [N, K], got ", l.w.sizes());
-    l.n = l.w.size(0);
-    l.k = l.w.size(1);
-  }
-  TORCH_CHECK(wt == (bf16 ? at::kBFloat16 : at::kFloat) || (wt == at::kChar && !l.blocked), "decode step: weight ", i,
-              " is ", wt, ", expected int8 or the activations' ", (bf16 ? "bfloat16" : "float32"));
-  TORCH_CHECK(k_expected < 0 || l.k == k_expected, "decode step: weight ", i, " takes ", l.k, " inputs, expected ",
-              k_expected);
-  for (const auto* t : {&s, &b})
-    TORCH_CHECK(!t->has_value() || ((*t)->numel() == l.n && (*t)->is_contiguous() && (*t)->device().is_cpu() &&
-                                    ((*t)->scalar_type() == at::kFloat || (*t)->scalar_type() == at::kBFloat16)),
-                "decode step: scale/bias of weight ", i, " must be contiguous float32/bfloat16 CPU [", l.n, "]");
-  TORCH_CHECK(wt != at::kChar || s.has_value(), "decode step: int8 weight ", i, " needs a scale");
-  l.scale = Vector(s);
-  l.bias = Vector(b);
-  l.present = true;
-  return l;
-}
-
-View view_at(const c10::List<std::optional<at::Tensor>>& list, size_t i) {
-  return list.get(i).has_value() ? View(*list.get(i)) : View();
-}
-
-bool is_bf16(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
-              "decode step: activations must be float32 or bfloat16, got ", t.scalar_type());
-  return t.scalar_type() == at::kBFloat16;
-}
-
-// several rows read each weight once only from the blocked layout
-void check_rows(const Linear& l, int64_t R, size_t i) {
-  TORCH_CHECK(R == 1 || !l.present || l.blocked, "decode step: ", R, " rows need blocked weights, weight ", i,
-              " is [N, K]");
-}
-
 // ---- T5 decoder -------------------------------------------------------------------------------------
-// weights: shared [V, D]; per layer (21 entries): self-attention norm, qkv (3), o (3), cross-attention norm,
-// cross q (3), cross o (3), FFN norm, wi (3: [2F, D] gated wi_0 then wi_1, else [F, D]), wo (3);
-// then the final norm and lm_head (3).
 // ids [R, 1]: one token per row; kv: per layer cross k, cross v [R, H, S, Dk], self-attention cache k, v
 // [R, H, L, Dk]; self_mask [1, H, L', L'] float (bias + causal, the same for every row), row `pos` used;
 // cross_mask float, S values per row.
-// fparams: eps, output scale (d_model**-0.5 for tied T5, else 1); iparams: heads, d_kv, activation, gated
-// and optionally hidden: 1 returns the head's input [R, D] (fp32) instead of the logits (greedy_head's x).
-constexpr size_t kT5PerLayer = 21;
+namespace t5 {
+constexpr std::string_view kFirst[] = {"shared"};  // the embedding [V, D]
+// wi: [2F, D] gated (wi_0 then wi_1), else [F, D]
+constexpr std::string_view kLayer[] = {
+    "self_attn_norm.weight", "qkv.weight", "qkv.scale", "qkv.bias", "o.weight", "o.scale", "o.bias",
+    "cross_attn_norm.weight", "cross_q.weight", "cross_q.scale", "cross_q.bias",
+    "cross_o.weight", "cross_o.scale", "cross_o.bias",
+    "ffn_norm.weight", "wi.weight", "wi.scale", "wi.bias", "wo.weight", "wo.scale", "wo.bias"};
+constexpr std::string_view kLast[] = {"final_norm.weight", "lm_head.weight", "lm_head.scale", "lm_head.bias"};
+// out_scale: d_model**-0.5 for tied T5, else 1; activation: an Act (decode.cpp); gated: 0 or 1; want_hidden: 1
+// returns the head's input [R, D] (fp32) instead of the logits (greedy_head's x)
+constexpr std::string_view kParams[] = {"eps", "out_scale", "heads", "d_kv", "activation", "gated", "want_hidden"};
+const Schema kSchema("t5_step", kFirst, kLayer, kLast, kParams);
+}  // namespace t5
 
 at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at::Tensor& self_mask,
-                   const at::Tensor& cross_mask, at::TensorList kv,
-                   const c10::List<std::optional<at::Tensor>>& weights, c10::ArrayRef<double> fparams,
-                   c10::ArrayRef<int64_t> iparams) {
+                   const at::Tensor& cross_mask, at::TensorList kv, const std::vector<std::string>& slots,
+                   const c10::List<std::optional<at::Tensor>>& weights, const std::vector<std::string>& params,
+                   c10::ArrayRef<double> values) {
+  using namespace t5;
+  const Call c(kSchema, slots, weights, params, values);
   TORCH_CHECK(ids.numel() >= 1 && ids.numel() == ids.size(0) && ids.scalar_type() == at::kLong,
               "t5_step: one int64 token id per row ([R] or [R, 1]), got ", ids.sizes());
   TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "t5_step: one int64 cache slot");
-  TORCH_CHECK(fparams.size() == 2 && (iparams.size() == 4 || iparams.size() == 5),
-              "t5_step: fparams [eps, out_scale], iparams [heads, d_kv, act, gated(, hidden)]");
-  TORCH_CHECK(weights.size() >= 5 && (weights.size() - 5) % kT5PerLayer == 0, "t5_step: ", weights.size(),
-              " weights is not 1 + 21 per layer + 4");
-  const int64_t layers = (weights.size() - 5) / kT5PerLayer;
+  const int64_t layers = c.layers;
   TORCH_CHECK((int64_t)kv.size() == 4 * layers, "t5_step: ", kv.size(), " key/value tensors for ", layers, " layers");
-  const float eps = fparams[0], out_scale = fparams[1];
-  const int64_t H = iparams[0], dk = iparams[1], act = iparams[2];
-  const bool gated = iparams[3] != 0, hidden = iparams.size() == 5 && iparams[4] != 0;
-  const at::Tensor shared = need(weights, 0, "shared");
+  const float eps = c.scalar(slot(kParams, "eps")), out_scale = c.scalar(slot(kParams, "out_scale"));
+  const int64_t H = c.integer(slot(kParams, "heads")), dk = c.integer(slot(kParams, "d_kv"));
+  const int64_t act = c.integer(slot(kParams, "activation"));
+  const bool gated = c.integer(slot(kParams, "gated")) != 0, hidden = c.integer(slot(kParams, "want_hidden")) != 0;
+  const at::Tensor shared = c.tensor(slot(kFirst, "shared"));
   const bool bf16 = is_bf16(shared);
   const int64_t R = ids.size(0), D = shared.size(1), inner = H * dk;
   const at::Tensor idc = ids.contiguous();
@@ -426,15 +92,15 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
   };
 
   for (int64_t l = 0; l < layers; ++l) {
-    const size_t w0 = 1 + l * kT5PerLayer;
-    const Linear qkv = linear_at(weights, w0 + 1, D, bf16), o = linear_at(weights, w0 + 4, inner, bf16);
-    const Linear cq = linear_at(weights, w0 + 8, D, bf16), co = linear_at(weights, w0 + 11, inner, bf16);
-    const Linear wi = linear_at(weights, w0 + 15, D, bf16), wo = linear_at(weights, w0 + 18, -1, bf16);
+    const size_t w0 = c.layer(l);
+    const Linear qkv = c.linear(w0 + linear_slot(kLayer, "qkv"), D, bf16, R);
+    const Linear o = c.linear(w0 + linear_slot(kLayer, "o"), inner, bf16, R);
+    const Linear cq = c.linear(w0 + linear_slot(kLayer, "cross_q"), D, bf16, R);
+    const Linear co = c.linear(w0 + linear_slot(kLayer, "cross_o"), inner, bf16, R);
+    const Linear wi = c.linear(w0 + linear_slot(kLayer, "wi"), D, bf16, R);
+    const Linear wo = c.linear(w0 + linear_slot(kLayer, "wo"), -1, bf16, R);
     TORCH_CHECK(qkv.n == 3 * inner && cq.n == inner && o.n == D && co.n == D && wo.n == D &&
                 wi.n == (gated ? 2 : 1) * wo.k, "t5_step: layer ", l, ": projection shapes do not fit");
-    for (const auto& [lin, idx] : {std::pair{&qkv, w0 + 1}, {&o, w0 + 4}, {&cq, w0 + 8}, {&co, w0 + 11},
-                                  {&wi, w0 + 15}, {&wo, w0 + 18}})
-      check_rows(*lin, R, idx);
     const Heads ck(kv[4 * l], R, "cross keys"), cv(kv[4 * l + 1], R, "cross values");
     const Heads sk(kv[4 * l + 2], R, "cached keys"), sv(kv[4 * l + 3], R, "cached values");
     const int64_t S = ck.t.size(2);
@@ -443,7 +109,7 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
                 sv.t.sizes() == sk.t.sizes(), "t5_step: layer ", l, ": cache or cross key/value shapes do not fit");
 
     // self-attention
-    norm(view_at(weights, w0));
+    norm(c.view(w0 + slot(kLayer, "self_attn_norm.weight")));
     big.resize(R * 3 * inner);
     st.linear(qkv, h.data(), R, big.data());
     write_cache(sk, R, pos, big.data() + inner, 3 * inner, H, dk);
@@ -454,7 +120,7 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     residual();
 
     // cross-attention
-    norm(view_at(weights, w0 + 7));
+    norm(c.view(w0 + slot(kLayer, "cross_attn_norm.weight")));
     big.resize(R * inner);
     st.linear(cq, h.data(), R, big.data());
     attend(big.data(), inner, ck, cv, R, H, dk, S, [&](int64_t r, int64_t, int64_t j) { return cmask[r * S + j]; },
@@ -463,7 +129,7 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     residual();
 
     // feed-forward
-    norm(view_at(weights, w0 + 14));
+    norm(c.view(w0 + slot(kLayer, "ffn_norm.weight")));
     big.resize(R * wi.n);
     st.linear(wi, h.data(), R, big.data());
     const int64_t F = wo.k;
@@ -478,49 +144,59 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     residual();
   }
 
-  const size_t tail = 1 + layers * kT5PerLayer;
-  norm(view_at(weights, tail));
+  const size_t tail = c.last();
+  norm(c.view(tail + slot(kLast, "final_norm.weight")));
   if (out_scale != 1.f)
     for (int64_t i = 0; i < R * D; ++i) h[i] = st.round(h[i] * out_scale);
   if (hidden) return torch_from(h, R, D);
-  const Linear head = linear_at(weights, tail + 1, D, bf16);
-  check_rows(head, R, tail + 1);
+  const Linear head = c.linear(tail + linear_slot(kLast, "lm_head"), D, bf16, R);
   at::Tensor logits = at::empty({R, head.n}, shared.options().dtype(at::kFloat));
   st.linear(head, h.data(), R, logits.data_ptr<float>());
   return logits;
 }
 
 // ---- OPT decoder ------------------------------------------------------------------------------------
-// weights: position table [P, D]; project_in (3, may be None); per layer (16 entries): attention norm
-// (weight, bias), qkv (3), out (3), FFN norm (weight, bias), fc1 (3), fc2 (3); final norm (weight, bias;
-// None without an affine part); project_out (3, may be None); lm_head (3).
 // x: the rows' token embeddings [R, 1, E]; position [R, 1]: their position ids; key_valid [R, S] bool
 // (any shape of R * S); kv: per layer cache k, v [R, H, S, Dh]; input_pos: the cache slot.
-// fparams: eps, query scaling; iparams: heads, activation, pre-norm, final norm and optionally hidden: 1
-// returns the head's input [R, K] (fp32) instead of the logits (greedy_head's x).
-constexpr size_t kOptPerLayer = 16;
+namespace opt {
+// the position table [P, D]; project_in absent (None) where the embedding has the hidden size
+constexpr std::string_view kFirst[] = {"embed_positions", "project_in.weight", "project_in.scale", "project_in.bias"};
+constexpr std::string_view kLayer[] = {
+    "self_attn_norm.weight", "self_attn_norm.bias", "qkv.weight", "qkv.scale", "qkv.bias",
+    "out_proj.weight", "out_proj.scale", "out_proj.bias", "ffn_norm.weight", "ffn_norm.bias",
+    "fc1.weight", "fc1.scale", "fc1.bias", "fc2.weight", "fc2.scale", "fc2.bias"};
+// the final norm's weight and bias None where it has no affine part; project_out None where absent
+constexpr std::string_view kLast[] = {"final_norm.weight", "final_norm.bias", "project_out.weight",
+                                      "project_out.scale", "project_out.bias", "lm_head.weight", "lm_head.scale",
+                                      "lm_head.bias"};
+// scaling: the query's; activation: an Act (decode.cpp); pre_norm, has_final_norm: 0 or 1; want_hidden: 1
+// returns the head's input [R, K] (fp32) instead of the logits (greedy_head's x)
+constexpr std::string_view kParams[] = {"eps", "scaling", "heads", "activation", "pre_norm", "has_final_norm",
+                                        "want_hidden"};
+const Schema kSchema("opt_step", kFirst, kLayer, kLast, kParams);
+}  // namespace opt
 
 at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at::Tensor& key_valid,
-                    at::TensorList kv, const at::Tensor& input_pos,
-                    const c10::List<std::optional<at::Tensor>>& weights, c10::ArrayRef<double> fparams,
-                    c10::ArrayRef<int64_t> iparams) {
+                    at::TensorList kv, const at::Tensor& input_pos, const std::vector<std::string>& slots,
+                    const c10::List<std::optional<at::Tensor>>& weights, const std::vector<std::string>& params,
+                    c10::ArrayRef<double> values) {
+  using namespace opt;
+  const Call c(kSchema, slots, weights, params, values);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1 && x_in.size(0) >= 1, "opt_step: x must be [R, 1, E], got ",
               x_in.sizes());
   const int64_t R = x_in.size(0), E = x_in.size(2);
   TORCH_CHECK(position.numel() == R && position.scalar_type() == at::kLong, "opt_step: one int64 position per row");
   TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "opt_step: one int64 cache slot");
   TORCH_CHECK(key_valid.scalar_type() == at::kBool, "opt_step: key_valid must be bool");
-  TORCH_CHECK(fparams.size() == 2 && (iparams.size() == 4 || iparams.size() == 5),
-              "opt_step: fparams [eps, scaling], iparams [heads, act, pre_norm, final_norm(, hidden)]");
-  TORCH_CHECK(weights.size() >= 12 && (weights.size() - 12) % kOptPerLayer == 0, "opt_step: ", weights.size(),
-              " weights is not 4 + 16 per layer + 8");
-  const int64_t layers = (weights.size() - 12) / kOptPerLayer;
+  const int64_t layers = c.layers;
   TORCH_CHECK((int64_t)kv.size() == 2 * layers, "opt_step: ", kv.size(), " cache tensors for ", layers, " layers");
-  const float eps = fparams[0], scaling = fparams[1];
-  const int64_t H = iparams[0], act = iparams[1];
-  const bool pre_norm = iparams[2] != 0, final_norm = iparams[3] != 0, hidden = iparams.size() == 5 && iparams[4] != 0;
+  const float eps = c.scalar(slot(kParams, "eps")), scaling = c.scalar(slot(kParams, "scaling"));
+  const int64_t H = c.integer(slot(kParams, "heads")), act = c.integer(slot(kParams, "activation"));
+  const bool pre_norm = c.integer(slot(kParams, "pre_norm")) != 0;
+  const bool final_norm = c.integer(slot(kParams, "has_final_norm")) != 0;
+  const bool hidden = c.integer(slot(kParams, "want_hidden")) != 0;
   const bool bf16 = is_bf16(x_in);
-  const at::Tensor table = need(weights, 0, "embed_positions");
+  const at::Tensor table = c.tensor(slot(kFirst, "embed_positions"));
   const int64_t D = table.size(1), dh = D / H, pos = input_pos.data_ptr<int64_t>()[0];
   const at::Tensor pc = position.contiguous();
   std::vector<int64_t> where(R);
@@ -537,8 +213,7 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
   std::vector<float> x(R * D), h(R * std::max(D, E)), big, attn(R * D);
   const at::Tensor xc = x_in.contiguous();
   const View xv(xc), pv(table);
-  const Linear pin = linear_at(weights, 1, E, bf16);
-  check_rows(pin, R, 1);
+  const Linear pin = c.linear(linear_slot(kFirst, "project_in"), E, bf16, R);
   if (pin.present) {
     std::vector<float> e(R * E);
     for (int64_t i = 0; i < R * E; ++i) e[i] = xv[i];
@@ -558,15 +233,16 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
   const float inf = std::numeric_limits<float>::infinity();
 
   for (int64_t l = 0; l < layers; ++l) {
-    const size_t w0 = 4 + l * kOptPerLayer;
-    const View ln1w = view_at(weights, w0), ln1b = view_at(weights, w0 + 1);
-    const View ln2w = view_at(weights, w0 + 8), ln2b = view_at(weights, w0 + 9);
-    const Linear qkv = linear_at(weights, w0 + 2, D, bf16), out = linear_at(weights, w0 + 5, D, bf16);
-    const Linear fc1 = linear_at(weights, w0 + 10, D, bf16), fc2 = linear_at(weights, w0 + 13, -1, bf16);
+    const size_t w0 = c.layer(l);
+    const View ln1w = c.view(w0 + slot(kLayer, "self_attn_norm.weight"));
+    const View ln1b = c.view(w0 + slot(kLayer, "self_attn_norm.bias"));
+    const View ln2w = c.view(w0 + slot(kLayer, "ffn_norm.weight")), ln2b = c.view(w0 + slot(kLayer, "ffn_norm.bias"));
+    const Linear qkv = c.linear(w0 + linear_slot(kLayer, "qkv"), D, bf16, R);
+    const Linear out = c.linear(w0 + linear_slot(kLayer, "out_proj"), D, bf16, R);
+    const Linear fc1 = c.linear(w0 + linear_slot(kLayer, "fc1"), D, bf16, R);
+    const Linear fc2 = c.linear(w0 + linear_slot(kLayer, "fc2"), -1, bf16, R);
     TORCH_CHECK(qkv.n == 3 * D && out.n == D && fc2.n == D && fc1.n == fc2.k, "opt_step: layer ", l,
                 ": projection shapes do not fit");
-    for (const auto& [lin, idx] : {std::pair{&qkv, w0 + 2}, {&out, w0 + 5}, {&fc1, w0 + 10}, {&fc2, w0 + 13}})
-      check_rows(*lin, R, idx);
     const Heads ck(kv[2 * l], R, "cached keys"), cv(kv[2 * l + 1], R, "cached values");
     TORCH_CHECK(ck.t.size(1) == H && ck.t.size(3) == dh && ck.t.size(2) == S && cv.t.sizes() == ck.t.sizes(),
                 "opt_step: layer ", l, ": cache of ", ck.t.sizes(), " for ", S, " keys");
@@ -601,13 +277,12 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     }
   }
 
-  const size_t tail = 4 + layers * kOptPerLayer;
-  const View fw = view_at(weights, tail), fb = view_at(weights, tail + 1);
+  const size_t tail = c.last();
+  const View fw = c.view(tail + slot(kLast, "final_norm.weight")), fb = c.view(tail + slot(kLast, "final_norm.bias"));
   std::vector<float> y(R * D);
   if (final_norm) norm(fw, fb, y.data());
   else std::copy(x.begin(), x.end(), y.begin());
-  const Linear pout = linear_at(weights, tail + 2, D, bf16);
-  check_rows(pout, R, tail + 2);
+  const Linear pout = c.linear(tail + linear_slot(kLast, "project_out"), D, bf16, R);
   std::vector<float> e;
   const float* last = y.data();
   if (pout.present) {
@@ -616,22 +291,30 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     last = e.data();
   }
   if (hidden) return torch_from(pout.present ? e : y, R, pout.present ? pout.n : D);
-  const Linear head = linear_at(weights, tail + 5, pout.present ? pout.n : D, bf16);
+  const Linear head = c.linear(tail + linear_slot(kLast, "lm_head"), pout.present ? pout.n : D, bf16, R);
   TORCH_CHECK(head.present, "opt_step: lm_head is missing");
-  check_rows(head, R, tail + 5);
   at::Tensor logits = at::empty({R, head.n}, x_in.options().dtype(at::kFloat));
   st.linear(head, last, R, logits.data_ptr<float>());
   return logits;
+}
+
+// The names a step op reads its weights and scalars by: (the slots in list order, a layer's once as
+// "layers.<name>"; the scalars). Python builds its lists from them (blip2.fast.native).
+std::tuple<std::vector<std::string>, std::vector<std::string>> step_schema(const std::string& op) {
+  const Schema* schema = op == t5::kSchema.op ? &t5::kSchema : op == opt::kSchema.op ? &opt::kSchema : nullptr;
+  TORCH_CHECK(schema != nullptr, "step_schema: no step op '", op, "' (t5_step, opt_step)");
+  return {schema->slots, schema->params};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(blip2_kernels, m) {
   python_module(m, 0);
-  m.def("t5_step(Tensor ids, Tensor input_pos, Tensor self_mask, Tensor cross_mask, Tensor[] kv, Tensor?[] weights, "
-        "float[] fparams, int[] iparams) -> Tensor");
-  m.def("opt_step(Tensor x, Tensor position, Tensor key_valid, Tensor[] kv, Tensor input_pos, Tensor?[] weights, "
-        "float[] fparams, int[] iparams) -> Tensor");
+  m.def("step_schema(str op) -> (str[], str[])", &step_schema);
+  m.def("t5_step(Tensor ids, Tensor input_pos, Tensor self_mask, Tensor cross_mask, Tensor[] kv, str[] slots, "
+        "Tensor?[] weights, str[] params, float[] values) -> Tensor");
+  m.def("opt_step(Tensor x, Tensor position, Tensor key_valid, Tensor[] kv, Tensor input_pos, str[] slots, "
+        "Tensor?[] weights, str[] params, float[] values) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(blip2_kernels, CPU, m) {
