@@ -254,7 +254,7 @@ def test_every_command_spells_dtype_and_fast_alike(command, capsys):
     usage = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
     assert "--dtype {auto,float32,bfloat16,float16,fp32,bf16,fp16}" in usage
     if command in ("caption", "ask", "chat", "serve", "bench"):
-        assert "--fast {none,fuse,int8,int8-dynamic,native,cuda-graph}" in usage
+        assert "--fast {none,auto,fuse,int8,int8-dynamic,native,cuda-graph}" in usage
 
 
 def test_eval_is_handed_its_arguments(capsys):

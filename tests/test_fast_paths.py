@@ -12,8 +12,9 @@ import torch
 from blip2 import Blip2ForConditionalGeneration
 from blip2.apps.bench import module_bytes
 from blip2.fast.linear import FusedLinear, decode_format, default_format, fused_format
-from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
 from blip2 import fast
+from blip2.fast.native import check as native_check
+from conftest import IMAGE_TOKEN, NUM_QUERY, pixel_batch, prompts_with_images
 
 OPT_PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 21], [2, 31, 32, 33]]  # BOS + text, left-padded in a batch
 T5_PROMPTS = [[11, 12, 13, 14, 15, 1], [21, 1], [31, 32, 33, 1]]  # text + </s>, right-padded
@@ -54,6 +55,39 @@ def test_fused_tokens_equal_plain(case, fused, num_beams):
     assert got.tolist() == want.tolist()
     prefix = ids.shape[1] if text == "opt" else 1  # T5 returns the decoder start token first
     assert want.shape[1] - prefix >= 5  # not a trivially short output
+
+
+def test_auto_picks_the_fastest_exact_mode_and_keeps_the_tokens(case):
+    """apply(model, "auto"): native where the kernels run, else fuse (CPU); the plain path's tokens."""
+    text, d, plain = case
+    model = fast.apply(Blip2ForConditionalGeneration.from_pretrained(d), "auto")
+    try:
+        native_check(model.language_model.get_input_embeddings().weight)
+        want_native = True
+    except fast.Unsupported:
+        want_native = False
+    assert (type(model.language_model.decode_step).__name__.startswith("Native")) == want_native
+    assert fused_format(model.language_model) is not None and fused_format(model.vision_model) is not None
+    pixels = pixel_batch(2, seed=3)
+    ids, mask = inputs(text)
+    ids, mask = ids[:2], mask[:2]
+    assert model.generate(pixels, ids, mask, max_new_tokens=6).tolist() == \
+        plain.generate(pixels, ids, mask, max_new_tokens=6).tolist()
+
+
+def test_apply_refuses_before_changing_anything(case, tiny_retrieval_dir):
+    from blip2 import Blip2ForImageTextRetrieval
+
+    _, d, _ = case
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    with pytest.raises(fast.Unsupported, match="CUDA graphs need a CUDA device"):
+        fast.apply(model, "cuda-graph")
+    assert fused_format(model) is None  # nothing was fused on the way to the refusal
+    with pytest.raises(ValueError, match="fast mode 'turbo': expected one of none, auto, fuse"):
+        fast.apply(model, "turbo")
+    with pytest.raises(fast.Unsupported, match="Blip2ForImageTextRetrieval has no language model"):
+        fast.apply(Blip2ForImageTextRetrieval.from_pretrained(tiny_retrieval_dir), "fuse")
+    assert fast.apply(model, "none") is model and fused_format(model) is None
 
 
 def test_fused_forward_logits_match_plain(case, fused):

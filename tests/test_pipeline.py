@@ -109,7 +109,7 @@ def test_options_devices_and_dtypes_are_checked():
     with pytest.raises(PipelineError, match="^dtype='int8': expected one of auto, float32, bfloat16, float16, "
                                             "fp32, bf16, fp16$"):
         resolve_dtype("int8", torch.device("cpu"))
-    with pytest.raises(PipelineError, match="^fast='turbo': expected one of none, fuse, int8"):
+    with pytest.raises(PipelineError, match="^fast='turbo': expected one of none, auto, fuse, int8"):
         Pipeline.load(fast="turbo")
     if not torch.cuda.is_available():
         with pytest.raises(PipelineError, match="CUDA is not available"):
