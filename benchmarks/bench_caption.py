@@ -22,6 +22,7 @@ import torch
 
 from common import Table, checkpoint, load_hf, load_ours, machine, threads
 from blip2 import Blip2Config
+from blip2.fast import Unsupported
 from blip2.apps.bench import (copy_bandwidth, decode_bytes_per_token, decode_inputs, floor_seconds, interleave,
                          matmul_rate, product_flops)
 
@@ -68,11 +69,18 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
                   ["LM", "images", "dtype", "implementation", "s / batch", "images/s", "tokens/s", "x transformers",
                    "% of fp32 floor", "tokens"])
     rate, bandwidth = matmul_rate(device=device), copy_bandwidth(device=device)  # measured in every round
+    skipped: dict[str, str] = {}
     for preset in presets:
         d = checkpoint(preset)
-        models = {v: load_hf(d, v.dtype, device) if v.fast is None else
-                  load_ours(d, v.dtype, device, v.fast, v.compile, batch=max(v.batches))
-                  for v in variants if set(v.batches) & set(batches)}
+        models = {}
+        for v in variants:
+            if not set(v.batches) & set(batches):
+                continue
+            try:
+                models[v] = load_hf(d, v.dtype, device) if v.fast is None else \
+                    load_ours(d, v.dtype, device, v.fast, v.compile, batch=max(v.batches))
+            except Unsupported as e:  # a speed-up this machine cannot run: said in the notes, not measured
+                skipped.setdefault(f"{v.name} ({v.dtype})", str(e))
         reference = {v.dtype: v for v in models if v.fast is None}
         config = Blip2Config.from_pretrained(d)
         plain = next((m for v, m in models.items() if (v.fast, v.dtype) == ("plain", "fp32")), None)
@@ -116,6 +124,7 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
                     f"fp32 products at best {max(rates) / 1e9:.0f} GFLOP/s, copies at best {max(bws) / 1e9:.1f} "
                     f"GB/s in these rounds: floor {floor:.2f} s.")
         del models
+    table.notes += [f"Not measured on this machine: {name}: {why}." for name, why in skipped.items()]
     table.notes += [
         f"{machine()}. Median of {repeats} interleaved rounds; x transformers is the median of the per-round "
         f"ratios to transformers in the same dtype; % of fp32 floor: the floor (each preset's note) / the median "
