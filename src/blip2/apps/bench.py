@@ -155,12 +155,13 @@ def floor_seconds(flops: dict[str, int], new_tokens: int, step_bytes: int, rate:
     return first + steps * max(per_step, step_bytes / bandwidth)
 
 
-def matmul_rate(n: int = 1536, device: torch.device | str = "cpu", tries: int = 3) -> Callable[[], float]:
-    """A function that multiplies two ``n`` x ``n`` fp32 matrices ``tries`` times and returns the best rate,
+def matmul_rate(n: int = 1536, device: torch.device | str = "cpu", tries: int = 3,
+                dtype: torch.dtype = torch.float32) -> Callable[[], float]:
+    """A function that multiplies two ``n`` x ``n`` ``dtype`` matrices ``tries`` times and returns the best rate,
     floating-point operations per second: what this device's matrix products reach at best, measured next to
     what it bounds (the best, as ``copy_bandwidth``: a product that lost its core says nothing of the core)."""
     dev = torch.device(device)
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
 
     def measure() -> float:
         best = float("inf")

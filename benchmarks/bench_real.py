@@ -1,0 +1,208 @@
+"""Real-size captioning against transformers: the published BLIP-2 architectures, random weights.
+
+    python benchmarks/bench_real.py [--presets blip2-opt-2.7b blip2-flan-t5-xl] [--batches 1 8] [--dtype bf16]
+
+The checkpoints are written once, without any download: the published config (tests/data), random weights
+(normal, std 0.02; norms 1, biases 0) written straight to sharded safetensors in the stored dtype, the way a
+Hub checkpoint is laid out. Each implementation runs in a process of its own (the peak memory is the
+process's), transformers and ours alternately, for every batch:
+
+- load: ``from_pretrained`` to a model ready to generate (ours with the speed-up ``--fast``, default auto);
+- first: the first ``generate`` call (12 new greedy tokens, no prompt: the image tokens and BOS / ``</s>``);
+- next: the median of the following calls; time to first caption = load + first;
+- peak RSS: the process's high-water mark (VmHWM), against the checkpoint's bytes;
+- % of floor: the fewest seconds a call can take (``blip2.apps.bench.floor_seconds``: every product's FLOPs at
+  the best rate of a 1536^3 product in the run's dtype, each decoding step no faster than its weights' bytes at
+  the best copy bandwidth) / next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import BENCHMARKS, CACHE, DTYPES, Table, machine, write_results
+from blip2 import Blip2Config
+from blip2.apps.bench import copy_bandwidth, decode_inputs, floor_seconds, matmul_rate, product_flops
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")
+NEW_TOKENS = 12
+SHARD_BYTES = 2 * 2**30
+START, END = "<!-- bench-real:start -->", "<!-- bench-real:end -->"
+
+
+def checkpoint(preset: str, dtype: str) -> str:
+    """A directory with ``preset``'s published config and random ``dtype`` weights, written on first use."""
+    d = os.path.join(CACHE, f"{preset}-{dtype}")
+    if os.path.exists(os.path.join(d, "model.safetensors.index.json")):
+        return d
+    from safetensors.torch import save_file
+
+    from blip2 import Blip2ForConditionalGeneration
+
+    config = Blip2Config.from_json_file(os.path.join(CONFIGS, f"{preset}-config.json"))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Blip2ForConditionalGeneration(config).state_dict().items()}
+    os.makedirs(d, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, os.path.join(d, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    for key, shape in shapes.items():
+        if key.endswith("lm_head.weight") and config.text_config.tie_word_embeddings:
+            continue  # tied: written once, as the embedding
+        if key.endswith("bias") or "position_ids" in key:
+            t = torch.zeros(shape)
+        elif any(n in key for n in ("norm.weight", "layernorm.weight", "LayerNorm.weight", "layer_norm.weight")):
+            t = torch.ones(shape)
+        else:
+            t = torch.randn(shape, generator=g) * 0.02
+        shard[key] = t.to(DTYPES[dtype])
+        size += shard[key].numel() * shard[key].element_size()
+        if size >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    config.save_pretrained(d)
+    return d
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> dict:
+    """One implementation in this process: load, first call, ``calls - 1`` more; timings and peak memory."""
+    config = Blip2Config.from_pretrained(d)
+    pixels, ids, mask = decode_inputs(config, batch)
+    t = time.perf_counter()
+    if impl == "transformers":
+        from transformers import Blip2ForConditionalGeneration as HF
+
+        model = HF.from_pretrained(d, dtype=DTYPES[dtype]).eval()
+        pixels = pixels.to(DTYPES[dtype])
+
+        def call() -> torch.Tensor:
+            return model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, do_sample=False,
+                                  max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    else:
+        from blip2 import Blip2ForConditionalGeneration, fast as speedups
+
+        model = speedups.apply(Blip2ForConditionalGeneration.from_pretrained(d, dtype=DTYPES[dtype]), fast)
+
+        def call() -> torch.Tensor:
+            return model.generate(pixels, ids, mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    load = time.perf_counter() - t
+    times = []
+    with torch.no_grad():
+        for _ in range(calls):
+            t = time.perf_counter()
+            out = call()
+            times.append(time.perf_counter() - t)
+    return {"load": load, "first": times[0], "next": sorted(times[1:])[len(times[1:]) // 2] if calls > 1 else None,
+            "peak_rss": _peak_rss(), "tokens": out[:, -NEW_TOKENS:].tolist()}
+
+
+def _run_worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--dir", d, "--batches", str(batch), "--dtype", dtype,
+           "--fast", fast, "--calls", str(calls), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{impl} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _weights_bytes(d: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: int, threads: int) -> Table:
+    torch.set_num_threads(threads)
+    table = Table(f"Real size: captioning, {NEW_TOKENS} new tokens, greedy, {dtype} (cpu, {threads} thread(s))",
+                  ["model", "images", "implementation", "load s", "first call s", "next call s",
+                   "time to first caption s", "x transformers (first caption)", "x transformers (next)",
+                   "peak RSS / weights", "% of floor", "tokens"])
+    rate = matmul_rate(dtype=DTYPES[dtype])
+    bandwidth = copy_bandwidth()
+    for preset in presets:
+        d = checkpoint(preset, dtype)
+        weights = _weights_bytes(d)
+        config = Blip2Config.from_pretrained(d)
+        for batch in batches:
+            hf = _run_worker("transformers", d, batch, dtype, fast, calls, threads)
+            ours = _run_worker("ours", d, batch, dtype, fast, calls, threads)
+            ids = decode_inputs(config, batch)[1]
+            flops = product_flops(config, ids.shape[1], NEW_TOKENS, batch)
+            step_bytes = _decode_weight_bytes(config, dtype)
+            floor = floor_seconds(flops, NEW_TOKENS, step_bytes, rate(), bandwidth())
+            for name, r in (("transformers", hf), (f"ours (fast={fast})", ours)):
+                ttfc = r["load"] + r["first"]
+                table.add(preset, batch, name, f"{r['load']:.1f}", f"{r['first']:.1f}",
+                          f"{r['next']:.1f}" if r["next"] else "-", f"{ttfc:.1f}",
+                          f"{(hf['load'] + hf['first']) / ttfc:.2f}",
+                          f"{hf['next'] / r['next']:.2f}" if r["next"] else "-",
+                          f"{r['peak_rss'] / weights:.2f}", f"{100 * floor / r['next']:.0f}%" if r["next"] else "-",
+                          "-" if r is hf else ("equal" if r["tokens"] == hf["tokens"] else "differ"))
+    table.notes += [
+        f"{machine()}. Random weights of the published architectures (tests/data configs), written to sharded "
+        f"safetensors in {dtype}; each implementation in a process of its own, one after the other; "
+        f"{calls} calls each. Peak RSS is the process's high-water mark over the checkpoint's bytes.",
+        f"- % of floor: the fewest seconds a call can take at the best {dtype} 1536^3 product rate and the best "
+        f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time.",
+        f"- ours (fast={fast}): blip2.fast.apply(model, {fast!r}) after from_pretrained; auto is native where the "
+        f"kernels build (AVX-512), else fuse.",
+    ]
+    return table
+
+
+def _decode_weight_bytes(config: Blip2Config, dtype: str) -> int:
+    """Bytes of language-model weights a decoding step reads (decoder layers and head), from the config."""
+    from blip2 import Blip2ForConditionalGeneration
+    from blip2.apps.bench import decode_bytes_per_token
+
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config).to(DTYPES[dtype])
+    return decode_bytes_per_token(model)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["blip2-opt-2.7b", "blip2-flan-t5-xl"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--fast", default="auto")
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--docs", action="store_true", help=f"write the table into {os.path.relpath(BENCHMARKS)}")
+    p.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(worker(args.worker, args.dir, args.batches[0], args.dtype, args.fast, args.calls)))
+        return
+    table = run(args.presets, args.batches, args.dtype, args.fast, args.calls, args.threads)
+    print(table.markdown())
+    if args.docs:
+        write_results(table.markdown(), START, END)
+
+
+if __name__ == "__main__":
+    main()
