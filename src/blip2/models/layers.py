@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "KVCache", "activation", "attention", "record_attention_weights"]
+__all__ = ["ACTIVATIONS", "KVCache", "activation", "attention", "device_of", "record_attention_weights"]
 
 
 def _quick_gelu(x: Tensor) -> Tensor:
@@ -115,6 +115,11 @@ def _with_weights(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
     return torch.matmul(weights, v)
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its first parameter or buffer): a layer's KV cache is made there."""
+    return next(iter((*module.parameters(), *module.buffers()))).device
+
+
 class KVCache:
     """Keys and values of one attention layer for ``length`` positions, allocated once: [N, H, L, Dh] each.
 
@@ -135,5 +140,6 @@ class KVCache:
     def reorder(self, index: Tensor, length: int | None = None) -> None:
         """Keep rows ``index`` [N] (beam search); only the first ``length`` slots (all: None) hold anything."""
         n = self.k.shape[2] if length is None else length
+        index = index.to(self.k.device)  # a model split over GPUs keeps each layer's cache on its device
         self.k[:, :, :n] = self.k[index, :, :n]
         self.v[:, :, :n] = self.v[index, :, :n]

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from blip2.config import T5Config
 from blip2.generation import greedy_step
-from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention
+from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention, device_of
 
 __all__ = ["T5Decoding", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
            "shift_right"]
@@ -412,7 +412,8 @@ class T5Decoding:
         pos = torch.arange(-(-self.length // 8) * 8, device=device)
         causal = (pos[None, :] <= pos[:, None])[None, None]
         self.self_mask = _float_mask(causal, dec.position_bias(pos, pos), dec.attn_dtype)  # [1, H, L, L]
-        self.caches = [KVCache(N, cfg.num_heads, len(pos), cfg.d_kv, dec.attn_dtype, device) for _ in dec.block]
+        self.caches = [KVCache(N, cfg.num_heads, len(pos), cfg.d_kv, dec.attn_dtype, device_of(block))
+                       for block in dec.block]
 
     def _run(self, ids: Tensor, step: Callable[..., Tensor]) -> Tensor:
         # ids [N, T] -> logits [N, V] of the last position
@@ -444,5 +445,6 @@ class T5Decoding:
         """Keep rows ``index`` (beam search): self-attention caches, cross K/V and encoder mask."""
         for cache in self.caches:
             cache.reorder(index)
-        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+        self.cross_kv = [(k.index_select(0, index.to(k.device)), v.index_select(0, index.to(k.device)))
+                         for k, v in self.cross_kv]
         self.cross_mask = self.cross_mask.index_select(0, index)
