@@ -22,6 +22,7 @@ from torch import nn
 from blip2.config import Blip2Config
 from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, resolve_dir
 from blip2.loading import LoadOptions, check_flash_attention, config_dtype
+from blip2.model_utils import ModelUtilitiesMixin
 from blip2.placement import device_for_key, dispatch, plan_layers, resolve_device_map
 from blip2.quantized import QuantizationError, check_available, parse_quantization_config, quantize_language_model
 
@@ -339,8 +340,9 @@ def atomic_write(path: str) -> Iterator[str]:
 M = TypeVar("M", bound="PretrainedMixin")
 
 
-class PretrainedMixin:
-    """``from_pretrained`` / ``save_pretrained`` for our ``nn.Module`` classes.
+class PretrainedMixin(ModelUtilitiesMixin):
+    """``from_pretrained`` / ``save_pretrained`` (and transformers' other model utilities, ``ModelUtilitiesMixin``)
+    for our ``nn.Module`` classes.
 
     Subclasses set ``config_class`` and may set ``_keep_in_fp32_modules`` (module paths kept in
     fp32 when a lower precision is asked for) or override ``keeps_fp32``.
@@ -348,6 +350,19 @@ class PretrainedMixin:
 
     config_class: Any = None
     _keep_in_fp32_modules: tuple[str, ...] = ()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``, with each tied alias (the OPT head: one table under two names) a copy, so that
+        writers which refuse tensors sharing memory take it (safetensors' ``save_file``, which transformers'
+        ``Trainer.save_model`` calls for a model not of its own classes); loading re-ties equal copies."""
+        sd = super().state_dict(*args, **kwargs)  # type: ignore[misc]
+        if kwargs.get("keep_vars") or (len(args) > 2 and args[2]):
+            return sd
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for alias in tied_parameters(self):  # type: ignore[arg-type]
+            if prefix + alias in sd:
+                sd[prefix + alias] = sd[prefix + alias].clone()
+        return sd
 
     def keeps_fp32(self, key: str, dtype: torch.dtype) -> bool:
         """Whether parameter ``key`` stays fp32 when the model is loaded in ``dtype``."""

@@ -81,17 +81,6 @@ class Blip2Model(PretrainedMixin, nn.Module):
     def _save_extra(self, directory: str) -> None:
         self.generation_config.save_pretrained(directory)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.get_input_embeddings()
-
-    @property
-    def device(self) -> torch.device:
-        return self.query_tokens.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_projection.weight.dtype
-
     # -- the three stages ------------------------------------------------------------------------
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> Any:

@@ -67,10 +67,6 @@ class _Blip2QFormerBase(PretrainedMixin, nn.Module):
         nn.init.normal_(self.query_tokens, std=config.initializer_range)
         self.qformer = Blip2QFormerModel(config.qformer_config)
 
-    @property
-    def device(self) -> torch.device:
-        return self.query_tokens.device
-
 
 class _ImageTower:
     """ITC image side, for classes with ``vision_model`` and ``vision_projection``."""
