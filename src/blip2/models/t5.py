@@ -86,8 +86,11 @@ def _clamp_fp16(x: Tensor) -> Tensor:
 
 
 def _dtype_of(layer: nn.Module) -> torch.dtype:
-    """The compute dtype of an ``nn.Linear``, or of a stand-in that ``blip2.fast`` put there (its ``dtype``)."""
-    return layer.weight.dtype if isinstance(layer, nn.Linear) else layer.dtype
+    """The compute dtype of an ``nn.Linear``, of a stand-in that ``blip2.fast`` put there (its ``dtype``), or of a
+    wrapper around one (PEFT's LoRA layers show their base layer's ``weight``)."""
+    if isinstance(layer, nn.Linear) or not hasattr(layer, "dtype"):
+        return layer.weight.dtype
+    return layer.dtype
 
 
 def _float_mask(keep: Tensor, bias: Tensor | float, dtype: torch.dtype) -> Tensor:
