@@ -209,7 +209,8 @@ def test_parts_load_from_a_full_checkpoint_and_alone(pair, tmp_path):
         ref = hf.vision_model(pixel_values=pixels).last_hidden_state
         ref_q = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=ref).last_hidden_state
         assert torch.equal(vision(pixels)[0], ref)
-        torch.testing.assert_close(qformer(hf.query_tokens.expand(2, -1, -1), ref), ref_q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(qformer(hf.query_tokens.expand(2, -1, -1), ref).last_hidden_state, ref_q,
+                                   atol=1e-6, rtol=0)
     vision.save_pretrained(tmp_path)
     alone = HFVision.from_pretrained(tmp_path).eval()
     with torch.no_grad():

@@ -255,7 +255,7 @@ def test_bf16_autocast_keeps_qformer_fp32(dirs):
     model = Blip2ForConditionalGeneration.from_pretrained(dirs["opt"])
     processor = Blip2Processor.from_pretrained(dirs["opt"])
     seen: dict[str, torch.dtype] = {}
-    model.qformer.register_forward_hook(lambda m, i, o: seen.__setitem__("qformer", o.dtype))
+    model.qformer.register_forward_hook(lambda m, i, o: seen.__setitem__("qformer", o.last_hidden_state.dtype))
     model.language_model.register_forward_hook(lambda m, i, o: seen.__setitem__("lm", o.dtype))
     model.vision_model.encoder.register_forward_hook(lambda m, i, o: seen.__setitem__("vit", o.dtype))
     metrics = train_stage2(model, processor, dirs["train"] + "/captions.jsonl",

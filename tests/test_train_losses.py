@@ -140,7 +140,7 @@ def test_itg_equals_loops(stage1):
                     continue
                 prefix = ids[b:b + 1, : t + 1]
                 hidden = m.qformer(m.embeddings(prefix, queries), feats[b:b + 1], query_length=NUM_QUERY,
-                                   causal_text=True)[0, -1]
+                                   causal_text=True).last_hidden_state[0, -1]
                 logits = model.itg_head(hidden, m.embeddings.word_embeddings.weight).tolist()
                 losses.append(smoothed_ce(logits, target, 0.1))
     assert float(out["itg"]) == pytest.approx(sum(losses) / len(losses), abs=TOL)
@@ -155,11 +155,12 @@ def test_itg_mask_queries_see_only_queries(stage1):
         B = px.shape[0]
         joint = torch.cat([torch.ones(B, NUM_QUERY, dtype=torch.long), text["attention_mask"]], 1)
         hidden = m.qformer(m.embeddings(text["itg_input_ids"], m.query_tokens.expand(B, -1, -1)), feats,
-                           query_length=NUM_QUERY, attention_mask=joint, causal_text=True)
-        torch.testing.assert_close(hidden[:, :NUM_QUERY], m.query_output(feats), atol=1e-5, rtol=1e-5)
+                           query_length=NUM_QUERY, attention_mask=joint, causal_text=True).last_hidden_state
+        torch.testing.assert_close(hidden[:, :NUM_QUERY], m.query_outputs(feats).last_hidden_state, atol=1e-5,
+                                   rtol=1e-5)
         # text sees the queries: another image changes the text outputs
         other = m.qformer(m.embeddings(text["itg_input_ids"], m.query_tokens.expand(B, -1, -1)), feats.flip(0),
-                          query_length=NUM_QUERY, attention_mask=joint, causal_text=True)
+                          query_length=NUM_QUERY, attention_mask=joint, causal_text=True).last_hidden_state
         assert (other[:, NUM_QUERY:] - hidden[:, NUM_QUERY:]).abs().max() > 1e-2
 
 
@@ -206,7 +207,7 @@ def test_qformer_from_bert_equals_bert(dirs):
     V = bert.config.vocab_size
     with torch.no_grad():
         ref = bert.bert(ids, attention_mask=mask).last_hidden_state
-        ours = stage1.model.text_hidden_states(ids, mask)
+        ours = stage1.model.text_outputs(ids, mask).last_hidden_state
         valid = mask.bool()
         torch.testing.assert_close(ours[valid], ref[valid], atol=1e-5, rtol=1e-5)
         ref_logits = bert(ids, attention_mask=mask).logits

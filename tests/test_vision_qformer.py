@@ -272,12 +272,12 @@ def test_qformer_queries_match_reference(frequency, with_image_mask):
         image_mask[1, 10:] = 0
     with torch.no_grad():
         r = ref(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=image_mask)
-        o = ours(queries, image, image_mask)
+        o = ours(queries, image, image_mask).last_hidden_state
     assert o.shape == (2, Q, 32)
     assert max_diff(o, r.last_hidden_state) < TOL
     if with_image_mask:  # the mask must matter, or this test proves nothing about it
         with torch.no_grad():
-            assert max_diff(ours(queries, image)[1], o[1]) > 1e-3
+            assert max_diff(ours(queries, image).last_hidden_state[1], o[1]) > 1e-3
 
 
 # -- Q-Former with text: the retrieval model's ITM and ITC paths -----------------------------------
@@ -301,7 +301,7 @@ def test_itm_logits_match_reference(retrieval, image_token_index):
         queries = sd["query_tokens"].expand(3, -1, -1)
         joint = emb(ids, queries)  # [B, Q+T, D]
         full_mask = torch.cat([torch.ones(3, Q, dtype=torch.long), mask], dim=1)
-        h = qformer(joint, image, torch.ones(image.shape[:2]), query_length=Q, attention_mask=full_mask)
+        h = qformer(joint, image, torch.ones(image.shape[:2]), query_length=Q, attention_mask=full_mask).last_hidden_state
         logits = torch.nn.functional.linear(h[:, :Q], sd["itm_head.weight"], sd["itm_head.bias"]).mean(1)
     assert h.shape == (3, Q + 7, 32)
     assert logits.abs().max() > 0.1
@@ -310,7 +310,7 @@ def test_itm_logits_match_reference(retrieval, image_token_index):
     ids2 = ids.clone()
     ids2[1, 5] = 7
     with torch.no_grad():
-        h2 = qformer(emb(ids2, queries), image, query_length=Q, attention_mask=full_mask)
+        h2 = qformer(emb(ids2, queries), image, query_length=Q, attention_mask=full_mask).last_hidden_state
     assert max_diff(h2[1, : Q + 4], h[1, : Q + 4]) < 1e-6
 
 
@@ -322,8 +322,8 @@ def test_itc_logits_match_reference(retrieval):
     with torch.no_grad():
         r = ref(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False)
         image = vision(pixels).last_hidden_state
-        q = qformer(sd["query_tokens"].expand(2, -1, -1), image)  # [2, Q, D]
-        t = qformer(emb(ids), query_length=0, attention_mask=mask)  # [3, T, D]
+        q = qformer(sd["query_tokens"].expand(2, -1, -1), image).last_hidden_state  # [2, Q, D]
+        t = qformer(emb(ids), query_length=0, attention_mask=mask).last_hidden_state  # [3, T, D]
         img = torch.nn.functional.normalize(q @ sd["vision_projection.weight"].T + sd["vision_projection.bias"], dim=-1)
         txt = torch.nn.functional.normalize(t[:, 0] @ sd["text_projection.weight"].T + sd["text_projection.bias"], dim=-1)
         logits = (img @ txt.T).max(dim=1).values  # [2 images, 3 texts]: best query per pair
@@ -338,7 +338,7 @@ def test_text_only_matches_text_model_with_projection(retrieval):
     ids, mask = text_batch()
     with torch.no_grad():
         r = ref(input_ids=ids, attention_mask=mask)
-        o = qformer(emb(ids), query_length=0, attention_mask=mask)
+        o = qformer(emb(ids), query_length=0, attention_mask=mask).last_hidden_state
     assert o.shape == (3, 7, 32)
     assert max_diff(o, r.last_hidden_state) < TOL
 
@@ -358,7 +358,8 @@ def test_causal_text_mask(retrieval):
 
     def run(i, causal):
         with torch.no_grad():
-            return qformer(emb(i, queries), image, query_length=Q, attention_mask=full_mask, causal_text=causal)
+            return qformer(emb(i, queries), image, query_length=Q, attention_mask=full_mask,
+                           causal_text=causal).last_hidden_state
 
     a, b = run(ids, True), run(ids2, True)
     assert max_diff(a[:, : Q + t], b[:, : Q + t]) < 1e-6  # queries and earlier text do not see token t
@@ -366,7 +367,7 @@ def test_causal_text_mask(retrieval):
     assert max_diff(a[:, Q + t + 1 :], b[:, Q + t + 1 :]) > 1e-2  # and so does later text
     # queries under the ITG mask are exactly the queries-only forward (LAVIS reuses those states)
     with torch.no_grad():
-        assert max_diff(a[:, :Q], qformer(queries, image)) < TOL
+        assert max_diff(a[:, :Q], qformer(queries, image).last_hidden_state) < TOL
     # control: with the bidirectional ITM mask, every position sees token t
     c, d = run(ids, False), run(ids2, False)
     assert max_diff(c[:, :Q], d[:, :Q]) > 1e-3
@@ -383,7 +384,7 @@ def test_causal_text_gradients_flow(retrieval):
     queries = sd["query_tokens"].expand(3, -1, -1).clone().requires_grad_(True)
     image = torch.randn(3, 17, 24, requires_grad=True)
     full_mask = torch.cat([torch.ones(3, Q, dtype=torch.long), mask], dim=1)
-    h = qformer(emb(ids, queries), image, query_length=Q, attention_mask=full_mask, causal_text=True)
+    h = qformer(emb(ids, queries), image, query_length=Q, attention_mask=full_mask, causal_text=True).last_hidden_state
     w = torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(0))
     (h @ w).sum().backward()
     assert queries.grad.abs().max() > 1e-3 and image.grad.abs().max() > 1e-3
@@ -411,7 +412,8 @@ def test_qformer_gradient_checkpointing_same_gradients(retrieval):
         m = Blip2QFormerModel(cfg).train()
         m.load_state_dict(qformer_eval.state_dict())
         m.gradient_checkpointing = flag
-        m(x, image, query_length=Q, attention_mask=full_mask, causal_text=True).square().mean().backward()
+        m(x, image, query_length=Q, attention_mask=full_mask,
+          causal_text=True).last_hidden_state.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert grads[0].abs().max() > 0
     assert max_diff(grads[0], grads[1]) < 1e-6

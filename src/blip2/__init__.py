@@ -8,7 +8,7 @@ from blip2.convert.lavis import LavisConversionError, convert_lavis_checkpoint, 
 from blip2.demo import DEFAULT_MODEL
 from blip2.generation import GenerationConfig, generate
 from blip2.images import BatchFeature, Blip2ImageProcessor, ImageLoadError, load_image
-from blip2.models.blip2 import Blip2ForConditionalGeneration, Blip2Model, Blip2Output
+from blip2.models.blip2 import Blip2ForConditionalGeneration, Blip2Model
 from blip2.models.qformer import Blip2QFormerModel
 from blip2.models.retrieval import (Blip2ForImageTextRetrieval, Blip2TextModelWithProjection,
                                     Blip2VisionModelWithProjection)
@@ -20,7 +20,7 @@ __all__ = [
     "ImageIndex", "LavisConversionError", "Ranking", "SearchResult", "convert_lavis_checkpoint",
     "convert_lavis_state_dict", "list_images", "rank_texts",
     "BatchFeature", "Blip2ImageProcessor", "Blip2Processor", "ImageLoadError", "TextTokenizer", "load_image",
-    "Blip2Config", "Blip2ForConditionalGeneration", "Blip2Model", "Blip2Output", "Blip2QFormerConfig",
+    "Blip2Config", "Blip2ForConditionalGeneration", "Blip2Model", "Blip2QFormerConfig",
     "Blip2QFormerModel", "Blip2VisionConfig", "Blip2VisionModel", "CheckpointError", "ConfigError",
     "GenerationConfig", "OPTConfig", "T5Config", "generate", "DEFAULT_MODEL",
 ]

@@ -21,6 +21,10 @@ from torch import nn
 
 from blip2.config import Blip2Config
 from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, resolve_dir
+from blip2.loading import LoadOptions, check_flash_attention, config_dtype
+from blip2.model_utils import ModelUtilitiesMixin
+from blip2.placement import device_for_key, dispatch, plan_layers, resolve_device_map
+from blip2.quantized import QuantizationError, check_available, parse_quantization_config, quantize_language_model
 
 __all__ = [
     "CheckpointError",
@@ -45,9 +49,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: names the file, the key and what was expected."""
 
 
-def weight_files(directory: str) -> list[str]:
-    """The weight files of a checkpoint directory, safetensors preferred."""
-    for index_name in (SAFE_INDEX, BIN_INDEX):
+def _with_variant(name: str, variant: str | None) -> str:
+    """transformers' variant names: model.safetensors -> model.fp16.safetensors,
+    model.safetensors.index.json -> model.safetensors.index.fp16.json."""
+    if not variant:
+        return name
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+def weight_files(directory: str, variant: str | None = None, use_safetensors: bool | None = None) -> list[str]:
+    """The weight files of a checkpoint directory: safetensors preferred, only them with ``use_safetensors=True``,
+    only PyTorch files with False; ``variant`` (``"fp16"``) reads ``model.fp16.safetensors`` and the like."""
+    kinds = {True: [(SAFE_INDEX, SAFE_SINGLE)], False: [(BIN_INDEX, BIN_SINGLE)],
+             None: [(SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)]}[use_safetensors]
+    names = [_with_variant(n, variant) for pair in kinds for n in pair]
+    for index_name in names[::2]:
         index = os.path.join(directory, index_name)
         if os.path.exists(index):
             try:
@@ -60,23 +77,23 @@ def weight_files(directory: str) -> list[str]:
                 if not os.path.exists(fpath):
                     raise CheckpointError(f"{index}: names shard {os.path.basename(fpath)}, which is missing")
             return files
-    for single in (SAFE_SINGLE, BIN_SINGLE):
+    for single in names[1::2]:
         fpath = os.path.join(directory, single)
         if os.path.exists(fpath):
             return [fpath]
-    raise CheckpointError(
-        f"{directory}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
-    )
+    which = "" if use_safetensors is None else f" with use_safetensors={use_safetensors}"
+    raise CheckpointError(f"{directory}: no weights found{which} (expected {', '.join(names[1::2])} or "
+                          f"{', '.join(names[::2])})")
 
 
-def iter_checkpoint_tensors(directory: str, dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None
-                            ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint_tensors(directory: str, dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None,
+                            files: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` one at a time, so a caller can convert and drop as it goes.
 
     ``dtype_for(key, stored dtype)``, if given, names the dtype each tensor is returned in; safetensors are
     converted piece by piece as they are read, so loading never holds a whole tensor in the stored dtype
-    next to its converted copy."""
-    for fpath in weight_files(directory):
+    next to its converted copy. ``files``: the weight files to read (default: ``weight_files(directory)``)."""
+    for fpath in files or weight_files(directory):
         if fpath.endswith(".safetensors"):
             yield from _read_safetensors(fpath, dtype_for)
         else:
@@ -168,13 +185,15 @@ def _target_dtype(model: nn.Module, name: str, stored: torch.dtype, dtype: torch
 
 
 def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = None,
-              device: torch.device | str = "cpu", key_prefix: str = "") -> None:
+              device: torch.device | str | Callable[[str], torch.device] = "cpu", key_prefix: str = "",
+              files: list[str] | None = None) -> None:
     """Assign the checkpoint's tensors to ``model`` (built on the meta device), strictly.
 
     Missing, unexpected or mis-shaped keys are errors naming the key and both shapes. Tied
     aliases (one parameter under several names) may be absent from the file, as writers store
     them once; when the file has both and they differ, each name gets its own tensor.
-    ``key_prefix`` selects a sub-model inside a bigger checkpoint (``vision_model.``, ...).
+    ``key_prefix`` selects a sub-model inside a bigger checkpoint (``vision_model.``, ...). ``device`` may be a
+    function of the key (a ``device_map`` that splits the model); ``files`` as ``iter_checkpoint_tensors``.
     Keys starting with one of ``model._ignored_checkpoint_prefixes`` are skipped: parts of a bigger
     model the class leaves out (a text tower loaded from a full retrieval checkpoint).
     """
@@ -188,7 +207,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
         key = file_key[len(key_prefix):] if key_prefix and file_key.startswith(key_prefix) else file_key
         return _target_dtype(model, key, stored, dtype)
 
-    for key, tensor in iter_checkpoint_tensors(directory, dtype_for):
+    device_for = device if callable(device) else lambda _key: device
+    for key, tensor in iter_checkpoint_tensors(directory, dtype_for, files):
         if key_prefix:
             if not key.startswith(key_prefix):
                 continue
@@ -205,7 +225,7 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
                 f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
                 f"but the model expects {tuple(want.shape)}"
             )
-        loaded[key] = tensor.to(device=device)
+        loaded[key] = tensor.to(device=device_for(key))
     if unexpected:
         shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
         raise CheckpointError(f"{directory}: unexpected keys in the checkpoint, not used by "
@@ -223,17 +243,17 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     for alias in retie:
         owner, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(owner), leaf, model.get_parameter(tied[alias]))
-    _materialize_buffers(model, device)
+    _materialize_buffers(model, device_for)
 
 
-def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
+def _materialize_buffers(model: nn.Module, device_for: Callable[[str], torch.device | str]) -> None:
     """Rebuild non-persistent buffers left on the meta device (they are not in the checkpoint)."""
-    for module in model.modules():
+    for name, module in model.named_modules():
         if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
             if not hasattr(module, "init_buffers"):
                 names = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
                 raise RuntimeError(f"{type(module).__name__} has buffers {names} not in the checkpoint and no init_buffers()")
-            module.init_buffers(torch.device(device))
+            module.init_buffers(torch.device(device_for(name)))
 
 
 def _parse_size(size: int | str) -> int:
@@ -320,8 +340,9 @@ def atomic_write(path: str) -> Iterator[str]:
 M = TypeVar("M", bound="PretrainedMixin")
 
 
-class PretrainedMixin:
-    """``from_pretrained`` / ``save_pretrained`` for our ``nn.Module`` classes.
+class PretrainedMixin(ModelUtilitiesMixin):
+    """``from_pretrained`` / ``save_pretrained`` (and transformers' other model utilities, ``ModelUtilitiesMixin``)
+    for our ``nn.Module`` classes.
 
     Subclasses set ``config_class`` and may set ``_keep_in_fp32_modules`` (module paths kept in
     fp32 when a lower precision is asked for) or override ``keeps_fp32``.
@@ -329,6 +350,19 @@ class PretrainedMixin:
 
     config_class: Any = None
     _keep_in_fp32_modules: tuple[str, ...] = ()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``, with each tied alias (the OPT head: one table under two names) a copy, so that
+        writers which refuse tensors sharing memory take it (safetensors' ``save_file``, which transformers'
+        ``Trainer.save_model`` calls for a model not of its own classes); loading re-ties equal copies."""
+        sd = super().state_dict(*args, **kwargs)  # type: ignore[misc]
+        if kwargs.get("keep_vars") or (len(args) > 2 and args[2]):
+            return sd
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for alias in tied_parameters(self):  # type: ignore[arg-type]
+            if prefix + alias in sd:
+                sd[prefix + alias] = sd[prefix + alias].clone()
+        return sd
 
     def keeps_fp32(self, key: str, dtype: torch.dtype) -> bool:
         """Whether parameter ``key`` stays fp32 when the model is loaded in ``dtype``."""
@@ -339,17 +373,44 @@ class PretrainedMixin:
         return cls.config_class.from_dict(d, source=source)
 
     @classmethod
-    def from_pretrained(cls: type[M], path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | str | None = None,
-                        dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-                        **hub_kwargs: Any) -> M:
-        directory = resolve_dir(path_or_id, **hub_kwargs)
+    def from_pretrained(cls: type[M], path_or_id: str | os.PathLike, **kwargs: Any) -> M:
+        """The model of a checkpoint directory or Hub id, with transformers' arguments (docs/TRANSFORMERS.md):
+        ``dtype`` / ``torch_dtype`` (a dtype, its name, or "auto": the one config.json names), ``device_map``
+        (``blip2.placement``), ``quantization_config`` (``blip2.quantized``), ``attn_implementation``,
+        ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``subfolder``,
+        ``variant``, ``use_safetensors``, ``max_memory``; and ``device``, blip2's one device for everything.
+        An argument that cannot apply is an error naming it."""
+        opts = LoadOptions.parse(kwargs)
+        directory = resolve_dir(path_or_id, **opts.hub)
+        if opts.subfolder:
+            directory = os.path.join(directory, opts.subfolder)
+            if not os.path.isdir(directory):
+                raise FileNotFoundError(f"{path_or_id}: has no subfolder {opts.subfolder!r}")
         raw = read_config(directory, CheckpointError)
         config, prefix = cls._select_config(raw, os.path.join(directory, CONFIG_FILE))
-        want = parse_dtype(dtype if dtype is not None else torch_dtype)
-        weight_files(directory)  # fail on missing weights before building anything
+        want = parse_dtype(config_dtype(raw) if opts.dtype == "auto" else opts.dtype)
+        files = weight_files(directory, opts.variant, opts.use_safetensors)  # fail before building anything
+        where = resolve_device_map(opts.device_map, opts.device)
+        quant = None if opts.quantization_config is None else parse_quantization_config(opts.quantization_config)
+        first = where if isinstance(where, torch.device) else torch.device("cuda:0")
+        check_flash_attention(opts.attn_implementation, first, want)
+        if quant is not None:
+            check_available(quant, first)
+            if not isinstance(where, torch.device):
+                raise QuantizationError("quantization_config: a quantized model loads onto one device "
+                                        "(device_map={'': 0}), not split over several")
         with torch.device("meta"):
             model = cls(config)
-        load_into(model, directory, dtype=want, device=device, key_prefix=prefix)
+        placement = _placement(model, where, want, opts.max_memory)
+        load_device: Any = "cpu" if quant is not None else where
+        if placement is not None:
+            load_device = lambda key: device_for_key(placement, key)  # noqa: E731
+        load_into(model, directory, dtype=want, device=load_device, key_prefix=prefix, files=files)
+        if quant is not None:
+            quantize_language_model(model, quant, first)
+            model.to(first)
+        if placement is not None:
+            dispatch(model, placement)
         model.eval()
         if hasattr(model, "_after_load"):
             model._after_load(directory)
@@ -376,6 +437,20 @@ class PretrainedMixin:
                         tied=tied_parameters(self))  # type: ignore[arg-type]
         if hasattr(self, "_save_extra"):
             self._save_extra(directory)
+
+
+def _placement(model: nn.Module, where: torch.device | dict[str, torch.device] | str, dtype: torch.dtype | None,
+               max_memory: dict[Any, Any] | None) -> dict[str, torch.device] | None:
+    """None for one device; the device of each named part where ``device_map`` splits the model."""
+    if isinstance(where, torch.device):
+        return None
+    if isinstance(where, dict):
+        return where
+    if not hasattr(model, "language_model"):
+        return {"": torch.device("cuda:0")}  # nothing to split: the towers are small
+    if dtype is not None:
+        model.to(dtype)  # on the meta device: only for the sizes the plan weighs
+    return plan_layers(model, [torch.device("cuda", i) for i in range(torch.cuda.device_count())], where, max_memory)
 
 
 class SubmodelMixin(PretrainedMixin):

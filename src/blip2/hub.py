@@ -25,7 +25,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def resolve_dir(path_or_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None,
-                token: str | bool | None = None, local_files_only: bool = False) -> str:
+                token: str | bool | None = None, local_files_only: bool = False, force_download: bool = False) -> str:
     """A local directory for ``path_or_id``: the directory itself, or a Hub snapshot.
 
     Hub ids (``org/name``) need the optional ``huggingface_hub`` package and a network
@@ -46,13 +46,13 @@ def resolve_dir(path_or_id: str | os.PathLike, *, revision: str | None = None, c
             f"(pip install 'blip2[hub]')"
         ) from None
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+               force_download=force_download)
     try:
-        d = snapshot_download(s, revision=revision, cache_dir=cache_dir, token=token,
-                              local_files_only=local_files_only, allow_patterns=patterns)
+        d = snapshot_download(s, allow_patterns=patterns, **hub)
         # legacy checkpoints have only pytorch_model.bin: fetch it when no safetensors came
         if not _has_weights(d) and not os.path.exists(os.path.join(d, "preprocessor_config.json")):
-            d = snapshot_download(s, revision=revision, cache_dir=cache_dir, token=token,
-                                  local_files_only=local_files_only, allow_patterns=patterns + ["*.bin"])
+            d = snapshot_download(s, allow_patterns=patterns + ["*.bin"], **hub)
     except Exception as e:  # network, auth, missing repo: all reach the user as one message
         raise FileNotFoundError(f"{s}: not a local directory, and fetching it from the Hub failed: {e}") from None
     return d

@@ -82,7 +82,24 @@ def _fastest_exact(lm: LanguageModel) -> str:
     return "native"
 
 
+def _refuse_foreign_layers(model: nn.Module) -> None:
+    """The speed-ups rewrite nn.Linear layers they know; layers they do not (PEFT adapters, bitsandbytes or
+    torchao weights) and models split over devices are refused here, before anything changes, rather than
+    silently dropped."""
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "merge"):  # peft's tuner layers (LoRA, ...)
+            raise Unsupported(f"{name} carries a PEFT adapter, which the speed-ups would drop; merge it into the "
+                              f"weights first (model = model.merge_and_unload()), then apply the speed-up")
+        if type(module).__module__.startswith("bitsandbytes") or any(
+                type(p).__module__.startswith("torchao") for p in module.parameters(recurse=False)):
+            raise Unsupported(f"{name} is quantized at load time (quantization_config), which the speed-ups do not "
+                              f"read; load without quantization_config to use blip2.fast")
+    if len(set(getattr(model, "hf_device_map", {"": None}).values())) > 1:
+        raise Unsupported("the model is split over several devices (device_map); the speed-ups run on one device")
+
+
 def _language_model(model: nn.Module) -> LanguageModel:
+    _refuse_foreign_layers(model)
     lm = getattr(model, "language_model", model)
     if not isinstance(lm, LanguageModel):
         raise Unsupported(f"{type(model).__name__} has no language model to speed up (only the generation "

@@ -14,7 +14,7 @@ no image tokens, prepended to the prompt embeddings with the attention mask exte
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, Callable
 
 import torch
@@ -26,25 +26,12 @@ from blip2.config import Blip2Config
 from blip2.generation import GenerationConfig, generate
 from blip2.models.opt import OPTForCausalLM
 from blip2.models.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
+from blip2.models.outputs import (Blip2ForConditionalGenerationModelOutput, CausalLMOutputWithPast, Recorder,
+                                  Seq2SeqLMOutput, finish)
 from blip2.models.qformer import Blip2QFormerModel
 from blip2.models.vision import Blip2VisionModel
 
-__all__ = ["Blip2Output", "Blip2Model", "Blip2ForConditionalGeneration"]
-
-
-@dataclass
-class Blip2Output:
-    """What ``forward`` returns; attribute names follow transformers' output classes."""
-
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    image_embeds: torch.Tensor  # [B, N+1, Dv] vision encoder output
-    qformer_output: torch.Tensor  # [B, Q, Dq]
-    language_model_inputs: torch.Tensor  # [B, Q, D_lm] projected queries
-
-    def __getitem__(self, i: int) -> Any:  # tuple-style access, loss first when present
-        items = [getattr(self, f.name) for f in fields(self)]
-        return [x for x in items if x is not None][i]
+__all__ = ["Blip2Model", "Blip2ForConditionalGeneration"]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -94,17 +81,6 @@ class Blip2Model(PretrainedMixin, nn.Module):
     def _save_extra(self, directory: str) -> None:
         self.generation_config.save_pretrained(directory)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.get_input_embeddings()
-
-    @property
-    def device(self) -> torch.device:
-        return self.query_tokens.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_projection.weight.dtype
-
     # -- the three stages ------------------------------------------------------------------------
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> Any:
@@ -112,14 +88,9 @@ class Blip2Model(PretrainedMixin, nn.Module):
         pixel_values = pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype)
         return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
 
-    def _query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(query, image_embeds.to(query.dtype))  # [B, Q, Dq]
-
     def get_qformer_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """The Q-Former's last hidden states for the queries, [B, Q, Dq]."""
-        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)[0]
-        return self._query_output(image_embeds)
+        return self.image_to_lm_inputs(pixel_values, interpolate_pos_encoding)[1].last_hidden_state
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The LM's text hidden states: OPT decoder output or T5 encoder output, [B, T, D]."""
@@ -130,13 +101,18 @@ class Blip2Model(PretrainedMixin, nn.Module):
             return self.language_model.encode(embeds, attention_mask)
         return self.language_model.hidden_states(embeds, attention_mask)
 
-    def image_to_lm_inputs(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run vision and Q-Former: ``(image_embeds, query_output, projected queries [B,Q,D_lm])``."""
-        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)[0]
-        query_output = self._query_output(image_embeds)
-        lm_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
-        return image_embeds, query_output, lm_inputs
+    def image_to_lm_inputs(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
+                           output_attentions: bool | None = None, output_hidden_states: bool | None = None
+                           ) -> tuple[Any, Any, torch.Tensor]:
+        """Run vision and Q-Former: ``(vision_outputs, qformer_outputs, projected queries [B, Q, D_lm])``."""
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        pixel_values = pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype)
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **flags)
+        query = self.query_tokens.expand(pixel_values.shape[0], -1, -1)
+        qformer_outputs = self.qformer(query, vision_outputs.last_hidden_state.to(query.dtype), **flags)
+        lm_inputs = self.language_projection(
+            qformer_outputs.last_hidden_state.to(self.language_projection.weight.dtype))
+        return vision_outputs, qformer_outputs, lm_inputs
 
     def merge_image_inputs(self, lm_inputs: torch.Tensor, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,20 +143,26 @@ class Blip2Model(PretrainedMixin, nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False) -> Blip2Output:
-        image_embeds, query_output, lm_inputs = self.image_to_lm_inputs(pixel_values, interpolate_pos_encoding)
+                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None) -> Any:
+        """``loss`` (with ``labels``), ``logits`` [B, T, V] and the ``vision_outputs``, ``qformer_outputs`` and
+        ``language_model_outputs`` of the three stages, as a ``Blip2ForConditionalGenerationModelOutput`` (a
+        tuple with ``return_dict=False``). ``output_hidden_states`` / ``output_attentions`` reach every stage."""
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        vision_outputs, qformer_outputs, lm_inputs = self.image_to_lm_inputs(pixel_values, interpolate_pos_encoding,
+                                                                             **flags)
         embeds, mask = self.merge_image_inputs(lm_inputs, input_ids, attention_mask)
-        loss = None
         if self.config.use_decoder_only_language_model:
-            logits = self.language_model(embeds, mask)
-            if labels is not None:
-                loss = causal_lm_loss(logits, labels)
+            lm_outputs = _causal_lm_outputs(self.language_model, embeds, mask, **flags)
+            loss = None if labels is None else causal_lm_loss(lm_outputs.logits, labels)
         else:
-            logits = self.language_model(embeds, mask, decoder_input_ids=decoder_input_ids,
-                                         decoder_attention_mask=decoder_attention_mask, labels=labels)
-            if labels is not None:
-                loss = seq2seq_lm_loss(logits, labels)
-        return Blip2Output(loss, logits, image_embeds, query_output, lm_inputs)
+            lm_outputs = _seq2seq_lm_outputs(self.language_model, embeds, mask, decoder_input_ids,
+                                             decoder_attention_mask, labels, **flags)
+            loss = lm_outputs.loss
+        return finish(Blip2ForConditionalGenerationModelOutput(
+            loss=loss, logits=lm_outputs.logits, vision_outputs=vision_outputs, qformer_outputs=qformer_outputs,
+            language_model_outputs=lm_outputs), return_dict)
 
     # -- generation --------------------------------------------------------------------------
 
@@ -234,6 +216,33 @@ class Blip2Model(PretrainedMixin, nn.Module):
             prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
             prefix_mask = None
         return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer)
+
+
+def _causal_lm_outputs(lm: OPTForCausalLM, embeds: torch.Tensor, mask: torch.Tensor,
+                       output_attentions: bool | None, output_hidden_states: bool | None) -> CausalLMOutputWithPast:
+    """OPT over the merged embeddings; hidden states and attentions recorded when asked."""
+    with Recorder(lm.model.decoder.layers, output_hidden_states, output_attentions) as rec:
+        h = lm.hidden_states(embeds, mask)  # [B, T, E]
+    return CausalLMOutputWithPast(logits=lm.logits(h), hidden_states=rec.hidden_states(h), attentions=rec.attentions)
+
+
+def _seq2seq_lm_outputs(lm: T5ForConditionalGeneration, embeds: torch.Tensor, mask: torch.Tensor,
+                        decoder_input_ids: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None,
+                        labels: torch.Tensor | None, output_attentions: bool | None,
+                        output_hidden_states: bool | None) -> Seq2SeqLMOutput:
+    """T5 over the merged embeddings, teacher-forced; the loss with ``labels``, as transformers' T5 computes it."""
+    with Recorder(lm.encoder.block, output_hidden_states, output_attentions) as enc_rec:
+        enc = lm.encode(embeds, mask)  # [B, S, D]
+    with Recorder(lm.decoder.block, output_hidden_states, output_attentions) as dec_rec:
+        h = lm.decode(enc, mask, decoder_input_ids, decoder_attention_mask, labels)  # [B, Td, D]
+    logits = lm.logits(h)
+    # the decoder's blocks attend to themselves, then to the encoder output: its weights alternate
+    weights = dec_rec.attentions
+    return Seq2SeqLMOutput(
+        loss=None if labels is None else seq2seq_lm_loss(logits, labels), logits=logits,
+        decoder_hidden_states=dec_rec.hidden_states(h), decoder_attentions=None if weights is None else weights[::2],
+        cross_attentions=None if weights is None else weights[1::2], encoder_last_hidden_state=enc,
+        encoder_hidden_states=enc_rec.hidden_states(enc), encoder_attentions=enc_rec.attentions)
 
 
 class Blip2ForConditionalGeneration(Blip2Model):

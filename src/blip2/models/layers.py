@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "KVCache", "activation", "attention"]
+__all__ = ["ACTIVATIONS", "KVCache", "activation", "attention", "device_of", "record_attention_weights"]
 
 
 def _quick_gelu(x: Tensor) -> Tensor:
@@ -58,20 +60,64 @@ def activation(name: str, in_place: bool = False) -> Callable[[Tensor], Tensor]:
         raise ValueError(f"unsupported activation {name!r} (known: {sorted(ACTIVATIONS)})") from None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0) -> Tensor:
+# The list that attention weights go to while a forward pass records them (output_attentions=True), else None.
+# A context variable, so concurrent requests (threads, tasks) on one model do not see each other's.
+_RECORDED_WEIGHTS: ContextVar[list[Tensor] | None] = ContextVar("blip2_attention_weights", default=None)
+
+
+@contextmanager
+def record_attention_weights(into: list[Tensor]) -> Iterator[list[Tensor]]:
+    """While inside, every ``attention`` call computes its weights explicitly and appends them to ``into``."""
+    token = _RECORDED_WEIGHTS.set(into)
+    try:
+        yield into
+    finally:
+        _RECORDED_WEIGHTS.reset(token)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
+              dropout_p: float = 0.0) -> Tensor:
     """``F.scaled_dot_product_attention``: q [B, H, T, Dh], k, v [B, H, S, Dh], mask (bool, True = attend, or
-    float, added) broadcastable to [B, H, T, S] -> [B, H, T, Dh].
+    float, added) broadcastable to [B, H, T, S] -> [B, H, T, Dh]. ``scale`` None: Dh**-0.5.
 
     Inside ``torch.compile``, one query (a decoding step) is written as elementwise products, a softmax and a
-    sum, which the compiler fuses: at that size the attention kernel's fixed cost is several times the work."""
-    if not (torch.compiler.is_compiling() and q.shape[-2] == 1 and dropout_p == 0.0):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    sum, which the compiler fuses: at that size the attention kernel's fixed cost is several times the work.
+    While ``record_attention_weights`` listens, the weights are computed explicitly and recorded."""
+    if torch.compiler.is_compiling():
+        if q.shape[-2] == 1 and dropout_p == 0.0:
+            return _one_query(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+    else:
+        recorded = _RECORDED_WEIGHTS.get()
+        if recorded is not None:
+            return _with_weights(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale, dropout_p, recorded)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def _one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     scores = (q.float() * k.float()).sum(-1) * scale  # [B, H, S], in fp32 as the kernel computes
     if mask is not None:
         m = mask.squeeze(-2)  # [B|1, H|1, S]
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
     p = scores.softmax(-1)
     return (p[..., None] * v.float()).sum(-2, keepdim=True).to(q.dtype)  # [B, H, 1, Dh]
+
+
+def _with_weights(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float,
+                  recorded: list[Tensor]) -> Tensor:
+    # the weights transformers' eager attention returns: softmax in fp32, after dropout; masked keys get the
+    # dtype's most negative value, not -inf, so a row with nothing to attend stays finite
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool
+                  else scores + mask)
+    weights = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout_p)
+    recorded.append(weights)
+    return torch.matmul(weights, v)
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its first parameter or buffer): a layer's KV cache is made there."""
+    return next(iter((*module.parameters(), *module.buffers()))).device
 
 
 class KVCache:
@@ -94,5 +140,6 @@ class KVCache:
     def reorder(self, index: Tensor, length: int | None = None) -> None:
         """Keep rows ``index`` [N] (beam search); only the first ``length`` slots (all: None) hold anything."""
         n = self.k.shape[2] if length is None else length
+        index = index.to(self.k.device)  # a model split over GPUs keeps each layer's cache on its device
         self.k[:, :, :n] = self.k[index, :, :n]
         self.v[:, :, :n] = self.v[index, :, :n]

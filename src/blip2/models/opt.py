@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from blip2.config import OPTConfig
 from blip2.generation import greedy_step
-from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention
+from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention, device_of
 
 __all__ = ["OPTForCausalLM", "OPTDecoding"]
 
@@ -237,8 +237,8 @@ class OPTDecoding:
         param = lm.model.decoder.embed_tokens.weight  # the model's dtype and device (speed-ups leave embeddings as they are)
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.lm = lm
-        self.caches = [KVCache(N, cfg.num_attention_heads, S, head_dim, param.dtype, param.device)
-                       for _ in range(cfg.num_hidden_layers)]
+        self.caches = [KVCache(N, cfg.num_attention_heads, S, head_dim, param.dtype, device_of(layer))
+                       for layer in lm.model.decoder.layers]
         self.inputs_embeds = inputs_embeds
         self.key_valid = torch.zeros(N, S, dtype=torch.bool, device=param.device)  # [N, S]
         self.key_valid[:, :T] = valid

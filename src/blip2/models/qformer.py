@@ -26,14 +26,16 @@ Shapes: B batch, L sequence, D hidden, N image tokens, Dv image width, h heads, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from blip2.checkpoint import SubmodelMixin
 from blip2.config import Blip2QFormerConfig
-from blip2.models.layers import activation
+from blip2.models.layers import activation, attention
+from blip2.models.outputs import BaseModelOutputWithPoolingAndCrossAttentions, Recorder, finish
 
 __all__ = ["Blip2QFormerModel", "Blip2QFormerTextEmbeddings"]
 
@@ -89,7 +91,7 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         q = self.query(x).view(B, L, h, D // h).transpose(1, 2)  # [B, h, L, d]
         k = self.key(context).view(B, S, h, D // h).transpose(1, 2)  # [B, h, S, d]
         v = self.value(context).view(B, S, h, D // h).transpose(1, 2)  # [B, h, S, d]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, scale=None, dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, L, D)
 
 
@@ -221,8 +223,12 @@ class Blip2QFormerModel(SubmodelMixin, nn.Module):
         query_length: int | None = None,
         attention_mask: Tensor | None = None,
         causal_text: bool = False,
-    ) -> Tensor:
-        """Run the Q-Former; returns the last hidden state [B, L, D] (no pooling).
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> Any:
+        """Run the Q-Former: ``last_hidden_state`` [B, L, D] and ``pooler_output`` (its first position) as a
+        ``BaseModelOutputWithPoolingAndCrossAttentions`` (a tuple with ``return_dict=False``).
 
         query_embeds: [B, L, D], the first ``query_length`` positions learned queries, the rest text
             embeddings (see ``Blip2QFormerTextEmbeddings``); the name is transformers'.
@@ -231,6 +237,8 @@ class Blip2QFormerModel(SubmodelMixin, nn.Module):
         query_length: Q; default L (all queries). 0 runs text only: no cross-attention.
         attention_mask: [B, L] 1/True for positions to attend to (text padding), over queries and text.
         causal_text: stage-1 ITG mask (queries see queries; text sees queries and earlier text).
+        output_hidden_states: the normed input and each layer's output; output_attentions: the weights of
+            every self-attention (``attentions``) and cross-attention (``cross_attentions``).
         """
         B, L, _ = query_embeds.shape
         Q = L if query_length is None else query_length
@@ -251,9 +259,22 @@ class Blip2QFormerModel(SubmodelMixin, nn.Module):
                 image_mask = encoder_attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
 
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.encoder.layer:
-            if use_ckpt:
-                x = checkpoint(layer, x, self_mask, Q, image, image_mask, use_reentrant=False)
-            else:
-                x = layer(x, self_mask, Q, image, image_mask)
-        return x
+        with Recorder(self.encoder.layer, output_hidden_states, output_attentions) as rec:
+            for layer in self.encoder.layer:
+                if use_ckpt:
+                    x = checkpoint(layer, x, self_mask, Q, image, image_mask, use_reentrant=False)
+                else:
+                    x = layer(x, self_mask, Q, image, image_mask)
+        attentions = cross_attentions = None
+        if output_attentions:  # recorded per layer: its self-attention, then its cross-attention if it ran one
+            weights = iter(rec.attentions)
+            attentions, cross_attentions = [], []
+            for layer in self.encoder.layer:
+                attentions.append(next(weights))
+                if layer.has_cross_attention and Q > 0:
+                    cross_attentions.append(next(weights))
+        out = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=x, pooler_output=x[:, 0], hidden_states=rec.hidden_states(x),
+            attentions=None if attentions is None else tuple(attentions),
+            cross_attentions=tuple(cross_attentions) if cross_attentions else None)
+        return finish(out, return_dict)

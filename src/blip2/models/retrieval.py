@@ -23,7 +23,7 @@ E = ``image_text_hidden_size``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from blip2.checkpoint import PretrainedMixin
 from blip2.config import Blip2Config
+from blip2.models.outputs import (Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput,
+                                  finish)
 from blip2.models.qformer import Blip2QFormerModel, Blip2QFormerTextEmbeddings
 from blip2.models.vision import Blip2VisionModel
 
@@ -38,36 +40,8 @@ __all__ = [
     "Blip2ForImageTextRetrieval",
     "Blip2TextModelWithProjection",
     "Blip2VisionModelWithProjection",
-    "Blip2ImageTextMatchingOutput",
-    "Blip2TextModelOutput",
-    "Blip2VisionModelOutput",
     "itc_similarity",
 ]
-
-
-class Blip2ImageTextMatchingOutput(NamedTuple):
-    """What ``Blip2ForImageTextRetrieval.forward`` returns; fields as transformers' output.
-
-    ITM: logits_per_image [B, 2], logits_per_text [2, B], text_embeds = Q-Former output [B, Q+T, D],
-         image_embeds = vision output [B, N+1, Dv].
-    ITC: logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img], text_embeds [B_txt, E],
-         image_embeds [B_img, Q, E] (both normalised).
-    """
-
-    logits_per_image: Tensor
-    logits_per_text: Tensor
-    text_embeds: Tensor
-    image_embeds: Tensor
-
-
-class Blip2TextModelOutput(NamedTuple):
-    text_embeds: Tensor  # [B, T, E], every position projected and normalised (CLS is position 0)
-    last_hidden_state: Tensor  # [B, T, D]
-
-
-class Blip2VisionModelOutput(NamedTuple):
-    image_embeds: Tensor  # [B, Q, E], projected and normalised query outputs
-    last_hidden_state: Tensor  # [B, N+1, Dv], vision encoder output
 
 
 def itc_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
@@ -93,10 +67,6 @@ class _Blip2QFormerBase(PretrainedMixin, nn.Module):
         nn.init.normal_(self.query_tokens, std=config.initializer_range)
         self.qformer = Blip2QFormerModel(config.qformer_config)
 
-    @property
-    def device(self) -> torch.device:
-        return self.query_tokens.device
-
 
 class _ImageTower:
     """ITC image side, for classes with ``vision_model`` and ``vision_projection``."""
@@ -109,18 +79,26 @@ class _ImageTower:
 
     def vision_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
         """The vision encoder output the Q-Former attends to (LAVIS: ln_vision(ViT(x))), [B, N+1, Dv]."""
-        pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.post_layernorm.weight.dtype)
-        return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
+        return self.vision_outputs(pixel_values, interpolate_pos_encoding).last_hidden_state
 
-    def query_output(self, image_feats: Tensor) -> Tensor:
-        """The Q-Former's query outputs for image features [B, N+1, Dv] -> [B, Q, D] (fp32)."""
+    def vision_outputs(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, **flags: Any) -> Any:
+        """The vision encoder's outputs (``flags``: ``output_attentions``, ``output_hidden_states``)."""
+        pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.post_layernorm.weight.dtype)
+        return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **flags)
+
+    def query_outputs(self, image_feats: Tensor, **flags: Any) -> Any:
+        """The Q-Former's outputs for the queries over image features [B, N+1, Dv]: last_hidden_state [B, Q, D]."""
         queries = self.query_tokens.expand(image_feats.shape[0], -1, -1)  # [B, Q, D]
-        return self.qformer(queries, image_feats)
+        return self.qformer(queries, image_feats, **flags)
+
+    def project_queries(self, query_output: Tensor) -> Tensor:
+        """Normalised ITC query embeddings [B, Q, E] from the Q-Former's query outputs [B, Q, D]."""
+        proj = self.vision_projection
+        return F.normalize(proj(query_output.to(proj.weight.dtype)), dim=-1)
 
     def image_embeds_from_features(self, image_feats: Tensor) -> Tensor:
         """Normalised ITC query embeddings [B, Q, E] from vision features [B, N+1, Dv]."""
-        proj = self.vision_projection
-        return F.normalize(proj(self.query_output(image_feats).to(proj.weight.dtype)), dim=-1)
+        return self.project_queries(self.query_outputs(image_feats).last_hidden_state)
 
 
 class _TextTower:
@@ -130,14 +108,14 @@ class _TextTower:
     qformer: Blip2QFormerModel
     device: torch.device
 
-    def text_hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                           position_ids: Tensor | None = None) -> Tensor:
-        """The Q-Former run on text alone (no queries, no image), [B, T, D]."""
+    def text_outputs(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                     position_ids: Tensor | None = None, **flags: Any) -> Any:
+        """The Q-Former's outputs on text alone (no queries, no image): last_hidden_state [B, T, D]."""
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         x = self.embeddings(input_ids, position_ids=position_ids)  # [B, T, D]
-        return self.qformer(x, query_length=0, attention_mask=attention_mask)
+        return self.qformer(x, query_length=0, attention_mask=attention_mask, **flags)
 
 
 class Blip2ForImageTextRetrieval(_ImageTower, _TextTower, _Blip2QFormerBase):
@@ -167,7 +145,10 @@ class Blip2ForImageTextRetrieval(_ImageTower, _TextTower, _Blip2QFormerBase):
 
         input_ids [B, T]: Q-Former (BERT) token ids, CLS first, no image tokens.
         """
-        cls = self.text_hidden_states(input_ids, attention_mask)[:, 0]  # [B, D]
+        return self.project_text(self.text_outputs(input_ids, attention_mask).last_hidden_state[:, 0])
+
+    def project_text(self, cls: Tensor) -> Tensor:
+        """Normalised ITC text embedding [B, E] from the Q-Former's CLS output [B, D]."""
         return F.normalize(self.text_projection(cls.to(self.text_projection.weight.dtype)), dim=-1)
 
     def itc_scores(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -183,8 +164,9 @@ class Blip2ForImageTextRetrieval(_ImageTower, _TextTower, _Blip2QFormerBase):
         ones = attention_mask.new_ones(attention_mask.shape[0], self.config.num_query_tokens)
         return torch.cat([ones, attention_mask], dim=1)
 
-    def _itm_hidden(self, image_feats: Tensor, input_ids: Tensor, joint_mask: Tensor | None) -> Tensor:
-        """The Q-Former over [queries; text] attending to the image, [B, Q+T, D] for pairs (image b, text b)."""
+    def _itm_qformer(self, image_feats: Tensor, input_ids: Tensor, joint_mask: Tensor | None, **flags: Any) -> Any:
+        """The Q-Former over [queries; text] attending to the image: last_hidden_state [B, Q+T, D] for pairs
+        (image b, text b)."""
         B, Q = input_ids.shape[0], self.config.num_query_tokens
         if image_feats.shape[0] != B:
             raise ValueError(f"ITM scores pairs: got {image_feats.shape[0]} images and {B} texts")
@@ -192,7 +174,7 @@ class Blip2ForImageTextRetrieval(_ImageTower, _TextTower, _Blip2QFormerBase):
         x = self.embeddings(input_ids.to(self.device), queries)  # [B, Q+T, D]
         if joint_mask is not None:
             joint_mask = joint_mask.to(self.device)
-        return self.qformer(x, image_feats, query_length=Q, attention_mask=joint_mask)
+        return self.qformer(x, image_feats, query_length=Q, attention_mask=joint_mask, **flags)
 
     def _itm_head(self, hidden: Tensor) -> Tensor:
         """ITM head on the query outputs of [B, Q+T, D], averaged over queries -> [B, 2]."""
@@ -202,7 +184,8 @@ class Blip2ForImageTextRetrieval(_ImageTower, _TextTower, _Blip2QFormerBase):
     def itm_logits_from_features(self, image_feats: Tensor, input_ids: Tensor,
                                  attention_mask: Tensor | None = None) -> Tensor:
         """ITM logits [B, 2] for pairs from vision features [B, N+1, Dv] and text ids/mask [B, T]."""
-        return self._itm_head(self._itm_hidden(image_feats, input_ids, self._joint_mask(attention_mask)))
+        hidden = self._itm_qformer(image_feats, input_ids, self._joint_mask(attention_mask)).last_hidden_state
+        return self._itm_head(hidden)
 
     def itm_logits(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """ITM logits [B, 2] (index 1 = match) for pairs (image b, text b)."""
@@ -229,27 +212,35 @@ class Blip2ForImageTextRetrieval(_ImageTower, _TextTower, _Blip2QFormerBase):
         return input_ids[:, Q:], None if attention_mask is None else attention_mask[:, Q:], True
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
-                use_image_text_matching_head: bool = False,
-                interpolate_pos_encoding: bool = False) -> Blip2ImageTextMatchingOutput:
-        """ITM logits for pairs (image b, text b), or ITC logits for all images x all texts.
+                use_image_text_matching_head: bool = False, interpolate_pos_encoding: bool = False,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None) -> Any:
+        """ITM logits for pairs (image b, text b), or ITC logits for all images x all texts, with the Q-Former's
+        (``text_model_output``) and vision encoder's outputs (a ``Blip2ImageTextMatchingModelOutput``).
 
         ``input_ids`` may start with the processor's ``num_query_tokens`` image tokens; their mask
         columns then cover the queries (as in the reference).
         """
-        image_feats = self.vision_features(pixel_values, interpolate_pos_encoding)  # [B, N+1, Dv]
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        vision_outputs = self.vision_outputs(pixel_values, interpolate_pos_encoding, **flags)
+        image_feats = vision_outputs.last_hidden_state  # [B, N+1, Dv]
         ids, mask, had_image_tokens = self._split_image_tokens(input_ids, attention_mask)
         if use_image_text_matching_head:
             # with image tokens the given mask already spans [queries; text], as the reference uses it
             joint = attention_mask if had_image_tokens else self._joint_mask(mask)
-            hidden = self._itm_hidden(image_feats, ids, joint)  # [B, Q+T, D]
-            logits = self._itm_head(hidden)  # [B, 2]
-            return Blip2ImageTextMatchingOutput(logits, logits.t(), hidden, image_feats)
-        image_embeds = self.image_embeds_from_features(image_feats)  # [Bi, Q, E]
-        text_embeds = self.text_embeds(ids, mask)  # [Bt, E]
-        logits = itc_similarity(image_embeds, text_embeds)  # [Bi, Bt]
-        if self.config.temperature is not None:
-            logits = logits / self.config.temperature
-        return Blip2ImageTextMatchingOutput(logits, logits.t(), text_embeds, image_embeds)
+            text_outputs = self._itm_qformer(image_feats, ids, joint, **flags)
+            text_embeds, image_embeds = text_outputs.last_hidden_state, image_feats  # [B, Q+T, D], [B, N+1, Dv]
+            logits = self._itm_head(text_embeds)  # [B, 2]
+        else:
+            image_embeds = self.image_embeds_from_features(image_feats)  # [Bi, Q, E]
+            text_outputs = self.text_outputs(ids, mask, **flags)
+            text_embeds = self.project_text(text_outputs.last_hidden_state[:, 0])  # [Bt, E]
+            logits = itc_similarity(image_embeds, text_embeds)  # [Bi, Bt]
+            if self.config.temperature is not None:
+                logits = logits / self.config.temperature
+        return finish(Blip2ImageTextMatchingModelOutput(
+            logits_per_image=logits, logits_per_text=logits.t(), text_embeds=text_embeds, image_embeds=image_embeds,
+            text_model_output=text_outputs, vision_model_output=vision_outputs), return_dict)
 
 
 class Blip2TextModelWithProjection(_TextTower, _Blip2QFormerBase):
@@ -266,12 +257,17 @@ class Blip2TextModelWithProjection(_TextTower, _Blip2QFormerBase):
         self.embeddings = Blip2QFormerTextEmbeddings(config.qformer_config)
         self.text_projection = nn.Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Blip2TextModelOutput:
-        """input_ids/attention_mask [B, T] -> every position projected and normalised, [B, T, E]."""
-        hidden = self.text_hidden_states(input_ids, attention_mask, position_ids)  # [B, T, D]
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None) -> Any:
+        """input_ids/attention_mask [B, T] -> ``text_embeds``: every position projected and normalised [B, T, E]
+        (CLS is position 0), ``last_hidden_state`` [B, T, D] (a ``Blip2TextModelOutput``)."""
+        out = self.text_outputs(input_ids, attention_mask, position_ids, output_attentions=output_attentions,
+                                output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state  # [B, T, D]
         embeds = F.normalize(self.text_projection(hidden.to(self.text_projection.weight.dtype)), dim=-1)
-        return Blip2TextModelOutput(embeds, hidden)
+        return finish(Blip2TextModelOutput(text_embeds=embeds, last_hidden_state=hidden, hidden_states=out.hidden_states,
+                                           attentions=out.attentions), return_dict)
 
 
 class Blip2VisionModelWithProjection(_ImageTower, _Blip2QFormerBase):
@@ -288,7 +284,14 @@ class Blip2VisionModelWithProjection(_ImageTower, _Blip2QFormerBase):
         self.vision_model = Blip2VisionModel(config.vision_config)
         self.vision_projection = nn.Linear(config.qformer_config.hidden_size, config.image_text_hidden_size)
 
-    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Blip2VisionModelOutput:
-        """pixel_values [B, 3, H, W] -> normalised query embeddings [B, Q, E] and the vision output."""
-        image_feats = self.vision_features(pixel_values, interpolate_pos_encoding)  # [B, N+1, Dv]
-        return Blip2VisionModelOutput(self.image_embeds_from_features(image_feats), image_feats)
+    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None) -> Any:
+        """pixel_values [B, 3, H, W] -> ``image_embeds``: normalised query embeddings [B, Q, E], and the vision
+        encoder's ``last_hidden_state``, ``hidden_states``, ``attentions`` (a ``Blip2VisionModelOutput``)."""
+        vision = self.vision_outputs(pixel_values, interpolate_pos_encoding, output_attentions=output_attentions,
+                                     output_hidden_states=output_hidden_states)
+        return finish(Blip2VisionModelOutput(
+            image_embeds=self.image_embeds_from_features(vision.last_hidden_state),
+            last_hidden_state=vision.last_hidden_state, hidden_states=vision.hidden_states,
+            attentions=vision.attentions), return_dict)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from blip2.config import T5Config
 from blip2.generation import greedy_step
-from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention
+from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention, device_of
 
 __all__ = ["T5Decoding", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
            "shift_right"]
@@ -86,8 +86,11 @@ def _clamp_fp16(x: Tensor) -> Tensor:
 
 
 def _dtype_of(layer: nn.Module) -> torch.dtype:
-    """The compute dtype of an ``nn.Linear``, or of a stand-in that ``blip2.fast`` put there (its ``dtype``)."""
-    return layer.weight.dtype if isinstance(layer, nn.Linear) else layer.dtype
+    """The compute dtype of an ``nn.Linear``, of a stand-in that ``blip2.fast`` put there (its ``dtype``), or of a
+    wrapper around one (PEFT's LoRA layers show their base layer's ``weight``)."""
+    if isinstance(layer, nn.Linear) or not hasattr(layer, "dtype"):
+        return layer.weight.dtype
+    return layer.dtype
 
 
 def _float_mask(keep: Tensor, bias: Tensor | float, dtype: torch.dtype) -> Tensor:
@@ -299,7 +302,7 @@ class T5ForConditionalGeneration(nn.Module):
         # ids [N, T] at cache positions input_pos [T]; self_mask [1, H, L, L] for the whole cache
         # -> logits [N, V] float32 of the last position
         h = self.decoder(self.shared(ids), self_mask[:, :, input_pos], cross_kv, cross_mask, caches, input_pos)
-        return self._logits(h[:, -1]).float()
+        return self.logits(h[:, -1]).float()
 
     def set_dtype(self, dtype: torch.dtype) -> T5ForConditionalGeneration:
         """Cast to ``dtype``; in fp16 every FFN ``wo`` stays fp32, as transformers loads T5 in fp16."""
@@ -326,7 +329,8 @@ class T5ForConditionalGeneration(nn.Module):
         if self.lm_head.weight is self.shared.weight and head is not shared and not torch.equal(head, shared):
             self.lm_head.weight = nn.Parameter(torch.empty_like(self.shared.weight))
 
-    def _logits(self, h: Tensor) -> Tensor:  # decoder output [..., D] -> [..., V]
+    def logits(self, h: Tensor) -> Tensor:
+        """lm_head: decoder output [..., D] -> logits [..., V]."""
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
         return self.lm_head(h)
@@ -352,20 +356,25 @@ class T5ForConditionalGeneration(nn.Module):
                 labels: Tensor | None = None) -> Tensor:
         """Teacher-forced logits [B, Td, V]. Without ``decoder_input_ids`` they are ``labels`` shifted right.
         For the loss, apply ``seq2seq_lm_loss(logits, labels)``."""
+        enc = self.encode(inputs_embeds, attention_mask)
+        return self.logits(self.decode(enc, attention_mask, decoder_input_ids, decoder_attention_mask, labels))
+
+    def decode(self, encoder_out: Tensor, attention_mask: Tensor | None, decoder_input_ids: Tensor | None,
+               decoder_attention_mask: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        """The decoder's output [B, Td, D] (before ``logits``) over the encoder output [B, S, D], teacher-forced
+        with ``decoder_input_ids`` (default: ``labels`` shifted right)."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5 forward needs decoder_input_ids or labels")
             decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
-        enc = self.encode(inputs_embeds, attention_mask)
         T = decoder_input_ids.shape[1]
-        pos = torch.arange(T, device=enc.device)
+        pos = torch.arange(T, device=encoder_out.device)
         keep = (pos[None, :] <= pos[:, None])[None, None]  # [1, 1, T, T] causal
         if decoder_attention_mask is not None:
             keep = keep & decoder_attention_mask.bool()[:, None, None, :]
         mask = _float_mask(keep, self.decoder.position_bias(pos, pos), self.decoder.attn_dtype)
-        h = self.decoder(self.shared(decoder_input_ids), mask, self.decoder.cross_kv(enc),
-                         self._cross_mask(attention_mask, enc))
-        return self._logits(h)
+        return self.decoder(self.shared(decoder_input_ids), mask, self.decoder.cross_kv(encoder_out),
+                            self._cross_mask(attention_mask, encoder_out))
 
     @torch.no_grad()
     def start_decoding(self, inputs_embeds: Tensor, attention_mask: Tensor | None, expand: int,
@@ -406,7 +415,8 @@ class T5Decoding:
         pos = torch.arange(-(-self.length // 8) * 8, device=device)
         causal = (pos[None, :] <= pos[:, None])[None, None]
         self.self_mask = _float_mask(causal, dec.position_bias(pos, pos), dec.attn_dtype)  # [1, H, L, L]
-        self.caches = [KVCache(N, cfg.num_heads, len(pos), cfg.d_kv, dec.attn_dtype, device) for _ in dec.block]
+        self.caches = [KVCache(N, cfg.num_heads, len(pos), cfg.d_kv, dec.attn_dtype, device_of(block))
+                       for block in dec.block]
 
     def _run(self, ids: Tensor, step: Callable[..., Tensor]) -> Tensor:
         # ids [N, T] -> logits [N, V] of the last position
@@ -438,5 +448,6 @@ class T5Decoding:
         """Keep rows ``index`` (beam search): self-attention caches, cross K/V and encoder mask."""
         for cache in self.caches:
             cache.reorder(index)
-        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+        self.cross_kv = [(k.index_select(0, index.to(k.device)), v.index_select(0, index.to(k.device)))
+                         for k, v in self.cross_kv]
         self.cross_mask = self.cross_mask.index_select(0, index)

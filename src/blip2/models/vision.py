@@ -11,7 +11,7 @@ Shapes: B batch, N = (H/p)*(W/p) patches, D = hidden_size, h heads, d = D/h.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +20,10 @@ from torch.utils.checkpoint import checkpoint
 
 from blip2.checkpoint import SubmodelMixin
 from blip2.config import Blip2VisionConfig
-from blip2.models.layers import activation
+from blip2.models.layers import activation, attention
+from blip2.models.outputs import BaseModelOutputWithPooling, Recorder, finish
 
-__all__ = ["Blip2VisionModel", "Blip2VisionOutput"]
-
-
-class Blip2VisionOutput(NamedTuple):
-    last_hidden_state: Tensor  # [B, N+1, D], after post_layernorm
-    pooler_output: Tensor  # [B, D], CLS token; see Blip2VisionModel.forward
+__all__ = ["Blip2VisionModel"]
 
 
 class Blip2VisionEmbeddings(nn.Module):
@@ -93,7 +89,7 @@ class Blip2Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, L, d]
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, None, scale=None, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
         return self.projection(y)
 
@@ -177,17 +173,25 @@ class Blip2VisionModel(SubmodelMixin, nn.Module):
         nn.init.trunc_normal_(self.embeddings.position_embedding, std=std)
         nn.init.trunc_normal_(self.embeddings.class_embedding, std=std)
 
-    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Blip2VisionOutput:
-        """pixel_values [B, 3, H, W] -> (last_hidden_state [B, N+1, D], pooler_output [B, D]).
+    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None) -> Any:
+        """pixel_values [B, 3, H, W] -> ``last_hidden_state`` [B, N+1, D], ``pooler_output`` [B, D] (a
+        ``BaseModelOutputWithPooling``; a tuple with ``return_dict=False``).
 
         ``interpolate_pos_encoding`` resizes the position embeddings (bicubic) for an image size other
         than the one they were trained for; without it such an image is an error.
 
         As in transformers, ``post_layernorm`` normalises every token of ``last_hidden_state`` and
-        then, for ``pooler_output``, the CLS token once more: the pooler is ln(ln(x_cls)).
+        then, for ``pooler_output``, the CLS token once more: the pooler is ln(ln(x_cls)). ``hidden_states``
+        (asked for) are the embeddings and each layer's output, the last before ``post_layernorm``.
         """
         x = self.embeddings(pixel_values, interpolate_pos_encoding)  # [B, N+1, D]
-        x = self.encoder(x, gradient_checkpointing=self.gradient_checkpointing and self.training)
+        with Recorder(self.encoder.layers, output_hidden_states, output_attentions) as rec:
+            x = self.encoder(x, gradient_checkpointing=self.gradient_checkpointing and self.training)
+        hidden_states = rec.hidden_states(x)
         x = self.post_layernorm(x)  # [B, N+1, D]
         pooled = self.post_layernorm(x[:, 0])  # [B, D]
-        return Blip2VisionOutput(x, pooled)
+        return finish(BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled,
+                                                 hidden_states=hidden_states, attentions=rec.attentions),
+                      return_dict)

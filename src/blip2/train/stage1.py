@@ -197,7 +197,7 @@ class Blip2Stage1(nn.Module):
 
         # ITC: queries vs text CLS, against every rank's rows
         image_embeds = m.image_embeds_from_features(image_feats)  # [b, Q, E]
-        text_cls = m.text_hidden_states(input_ids, attention_mask)[:, 0]  # [b, D]
+        text_cls = m.text_outputs(input_ids, attention_mask).last_hidden_state[:, 0]  # [b, D]
         text_embeds = F.normalize(m.text_projection(text_cls), dim=-1)  # [b, E]
         image_embeds_all = gather_with_grad(image_embeds)  # [G, Q, E]
         text_embeds_all = gather_with_grad(text_embeds)  # [G, E]
@@ -231,7 +231,7 @@ class Blip2Stage1(nn.Module):
         queries = m.query_tokens.expand(b, -1, -1)
         joint_mask = torch.cat([attention_mask.new_ones(b, Q), attention_mask], dim=1)  # [b, Q+T]
         hidden = m.qformer(m.embeddings(itg_input_ids, queries), image_feats, query_length=Q,
-                           attention_mask=joint_mask, causal_text=True)  # [b, Q+T, D]
+                           attention_mask=joint_mask, causal_text=True).last_hidden_state  # [b, Q+T, D]
         logits = self.itg_head(hidden[:, Q:], m.embeddings.word_embeddings.weight)  # [b, T, V]
         total, count = token_cross_entropy(logits, itg_labels, shift=True, label_smoothing=ITG_LABEL_SMOOTHING)
         if world > 1:  # normalise by the global token count: DDP's mean over ranks then gives the global mean

@@ -99,7 +99,7 @@ class Blip2Stage2(nn.Module):
         device = m.query_tokens.device
         image_embeds = encode_image(m.vision_model, pixel_values, self.autocast_dtype, vision_states)  # [b, N+1, Dv]
         queries = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = m.qformer(queries, image_embeds.to(queries.dtype))  # [b, Q, Dq], fp32
+        query_output = m.qformer(queries, image_embeds.to(queries.dtype)).last_hidden_state  # [b, Q, Dq], fp32
         lm_inputs = m.language_projection(query_output.to(m.language_projection.weight.dtype))  # [b, Q, D_lm]
         input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
         with autocast(device, self.autocast_dtype):
