@@ -69,18 +69,22 @@ def test_a_file_name_that_is_not_utf8_is_written_losslessly_and_resumed(pipe, ti
 
 
 def test_a_fifo_is_skipped_not_opened(pipe, tiny_model_dir, tmp_path):
-    """A FIFO named like an image, in a folder and given by name: reported, never opened (opening blocks)."""
+    """A FIFO named like an image, in a folder, given by name and matched by a glob: reported, never opened
+    (opening one blocks until a writer comes)."""
     write_image(tmp_path / "photos" / "a.png", seed=1)
     os.mkfifo(tmp_path / "photos" / "x.png")
     os.mkfifo(tmp_path / "y.png")
-    r = subprocess.run([sys.executable, "-m", "blip2", *caption_args(tiny_model_dir, "photos", "y.png")],
+    (tmp_path / "more").mkdir()
+    os.mkfifo(tmp_path / "more" / "z.png")
+    r = subprocess.run([sys.executable, "-m", "blip2", *caption_args(tiny_model_dir, "photos", "y.png", "more/*.png")],
                        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1, r.stderr
     assert r.stdout == f"photos/a.png\t{want(pipe, tmp_path / 'photos' / 'a.png')}\n"
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: cannot read image 'photos/x.png': not a regular file but a FIFO",
-                      "error: cannot read image 'y.png': not a regular file but a FIFO"]
-    assert "done: 1 captioned, 2 failed" in r.stderr
+                      "error: cannot read image 'y.png': not a regular file but a FIFO",
+                      "error: cannot read image 'more/z.png': not a regular file but a FIFO"]
+    assert "done: 1 captioned, 3 failed" in r.stderr
 
 
 def test_memory_and_os_errors_cost_only_their_image(pipe, tiny_model_dir, tmp_path, monkeypatch, capsys):

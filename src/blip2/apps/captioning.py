@@ -64,7 +64,8 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
         elif os.path.exists(arg):
             found.append(arg)
         elif glob.has_magic(arg):
-            files = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
+            # not only regular files: a FIFO or device that matches is reported when it is read
+            files = sorted(p for p in glob.glob(arg, recursive=True) if not os.path.isdir(p))
             if not files:
                 problems.append((arg, "no file matches this pattern"))
             found += files
