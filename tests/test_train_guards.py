@@ -13,7 +13,13 @@ import torch
 pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
-from train_fixtures import NUM_QUERY, one_object_data, write_bert_dir, write_blip2_dir, write_vision_preprocessor  # noqa: E402
+from train_fixtures import (  # noqa: E402
+    NUM_QUERY,
+    one_object_data,
+    write_bert_dir,
+    write_blip2_dir,
+    write_vision_preprocessor,
+)
 
 from blip2.models.blip2 import Blip2ForConditionalGeneration  # noqa: E402
 from blip2.processing import Blip2Processor  # noqa: E402
@@ -54,8 +60,9 @@ def test_a_restart_into_a_run_refuses_unless_resume_or_overwrite(dirs, tmp_path,
     assert (out / "metrics.jsonl").read_text() == before and checkpoint_step(out) == 4
 
     model = Blip2ForConditionalGeneration.from_pretrained(dirs["opt"])  # the library refuses too
+    processor = Blip2Processor.from_pretrained(dirs["opt"])
     with pytest.raises(ValueError, match="already holds a training run"):
-        train_stage2(model, Blip2Processor.from_pretrained(dirs["opt"]), dirs["train"], small(max_steps=2, out_dir=str(out)))
+        train_stage2(model, processor, dirs["train"], small(max_steps=2, out_dir=str(out)))
 
     assert train_main(args + ["--max-steps", "2", "--resume", "--overwrite"]) == 2
     assert "resume and overwrite exclude each other" in capsys.readouterr().err

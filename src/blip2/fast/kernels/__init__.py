@@ -25,8 +25,8 @@ the sources, the torch build, the compiler and the CPU's flags. Loading a librar
 is private: its folder is created 0700 and not used if another user owns it or others can write in it; a
 library is written under a temporary name and renamed, with its SHA-256 beside it (``.sha256``), and loaded
 only if it is a file of this user's that others cannot write and its content has that hash; otherwise it is
-built again (into a private temporary folder, for this process only, where the cache cannot be used). It needs Linux on x86-64 with AVX-512 F
-and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
+built again (into a private temporary folder, for this process only, where the cache cannot be used).
+It needs Linux on x86-64 with AVX-512 F and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
 is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the callers keep their portable path (a compiled
 step whose products are a compiled reduction: the same sums, in another order).
 
