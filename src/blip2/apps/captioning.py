@@ -302,8 +302,14 @@ def _caption_batch(pipe: Pipeline, good: list[tuple[str, torch.Tensor]], prompt:
     return done, failed
 
 
-def _close_in_worker(fd: int, worker_id: int) -> None:
-    os.close(fd)
+def _close_in_worker(fd: int, identity: tuple[int, int], worker_id: int) -> None:
+    """Close the lock's descriptor in a DataLoader worker forked with it (a spawned one never had it)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) == identity:
+        os.close(fd)
 
 
 def _run_batches(pipe: Pipeline, mine: list[str], prompt: str, batch_size: int, options: GenerationOptions,
@@ -312,7 +318,10 @@ def _run_batches(pipe: Pipeline, mine: list[str], prompt: str, batch_size: int, 
     captioned = failed = 0
     # DataLoader workers are forked holding the lock's descriptor: they close it, so the lock ends with this
     # process (the workers of a killed run linger a few seconds and must not keep --resume out meanwhile)
-    forget = None if lock is None else functools.partial(_close_in_worker, lock.fileno())
+    forget = None
+    if lock is not None:
+        st = os.fstat(lock.fileno())
+        forget = functools.partial(_close_in_worker, lock.fileno(), (st.st_dev, st.st_ino))
     loader = torch.utils.data.DataLoader(ImageFiles(mine, pipe.processor.image_processor), batch_size=batch_size,
                                          num_workers=workers, collate_fn=list, worker_init_fn=forget)
     for batch in loader:
@@ -358,8 +367,11 @@ def caption_job(ranks: Ranks, paths: list[str], model: str | None, device: str, 
             pipe.check_prompt(prompt, options)  # a retrieval checkpoint or an over-long prompt fails here, not per batch
             sink = output if output is None or ranks.world == 1 else f"{output}.rank{ranks.rank}.part"
             progress = Progress(len(mine), sys.stderr if lead else None)
-            captioned, failed = _run_batches(pipe, mine, prompt, batch_size, options, sink, workers, progress, lock)
-            progress.close()
+            try:
+                captioned, failed = _run_batches(pipe, mine, prompt, batch_size, options, sink, workers, progress,
+                                                 lock)
+            finally:  # also before an interruption's or a failure's message, which must not run into the line
+                progress.close()
         ranks.barrier()
         if lead and output is not None and ranks.world > 1:
             _fold_parts(output, order)
