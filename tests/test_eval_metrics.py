@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import random
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -115,19 +117,45 @@ def ten(answer: str, k: int, other: str = "3") -> list[str]:
         (4, 1.0),  # 6 * 1 + 4 * min(3/3, 1)
     ],
 )
-def test_vqa_question_accuracy_disagreeing_annotators(k: int, expected: float) -> None:
+@pytest.mark.parametrize("rules", ["official", "lavis"])
+def test_vqa_question_accuracy_disagreeing_annotators(k: int, expected: float, rules: str) -> None:
     # the prediction "two" is normalised to "2"; the ground truth is already in digits, as in VQAv2
-    assert vqa_question_accuracy("two", ten("2", k)) == pytest.approx(expected, abs=1e-12)
+    assert vqa_question_accuracy("two", ten("2", k), rules) == pytest.approx(expected, abs=1e-12)
 
 
-def test_vqa_ground_truth_punctuation_only_when_annotators_disagree() -> None:
-    # disagreeing annotators: their answers go through process_punctuation, "red, white" -> "red white"
-    assert vqa_question_accuracy("red white", ten("red, white", 3, "red")) == pytest.approx(0.9)
-    # all ten agree: left as written, so the normalised prediction cannot match (official behaviour)
-    assert vqa_question_accuracy("red, white", ["red, white"] * 10) == 0.0
-    # ground truth is not digit-normalised either: the official files store digits
-    assert vqa_question_accuracy("two", ["two"] * 10) == 0.0
-    assert vqa_question_accuracy("Two.", ["2"] * 10) == 1.0
+# (prediction, annotators' answers, accuracy by the 2021 official script, by the 2016 one LAVIS copies)
+RULE_CASES = [
+    # annotators disagree: both normalise the prediction; 2021 normalises the answers fully, 2016 only
+    # their punctuation ("red, white" -> "red white")
+    ("red white", ten("red, white", 3, "red"), 0.9, 0.9),
+    ("Two.", ten("2", 3), 0.9, 0.9),
+    ("2", ten("two", 3, "three"), 0.9, 0.0),  # 2016 leaves "two" as written: never matches a digit
+    ("dog", ten("the dog", 4, "cat"), 1.0, 0.0),  # ... nor drops its article
+    ("no", ten("No.", 2, "yes"), 0.6, 0.0),  # ... nor lower-cases it ("No" after its punctuation)
+    ("dont know", ten("don't know", 3, "no"), 0.9, 0.9),
+    # annotators agree: 2021 compares prediction and answer as written (but stripped); 2016 normalises the
+    # prediction only
+    ("yes", ["yes"] * 10, 1.0, 1.0),
+    ("Yes", ["yes"] * 10, 0.0, 1.0),
+    ("Two.", ["2"] * 10, 0.0, 1.0),
+    ("two", ["two"] * 10, 1.0, 0.0),
+    ("red, white", ["red, white"] * 10, 1.0, 0.0),
+    (" yes\n", ["yes"] * 10, 1.0, 1.0),  # newlines and tabs become spaces and ends are stripped, both
+    ("yes", ["yes\t"] * 10, 1.0, 0.0),  # 2016 never cleans the annotators' answers
+    ("the dog", ["dog"] * 10, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("prediction, answers, official, lavis", RULE_CASES)
+def test_vqa_rules_case_by_case(prediction: str, answers: list[str], official: float, lavis: float) -> None:
+    assert vqa_question_accuracy(prediction, answers) == pytest.approx(official, abs=1e-12)  # the default
+    assert vqa_question_accuracy(prediction, answers, "official") == pytest.approx(official, abs=1e-12)
+    assert vqa_question_accuracy(prediction, answers, "lavis") == pytest.approx(lavis, abs=1e-12)
+
+
+def test_vqa_rules_must_be_known() -> None:
+    with pytest.raises(ValueError, match=r"rules must be one of \('official', 'lavis'\), got '2019'"):
+        vqa_question_accuracy("yes", ["yes"], "2019")
 
 
 def make_annotations() -> list[VQAAnnotation]:
@@ -141,12 +169,16 @@ def make_annotations() -> list[VQAAnnotation]:
 
 def test_vqa_accuracy_breakdown() -> None:
     preds = {1: "Yes", 2: "two", 3: "red", 4: "yes"}
-    score = vqa_accuracy(preds, make_annotations())
+    score = vqa_accuracy(preds, make_annotations(), rules="lavis")
     # per question: 100, 60, 30, 0
     assert score.per_question == pytest.approx({1: 100.0, 2: 60.0, 3: 30.0, 4: 0.0})
     assert score.overall == pytest.approx((100 + 60 + 30 + 0) / 4)
     assert score.per_answer_type == pytest.approx({"yes/no": 50.0, "number": 60.0, "other": 30.0})
     assert score.per_question_type == pytest.approx({"is the": 50.0, "how many": 60.0, "what color is the": 30.0})
+    # by the 2021 script "Yes" misses ten annotators' "yes": nothing normalises a unanimous question
+    score = vqa_accuracy(preds, make_annotations())
+    assert score.per_question == pytest.approx({1: 0.0, 2: 60.0, 3: 30.0, 4: 0.0})
+    assert score.per_answer_type == pytest.approx({"yes/no": 0.0, "number": 60.0, "other": 30.0})
 
 
 def test_vqa_accuracy_rejects_mismatched_predictions() -> None:
@@ -182,6 +214,15 @@ def test_gqa_exact_match_after_normalisation() -> None:
         ("I'm gonna eat; you'd've cannot", "i 'm gon na eat you 'd 've can not"),
         ("the dogs' toys -- two of them", "the dogs toys two of them"),
         ("What a view!!", "what a view !!"),  # PTB keeps "!!" as one token; only "!" is dropped
+        # as the Java tokenizer splits them (checked against it below where Java is present): a clitic
+        # before a period; an abbreviation before more periods keeps one of them
+        ("the dog 's.", "the dog 's"),
+        ("in the u.s..", "in the u.s."),
+        ("mr.... smith", "mr. smith"),
+        ("st.. louis", "st. louis"),
+        ("i saw a.. dog", "i saw a. dog"),
+        ("the dog.. ran", "the dog ran"),
+        ("'em. 'hello'.", "'em hello"),
     ],
 )  # fmt: skip
 def test_ptb_tokenize(raw: str, expected: str) -> None:
@@ -201,6 +242,11 @@ CAPTIONS = [
     "There are 3 people and 1,000 balloons; it's 3:30 p.m.",
     "It's a sunny day at the beach, isn't it?",
     "A dog's toy lies on the floor and the dogs' bowls are empty...",
+    "the dog 's.",
+    "in the u.s..",
+    "mr.... smith",
+    "St.. Louis at 5 p.m... yes",
+    "i saw a.. dog, 'em. 'hello'.",
 ]
 
 
@@ -208,6 +254,35 @@ CAPTIONS = [
 def test_python_tokenizer_matches_java_ptb_tokenizer() -> None:
     java = tokenize_captions({i: [c] for i, c in enumerate(CAPTIONS)}, tokenizer="java")
     assert [java[i][0] for i in range(len(CAPTIONS))] == [ptb_tokenize(c) for c in CAPTIONS]
+
+
+def test_auto_tokenizer_is_java_where_it_runs_else_python_saying_so(monkeypatch, caplog) -> None:
+    refs, preds = {1: ["in the u.s.."], 2: ["mr.... smith"]}, {1: "the dog 's.", 2: "a dog"}
+    if HAVE_PYCOCOEVALCAP and HAVE_JAVA:
+        with caplog.at_level(logging.WARNING, logger="blip2.eval"):
+            assert evaluate_captions(refs, preds, meteor=False, spice=False).tokenizer == "java"
+        assert caplog.text == ""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="blip2.eval"):
+        scores = evaluate_captions(refs, preds, meteor=False, spice=False)
+    assert scores.tokenizer == "python"
+    assert ("caption metrics: pycocoevalcap's Java PTB tokenizer cannot run (" in caplog.text
+            and "tokenizing with blip2's Python PTB tokenizer instead" in caplog.text)
+    with pytest.raises(RuntimeError, match="tokenizer='java': "):
+        tokenize_captions(refs, tokenizer="java")
+
+
+@needs_java_tools
+def test_a_java_tokenizer_that_fails_falls_back_under_auto_only(monkeypatch, caplog) -> None:
+    def crash(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, ["java"])
+
+    monkeypatch.setattr(subprocess, "run", crash)
+    with caplog.at_level(logging.WARNING, logger="blip2.eval"):
+        assert tokenize_captions({1: ["A dog."]}) == {1: ["a dog"]}
+    assert "cannot run (it failed: Command '['java']' returned non-zero exit status 1.)" in caplog.text
+    with pytest.raises(RuntimeError, match="tokenizer='java': it failed"):
+        tokenize_captions({1: ["A dog."]}, tokenizer="java")
 
 
 # ============================================================================ BLEU

@@ -170,7 +170,9 @@ def test_build_is_cached_per_machine(tmp_path):
     second = _load_in_subprocess({"BLIP2_CACHE_DIR": str(cache)})
     assert second[:2] == ["True", "False"] and second[2] == first[2]
     assert built[0].stat().st_mtime_ns == stamp
-    assert [p.name for p in (cache / "kernels").iterdir()] == [built[0].name]  # no temporary left behind
+    # no temporary left behind; the library's hash beside it, and the folder private
+    assert sorted(p.name for p in (cache / "kernels").iterdir()) == [built[0].name, built[0].name + ".sha256"]
+    assert (cache / "kernels").stat().st_mode & 0o777 == 0o700
 
 
 @needs_kernel

@@ -41,6 +41,13 @@ class _Config:
     model_type: ClassVar[str] = ""
     # old spelling -> current field name
     renames: ClassVar[dict[str, str]] = {}
+    # the values a model can be built from: sizes above 0, layer counts of 0 or more, probabilities in [0, 1]
+    # (a file saying num_query_tokens: -5 is an error naming the field, not a failure deep inside torch)
+    positive: ClassVar[tuple[str, ...]] = ()
+    counts: ClassVar[tuple[str, ...]] = ()
+    probabilities: ClassVar[tuple[str, ...]] = ()
+    # (width, heads): the width splits evenly into heads
+    heads: ClassVar[tuple[str, str] | None] = None
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -81,6 +88,18 @@ class _Config:
             ok = {"int": (int,), "float": (int, float), "bool": (bool,)}[f.type]
             if not isinstance(v, ok) or (f.type == "int" and isinstance(v, bool)):
                 raise ConfigError(f"{source}: field {f.name!r} expected {f.type}, got {v!r}")
+        rules = [(self.positive, lambda v: v > 0, "above 0"), (self.counts, lambda v: v >= 0, "0 or more"),
+                 (self.probabilities, lambda v: 0 <= v <= 1, "between 0 and 1")]
+        for names, ok_value, wanted in rules:
+            for name in names:
+                v = getattr(self, name)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok_value(v):
+                    raise ConfigError(f"{source}: field {name!r} must be {wanted}, got {v!r}")
+        if self.heads is not None:
+            width, heads = (getattr(self, n) for n in self.heads)
+            if width % heads:
+                raise ConfigError(f"{source}: field {self.heads[0]!r} ({width}) must be a multiple of "
+                                  f"{self.heads[1]!r} ({heads})")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
@@ -103,6 +122,11 @@ class Blip2VisionConfig(_Config):
     """The EVA ViT-g image encoder (1408 wide, 39 layers, patch 14, 224 px by default)."""
 
     model_type: ClassVar[str] = "blip_2_vision_model"
+    positive: ClassVar[tuple[str, ...]] = ("hidden_size", "intermediate_size", "num_attention_heads", "image_size",
+                                           "patch_size", "layer_norm_eps")
+    counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
+    probabilities: ClassVar[tuple[str, ...]] = ("attention_dropout",)
+    heads: ClassVar[tuple[str, str] | None] = ("hidden_size", "num_attention_heads")
 
     hidden_size: int = 1408
     intermediate_size: int = 6144
@@ -126,6 +150,12 @@ class Blip2QFormerConfig(_Config):
     """The Q-Former: a BERT-base-sized encoder with cross-attention to the image every k-th layer."""
 
     model_type: ClassVar[str] = "blip_2_qformer"
+    positive: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+                                           "max_position_embeddings", "layer_norm_eps", "cross_attention_frequency",
+                                           "encoder_hidden_size")
+    counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
+    probabilities: ClassVar[tuple[str, ...]] = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+    heads: ClassVar[tuple[str, str] | None] = ("hidden_size", "num_attention_heads")
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -150,6 +180,11 @@ class OPTConfig(_Config):
 
     model_type: ClassVar[str] = "opt"
     is_encoder_decoder: ClassVar[bool] = False
+    positive: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "ffn_dim", "num_attention_heads",
+                                           "max_position_embeddings", "word_embed_proj_dim")
+    counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
+    probabilities: ClassVar[tuple[str, ...]] = ("dropout", "attention_dropout")
+    heads: ClassVar[tuple[str, str] | None] = ("hidden_size", "num_attention_heads")
 
     vocab_size: int = 50304
     hidden_size: int = 2560
@@ -198,6 +233,10 @@ class T5Config(_Config):
 
     model_type: ClassVar[str] = "t5"
     is_encoder_decoder: ClassVar[bool] = True
+    positive: ClassVar[tuple[str, ...]] = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "layer_norm_epsilon",
+                                           "relative_attention_num_buckets", "relative_attention_max_distance")
+    counts: ClassVar[tuple[str, ...]] = ("num_layers", "num_decoder_layers")
+    probabilities: ClassVar[tuple[str, ...]] = ("dropout_rate",)
     renames: ClassVar[dict[str, str]] = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
                                           "num_hidden_layers": "num_layers", "head_dim": "d_kv"}
     # transformers' T5Config defaults where they differ from ours; applied to keys absent from a file
@@ -261,6 +300,7 @@ class Blip2Config(_Config):
 
     model_type: ClassVar[str] = "blip-2"
     renames: ClassVar[dict[str, str]] = {"image_token_id": "image_token_index"}
+    positive: ClassVar[tuple[str, ...]] = ("num_query_tokens", "image_text_hidden_size")
 
     vision_config: Blip2VisionConfig = field(default_factory=Blip2VisionConfig)
     qformer_config: Blip2QFormerConfig = field(default_factory=Blip2QFormerConfig)

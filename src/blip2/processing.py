@@ -17,6 +17,7 @@ settings transformers gives it, so ids and masks match by construction.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -465,7 +466,11 @@ class Blip2Processor:
 
 class ImageFiles(torch.utils.data.Dataset):
     """One image file per item, decoded and preprocessed where it is read (a DataLoader worker):
-    ``(path, pixel_values [3, H, W], None)``, or ``(path, None, reason)`` when the file cannot be read."""
+    ``(path, pixel_values [3, H, W], None)``, or ``(path, None, reason)`` when the file cannot be used.
+
+    Whatever one file does costs only that file: only regular files are opened (a FIFO or a device named
+    ``x.png`` would block the reader or never end), and running out of memory or an OS error while decoding
+    or resizing one (a 100M x 1 pixel PNG is 12 KB) is that file's reason, not the job's end."""
 
     def __init__(self, paths: Sequence[str], image_processor: Blip2ImageProcessor) -> None:
         self.paths = list(paths)
@@ -477,7 +482,19 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str | None]:
         path = self.paths[i]
         try:
+            mode = os.stat(path).st_mode  # checked just before opening: a file swapped in between still blocks
+            if not stat.S_ISREG(mode):
+                kind = _SPECIAL_FILES.get(stat.S_IFMT(mode), "special file")
+                return path, None, f"cannot read image {path!r}: not a regular file but a {kind}"
             pixels = self.image_processor([load_image(path)], return_tensors="pt")["pixel_values"][0]
         except ImageLoadError as e:
             return path, None, str(e)
+        except MemoryError:
+            return path, None, f"cannot read image {path!r}: out of memory decoding or resizing it"
+        except OSError as e:  # gone since it was listed, unreadable, or an I/O error
+            return path, None, f"cannot read image {path!r}: {e.strerror or e}"
         return path, pixels, None
+
+
+_SPECIAL_FILES = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+                  stat.S_IFSOCK: "socket", stat.S_IFDIR: "directory"}

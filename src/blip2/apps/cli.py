@@ -2,7 +2,8 @@
 that maps command-line options onto their parameters (option ``--batch-size`` -> ``batch_size``).
 
 Exit codes: 0 success; 1 some images could not be read (each reported, the rest done);
-2 a usage or setup error (bad option, missing model, output conflict); 130 interrupted.
+2 a usage or setup error (bad option, missing model, output conflict); 3 an internal failure (a bug or a
+fault of the machine, with its traceback; results written so far are kept); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import inspect
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,13 +24,14 @@ from blip2._version import __version__
 from blip2.apps.captioning import Ranks, caption_job, expand_inputs, read_results
 from blip2.apps.errors import CliError, cli_message
 from blip2.apps.index import ImageIndex, list_images
-from blip2.apps.options import add_dtype_option, add_fast_option
+from blip2.apps.options import add_dtype_option, add_fast_option, non_negative_number, port, positive_number
 from blip2.apps.pipeline import GenerationOptions, Pipeline, PipelineError
 from blip2.processing import ImageFiles
 
 __all__ = ["CliError", "build_parser", "expand_inputs", "main", "read_results"]
 
 INDEX_DIR = ".blip2-index"  # where `blip2 search FOLDER` keeps the folder's index, inside the folder
+EXIT_INTERNAL = 3
 
 
 # -- subcommands ------------------------------------------------------------------------------------
@@ -68,6 +71,8 @@ def caption(paths: list[str], model: str | None = None, device: str = "auto", dt
         raise CliError("--resume and --overwrite need --output")
     if resume and overwrite:
         raise CliError("--resume and --overwrite exclude each other")
+    if any("\ud800" <= c <= "\udfff" for c in prompt):  # bytes of the command line that were not UTF-8
+        raise CliError(f"--prompt {prompt!r}: not valid UTF-8")
     _check_output_folder(output)
     ranks = Ranks.from_env()
     try:
@@ -434,13 +439,13 @@ def _serve_command(sub: Any) -> None:
     _generation_options(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    g.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: 8000)")
+    g.add_argument("--port", type=port, default=8000, help="port; 0 picks a free one (default: 8000)")
     g.add_argument("--max-batch-size", type=int, default=8, help="most requests in one forward pass (default: 8)")
-    g.add_argument("--max-wait-ms", type=float, default=10.0,
+    g.add_argument("--max-wait-ms", type=non_negative_number, default=10.0,
                    help="how long a request waits for others to share its batch (default: 10)")
     g.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503 (default: 64)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds before a request gets 504 (default: 60)")
-    g.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default: 10)")
+    g.add_argument("--timeout", type=positive_number, default=60.0, help="seconds before a request gets 504 (default: 60)")
+    g.add_argument("--max-upload-mb", type=positive_number, default=10.0, help="largest request body (default: 10)")
     g.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="largest image, width x height, checked before decoding (default: 40000000)")
 
@@ -475,3 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `blip2 caption ... | head`: the reader left; nothing to report
         sys.stderr.close()
         return 0
+    except Exception:  # not the input's fault: a bug, or the machine's (a disk error, memory, a dead worker)
+        traceback.print_exc()
+        print(f"blip2 {args.command}: internal error (exit code {EXIT_INTERNAL}; the traceback above says where): "
+              "results written so far are kept", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -56,6 +56,7 @@ from blip2.eval.retrieval import (
     retrieval_recall_from_rankings,
 )
 from blip2.eval.vqa import (
+    VQA_RULES,
     VQAScore,
     gqa_accuracy,
     normalize_answer,
@@ -68,7 +69,7 @@ from blip2.eval.vqa import (
 __all__ = [
     # vqa
     "normalize_answer", "process_punctuation", "process_digit_article", "vqa_question_accuracy",
-    "VQAScore", "vqa_accuracy", "gqa_accuracy",
+    "VQAScore", "VQA_RULES", "vqa_accuracy", "gqa_accuracy",
     # captions
     "ptb_tokenize", "tokenize_captions", "corpus_bleu", "cider_d", "meteor_score", "spice_score",
     "CaptionScores", "evaluate_captions", "evaluate_nocaps",

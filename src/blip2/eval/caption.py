@@ -3,17 +3,21 @@
 BLEU and CIDEr-D are reimplemented here in plain Python (no Java, no pycocoevalcap) and agree with
 pycocoevalcap's ``Bleu(4)`` and ``Cider()`` on the same tokenized input to float precision. METEOR
 and SPICE are Java programs shipped inside pycocoevalcap; they run when it is installed and
-``java`` is on PATH, and are otherwise reported as ``None`` with the reason.
+``java`` is on PATH, and are otherwise reported as ``None`` with the reason. Captions are tokenized by
+pycocoevalcap's Java PTB tokenizer where it runs, else (saying so in a warning) by ``ptb_tokenize``.
 
 Scores are on pycocoevalcap's scale (CIDEr 1.17, not 117), under its names in ``as_dict``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import shutil
+import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +39,9 @@ __all__ = [
 
 K = TypeVar("K", bound=Hashable)
 Ngram = tuple[str, ...]
+Tokenizer = Literal["auto", "python", "java"]
+
+logger = logging.getLogger("blip2.eval")
 
 # ----------------------------------------------------------------------------- tokenization
 #
@@ -75,7 +82,9 @@ _TEXT_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\("), " -lrb- "), (re.compile(r"\)"), " -rrb- "),
     (re.compile(r"\["), " -lsb- "), (re.compile(r"\]"), " -rsb- "),
     (re.compile(r"\{"), " -lcb- "), (re.compile(r"\}"), " -rcb- "),
-    (re.compile(r"\.\s?\.(\s?\.)*"), " ... "),  # "..", "...", ". . ."
+    # "..", "...", ". . .": the first period stays on the word, which keeps it if it is an abbreviation
+    # ("mr...." -> "mr." "...", "u.s.." -> "u.s." "."), else loses it as the sentence's end
+    (re.compile(r"\.\s?\.(\s?\.)*"), ". ... "),
     (re.compile(r"--+"), " -- "),
     (re.compile(r"[?!]+"), r" \g<0> "),
     (re.compile(r";"), " ; "),
@@ -87,11 +96,8 @@ _UNICODE = {"\u2026": "...", "\u2013": "--", "\u2014": "--", "\u201c": '"', "\u2
 
 
 def _split_token(tok: str, last: bool) -> list[str]:
-    """PTB treatment of one whitespace-separated piece: quotes, final period, clitics."""
-    head: list[str] = []
-    while tok.startswith("'") and len(tok) > 1 and not _KEEP_LEADING_QUOTE.match(tok):
-        head.append("'")
-        tok = tok[1:]
+    """PTB treatment of one whitespace-separated piece: final period and quotes, then leading quotes (so
+    "'s." is the clitic "'s" and a period), clitics."""
     tail: list[str] = []
     while True:
         if tok.endswith("'") and len(tok) > 1 and tok != "'n'":
@@ -110,6 +116,10 @@ def _split_token(tok: str, last: bool) -> list[str]:
             tok = stem
         else:
             break
+    head: list[str] = []
+    while tok.startswith("'") and len(tok) > 1 and not _KEEP_LEADING_QUOTE.match(tok):
+        head.append("'")
+        tok = tok[1:]
     if tok in _SPLIT_WORDS:
         return head + _SPLIT_WORDS[tok] + tail
     unit = _DECIMAL_UNIT.match(tok)
@@ -136,26 +146,57 @@ def ptb_tokenize(caption: str) -> str:
     return " ".join(t for t in tokens if t not in _DROPPED)
 
 
-def tokenize_captions(
-    captions: Mapping[K, Sequence[str]], tokenizer: Literal["python", "java"] = "python"
-) -> dict[K, list[str]]:
-    """Tokenize every caption of every image.
+def tokenize_captions(captions: Mapping[K, Sequence[str]], tokenizer: Tokenizer = "auto") -> dict[K, list[str]]:
+    """Tokenize every caption of every image, as pycocoevalcap scores them.
 
-    ``"python"`` is :func:`ptb_tokenize`; ``"java"`` runs pycocoevalcap's own ``PTBTokenizer``
-    (needs pycocoevalcap and Java; raises ``RuntimeError`` naming what is missing).
+    ``"java"`` runs pycocoevalcap's own PTB tokenizer (needs pycocoevalcap and Java; raises ``RuntimeError``
+    naming what is missing or what failed); ``"python"`` is :func:`ptb_tokenize`; ``"auto"`` is Java where it
+    runs, else Python with a warning that says so.
     """
-    if tokenizer == "python":
-        return {k: [ptb_tokenize(c) for c in cs] for k, cs in captions.items()}
-    if tokenizer != "java":
-        raise ValueError(f"tokenizer must be 'python' or 'java', got {tokenizer!r}")
-    reason = _java_unavailable()
-    if reason:
-        raise RuntimeError(f"tokenizer='java': {reason}")
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    return _tokenize(captions, tokenizer)[0]
 
-    # PTBTokenizer takes {key: [{"caption": str}]} and joins all captions with newlines, so an
-    # embedded newline is already turned into a space by it.
-    return PTBTokenizer().tokenize({k: [{"caption": c} for c in cs] for k, cs in captions.items()})
+
+def _tokenize(captions: Mapping[K, Sequence[str]], tokenizer: Tokenizer) -> tuple[dict[K, list[str]], str]:
+    """The tokenized captions and which tokenizer made them ("java" or "python")."""
+    if tokenizer not in ("auto", "python", "java"):
+        raise ValueError(f"tokenizer must be 'auto', 'python' or 'java', got {tokenizer!r}")
+    if tokenizer != "python":
+        reason = _java_unavailable()
+        if reason is None:
+            try:
+                return _java_tokenize(captions), "java"
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                reason = f"it failed: {e}"
+        if tokenizer == "java":
+            raise RuntimeError(f"tokenizer='java': {reason}")
+        logger.warning("caption metrics: pycocoevalcap's Java PTB tokenizer cannot run (%s); tokenizing with "
+                       "blip2's Python PTB tokenizer instead, which splits a few rare captions differently", reason)
+    return {k: [ptb_tokenize(c) for c in cs] for k, cs in captions.items()}, "python"
+
+
+def _java_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
+    """pycocoevalcap's ``PTBTokenizer``: its jar and options, one caption a line, its punctuation tokens
+    dropped; the file in a temporary folder of ours (pycocoevalcap writes it into its own, which may be
+    read-only), UTF-8 said explicitly (Java otherwise reads the locale's charset), and the output checked."""
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    keys = [k for k, cs in captions.items() for _ in cs]
+    lines = [c.replace("\n", " ") for cs in captions.values() for c in cs]
+    jar = os.path.join(os.path.dirname(ptb.__file__), ptb.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "captions.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
+        done = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", "-encoding", "UTF-8", path], capture_output=True, timeout=3600)
+    out = done.stdout.decode("utf-8", "replace").split("\n")
+    if done.returncode != 0 or len(out) < len(lines):
+        tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"java exited with {done.returncode}, {len(out)} lines for {len(lines)} captions: {tail}")
+    tokenized: dict[K, list[str]] = {k: [] for k in captions}
+    for key, line in zip(keys, out):
+        tokenized[key].append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+    return tokenized
 
 
 # ----------------------------------------------------------------------------- BLEU
@@ -349,6 +390,7 @@ class CaptionScores:
     num_images: int
     # metric name -> why it is None
     unavailable: dict[str, str] = field(default_factory=dict)
+    tokenizer: str = "python"  # the PTB tokenizer that ran: "java" (pycocoevalcap's) or "python"
 
     def as_dict(self) -> dict[str, float | None]:
         """pycocoevalcap's ``COCOEvalCap.eval`` names and scale."""
@@ -361,20 +403,21 @@ def evaluate_captions(
     references: Mapping[K, Sequence[str]],
     predictions: Mapping[K, str],
     *,
-    tokenizer: Literal["python", "java"] = "python",
+    tokenizer: Tokenizer = "auto",
     meteor: bool = True,
     spice: bool = True,
 ) -> CaptionScores:
     """BLEU-1..4, CIDEr-D, METEOR and SPICE of raw ``predictions`` against raw ``references``.
 
-    Keys are image ids; both sides are tokenized first (see :func:`tokenize_captions`). METEOR and
+    Keys are image ids; both sides are tokenized first, in one call (see :func:`tokenize_captions`). METEOR and
     SPICE are ``None`` (reason in ``unavailable``) when Java or pycocoevalcap is missing, or when
     switched off here (SPICE parses every caption and takes minutes on a full split).
     """
     _check_pairs(references, predictions, "evaluate_captions")
-    refs = tokenize_captions(references, tokenizer)
-    hyp_lists = tokenize_captions({k: [predictions[k]] for k in references}, tokenizer)
-    hyps = {k: v[0] for k, v in hyp_lists.items()}
+    # one run of the tokenizer (one JVM) for both sides: references first, then the prediction, per image
+    both, used = _tokenize({k: [*references[k], predictions[k]] for k in references}, tokenizer)
+    refs = {k: v[:-1] for k, v in both.items()}
+    hyps = {k: v[-1] for k, v in both.items()}
     unavailable: dict[str, str] = {}
 
     def java_metric(name: str, wanted: bool, measure: Callable[..., tuple[float | None, str]]) -> float | None:
@@ -393,6 +436,7 @@ def evaluate_captions(
         spice=spice_value,
         num_images=len(refs),
         unavailable=unavailable,
+        tokenizer=used,
     )
 
 
@@ -400,7 +444,7 @@ def evaluate_nocaps(
     images: Sequence[CaptionedImage],
     predictions: Mapping[int, str],
     *,
-    tokenizer: Literal["python", "java"] = "python",
+    tokenizer: Tokenizer = "auto",
     meteor: bool = True,
     spice: bool = True,
 ) -> dict[str, CaptionScores]:

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,8 +40,10 @@ from blip2.apps.options import add_dtype_option
 from blip2.apps.pipeline import model_class, resolve_device, resolve_dtype
 from blip2.checkpoint import atomic_write
 from blip2.hub import resolve_dir
+from blip2.eval.caption import Tokenizer
 from blip2.eval.partial import PartialResults, check_settings
 from blip2.eval.retrieval import ranks_from_scores, rerank_top_k
+from blip2.eval.vqa import VQA_RULES, Rules
 from blip2.generation import generated_texts
 from blip2.processing import Blip2Processor, ImageFiles, ImageLoadError
 from blip2.eval.tasks import (
@@ -97,9 +99,10 @@ class EvalOptions:
     length_penalty: float | None = None
     rerank_k: int | None = None
     # caption metrics
-    caption_tokenizer: Literal["python", "java"] = "python"
+    caption_tokenizer: Tokenizer = "auto"
     meteor: bool = True
     spice: bool = True
+    vqa_rules: Rules = "official"
 
     @property
     def output_path(self) -> str:
@@ -329,7 +332,8 @@ def _metrics_and_predictions(options: EvalOptions, data: TaskData, records: list
         return metrics, predictions
     by_key: dict[Key, str] = {r["key"]: r["text"] for r in records}
     texts = {it.key: by_key[it.key] for it in data.items}
-    metrics = score(data, texts, tokenizer=options.caption_tokenizer, meteor=options.meteor, spice=options.spice)
+    metrics = score(data, texts, tokenizer=options.caption_tokenizer, meteor=options.meteor, spice=options.spice,
+                    vqa_rules=options.vqa_rules)
     return metrics, official_predictions(data, texts)
 
 
@@ -366,7 +370,7 @@ def evaluate(options: EvalOptions, log: Callable[[str], None] | None = None) -> 
     results = {
         "task": task.name, "settings": settings, "num_items": _num_items(data), "metrics": metrics,
         "metric_options": {"caption_tokenizer": options.caption_tokenizer, "meteor": options.meteor,
-                           "spice": options.spice},
+                           "spice": options.spice, "vqa_rules": options.vqa_rules},
         "predictions": predictions,
     }
     if options.predictions:
@@ -451,9 +455,13 @@ def build_parser(prog: str = "blip2 eval") -> argparse.ArgumentParser:
     g.add_argument("--min-new-tokens", type=int)
     g.add_argument("--length-penalty", type=float)
     g.add_argument("--rerank-k", type=int, help="retrieval: ITC candidates re-ranked by ITM per query")
-    m = p.add_argument_group("caption metrics")
-    m.add_argument("--caption-tokenizer", choices=["python", "java"], default="python",
-                   help="PTB tokenization in Python (default) or pycocoevalcap's Java tokenizer")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--vqa-rules", choices=VQA_RULES, default="official",
+                   help="VQA accuracy by the official script as fixed in 2021 (default) or by the 2016 one LAVIS "
+                        "copies, which published BLIP-2 numbers used")
+    m.add_argument("--caption-tokenizer", choices=["auto", "python", "java"], default="auto",
+                   help="pycocoevalcap's Java PTB tokenizer, blip2's Python one, or auto: Java where it runs "
+                        "(default)")
     m.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
     m.add_argument("--no-spice", dest="spice", action="store_false", help="skip SPICE (Java, slow)")
     return p

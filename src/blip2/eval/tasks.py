@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from blip2.eval.caption import evaluate_captions, evaluate_nocaps
+from blip2.eval.caption import Tokenizer, evaluate_captions, evaluate_nocaps
 from blip2.eval.formats import (
     CaptionedImage,
     GQAQuestion,
@@ -41,7 +41,7 @@ from blip2.eval.formats import (
     read_vqa_questions,
 )
 from blip2.eval.retrieval import recall_summary
-from blip2.eval.vqa import gqa_accuracy, vqa_accuracy
+from blip2.eval.vqa import Rules, gqa_accuracy, vqa_accuracy
 
 __all__ = [
     "PREDICTION_FIELDS", "PRESETS", "TASKS", "GenerationData", "Item", "Preset", "RetrievalData", "Task", "TaskData",
@@ -331,15 +331,15 @@ def official_predictions(data: GenerationData, predictions: Mapping[Key, str]) -
     return [{key_field: it.key, text_field: predictions[it.key]} for it in data.items]
 
 
-def score(data: GenerationData, predictions: Mapping[Key, str], *, tokenizer: Literal["python", "java"] = "python",
-          meteor: bool = True, spice: bool = True) -> dict[str, Any] | None:
+def score(data: GenerationData, predictions: Mapping[Key, str], *, tokenizer: Tokenizer = "auto",
+          meteor: bool = True, spice: bool = True, vqa_rules: Rules = "official") -> dict[str, Any] | None:
     """The task's metrics (percent for VQA/GQA, pycocoevalcap's 0-1 scale for captions); None when
     the inputs have no answers or references (predictions only, e.g. for a test-dev submission)."""
     kind = data.task.kind
     if kind == "vqa":
         if data.vqa_annotations is None:
             return None
-        s = vqa_accuracy(predictions, data.vqa_annotations)
+        s = vqa_accuracy(predictions, data.vqa_annotations, vqa_rules)
         return {"accuracy": s.overall, "per_answer_type": s.per_answer_type, "per_question_type": s.per_question_type}
     if kind == "gqa":
         return None if data.gqa_questions is None else {"accuracy": gqa_accuracy(predictions, data.gqa_questions)}
@@ -352,7 +352,7 @@ def score(data: GenerationData, predictions: Mapping[Key, str], *, tokenizer: Li
 
 
 def _caption_dict(s: Any) -> dict[str, Any]:
-    return {**s.as_dict(), "num_images": s.num_images, "unavailable": dict(s.unavailable)}
+    return {**s.as_dict(), "num_images": s.num_images, "unavailable": dict(s.unavailable), "tokenizer": s.tokenizer}
 
 
 def retrieval_scores(t2i_ranks: Sequence[int], i2t_ranks: Sequence[int]) -> dict[str, float]:

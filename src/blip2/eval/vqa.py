@@ -1,7 +1,18 @@
 """VQA accuracy as the official VQAv2 evaluation computes it (also used for OK-VQA), and GQA.
 
-The normalisation reproduces ``vqaEval.py`` of the VQA API (GT-Vision-Lab/VQA, the script LAVIS
-copies), quirks included, because published BLIP-2 numbers come from it:
+Two versions of the official ``vqaEval.py`` (GT-Vision-Lab/VQA) are in use, and ``rules`` picks one:
+
+- ``"official"`` (the default): the script as it is since its fix of March 2021 (commit a013f00, "Fixed
+  processing answers bug"). Prediction and ground-truth answers have newlines and tabs made spaces and are
+  stripped; then, only when the annotators disagree, *both* sides get ``process_punctuation`` and
+  ``process_digit_article``. When all annotators gave the same answer, neither side is normalised: the
+  prediction must equal that answer as written ("Yes" does not match ten "yes").
+- ``"lavis"``: the 2016 script that LAVIS copies, which the published BLIP-2 numbers come from. The
+  prediction always gets both steps; the ground-truth answers get only ``process_punctuation``, and only
+  when the annotators disagree, so a ground truth written as "two" never matches (the official files store
+  answers already lower-cased with digits).
+
+The normalisation steps reproduce the script, quirks included:
 
 - ``process_punctuation``: each character of a fixed list is deleted if the *original* answer
   has it next to a space, or has a digit-comma-digit anywhere ("1,000" -> "1000"); otherwise it
@@ -10,10 +21,6 @@ copies), quirks included, because published BLIP-2 numbers come from it:
   most 32 periods go. Apostrophes and colons are left alone.
 - ``process_digit_article``: lower-case, number words zero..ten -> digits ("none" -> "0"),
   articles a/an/the dropped, apostrophe-less contractions restored ("dont" -> "don't").
-
-The prediction gets both steps. The ground-truth answers get only ``process_punctuation``, and
-only when the annotators disagree: the official files store answers already lower-cased with
-digits, so a ground truth written as "two" never matches (this is the official behaviour).
 
 Accuracy of one question: for each annotator, min(#other annotators who gave the predicted answer
 / 3, 1); averaged over the annotators (= over the 10 leave-one-out subsets of 9).
@@ -25,6 +32,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from blip2.eval.formats import GQAQuestion, VQAAnnotation
 
@@ -34,9 +42,13 @@ __all__ = [
     "normalize_answer",
     "vqa_question_accuracy",
     "VQAScore",
+    "VQA_RULES",
     "vqa_accuracy",
     "gqa_accuracy",
 ]
+
+VQA_RULES = ("official", "lavis")
+Rules = Literal["official", "lavis"]
 
 # The official table. The capitalised keys ("Im", "Ive", "Id've", "I'dve") can never match because
 # the text is lower-cased first; they are kept so the table stays the official one.
@@ -109,13 +121,29 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def _clean(answer: str) -> str:
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(answer: str) -> str:
-    """What the official evaluation does to a predicted answer before comparing it."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+    """Both normalisation steps, as the official evaluation applies them to an answer."""
+    return process_digit_article(process_punctuation(_clean(answer)))
 
 
-def vqa_question_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+def _compared(prediction: str, gt_answers: Sequence[str], rules: Rules) -> tuple[str, list[str]]:
+    """The prediction and the ground-truth answers as ``rules`` compares them (see the module docstring)."""
+    if rules == "official":
+        gts, pred = [_clean(a) for a in gt_answers], _clean(prediction)
+        if len(set(gts)) > 1:
+            return normalize_answer(pred), [normalize_answer(a) for a in gts]
+        return pred, gts
+    if rules == "lavis":
+        gts = list(gt_answers)
+        return normalize_answer(prediction), [process_punctuation(a) for a in gts] if len(set(gts)) > 1 else gts
+    raise ValueError(f"rules must be one of {VQA_RULES}, got {rules!r}")
+
+
+def vqa_question_accuracy(prediction: str, gt_answers: Sequence[str], rules: Rules = "official") -> float:
     """Official accuracy of one answer in [0, 1] against the annotators' answers (10 in VQAv2).
 
     Leave-one-out is by position: the official script removes answer dicts that compare equal, and
@@ -123,10 +151,7 @@ def vqa_question_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
     """
     if not gt_answers:
         raise ValueError("vqa_question_accuracy: no ground-truth answers")
-    pred = normalize_answer(prediction)
-    gts = list(gt_answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+    pred, gts = _compared(prediction, gt_answers, rules)
     matches = sum(a == pred for a in gts)
     # leaving out annotator j leaves matches - [gts[j] == pred] matching answers among the others
     return sum(min(1.0, (matches - (a == pred)) / 3.0) for a in gts) / len(gts)
@@ -153,8 +178,10 @@ def _check_keys(predictions: Mapping, wanted: Sequence, what: str) -> None:
         )
 
 
-def vqa_accuracy(predictions: Mapping[int, str], annotations: Sequence[VQAAnnotation]) -> VQAScore:
-    """Official VQAv2 / OK-VQA accuracy of ``predictions`` (question_id -> answer).
+def vqa_accuracy(predictions: Mapping[int, str], annotations: Sequence[VQAAnnotation], rules: Rules = "official"
+                 ) -> VQAScore:
+    """Official VQAv2 / OK-VQA accuracy of ``predictions`` (question_id -> answer), by the current official
+    script's ``rules`` or LAVIS's (the module docstring says how they differ).
 
     Like the official API, the predictions must answer exactly the annotated questions.
     """
@@ -165,7 +192,7 @@ def vqa_accuracy(predictions: Mapping[int, str], annotations: Sequence[VQAAnnota
     by_answer_type: dict[str, list[float]] = defaultdict(list)
     by_question_type: dict[str, list[float]] = defaultdict(list)
     for a in annotations:
-        acc = vqa_question_accuracy(predictions[a.question_id], a.answers)
+        acc = vqa_question_accuracy(predictions[a.question_id], a.answers, rules)
         per_question[a.question_id] = 100.0 * acc
         by_answer_type[a.answer_type].append(acc)
         by_question_type[a.question_type].append(acc)

@@ -20,6 +20,7 @@ from blip2.checkpoint import CheckpointError
 from blip2.config import ConfigError
 from blip2.models.blip2 import Blip2ForConditionalGeneration
 from blip2.processing import Blip2Processor
+from blip2.train.loop import check_out_dir
 from blip2.train.presets import PRESETS, TrainConfig, load_config_file
 from blip2.train.stage1 import Blip2Stage1, build_stage1, train_stage1
 from blip2.train.stage2 import build_stage2, load_stage1_into, train_stage2
@@ -60,6 +61,7 @@ _SETTINGS: list[tuple[str, str, Any, str]] = [
     ("--no-hflip", "hflip", False, "no horizontal flip (for text that says left and right)"),
     ("--prefix-lm", "prefix_lm", True, "T5: split captions into encoder prefix and decoder target"),
     ("--resume", "resume", True, "continue from OUT/checkpoint if it is there"),
+    ("--overwrite", "overwrite", True, "start again in an OUT that holds a run (its checkpoint is deleted)"),
     ("--stop-at", "stop_at", int, "end this session after step N with a checkpoint (resume later)"),
 ]
 _PATH_KEYS = ("data", "out", "init", "bert", "vision", "stage1", "lm", "preset")
@@ -121,6 +123,7 @@ def _settings(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
 
 def _run(args: argparse.Namespace) -> None:
     config, paths = _settings(args)
+    check_out_dir(config)  # before loading anything; the loop checks again
     torch.manual_seed(config.seed)  # fresh weights (cross-attention, projections) depend on the seed only
     init = paths.get("init")
     if args.stage == "stage1":

@@ -104,12 +104,17 @@ def read_manifest(path: str, task: str = "caption") -> tuple[list[Record], int]:
     root = os.path.dirname(os.path.abspath(path))
     records: list[Record] = []
     skipped = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is skipped on its own, not the whole file
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                logger.warning("%s:%d: skipped, not UTF-8 (byte %#04x at column %d)", path, lineno, raw[e.start],
+                               e.start + 1)
+                skipped += 1
+                continue
             except json.JSONDecodeError as e:
                 logger.warning("%s:%d: skipped, not JSON (%s)", path, lineno, e)
                 skipped += 1

@@ -10,7 +10,9 @@ a resumed run reproduces the uninterrupted one bit for bit.
 
 Files under ``config.out_dir`` (rank 0 writes): ``metrics.jsonl`` (one line per logged step: ``step``,
 ``loss`` and its parts, ``lr``, ``samples_per_s``, ``skipped``, ...), ``checkpoint/state.pt`` (resume
-state, written atomically), and the final model in the Hugging Face format (the caller's ``save``).
+state, written atomically), and the final model in the Hugging Face format (the caller's ``save``), its
+frozen weights as they were loaded whatever ``frozen_dtype`` they ran in. A directory that holds a run is
+continued (``resume``) or started again (``overwrite``), never silently written over.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from blip2.train.data import GlobalBatchSampler, ImageTextDataset, collate
 from blip2.train.losses import rank_and_world
 from blip2.train.presets import TrainConfig
 
-__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "Trainee", "adamw", "derive_seed", "lr_at", "run"]
+__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "Trainee", "adamw", "check_out_dir", "derive_seed", "lr_at", "run"]
 
 logger = logging.getLogger("blip2.train")
 
@@ -79,15 +81,44 @@ def adamw(module: nn.Module, lr: float, weight_decay: float, betas: tuple[float,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def _cast_frozen(trainee: nn.Module, frozen: list[nn.Module], dtype: torch.dtype) -> None:
+def _cast_frozen(trainee: nn.Module, frozen: list[nn.Module], dtype: torch.dtype) -> dict[nn.Parameter, Tensor]:
     """Store the frozen weights in ``dtype``, except those the model keeps in fp32 at that dtype
-    (``keeps_fp32``: T5's FFN output projections under fp16, which overflow otherwise)."""
+    (``keeps_fp32``: T5's FFN output projections under fp16, which overflow otherwise). Returns the weights
+    as loaded, on the CPU, for the saved model (``_as_loaded``): casting back would not give their bits."""
     ids = {id(p) for module in frozen for p in module.parameters()}
     model = getattr(trainee, "model", trainee)
     keeps = getattr(model, "keeps_fp32", lambda name, dtype: False)
+    loaded: dict[nn.Parameter, Tensor] = {}
     for name, p in model.named_parameters():
-        if id(p) in ids and p.is_floating_point() and not keeps(name, dtype):
+        if id(p) in ids and p.is_floating_point() and p.dtype != dtype and not keeps(name, dtype):
+            loaded[p] = p.data.cpu()
             p.data = p.data.to(dtype)
+    return loaded
+
+
+@contextlib.contextmanager
+def _as_loaded(loaded: dict[nn.Parameter, Tensor]) -> Iterator[None]:
+    """The frozen weights as loaded in place of their cast copies, while the model is saved."""
+    cast = {p: p.data for p in loaded}
+    for p, value in loaded.items():
+        p.data = value
+    try:
+        yield
+    finally:
+        for p, value in cast.items():
+            p.data = value
+
+
+def check_out_dir(config: TrainConfig) -> None:
+    """Refuse to start a run in a directory that holds one, unless ``resume`` (continue it) or ``overwrite``
+    (start again) says what to do with it: a restart without either used to begin at step 0 silently."""
+    if not config.out_dir or config.resume or config.overwrite:
+        return
+    held = [name for name in (CHECKPOINT_FILE, METRICS_FILE, "config.json")
+            if os.path.exists(os.path.join(config.out_dir, name))]
+    if held:
+        raise ValueError(f"{config.out_dir} already holds a training run ({', '.join(held)}): pass --resume to "
+                         "continue it, or --overwrite to start again")
 
 
 def _trainable_state(module: nn.Module) -> dict[str, Tensor]:
@@ -161,9 +192,12 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
          make_inputs: Callable[[dict[str, Any], int, int], dict[str, Any]], config: TrainConfig,
          save: Callable[[str], None] | None) -> list[dict[str, Any]]:
     rank, world = rank_and_world()
+    check_out_dir(config)  # on every rank, before any of them writes
+    if world > 1:
+        dist.barrier()
     device = _device(config)
     max_steps = _max_steps(config, len(dataset))
-    _prepare(trainee, config, device)
+    loaded = _prepare(trainee, config, device)
     optimizer = adamw(trainee, config.lr, config.weight_decay, config.betas, config.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     model = trainee
@@ -173,6 +207,8 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
     step = 0
     out = config.out_dir
     ckpt_path = os.path.join(out, CHECKPOINT_FILE) if out else None
+    if config.overwrite and ckpt_path and rank == 0 and os.path.exists(ckpt_path):
+        os.remove(ckpt_path)  # the earlier run's: a later --resume must not continue it
     if config.resume and ckpt_path and os.path.exists(ckpt_path):
         step = _resume(ckpt_path, trainee, optimizer, scaler)
         if rank == 0:
@@ -206,20 +242,21 @@ def _run(trainee: nn.Module, dataset: ImageTextDataset,
     del batches  # stop the DataLoader workers
     checkpoint()
     if out and save is not None and rank == 0 and step == max_steps:
-        save(out)
+        with _as_loaded(loaded):
+            save(out)
     if world > 1:
         dist.barrier()
     return log.history
 
 
-def _prepare(trainee: nn.Module, config: TrainConfig, device: torch.device) -> None:
+def _prepare(trainee: nn.Module, config: TrainConfig, device: torch.device) -> dict[nn.Parameter, Tensor]:
     """Frozen parts without gradients, in eval mode (and in ``frozen_dtype``); the rest in train mode, on
-    ``device``, with the run's autocast dtype and gradient checkpointing."""
+    ``device``, with the run's autocast dtype and gradient checkpointing. Returns the frozen weights as
+    loaded where ``frozen_dtype`` changed them (``_cast_frozen``)."""
     frozen = trainee.frozen_modules(config.freeze_vision)  # type: ignore[operator]
     for module in frozen:
         module.requires_grad_(False)
-    if config.frozen_dtype is not None:
-        _cast_frozen(trainee, frozen, parse_dtype(config.frozen_dtype))
+    loaded = {} if config.frozen_dtype is None else _cast_frozen(trainee, frozen, parse_dtype(config.frozen_dtype))
     trainee.to(device)
     trainee.autocast_dtype = None if config.amp == "no" else parse_dtype(config.amp)  # type: ignore[assignment]
     for module in trainee.modules():
@@ -228,6 +265,7 @@ def _prepare(trainee: nn.Module, config: TrainConfig, device: torch.device) -> N
     trainee.train()
     for module in frozen:
         module.eval()
+    return loaded
 
 
 def _resume(ckpt_path: str, trainee: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler

@@ -45,7 +45,9 @@ class TrainConfig:
     eps: float = 1e-8
     max_grad_norm: float | None = None  # clip the global gradient norm; None: no clipping (as LAVIS)
     amp: str = "no"  # autocast for the frozen/large parts: "no", "bf16" or "fp16" (with loss scaling)
-    frozen_dtype: str | None = None  # store frozen weights in "bf16"/"fp16" to save memory; None: as loaded
+    # run the frozen weights in "bf16"/"fp16" to save device memory; None: as loaded. The saved model keeps
+    # them as loaded, bit for bit: a copy of them stays in host memory meanwhile
+    frozen_dtype: str | None = None
     gradient_checkpointing: bool = False
     freeze_vision: bool = True  # False: train the image encoder too (fine-tuning)
     seed: int = 42
@@ -70,6 +72,8 @@ class TrainConfig:
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is there, else cpu
     out_dir: str | None = None  # where metrics.jsonl, checkpoint/ and the final model go
     resume: bool = False  # continue from out_dir/checkpoint when it exists
+    # start again in an out_dir that holds a run (its checkpoint is deleted); without resume or this, refused
+    overwrite: bool = False
     # end this session after this step with a checkpoint, the schedule still that of max_steps (for jobs
     # with a time limit: run, resume, run, ...); the final model is written when max_steps is reached
     stop_at: int | None = None
@@ -87,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"prefix_loss_weight must be >= 0, got {self.prefix_loss_weight}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be positive")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TrainConfig:

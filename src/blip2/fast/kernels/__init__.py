@@ -20,9 +20,13 @@
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
 against the installed torch, with ``-march=native``, about 15 s, and cached in
-``$BLIP2_CACHE_DIR`` (default ``$XDG_CACHE_HOME/blip2`` or ``~/.cache/blip2``) under a name that hashes
-the sources, the torch build, the compiler and the CPU's flags. It needs Linux on x86-64 with AVX-512 F
-and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
+``$BLIP2_CACHE_DIR/kernels`` (default ``$XDG_CACHE_HOME/blip2`` or ``~/.cache/blip2``) under a name that hashes
+the sources, the torch build, the compiler and the CPU's flags. Loading a library runs its code, so the cache
+is private: its folder is created 0700 and not used if another user owns it or others can write in it; a
+library is written under a temporary name and renamed, with its SHA-256 beside it (``.sha256``), and loaded
+only if it is a file of this user's that others cannot write and its content has that hash; otherwise it is
+built again (into a private temporary folder, for this process only, where the cache cannot be used).
+It needs Linux on x86-64 with AVX-512 F and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
 is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the callers keep their portable path (a compiled
 step whose products are a compiled reduction: the same sums, in another order).
 
@@ -39,6 +43,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -136,10 +141,53 @@ def _library_path(compiler: str, flags: set[str]) -> Path:
     return cache_dir() / "kernels" / f"blip2_kernels-{key.hexdigest()[:20]}.so"
 
 
+def _private_dir(directory: Path) -> Path:
+    """``directory``, created 0700 if it is not there; PermissionError if another user owns it or others can
+    write in it (they could put their own library under the name this one loads)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = directory.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{directory} belongs to user {st.st_uid}, not to this one ({os.getuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"others can write in {directory} (mode {stat.S_IMODE(st.st_mode):o})")
+    return directory
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _hash_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _trusted(library: Path) -> bool:
+    """Whether ``library`` is one this user built: a regular file (not a link) of theirs that others cannot
+    write, whose content has the hash written beside it at the build."""
+    try:
+        st = library.lstat()
+        recorded = _hash_file(library).read_text().strip()
+    except OSError:
+        return False
+    mine = stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return mine and _digest(library) == recorded
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _build(compiler: str, target: Path) -> None:
-    """Compiles the source into ``target`` (written to a temporary name first, then renamed, so a
-    concurrent build or an interrupted one never leaves a broken library under the cached name)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Compiles the source into ``target`` and writes its hash beside it. Both are written under a temporary
+    name and renamed, so a concurrent build or an interrupted one never leaves a broken library under the
+    cached name (a library whose hash is missing or another is built again)."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -149,10 +197,29 @@ def _build(compiler: str, target: Path) -> None:
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
             raise RuntimeError(f"{Path(compiler).name} exited with {done.returncode}:\n{tail}")
+        os.chmod(tmp, 0o700)  # the linker's mode follows the umask, which may let the group write
+        _write_atomically(_hash_file(target), _digest(Path(tmp)).encode() + b"\n")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _library(compiler: str, flags: set[str]) -> Path:
+    """A library built from the sources for this machine: the cached one if it can be trusted, else built
+    into the cache; where the cache cannot be used (not private, not writable), built into a private
+    temporary folder for this process."""
+    path = _library_path(compiler, flags)
+    try:
+        _private_dir(path.parent)
+        if not _trusted(path):
+            _build(compiler, path)
+        return path
+    except OSError as e:
+        log.warning("blip2 kernels: not using the cache (%s); building them for this process only", e)
+        path = Path(tempfile.mkdtemp(prefix="blip2-kernels-")) / path.name
+        _build(compiler, path)
+        return path
 
 
 def _unavailable(reason: str, warn: bool = False) -> bool:
@@ -186,13 +253,7 @@ def _load() -> bool:
     if compiler is None:
         return _unavailable("no C++ compiler (set $CXX, or install g++)")
     try:
-        path = _library_path(compiler, flags)
-        if not path.exists():
-            try:
-                _build(compiler, path)
-            except OSError:  # the cache is not writable: build for this process only
-                path = Path(tempfile.mkdtemp(prefix="blip2-kernels-")) / path.name
-                _build(compiler, path)
+        path = _library(compiler, flags)
         torch.ops.load_library(str(path))
         _register_fake()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
