@@ -1,6 +1,6 @@
 """Hostile traffic against ``blip2 serve`` on loopback: bad requests of every kind mixed into a stream of good ones.
 
-    python benchmarks/stress.py [--good 160] [--bad 160] [--concurrency 12] [--max-seconds 150]
+    python benchmarks/stress.py [--good 300] [--bad 300] [--concurrency 12] [--max-seconds 150]
 
 Two phases: the bundled captioning model (caption and VQA), then the bundled retrieval model (match). Each
 starts ``python -m blip2 serve --port 0`` on 127.0.0.1 (one torch thread), sends every distinct good request alone, then the storm
@@ -264,12 +264,13 @@ async def storm(url: str, jobs: list[Job], concurrency: int, trickles: int) -> d
             async with gate:
                 return await send(client, job)
 
-        start = time.perf_counter()
         slow = asyncio.ensure_future(trickle_headers(url, trickles, limit_s=60))
+        start = time.perf_counter()
         results = await asyncio.gather(*(limited(job) for job in jobs))
+        seconds = time.perf_counter() - start
         raw = await malformed_http(url)
         closed = await slow
-        return {"results": results, "seconds": time.perf_counter() - start, "trickle_closed_s": closed, "raw": raw}
+        return {"results": results, "seconds": seconds, "trickle_closed_s": closed, "raw": raw}
 
 
 def check_storm(jobs: list[Job], distinct: list[Job], baseline: list[Any], out: dict[str, Any]) -> list[str]:
@@ -345,8 +346,8 @@ def report(name: str, jobs: list[Job], out: dict[str, Any], failures: list[str],
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--good", type=int, default=160, help="good requests per phase (default: 160)")
-    parser.add_argument("--bad", type=int, default=160, help="bad requests per phase (default: 160)")
+    parser.add_argument("--good", type=int, default=300, help="good requests per phase (default: 300)")
+    parser.add_argument("--bad", type=int, default=300, help="bad requests per phase (default: 300)")
     parser.add_argument("--concurrency", type=int, default=12, help="requests in flight (default: 12)")
     parser.add_argument("--trickles", type=int, default=8, help="connections trickling headers (default: 8)")
     parser.add_argument("--rss-bound-mb", type=float, default=400, help="allowed RSS growth (default: 400)")
