@@ -331,3 +331,17 @@ def test_match_requests_are_batched_and_equal_direct_scores(tiny_retrieval_dir):
             assert wrong.json()["error"].startswith("text generation needs a captioning checkpoint; this server runs ")
     finally:
         served.close()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"max_wait_ms": float("inf")}, "max_wait_ms must be finite and at least 0, got inf"),
+    ({"timeout_s": 0}, "timeout_s must be finite and positive, got 0"),
+    ({"header_timeout_s": float("nan")}, "header_timeout_s must be finite and positive, got nan"),
+    ({"max_connections": 0}, "max_connections must be a whole number of at least 1, got 0"),
+    ({"max_decodes": 1.5}, "max_decodes must be a whole number of at least 1, got 1.5"),
+    ({"max_aspect": 0.5}, "max_aspect must be at least 1, got 0.5"),
+])
+def test_settings_name_what_is_wrong(change, message):
+    with pytest.raises(ValueError) as info:
+        ServerSettings(**change)
+    assert str(info.value) == message
