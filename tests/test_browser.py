@@ -87,10 +87,14 @@ def test_page_captions_an_upload_and_answers_questions(chromium, pipe, tmp_path)
 
         chromium.get(served.url + "/")
         assert chromium.title == "BLIP-2"
+        preview = chromium.find_element(By.ID, "preview")  # nothing to show yet: no broken-image icon
+        assert preview.get_attribute("hidden") == "true" and not preview.is_displayed()
+        assert preview.size == {"height": 0, "width": 0}
         chromium.find_element(By.ID, "file").send_keys(str(image))
         wait.until(lambda d: d.find_element(By.ID, "caption").text not in ("", "…"))
         assert chromium.find_element(By.ID, "caption").text == caption
         assert chromium.find_element(By.ID, "preview").get_attribute("naturalWidth") == "96"
+        assert chromium.find_element(By.ID, "preview").is_displayed()
 
         for n, question in enumerate(("w5 w6", "w7"), 1):
             box = chromium.find_element(By.ID, "question")
@@ -110,7 +114,7 @@ def test_page_captions_an_upload_and_answers_questions(chromium, pipe, tmp_path)
         chromium.find_element(By.ID, "file").send_keys(str(text_file))
         wait.until(lambda d: d.find_element(By.ID, "status").text != "")
         assert chromium.find_element(By.ID, "status").text == (
-            "the uploaded file is not an image (PIL cannot identify its format)")
+            "the uploaded file is not an image in an accepted format (PNG, JPEG, WebP, GIF, BMP, TIFF)")
         assert chromium.find_element(By.ID, "caption").text == ""
     finally:
         served.close()

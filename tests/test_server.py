@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import signal
 import subprocess
@@ -23,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from blip2.apps.pipeline import GenerationOptions, Pipeline
-from blip2.apps.server import MicroBatcher, QueueFull, ServerSettings, bind, create_app
+from blip2.apps.server import MicroBatcher, QueueFull, ServerSettings, bind, uvicorn_config
 
 OPTIONS = GenerationOptions(max_new_tokens=5)
 
@@ -47,7 +48,7 @@ class Served:
     def __init__(self, pipe: Pipeline, settings: ServerSettings) -> None:
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(pipe, settings), log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(pipe, settings, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -140,9 +141,12 @@ BAD_REQUESTS = [
     ("/v1/caption", {"image": "http://example.com/cat.png"}, None, 400,
      "'image' must be an uploaded file (URLs are not fetched)"),
     ("/v1/caption", {}, b"", 400, "'image' is an empty file"),
-    ("/v1/caption", {}, b"hello, not an image", 415, "the uploaded file is not an image (PIL cannot identify its format)"),
-    ("/v1/caption", {}, truncated_png(), 400, re.compile(r"cannot decode the image: corrupt or truncated \(.+\)")),
-    ("/v1/caption", {}, big_flat_png(), 413, "image is 300x300 = 90000 pixels, over the limit of 40000"),
+    ("/v1/caption", {}, b"hello, not an image", 415,
+     "the uploaded file is not an image in an accepted format (PNG, JPEG, WebP, GIF, BMP, TIFF)"),
+    ("/v1/caption", {}, truncated_png(), 400,
+     re.compile(r"cannot decode the uploaded image: corrupt or truncated image data \(.+\)")),
+    ("/v1/caption", {}, big_flat_png(), 413,
+     "the uploaded image is too large: 300x300 = 90000 pixels exceeds max_pixels=40000 (decompression bomb guard)"),
     ("/v1/caption", {}, b"\x89PNG" + bytes(250_000), 413, "request body over the limit of 200000 bytes"),
     ("/v1/ask", {}, png(1), 400, "missing form field 'question'"),
     ("/v1/ask", {"question": "w5 " * 400}, png(1), 422, "'question' is 1200 characters, over the limit of 1000"),
@@ -179,8 +183,8 @@ def test_streamed_body_over_the_limit_is_refused(server, tiny_model_dir):
         r = client.post("/v1/caption", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
         assert (r.status_code, r.json()) == (413, {"error": "request body over the limit of 200000 bytes"})
         assert client.get("/nowhere").json() == {"error": "Not Found"}
-        assert client.get("/health").json() == {"status": "ok", "model": tiny_model_dir, "kind": "generation",
-                                                "device": "cpu"}
+        assert client.get("/health").json() == {"status": "ok", "model": os.path.basename(tiny_model_dir),
+                                                "kind": "generation", "device": "cpu"}
         metrics = client.get("/metrics").json()
     assert metrics["responses"]["POST /v1/caption 413"] >= 1
     assert metrics["responses"]["GET * 404"] == 1
@@ -288,7 +292,8 @@ def test_blip2_serve_command(pipe, tiny_model_dir, tmp_path):
             except httpx.TransportError:
                 assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
                 time.sleep(0.05)
-        assert health.json() == {"status": "ok", "model": tiny_model_dir, "kind": "generation", "device": "cpu"}
+        assert health.json() == {"status": "ok", "model": os.path.basename(tiny_model_dir), "kind": "generation",
+                                 "device": "cpu"}
         r = httpx.post(url + "v1/ask", data={"question": "w9"}, files={"image": ("a.png", png(2), "image/png")},
                        timeout=60)
         assert r.json() == {"question": "w9", "answer": pipe.ask([decoded(png(2))], ["w9"], OPTIONS)[0]}
@@ -326,3 +331,17 @@ def test_match_requests_are_batched_and_equal_direct_scores(tiny_retrieval_dir):
             assert wrong.json()["error"].startswith("text generation needs a captioning checkpoint; this server runs ")
     finally:
         served.close()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"max_wait_ms": float("inf")}, "max_wait_ms must be finite and at least 0, got inf"),
+    ({"timeout_s": 0}, "timeout_s must be finite and positive, got 0"),
+    ({"header_timeout_s": float("nan")}, "header_timeout_s must be finite and positive, got nan"),
+    ({"max_connections": 0}, "max_connections must be a whole number of at least 1, got 0"),
+    ({"max_decodes": 1.5}, "max_decodes must be a whole number of at least 1, got 1.5"),
+    ({"max_aspect": 0.5}, "max_aspect must be at least 1, got 0.5"),
+])
+def test_settings_name_what_is_wrong(change, message):
+    with pytest.raises(ValueError) as info:
+        ServerSettings(**change)
+    assert str(info.value) == message

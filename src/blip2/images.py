@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
@@ -27,14 +27,21 @@ from blip2.hub import read_json, resolve_dir
 __all__ = [
     "BatchFeature",
     "Blip2ImageProcessor",
+    "DEFAULT_MAX_ASPECT",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE",
+    "IMAGE_FORMATS",
     "ImageInput",
+    "ImageLimits",
     "ImageLoadError",
+    "ImageTooLarge",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "load_image",
     "make_image_list",
     "preprocess_image",
+    "read_image",
+    "UnsupportedImage",
 ]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,12 +49,38 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # PIL raises DecompressionBombError above 2 * Image.MAX_IMAGE_PIXELS (about 179M pixels); we stop there too.
 DEFAULT_MAX_PIXELS = 2 * int(1024 * 1024 * 1024 // 4 // 3)
+# Sides past any camera's or panorama's; an aspect ratio past any picture a model could read once squashed.
+DEFAULT_MAX_SIDE = 32768
+DEFAULT_MAX_ASPECT = 50.0
+# The formats decoded at all (PIL's names), and how a message names them.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_FORMAT_NAMES = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
 
 class ImageLoadError(ValueError):
-    """An image file that cannot be used; the message names the file and the reason."""
+    """An image file that cannot be used; the message names the file and the reason, ``reason`` is the reason
+    alone (for a caller that names the file its own way, as the server does for an upload)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
+
+    @classmethod
+    def about(cls, name: str | None, reason: str) -> ImageLoadError:
+        return cls(reason if name is None else f"cannot read image {name!r}: {reason}", reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # DataLoader workers pickle it
+        return type(self), (str(self), self.reason)
+
+
+class UnsupportedImage(ImageLoadError):
+    """Not an image, or one in a format outside ``IMAGE_FORMATS``."""
+
+
+class ImageTooLarge(ImageLoadError):
+    """An image over one of ``ImageLimits``, told from its header."""
 
 
 class BatchFeature(dict):
@@ -84,30 +117,59 @@ def load_image(source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
     applied, then ``convert("RGB")`` (so an alpha channel is dropped, not composited). PIL images,
     numpy arrays and torch tensors are returned unchanged: the processor converts them itself.
     Raises ImageLoadError (a ValueError naming the file) for a missing, unreadable, truncated or
-    too large file; ``max_pixels=None`` lifts our limit (PIL's own ``Image.MAX_IMAGE_PIXELS`` still applies).
+    too large file, or one in a format outside ``IMAGE_FORMATS``; ``max_pixels=None`` lifts our pixel
+    limit (PIL's own ``Image.MAX_IMAGE_PIXELS`` still applies, and so do ``ImageLimits``' side and aspect limits).
     """
     if isinstance(source, (Image.Image, np.ndarray, torch.Tensor)):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return _read_image_file(os.fspath(source), max_pixels)
+        path = os.fspath(source)
+        if path.startswith(("http://", "https://")):
+            raise ImageLoadError.about(path, "URLs are not fetched, download the file first")
+        return read_image(path, path, ImageLimits(max_pixels=max_pixels))
     raise TypeError(f"expected a PIL image, numpy array, torch tensor or file path, got {type(source).__name__}")
 
 
-def _read_image_file(path: str, max_pixels: int | None) -> Image.Image:
-    if path.startswith(("http://", "https://")):
-        raise ImageLoadError(f"cannot read image {path!r}: URLs are not fetched, download the file first")
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image may cost, checked from its header before any pixel is decoded.
+
+    ``max_side`` bounds the work of resizing one row or column (a 40,000,000 x 1 PNG of a few KB would
+    otherwise cost gigabytes there), ``max_aspect`` the longer side over the shorter, ``max_pixels`` the
+    decoded size; None lifts a limit. Only ``formats`` (PIL format names) are opened at all: no other
+    decoder of PIL's ever sees the data (EPS would run Ghostscript)."""
+
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_side: int | None = DEFAULT_MAX_SIDE
+    max_aspect: float | None = DEFAULT_MAX_ASPECT
+    formats: tuple[str, ...] = IMAGE_FORMATS
+
+    def check(self, width: int, height: int) -> None:
+        """Raise ImageTooLarge (naming the limit) when a ``width`` x ``height`` image is over one."""
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise ImageTooLarge.about(None, f"{width}x{height} = {width * height} pixels exceeds max_pixels="
+                                      f"{self.max_pixels} (decompression bomb guard)")
+        if self.max_side is not None and max(width, height) > self.max_side:
+            raise ImageTooLarge.about(None, f"{width}x{height}: a side over max_side={self.max_side}")
+        if self.max_aspect is not None and max(width, height) > self.max_aspect * max(1, min(width, height)):
+            raise ImageTooLarge.about(None, f"{width}x{height}: aspect ratio over max_aspect={self.max_aspect:g}")
+
+
+def read_image(file: str | BinaryIO, name: str | None = None, limits: ImageLimits = ImageLimits(),
+               reduce_to: tuple[int, int] | None = None) -> Image.Image:
+    """Decode one image file (a path or a binary file object) to RGB, EXIF orientation applied.
+
+    ``reduce_to`` (width, height): for callers that resize anyway, a large image is decoded or shrunk to no
+    less than this (JPEG at 1/2, 1/4 or 1/8 scale, which skips most of the decoding; any other format reduced
+    by a whole factor per side), which makes decoding and resizing cheap at a small cost in fidelity; None
+    decodes every pixel, as transformers does. ImageLoadError naming ``name`` for anything unusable:
+    UnsupportedImage (format), ImageTooLarge (``limits``), or the base class (missing, unreadable, corrupt),
+    with no PIL traceback attached."""
+    error: type[ImageLoadError] = ImageLoadError
     try:
-        with Image.open(path) as image:
-            # Image.open only parsed the header: refuse huge images before decoding any pixels.
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                raise ImageLoadError(
-                    f"cannot read image {path!r}: {image.width}x{image.height} = {image.width * image.height} "
-                    f"pixels exceeds max_pixels={max_pixels} (decompression bomb guard)"
-                )
-            image.load()  # decode now so truncated data fails here, with the file's name
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except ImageLoadError:
-        raise
+        return _decode(file, limits, reduce_to)
+    except ImageLoadError as e:
+        error, reason = type(e), e.reason
     except FileNotFoundError:
         reason = "no such file"
     except IsADirectoryError:
@@ -115,12 +177,27 @@ def _read_image_file(path: str, max_pixels: int | None) -> Image.Image:
     except PermissionError:
         reason = "permission denied"
     except UnidentifiedImageError:
-        reason = "not an image file PIL can identify"
+        error, reason = UnsupportedImage, f"not an image in an accepted format ({', '.join(IMAGE_FORMAT_NAMES)})"
     except Image.DecompressionBombError as e:
-        reason = f"decompression bomb guard: {e}"
-    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        error, reason = ImageTooLarge, f"decompression bomb guard: {e}"
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, MemoryError, ...
         reason = f"corrupt or truncated image data ({type(e).__name__}: {e})"
-    raise ImageLoadError(f"cannot read image {path!r}: {reason}")
+    raise error.about(name, reason)
+
+
+def _decode(file: str | BinaryIO, limits: ImageLimits, reduce_to: tuple[int, int] | None) -> Image.Image:
+    with Image.open(file, formats=limits.formats) as image:
+        limits.check(image.width, image.height)  # from the header: nothing decoded yet
+        if reduce_to is not None:
+            image.draft("RGB", reduce_to)  # JPEG only: decode at a reduced scale, never below reduce_to
+        image.load()  # decode now so truncated data fails here, with the file's name
+        rgb = ImageOps.exif_transpose(image)
+    rgb = rgb if rgb.mode == "RGB" else rgb.convert("RGB")
+    if reduce_to is not None:
+        factor = (max(1, rgb.width // reduce_to[0]), max(1, rgb.height // reduce_to[1]))
+        if factor != (1, 1):
+            rgb = rgb.reduce(factor)  # a box filter per side: the resize after it then costs little
+    return rgb
 
 
 def make_image_list(images: Any) -> list[Image.Image | np.ndarray | torch.Tensor | str | os.PathLike]:

@@ -293,7 +293,8 @@ def convert(checkpoints: list[str], output: str, kind: str, image_size: int = 22
 def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", num_beams: int = 1,
           max_new_tokens: int = 30, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
           max_wait_ms: float = 10.0, max_queue: int = 64, timeout: float = 60.0, max_upload_mb: float = 10.0,
-          max_pixels: int = 40_000_000, fast: str = "none") -> int:
+          max_pixels: int = 40_000_000, fast: str = "none", max_connections: int = 256,
+          allow_origin: Sequence[str] = ()) -> int:
     """Serve caption, VQA and match over HTTP (needs the serve extra: fastapi, uvicorn)."""
     try:
         from blip2.apps.server import ServerSettings, bind, run_server
@@ -302,7 +303,8 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
     try:
         settings = ServerSettings(options=_options(max_new_tokens, num_beams), max_batch_size=max_batch_size,
                                   max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout,
-                                  max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+                                  max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
+                                  max_connections=max_connections, allow_origins=tuple(allow_origin))
     except ValueError as e:
         raise CliError(str(e)) from None
     try:
@@ -448,6 +450,11 @@ def _serve_command(sub: Any) -> None:
     g.add_argument("--max-upload-mb", type=positive_number, default=10.0, help="largest request body (default: 10)")
     g.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="largest image, width x height, checked before decoding (default: 40000000)")
+    g.add_argument("--max-connections", type=int, default=256,
+                   help="open connections; one more is answered 503 and closed (default: 256)")
+    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a site (https://host[:port]) whose pages may POST here; repeat it, or '*' for any "
+                        "(default: only the server's own page)")
 
 
 def _delegate(module: str) -> Callable[[list[str]], int]:

@@ -202,19 +202,47 @@ class Pipeline:
                                 f"Salesforce/blip2-opt-2.7b); {self.name or 'this model'} is a retrieval model")
 
     def check_prompt(self, prompt: str, options: GenerationOptions) -> None:
-        """Raise PipelineError when prompt + image tokens + new tokens exceed OPT's position table."""
+        """Raise PipelineError for a prompt the model would refuse: one holding the image token (the model places
+        the image itself), a token outside the language model's vocabulary, or image tokens + prompt + new tokens
+        past OPT's position table."""
         self._require(False, "text generation")
+        ids = self._token_ids(prompt)
+        if self.processor.image_token_id in ids:
+            raise PipelineError(f"the prompt holds the image token {self.processor.image_token!r}: the model places "
+                                "the image itself, remove it from the text")
+        self._check_vocabulary("the prompt", ids, self.model.get_input_embeddings().num_embeddings)
         config = self.model.config
         limit = getattr(config.text_config, "max_position_embeddings", None)
         if not config.use_decoder_only_language_model or limit is None:
             return  # T5's relative positions have no hard limit
-        n = self._prompt_length(prompt) + options.max_new_tokens
+        n = config.num_query_tokens + len(ids) + options.max_new_tokens
         if n > limit:
             raise PipelineError(f"prompt too long: {n} tokens (image, prompt and max_new_tokens={options.max_new_tokens}) "
                                 f"exceed the model's max_position_embeddings={limit}")
 
-    def _prompt_length(self, prompt: str) -> int:
-        return int(self.processor.prompt_inputs([prompt], "left")[0].shape[1])
+    def check_texts(self, texts: Sequence[str]) -> None:
+        """Raise PipelineError naming the first text the Q-Former cannot read: longer than its text positions, or
+        holding a token outside its vocabulary."""
+        self._require(True, "text features")
+        embeddings = self.model.embeddings
+        limit = embeddings.position_embeddings.num_embeddings
+        for k, text in enumerate(texts, 1):
+            ids = self._token_ids(text)
+            what = f"text {k} of {len(texts)}" if len(texts) > 1 else "the text"
+            if len(ids) > limit:
+                raise PipelineError(f"{what} is {len(ids)} tokens long, over the {limit} text positions of the "
+                                    f"model's Q-Former: shorten it")
+            self._check_vocabulary(what, ids, embeddings.word_embeddings.num_embeddings)
+
+    def _token_ids(self, text: str) -> list[int]:
+        return list(self.processor.tokenizer([text])["input_ids"][0])
+
+    def _check_vocabulary(self, what: str, ids: Sequence[int], size: int) -> None:
+        outside = [i for i in ids if i >= size]
+        if outside:
+            token = self.processor.tokenizer.convert_ids_to_tokens(outside[0])
+            raise PipelineError(f"{what} holds the token {token!r} (id {outside[0]}), outside the model's "
+                                f"vocabulary of {size}")
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -273,7 +301,7 @@ class Pipeline:
 
     def text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Q-Former input_ids/attention_mask [B, T] (right-padded, no image tokens) for the retrieval model."""
-        self._require(True, "text features")
+        self.check_texts(texts)
         enc = self.processor.tokenizer(list(texts), padding=True, padding_side="right", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 

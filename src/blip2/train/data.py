@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from blip2.images import DEFAULT_MAX_PIXELS, Blip2ImageProcessor, ImageLoadError, load_image
+from blip2.images import Blip2ImageProcessor, ImageLoadError, load_image, read_image
 
 __all__ = [
     "FeatureDataset",
@@ -200,19 +200,6 @@ def load_records(sources: Sequence[str] | str, task: str = "caption") -> tuple[l
 # -- images ---------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, name: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > DEFAULT_MAX_PIXELS:
-                raise ImageLoadError(f"cannot read image {name!r}: {image.width}x{image.height} is too large")
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except ImageLoadError:
-        raise
-    except Exception as e:  # PIL raises many types for bad data
-        raise ImageLoadError(f"cannot read image {name!r}: {type(e).__name__}: {e}") from None
-
-
 def random_resized_crop(image: Image.Image, size: tuple[int, int], scale: tuple[float, float],
                         rng: np.random.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
     """torchvision's RandomResizedCrop (area fraction in ``scale``, aspect in ``ratio``), bicubic, to (W, H)."""
@@ -291,7 +278,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             f = self._files[record.image] = open(record.image, "rb")
         offset, size = record.member
         f.seek(offset)
-        return _decode(f.read(size), f"{record.image}@{offset}")
+        return read_image(io.BytesIO(f.read(size)), f"{record.image}@{offset}")
 
     def __getitem__(self, key: int) -> dict[str, Any]:
         n = len(self.records)

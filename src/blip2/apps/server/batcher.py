@@ -47,7 +47,8 @@ def _settle(future: asyncio.Future, result: Any) -> None:
 
 
 class MicroBatcher:
-    """``run_batch(key, items) -> results`` (one per item; an Exception instance fails that item only)."""
+    """``run_batch(key, items) -> results`` (one per item; an Exception instance fails that item only). When
+    ``run_batch`` raises, the batch's requests are run again one at a time, so one bad request fails alone."""
 
     def __init__(self, run_batch: Callable[[Hashable, list[Any]], list[Any]], max_batch_size: int = 8,
                  max_wait_s: float = 0.01, max_queue: int = 64) -> None:
@@ -62,6 +63,7 @@ class MicroBatcher:
         self.batch_sizes: Counter[int] = Counter()
         self.rejected = 0
         self.timeouts = 0
+        self.split_batches = 0  # batches that failed and were rerun one request at a time
 
     def start(self) -> None:
         self._stopping = False
@@ -82,23 +84,31 @@ class MicroBatcher:
     def queue_length(self) -> int:
         return len(self._pending)
 
+    def admit(self, waiting_elsewhere: int = 0) -> None:
+        """Raise QueueFull (and count it) when the queue, plus ``waiting_elsewhere`` requests that will join it
+        (images being decoded), holds ``max_queue`` requests."""
+        with self._cond:
+            waiting = len(self._pending) + waiting_elsewhere
+            if waiting >= self.max_queue:
+                self.rejected += 1
+                raise QueueFull(f"{waiting} requests are already waiting (max_queue={self.max_queue})")
+
     async def submit(self, key: Hashable, item: Any, timeout_s: float) -> Any:
         """The item's result; raises QueueFull at once when the queue is full, asyncio.TimeoutError after ``timeout_s``."""
         loop = asyncio.get_running_loop()
         job = _Job(key, item, loop.create_future(), loop, time.monotonic())
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down")
+        self.admit()
         with self._cond:
-            if self._stopping:
-                raise ShuttingDown("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                self.rejected += 1
-                raise QueueFull(f"{len(self._pending)} requests are already waiting (max_queue={self.max_queue})")
             self._pending.append(job)
             self._cond.notify()
         try:
             return await asyncio.wait_for(job.future, timeout_s)
-        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:  # TimeoutError is the builtin from Python 3.11
             with self._cond:
-                self.timeouts += 1
+                if isinstance(e, asyncio.TimeoutError):
+                    self.timeouts += 1
                 if job in self._pending:
                     self._pending.remove(job)
             raise
@@ -131,13 +141,34 @@ class MicroBatcher:
                 continue
             try:
                 results = self.run_batch(batch[0].key, [job.item for job in batch])
-            except Exception as e:  # the batch fails, the server keeps serving
-                log.exception("batch of %d failed", len(batch))
-                results = [e] * len(batch)
+            except Exception as e:  # MemoryError included: the server keeps serving
+                results = self._one_by_one(batch, e)
             with self._cond:
                 self.batch_sizes[len(batch)] += 1
             for job, result in zip(batch, results):
                 job.loop.call_soon_threadsafe(_settle, job.future, result)
+
+    def _one_by_one(self, batch: list[_Job], error: Exception) -> list[Any]:
+        """After ``batch`` failed with ``error``: each request run alone, so that only a request that fails on its
+        own gets an error, never the others it was batched with."""
+        if len(batch) == 1:
+            log.error("a request failed", exc_info=error)
+            return [error]
+        log.warning("a batch of %d failed (%s: %s): running its requests one by one", len(batch),
+                    type(error).__name__, error)
+        with self._cond:
+            self.split_batches += 1
+        results: list[Any] = []
+        for job in batch:
+            if job.future.done():  # timed out meanwhile: nobody waits for it
+                results.append(None)
+                continue
+            try:
+                results.append(self.run_batch(job.key, [job.item])[0])
+            except Exception as e:
+                log.error("a request failed", exc_info=e)
+                results.append(e)
+        return results
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -149,4 +180,4 @@ class MicroBatcher:
                     "max_batch_size_seen": max(sizes, default=0),
                     "mean_batch_size": round(items / batches, 3) if batches else 0.0,
                     "queue_length": len(self._pending), "rejected_queue_full": self.rejected,
-                    "timeouts": self.timeouts}
+                    "timeouts": self.timeouts, "split_batches": self.split_batches}

@@ -1,0 +1,207 @@
+"""What every route shares: the settings, the pipeline, the micro-batcher, and the intake of one request.
+
+A request's work runs under one deadline (``--timeout`` from the handler's start): reading its form,
+decoding its image, waiting in the queue and running in the model. Images are decoded by at most
+``max_decodes`` threads; the images waiting for them count against ``max_queue`` like the requests
+waiting for the model, so a flood of uploads is refused (503) before it costs memory. Each request's
+text is checked on its own before it joins a batch, so no request can fail the others batched with it.
+
+A module of routes takes the app and this object: ``add_routes(app: FastAPI, service: Service)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import os
+from collections.abc import Awaitable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+
+from blip2.apps.pipeline import GenerationOptions, Pipeline
+from blip2.apps.server.batcher import MicroBatcher
+from blip2.images import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_SIDE, ImageLimits, ImageLoadError, ImageTooLarge,
+                          UnsupportedImage, read_image)
+
+MAX_TEXT_CHARS = 1000
+MAX_MATCH_TEXTS = 64
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    options: GenerationOptions = field(default_factory=GenerationOptions)  # decoding, the same for every request
+    max_batch_size: int = 8
+    max_wait_ms: float = 10.0
+    max_queue: int = 64  # requests waiting for the model or for an image decoder
+    timeout_s: float = 60.0  # per request, from its handler's start to its answer
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000  # width x height, checked from the header before decoding
+    max_side: int = DEFAULT_MAX_SIDE
+    max_aspect: float = DEFAULT_MAX_ASPECT
+    max_decodes: int = 2  # images decoded at once
+    reduce_images: bool = True  # decode large images near twice the model's input size (see images.read_image)
+    max_connections: int = 256
+    header_timeout_s: float = 10.0  # to send a request's headers
+    keep_alive_s: float = 5.0  # an idle connection's life between requests
+    allow_origins: tuple[str, ...] = ()  # sites whose pages may POST here ("*": any); the server's own page may
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_upload_bytes", "max_pixels", "max_side", "max_decodes",
+                     "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        for name in ("max_wait_ms", "timeout_s", "max_aspect", "header_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name != "max_wait_ms"):
+                low = "at least 0" if name == "max_wait_ms" else "positive"
+                raise ValueError(f"{name} must be finite and {low}, got {value!r}")
+        if self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be at least 1, got {self.max_aspect!r}")
+
+
+class ApiError(Exception):
+    """A request refused with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def public_name(name: str) -> str:
+    """A model's name as the server shows it: a local directory's last component (the server's file system stays
+    private), a Hub id as given."""
+    if os.path.isabs(name) or os.path.exists(name):
+        return os.path.basename(os.path.normpath(name))
+    return name
+
+
+def read_text(form: FormData, name: str, required: bool) -> str:
+    """A text field, stripped; "" when absent and not required."""
+    value = form.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise ApiError(400, f"missing form field '{name}'")
+        return ""
+    if not isinstance(value, str):
+        raise ApiError(422, f"'{name}' must be a text field, not a file")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ApiError(422, f"'{name}' is {len(value)} characters, over the limit of {MAX_TEXT_CHARS}")
+    return value.strip()
+
+
+class Service:
+    def __init__(self, pipe: Pipeline, settings: ServerSettings) -> None:
+        self.pipe, self.settings = pipe, settings
+        self.model_name = public_name(pipe.name)
+        self.batcher = MicroBatcher(self._run_batch, settings.max_batch_size, settings.max_wait_ms / 1000,
+                                    settings.max_queue)
+        self.limits = ImageLimits(max_pixels=settings.max_pixels, max_side=settings.max_side,
+                                  max_aspect=settings.max_aspect)
+        size = pipe.processor.image_processor.size
+        self.reduce_to = (2 * size["width"], 2 * size["height"]) if settings.reduce_images else None
+        self.decoding = 0  # images queued for or inside a decoder thread (touched on the event loop only)
+        self._decoder: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self.batcher.start()
+        self._decoder = ThreadPoolExecutor(self.settings.max_decodes, thread_name_prefix="blip2-decode")
+
+    def stop(self) -> None:
+        self.batcher.stop()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    def _run_batch(self, key: Hashable, items: list[Any]) -> list[Any]:
+        if key == "match":
+            return self.pipe.match_many(items)
+        pixels = torch.stack([px for px, _ in items])
+        return self.pipe.generate(pixels, [prompt for _, prompt in items], self.settings.options)
+
+    # -- one request, under its deadline -------------------------------------------------------------
+
+    def deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.settings.timeout_s
+
+    async def within(self, deadline: float, work: Awaitable[T]) -> T:
+        """``work``'s result; asyncio.TimeoutError (504) once ``deadline`` (event-loop time) has passed."""
+        return await asyncio.wait_for(work, deadline - asyncio.get_running_loop().time())
+
+    async def read_form(self, request: Request, deadline: float) -> FormData:
+        async def read() -> FormData:
+            return await request.form(max_files=1, max_fields=MAX_MATCH_TEXTS + 8)
+
+        return await self.within(deadline, read())
+
+    def needs(self, retrieval: bool) -> None:
+        if retrieval != self.pipe.is_retrieval:
+            what = "image-text matching needs a retrieval" if retrieval else "text generation needs a captioning"
+            raise ApiError(400, f"{what} checkpoint; this server runs {self.model_name or 'another kind of model'}")
+
+    async def generate(self, form: FormData, prompt: str, deadline: float) -> str:
+        """The model's text for the form's image after ``prompt``; the prompt is checked before the image is read."""
+        self.needs(retrieval=False)
+        self.pipe.check_prompt(prompt, self.settings.options)  # PipelineError: 422
+        pixels = await self.image(form, deadline)
+        return await self.run("generate", (pixels, prompt), deadline)
+
+    async def match(self, form: FormData, texts: list[str], deadline: float) -> list[Any]:
+        """MatchScores of the form's image with each of ``texts``, checked before the image is read."""
+        self.needs(retrieval=True)
+        self.pipe.check_texts(texts)  # PipelineError: 422
+        pixels = await self.image(form, deadline)
+        return await self.run("match", (pixels, texts), deadline)
+
+    async def run(self, key: Hashable, item: Any, deadline: float) -> Any:
+        """``item`` through the model in a batch of requests of the same ``key``."""
+        return await self.batcher.submit(key, item, deadline - asyncio.get_running_loop().time())
+
+    async def image(self, form: FormData, deadline: float) -> torch.Tensor:
+        """The uploaded ``image`` field decoded and preprocessed in a decoder thread: pixel_values [3, H, W]."""
+        upload = form.get("image")
+        if upload is None:
+            raise ApiError(400, "no image: send the file as multipart/form-data field 'image'")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "'image' must be an uploaded file (URLs are not fetched)")
+        data = await upload.read()
+        if not data:
+            raise ApiError(400, "'image' is an empty file")
+        self.batcher.admit(waiting_elsewhere=self.decoding)
+        assert self._decoder is not None, "the service is not started"
+        loop = asyncio.get_running_loop()
+        job = self._decoder.submit(self._prepare, data)
+        self.decoding += 1
+        job.add_done_callback(lambda _: _call_soon(loop, self._decoded))  # also when cancelled before it ran
+        return await self.within(deadline, asyncio.wrap_future(job))
+
+    def _decoded(self) -> None:
+        self.decoding -= 1
+
+    def _prepare(self, data: bytes) -> torch.Tensor:
+        try:
+            image = read_image(io.BytesIO(data), None, self.limits, self.reduce_to)
+        except UnsupportedImage as e:
+            raise ApiError(415, f"the uploaded file is {e.reason}") from None
+        except ImageTooLarge as e:
+            raise ApiError(413, f"the uploaded image is too large: {e.reason}") from None
+        except ImageLoadError as e:
+            raise ApiError(400, f"cannot decode the uploaded image: {e.reason}") from None
+        return self.pipe.preprocess([image])[0]
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.batcher.stats(), "decoding": self.decoding}
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the loop has closed: the server is gone
+        pass
