@@ -346,7 +346,7 @@ def _run_batches(pipe: Pipeline, mine: list[str], prompt: str, batch_size: int, 
 
 def caption_job(ranks: Ranks, paths: list[str], model: str | None, device: str, dtype: str, prompt: str,
                 batch_size: int, options: GenerationOptions, output: str | None, resume: bool, overwrite: bool,
-                workers: int, fast: str = "none") -> int:
+                workers: int, fast: str = "auto") -> int:
     """Caption ``paths`` on this rank's share; returns the exit code (1 when any image failed)."""
     lead = ranks.rank == 0
     started = time.monotonic()

@@ -62,7 +62,7 @@ def _open_image(path: str) -> Any:
 def caption(paths: list[str], model: str | None = None, device: str = "auto", dtype: str = "auto",
             prompt: str = "", batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 30,
             output: str | None = None, resume: bool = False, overwrite: bool = False, workers: int = 2,
-            fast: str = "none") -> int:
+            fast: str = "auto") -> int:
     """Caption images: files, folders (recursive), globs or list files."""
     options = _options(max_new_tokens, num_beams)
     if batch_size < 1 or workers < 0:
@@ -83,7 +83,7 @@ def caption(paths: list[str], model: str | None = None, device: str = "auto", dt
 
 
 def ask(image: str, questions: list[str], model: str | None = None, device: str = "auto", dtype: str = "auto",
-        num_beams: int = 1, max_new_tokens: int = 30, fast: str = "none") -> int:
+        num_beams: int = 1, max_new_tokens: int = 30, fast: str = "auto") -> int:
     """Answer questions about an image, one answer line per question."""
     options = _options(max_new_tokens, num_beams)
     picture = _open_image(image)
@@ -95,7 +95,7 @@ def ask(image: str, questions: list[str], model: str | None = None, device: str 
 
 
 def chat(image: str, model: str | None = None, device: str = "auto", dtype: str = "auto", num_beams: int = 1,
-         max_new_tokens: int = 30, fast: str = "none") -> int:
+         max_new_tokens: int = 30, fast: str = "auto") -> int:
     """Talk about an image: one question per line on stdin, earlier turns kept in the prompt."""
     options = _options(max_new_tokens, num_beams)
     picture = _open_image(image)
@@ -293,7 +293,7 @@ def convert(checkpoints: list[str], output: str, kind: str, image_size: int = 22
 def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", num_beams: int = 1,
           max_new_tokens: int = 30, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
           max_wait_ms: float = 10.0, max_queue: int = 64, timeout: float = 60.0, max_upload_mb: float = 10.0,
-          max_pixels: int = 40_000_000, fast: str = "none", max_connections: int = 256,
+          max_pixels: int = 40_000_000, fast: str = "auto", max_connections: int = 256,
           allow_origin: Sequence[str] = ()) -> int:
     """Serve caption, VQA and match over HTTP (needs the serve extra: fastapi, uvicorn)."""
     try:

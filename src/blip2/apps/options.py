@@ -20,7 +20,7 @@ def add_dtype_option(parser: Parser, default: str = "auto") -> None:
                              f"float32, bfloat16, float16, or fp32, bf16, fp16 (default: {default})")
 
 
-def add_fast_option(parser: Parser, default: str = "none") -> None:
+def add_fast_option(parser: Parser, default: str = "auto") -> None:
     parser.add_argument("--fast", default=default, choices=FAST,
                         help="speed-up: auto (the fastest exact one this machine runs: native, cuda-graph or "
                              "fuse), fuse (fused projections, same tokens), int8 (int8 language-model weights), "

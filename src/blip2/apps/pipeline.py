@@ -146,7 +146,7 @@ class Pipeline:
         self.is_retrieval = hasattr(model, "itm_head")
 
     @classmethod
-    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", fast: str = "none") -> Pipeline:
+    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", fast: str = "auto") -> Pipeline:
         """From a checkpoint directory or Hub id; ``None`` is the bundled demo model ``blip2.DEFAULT_MODEL``.
 
         ``fast`` (generation models; one of ``FAST``): a mode of ``blip2.fast.apply`` ("none", "auto", "fuse",
