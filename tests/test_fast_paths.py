@@ -526,6 +526,22 @@ def test_bytes_read_per_token_follow_the_weight_format(hf_opt_dir, capsys):
     assert "captioning, batch 2, 3 new tokens" in out
 
 
+def test_t5_bytes_read_per_token_leave_out_the_cross_attention_keys_and_values(hf_t5_dir):
+    """A T5 step reads the decoder's weights but not cross-attention's k/v (projected once per image), plain
+    or fused (where k and v are one fused layer)."""
+    from blip2.apps.bench import decode_bytes_per_token
+
+    plain = Blip2ForConditionalGeneration.from_pretrained(hf_t5_dir[1])
+    sd = plain.state_dict()
+    want = sum(v.numel() * 4 for k, v in sd.items()
+               if k.startswith(("language_model.decoder.block.", "language_model.decoder.final_layer_norm.",
+                                "language_model.lm_head.")) and ".EncDecAttention.k." not in k
+               and ".EncDecAttention.v." not in k)
+    assert decode_bytes_per_token(plain) == want
+    fused = decode_bytes_per_token(fast.fuse(plain))
+    assert want <= fused <= 1.025 * want
+
+
 @pytest.mark.slow
 def test_compiled_int8_batch_uses_the_int8_kernel(hf_opt_dir):
     """Several rows in a compiled int8 step go through the same int8 kernel as eager: the same tokens."""

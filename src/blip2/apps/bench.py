@@ -87,8 +87,9 @@ def decode_bytes_per_token(model: Blip2ForConditionalGeneration) -> int:
     if isinstance(lm, OPTForCausalLM):
         dec = lm.model.decoder
         return module_bytes(dec.layers, dec.final_layer_norm, dec.project_in, dec.project_out, lm.lm_head) + head
+    # the fused k/v of cross-attention exists only after blip2.fast fused the model
     cross = [m for blk in lm.decoder.block for m in (blk.layer[1].EncDecAttention.k, blk.layer[1].EncDecAttention.v,
-                                                      blk.layer[1].EncDecAttention.kv)]
+                                                      getattr(blk.layer[1].EncDecAttention, "kv", None))]
     return module_bytes(lm.decoder.block, lm.decoder.final_layer_norm, lm.lm_head) - module_bytes(*cross) + head
 
 
