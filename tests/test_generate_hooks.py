@@ -15,6 +15,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from blip2 import Blip2ForConditionalGeneration
 from blip2.generation import GenerateOutput, GenerationConfig, generate
 from conftest import pixel_batch, prompts_with_images
+from test_kernels import needs_kernel
 
 transformers.logging.set_verbosity_error()
 
@@ -89,6 +90,13 @@ def test_generation_config_unset_fields_keep_the_models(opt):
         assert stop not in row or set(row[row.index(stop) + 1:]) <= {ours.generation_config.pad_token_id}
 
 
+def test_the_reference_models_own_generation_config(opt):
+    """transformers' GenerationConfig as a model carries it (use_cache, output_attentions=False, ...)."""
+    hf, _ = opt
+    ref, out = both(opt, generation_config=hf.language_model.generation_config, max_new_tokens=6)
+    assert_same_tokens(ref, out)
+
+
 def test_keyword_arguments_win_over_the_config(opt):
     ref, out = both(opt, generation_config=HFGenerationConfig(max_new_tokens=9, num_beams=2), num_beams=3)
     assert_same_tokens(ref, out)
@@ -107,6 +115,14 @@ def test_settings_blip2_does_not_implement_are_refused(opt):
         ours.generate(pixels, generation_config=HFGenerationConfig(typical_p=0.5, do_sample=True))
     with pytest.raises(ValueError, match=r"num_beam_groups=2"):
         ours.generate(pixels, num_beams=4, num_beam_groups=2, diversity_penalty=1.0)
+    ours.generation_config.extra["forced_eos_token_id"] = 5  # as a checkpoint's generation_config.json may have
+    try:
+        with pytest.raises(ValueError, match=r"forced_eos_token_id=5 not supported.*forced_eos_token_id=None"):
+            ours.generate(pixels, max_new_tokens=3)
+        dropped = ours.generate(pixels, max_new_tokens=3, forced_eos_token_id=None)
+    finally:
+        del ours.generation_config.extra["forced_eos_token_id"]
+    assert torch.equal(dropped, ours.generate(pixels, max_new_tokens=3))
     with pytest.raises(TypeError, match=r"unknown options \['max_tokens'\]"):
         ours.generate(pixels, max_tokens=3)
     with pytest.raises(TypeError, match="assistant_model is not supported"):
@@ -340,3 +356,33 @@ def test_greedy_speed_up_only_where_it_gives_the_same_tokens(opt, kw, fast):
     got, plain = (x.sequences if isinstance(x, GenerateOutput) else x for x in (got, plain))
     assert torch.equal(got, plain)
     assert (watched[0].greedy_calls > 0) == fast
+
+
+# -- through the speed-ups -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fuse", pytest.param("native", marks=needs_kernel)])
+def test_speed_ups_honour_every_argument(hf_opt_dir, opt, mode):
+    """A sped-up model gives the reference's tokens with every argument: where its own greedy step (the
+    native step's screened head) cannot apply a processor, generate computes the whole logits instead."""
+    from blip2 import fast
+
+    _, d = hf_opt_dir
+    model = fast.apply(Blip2ForConditionalGeneration.from_pretrained(d), mode)
+    step = model.language_model.decode_step
+    greedy_calls = []
+    if hasattr(step, "greedy"):
+        real = step.greedy
+        step.greedy = lambda *args: greedy_calls.append(1) or real(*args)
+    cases = [dict(logits_processor=[Boost(17, 6.0)]), dict(no_repeat_ngram_size=2),
+             dict(bad_words_ids=[[40, 41], [7]]), dict(return_dict_in_generate=True, output_scores=True)]
+    for kw in cases:
+        ref, _ = both(opt, max_new_tokens=8, **kw)
+        _, out = both((opt[0], model), max_new_tokens=8, **kw)
+        if isinstance(out, GenerateOutput):
+            ref, out = ref.sequences, out.sequences
+        assert_same_tokens(ref, out)
+    assert not greedy_calls  # none of these may take the decoder's own greedy step
+    if hasattr(step, "greedy") and getattr(step, "screen", None) is not None:
+        both((opt[0], model), max_new_tokens=4)
+        assert greedy_calls  # ...which plain greedy decoding does take

@@ -227,6 +227,24 @@ def test_streamer_gets_the_prompt_then_each_step(lm):
         ours_generate(lm, max_new_tokens=4, streamer=[].append)
 
 
+def test_streamer_ends_when_generation_fails(lm):
+    """A reader in another thread (TextIteratorStreamer) must not wait for ever on a failed generate."""
+    _, ours, ids, mask, embeds = lm
+    steps = Recorder()
+
+    def failing(*args):
+        raise RuntimeError("out of memory")
+
+    def start(expand, n):
+        decoder = ours.start_decoding(embeds, mask, expand, n)
+        decoder.step = decoder.step_greedy = failing
+        return decoder
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate(start, ids, GenerationConfig(max_new_tokens=5, pad_token_id=PAD), streamer=steps)
+    assert steps.ended and len(steps.puts) == 2  # the prompt and the first token, then the end
+
+
 def test_length_defaults_and_validation(lm):
     assert ours_generate(lm).shape == (3, T + 20)  # neither max_new_tokens nor max_length: 20 new tokens
     assert ours_generate(lm, max_length=T + 4).shape == (3, T + 4)

@@ -218,9 +218,11 @@ def generate(
                  scores=[] if cfg.return_dict_in_generate and cfg.output_scores else None,
                  logits=[] if cfg.return_dict_in_generate and cfg.output_logits else None)
     if cfg.num_beams == 1:
-        out = GenerateOutput(_sample(decoder, logits, prefix_ids.repeat_interleave(expand, 0), max_new, call))
-        if streamer is not None:
-            streamer.end()
+        try:
+            out = GenerateOutput(_sample(decoder, logits, prefix_ids.repeat_interleave(expand, 0), max_new, call))
+        finally:  # also on an error, so that a reader of the streamer (another thread) is not left waiting
+            if streamer is not None:
+                streamer.end()
     else:
         sequences, sequences_scores, beam_indices = _beam_search(decoder, logits, prefix_ids, max_new, call)
         out = GenerateOutput(sequences, sequences_scores if cfg.output_scores else None, beam_indices=beam_indices)

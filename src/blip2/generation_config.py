@@ -177,7 +177,8 @@ def _check_extra(extra: dict[str, Any]) -> None:
     if used:
         settings = ", ".join(f"{k}={extra[k]!r}" for k in used)
         raise ValueError(f"generate(): {settings} not supported by blip2 (it would change the tokens, so it is "
-                         "refused rather than ignored); see docs/TRANSFORMERS.md for the supported settings")
+                         f"refused rather than ignored; generate(..., {used[0]}=None) drops a value that a "
+                         "generation config set); see docs/TRANSFORMERS.md for the supported settings")
 
 
 def resolve(model_config: GenerationConfig, generation_config: Any = None,
@@ -200,6 +201,8 @@ def resolve(model_config: GenerationConfig, generation_config: Any = None,
     merged: dict[str, Any] = dict(DEFAULTS)
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if v is not None})
+    for name in UNSUPPORTED.keys() & {k for k, v in kwargs.items() if v is None}:
+        merged.pop(name, None)  # an unsupported setting from a config, dropped on purpose by this call
     cfg = GenerationConfig.from_dict(merged)
     _check_extra(cfg.extra)
     return cfg
