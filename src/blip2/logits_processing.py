@@ -52,7 +52,7 @@ class ScoreProcessor:
         if eos is not None:  # as transformers: eos alone is never a banned word (the min length bans it)
             words = [w for w in words if not (len(w) == 1 and w[0] in eos.tolist())]
         single = sorted({w[0] for w in words if len(w) == 1})
-        self.words = torch.tensor(single, dtype=torch.long, device=device) if single else None
+        self.banned_ids = torch.tensor(single, dtype=torch.long, device=device) if single else None
         self.banned_sequences = [w for w in words if len(w) > 1]
         too_large = [t for w in words for t in w if t >= vocab_size]
         if too_large:
@@ -69,8 +69,8 @@ class ScoreProcessor:
         """The fixed ids set to -inf at ``length`` tokens so far: the one-token banned words, and eos below the
         minimum length; None when there are none."""
         if self.eos is not None and length < self.min_length:
-            return self.eos if self.words is None else torch.cat([self.words, self.eos])
-        return self.words
+            return self.eos if self.banned_ids is None else torch.cat([self.banned_ids, self.eos])
+        return self.banned_ids
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         # input_ids [N, L]; scores [N, V] float32

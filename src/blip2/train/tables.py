@@ -53,7 +53,7 @@ class TableImages:
             path = value if self.base_dir is None else os.path.join(self.base_dir, value)
             try:
                 return load_image(path)  # type: ignore[return-value]  # a path gives a PIL image
-            except ImageLoadError as e:
+            except (ImageLoadError, OSError) as e:
                 raise ImageLoadError(f"{where}: {e}") from None
         if isinstance(value, Image.Image):
             return value.convert("RGB")
