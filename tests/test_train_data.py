@@ -59,11 +59,9 @@ def assert_same(got, want):
 # -- Hugging Face datasets ------------------------------------------------------------------------------
 
 
-datasets = pytest.importorskip("datasets")
-
-
 def hf_dataset(root, kind="image"):
     """A datasets.Dataset of the five images: an Image feature (PIL images), paths, or raw bytes."""
+    datasets = pytest.importorskip("datasets")
     if kind == "image":
         column = [Image.open(io.BytesIO(png(i))) for i in range(len(CAPTIONS))]
         features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
@@ -75,6 +73,7 @@ def hf_dataset(root, kind="image"):
 
 
 def test_datasets_in_python(images):
+    datasets = pytest.importorskip("datasets")
     want = samples(str(images / "m.jsonl"))
     assert_same(samples(hf_dataset(images, "image")), want)  # "text" is the caption
     assert_same(samples(hf_dataset(images, "path")), want)  # image_path is an image column
@@ -90,6 +89,7 @@ def test_datasets_in_python(images):
 
 
 def test_datasets_save_to_disk_folder(images):
+    datasets = pytest.importorskip("datasets")
     want = samples(str(images / "m.jsonl"))
     hf_dataset(images).save_to_disk(str(images / "saved"))
     assert_same(samples(str(images / "saved")), want)
@@ -116,6 +116,7 @@ def test_table_records_pickle_for_worker_processes(images):
 
 
 def test_parquet_with_bytes_paths_or_image_records(images):
+    pytest.importorskip("pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -148,6 +149,7 @@ def test_csv_with_image_paths(images, caplog):
 
 
 def test_unreadable_tables_and_images_are_named(images):
+    pytest.importorskip("pyarrow")
     (images / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ValueError, match=r"bad.parquet: not a readable Parquet file"):
         load_records(str(images / "bad.parquet"))
