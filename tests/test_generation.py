@@ -10,7 +10,7 @@ import torch
 import transformers
 from test_opt import PAD, left_padded, make_pair
 
-from blip2.generation import GenerationConfig, generate
+from blip2.generation import GenerationConfig, generate, resolve
 
 transformers.logging.set_verbosity_error()
 
@@ -202,12 +202,47 @@ def test_sampling_matches_reference_draws(lm, kw):
     assert torch.equal(got, hf_generate(lm, **kw))
 
 
-def test_streamer_gets_each_step(lm):
-    steps = []
-    got = ours_generate(lm, max_new_tokens=10, eos_token_id=[0, 38], streamer=steps.append)
-    assert torch.equal(torch.stack(steps, 1), got[:, T:])
+class Recorder:
+    """A streamer: what put() got, and whether end() came."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, ids):
+        assert not self.ended
+        self.puts.append(ids)
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_the_prompt_then_each_step(lm):
+    steps = Recorder()
+    got = ours_generate(lm, max_new_tokens=10, eos_token_id=[0, 38], streamer=steps)
+    assert steps.ended and torch.equal(steps.puts[0], lm[2])  # the prompt first, as transformers does
+    assert torch.equal(torch.stack(steps.puts[1:], 1), got[:, T:])
     with pytest.raises(ValueError, match="beam"):
-        ours_generate(lm, max_new_tokens=4, num_beams=2, streamer=steps.append)
+        ours_generate(lm, max_new_tokens=4, num_beams=2, streamer=Recorder())
+    with pytest.raises(TypeError, match=r"put\(token_ids\) and end\(\)"):
+        ours_generate(lm, max_new_tokens=4, streamer=[].append)
+
+
+def test_streamer_ends_when_generation_fails(lm):
+    """A reader in another thread (TextIteratorStreamer) must not wait for ever on a failed generate."""
+    _, ours, ids, mask, embeds = lm
+    steps = Recorder()
+
+    def failing(*args):
+        raise RuntimeError("out of memory")
+
+    def start(expand, n):
+        decoder = ours.start_decoding(embeds, mask, expand, n)
+        decoder.step = decoder.step_greedy = failing
+        return decoder
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate(start, ids, GenerationConfig(max_new_tokens=5, pad_token_id=PAD), streamer=steps)
+    assert steps.ended and len(steps.puts) == 2  # the prompt and the first token, then the end
 
 
 def test_length_defaults_and_validation(lm):
@@ -230,8 +265,10 @@ def test_generation_config_reads_reference_file(tmp_path):
     cfg = GenerationConfig.from_pretrained(tmp_path)
     assert (cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty, cfg.early_stopping) == (30, 5, -1.0, "never")
     assert (cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id, cfg.do_sample) == ([50118, 2], 1, 2, False)
-    assert cfg.extra == {"no_repeat_ngram_size": 3}
-    assert cfg.top_k == 50 and cfg.temperature == 1.0  # unset: the reference's defaults
+    assert cfg.no_repeat_ngram_size == 3 and cfg.extra == {}
+    assert cfg.top_k is None and cfg.temperature is None  # unset, as in transformers 5
+    full = resolve(cfg)
+    assert full.top_k == 50 and full.temperature == 1.0  # the reference's defaults fill them
 
 
 def test_generation_config_writes_reference_format(tmp_path):

@@ -284,6 +284,73 @@ def test_text_identical_to_reference(pairs: dict, name: str, side: str) -> None:
         ref.tokenizer.padding_side, ours.tokenizer.padding_side = sides
 
 
+CALL_CASES = [
+    # the call conventions of transformers' Blip2Processor that client code uses
+    {"padding": True, "padding_side": "right"},
+    {"padding": True, "padding_side": "left"},
+    {"padding": True, "return_attention_mask": False},
+    {"padding": True, "return_token_type_ids": True},
+    {"padding": True, "pad_to_multiple_of": 8},
+    {"padding": "max_length", "max_length": 16, "truncation": True},
+    {"text_kwargs": {"padding": "max_length", "max_length": 12, "padding_side": "right", "truncation": True}},
+    {"text_kwargs": {"padding": True}, "max_length": 9},
+    {"common_kwargs": {"return_tensors": "np"}, "padding": True},
+    {"text_kwargs": {"return_tensors": "np", "padding": True}},
+    {"images_kwargs": {"do_normalize": False}, "padding": True},
+    {"do_resize": True, "size": {"height": 20, "width": 12}, "do_rescale": False, "padding": True},
+]
+
+
+@pytest.mark.parametrize("kwargs", CALL_CASES)
+@pytest.mark.parametrize("name", ["opt5", "t54"])
+def test_call_options_identical_to_reference(pairs: dict, name: str, kwargs: dict) -> None:
+    ref, ours = pairs[name]
+    images = [Image.new("RGB", (31, 17), (i * 40, 90, 200)) for i in range(3)]
+    for imgs in (images, None):
+        nested = {**kwargs.get("text_kwargs", {}), **kwargs.get("common_kwargs", {})}
+        kw = kwargs if "return_tensors" in nested else {"return_tensors": "pt", **kwargs}
+        expected = ref(images=imgs, text=PROMPTS[:3], **kw)
+        got = ours(images=imgs, text=PROMPTS[:3], **kw)
+        assert list(got) == list(expected), (kwargs, imgs is None)
+        for key in expected:
+            want = expected[key]
+            assert type(got[key]) is type(want), key
+            assert got[key].shape == want.shape and got[key].dtype == want.dtype, key
+            if key == "pixel_values":
+                np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want), atol=1e-5, rtol=0)
+            else:
+                assert np.array_equal(np.asarray(got[key]), np.asarray(want)), key
+
+
+def test_call_options_that_do_not_exist_are_named(pairs: dict) -> None:
+    _, ours = pairs["opt5"]
+    with pytest.raises(TypeError, match=r"unknown option 'paddding'; accepted: padding, truncation"):
+        ours(text="a photo", paddding=True)
+    with pytest.raises(TypeError, match=r"unknown option 'text_kwargs\.do_resize'"):
+        ours(text="a photo", text_kwargs={"do_resize": False})
+    with pytest.raises(TypeError, match=r"unknown option 'images_kwargs\.padding'"):
+        ours(images=Image.new("RGB", (8, 8)), images_kwargs={"padding": True})
+    with pytest.raises(ValueError, match="padding was passed twice: in text_kwargs and as a keyword argument"):
+        ours(text="a photo", text_kwargs={"padding": True}, padding="max_length")  # as the reference refuses
+
+
+def test_from_pretrained_passes_the_hub_arguments_on(dirs: dict, monkeypatch) -> None:
+    import blip2.processing as processing
+
+    seen = {}
+    real = processing.resolve_dir
+
+    def spy(path, **kw):
+        seen.update(kw)
+        return real(path)
+
+    monkeypatch.setattr(processing, "resolve_dir", spy)
+    loaded = Blip2Processor.from_pretrained(dirs["opt5"], revision="v2", cache_dir="/tmp/c", token="t",
+                                            local_files_only=True)
+    assert seen == {"revision": "v2", "cache_dir": "/tmp/c", "token": "t", "local_files_only": True}
+    assert loaded.num_query_tokens == 4
+
+
 def test_image_tokens_come_first(pairs: dict) -> None:
     ref, ours = pairs["opt5"]  # left padding, 4 query tokens
     image = Image.new("RGB", (8, 8))

@@ -22,5 +22,5 @@ __all__ = [
     "BatchFeature", "Blip2ImageProcessor", "Blip2Processor", "ImageLoadError", "TextTokenizer", "load_image",
     "Blip2Config", "Blip2ForConditionalGeneration", "Blip2Model", "Blip2QFormerConfig",
     "Blip2QFormerModel", "Blip2VisionConfig", "Blip2VisionModel", "CheckpointError", "ConfigError",
-    "GenerationConfig", "OPTConfig", "T5Config", "generate", "DEFAULT_MODEL",
+    "GenerationConfig", "OPTConfig", "T5Config", "generate", "DEFAULT_MODEL", "__version__",
 ]

@@ -3,28 +3,27 @@
 The loop is model-agnostic: a language model hands out a ``Decoder`` (prefill the prompt, feed one token,
 reorder rows for beam search) and ``generate`` decides which tokens to feed. The tokens chosen are the ones
 ``transformers`` 5.x ``generate`` chooses for the same logits and settings (beam search included, down to
-which hypotheses are returned in which order); random draws in sampling come from our own generator.
+which hypotheses are returned in which order); sampling draws from torch's global generator, as
+transformers does, or from its own one when the config has a ``seed``. The settings and their defaults are
+``generation_config``'s, the processing of the scores ``logits_processing``'s.
 
 Shapes: B prompts, N = B * expand decoding rows, P prefix length, V vocabulary, nb = num_beams.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Decoder", "GenerationConfig", "generate", "generated_texts"]
+from blip2.generation_config import GenerationConfig, resolve
+from blip2.logits_processing import ScoreProcessor, callables
 
-GENERATION_CONFIG_NAME = "generation_config.json"
+__all__ = ["Decoder", "GenerateOutput", "GenerationConfig", "generate", "generated_texts", "resolve"]
 
 # transformers masks out candidates by adding this (not -inf), which decides ties among them: we do the same
 _MASKED = -1.0e9
@@ -45,7 +44,7 @@ class Decoder(Protocol):
 
     # Optional: ``step_greedy(tokens, banned) -> next tokens [N]``, the argmax of what ``step(tokens)`` would
     # return with the ids ``banned`` (or none) at -inf, without the whole logits where a model can do it
-    # faster (blip2.fast.native's screened head). Greedy decoding without a repetition penalty uses it.
+    # faster (blip2.fast.native's screened head). Greedy decoding uses it where its processing only bans ids.
 
 
 def masked_argmax(logits: Tensor, banned: Tensor | None) -> Tensor:
@@ -65,169 +64,75 @@ def greedy_step(step: Callable[..., Tensor], banned: Tensor | None) -> Callable[
     return lambda *args: masked_argmax(step(*args), banned)
 
 
+# -- one call -------------------------------------------------------------------------------------------
+
+
 @dataclass
-class GenerationConfig:
-    """Decoding settings, with the field names and defaults of ``transformers.GenerationConfig``.
+class GenerateOutput:
+    """``generate(..., return_dict_in_generate=True)``: transformers' ``GenerateDecoderOnlyOutput`` /
+    ``GenerateBeamDecoderOnlyOutput`` fields (their encoder-decoder twins have the same ones). Attribute,
+    key (``out["sequences"]``) and index access, ``keys()`` and ``to_tuple()`` see the fields that are set.
 
-    ``generation_config.json`` holds only the keys set on purpose: ``from_dict`` remembers which keys a file
-    had, ``to_dict`` writes those plus every field that differs from its default, plus unknown keys (kept
-    in ``extra``). ``seed`` is ours: it seeds the sampler's own ``torch.Generator``.
-    """
+    sequences [N, L]; scores: one [N, V] per step, the processed scores (beam search: log-probabilities)
+    with ``output_scores``; logits: one [N, V] per step, the raw ones, with ``output_logits``; beam search
+    also gives sequences_scores [N] (with ``output_scores``) and beam_indices [N, L - P] (the row each token
+    came from, -1 past the end)."""
 
-    max_new_tokens: int | None = None
-    max_length: int | None = None  # prompt + new tokens; 20 new tokens when neither is set
-    min_new_tokens: int | None = None
-    min_length: int | None = None  # prompt + new tokens
-    do_sample: bool = False
-    num_beams: int = 1
-    num_return_sequences: int = 1
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False  # True, False or "never"
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    decoder_start_token_id: int | None = None
-    seed: int | None = None
+    sequences: Tensor
+    sequences_scores: Tensor | None = None
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
+    beam_indices: Tensor | None = None
 
-    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    # fields read from a file or set through `replace`: written back even when equal to the default
-    _explicit: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
-    def __post_init__(self) -> None:
-        if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping: expected True, False or 'never', got {self.early_stopping!r}")
-        for name in ("num_beams", "num_return_sequences"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.keys())
 
-    @classmethod
-    def _fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_") and f.name != "extra"}
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GenerationConfig:
-        known = cls._fields()
-        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
-        extra = {k: v for k, v in d.items() if k not in known and k != "transformers_version"}
-        cfg = cls(**kwargs)
-        cfg.extra = extra
-        cfg._explicit = set(kwargs)
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        out = copy.deepcopy(self.extra)
-        for name, f in self._fields().items():
-            value = getattr(self, name)
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            if name in self._explicit or value != default:
-                out[name] = copy.deepcopy(value)
-        return out
-
-    def replace(self, **changes: Any) -> GenerationConfig:
-        """A copy with ``changes`` applied (they count as set on purpose, so they are written out)."""
-        new = dataclasses.replace(self, **changes)
-        new.extra = copy.deepcopy(self.extra)
-        new._explicit = self._explicit | set(changes)
-        return new
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> GenerationConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> GenerationConfig:
-        return cls.from_json_file(os.path.join(directory, GENERATION_CONFIG_NAME))
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.to_json_file(os.path.join(directory, GENERATION_CONFIG_NAME))
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
 
-# -- logits processing ----------------------------------------------------------------------------------
+@dataclass
+class _Call:
+    """One generate call's settings and hooks, as the search loops use them."""
 
+    cfg: GenerationConfig
+    process: ScoreProcessor
+    eos: Tensor | None
+    pad: int | None
+    generator: torch.Generator | None  # sampling with a seed; None: torch's global generator
+    criteria: list[Callable[..., Any]]  # the caller's stopping criteria
+    streamer: Any
+    scores: list[Tensor] | None  # collected for output_scores
+    logits: list[Tensor] | None  # collected for output_logits
 
-class _Processor:
-    """Everything ``transformers`` does to the scores before choosing, in its order: repetition penalty,
-    minimum length, then (sampling only) temperature, top-k, top-p."""
+    def record(self, logits: Tensor, scores: Tensor) -> None:
+        if self.scores is not None:
+            self.scores.append(scores)
+        if self.logits is not None:
+            self.logits.append(logits)
 
-    def __init__(self, cfg: GenerationConfig, prefix: Tensor, prefix_mask: Tensor | None, expand: int,
-                 eos: Tensor | None, min_length: int, min_tokens_to_keep: int) -> None:
-        self.cfg, self.eos, self.min_length, self.keep = cfg, eos, min_length, min_tokens_to_keep
-        self.seen: Tensor | None = None  # [N, V] bool: ids the repetition penalty applies to
-        self.prefix = prefix.repeat_interleave(expand, 0)  # [N, P]
-        self.ignore = None
-        if cfg.repetition_penalty != 1.0 and prefix_mask is not None:
-            # transformers leaves the left padding of the prompt out of the penalty
-            self.ignore = (prefix_mask != 0).int().argmax(1).repeat_interleave(expand, 0)  # [N]
+    def ended(self, ids: Tensor) -> Tensor:
+        """[N] bool: the rows of ``ids`` [N, L] that end with their last token (eos, or a stopping criterion)."""
+        done = torch.isin(ids[:, -1], self.eos) if self.eos is not None else \
+            torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        # transformers hands the criteria the scores collected so far (a tuple with output_scores, else None)
+        scores = tuple(self.scores) if self.scores is not None else None
+        for criterion in self.criteria:
+            done = done | torch.as_tensor(criterion(ids, scores), device=ids.device).bool()
+        return done
 
-    def _init_seen(self, V: int) -> Tensor:
-        ids = self.prefix
-        keep = ids < V  # ids beyond the logits (none in practice) cannot be generated anyway
-        if self.ignore is not None:
-            keep &= torch.arange(ids.shape[1], device=ids.device)[None] >= self.ignore[:, None]
-        seen = torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=ids.device)
-        seen.scatter_(1, torch.where(keep, ids, V), True)  # column V collects what is left out
-        return seen[:, :V].contiguous()
-
-    def add(self, tokens: Tensor, rows: Tensor | None = None) -> None:
-        """Record ``tokens`` [N] as generated, after keeping rows ``rows`` (beam search)."""
-        if self.seen is None:
-            return
-        if rows is not None:
-            self.seen = self.seen[rows]
-        self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
-
-    def banned(self, length: int) -> Tensor | None:
-        """The ids greedy decoding without a repetition penalty sets to -inf at ``length`` tokens so far
-        (what ``__call__`` does then), or None."""
-        return self.eos if self.eos is not None and length < self.min_length else None
-
-    def __call__(self, scores: Tensor, length: int) -> Tensor:
-        # scores [N, V] float32; length = tokens so far (prefix + generated)
-        cfg = self.cfg
-        if cfg.repetition_penalty != 1.0:
-            if self.seen is None:
-                self.seen = self._init_seen(scores.shape[1])
-            p = cfg.repetition_penalty
-            scores = torch.where(self.seen, torch.where(scores < 0, scores * p, scores / p), scores)
-        banned = self.banned(length)
-        if banned is not None:
-            scores = scores.index_fill(1, banned, -float("inf"))
-        if not cfg.do_sample:
-            return scores
-        if cfg.temperature != 1.0:
-            scores = scores / cfg.temperature
-        if cfg.top_k:
-            k = min(max(cfg.top_k, self.keep), scores.shape[-1])
-            kth = torch.topk(scores, k).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, -float("inf"))
-        if cfg.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cumulative <= 1 - cfg.top_p  # the least likely tokens holding 1 - top_p of the mass
-            drop[:, -self.keep:] = False
-            scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
-        return scores
-
-
-# -- generate -------------------------------------------------------------------------------------------
+    def draw(self, probs: Tensor, k: int) -> Tensor:
+        return torch.multinomial(probs, k, generator=self.generator)
 
 
 def _lengths(cfg: GenerationConfig, P: int) -> tuple[int, int]:
@@ -245,60 +150,87 @@ def _lengths(cfg: GenerationConfig, P: int) -> tuple[int, int]:
     return max_new, min_length
 
 
+def _check_streamer(streamer: Any, cfg: GenerationConfig) -> None:
+    if streamer is None:
+        return
+    if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer: expected an object with put(token_ids) and end() (transformers' TextStreamer, "
+                        f"TextIteratorStreamer, ...), got {type(streamer).__name__}")
+    if cfg.num_beams > 1:
+        raise ValueError("streaming is not supported with beam search (hypotheses change until the end)")
+
+
 def generate(
     start: Callable[[int, int], Decoder],
     prefix_ids: Tensor,
     config: GenerationConfig,
     *,
     prefix_mask: Tensor | None = None,
-    streamer: Callable[[Tensor], None] | None = None,
-) -> Tensor:
-    """Generate after ``prefix_ids`` [B, P]; returns [B * num_return_sequences, P + n_new].
+    streamer: Any = None,
+    logits_processor: Sequence[Callable[..., Tensor]] | None = None,
+    stopping_criteria: Sequence[Callable[..., Any]] | None = None,
+) -> Tensor | GenerateOutput:
+    """Generate after ``prefix_ids`` [B, P]; returns [B * num_return_sequences, P + n_new] (a
+    ``GenerateOutput`` with ``return_dict_in_generate``). ``config``'s unset fields take transformers' defaults.
 
     ``start(expand, max_new_tokens)`` builds the decoder with every prompt repeated ``expand`` times.
     ``prefix_ids`` are the ids transformers sees as already generated (decoder-only: the prompt with its
-    image and pad tokens; encoder-decoder: the decoder start token); they feed the repetition penalty and
-    are returned in front of the new tokens. ``prefix_mask`` [B, P] (the prompt's attention mask) leaves
-    the left padding out of the repetition penalty, as transformers does. Rows that finish are padded with
+    image and pad tokens; encoder-decoder: the decoder start token); the processors read them and they are
+    returned in front of the new tokens. ``prefix_mask`` [B, P] (the prompt's attention mask) leaves the
+    left padding out of the repetition penalty, as transformers does. Rows that finish are padded with
     ``pad_token_id`` (beam search: with ``pad_token_id or eos_token_id[0]``, the reference's fill).
-    ``streamer`` (greedy and sampling only) gets the new tokens [B * num_return_sequences] of every step.
+
+    transformers' hooks: ``streamer`` (greedy and sampling) gets ``put(prefix [N, P])``, ``put(tokens [N])``
+    each step, then ``end()``; ``logits_processor``: callables ``(input_ids [N, L], scores [N, V]) -> scores``
+    run after the built-in processing (before sampling's warping); ``stopping_criteria``: callables
+    ``(input_ids, scores) -> [N] bool`` (or a bool) that end rows.
     """
-    cfg = config
+    cfg = resolve(config)
     n = cfg.num_return_sequences
     if (cfg.num_beams == 1 and not cfg.do_sample and n > 1) or (cfg.num_beams > 1 and n > cfg.num_beams):
         raise ValueError(f"num_return_sequences={n} needs num_beams >= {n}, or sampling with num_beams=1")
-    if cfg.num_beams > 1 and streamer is not None:
-        raise ValueError("streaming is not supported with beam search (hypotheses change until the end)")
+    _check_streamer(streamer, cfg)
+    user = callables(logits_processor, "logits_processor")
+    criteria = callables(stopping_criteria, "stopping_criteria")
     P = prefix_ids.shape[1]
     max_new, min_length = _lengths(cfg, P)
     expand = max(cfg.num_beams, n)
+    if streamer is not None:
+        streamer.put(prefix_ids.repeat_interleave(expand, 0).cpu())
     decoder = start(expand, max_new)
     logits = decoder.prefill()  # [B * expand, V]
     dev = logits.device  # everything follows the model's device
     prefix_ids = prefix_ids.to(dev)
-    if prefix_mask is not None:
-        prefix_mask = prefix_mask.to(dev)
     eos = None
     if cfg.eos_token_id is not None:
         ids = [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id)
         eos = torch.tensor(ids, dtype=torch.long, device=dev)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None or eos is None else int(eos[0])
-
     generator = None
-    if cfg.do_sample:
-        generator = torch.Generator(device=dev)
-        if cfg.seed is not None:
-            generator.manual_seed(cfg.seed)
-        else:
-            generator.seed()
-
+    if cfg.do_sample and cfg.seed is not None:
+        generator = torch.Generator(device=dev).manual_seed(cfg.seed)
     # sampling with beams keeps enough tokens for one beam to continue past every eos
     keep = 1 if cfg.num_beams == 1 else (2 if eos is None else len(eos) + 1)
-    process = _Processor(cfg, prefix_ids, prefix_mask, expand, eos, min_length, keep)
+    process = ScoreProcessor(cfg, eos=eos, min_length=min_length, keep=keep, expand=expand, user=user,
+                             prefix_mask=None if prefix_mask is None else prefix_mask.to(dev),
+                             vocab_size=logits.shape[-1], device=dev)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None or eos is None else int(eos[0])
+    call = _Call(cfg, process, eos, pad, generator, criteria, streamer,
+                 scores=[] if cfg.return_dict_in_generate and cfg.output_scores else None,
+                 logits=[] if cfg.return_dict_in_generate and cfg.output_logits else None)
     if cfg.num_beams == 1:
-        return _sample(decoder, logits, prefix_ids.repeat_interleave(expand, 0), max_new, process, eos, pad,
-                       generator, streamer)
-    return _beam_search(decoder, logits, prefix_ids, cfg, max_new, process, eos, pad, generator)
+        try:
+            out = GenerateOutput(_sample(decoder, logits, prefix_ids.repeat_interleave(expand, 0), max_new, call))
+        finally:  # also on an error, so that a reader of the streamer (another thread) is not left waiting
+            if streamer is not None:
+                streamer.end()
+    else:
+        sequences, sequences_scores, beam_indices = _beam_search(decoder, logits, prefix_ids, max_new, call)
+        out = GenerateOutput(sequences, sequences_scores if cfg.output_scores else None, beam_indices=beam_indices)
+    if not cfg.return_dict_in_generate:
+        return out.sequences
+    out.scores = None if call.scores is None else tuple(call.scores)
+    out.logits = None if call.logits is None else tuple(call.logits)
+    return out
 
 
 def generated_texts(processor: Any, sequences: Tensor, prompt_ids: Tensor | None, decoder_only: bool) -> list[str]:
@@ -309,47 +241,46 @@ def generated_texts(processor: Any, sequences: Tensor, prompt_ids: Tensor | None
     return [t.strip() for t in processor.batch_decode(new.cpu(), skip_special_tokens=True)]
 
 
-def _sample(decoder: Decoder, logits: Tensor, prefix: Tensor, max_new: int, process: _Processor,
-            eos: Tensor | None, pad: int | None, generator: torch.Generator | None,
-            streamer: Callable[[Tensor], None] | None) -> Tensor:
+# -- search ---------------------------------------------------------------------------------------------
+
+
+def _sample(decoder: Decoder, logits: Tensor, prefix: Tensor, max_new: int, call: _Call) -> Tensor:
     """Greedy (argmax) or multinomial sampling from the prefill's logits [N, V]; prefix [N, P] -> [N, P + n_new]."""
     N, P = prefix.shape
     out = torch.empty(N, P + max_new, dtype=torch.long, device=prefix.device)
     out[:, :P] = prefix
     unfinished = torch.ones(N, dtype=torch.bool, device=prefix.device)
-    # greedy with no processor but the minimum length's ban of eos: the decoder may pick the tokens itself
-    step_greedy = getattr(decoder, "step_greedy", None) if generator is None and \
-        process.cfg.repetition_penalty == 1.0 else None
+    # greedy whose processing only bans fixed ids, with no scores to return: the decoder may pick the tokens
+    # itself (a speed-up may do so without the whole logits); anything else takes the logits
+    plain = call.cfg.do_sample or not call.process.bans_only or call.scores is not None or call.logits is not None
+    step_greedy = None if plain else getattr(decoder, "step_greedy", None)
     chosen: Tensor | None = None  # the next tokens, where step_greedy chose them
     for i in range(max_new):
         if chosen is not None:
             tokens = chosen
         else:
-            scores = process(logits, P + i)  # [N, V]
-            if generator is not None:
-                tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-            else:
-                tokens = scores.argmax(-1)
-        if eos is not None:
-            tokens = torch.where(unfinished, tokens, pad)
-            unfinished &= ~torch.isin(tokens, eos)
+            scores = call.process(out[:, :P + i], logits)  # [N, V]
+            call.record(logits, scores)
+            tokens = call.draw(scores.softmax(-1), 1).squeeze(1) if call.cfg.do_sample else scores.argmax(-1)
+        if call.eos is not None:
+            tokens = torch.where(unfinished, tokens, call.pad)
         out[:, P + i] = tokens
-        process.add(tokens)
-        if streamer is not None:
-            streamer(tokens)
+        unfinished &= ~call.ended(out[:, :P + i + 1])
+        if call.streamer is not None:
+            call.streamer.put(tokens.cpu())
         if i + 1 == max_new or not unfinished.any():
             break
         if step_greedy is not None:
-            chosen = step_greedy(tokens, process.banned(P + i + 1))
+            chosen = step_greedy(tokens, call.process.banned(P + i + 1))
         else:
             logits = decoder.step(tokens)
     return out[:, :P + i + 1]
 
 
-def _beam_search(decoder: Decoder, logits: Tensor, prefix: Tensor, cfg: GenerationConfig, max_new: int,
-                 process: _Processor, eos: Tensor | None, pad: int | None,
-                 generator: torch.Generator | None) -> Tensor:
-    """Beam search (or beam sampling), step for step the algorithm of transformers 5.x ``_beam_search``.
+def _beam_search(decoder: Decoder, logits: Tensor, prefix: Tensor, max_new: int,
+                 call: _Call) -> tuple[Tensor, Tensor, Tensor]:
+    """Beam search (or beam sampling), step for step the algorithm of transformers 5.x ``_beam_search``:
+    (sequences [B * n, L], their scores [B * n], beam indices [B * n, L - P]).
 
     Each step ranks every (beam, token) continuation by summed log-probability and keeps the best
     K = max(2, 1 + n_eos) * nb, so that nb of them can continue even if the best ones all end. Of the K:
@@ -358,22 +289,21 @@ def _beam_search(decoder: Decoder, logits: Tensor, prefix: Tensor, cfg: Generati
     hypotheses of the prompt. The search stops when no prompt can improve its finished set (see
     ``_can_improve``), when every hypothesis of every prompt is finished and early_stopping is True, or at
     max length, where the running beams are finished as they are."""
-    B, P = prefix.shape
-    nb = cfg.num_beams
-    dev = prefix.device
+    cfg, eos, dev = call.cfg, call.eos, prefix.device
+    (B, P), nb, L = prefix.shape, cfg.num_beams, prefix.shape[1] + max_new
     K = max(2, 1 + (0 if eos is None else len(eos))) * nb
-    L = P + max_new
     lp, es = cfg.length_penalty, cfg.early_stopping
     # positions past a hypothesis' end; `pad or eos[0]`, so a pad id of 0 (T5) gives eos (a reference quirk)
-    fill = (pad or int(eos[0])) if eos is not None else -1
+    fill = (call.pad or int(eos[0])) if eos is not None else -1
 
     running = torch.full((B, nb, L), fill, dtype=torch.long, device=dev)
     running[:, :, :P] = prefix[:, None]
     running_scores = torch.zeros(B, nb, device=dev)
     running_scores[:, 1:] = _MASKED  # all beams start equal: only the first may spread at step one
+    running_rows = torch.full((B, nb, max_new), -1, dtype=torch.long, device=dev)  # each token's source row
     done = running.clone()  # finished hypotheses [B, nb, L], best first
     done_scores = torch.full((B, nb), _MASKED, device=dev)
-    done_len = torch.zeros(B, nb, dtype=torch.long, device=dev)  # new tokens of each, eos included
+    done_rows = running_rows.clone()
     is_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)
     can_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
     first_nb = torch.arange(K, device=dev) < nb
@@ -382,13 +312,16 @@ def _beam_search(decoder: Decoder, logits: Tensor, prefix: Tensor, cfg: Generati
     cur = P  # tokens so far
     while True:
         V = logits.shape[-1]
-        log_probs = process(F.log_softmax(logits, -1), cur)  # [B * nb, V]
+        log_probs = call.process(running[:, :, :cur].flatten(0, 1), F.log_softmax(logits, -1))  # [B * nb, V]
+        call.record(logits, log_probs)
         total = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-        top, idx = _top_continuations(total, K, generator)  # [B, K]
+        top, idx = _top_continuations(total, K, call)  # [B, K]
         beam, tokens = idx // V, idx % V
         cand = running.gather(1, beam[:, :, None].expand(B, K, L)).clone()  # [B, K, L]
         cand[:, :, cur] = tokens
-        ended = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        cand_rows = running_rows.gather(1, beam[:, :, None].expand(B, K, max_new)).clone()
+        cand_rows[:, :, cur - P] = beam + row_offset
+        ended = call.ended(cand[:, :, :cur + 1].flatten(0, 1)).view(B, K)
         if cur + 1 >= L:
             ended = torch.ones_like(ended)
 
@@ -396,6 +329,7 @@ def _beam_search(decoder: Decoder, logits: Tensor, prefix: Tensor, cfg: Generati
         live = top + ended.float() * _MASKED
         pick = torch.topk(live, nb).indices  # [B, nb]
         running = cand.gather(1, pick[:, :, None].expand(B, nb, L))
+        running_rows = cand_rows.gather(1, pick[:, :, None].expand(B, nb, max_new))
         running_scores = live.gather(1, pick)
         src_rows = (beam.gather(1, pick) + row_offset).flatten()  # decoder rows they came from
 
@@ -407,30 +341,29 @@ def _beam_search(decoder: Decoder, logits: Tensor, prefix: Tensor, cfg: Generati
         scores += (~just_done) * _MASKED
         merged = torch.topk(torch.cat([done_scores, scores], 1), nb).indices  # [B, nb]
         done = torch.cat([done, cand], 1).gather(1, merged[:, :, None].expand(B, nb, L))
+        done_rows = torch.cat([done_rows, cand_rows], 1).gather(1, merged[:, :, None].expand(B, nb, max_new))
         done_scores = torch.cat([done_scores, scores], 1).gather(1, merged)
-        cand_len = torch.full((B, K), cur + 1 - P, dtype=torch.long, device=dev)
-        done_len = torch.cat([done_len, cand_len], 1).gather(1, merged)
         is_done = torch.cat([is_done, just_done], 1).gather(1, merged)
 
         cur += 1
         can_improve = can_improve & _can_improve(running_scores, done_scores, is_done, cur - P, max_new, lp, es)
         if not can_improve.any() or (is_done.all() and es is True) or ended.all():
             break
-        process.add(running[:, :, cur - 1].flatten(), src_rows)
         decoder.reorder(src_rows)
         logits = decoder.step(running[:, :, cur - 1].flatten())
 
     n = cfg.num_return_sequences
-    out_len = P + int(done_len[:, :n].max())
-    return done[:, :n, :out_len].reshape(B * n, out_len)
+    rows = done_rows[:, :n].reshape(B * n, max_new)
+    n_new = int((rows >= 0).sum(1).max())  # the longest hypothesis returned, eos included
+    return done[:, :n, :P + n_new].reshape(B * n, P + n_new), done_scores[:, :n].reshape(B * n), rows[:, :n_new]
 
 
-def _top_continuations(total: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _top_continuations(total: Tensor, k: int, call: _Call) -> tuple[Tensor, Tensor]:
     """The ``k`` best continuations of ``total`` [B, nb * V] (beam sampling: ``k`` drawn without replacement),
     best first: (their scores, their flat indices), each [B, k]."""
-    if generator is None:
+    if not call.cfg.do_sample:
         return torch.topk(total, k)
-    idx = torch.multinomial(total.softmax(-1), k, generator=generator)
+    idx = call.draw(total.softmax(-1), k)
     top, order = total.gather(1, idx).sort(-1, descending=True)
     return top, idx.gather(1, order)
 

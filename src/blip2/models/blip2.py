@@ -14,8 +14,9 @@ no image tokens, prepended to the prompt embeddings with the attention mask exte
 from __future__ import annotations
 
 import os
-from dataclasses import fields
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +24,11 @@ from torch import nn
 
 from blip2.checkpoint import PretrainedMixin
 from blip2.config import Blip2Config
-from blip2.generation import GenerationConfig, generate
+from blip2.generation import GenerationConfig, generate, resolve
 from blip2.models.opt import OPTForCausalLM
 from blip2.models.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
-from blip2.models.outputs import (Blip2ForConditionalGenerationModelOutput, CausalLMOutputWithPast, Recorder,
-                                  Seq2SeqLMOutput, finish)
+from blip2.models.outputs import (BaseModelOutputWithPast, Blip2ForConditionalGenerationModelOutput,
+                                  CausalLMOutputWithPast, Recorder, Seq2SeqLMOutput, finish)
 from blip2.models.qformer import Blip2QFormerModel
 from blip2.models.vision import Blip2VisionModel
 
@@ -92,14 +93,16 @@ class Blip2Model(PretrainedMixin, nn.Module):
         """The Q-Former's last hidden states for the queries, [B, Q, Dq]."""
         return self.image_to_lm_inputs(pixel_values, interpolate_pos_encoding)[1].last_hidden_state
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The LM's text hidden states: OPT decoder output or T5 encoder output, [B, T, D]."""
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                          ) -> BaseModelOutputWithPast:
+        """The LM's text hidden states, ``last_hidden_state`` [B, T, D]: OPT's decoder output or T5's encoder
+        output (transformers 5 returns them in an output object too)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.get_input_embeddings()(input_ids)
         if isinstance(self.language_model, T5ForConditionalGeneration):
-            return self.language_model.encode(embeds, attention_mask)
-        return self.language_model.hidden_states(embeds, attention_mask)
+            return BaseModelOutputWithPast(last_hidden_state=self.language_model.encode(embeds, attention_mask))
+        return BaseModelOutputWithPast(last_hidden_state=self.language_model.hidden_states(embeds, attention_mask))
 
     def image_to_lm_inputs(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
                            output_attentions: bool | None = None, output_hidden_states: bool | None = None
@@ -166,25 +169,23 @@ class Blip2Model(PretrainedMixin, nn.Module):
 
     # -- generation --------------------------------------------------------------------------
 
-    def _generation_config(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
-        base = generation_config or self.generation_config
-        unknown = sorted(set(kwargs) - {f.name for f in fields(GenerationConfig)} - {"extra"})
-        if unknown:
-            raise TypeError(f"generate() got unknown options {unknown}; see blip2.GenerationConfig for the names")
-        return base.replace(**kwargs) if kwargs else base
-
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
-                 generation_config: GenerationConfig | None = None,
-                 streamer: Callable[[torch.Tensor], None] | None = None, **kwargs: Any) -> torch.Tensor:
-        """Captions or answers, as token ids (transformers 5.x convention).
+                 generation_config: Any = None, logits_processor: Sequence[Callable[..., Any]] | None = None,
+                 stopping_criteria: Sequence[Callable[..., Any]] | None = None, streamer: Any = None,
+                 **kwargs: Any) -> Any:
+        """Captions or answers, as token ids (transformers 5.x convention), or a ``GenerateOutput`` with
+        ``return_dict_in_generate=True``.
 
         Decoder-only: the prompt ``input_ids`` (image tokens included) followed by the new tokens.
         Encoder-decoder: ``decoder_start_token_id`` followed by the new tokens. Finished rows are
-        padded with ``pad_token_id``. ``kwargs`` are ``GenerationConfig`` fields.
+        padded with ``pad_token_id``. ``kwargs`` are ``GenerationConfig`` fields; they win over
+        ``generation_config`` (ours, transformers' or a dict), whose set fields win over the model's
+        ``generation_config``. ``logits_processor``, ``stopping_criteria`` and ``streamer`` are transformers'
+        hooks (see ``blip2.generation.generate``).
         """
-        cfg = self._generation_config(generation_config, kwargs)
+        cfg = resolve(self.generation_config, generation_config, kwargs)
         batch = pixel_values.shape[0]
         device = self.device
         _, _, lm_inputs = self.image_to_lm_inputs(pixel_values.to(device), interpolate_pos_encoding)
@@ -215,7 +216,8 @@ class Blip2Model(PretrainedMixin, nn.Module):
         else:
             prefix = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
             prefix_mask = None
-        return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer)
+        return generate(start_decoder, prefix, cfg, prefix_mask=prefix_mask, streamer=streamer,
+                        logits_processor=logits_processor, stopping_criteria=stopping_criteria)
 
 
 def _causal_lm_outputs(lm: OPTForCausalLM, embeds: torch.Tensor, mask: torch.Tensor,

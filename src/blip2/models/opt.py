@@ -22,7 +22,6 @@ H heads, Dh = D / H, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +46,11 @@ class OPTAttention(nn.Module):
         self.head_dim = d // self.num_heads
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
-        self.q_proj = nn.Linear(d, d, bias=config.enable_bias)
+        # in the reference's order, so that code walking the modules in order (PEFT creating LoRA adapters from
+        # one seeded generator) meets them as it does there
         self.k_proj = nn.Linear(d, d, bias=config.enable_bias)
         self.v_proj = nn.Linear(d, d, bias=config.enable_bias)
+        self.q_proj = nn.Linear(d, d, bias=config.enable_bias)
         self.out_proj = nn.Linear(d, d, bias=config.enable_bias)
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

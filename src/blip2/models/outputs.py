@@ -70,6 +70,10 @@ def finish(output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple
     return output.to_tuple() if return_dict is False else output
 
 
+class BaseModelOutputWithPast(ModelOutput):
+    fields = ("last_hidden_state", "past_key_values", "hidden_states", "attentions")
+
+
 class BaseModelOutputWithPooling(ModelOutput):
     fields = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
 

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
              "finetune": "captioning or VQA fine-tuning (stage 2's loss, image encoder trained by default)"}
     for stage, text in helps.items():
         p = sub.add_parser(stage, help=text, description=text, argument_default=argparse.SUPPRESS)
-        p.add_argument("--data", action="append", help="JSONL manifest, .tar shard or directory of shards (repeatable)")
+        p.add_argument("--data", action="append", help="JSONL manifest, CSV or Parquet table, tar shard (.tar, "
+                       ".tar.gz, brace list), directory of shards, datasets save_to_disk folder (repeatable)")
         p.add_argument("--out", help="output directory: Hugging Face checkpoint, metrics.jsonl, checkpoint/")
         p.add_argument("--config", help="YAML or JSON file of settings")
         p.add_argument("--preset", choices=sorted(PRESETS), help="settings to start from")
@@ -112,7 +113,7 @@ def _settings(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
     flags = {name: given[name] for _, name, _, _ in _SETTINGS if name in given}
     config = TrainConfig.from_dict(flags, config)
     if not paths.get("data"):
-        raise ValueError("give --data (a manifest, shard or directory of shards)")
+        raise ValueError("give --data (a manifest, table, shard or directory of shards)")
     if not paths.get("out"):
         raise ValueError("give --out (the output directory)")
     if isinstance(paths["data"], str):

@@ -1,18 +1,17 @@
-"""Training data: JSONL manifests and webdataset-style tar shards, augmentation, global batches.
+"""Training data: where examples come from, augmentation, global batches.
 
-Sources (``load_records``):
+Sources (``load_records``; reading each kind: ``sources.py`` and ``tables.py``):
 
-- JSONL manifest, one object per line: ``{"image": path, "caption": text}`` (captioning, stage 1 and 2)
-  or ``{"image": path, "question": text, "answer": text}`` (VQA); paths relative to the manifest's
-  directory. Other keys are ignored.
-- Tar shards (``*.tar``, or a directory of them): members ``KEY.jpg``/``KEY.png``/... with ``KEY.json``
-  (an object with the fields above, no "image") or ``KEY.txt`` (a caption), as webdataset writes them.
-  Read with the standard ``tarfile`` module; the shards are indexed once (headers and the small text
-  members) and images are then read by offset, so shards need to be uncompressed ``.tar`` files.
+- JSONL manifests (``*.jsonl``, ``*.json``): one object per line, ``{"image": path, "caption": text}`` or
+  ``{"image": path, "question": text, "answer": text}``, paths relative to the manifest.
+- Tar shards as webdataset writes them: ``*.tar``, gzip-compressed ``*.tar.gz`` / ``*.tgz``, a directory of
+  them, or a brace list (``shards-{000..009}.tar``).
+- Tables with an image column: ``*.csv`` (image paths), ``*.parquet`` (paths or bytes), a Hugging Face
+  ``datasets.Dataset`` (or ``DatasetDict``: its train split) in Python, a folder written by its ``save_to_disk``.
 
-A line or shard entry that cannot be used (bad JSON, missing field, no image or text) is skipped and
-counted; an image that cannot be decoded at training time is replaced by the next record and counted.
-Neither stops a run.
+A line, entry or row that cannot be used is skipped and counted, and logged with its file and line or row;
+an image that cannot be decoded at training time is replaced by the next record and counted. Neither stops a
+run. A source that cannot be read at all raises, naming the file.
 
 Every sample is addressed by a global key ``epoch * len(dataset) + index``; its augmentation draws from
 a generator seeded by (seed, key). So a sample looks the same whatever rank, worker or resumed run reads
@@ -25,21 +24,19 @@ each rank its contiguous slice: rank r of W reads rows ``r*b .. r*b+b-1`` of eac
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import os
-import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from blip2.images import Blip2ImageProcessor, ImageLoadError, load_image, read_image
+from blip2.images import Blip2ImageProcessor, ImageLoadError, load_image
+from blip2.train.sources import GZIP_SHARDS, Record, decode_image, expand_braces, read_manifest, read_shards
+from blip2.train.tables import is_dataset, is_saved_dataset, read_csv, read_dataset, read_parquet
 
 __all__ = [
     "FeatureDataset",
@@ -55,145 +52,66 @@ __all__ = [
 
 logger = logging.getLogger("blip2.train")
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 MAX_IMAGE_RETRIES = 16  # consecutive undecodable images before a batch gives up
+SHARDS = (".tar", *GZIP_SHARDS)
 
 
-@dataclass(frozen=True)
-class Record:
-    """One training example. ``member`` = (offset, size) of the image inside the tar file ``image``."""
-
-    image: str
-    caption: str | None = None
-    question: str | None = None
-    answer: str | None = None
-    member: tuple[int, int] | None = None
-    # stage 2 with ``TrainConfig.prefix_loss_weight``: a text the projected queries are pulled toward,
-    # token by token (e.g. the image's description in the words the LM reads); None: no such loss
-    prefix: str | None = None
-    # stage 1: a caption that does not match the image (a hard negative, e.g. one word changed), which ITM
-    # scores as a non-match besides the negatives drawn from the batch; None: only those
-    negative: str | None = None
-
-
-def _fields(obj: Any, task: str) -> dict[str, str] | None:
-    """The text fields ``task`` needs from a JSON object, or None when they are missing or not strings."""
-    if not isinstance(obj, dict):
-        return None
-    if task == "mixed":  # a question-answer pair when the object has one, else a caption
-        qa = all(isinstance(obj.get(n), str) and obj[n].strip() for n in ("question", "answer"))
-        task = "vqa" if qa else "caption"
-    names = ("caption",) if task == "caption" else ("question", "answer")
-    values = {n: obj.get(n) for n in names}
-    if not all(isinstance(v, str) and v.strip() for v in values.values()):
-        return None
-    fields = {n: v.strip() for n, v in values.items()}
-    for name in ("prefix", "negative"):  # optional: the prefix alignment text, a hard negative caption
-        value = obj.get(name)
-        if isinstance(value, str) and value.strip():
-            fields[name] = value.strip()
-    return fields
-
-
-def _needs(task: str) -> str:
-    return {"caption": '"caption"', "vqa": '"question" and "answer"'}.get(task, '"caption", or "question" and "answer"')
-
-
-def read_manifest(path: str, task: str = "caption") -> tuple[list[Record], int]:
-    """Records of a JSONL manifest and the number of lines skipped (blank lines are not counted)."""
-    root = os.path.dirname(os.path.abspath(path))
-    records: list[Record] = []
-    skipped = 0
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is skipped on its own, not the whole file
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                logger.warning("%s:%d: skipped, not UTF-8 (byte %#04x at column %d)", path, lineno, raw[e.start],
-                               e.start + 1)
-                skipped += 1
-                continue
-            except json.JSONDecodeError as e:
-                logger.warning("%s:%d: skipped, not JSON (%s)", path, lineno, e)
-                skipped += 1
-                continue
-            fields = _fields(obj, task)
-            image = obj.get("image") if isinstance(obj, dict) else None
-            if fields is None or not isinstance(image, str) or not image:
-                logger.warning("%s:%d: skipped, needs \"image\" and %s", path, lineno, _needs(task))
-                skipped += 1
-                continue
-            records.append(Record(os.path.join(root, image), **fields))
-    return records, skipped
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset's naming: "dir/000123.jpg" -> ("dir/000123", "jpg"); the extension starts at the first dot."""
-    directory, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return os.path.join(directory, stem), ext.lower()
-
-
-def read_shards(paths: Sequence[str], task: str = "caption") -> tuple[list[Record], int]:
-    """Records of uncompressed tar shards and the number of entries skipped."""
-    records: list[Record] = []
-    skipped = 0
-    for path in paths:
-        groups: dict[str, dict[str, Any]] = {}
-        try:
-            with tarfile.open(path, "r:") as tf:
-                for info in tf:
-                    if not info.isfile():
-                        continue
-                    key, ext = _split_key(info.name)
-                    group = groups.setdefault(key, {})
-                    if ext in IMAGE_EXTENSIONS:
-                        group["image"] = (info.offset_data, info.size)
-                    elif ext in ("json", "txt"):
-                        data = tf.extractfile(info)
-                        group[ext] = data.read() if data is not None else b""
-        except tarfile.ReadError as e:
-            raise ValueError(f"{path}: not an uncompressed tar shard ({e}); compressed shards cannot be read "
-                             "by offset, unpack them to .tar") from None
-        for key, group in groups.items():
-            fields: dict[str, str] | None = None
-            try:
-                if "json" in group:
-                    fields = _fields(json.loads(group["json"]), task)
-                elif "txt" in group and task in ("caption", "mixed"):
-                    fields = _fields({"caption": group["txt"].decode("utf-8")}, task)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                fields = None
-            if fields is None or "image" not in group:
-                logger.warning("%s: %s skipped, needs an image and its text", path, key)
-                skipped += 1
-                continue
-            records.append(Record(path, member=group["image"], **fields))
-    return records, skipped
-
-
-def load_records(sources: Sequence[str] | str, task: str = "caption") -> tuple[list[Record], int]:
-    """Records from manifests (``*.jsonl``/``*.json``), tar shards (``*.tar``) and directories of shards."""
-    if isinstance(sources, str):
+def load_records(sources: Any, task: str = "caption", columns: dict[str, str] | None = None
+                 ) -> tuple[list[Record], int]:
+    """Records from one source or a list of them (see the module doc): file paths, directories, brace
+    patterns, ``datasets.Dataset`` objects. ``columns`` names the columns of tables (``tables.py``).
+    Returns (records, how many lines / entries / rows were skipped)."""
+    if isinstance(sources, (str, os.PathLike)) or is_dataset(sources):
         sources = [sources]
     records: list[Record] = []
     skipped = 0
     for source in sources:
-        if os.path.isdir(source):
-            shards = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".tar"))
-            if not shards:
-                raise ValueError(f"{source}: a directory without .tar shards")
-            got, bad = read_shards(shards, task)
-        elif source.endswith(".tar"):
-            got, bad = read_shards([source], task)
-        else:
-            got, bad = read_manifest(source, task)
+        got, bad = _read_source(source, task, columns)
         records += got
         skipped += bad
     if not records:
-        raise ValueError(f"no usable training examples in {list(sources)} ({skipped} skipped)")
+        names = [s if isinstance(s, str) else type(s).__name__ for s in sources]
+        raise ValueError(f"no usable training examples in {names} ({skipped} skipped)")
+    return records, skipped
+
+
+def _read_source(source: Any, task: str, columns: dict[str, str] | None) -> tuple[list[Record], int]:
+    if is_dataset(source):
+        return read_dataset(source, task, columns)
+    source = os.fspath(source)
+    paths = expand_braces(source)
+    if len(paths) > 1 or paths[0] != source:  # a brace list: each file must be there
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: no such file (from {source}, {len(missing)} of {len(paths)} missing)")
+        return _read_files(paths, task, columns)
+    if is_saved_dataset(source):
+        return read_dataset(source, task, columns)
+    if os.path.isdir(source):
+        shards = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(SHARDS))
+        if not shards:
+            raise ValueError(f"{source}: a directory without tar shards ({', '.join(SHARDS)}) that datasets' "
+                             "save_to_disk did not write either")
+        return read_shards(shards, task)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    return _read_files([source], task, columns)
+
+
+def _read_files(paths: list[str], task: str, columns: dict[str, str] | None) -> tuple[list[Record], int]:
+    records: list[Record] = []
+    skipped = 0
+    for path in paths:
+        if path.endswith(SHARDS):
+            got, bad = read_shards([path], task)
+        elif path.endswith(".csv"):
+            got, bad = read_csv(path, task, columns)
+        elif path.endswith(".parquet"):
+            got, bad = read_parquet(path, task, columns)
+        else:
+            got, bad = read_manifest(path, task)
+        records += got
+        skipped += bad
     return records, skipped
 
 
@@ -269,6 +187,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def _read(self, record: Record) -> Image.Image:
+        if record.table is not None:
+            return record.table.image(record.row)
         if record.member is None:
             return load_image(record.image)  # type: ignore[return-value]  # a path gives a PIL image
         if self._pid != os.getpid():  # file handles are per process (DataLoader workers fork)
@@ -278,7 +198,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             f = self._files[record.image] = open(record.image, "rb")
         offset, size = record.member
         f.seek(offset)
-        return read_image(io.BytesIO(f.read(size)), f"{record.image}@{offset}")
+        return decode_image(f.read(size), f"{record.image}@{offset}")
 
     def __getitem__(self, key: int) -> dict[str, Any]:
         n = len(self.records)

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from blip2._compat import register_fake
+from blip2.cache import cache_dir
 
 __all__ = ["load", "ready", "status", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
            "block_weight", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags"]
@@ -86,15 +87,6 @@ def ready() -> bool:
 def status() -> str:
     """Where the kernels stand: "loaded from <path>", or why they are not."""
     return _status
-
-
-def cache_dir() -> Path:
-    """Where built kernels are kept: ``$BLIP2_CACHE_DIR``, else ``$XDG_CACHE_HOME/blip2``, else
-    ``~/.cache/blip2``."""
-    if os.environ.get("BLIP2_CACHE_DIR"):
-        return Path(os.environ["BLIP2_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "blip2"
 
 
 def cpu_flags() -> set[str]:
