@@ -426,8 +426,10 @@ class PretrainedMixin(ModelUtilitiesMixin):
         config, prefix = cls._select_config(raw, os.path.join(directory, CONFIG_FILE))
         want = parse_dtype(config_dtype(raw) if opts.dtype == "auto" else opts.dtype)
         files = weight_files(directory, opts.variant, opts.use_safetensors)  # fail before building anything
-        where = resolve_device_map(opts.device_map, opts.device)
         quant = None if opts.quantization_config is None else parse_quantization_config(opts.quantization_config)
+        if quant is not None and not torch.cuda.is_available():
+            check_available(quant, torch.device("cpu"))  # what quantizing lacks says more than device_map would
+        where = resolve_device_map(opts.device_map, opts.device)
         first = where if isinstance(where, torch.device) else torch.device("cuda:0")
         check_flash_attention(opts.attn_implementation, first, want)
         if quant is not None:
