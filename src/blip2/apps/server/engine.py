@@ -33,7 +33,7 @@ from torch import Tensor
 from blip2.apps.server.batcher import QueueFull, ShuttingDown
 from blip2.apps.server.imagecache import ImageCache
 from blip2.apps.server.metrics import Histogram
-from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, TextStream
+from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, TextStream, eos_ids
 from blip2.generation import top_p_filter
 
 log = logging.getLogger("blip2.apps.server")
@@ -137,8 +137,7 @@ class ContinuousBatcher:
         weight = lm.get_input_embeddings().weight
         self.caches = _RowCaches(cfg.num_hidden_layers, max_rows, cfg.num_attention_heads,
                                  cfg.hidden_size // cfg.num_attention_heads, weight.dtype, weight.device)
-        eos = pipe.model.generation_config.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        self.eos = eos_ids(pipe.model)
         self.rows: list[_Row] = []
         self._pending: deque[GenRequest] = deque()
         self._cond = threading.Condition()

@@ -107,3 +107,23 @@ class TextStream:
             return ""
         new, self.sent = text[len(self.sent):], text
         return new
+
+
+def replay(choice: int, tokens: Sequence[int], max_new_tokens: int, eos: set[int], stream: TextStream) -> list[Event]:
+    """The events of one choice whose tokens were all generated at once (the micro-batching scheduler's)."""
+    count = 0
+    for token in tokens[:max_new_tokens]:
+        if token in eos:
+            break
+        count += 1
+        if stream.add(token)[1]:
+            return [Delta(choice, stream.sent), Finished(choice, "stop", count)]
+    reason = "length" if count == max_new_tokens else "stop"
+    stream.finish()
+    return [Delta(choice, stream.sent), Finished(choice, reason, count)]
+
+
+def eos_ids(model: Any) -> set[int]:
+    """The end tokens of the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    return set([eos] if isinstance(eos, int) else (eos or []))
