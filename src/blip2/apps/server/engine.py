@@ -22,15 +22,13 @@ change layers (fuse, int8) apply; those that replace the whole step (native, com
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from blip2.apps.server.batcher import QueueFull, ShuttingDown
+from blip2.apps.server.batcher import ShuttingDown, WorkerQueue
 from blip2.apps.server.imagecache import ImageCache
 from blip2.apps.server.metrics import Histogram
 from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, TextStream, eos_ids
@@ -62,11 +60,11 @@ class _RowCaches:
         def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             # input_pos [n]: each row's slot; k, v [n, H, 1, Dh] -> [n, H, span, Dh]
             n, span = k.shape[0], self.owner.span
-            K, V = self.owner.k[self.i], self.owner.v[self.i]
-            rows = torch.arange(n, device=K.device)
-            K[rows, :, input_pos] = k[:, :, 0]
-            V[rows, :, input_pos] = v[:, :, 0]
-            return K[:n, :, :span], V[:n, :, :span]
+            K, V = self.owner.k[self.i][:n], self.owner.v[self.i][:n]
+            index = input_pos.view(n, 1, 1, 1).expand_as(k)  # scatter_ is several times faster than index_put_
+            K.scatter_(2, index, k)
+            V.scatter_(2, index, v)
+            return K[:, :, :span], V[:, :, :span]
 
     def __init__(self, layers: int, rows: int, heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -122,7 +120,7 @@ class _Row:
         self.count = 0  # tokens generated
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(WorkerQueue):
     """``submit(request)``: the request's events come through ``request.emit`` (see ``requests``)."""
 
     def __init__(self, pipe: Any, max_rows: int = 8, max_queue: int = 64, max_prefill: int = 4,
@@ -130,7 +128,8 @@ class ContinuousBatcher:
         reason = unsupported(pipe.model)
         if reason is not None:
             raise ValueError(reason)
-        self.pipe, self.max_rows, self.max_queue, self.max_prefill = pipe, max_rows, max_queue, max_prefill
+        super().__init__(max_queue, "blip2-engine")
+        self.pipe, self.max_rows, self.max_prefill = pipe, max_rows, max_prefill
         self.images = image_cache or ImageCache()
         lm = pipe.model.language_model
         cfg = lm.config
@@ -139,41 +138,14 @@ class ContinuousBatcher:
                                  cfg.hidden_size // cfg.num_attention_heads, weight.dtype, weight.device)
         self.eos = eos_ids(pipe.model)
         self.rows: list[_Row] = []
-        self._pending: deque[GenRequest] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self.occupancy = Histogram([1, 2, 4, 8, 16, 32, 64])  # running rows per step
         self.first_token = Histogram([0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])  # seconds to the first token
-        self.steps = self.tokens = self.rejected = 0
+        self.steps = self.tokens = 0
 
     # -- the event loop's side ------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="blip2-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            left, self._pending = list(self._pending), deque()
-            self._cond.notify_all()
-        for request in left:
-            request.emit(Failed(ShuttingDown("the server is shutting down")))
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-
-    @property
-    def queue_length(self) -> int:
-        return len(self._pending)
-
-    def admit(self, waiting_elsewhere: int = 0) -> None:
-        with self._cond:
-            waiting = len(self._pending) + waiting_elsewhere
-            if waiting >= self.max_queue:
-                self.rejected += 1
-                raise QueueFull(f"{waiting} requests are already waiting (max_queue={self.max_queue})")
+    def _refuse(self, request: GenRequest, error: Exception) -> None:
+        request.emit(Failed(error))
 
     def submit(self, request: GenRequest) -> None:
         """Queue ``request``; QueueFull or ShuttingDown at once when it cannot be."""
