@@ -19,7 +19,7 @@ from torch import Tensor
 
 from blip2.generation_config import GenerationConfig
 
-__all__ = ["ScoreProcessor", "callables"]
+__all__ = ["ScoreProcessor", "callables", "top_p_filter"]
 
 Hook = Callable[..., Tensor]
 
@@ -135,10 +135,15 @@ class ScoreProcessor:
             k = min(max(cfg.top_k, self.keep), scores.shape[-1])
             kth = torch.topk(scores, k).values[:, -1:]
             scores = scores.masked_fill(scores < kth, -float("inf"))
-        if cfg.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cumulative <= 1 - cfg.top_p  # the least likely tokens holding 1 - top_p of the mass
-            drop[:, -self.keep:] = False
-            scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+        return top_p_filter(scores, cfg.top_p, self.keep)
+
+
+def top_p_filter(scores: Tensor, top_p: float, keep: int = 1) -> Tensor:
+    """Nucleus filtering: ``scores`` [N, V] with the least likely tokens that together hold ``1 - top_p`` of the
+    probability set to -inf (the ``keep`` most likely always stay)."""
+    if top_p >= 1.0:
         return scores
+    sorted_scores, order = torch.sort(scores, descending=False)
+    drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -keep:] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))

@@ -294,7 +294,8 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
           max_new_tokens: int = 30, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
           max_wait_ms: float = 10.0, max_queue: int = 64, timeout: float = 60.0, max_upload_mb: float = 10.0,
           max_pixels: int = 40_000_000, fast: str = "auto", max_connections: int = 256,
-          allow_origin: Sequence[str] = ()) -> int:
+          allow_origin: Sequence[str] = (), scheduler: str = "continuous", image_cache: int = 64,
+          fetch_images: bool = False) -> int:
     """Serve caption, VQA and match over HTTP (needs the serve extra: fastapi, uvicorn)."""
     try:
         from blip2.apps.server import ServerSettings, bind, run_server
@@ -304,7 +305,8 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
         settings = ServerSettings(options=_options(max_new_tokens, num_beams), max_batch_size=max_batch_size,
                                   max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout,
                                   max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
-                                  max_connections=max_connections, allow_origins=tuple(allow_origin))
+                                  max_connections=max_connections, allow_origins=tuple(allow_origin),
+                                  scheduler=scheduler, image_cache=image_cache, fetch_images=fetch_images)
     except ValueError as e:
         raise CliError(str(e)) from None
     try:
@@ -455,6 +457,13 @@ def _serve_command(sub: Any) -> None:
     g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="a site (https://host[:port]) whose pages may POST here; repeat it, or '*' for any "
                         "(default: only the server's own page)")
+    g.add_argument("--scheduler", choices=("continuous", "micro"), default="continuous",
+                   help="how the OpenAI endpoints batch: continuous (requests join and leave the decoding batch at "
+                        "every step) or micro (a batch runs to its longest answer) (default: continuous)")
+    g.add_argument("--image-cache", type=int, default=64,
+                   help="images whose vision output is kept for the next question about them (default: 64)")
+    g.add_argument("--fetch-images", action="store_true",
+                   help="let the OpenAI endpoints fetch http(s) image URLs (default: data URLs only)")
 
 
 def _delegate(module: str) -> Callable[[list[str]], int]:

@@ -250,12 +250,28 @@ class Pipeline:
     def generate(self, images: Images, prompts: Sequence[str], options: GenerationOptions = GenerationOptions()
                  ) -> list[str]:
         """One text per image continuing ``prompts[i]``; an empty prompt asks for a plain caption."""
+        out, ids = self._generate(images, prompts, options.max_new_tokens, num_beams=options.num_beams)
+        return generated_texts(self.processor, out, ids, self.model.config.use_decoder_only_language_model)
+
+    @torch.inference_mode()
+    def generate_tokens(self, images: Images, prompts: Sequence[str], max_new_tokens: int, **sampling: Any
+                        ) -> list[list[int]]:
+        """The new token ids of each sequence, ``max_new_tokens`` of them (after an end token: padding); row
+        ``i * n + j`` is prompt ``i``'s ``j``-th of ``n = num_return_sequences``. ``sampling``: GenerationConfig
+        fields (do_sample, temperature, top_p, top_k, seed, num_return_sequences)."""
+        out, ids = self._generate(images, prompts, max_new_tokens, **sampling)
+        start = ids.shape[1] if self.model.config.use_decoder_only_language_model else 1
+        return out[:, start:].tolist()
+
+    def _generate(self, images: Images, prompts: Sequence[str], max_new_tokens: int, **kwargs: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's output sequences and the prompt ids they start with (None: T5 without a prompt)."""
         self._require(False, "text generation")
         pixels = self._pixels(images)
         if len(prompts) != pixels.shape[0]:
             raise ValueError(f"got {pixels.shape[0]} images and {len(prompts)} prompts")
         for p in set(prompts):
-            self.check_prompt(p, options)
+            self.check_prompt(p, GenerationOptions(max_new_tokens=max_new_tokens))
         decoder_only = self.model.config.use_decoder_only_language_model
         ids = mask = None
         # OPT always gets a prompt (BOS alone for a caption); T5 with no prompt sees only the image
@@ -263,9 +279,8 @@ class Pipeline:
             ids, mask = self.processor.prompt_inputs(prompts, "left" if decoder_only else "right")
             ids, mask = ids.to(self.device), mask.to(self.device)
         out = self.model.generate(pixel_values=pixels.to(self.device, self.model.dtype), input_ids=ids,
-                                  attention_mask=mask, max_new_tokens=options.max_new_tokens,
-                                  num_beams=options.num_beams)
-        return generated_texts(self.processor, out, ids, decoder_only)
+                                  attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+        return out, ids
 
     def caption(self, images: Images, prompt: str | Sequence[str] = "",
                 options: GenerationOptions = GenerationOptions()) -> list[str]:

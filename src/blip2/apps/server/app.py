@@ -1,8 +1,11 @@
 """The HTTP server (FastAPI on uvicorn): the BLIP-2 API of ``routes.py``, plus health, metrics and a web page.
 
     GET  /health  -> {"status": "ok", ...}      GET /metrics -> counters and batch sizes      GET / -> the page
+    /v1/chat/completions, /v1/completions, /v1/models: the OpenAI-compatible API of ``openai.py``
+    GET /metrics?format=prometheus (or Accept: text/plain): the same in Prometheus' text format
 
-Images arrive as uploads only: the server never fetches a URL. Every error is ``{"error": "..."}``: 4xx for
+Images arrive as uploads (the OpenAI routes: data URLs); the server fetches no URL unless told to. Every error is
+``{"error": "..."}`` (OpenAI's shape on its routes): 4xx for
 what a client sent (413 too large, 415 not an accepted image, 400 unreadable or missing, 422 text the model
 cannot take, 403 a POST from another site's page), 503 when the queue is full, 504 past the time limit, and
 500 only for a fault of the server's own. ``create_app`` wires the parts: ``service.Service`` (what routes
@@ -21,54 +24,46 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from blip2.apps.pipeline import Pipeline, PipelineError
-from blip2.apps.server import routes
+from blip2.apps.server import openai, routes
 from blip2.apps.server.batcher import QueueFull, ShuttingDown
 from blip2.apps.server.guard import Guard, guarded_protocol
-from blip2.apps.server.service import ApiError, ServerSettings, Service
+from blip2.apps.server.metrics import Histogram
+from blip2.apps.server.service import ApiError, ServerSettings, Service, api_error
 
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+def _body(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The error body: OpenAI's shape on the OpenAI routes, ``{"error": message}`` elsewhere."""
+    return openai.error_body(status, message, param, code) if path in openai.PATHS else {"error": message}
 
 
 def _add_error_handlers(app: FastAPI, timeout_s: float) -> None:
-    """Every error answers ``{"error": message}`` with its status."""
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, str(e))
+    """Every error answers a JSON body (``_body``) with its status; see ``service.api_error``."""
 
     @app.exception_handler(HTTPException)  # 404, 405, malformed multipart bodies
     async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
+        return JSONResponse(_body(request.url.path, e.status_code, str(e.detail)), e.status_code)
 
-    @app.exception_handler(PipelineError)
-    async def _pipeline_error(request: Request, e: PipelineError) -> JSONResponse:
-        return _error(422, str(e))
+    async def _error(request: Request, e: Exception) -> JSONResponse:
+        error = api_error(e, timeout_s)
+        headers = {"Retry-After": "1"} if isinstance(e, QueueFull) else None
+        return JSONResponse(_body(request.url.path, error.status, str(error), error.param, error.code), error.status,
+                            headers=headers)
 
-    @app.exception_handler(QueueFull)
-    async def _queue_full(request: Request, e: QueueFull) -> JSONResponse:
-        return _error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
-
-    @app.exception_handler(ShuttingDown)
-    async def _shutting_down(request: Request, e: ShuttingDown) -> JSONResponse:
-        return _error(503, str(e))
-
-    @app.exception_handler(asyncio.TimeoutError)
-    async def _timeout(request: Request, e: asyncio.TimeoutError) -> JSONResponse:
-        return _error(504, f"no answer within {timeout_s:g} s")
-
-    @app.exception_handler(Exception)  # a fault of ours: the log has the traceback, the client a JSON line
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        return _error(500, f"internal error ({type(e).__name__}); the server's log has the details")
+    # the errors a request can meet, answered where they are raised; Exception (a fault of ours) also reaches the
+    # log with its traceback
+    for kind in (ApiError, PipelineError, QueueFull, ShuttingDown, asyncio.TimeoutError, Exception):
+        app.add_exception_handler(kind, _error)
 
 
 def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> FastAPI:
     service = Service(pipe, settings)
     counts: Counter[str] = Counter()
+    latency: dict[str, Histogram] = {}
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -80,6 +75,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> F
     app = FastAPI(title="blip2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app, settings.timeout_s)
     routes.add_routes(app, service)
+    openai.add_routes(app, service)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
@@ -87,7 +83,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> F
                 "device": str(pipe.device)}
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])
-    async def metrics() -> dict[str, Any]:
+    async def metrics(request: Request) -> Any:
+        accept = request.headers.get("accept", "")
+        if request.query_params.get("format") == "prometheus" or ("text/plain" in accept and "json" not in accept):
+            return PlainTextResponse(service.prometheus(counts, latency), media_type=PROMETHEUS_TYPE)
         return {"responses": dict(sorted(counts.items())), **service.stats()}
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
@@ -95,7 +94,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings = ServerSettings()) -> F
         return page
 
     app.add_middleware(Guard, max_bytes=settings.max_upload_bytes, counts=counts,
-                       paths=frozenset(route.path for route in app.routes), allow_origins=settings.allow_origins)
+                       paths=frozenset(route.path for route in app.routes), allow_origins=settings.allow_origins,
+                       latency=latency, error_body=_body)
     return app
 
 

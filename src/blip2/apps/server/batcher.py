@@ -46,28 +46,21 @@ def _settle(future: asyncio.Future, result: Any) -> None:
         future.set_result(result)
 
 
-class MicroBatcher:
-    """``run_batch(key, items) -> results`` (one per item; an Exception instance fails that item only). When
-    ``run_batch`` raises, the batch's requests are run again one at a time, so one bad request fails alone."""
+class WorkerQueue:
+    """A queue of waiting requests (at most ``max_queue``) served by one worker thread (``_work``, which
+    subclasses write); ``stop`` hands each request still waiting to ``_refuse``."""
 
-    def __init__(self, run_batch: Callable[[Hashable, list[Any]], list[Any]], max_batch_size: int = 8,
-                 max_wait_s: float = 0.01, max_queue: int = 64) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be at least 1, max_wait_s at least 0")
-        self.run_batch = run_batch
-        self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
-        self._pending: deque[_Job] = deque()
+    def __init__(self, max_queue: int, thread_name: str) -> None:
+        self.max_queue, self.thread_name = max_queue, thread_name
+        self._pending: deque[Any] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.batch_sizes: Counter[int] = Counter()
         self.rejected = 0
-        self.timeouts = 0
-        self.split_batches = 0  # batches that failed and were rerun one request at a time
 
     def start(self) -> None:
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="blip2-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -75,8 +68,8 @@ class MicroBatcher:
             self._stopping = True
             left, self._pending = list(self._pending), deque()
             self._cond.notify_all()
-        for job in left:
-            job.loop.call_soon_threadsafe(_settle, job.future, ShuttingDown("the server is shutting down"))
+        for waiting in left:
+            self._refuse(waiting, ShuttingDown("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout=60)
 
@@ -92,6 +85,31 @@ class MicroBatcher:
             if waiting >= self.max_queue:
                 self.rejected += 1
                 raise QueueFull(f"{waiting} requests are already waiting (max_queue={self.max_queue})")
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    def _refuse(self, waiting: Any, error: Exception) -> None:
+        raise NotImplementedError
+
+
+class MicroBatcher(WorkerQueue):
+    """``run_batch(key, items) -> results`` (one per item; an Exception instance fails that item only). When
+    ``run_batch`` raises, the batch's requests are run again one at a time, so one bad request fails alone."""
+
+    def __init__(self, run_batch: Callable[[Hashable, list[Any]], list[Any]], max_batch_size: int = 8,
+                 max_wait_s: float = 0.01, max_queue: int = 64) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and max_queue must be at least 1, max_wait_s at least 0")
+        super().__init__(max_queue, "blip2-batcher")
+        self.run_batch = run_batch
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
+        self.batch_sizes: Counter[int] = Counter()
+        self.timeouts = 0
+        self.split_batches = 0  # batches that failed and were rerun one request at a time
+
+    def _refuse(self, job: _Job, error: Exception) -> None:
+        job.loop.call_soon_threadsafe(_settle, job.future, error)
 
     async def submit(self, key: Hashable, item: Any, timeout_s: float) -> Any:
         """The item's result; raises QueueFull at once when the queue is full, asyncio.TimeoutError after ``timeout_s``."""

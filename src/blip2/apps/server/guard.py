@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+from blip2.apps.server.metrics import LATENCY_BOUNDS, Histogram
 
 # Methods counted under their own name in /metrics; any other name counts as OTHER, so a client inventing
 # method names cannot grow the counters without bound.
@@ -46,9 +49,13 @@ class Guard:
     responses by method, path (``paths``, else "*") and status."""
 
     def __init__(self, app: Any, max_bytes: int, counts: Counter[str], paths: frozenset[str],
-                 allow_origins: Collection[str] = ()) -> None:
+                 allow_origins: Collection[str] = (), latency: dict[str, Histogram] | None = None,
+                 error_body: Callable[[str, int, str], dict] = lambda path, status, message: {"error": message}
+                 ) -> None:
         self.app, self.max_bytes, self.counts, self.paths = app, max_bytes, counts, paths
         self.allow_origins = frozenset(allow_origins)
+        self.latency = latency if latency is not None else {}  # path -> seconds per request, for /metrics
+        self.error_body = error_body  # (path, status, message) -> the JSON body of an error
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
                        send: Callable[[dict], Awaitable[None]]) -> None:
@@ -57,6 +64,7 @@ class Guard:
             return
         status = 500
         received = 0
+        started = time.monotonic()
         origin = cross_origin(scope)
         allowed = origin is not None and ("*" in self.allow_origins or origin in self.allow_origins)
 
@@ -78,12 +86,14 @@ class Guard:
                     message = {**message, "headers": headers}
             await send(message)
 
-        too_large = JSONResponse({"error": f"request body over the limit of {self.max_bytes} bytes"}, 413)
+        too_large = JSONResponse(self.error_body(scope["path"], 413, f"request body over the limit of {self.max_bytes} "
+                                                                     "bytes"), 413)
         length = dict(scope["headers"]).get(b"content-length", b"0")
         try:
             if origin is not None and not allowed and scope["method"] not in SAFE_METHODS:
-                refused = JSONResponse({"error": f"cross-origin request from {origin[:200]} refused; start the "
-                                                 f"server with --allow-origin ORIGIN to accept that site"}, 403)
+                refused = JSONResponse(self.error_body(scope["path"], 403, f"cross-origin request from {origin[:200]} "
+                                                       "refused; start the server with --allow-origin ORIGIN to accept "
+                                                       "that site"), 403)
                 await refused(scope, receive, counting_send)
             elif length.isdigit() and int(length) > self.max_bytes:
                 await too_large(scope, receive, counting_send)
@@ -95,6 +105,7 @@ class Guard:
             method = scope["method"] if scope["method"] in METHODS else "OTHER"
             path = scope["path"] if scope["path"] in self.paths else "*"  # unknown paths share one counter
             self.counts[f"{method} {path} {status}"] += 1
+            self.latency.setdefault(path, Histogram(LATENCY_BOUNDS)).observe(time.monotonic() - started)
 
 
 def _raw_json(status: str, error: str, *headers: str) -> bytes:

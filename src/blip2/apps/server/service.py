@@ -13,26 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import math
 import os
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 
-from blip2.apps.pipeline import GenerationOptions, Pipeline
-from blip2.apps.server.batcher import MicroBatcher
+from blip2.apps.pipeline import GenerationOptions, Pipeline, PipelineError
+from blip2.apps.server.batcher import MicroBatcher, QueueFull, ShuttingDown
+from blip2.apps.server.engine import ContinuousBatcher, unsupported
+from blip2.apps.server.imagecache import ImageCache
+from blip2.apps.server.metrics import Histogram, prometheus_text
+from blip2.apps.server.requests import Event, Failed, GenRequest, Sampling, TextStream, eos_ids, replay
 from blip2.images import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_SIDE, ImageLimits, ImageLoadError, ImageTooLarge,
                           UnsupportedImage, read_image)
 
 MAX_TEXT_CHARS = 1000
 MAX_MATCH_TEXTS = 64
+SCHEDULERS = ("continuous", "micro")
 
 T = TypeVar("T")
+log = logging.getLogger("blip2.apps.server")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class ServerSettings:
     header_timeout_s: float = 10.0  # to send a request's headers
     keep_alive_s: float = 5.0  # an idle connection's life between requests
     allow_origins: tuple[str, ...] = ()  # sites whose pages may POST here ("*": any); the server's own page may
+    scheduler: str = "continuous"  # of the OpenAI endpoints: "continuous" (engine.py) or "micro" (batcher.py)
+    image_cache: int = 64  # images whose vision output the continuous scheduler keeps (0: none)
+    fetch_images: bool = False  # the OpenAI endpoints may fetch http(s) image URLs (off: data URLs only)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_upload_bytes", "max_pixels", "max_side", "max_decodes",
@@ -64,16 +74,37 @@ class ServerSettings:
             if not math.isfinite(value) or value < 0 or (value == 0 and name != "max_wait_ms"):
                 low = "at least 0" if name == "max_wait_ms" else "positive"
                 raise ValueError(f"{name} must be finite and {low}, got {value!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not isinstance(self.image_cache, int) or self.image_cache < 0:
+            raise ValueError(f"image_cache must be a whole number of at least 0, got {self.image_cache!r}")
         if self.max_aspect < 1:
             raise ValueError(f"max_aspect must be at least 1, got {self.max_aspect!r}")
 
 
 class ApiError(Exception):
-    """A request refused with ``status`` and ``{"error": message}``."""
+    """A request refused with ``status`` and ``{"error": message}`` (the OpenAI routes: ``{"error": {"message",
+    "type", "param", "code"}}``, where ``param`` names the field at fault and ``code`` is a short reason)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.param, self.code = status, param, code
+
+
+def api_error(e: BaseException, timeout_s: float) -> ApiError:
+    """What a request's error answers: a client's mistake 4xx, a full queue or shutdown 503, the time limit 504,
+    anything else 500 (a fault of the server's own: its log has the traceback, the client a line)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, PipelineError):
+        return ApiError(422, str(e))
+    if isinstance(e, QueueFull):
+        return ApiError(503, f"server busy: {e}; retry shortly", code="overloaded")
+    if isinstance(e, ShuttingDown):
+        return ApiError(503, str(e))
+    if isinstance(e, asyncio.TimeoutError):  # the builtin TimeoutError from Python 3.11
+        return ApiError(504, f"no answer within {timeout_s:g} s", code="timeout")
+    return ApiError(500, f"internal error ({type(e).__name__}); the server's log has the details")
 
 
 def public_name(name: str) -> str:
@@ -109,20 +140,35 @@ class Service:
         size = pipe.processor.image_processor.size
         self.reduce_to = (2 * size["width"], 2 * size["height"]) if settings.reduce_images else None
         self.decoding = 0  # images queued for or inside a decoder thread (touched on the event loop only)
+        self.engine: ContinuousBatcher | None = None
+        self.eos = set() if pipe.is_retrieval else eos_ids(pipe.model)
+        if settings.scheduler == "continuous" and not pipe.is_retrieval:
+            reason = unsupported(pipe.model)
+            if reason is None:
+                self.engine = ContinuousBatcher(pipe, settings.max_batch_size, settings.max_queue,
+                                                image_cache=ImageCache(settings.image_cache))
+            else:
+                log.warning("the OpenAI endpoints use micro-batching: %s", reason)
         self._decoder: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         self.batcher.start()
+        if self.engine is not None:
+            self.engine.start()
         self._decoder = ThreadPoolExecutor(self.settings.max_decodes, thread_name_prefix="blip2-decode")
 
     def stop(self) -> None:
         self.batcher.stop()
+        if self.engine is not None:
+            self.engine.stop()
         if self._decoder is not None:
             self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def _run_batch(self, key: Hashable, items: list[Any]) -> list[Any]:
         if key == "match":
             return self.pipe.match_many(items)
+        if isinstance(key, Sampling):
+            return self._run_requests(key, items)
         pixels = torch.stack([px for px, _ in items])
         return self.pipe.generate(pixels, [prompt for _, prompt in items], self.settings.options)
 
@@ -174,7 +220,12 @@ class Service:
         data = await upload.read()
         if not data:
             raise ApiError(400, "'image' is an empty file")
-        self.batcher.admit(waiting_elsewhere=self.decoding)
+        return await self.decode(data, deadline)
+
+    async def decode(self, data: bytes, deadline: float, queue: Any = None) -> torch.Tensor:
+        """Image file bytes decoded and preprocessed in a decoder thread: pixel_values [3, H, W]. The images
+        waiting for a decoder count against ``queue``'s limit (the micro-batcher's unless given)."""
+        (queue or self.batcher).admit(waiting_elsewhere=self.decoding)
         assert self._decoder is not None, "the service is not started"
         loop = asyncio.get_running_loop()
         job = self._decoder.submit(self._prepare, data)
@@ -196,8 +247,78 @@ class Service:
             raise ApiError(400, f"cannot decode the uploaded image: {e.reason}") from None
         return self.pipe.preprocess([image])[0]
 
+    # -- the OpenAI endpoints' generation -------------------------------------------------------------
+
+    @property
+    def queue(self) -> Any:
+        """Where the OpenAI endpoints' requests wait: the continuous scheduler, or the micro-batcher."""
+        return self.engine or self.batcher
+
+    async def submit(self, request: GenRequest, deadline: float) -> None:
+        """Start ``request``; its events come through ``request.emit``. QueueFull/ShuttingDown at once."""
+        if self.engine is not None:
+            self.engine.submit(request)
+            return
+        self.batcher.admit()
+
+        async def run() -> None:
+            try:
+                key = replace(request.sampling, max_new_tokens=0, stop=())  # what a batch must share
+                for event in await self.run(key, request, deadline):
+                    request.emit(event)
+            except Exception as e:  # the route turns it into its error
+                request.emit(Failed(e))
+
+        task = asyncio.get_running_loop().create_task(run())
+        request.extra["task"] = task  # a reference, so the task is not collected while it runs
+
+    def cancel(self, request: GenRequest) -> None:
+        request.cancelled = True
+        if self.engine is not None:
+            self.engine.wake()
+        elif "task" in request.extra:
+            request.extra["task"].cancel()
+
+    def _run_requests(self, key: Sampling, requests: list[GenRequest]) -> list[list[Event]]:
+        """Micro-batching: the batch runs to its longest ``max_new_tokens``; each request keeps its own."""
+        longest = max(r.sampling.max_new_tokens for r in requests)
+        n = 1 if key.greedy else key.n  # greedy choices are all the same sequence
+        sampling: dict[str, Any] = {"num_return_sequences": n, "top_k": None}
+        if not key.greedy:
+            sampling.update(do_sample=True, temperature=key.temperature, top_p=key.top_p, seed=key.seed)
+        pixels = torch.stack([r.pixels for r in requests])
+        rows = self.pipe.generate_tokens(pixels, [r.prompt for r in requests], longest, **sampling)
+        decode = lambda ids: self.pipe.processor.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return [[event for c in range(key.n) for event in replay(c, rows[i * n + c % n], r.sampling.max_new_tokens,
+                                                                   self.eos, TextStream(decode, r.sampling.stop))]
+                for i, r in enumerate(requests)]
+
+    def prometheus(self, responses: Mapping[str, int], latency: Mapping[str, Histogram]) -> str:
+        """/metrics in Prometheus' text format."""
+        micro = self.batcher.stats()
+        gauges = {"blip2_queue_length": ("Requests waiting for the model.", self.queue.queue_length),
+                  "blip2_images_decoding": ("Images waiting for or inside a decoder thread.", self.decoding)}
+        counters = {"blip2_micro_batches_total": ("Micro-batches run.", micro["batches"]),
+                    "blip2_rejected_total": ("Requests refused with 503, queue full.",
+                                             micro["rejected_queue_full"] + (self.engine.rejected if self.engine else 0))}
+        histograms = {}
+        if self.engine is not None:
+            engine = self.engine
+            gauges["blip2_running_rows"] = ("Rows of the continuous batch decoding now.", len(engine.rows))
+            counters["blip2_generated_tokens_total"] = ("Tokens generated by the continuous scheduler.", engine.tokens)
+            counters["blip2_image_cache_hits_total"] = ("Images whose vision output came from the cache.",
+                                                        engine.images.hits)
+            counters["blip2_image_cache_misses_total"] = ("Images run through the vision encoder.", engine.images.misses)
+            histograms = {"blip2_batch_occupancy": ("Rows in each continuous decoding step.", engine.occupancy),
+                          "blip2_time_to_first_token_seconds": ("From a request's queueing to its first token.",
+                                                                engine.first_token)}
+        return prometheus_text(responses, latency, gauges, histograms, counters)
+
     def stats(self) -> dict[str, Any]:
-        return {**self.batcher.stats(), "decoding": self.decoding}
+        out = {**self.batcher.stats(), "decoding": self.decoding, "scheduler": "continuous" if self.engine else "micro"}
+        if self.engine is not None:
+            out["continuous"] = self.engine.stats()
+        return out
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
