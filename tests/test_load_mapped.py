@@ -77,6 +77,26 @@ def test_writing_into_a_loaded_weight_never_reaches_the_file(saved, kind, file):
     assert _digest(path) == before
 
 
+def test_saving_over_the_loaded_checkpoint_keeps_both_models_whole(saved, tmp_path):
+    """save_pretrained into the directory a model was mapped from: the files are replaced, never rewritten under
+    the mapping (which would change or cut off the pages the model reads), so the model keeps its values and the
+    directory gets the edited ones."""
+    import shutil
+
+    root, state = saved
+    d = tmp_path / "ckpt"
+    shutil.copytree(root / "safetensors", d)
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    key = "language_model.model.decoder.layers.0.fc1.weight"
+    with torch.no_grad():
+        model.language_model.model.decoder.layers[0].fc1.weight.add_(1.0)
+    model.save_pretrained(d)
+    for k, v in model.state_dict().items():  # every page still readable, edited or not
+        assert torch.equal(v, state[k] + 1.0 if k == key else state[k]), k
+    again = Blip2ForConditionalGeneration.from_pretrained(d)
+    assert torch.equal(again.state_dict()[key], state[key] + 1.0)
+
+
 @linux_only
 def test_converted_weights_are_copies_and_in_place_ones_are_not(saved):
     root, state = saved
