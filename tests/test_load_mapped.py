@@ -205,7 +205,9 @@ def test_a_malformed_safetensors_file_is_an_error_naming_it(tmp_path, case):
             assert sorted(f.keys()) == ["a", "b"]
         assert [k for k, _ in iter_checkpoint_tensors(str(tmp_path))] == ["a", "b"]
         return
-    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/model\.safetensors: not a valid safetensors file"):
+    cut_short = case in ("header length past the end", "truncated data", "shorter than a header", "empty")
+    message = rf"^{tmp_path}/model\.safetensors: not a valid safetensors file" + (": truncated" if cut_short else "")
+    with pytest.raises(CheckpointError, match=message):
         dict(iter_checkpoint_tensors(str(tmp_path)))
 
 
@@ -215,7 +217,7 @@ def test_a_malformed_shard_fails_from_pretrained_naming_it(saved, tmp_path):
         (tmp_path / "config.json").write_text(f.read())
     blob = (root / "safetensors" / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file.*incomplete"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file: truncated"):
         Blip2ForConditionalGeneration.from_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file" * 3)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):

@@ -100,7 +100,13 @@ def _read_safetensors(fpath: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError, TypeError) as e:
         where = "" if key is None else f" (tensor {key!r})"
+        if any(words in str(e) for words in _SIZE_ERRORS):
+            where += ": truncated (its size is not the one its header gives)"
         raise CheckpointError(f"{fpath}: not a valid safetensors file{where}: {e}") from None
+
+
+# safetensors' words for a file shorter than its header says (most often a download cut short)
+_SIZE_ERRORS = ("file not fully covered", "invalid header length", "header too small")
 
 
 def _read_pytorch(fpath: str) -> Iterator[tuple[str, torch.Tensor]]:
