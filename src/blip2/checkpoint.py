@@ -3,14 +3,17 @@
 A checkpoint is a directory with ``config.json`` and weights as ``model.safetensors``, sharded
 safetensors (``model.safetensors.index.json``) or the legacy ``pytorch_model.bin`` (read with
 ``weights_only=True``). Models are built on the meta device and the loaded tensors are assigned,
-never copied into random weights, so loading needs about the memory of the weights alone. Where a
-checkpoint directory is (local or a Hub snapshot), and its file names, are ``blip2.hub``'s.
+never copied into random weights. The files are memory-mapped copy-on-write: a tensor whose dtype and
+device are the model's is used in place, so loading reads nothing and the weights come from the page
+cache when first used; any other is converted piece by piece, releasing the mapped pages as it goes.
+Either way loading needs the memory of the loaded weights alone. Where a checkpoint directory is (local
+or a Hub snapshot), and its file names, are ``blip2.hub``'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import mmap
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -35,6 +38,8 @@ __all__ = [
     "parse_dtype",
     "weight_files",
     "iter_checkpoint_tensors",
+    "convert",
+    "release_pages",
     "load_into",
     "save_state_dict",
     "PretrainedMixin",
@@ -87,116 +92,120 @@ def weight_files(directory: str, variant: str | None = None, use_safetensors: bo
                           f"{', '.join(names[::2])})")
 
 
-def iter_checkpoint_tensors(directory: str, dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None,
-                            files: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` one at a time, so a caller can convert and drop as it goes.
+def iter_checkpoint_tensors(directory: str, files: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` one at a time, in the stored dtype, so a caller can convert and drop as it goes.
 
-    ``dtype_for(key, stored dtype)``, if given, names the dtype each tensor is returned in; safetensors are
-    converted piece by piece as they are read, so loading never holds a whole tensor in the stored dtype
-    next to its converted copy. ``files``: the weight files to read (default: ``weight_files(directory)``)."""
+    The tensors are views of the files mapped copy-on-write (safetensors' ``safe_open``,
+    ``torch.load(mmap=True)``): nothing is read until a tensor is used, its bytes then come straight from
+    the page cache, and writing into one (training, an in-place op) copies the page, never reaching the file.
+    ``convert`` gives one in another dtype or on another device without holding both. ``files``: the weight
+    files to read (default: ``weight_files(directory)``)."""
     for fpath in files or weight_files(directory):
-        if fpath.endswith(".safetensors"):
-            yield from _read_safetensors(fpath, dtype_for)
-        else:
-            try:
-                sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise CheckpointError(f"{fpath}: cannot read PyTorch weights ({e})") from None
-            if not isinstance(sd, dict):
-                raise CheckpointError(f"{fpath}: expected a state dict, got {type(sd).__name__}")
-            for key, t in sd.items():
-                yield key, t if dtype_for is None else t.to(dtype_for(key, t.dtype))
+        yield from _read_safetensors(fpath) if fpath.endswith(".safetensors") else _read_pytorch(fpath)
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+def _read_safetensors(fpath: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file, in file order, each a view of safetensors' private mapping.
 
+    safetensors checks the header before mapping anything (its length, JSON, dtypes, shapes and offsets
+    against the file's size), so a malformed or truncated file fails here, naming the file."""
+    from safetensors import SafetensorError, safe_open
 
-# bytes read at a time when a tensor is converted while it is read
-_CONVERT_CHUNK = 16 * 2**20
-# the safetensors library refuses longer headers too: a length field of 2**40 must not become a read of 1 TB
-_MAX_HEADER = 100_000_000
-
-
-def _read_header(f: Any, fpath: str) -> tuple[dict[str, Any], int]:
-    """The tensors' entries of an open safetensors file, each checked against the file (dtype, shape, and
-    offsets inside the data that hold exactly the shape's bytes), and where the data starts."""
-    head = f.read(8)
-    if len(head) != 8:
-        raise CheckpointError(f"{fpath}: not a safetensors file (too short)")
-    n = int.from_bytes(head, "little")
-    size = os.fstat(f.fileno()).st_size
-    if n > min(_MAX_HEADER, size - 8):
-        raise CheckpointError(f"{fpath}: not a safetensors file (a header of {n} bytes in a file of {size} bytes)")
+    key = None
     try:
-        header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{fpath}: not a safetensors file (bad header: {e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{fpath}: not a safetensors file (the header is not a JSON object)")
-    header.pop("__metadata__", None)
-    for key, info in header.items():
-        problem = _entry_problem(info, size - 8 - n)
-        if problem:
-            raise CheckpointError(f"{fpath}: tensor {key!r} {problem}")
-    return header, 8 + n
+        with safe_open(fpath, framework="pt") as f:
+            for key in getattr(f, "offset_keys", f.keys)():
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError, TypeError) as e:
+        where = "" if key is None else f" (tensor {key!r})"
+        if any(words in str(e) for words in _SIZE_ERRORS):
+            where += ": truncated (its size is not the one its header gives)"
+        raise CheckpointError(f"{fpath}: not a valid safetensors file{where}: {e}") from None
 
 
-def _entry_problem(info: Any, data_size: int) -> str | None:
-    """What is wrong with one tensor's header entry, or None."""
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        return "has no dtype, shape and data_offsets"
-    if info["dtype"] not in _ST_DTYPES:
-        return f"has unsupported dtype {info['dtype']}"
-    shape, offsets = info["shape"], info["data_offsets"]
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        return f"has a bad shape {shape!r}"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        return f"has bad data_offsets {offsets!r}"
-    if offsets[1] > data_size:
-        return f"lies past the end of the file (data_offsets {offsets}, {data_size} bytes of data): the file is truncated"
-    needed = math.prod(shape) * _ST_DTYPES[info["dtype"]].itemsize
-    if offsets[1] - offsets[0] != needed:
-        return f"holds {offsets[1] - offsets[0]} bytes, but shape {shape} of {info['dtype']} needs {needed}"
-    return None
+# safetensors' words for a file shorter than its header says (most often a download cut short)
+_SIZE_ERRORS = ("file not fully covered", "invalid header length", "header too small")
 
 
-def _read_safetensors(fpath: str, dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Read a safetensors file tensor by tensor with plain reads into fresh tensors.
+def _read_pytorch(fpath: str) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{fpath}: cannot read PyTorch weights ({e})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{fpath}: expected a state dict, got {type(sd).__name__}")
+    yield from sd.items()
 
-    Not mmap: a mapped file's pages count as resident next to the copies made from them, which
-    would double the peak memory of loading. A tensor to convert (``dtype_for``) is read 16 MB at a
-    time into its converted destination, for the same reason.
-    """
-    with open(fpath, "rb") as f:
-        header, start = _read_header(f, fpath)
-        # one buffer for every piece of every converted tensor: allocating one per tensor and freeing it
-        # fragments the heap (measured: +15% peak)
-        raw = torch.empty(0, dtype=torch.uint8)
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            stored = _ST_DTYPES[info["dtype"]]
-            want = stored if dtype_for is None else dtype_for(key, stored)
-            f.seek(start + begin)
-            if want == stored:
-                buf = torch.empty(end - begin, dtype=torch.uint8)
-                if f.readinto(buf.numpy()) != end - begin:
-                    raise CheckpointError(f"{fpath}: file is truncated (tensor {key!r})")
-                yield key, buf.view(stored).reshape(info["shape"])
-                continue
-            size = stored.itemsize
-            out = torch.empty((end - begin) // size, dtype=want)  # flat, converted
-            if len(raw) == 0:
-                raw = torch.empty(_CONVERT_CHUNK, dtype=torch.uint8)
-            for i in range(0, out.numel(), len(raw) // size):
-                piece = raw[:min(len(raw), end - begin - i * size)]
-                if f.readinto(piece.numpy()) != len(piece):
-                    raise CheckpointError(f"{fpath}: file is truncated (tensor {key!r})")
-                out[i:i + len(piece) // size] = piece.view(stored)
-            yield key, out.reshape(info["shape"])
+
+# bytes converted at a time: the source pages of each piece are released before the next is read
+_CONVERT_CHUNK = 16 * 2**20
+
+def convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``t`` in ``dtype`` on ``device``: ``t`` itself where both match (a mapped tensor is used in place), else
+    a new tensor filled piece by piece, each piece of ``t`` released after it is copied (``release_pages``),
+    so a tensor mapped from a file is never resident whole next to its converted copy."""
+    device = torch.device(device)
+    if t.dtype == dtype and t.device == device:
+        return t
+    if not t.is_contiguous():  # (a strided view saved by torch.save) converted whole
+        return t.to(device=device, dtype=dtype)
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    src, dst = t.reshape(-1), out.view(-1)
+    step = max(1, _CONVERT_CHUNK // t.element_size())
+    for i in range(0, src.numel(), step):
+        dst[i:i + step].copy_(src[i:i + step])
+        release_pages(src[i:i + step])
+    return out
+
+
+_PAGE = mmap.PAGESIZE
+# /proc/self/pagemap: one little-endian 64-bit entry per page of the address space
+_PRESENT, _SWAPPED, _FILE_PAGE = 1 << 63, 1 << 62, 1 << 61
+_MADVISE: list[Callable[[int, int, int], int] | None] = []  # libc's madvise, looked up once (None: not here)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the pages of CPU tensor ``t`` from this process's resident memory, where that changes no value.
+
+    For a tensor mapped from a file (the loaded weights) once it has been copied into another dtype or layout:
+    the mapping lives as long as any tensor of its file, and with it every page read through it, so dropping
+    the tensor frees nothing. ``madvise(MADV_DONTNEED)`` unmaps the pages; a later read maps them again from
+    the page cache. Only if every page of ``t`` is a file's page: a private mapping's page written into (by
+    training, say) is anonymous memory holding the only copy of its values, and anonymous memory is never
+    released. Pages ``t`` shares with its neighbours at either end are kept. Does nothing for a strided
+    view, nor where ``/proc/self/pagemap`` or ``madvise`` are missing (not Linux)."""
+    if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous():
+        return
+    lo = -(-t.data_ptr() // _PAGE) * _PAGE
+    hi = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+    madvise = _madvise()
+    if hi <= lo or madvise is None:
+        return
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            raw = os.pread(f.fileno(), (hi - lo) // _PAGE * 8, lo // _PAGE * 8)
+    except OSError:
+        return
+    import numpy as np
+
+    entries = np.frombuffer(raw, dtype="<u8")
+    anonymous = (entries & np.uint64(_PRESENT | _FILE_PAGE)) == np.uint64(_PRESENT)
+    if anonymous.any() or (entries & np.uint64(_SWAPPED)).any():
+        return
+    madvise(lo, hi - lo, mmap.MADV_DONTNEED)
+
+
+def _madvise() -> Callable[[int, int, int], int] | None:
+    if not _MADVISE:
+        import ctypes
+        import ctypes.util
+
+        fn = None
+        if hasattr(mmap, "MADV_DONTNEED") and os.path.exists("/proc/self/pagemap"):
+            fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        _MADVISE.append(fn)
+    return _MADVISE[0]
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:
@@ -232,6 +241,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     function of the key (a ``device_map`` that splits the model); ``files`` as ``iter_checkpoint_tensors``.
     Keys starting with one of ``model._ignored_checkpoint_prefixes`` are skipped: parts of a bigger
     model the class leaves out (a text tower loaded from a full retrieval checkpoint).
+    Each tensor is checked before it is converted (``convert``): in the stored dtype and on the CPU the
+    model holds the file's mapped tensor itself.
     """
     expected = model.state_dict(keep_vars=True)
     tied = tied_parameters(model)
@@ -239,12 +250,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
 
-    def dtype_for(file_key: str, stored: torch.dtype) -> torch.dtype:
-        key = file_key[len(key_prefix):] if key_prefix and file_key.startswith(key_prefix) else file_key
-        return _target_dtype(model, key, stored, dtype)
-
     device_for = device if callable(device) else lambda _key: device
-    for key, tensor in iter_checkpoint_tensors(directory, dtype_for, files):
+    for key, tensor in iter_checkpoint_tensors(directory, files):  # mapped: a skipped tensor is never read
         if key_prefix:
             if not key.startswith(key_prefix):
                 continue
@@ -261,7 +268,7 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
                 f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
                 f"but the model expects {tuple(want.shape)}"
             )
-        loaded[key] = tensor.to(device=device_for(key))
+        loaded[key] = convert(tensor, _target_dtype(model, key, tensor.dtype, dtype), device_for(key))
     if unexpected:
         shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
         raise CheckpointError(f"{directory}: unexpected keys in the checkpoint, not used by "

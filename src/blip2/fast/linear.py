@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from blip2.fast import kernels
 from blip2._compat import custom_op
+from blip2.checkpoint import release_pages
 from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
@@ -133,6 +134,47 @@ def _autograd(x: Tensor, weight: Tensor | None = None) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
 
 
+# bytes of fp32 rows quantized at a time: quantize_weight's float temporaries are a few times their rows' size,
+# which for a whole head would be a good part of a model's weights
+_QUANTIZE_CHUNK = 2**20
+
+
+def _quantize(parts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``quantize_weight(torch.cat(parts))`` (one scale per row, so rows quantize on their own), a few rows at a
+    time and without the concatenated copy."""
+    n, k = sum(p.shape[0] for p in parts), parts[0].shape[1]
+    q = torch.empty(n, k, dtype=torch.int8, device=parts[0].device)
+    scale = torch.empty(n, dtype=torch.float32, device=parts[0].device)
+    rows, start = max(1, _QUANTIZE_CHUNK // (4 * k)), 0
+    for part in parts:
+        for i in range(0, part.shape[0], rows):
+            piece = part[i:i + rows]
+            q[start:start + len(piece)], scale[start:start + len(piece)] = quantize_weight(piece)
+            start += len(piece)
+    return q, scale
+
+
+def _release(weights: Sequence[Tensor]) -> None:
+    for weight in weights:
+        release_pages(weight)
+
+
+_MALLOC_TRIM: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, looked up once (None: not glibc)
+
+
+def _trim_heap() -> None:
+    """Give the memory freed in the C heap back to the system. glibc keeps freed blocks below its mmap
+    threshold (which rises to 32 MB as large blocks are freed) resident for reuse, and a layer's temporaries
+    (the concatenation, int8's float rows) then pile up across a model laid out layer by layer: fusing 16 fp32
+    layers of width 768 (tests/test_load_memory.py) peaked at 1.25x the weights, 1.03x with the trim."""
+    if not _MALLOC_TRIM:
+        import ctypes
+
+        _MALLOC_TRIM.append(getattr(ctypes.CDLL(None), "malloc_trim", None))
+    if _MALLOC_TRIM[0] is not None:
+        _MALLOC_TRIM[0](0)
+
+
 def default_format(weight: Tensor) -> str:
     """The fastest float format for a weight's device and dtype, for products of many rows (a vision
     encoder, a Q-Former)."""
@@ -163,7 +205,7 @@ class FusedLinear(nn.Module):
         if fmt not in FORMATS:
             raise ValueError(f"weight format {fmt!r}: expected one of {FORMATS}")
         weights = [layer.weight.detach() for layer in layers]
-        w = torch.cat(weights) if len(weights) > 1 else weights[0]  # [N, K]
+        w = weights[0]  # all parts share its dtype, device and in_features
         if fmt == "onednn" and not _onednn_ok(w):
             raise ValueError(f"onednn format needs fp32/bf16 weights on CPU, got {w.dtype} on {w.device}")
         if fmt == "blocked" and (w.device.type != "cpu" or not kernels.blocked_supports(w.dtype)):
@@ -175,30 +217,47 @@ class FusedLinear(nn.Module):
                                                             f", quantized engine {torch.backends.quantized.engine}"))
         self.splits = [layer.out_features for layer in layers]
         self.has_bias = [layer.bias is not None for layer in layers]
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features, self.out_features = w.shape[1], sum(self.splits)
         self.fmt, self.dtype, self.in_state_dict, self.tied = fmt, w.dtype, in_state_dict, tied
         b = None
         if any(self.has_bias):
             b = torch.cat([layer.bias.detach() if layer.bias is not None else w.new_zeros(layer.out_features)
                            for layer in layers])  # [N]
-        scale = None  # [N], int8 only
         self.handle, self.packed_bytes = None, 0  # int8-dynamic: the packed weight's handle and size
-        if fmt == "int8":
-            w, scale = quantize_weight(w)
-        elif fmt == "int8-dynamic":
-            q, s = quantize_weight(w)
-            self.handle, self.packed_bytes = next(_HANDLES), q.numel() + 4 * q.shape[0]
-            self._packed = pack_dynamic(q, s)
-            self._kernel = _KERNELS[self.handle] = dynamic_int8_kernel(self._packed)
-            weakref.finalize(self, _KERNELS.pop, self.handle, None)
-            w = None  # the packed copy is the only one
-        elif fmt == "onednn":
-            w = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS)
-        elif fmt == "blocked":
-            w = kernels.block_weight(w)
+        w, scale = self._lay_out(weights)
         self.register_buffer("w", w, persistent=False)
         self.register_buffer("b", b, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)  # [N], int8 only
+        _trim_heap()
+
+    def _lay_out(self, weights: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """The parts' plain weights [n_i, K] -> the stored weight in ``self.fmt`` (None for int8-dynamic, whose
+        packed copy the kernel holds) and int8's scales [N].
+
+        A loaded model's weights are views of the checkpoint's mapping, whose pages stay resident while any
+        tensor of the file lives: each part is released (``release_pages``) as soon as it is copied, so laying
+        a model out layer by layer holds about one copy of its weights, plus one layer. (A tied head's matrix
+        stays the embedding's, whose lookups map back only the rows they read.)"""
+        fmt = self.fmt
+        if fmt in INT8_FORMATS:
+            q, scale = _quantize(weights)
+            _release(weights)
+            if fmt == "int8":
+                return q, scale
+            self.handle, self.packed_bytes = next(_HANDLES), q.numel() + 4 * q.shape[0]
+            self._packed = pack_dynamic(q, scale)
+            self._kernel = _KERNELS[self.handle] = dynamic_int8_kernel(self._packed)
+            weakref.finalize(self, _KERNELS.pop, self.handle, None)
+            return None, None  # the packed copy is the only one
+        w = torch.cat(weights) if len(weights) > 1 else weights[0]  # [N, K]
+        if len(weights) > 1:
+            _release(weights)
+        if fmt == "dense":
+            return w, None
+        laid = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS) if fmt == "onednn" else kernels.block_weight(w)
+        if len(weights) == 1:  # (a concatenation is freed on return)
+            _release(weights)
+        return laid, None
 
     def forward(self, x: Tensor) -> Tensor:
         # x [..., K] -> [..., N]
@@ -322,34 +381,41 @@ def pack_linears(root: nn.Module, fmt: str, tied: Sequence[nn.Module] = ()) -> N
     plain matrix. A blocked copy writes the head's key as the tied model does (the same values); an int8 one
     stays out of the state dict, as tied checkpoints leave the head out. (The copy costs a second head's memory; the head is the largest product
     of a decoding step.)"""
-    for owner in list(root.modules()):
-        for child_name, child in list(owner.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if any(child is t for t in tied):
-                if fmt in COPY_TIED:
-                    setattr(owner, child_name, FusedLinear([child], fmt, in_state_dict=fmt not in INT8_FORMATS,
-                                                           tied=True))
-                else:  # the embedding's own matrix, not a copy, multiplied as a plain weight (oneDNN on CPU)
-                    setattr(owner, child_name, FusedLinear([child], "dense", tied=True))
-            else:
-                setattr(owner, child_name, FusedLinear([child], fmt))
+    slots = _slots(root, nn.Linear)
+    # tied heads last: a copy adds to the model's memory, which the other layers' new layouts may have shrunk
+    slots.sort(key=lambda slot: any(getattr(*slot) is t for t in tied))
+    for owner, child_name in slots:
+        child = getattr(owner, child_name)
+        if any(child is t for t in tied):
+            if fmt in COPY_TIED:
+                setattr(owner, child_name, FusedLinear([child], fmt, in_state_dict=fmt not in INT8_FORMATS, tied=True))
+            else:  # the embedding's own matrix, not a copy, multiplied as a plain weight (oneDNN on CPU)
+                setattr(owner, child_name, FusedLinear([child], "dense", tied=True))
+        else:
+            setattr(owner, child_name, FusedLinear([child], fmt))
+
+
+def _slots(root: nn.Module, kind: type | tuple[type, ...]) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of every child of type ``kind`` below ``root``. Names, not the layers: a loop replacing
+    them drops each old layer as it goes, so a model holds one layer in both layouts at a time, never
+    all of them."""
+    return [(owner, name) for owner in root.modules() for name, child in owner.named_children()
+            if isinstance(child, kind)]
 
 
 def unfuse_linears(root: nn.Module, embedding: nn.Embedding | None = None) -> None:
     """Undo ``fuse_linears``/``pack_linears`` below ``root``: ``nn.Linear`` with parameters everywhere.
 
     A copy of a tied head (``tied``) shares ``embedding.weight`` again."""
-    for owner in list(root.modules()):
-        for child_name, child in list(owner.named_children()):
-            if isinstance(child, LinearView):
-                setattr(owner, child_name, child.fused.to_linear(child.index))
-            elif isinstance(child, FusedLinear):
-                if child.tied:
-                    layer = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-                    layer.weight = embedding.weight
-                    setattr(owner, child_name, layer)
-                elif len(child.splits) == 1:
-                    setattr(owner, child_name, child.to_linear(0))
-                else:
-                    delattr(owner, child_name)  # the fused holder; its views became Linears above
+    for owner, child_name in _slots(root, (LinearView, FusedLinear)):
+        child = getattr(owner, child_name)
+        if isinstance(child, LinearView):
+            setattr(owner, child_name, child.fused.to_linear(child.index))
+        elif child.tied:
+            layer = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+            layer.weight = embedding.weight
+            setattr(owner, child_name, layer)
+        elif len(child.splits) == 1:
+            setattr(owner, child_name, child.to_linear(0))
+        else:
+            delattr(owner, child_name)  # the fused holder (after its views: added last), its views Linears now

@@ -1,0 +1,224 @@
+"""Loaded weights are the checkpoint's mapped tensors, copy-on-write: used in place when the dtype matches,
+writable without touching the file, released only where no value changes; broken files fail naming the file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+import torch
+
+from blip2 import Blip2Config, Blip2ForConditionalGeneration, fast
+from blip2.checkpoint import CheckpointError, release_pages
+from conftest import randomize_, tiny_hf_config
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps and pagemap")
+
+
+def _digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _mapped_from(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds ``t``'s data (/proc/self/maps), None for anonymous memory."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= t.data_ptr() < hi:
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+def _resident_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny BLIP-2 (OPT) saved as safetensors and as pytorch_model.bin, with its state dict."""
+    raw = tiny_hf_config("opt", hidden_size=64, ffn_dim=256, vocab_size=4096).to_dict()
+    model = randomize_(Blip2ForConditionalGeneration(Blip2Config.from_dict(raw)), std=0.05)
+    root = tmp_path_factory.mktemp("mapped")
+    model.save_pretrained(root / "safetensors")
+    (root / "bin").mkdir()
+    with open(root / "bin" / "config.json", "w") as f:
+        json.dump(raw, f)
+    torch.save(model.state_dict(), root / "bin" / "pytorch_model.bin")
+    return root, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@linux_only
+@pytest.mark.parametrize("kind, file", [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")])
+def test_writing_into_a_loaded_weight_never_reaches_the_file(saved, kind, file):
+    root, state = saved
+    path = root / kind / file
+    before = _digest(path)
+    model = Blip2ForConditionalGeneration.from_pretrained(root / kind)
+    w = model.language_model.model.decoder.layers[0].fc1.weight
+    assert _mapped_from(w) == str(path)  # used in place: a view of the file, no copy
+    with torch.no_grad():
+        w.add_(1.0)  # an in-place write, as training or a user's edit does
+    assert torch.equal(w.detach(), state["language_model.model.decoder.layers.0.fc1.weight"] + 1.0)
+    assert _digest(path) == before
+    again = Blip2ForConditionalGeneration.from_pretrained(root / kind)
+    assert torch.equal(again.language_model.model.decoder.layers[0].fc1.weight,
+                       state["language_model.model.decoder.layers.0.fc1.weight"])
+    # a step of training writes every weight it updates: still the model's alone
+    opt = torch.optim.SGD(again.language_projection.parameters(), lr=0.1)
+    loss = again.language_projection(torch.ones(1, again.config.qformer_config.hidden_size)).square().sum()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(again.language_projection.weight.detach(), state["language_projection.weight"])
+    assert _digest(path) == before
+
+
+def test_saving_over_the_loaded_checkpoint_keeps_both_models_whole(saved, tmp_path):
+    """save_pretrained into the directory a model was mapped from: the files are replaced, never rewritten under
+    the mapping (which would change or cut off the pages the model reads), so the model keeps its values and the
+    directory gets the edited ones."""
+    import shutil
+
+    root, state = saved
+    d = tmp_path / "ckpt"
+    shutil.copytree(root / "safetensors", d)
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    key = "language_model.model.decoder.layers.0.fc1.weight"
+    with torch.no_grad():
+        model.language_model.model.decoder.layers[0].fc1.weight.add_(1.0)
+    model.save_pretrained(d)
+    for k, v in model.state_dict().items():  # every page still readable, edited or not
+        assert torch.equal(v, state[k] + 1.0 if k == key else state[k]), k
+    again = Blip2ForConditionalGeneration.from_pretrained(d)
+    assert torch.equal(again.state_dict()[key], state[key] + 1.0)
+
+
+@linux_only
+def test_converted_weights_are_copies_and_in_place_ones_are_not(saved):
+    root, state = saved
+    model = Blip2ForConditionalGeneration.from_pretrained(root / "safetensors", dtype=torch.bfloat16)
+    lm_weight = model.language_model.model.decoder.layers[0].fc1.weight  # fp32 file -> bf16: converted
+    assert lm_weight.dtype == torch.bfloat16 and _mapped_from(lm_weight) is None
+    assert torch.equal(lm_weight, state["language_model.model.decoder.layers.0.fc1.weight"].bfloat16())
+    query = model.qformer.encoder.layer[0].attention.attention.query.weight  # kept fp32: the file's own bytes
+    assert query.dtype == torch.float32 and _mapped_from(query) == str(root / "safetensors" / "model.safetensors")
+
+
+@linux_only
+def test_release_drops_pages_of_a_mapped_weight_and_keeps_written_ones(saved):
+    root, state = saved
+    model = Blip2ForConditionalGeneration.from_pretrained(root / "safetensors")
+    emb = model.language_model.model.decoder.embed_tokens.weight  # 4096 x 64 fp32: 1 MB
+    key = "language_model.model.decoder.embed_tokens.weight"
+    emb.sum()  # resident
+    resident = _resident_file_kb()
+    release_pages(emb)
+    assert resident - _resident_file_kb() > 900  # ~1 MB of the file's pages gone ...
+    assert torch.equal(emb, state[key])  # ... and read again from the page cache
+    with torch.no_grad():
+        emb[100:200] += 1.0  # some pages now hold the only copy of their values
+    release_pages(emb)
+    expected = state[key].clone()
+    expected[100:200] += 1.0
+    assert torch.equal(emb, expected)
+    anonymous = torch.randn(1000, 1000)  # ordinary memory: never released
+    copy = anonymous.clone()
+    release_pages(anonymous)
+    assert torch.equal(anonymous, copy)
+
+
+@linux_only
+def test_fuse_after_an_in_place_edit_keeps_the_edit(saved):
+    """Fusing releases each original once copied; an original written into since loading is not dropped (its
+    values exist nowhere else), so a reference to it still reads the edit, and so does the fused layer."""
+    root, state = saved
+    model = Blip2ForConditionalGeneration.from_pretrained(root / "safetensors")
+    layer = model.language_model.model.decoder.layers[0]
+    q, fc1 = layer.self_attn.q_proj.weight, layer.fc1.weight
+    with torch.no_grad():
+        q.mul_(2.0)
+    fast.fuse(model)
+    prefix = "language_model.model.decoder.layers.0."
+    assert torch.equal(q, state[prefix + "self_attn.q_proj.weight"] * 2.0)
+    assert torch.equal(fc1, state[prefix + "fc1.weight"])  # released if copied, and read again from the file
+    fused = model.state_dict()
+    assert torch.equal(fused[prefix + "self_attn.q_proj.weight"], state[prefix + "self_attn.q_proj.weight"] * 2.0)
+    assert torch.equal(fused[prefix + "fc1.weight"], state[prefix + "fc1.weight"])
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> tuple[bytes, bytes]:
+    from safetensors.torch import save
+
+    blob = save(tensors)
+    n = int.from_bytes(blob[:8], "little")
+    return blob[8:8 + n], blob[8 + n:]
+
+
+def _with_header(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def _broken_files() -> dict[str, bytes]:
+    header, data = _safetensors_bytes({"a": torch.arange(10.0), "b": torch.ones(3, 4)})
+    n = len(header)
+    parsed = json.loads(header)
+
+    def edited(key: str, field: str, value) -> bytes:
+        h = json.loads(header)
+        h[key][field] = value
+        return _with_header(h, data)
+
+    return {
+        "header length 2**40": (2**40).to_bytes(8, "little") + header + data,
+        "header length past the end": (n + 10**6).to_bytes(8, "little") + header + data,
+        "bad JSON": n.to_bytes(8, "little") + b"{" + header[1:-1] + b"!" + data,
+        "not UTF-8": n.to_bytes(8, "little") + b"\xff" * n + data,
+        "header not an object": _with_header([1, 2], data),
+        "offsets past the end": edited("b", "data_offsets", [40, 10**12]),
+        "overlapping offsets": edited("b", "data_offsets", [0, 48]),
+        "shape against offsets": edited("b", "shape", [3, 5]),
+        "huge shape": edited("b", "shape", [2**40, 2**40]),
+        "unknown dtype": edited("b", "dtype", "Q7"),
+        "truncated data": (n.to_bytes(8, "little") + header + data)[:-7],
+        "shorter than a header": b"\x10\x00\x00",
+        "empty": b"",
+        "valid": _with_header(parsed, data),  # the control: the same bytes as written by safetensors
+    }
+
+
+@pytest.mark.parametrize("case", list(_broken_files()))
+def test_a_malformed_safetensors_file_is_an_error_naming_it(tmp_path, case):
+    from safetensors import safe_open
+
+    from blip2.checkpoint import iter_checkpoint_tensors
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(_broken_files()[case])
+    if case == "valid":
+        with safe_open(str(path), framework="pt") as f:
+            assert sorted(f.keys()) == ["a", "b"]
+        assert [k for k, _ in iter_checkpoint_tensors(str(tmp_path))] == ["a", "b"]
+        return
+    cut_short = case in ("header length past the end", "truncated data", "shorter than a header", "empty")
+    message = rf"^{tmp_path}/model\.safetensors: not a valid safetensors file" + (": truncated" if cut_short else "")
+    with pytest.raises(CheckpointError, match=message):
+        dict(iter_checkpoint_tensors(str(tmp_path)))
+
+
+def test_a_malformed_shard_fails_from_pretrained_naming_it(saved, tmp_path):
+    root, _ = saved
+    with open(root / "safetensors" / "config.json") as f:
+        (tmp_path / "config.json").write_text(f.read())
+    blob = (root / "safetensors" / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file: truncated"):
+        Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file" * 3)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
+        Blip2ForConditionalGeneration.from_pretrained(tmp_path)
