@@ -35,32 +35,30 @@ def test_a_huge_header_length_is_refused_at_once(tmp_path):
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + data[8:])
     start = time.perf_counter()
-    with pytest.raises(CheckpointError, match=r"model.safetensors: not a safetensors file \(a header of "
-                                              r"1099511627776 bytes in a file of \d+ bytes\)"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a valid safetensors file: .*header too large"):
         read_all(tmp_path)
     assert time.perf_counter() - start < 1.0  # nothing of that size was allocated or read
 
 
 @pytest.mark.parametrize("entry, problem", [
-    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 48]},
-     r"tensor 'w' lies past the end of the file \(data_offsets \[0, 48\], 24 bytes of data\): the file is truncated"),
-    ({"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 24]},
-     r"tensor 'w' holds 24 bytes, but shape \[2, 2\] of F32 needs 16"),
-    ({"dtype": "F32", "shape": [-2, 3], "data_offsets": [0, 24]}, r"tensor 'w' has a bad shape \[-2, 3\]"),
-    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 0]}, r"tensor 'w' has bad data_offsets \[24, 0\]"),
-    ({"dtype": "F33", "shape": [2, 3], "data_offsets": [0, 24]}, r"tensor 'w' has unsupported dtype F33"),
-    ({"shape": [2, 3]}, r"tensor 'w' has no dtype, shape and data_offsets"),
+    # safetensors checks the header itself; the error names the file and says what safetensors found
+    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 48]}, r"invalid shape, data type, or offset for tensor"),
+    ({"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 24]}, r"invalid shape, data type, or offset for tensor"),
+    ({"dtype": "F32", "shape": [-2, 3], "data_offsets": [0, 24]}, r"invalid value: integer `-2`"),
+    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 0]}, r"invalid offset for tensor `w`"),
+    ({"dtype": "F33", "shape": [2, 3], "data_offsets": [0, 24]}, r"unknown variant `F33`"),
+    ({"shape": [2, 3]}, r"missing field `dtype`"),
 ])
 def test_each_header_entry_is_checked_against_the_file(tmp_path, entry, problem):
     write_safetensors(tmp_path / "model.safetensors", {"w": entry}, bytes(24))
-    with pytest.raises(CheckpointError, match=problem):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a valid safetensors file: .*" + problem):
         read_all(tmp_path)
 
 
 def test_a_header_that_is_not_an_object(tmp_path):
     raw = b"[1, 2]"
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
-    with pytest.raises(CheckpointError, match="the header is not a JSON object"):
+    with pytest.raises(CheckpointError, match="model.safetensors: not a valid safetensors file: .*expected struct"):
         read_all(tmp_path)
 
 
@@ -101,8 +99,8 @@ def test_the_commands_say_what_is_wrong_with_a_model(tiny_model_dir, tmp_path, m
     weights.write_bytes(struct.pack("<Q", 2**40) + weights.read_bytes()[8:])
     assert main(["caption", "a.png", "--model", str(model), "--workers", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"blip2 caption: error: cannot load model '{model}': {weights}: not a safetensors file "
-                          "(a header of 1099511627776 bytes") and "Traceback" not in err
+    assert err.startswith(f"blip2 caption: error: cannot load model '{model}': {weights}: not a valid safetensors "
+                          "file: ") and "header too large" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("option, value, message", [

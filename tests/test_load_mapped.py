@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from blip2 import Blip2Config, Blip2ForConditionalGeneration, fast
-from blip2.checkpoint import CheckpointError, release_pages
+from blip2.checkpoint import CheckpointError
+from blip2.mapped import release_pages
 from conftest import randomize_, tiny_hf_config
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps and pagemap")

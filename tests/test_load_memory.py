@@ -28,10 +28,10 @@ _MEASURE = textwrap.dedent(
     """
     import json, sys, torch
     sys.path.insert(0, {src!r})
-    import blip2.checkpoint
+    import blip2.mapped
     from blip2 import Blip2ForConditionalGeneration, fast
     from blip2.fast.linear import FusedLinear, decode_format, default_format
-    blip2.checkpoint._CONVERT_CHUNK = {chunk}
+    blip2.mapped._CONVERT_CHUNK = {chunk}
     torch.nn.init.normal_(torch.empty(1, device="meta"))  # torch's lazy import of its meta kernels
     with torch.no_grad():  # each layout's first use (oneDNN's caches, the native kernels' library)
         for fmt in ("int8", default_format(torch.ones(1)), decode_format(torch.ones(1))):

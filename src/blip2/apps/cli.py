@@ -26,6 +26,7 @@ from blip2.apps.errors import CliError, cli_message
 from blip2.apps.index import ImageIndex, list_images
 from blip2.apps.options import add_dtype_option, add_fast_option, non_negative_number, port, positive_number
 from blip2.apps.pipeline import GenerationOptions, Pipeline, PipelineError
+from blip2.hub import read_json
 from blip2.processing import ImageFiles
 
 __all__ = ["CliError", "build_parser", "expand_inputs", "main", "read_results"]
@@ -266,13 +267,9 @@ def convert(checkpoints: list[str], output: str, kind: str, image_size: int = 22
     if config is not None and (text_config is not None or image_size != 224):
         raise CliError("--config gives the whole architecture: drop --text-config and --image-size")
     lm_config: OPTConfig | T5Config | None = None
-    if text_config is not None:
-        try:
-            with open(text_config, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CliError(f"--text-config {text_config}: {e}") from None
-        lm_config = (OPTConfig if kind == "opt" else T5Config).from_dict(raw, source=text_config)
+    if text_config is not None:  # a file that is missing or not JSON: an error naming it
+        lm_config = (OPTConfig if kind == "opt" else T5Config).from_dict(read_json(text_config, CliError),
+                                                                         source=text_config)
     copy_from = None
     if processor is not None:  # read it before writing anything
         try:

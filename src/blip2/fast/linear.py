@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from blip2.fast import kernels
 from blip2._compat import custom_op
-from blip2.checkpoint import release_pages
+from blip2.mapped import release_pages
 from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 

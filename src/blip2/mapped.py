@@ -1,0 +1,84 @@
+"""Tensors mapped from checkpoint files: converting one without holding it whole twice, and handing its pages
+back once it has been copied (a mapping stays resident as long as any tensor of its file lives)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["convert", "release_pages"]
+
+
+# bytes converted at a time: the source pages of each piece are released before the next is read
+_CONVERT_CHUNK = 16 * 2**20
+
+
+def convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``t`` in ``dtype`` on ``device``: ``t`` itself where both match (a mapped tensor is used in place), else
+    a new tensor filled piece by piece, each piece of ``t`` released after it is copied (``release_pages``),
+    so a tensor mapped from a file is never resident whole next to its converted copy."""
+    device = torch.device(device)
+    if t.dtype == dtype and t.device == device:
+        return t
+    if not t.is_contiguous():  # (a strided view saved by torch.save) converted whole
+        return t.to(device=device, dtype=dtype)
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    src, dst = t.reshape(-1), out.view(-1)
+    step = max(1, _CONVERT_CHUNK // t.element_size())
+    for i in range(0, src.numel(), step):
+        dst[i:i + step].copy_(src[i:i + step])
+        release_pages(src[i:i + step])
+    return out
+
+
+_PAGE = mmap.PAGESIZE
+# /proc/self/pagemap: one little-endian 64-bit entry per page of the address space
+_PRESENT, _SWAPPED, _FILE_PAGE = 1 << 63, 1 << 62, 1 << 61
+_MADVISE: list[Callable[[int, int, int], int] | None] = []  # libc's madvise, looked up once (None: not here)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the pages of CPU tensor ``t`` from this process's resident memory, where that changes no value.
+
+    For a tensor mapped from a file (the loaded weights) once it has been copied into another dtype or layout:
+    the mapping lives as long as any tensor of its file, and with it every page read through it, so dropping
+    the tensor frees nothing. ``madvise(MADV_DONTNEED)`` unmaps the pages; a later read maps them again from
+    the page cache. Only if every page of ``t`` is a file's page: a private mapping's page written into (by
+    training, say) is anonymous memory holding the only copy of its values, and anonymous memory is never
+    released. Pages ``t`` shares with its neighbours at either end are kept. Does nothing for a strided
+    view, nor where ``/proc/self/pagemap`` or ``madvise`` are missing (not Linux)."""
+    if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous():
+        return
+    lo = -(-t.data_ptr() // _PAGE) * _PAGE
+    hi = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+    madvise = _madvise()
+    if hi <= lo or madvise is None:
+        return
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            raw = os.pread(f.fileno(), (hi - lo) // _PAGE * 8, lo // _PAGE * 8)
+    except OSError:
+        return
+    import numpy as np
+
+    entries = np.frombuffer(raw, dtype="<u8")
+    anonymous = (entries & np.uint64(_PRESENT | _FILE_PAGE)) == np.uint64(_PRESENT)
+    if anonymous.any() or (entries & np.uint64(_SWAPPED)).any():
+        return
+    madvise(lo, hi - lo, mmap.MADV_DONTNEED)
+
+
+def _madvise() -> Callable[[int, int, int], int] | None:
+    if not _MADVISE:
+        import ctypes
+        import ctypes.util
+
+        fn = None
+        if hasattr(mmap, "MADV_DONTNEED") and os.path.exists("/proc/self/pagemap"):
+            fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        _MADVISE.append(fn)
+    return _MADVISE[0]
