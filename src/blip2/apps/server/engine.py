@@ -42,8 +42,8 @@ def unsupported(model: Any) -> str | None:
     generation config that asks for nothing but an end token (no repetition penalty, no minimum length)."""
     if not model.config.use_decoder_only_language_model:
         return "continuous batching runs decoder-only (OPT) models; this one is encoder-decoder (T5)"
-    cfg = model.generation_config
-    if cfg.repetition_penalty != 1.0 or cfg.min_new_tokens or cfg.min_length:
+    cfg = model.generation_config  # a field left None is unset (transformers' defaults: no penalty, no minimum)
+    if cfg.repetition_penalty not in (None, 1.0) or cfg.min_new_tokens or cfg.min_length:
         return "the checkpoint's generation_config sets a repetition penalty or a minimum length"
     return None
 
