@@ -156,8 +156,12 @@ def tensor_record(t: Any, head: int = 8) -> dict[str, Any]:
 
 def record_intermediates(rec: "Recorder", prefix: str, out: Any) -> None:
     """The forward's image features, Q-Former output and LM inputs, to tell where a difference starts."""
-    for name in ("image_embeds", "qformer_output", "language_model_inputs"):
-        value = getattr(out, name, None)
+    # the names before the refactor, then transformers' (vision_outputs, qformer_outputs), which it adopted
+    for name, names in (("image_embeds", ("image_embeds", "vision_outputs")),
+                        ("qformer_output", ("qformer_output", "qformer_outputs")),
+                        ("language_model_inputs", ("language_model_inputs",))):
+        value = next((getattr(out, n) for n in names if n in getattr(out, "keys", lambda: ())() or
+                      n in getattr(out, "__dataclass_fields__", {})), None)
         value = getattr(value, "last_hidden_state", value)
         if value is not None and hasattr(value, "detach"):
             rec[f"{prefix}/forward_{name}"] = tensor_record(value)
