@@ -122,3 +122,15 @@ def test_image_load_errors_survive_pickling():
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is ImageTooLarge and str(again) == str(error) and again.reason == error.reason
     assert isinstance(again, ImageLoadError) and isinstance(again, ValueError)
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_opening_it(tmp_path):
+    """Opening a FIFO blocks until a writer comes: the loader refuses it from its file type first."""
+    import os
+
+    from blip2.images import ImageLoadError, load_image
+
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match=r"cannot read image '.*x.png': not a regular file"):
+        load_image(str(fifo))

@@ -186,6 +186,9 @@ def read_image(file: str | BinaryIO, name: str | None = None, limits: ImageLimit
 
 
 def _decode(file: str | BinaryIO, limits: ImageLimits, reduce_to: tuple[int, int] | None) -> Image.Image:
+    if isinstance(file, (str, os.PathLike)) and os.path.exists(file) and not os.path.isdir(file) \
+            and not os.path.isfile(file):  # a FIFO or a device named like an image: opening it could block
+        raise ImageLoadError.about(None, "not a regular file")
     with Image.open(file, formats=limits.formats) as image:
         limits.check(image.width, image.height)  # from the header: nothing decoded yet
         if reduce_to is not None:
