@@ -85,8 +85,10 @@ def test_apply_refuses_before_changing_anything(case, tiny_retrieval_dir):
     assert fused_format(model) is None  # nothing was fused on the way to the refusal
     with pytest.raises(ValueError, match="fast mode 'turbo': expected one of none, auto, fuse"):
         fast.apply(model, "turbo")
+    retrieval = Blip2ForImageTextRetrieval.from_pretrained(tiny_retrieval_dir)
     with pytest.raises(fast.Unsupported, match="Blip2ForImageTextRetrieval has no language model"):
-        fast.apply(Blip2ForImageTextRetrieval.from_pretrained(tiny_retrieval_dir), "fuse")
+        fast.apply(retrieval, "fuse")
+    assert fast.apply(retrieval, "auto") is retrieval and fused_format(retrieval) is None  # auto: quietly none
     assert fast.apply(model, "none") is model and fused_format(model) is None
 
 

@@ -82,7 +82,6 @@ SPEED_UPS = {
     "native": fast.native,
     "compile_decoding": fast.compile_decoding,
     "cuda_graph": fast.cuda_graph,
-    "apply-auto": lambda m: fast.apply(m, "auto"),
     "apply-int8-dynamic": lambda m: fast.apply(m, "int8-dynamic"),
 }
 
@@ -94,6 +93,14 @@ def test_every_speed_up_refuses_an_active_adapter(hf_opt_dir, name):
     with pytest.raises(fast.Unsupported, match=r"carries a PEFT adapter.*merge_and_unload"):
         SPEED_UPS[name](model)
     torch.testing.assert_close(logits(model, opt_inputs()), before, atol=0, rtol=0)  # nothing changed
+
+
+def test_auto_leaves_a_model_with_an_adapter_as_it_is(hf_opt_dir):
+    """The commands' default (--fast auto) falls back quietly where no speed-up applies: the adapter is kept."""
+    model = adapter(Blip2ForConditionalGeneration.from_pretrained(hf_opt_dir[1]))
+    before = logits(model, opt_inputs())
+    assert fast.apply(model, "auto") is model
+    torch.testing.assert_close(logits(model, opt_inputs()), before, atol=0, rtol=0)
 
 
 def test_a_merged_adapter_is_kept_by_the_speed_ups(hf_opt_dir):

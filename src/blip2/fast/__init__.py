@@ -6,7 +6,8 @@
 Modes (``MODES``; the commands' ``--fast``), each giving the plain model's tokens unless it says otherwise:
 - ``"none"``: the model as loaded.
 - ``"auto"``: the fastest exact mode this machine runs: ``"native"`` on a CPU where the kernels build,
-  ``"cuda-graph"`` on a GPU, else ``"fuse"``.
+  ``"cuda-graph"`` on a GPU, else ``"fuse"``; the model unchanged where none applies (a PEFT adapter, weights
+  quantized at load, a model split over devices, no language model).
 - ``"fuse"``: the language model's projections that read one input in one product, every linear layer in
   the fastest weight layout for the device (on CPU: blip2's blocked layout for the language model where the
   native kernels build, oneDNN's for the vision encoder and Q-Former).
@@ -52,9 +53,12 @@ def apply(model: nn.Module, mode: str, batch: int = 1, **compile_kwargs: Any) ->
         raise ValueError(f"fast mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "none":
         return model
-    lm = _language_model(model)  # a model without one (retrieval) is refused before anything changes
     if mode == "auto":
-        mode = _fastest_exact(lm)
+        try:
+            mode = _fastest_exact(_language_model(model))
+        except Unsupported:  # no speed-up applies (adapters, quantized at load, split, no language model)
+            return model
+    lm = _language_model(model)  # a model the speed-ups do not cover is refused before anything changes
     if mode == "fuse":
         return fuse(model)
     if mode in ("int8", "int8-dynamic"):
