@@ -165,7 +165,11 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         f"safetensors in {dtype}; each implementation in a process of its own, one after the other; "
         f"{calls} calls each. Peak RSS is the process's high-water mark over the checkpoint's bytes.",
         f"- % of floor: the fewest seconds a call can take at the best {dtype} 1536^3 product rate and the best "
-        f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time.",
+        f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time. On a CPU without "
+        f"bf16 units a bf16 1536^3 product runs far below what the models' products reach, so the column reads "
+        f"above 100% there: it means something only where the CPU multiplies bf16 natively.",
+        "- tokens: bf16 random weights round differently in the two implementations, so greedy tokens may part "
+        "after a few steps; the fp32 tables (CPU above) compare tokens exactly.",
         f"- ours (fast={fast}): blip2.fast.apply(model, {fast!r}) after from_pretrained; auto is native where the "
         f"kernels build (AVX-512), else fuse.",
     ]
