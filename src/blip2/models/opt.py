@@ -36,6 +36,7 @@ __all__ = ["OPTForCausalLM", "OPTDecoding"]
 # The learned position table has two extra rows in front (a fairseq leftover): position p is row p + 2.
 _POSITION_OFFSET = 2
 
+
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
