@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = args.new_tokens
     if args.compile and args.batch > 1:  # the captioning batch gets the layout for its rows
         compile_decoding(model, args.batch)
-        if args.cuda_graph:  # compile() put its own step in
+        if args.cuda_graph:  # compile_decoding put its own step in
             cuda_graph(model)
 
     def caption() -> None:

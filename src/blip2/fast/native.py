@@ -1,16 +1,15 @@
 """Whole decoding steps in one native call (``blip2.fast.kernels``: ``t5_step``, ``opt_step``) on CPU.
 
-``compile()`` and ``native()`` put one in front of the Python step where they can: a decoding step then
-runs the whole decoder (norms, products, one-query attention over the cache, the head) in C++, one call
-per token for all rows; anything else (a model these steps do not cover) goes to the fallback step. What a
-compiled graph adds around its products (the graph's Python wrapper, dynamo's guards, a kernel call per
-small operation) is about 0.8 ms a token on one core, a fifth of a Flan-T5-small bf16 step at one row;
-an eager step at 8 rows spends several ms a token on its small operations. A native step pays neither.
+``blip2.fast.native`` and ``blip2.fast.compile_decoding`` put one in front of the Python step where they can: a
+decoding step then runs the whole decoder (norms, products, one-query attention over the cache, the head) in
+C++, one call per token for all rows; anything else (a model these steps do not cover) goes to the fallback
+step. A compiled graph pays the graph's Python wrapper, dynamo's guards and a kernel call per small operation
+around its products, an eager step its small operations one by one; a native step pays neither.
 
 Covered: OPT (pre- or post-norm, project_in/out, any supported activation) and T5 (gated or not, tied or
-not), in float32 or bfloat16. Weights in blip2's blocked layout (``fuse("blocked")``, the CPU default
-where the kernels load, what ``compile(batch > 1)`` and ``native()`` choose there) take any number of rows; the
-plain layout (``fuse("dense")``) and weight-only int8 (``fuse("int8")``) take one row, larger batches going
+not), in float32 or bfloat16. Weights in blip2's blocked layout (``fuse(model, "blocked")``, the CPU
+default where the kernels load, what ``compile_decoding(batch > 1)`` and ``native`` choose there) take any number
+of rows; the plain layout (``"dense"``) and weight-only int8 (``"int8"``) take one row, larger batches going
 to the fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 there), oneDNN's packed layout,
 int8-dynamic, anything off the CPU. Numerics follow the eager modules (activations rounded to the model's
 dtype where a torch operation rounds them; norms, softmax and sums in fp32); products accumulate in fp32

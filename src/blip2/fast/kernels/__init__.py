@@ -30,10 +30,11 @@ It needs Linux on x86-64 with AVX-512 F and BW. ``load()`` builds and loads it a
 is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the callers keep their portable path (a compiled
 step whose products are a compiled reduction: the same sums, in another order).
 
-Callers: ``blip2.fast.linear.decode_format`` (the language models' ``fuse()``) and ``fused.compile_step`` load
-the kernels (building them if need be); "blocked" ``FusedLinear`` layers call ``blocked_linear``,
-``fused._row_product`` calls ``row_product`` for every one-row product of a compiled step, and
-``compile()``/``native()`` put ``blip2.fast.native``'s step in front where it covers the model.
+Callers: ``blip2.fast.linear.decode_format`` (the language models' default layout in ``blip2.fast.fuse``) and
+``blip2.fast.decoding.compile_step`` load the kernels (building them if need be); "blocked" ``FusedLinear``
+layers call ``blocked_linear``, ``linear._row_product`` calls ``row_product`` for every one-row product of a
+compiled step, and ``blip2.fast.native`` / ``compile_decoding`` put ``blip2.fast.native``'s step in front
+where it covers the model.
 """
 
 from __future__ import annotations
