@@ -1,4 +1,5 @@
-"""The web page at `/`, end to end in headless Chromium: upload an image, read its caption, ask questions.
+"""The web page at `/`, end to end in headless Chromium: pick an image and chat about it, the answers streamed
+from /v1/chat/completions and equal to the server's own (/v1/ask, or the whole conversation).
 
 Needs Debian's `chromium` and `chromium-driver` packages and `selenium` (in the `test` extra). When the
 browser is missing the set-up installs it with apt-get (as root); the test skips only if that fails.
@@ -6,6 +7,7 @@ A screenshot is saved to test-artifacts/browser.png."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
 webdriver = pytest.importorskip("selenium.webdriver")
+httpx = pytest.importorskip("httpx")
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -75,14 +78,31 @@ def pipe(tiny_model_dir) -> Pipeline:
     return Pipeline.load(tiny_model_dir, device="cpu")
 
 
-def test_page_captions_an_upload_and_answers_questions(chromium, pipe, tmp_path):
+def chat(url: str, messages: list[dict]) -> str:
+    """The server's answer to a whole conversation, not streamed (what the page must have shown)."""
+    reply = httpx.post(url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+def send(driver, wait: WebDriverWait, text: str) -> object:
+    """Type ``text`` (or nothing: a caption) and wait for its streamed answer; the answer's element."""
+    before = len(driver.find_elements(By.CSS_SELECTOR, "#log li[data-done]"))
+    driver.find_element(By.ID, "question").send_keys(text, Keys.ENTER)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log li[data-done]")) == before + 1)
+    return driver.find_elements(By.CSS_SELECTOR, "#log li")[-1].find_element(By.CLASS_NAME, "a")
+
+
+def test_page_chats_about_an_upload_with_streamed_answers(chromium, pipe, tmp_path):
     served = Served(pipe, ServerSettings(options=OPTIONS))
     try:
         image = tmp_path / "upload.png"
         image.write_bytes(png(8, size=(96, 72)))
-        picture = decoded(image.read_bytes())
+        data = image.read_bytes()
+        picture = decoded(data)
+        first, second = "how many shapes are there?", "w7"
         caption = pipe.caption([picture], "", OPTIONS)[0]
-        answers = [pipe.ask([picture], [q], OPTIONS)[0] for q in ("w5 w6", "w7")]
+        answer, alone = (pipe.ask([picture], [q], OPTIONS)[0] for q in (first, second))  # what /v1/ask answers
         wait = WebDriverWait(chromium, 30)
 
         chromium.get(served.url + "/")
@@ -90,31 +110,48 @@ def test_page_captions_an_upload_and_answers_questions(chromium, pipe, tmp_path)
         preview = chromium.find_element(By.ID, "preview")  # nothing to show yet: no broken-image icon
         assert preview.get_attribute("hidden") == "true" and not preview.is_displayed()
         assert preview.size == {"height": 0, "width": 0}
+        assert chromium.find_element(By.ID, "question").get_attribute("disabled") == "true"
         chromium.find_element(By.ID, "file").send_keys(str(image))
-        wait.until(lambda d: d.find_element(By.ID, "caption").text not in ("", "…"))
-        assert chromium.find_element(By.ID, "caption").text == caption
-        assert chromium.find_element(By.ID, "preview").get_attribute("naturalWidth") == "96"
+        wait.until(lambda d: d.find_element(By.ID, "preview").get_attribute("naturalWidth") == "96")
         assert chromium.find_element(By.ID, "preview").is_displayed()
 
-        for n, question in enumerate(("w5 w6", "w7"), 1):
-            box = chromium.find_element(By.ID, "question")
-            box.send_keys(question, Keys.ENTER)
-            wait.until(lambda d, n=n: len(d.find_elements(By.CSS_SELECTOR, "#answers li[data-done]")) == n)
-        rows = chromium.find_elements(By.CSS_SELECTOR, "#answers li")
-        assert [r.find_element(By.CLASS_NAME, "q").text for r in rows] == ["w5 w6 →", "w7 →"]
-        assert [r.find_element(By.CLASS_NAME, "a").text for r in rows] == answers
+        streamed = send(chromium, wait, first)
+        assert streamed.text == answer
+        assert int(streamed.get_attribute("data-chunks")) >= 2  # the text grew piece by piece
+        assert chromium.find_element(By.ID, "log").get_attribute("data-sent") == "1"
+        # the second turn carries the first: its answer is the server's to the whole conversation
+        url = "data:image/png;base64," + base64.b64encode(data).decode()
+        history = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                {"type": "text", "text": first}]},
+                   {"role": "assistant", "content": answer}, {"role": "user", "content": second}]
+        expected = chat(served.url, history)
+        assert expected != alone  # (so the history visibly changes this answer)
+        assert send(chromium, wait, second).text == expected
+        assert chromium.find_element(By.ID, "log").get_attribute("data-sent") == "3"
+        assert send(chromium, wait, "").text == caption  # no text: a caption, of the image alone
+        assert chromium.find_element(By.ID, "log").get_attribute("data-sent") == "1"
+        rows = chromium.find_elements(By.CSS_SELECTOR, "#log li")
+        assert [r.find_element(By.CLASS_NAME, "q").text for r in rows] == [first, second, "(caption)"]
         assert chromium.find_element(By.ID, "status").text == ""
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "browser.png"
         assert chromium.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+        chromium.find_element(By.ID, "clear").click()
+        assert chromium.find_elements(By.CSS_SELECTOR, "#log li") == []
+        assert send(chromium, wait, second).text == alone  # a new chat: no history
+        assert chromium.find_element(By.ID, "log").get_attribute("data-sent") == "1"
+
         text_file = tmp_path / "notes.png"
         text_file.write_text("not really a picture")
         chromium.find_element(By.ID, "file").send_keys(str(text_file))
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#log li"))
+        chromium.find_element(By.ID, "question").send_keys(first, Keys.ENTER)
         wait.until(lambda d: d.find_element(By.ID, "status").text != "")
         assert chromium.find_element(By.ID, "status").text == (
             "the uploaded file is not an image in an accepted format (PNG, JPEG, WebP, GIF, BMP, TIFF)")
-        assert chromium.find_element(By.ID, "caption").text == ""
+        assert chromium.find_elements(By.CSS_SELECTOR, "#log li") == []  # the failed turn is not kept
+        assert not chromium.find_element(By.ID, "preview").is_displayed()
     finally:
         served.close()
