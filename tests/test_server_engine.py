@@ -122,3 +122,26 @@ def test_text_stream_holds_back_what_may_change():
     plain = TextStream(decode, stop=())
     assert [plain.add(t) for t in (1, 2, 3)] == [("a", False), (" ca", False), ("t", False)]  # a partial character waits
     assert plain.finish() == "\ufffd"
+
+
+def test_the_image_cache_keeps_the_most_recent_images_and_runs_each_miss_once():
+    """LRU: past max_entries the least recently used image is dropped, a hit moves an image to the end, and the
+    model runs only the images it has not seen (each once per call, duplicates included)."""
+
+    class Model:
+        device = torch.device("cpu")
+        calls: list[int] = []
+
+        def image_to_lm_inputs(self, pixels):
+            self.calls.append(pixels.shape[0])
+            return None, None, pixels.mean((2, 3))[:, None, :]  # [b, 1, 3]: a stand-in for the projected queries
+
+    cache, model = ImageCache(2), Model()
+    px = {k: torch.full((3, 2, 2), float(i)) for i, k in enumerate("abc")}
+    out = cache.lm_inputs(model, [("a", px["a"]), ("b", px["b"]), ("a", px["a"])])
+    assert model.calls == [2] and out[:, 0, 0].tolist() == [0.0, 1.0, 0.0]
+    cache.lm_inputs(model, [("a", px["a"])])  # a hit: "a" is now the most recent, "b" the oldest
+    cache.lm_inputs(model, [("c", px["c"])])  # evicts "b"
+    assert model.calls == [2, 1] and cache.stats()["entries"] == 2
+    cache.lm_inputs(model, [("a", px["a"]), ("b", px["b"])])  # "a" kept, "b" runs again
+    assert model.calls == [2, 1, 1] and cache.stats()["hits"] == 2
