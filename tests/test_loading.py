@@ -154,17 +154,25 @@ def test_plan_spreads_the_language_model_layers(hf_opt_dir, hf_t5_dir):
         plan_layers(t5, gpus, "sequential", max_memory={0: 1000, 1: 1000})
 
 
-def test_dispatched_model_gives_the_same_tokens(hf_opt_dir, hf_t5_dir, inputs):
-    """The hooks that move activations between devices, on this machine's devices (two GPUs where there are)."""
+def test_dispatched_model_gives_the_same_tokens(hf_opt_dir, hf_t5_dir, inputs, monkeypatch):
+    """The hooks that move activations between devices, on this machine's devices (two GPUs where there are).
+    On one device every move is a no-op, so the test also counts that the hooks ran."""
+    import blip2.placement as placement
+
+    moved = []
+    real_move = placement._move
+    monkeypatch.setattr(placement, "_move", lambda value, device: moved.append(device) or real_move(value, device))
     devices = ([torch.device("cuda", i) for i in range(2)] if CUDA and torch.cuda.device_count() > 1
                else [torch.device("cpu")] * 2)
     for d in (hf_opt_dir[1], hf_t5_dir[1]):
+        moved.clear()
         plain = Blip2ForConditionalGeneration.from_pretrained(d)
         split = Blip2ForConditionalGeneration.from_pretrained(d)
         dispatch(split, plan_layers(split, devices))
         pixels = inputs[0]
         want = plain.generate(pixels, max_new_tokens=6, num_beams=2)
         assert torch.equal(split.generate(pixels.to(devices[0]), max_new_tokens=6, num_beams=2).cpu(), want)
+        assert len(moved) > 0  # the dispatch hooks ran on the split model's forward passes
 
 
 # -- quantization_config ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from blip2.config import Blip2Config
-from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, resolve_dir
+from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, read_json, resolve_dir
 from blip2.loading import LoadOptions, check_flash_attention, config_dtype
 from blip2.mapped import convert
 from blip2.model_utils import ModelUtilitiesMixin
@@ -71,11 +71,9 @@ def weight_files(directory: str, variant: str | None = None, use_safetensors: bo
     for index_name in names[::2]:
         index = os.path.join(directory, index_name)
         if os.path.exists(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e!r})") from None
+            weight_map = read_json(index, CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: not a valid shard index (no \"weight_map\" object)")
             files = [os.path.join(directory, name) for name in dict.fromkeys(weight_map.values())]
             for fpath in files:
                 if not os.path.exists(fpath):
@@ -206,7 +204,10 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise CheckpointError(f"{directory}: missing keys for {type(model).__name__}: {shown}{more}")
     # aliases absent from the file, or equal to their source, share the source's Parameter again
-    retie = [a for a, src in tied.items() if a not in loaded or torch.equal(loaded[a], loaded[src])]
+    # the same bytes need no comparison (a mapped file stores a tied pair once): reading both would page in the
+    # largest table of the model twice
+    retie = [a for a, src in tied.items() if a not in loaded or loaded[a].data_ptr() == loaded[src].data_ptr()
+             or torch.equal(loaded[a], loaded[src])]
     for alias in retie:
         loaded[alias] = loaded[tied[alias]]
     model.load_state_dict(loaded, strict=True, assign=True)
@@ -405,7 +406,8 @@ class PretrainedMixin(ModelUtilitiesMixin):
         with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(self._config_to_save(), f, indent=2, sort_keys=True)
             f.write("\n")
-        save_state_dict(self.state_dict(), directory, max_shard_size=max_shard_size,  # type: ignore[attr-defined]
+        # nn.Module's own state dict: the aliases it shares are left out by ``tied``, so no copy of them is made
+        save_state_dict(nn.Module.state_dict(self), directory, max_shard_size=max_shard_size,  # type: ignore[arg-type]
                         tied=tied_parameters(self))  # type: ignore[arg-type]
         if hasattr(self, "_save_extra"):
             self._save_extra(directory)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Union
@@ -186,9 +187,13 @@ def read_image(file: str | BinaryIO, name: str | None = None, limits: ImageLimit
 
 
 def _decode(file: str | BinaryIO, limits: ImageLimits, reduce_to: tuple[int, int] | None) -> Image.Image:
-    if isinstance(file, (str, os.PathLike)) and os.path.exists(file) and not os.path.isdir(file) \
-            and not os.path.isfile(file):  # a FIFO or a device named like an image: opening it could block
-        raise ImageLoadError.about(None, "not a regular file")
+    if isinstance(file, (str, os.PathLike)):
+        try:
+            mode = os.stat(file).st_mode
+        except OSError:
+            mode = None  # missing or unreadable: Image.open says which
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ImageLoadError.about(None, "not a regular file")  # a FIFO or a device: opening it could block
     with Image.open(file, formats=limits.formats) as image:
         limits.check(image.width, image.height)  # from the header: nothing decoded yet
         if reduce_to is not None:

@@ -16,9 +16,10 @@ Ids follow the official conventions: the image id is the number ending the file 
 (the image id is the file stem). Questions are capitalised as in the official files.
 
 Annotator answers are stored as the official files store them, lower case with digits ("2", not
-"two"): the VQA evaluation maps "two" -> "2" in the *prediction* only, so a model that answers
-"two" (as the world's text does) scores. Every question has 10 agreeing annotators (the world has
-one true answer). GQA keeps the world's word answers, as GQA's own files use words.
+"two"). The 2016 (LAVIS) VQA rules map "two" -> "2" in the *prediction*, so a model that answers
+"two" (as the world's text does) scores under ``--vqa-rules lavis``; the default 2021 rules leave a
+unanimous answer untouched, so there it must say "2". Every question has 10 agreeing annotators (the world
+has one true answer). GQA keeps the world's word answers, as GQA's own files use words.
 
 NoCaps domains are stand-ins: one object is "in-domain", two "near-domain", three "out-domain".
 The retrieval split keeps only the first image of each distinct caption, so every text has exactly

@@ -1,6 +1,6 @@
 """Evaluate the bundled demo models on held-out images of ``blip2.demo.world``.
 
-    python -m blip2.demo.evaluate [--n 500] [--variant clean] [--readme README.md]
+    python -m blip2.demo.evaluate [--n 500] [--variant clean] [--readme docs/BENCHMARKS.md]
 
 Generates ``n`` held-out scenes (split "test", a seed the recipe never trains on), then measures:
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retrieval-model", default=DEFAULT_RETRIEVAL_MODEL, help="retrieval model directory")
     p.add_argument("--n", type=int, default=500, help="held-out images (default 500)")
     p.add_argument("--variant", default="clean", help="how the images are drawn (a world.VARIANTS name or 'random')")
-    p.add_argument("--readme", help="write the table into this README between the demo-eval markers")
+    p.add_argument("--readme", help="write the table into this markdown file (docs/BENCHMARKS.md) between the demo-eval markers")
     p.add_argument("--json", help="also write the numbers to this file")
     a = p.parse_args(argv)
     start = time.time()

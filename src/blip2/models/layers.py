@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -117,7 +118,7 @@ def _with_weights(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
 
 def device_of(module: torch.nn.Module) -> torch.device:
     """Where a module's weights are (its first parameter or buffer): a layer's KV cache is made there."""
-    return next(iter((*module.parameters(), *module.buffers()))).device
+    return next(itertools.chain(module.parameters(), module.buffers())).device  # the first, not a list of all
 
 
 class KVCache:

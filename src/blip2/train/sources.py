@@ -40,7 +40,6 @@ logger = logging.getLogger("blip2.train")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 GZIP_SHARDS = (".tar.gz", ".tgz")
-DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".tar", *GZIP_SHARDS)
 
 
 @dataclass(frozen=True)

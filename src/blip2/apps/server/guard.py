@@ -105,7 +105,10 @@ class Guard:
             method = scope["method"] if scope["method"] in METHODS else "OTHER"
             path = scope["path"] if scope["path"] in self.paths else "*"  # unknown paths share one counter
             self.counts[f"{method} {path} {status}"] += 1
-            self.latency.setdefault(path, Histogram(LATENCY_BOUNDS)).observe(time.monotonic() - started)
+            histogram = self.latency.get(path)
+            if histogram is None:  # made once per path, not per request
+                histogram = self.latency.setdefault(path, Histogram(LATENCY_BOUNDS))
+            histogram.observe(time.monotonic() - started)
 
 
 def _raw_json(status: str, error: str, *headers: str) -> bytes:

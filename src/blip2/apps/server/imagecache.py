@@ -34,7 +34,8 @@ class ImageCache:
         if missing:
             pixels = torch.stack(list(missing.values())).to(model.device)
             _, _, projected = model.image_to_lm_inputs(pixels)  # [b, Q, D_lm]
-            found.update(zip(missing, projected))
+            # a copy each: a view would keep its whole batch alive after the others are evicted
+            found.update(zip(missing, (p.clone() for p in projected)))
             with self._lock:
                 for key in missing:
                     self._entries[key] = found[key]

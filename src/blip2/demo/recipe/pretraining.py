@@ -25,7 +25,8 @@ def pretraining_lr(step: int, steps: int, lr: float, warmup: int) -> float:
 
     Not ``blip2.train.lr_at``: that warm-up starts from ``warmup_lr`` and reaches the peak one step later,
     and its decay, ``min_lr + (lr - min_lr) * ...``, rounds differently on about a third of the steps. The
-    shipped demo weights were trained with this schedule, and the recipe reproduces them bit for bit."""
+    shipped demo weights were trained with this schedule (docs/TRAINING.md says why a rerun now gives other
+    bytes)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
