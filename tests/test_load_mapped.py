@@ -134,8 +134,9 @@ def test_release_drops_pages_of_a_mapped_weight_and_keeps_written_ones(saved):
 
 @linux_only
 def test_fuse_after_an_in_place_edit_keeps_the_edit(saved):
-    """Fusing releases each original once copied; an original written into since loading is not dropped (its
-    values exist nowhere else), so a reference to it still reads the edit, and so does the fused layer."""
+    """Fusing releases each original once copied; an edit made since loading (pages that hold the only copy of
+    their values) reaches the fused layer, and unfusing gives the same parameter objects back with it. While
+    fused, the original parameters are empty: the fused layer holds their values."""
     root, state = saved
     model = Blip2ForConditionalGeneration.from_pretrained(root / "safetensors")
     layer = model.language_model.model.decoder.layers[0]
@@ -144,11 +145,14 @@ def test_fuse_after_an_in_place_edit_keeps_the_edit(saved):
         q.mul_(2.0)
     fast.fuse(model)
     prefix = "language_model.model.decoder.layers.0."
-    assert torch.equal(q, state[prefix + "self_attn.q_proj.weight"] * 2.0)
-    assert torch.equal(fc1, state[prefix + "fc1.weight"])  # released if copied, and read again from the file
+    assert q.numel() == 0 and fc1.numel() == 0
     fused = model.state_dict()
     assert torch.equal(fused[prefix + "self_attn.q_proj.weight"], state[prefix + "self_attn.q_proj.weight"] * 2.0)
     assert torch.equal(fused[prefix + "fc1.weight"], state[prefix + "fc1.weight"])
+    fast.unfuse(model)
+    assert layer.self_attn.q_proj.weight is q and layer.fc1.weight is fc1
+    assert torch.equal(q, state[prefix + "self_attn.q_proj.weight"] * 2.0)
+    assert torch.equal(fc1, state[prefix + "fc1.weight"])
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> tuple[bytes, bytes]:

@@ -173,7 +173,8 @@ class Pipeline:
             processor = Blip2Processor.from_pretrained(directory)
         except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
-        if fast != "none" and hasattr(net, "language_model"):  # retrieval checkpoints have no fast paths
+        if hasattr(net, "language_model"):  # retrieval checkpoints have no fast paths
+            net.fast = "none"  # the mode is applied here, for good: generate adds no layout of its own
             try:
                 apply_fast(net, fast)
             except ValueError as e:  # the mode does not apply here (device, dtype, kernels), said before any change

@@ -98,7 +98,7 @@ def fuse_language_model(lm: LanguageModel, fmt: str | None = None) -> None:
 @torch.no_grad()
 def unfuse_language_model(lm: LanguageModel) -> None:
     """Back to plain ``nn.Linear`` layers with parameters (int8 weights stay rounded) and the eager step."""
-    unfuse_linears(lm, lm.get_input_embeddings())
+    unfuse_linears(lm)
     for module in lm.modules():
         if type(module) in (_FusedOPTAttention, _FusedT5SelfAttention, _FusedT5CrossAttention, _FusedT5GatedFFN):
             module.__class__ = type(module).__bases__[0]

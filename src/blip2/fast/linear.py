@@ -9,7 +9,8 @@ remaining ``nn.Linear`` below ``root`` into a one-part ``FusedLinear`` in place.
 The state dict does not change: a ``LinearView``, or a one-part ``FusedLinear``, writes ``weight`` and
 ``bias`` under its own name, rebuilt in the reference layout (int8: dequantized), so ``save_pretrained``
 still writes the reference keys. The weights are buffers, not parameters: this is for inference only.
-``unfuse_linears`` turns everything back into ``nn.Linear`` with parameters.
+``unfuse_linears`` puts the ``nn.Linear`` layers back: the same modules and parameter objects, which are empty
+while fused (their values live in the fused layer).
 
 Formats (``fmt``; their speeds are measured in docs/BENCHMARKS.md):
 - ``"onednn"``: CPU, fp32/bf16. The weight is reordered once into oneDNN's blocked layout and multiplied
@@ -197,7 +198,7 @@ class FusedLinear(nn.Module):
     ``forward`` returns [..., sum of out_features]; ``part(i)`` rebuilds the i-th layer's weight and bias.
     A one-part ``FusedLinear`` stands in for its ``nn.Linear`` in the state dict (unless ``in_state_dict``
     is False: an int8 copy of a head tied to the embeddings, which cannot rebuild the embedding's values).
-    ``tied``: a copy of a head tied to the embeddings; ``unfuse_linears`` ties the head again.
+    ``tied``: stands for a head tied to the embeddings (a copy of its matrix, or the embedding's own).
     """
 
     def __init__(self, layers: Sequence[nn.Linear], fmt: str, in_state_dict: bool = True, tied: bool = False) -> None:
@@ -228,6 +229,15 @@ class FusedLinear(nn.Module):
         self.register_buffer("w", w, persistent=False)
         self.register_buffer("b", b, persistent=False)
         self.register_buffer("scale", scale, persistent=False)  # [N], int8 only
+        # the layers themselves, their tensors emptied (a tied head's matrix is the embedding's, kept): unfusing
+        # hands back these very modules and parameters, so an optimizer or hook holding them still reaches the model
+        self._layers = tuple(layers)  # a tuple: not registered as children
+        del weights
+        if not tied:
+            for layer in layers:
+                for p in (layer.weight, layer.bias):
+                    if p is not None:
+                        p.data = p.data.new_empty(0)
         _trim_heap()
 
     def _lay_out(self, weights: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
@@ -299,12 +309,14 @@ class FusedLinear(nn.Module):
         return w, b
 
     def to_linear(self, i: int) -> nn.Linear:
-        """The i-th fused layer as an ``nn.Linear`` with parameters again."""
-        w, b = self.part(i)
-        layer = nn.Linear(self.in_features, self.splits[i], bias=b is not None, device="meta")
-        layer.weight = nn.Parameter(w)
-        if b is not None:
-            layer.bias = nn.Parameter(b)
+        """The i-th fused layer: the ``nn.Linear`` it was made from, its parameters holding the weights again
+        (int8: dequantized). A tied head's is the embedding's matrix, which it never gave up."""
+        layer = self._layers[i]
+        if not self.tied:
+            w, b = self.part(i)
+            layer.weight.data = w
+            if b is not None:
+                layer.bias.data = b
         return layer
 
     def write_part(self, i: int, destination: dict[str, Tensor], prefix: str) -> None:
@@ -403,18 +415,13 @@ def _slots(root: nn.Module, kind: type | tuple[type, ...]) -> list[tuple[nn.Modu
             if isinstance(child, kind)]
 
 
-def unfuse_linears(root: nn.Module, embedding: nn.Embedding | None = None) -> None:
-    """Undo ``fuse_linears``/``pack_linears`` below ``root``: ``nn.Linear`` with parameters everywhere.
-
-    A copy of a tied head (``tied``) shares ``embedding.weight`` again."""
+def unfuse_linears(root: nn.Module) -> None:
+    """Undo ``fuse_linears``/``pack_linears`` below ``root``: the ``nn.Linear`` modules and parameters that were
+    fused, holding their weights again (a head tied to the embeddings shares their matrix, as before)."""
     for owner, child_name in _slots(root, (LinearView, FusedLinear)):
         child = getattr(owner, child_name)
         if isinstance(child, LinearView):
             setattr(owner, child_name, child.fused.to_linear(child.index))
-        elif child.tied:
-            layer = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-            layer.weight = embedding.weight
-            setattr(owner, child_name, layer)
         elif len(child.splits) == 1:
             setattr(owner, child_name, child.to_linear(0))
         else:

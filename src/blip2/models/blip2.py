@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class Blip2Model(PretrainedMixin, nn.Module):
     config_class = Blip2Config
+    # The speed layer applies from outside: blip2.fast registers its hooks here when imported (importing blip2
+    # does), ``loaded`` after from_pretrained and ``before_generate`` at each generate (blip2.fast.lazy).
+    speed_layer: ClassVar[Any] = None
+    fast = "none"  # the speed-up generate applies (blip2.fast.MODES): a model built in code runs as written
     # The reference keeps these in fp32 under fp16 only; we keep them in fp32 under bf16 too, as
     # BLIP-2 was trained (the Q-Former is small, so it costs little).
     _keep_in_fp32_modules = ("query_tokens", "qformer")
@@ -73,6 +77,20 @@ class Blip2Model(PretrainedMixin, nn.Module):
             decoder_start_token_id=getattr(t, "decoder_start_token_id", None))
 
     # -- weights -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, fast: str = "auto", **kwargs: Any) -> Any:
+        """``PretrainedMixin.from_pretrained``, and ``fast``: the speed-up ``generate`` uses (``blip2.fast.lazy``).
+        "auto" (the default): the fastest exact one on this machine, laid out at the first ``generate`` and
+        undone by anything that needs the plain modules; "none": the model as written; another mode of
+        ``blip2.fast.MODES``: applied now, for inference only (``blip2.fast.apply``)."""
+        model = super().from_pretrained(path_or_id, **kwargs)
+        model.fast = fast
+        if cls.speed_layer is not None:
+            cls.speed_layer.loaded(model)
+        elif fast not in ("auto", "none"):
+            raise ValueError(f"from_pretrained(): fast={fast!r} needs blip2.fast (import blip2)")
+        return model
 
     def _after_load(self, directory: str) -> None:
         path = os.path.join(directory, "generation_config.json")
@@ -185,6 +203,8 @@ class Blip2Model(PretrainedMixin, nn.Module):
         ``generation_config``. ``logits_processor``, ``stopping_criteria`` and ``streamer`` are transformers'
         hooks (see ``blip2.generation.generate``).
         """
+        if self.speed_layer is not None:
+            self.speed_layer.before_generate(self)
         cfg = resolve(self.generation_config, generation_config, kwargs)
         batch = pixel_values.shape[0]
         device = self.device

@@ -139,7 +139,9 @@ def _run(args: argparse.Namespace) -> None:
         train_stage1(model, processor, paths["data"], config, processor_source=init)
         return
     if init:
-        model, processor = Blip2ForConditionalGeneration.from_pretrained(init), Blip2Processor.from_pretrained(init)
+        # fast="none": a model in training keeps its modules; no inference layout comes and goes around evaluations
+        model = Blip2ForConditionalGeneration.from_pretrained(init, fast="none")
+        processor = Blip2Processor.from_pretrained(init)
         if paths.get("stage1"):
             load_stage1_into(model, paths["stage1"])
     elif args.stage == "stage2" and paths.get("stage1") and paths.get("lm"):

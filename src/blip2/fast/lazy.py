@@ -1,0 +1,154 @@
+"""Fast by default: ``from_pretrained(...).generate()`` runs the fastest exact path (``apply(model, "auto")``)
+without being asked, and the model stays an ordinary ``nn.Module`` for everything else.
+
+The speed-ups lay weights out for inference (fused projections, packed layouts held as buffers), which training,
+moving, casting, reloading and adapters cannot use. So the default waits for the first ``generate`` of a model
+in eval mode, and undoes itself the moment anything reaches for the plain modules. ``model.fast`` is the mode:
+"auto" after ``from_pretrained`` (its ``fast`` argument: "none" keeps the model as written, any other mode of
+``blip2.fast.MODES`` is applied at load, as ``blip2.fast.apply`` does), "none" for a model built in code.
+
+What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
+``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
+``named_parameters``, ``modules``, ``named_modules``, ``children``, ``named_children`` (an optimizer, PEFT, a
+freezing loop), ``requires_grad_``, ``apply``, a forward pass that records gradients, pickling and copying.
+Undoing hands back the very ``nn.Linear`` modules and ``nn.Parameter`` objects the model had (``FusedLinear``
+keeps them, their storage released while fused), so an optimizer built before a ``generate`` still trains the
+model; the next ``generate`` in eval mode lays the weights out again. ``state_dict`` and ``save_pretrained`` need
+no undoing (they write the reference keys). Reaching past the parts into a deeper module
+(``model.qformer.encoder.layer[0].parameters()``) finds the inference layout: call ``blip2.fast.unfuse(model)``
+first, or load with ``fast="none"``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from blip2.fast import MODES, Unsupported, apply, unfuse
+from blip2.fast.decoding import LanguageModel
+from blip2.fast.linear import FusedLinear
+from blip2.models.blip2 import Blip2Model
+
+__all__ = ["before_generate", "loaded", "release"]
+
+# what reaches for the plain modules; ``train`` and ``forward`` only in some calls (below)
+_RELEASING = ("_apply", "load_state_dict", "parameters", "named_parameters", "modules", "named_modules", "children",
+              "named_children", "requires_grad_", "apply", "__reduce_ex__")  # the last: pickle, copy, deepcopy
+_lock = threading.Lock()  # one layout at a time: two threads' first generate must not both lay a model out
+_guarded_classes: dict[type, type] = {}
+
+
+def loaded(model: Blip2Model) -> None:
+    """After ``from_pretrained``: check ``model.fast``, and apply an explicit mode now (its errors at load)."""
+    if model.fast not in MODES:
+        raise ValueError(f"from_pretrained(): fast={model.fast!r}: expected one of {', '.join(MODES)}")
+    if model.fast not in ("auto", "none"):
+        apply(model, model.fast)
+        model.fast = "none"  # applied for good, as blip2.fast.apply does
+
+
+def before_generate(model: Blip2Model) -> None:
+    """Lay ``model`` out with ``model.fast`` ("auto") if it is in eval mode and not laid out yet; a model the
+    speed-ups do not cover is left as it is (and not asked again until its device or dtype changes)."""
+    if model.fast == "none" or model.training or getattr(model, "_fast_guard", None) is not None:
+        return
+    weight = model.query_tokens  # never laid out: where and in what the model runs, without walking it
+    key = (weight.device, model.language_model.get_input_embeddings().weight.dtype)
+    if model.__dict__.get("_fast_plain") == key:
+        return
+    with _lock:
+        if getattr(model, "_fast_guard", None) is not None:
+            return
+        if _laid_out(model.language_model):  # laid out by hand (blip2.fast.apply): the caller's to manage
+            return
+        try:
+            apply(model, model.fast)
+        except Unsupported:
+            pass
+        if not _laid_out(model.language_model):
+            model.__dict__["_fast_plain"] = key
+            return
+        _guard(model)
+
+
+def _laid_out(lm: LanguageModel) -> bool:
+    return lm.decode_step != lm._decode_step or any(isinstance(m, FusedLinear) for m in nn.Module.modules(lm))
+
+
+def release(model: Blip2Model) -> None:
+    """Undo what ``before_generate`` laid out: the model's own modules and parameters, the eager step."""
+    guard = model.__dict__.pop("_fast_guard", None)
+    if guard is None:
+        return
+    for module in guard:
+        module.__class__ = module.__class__._fast_base
+        module.__dict__.pop("_fast_root", None)
+    unfuse(model)
+
+
+def _guard(model: Blip2Model) -> None:
+    parts = [model, model.vision_model, model.qformer, model.language_model]
+    for module in parts:
+        module.__class__ = _guarded(type(module))
+        if module is not model:
+            module.__dict__["_fast_root"] = model
+    model.__dict__["_fast_guard"] = parts
+
+
+def _root(module: nn.Module) -> Blip2Model:
+    return module.__dict__.get("_fast_root", module)
+
+
+# set while a guarded module runs nn.Module's own code, which walks the children through their (guarded) methods
+_inside = threading.local()
+
+
+def _base_call(base: type, name: str, self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``base.<name>(self, ...)``, its walk over the guarded children passing through them."""
+    outer = getattr(_inside, "on", False)
+    _inside.on = True
+    try:
+        return getattr(base, name)(self, *args, **kwargs)
+    finally:
+        _inside.on = outer
+
+
+def _releasing(name: str) -> Any:
+    def method(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        base = type(self)._fast_base
+        if getattr(_inside, "on", False):
+            return _base_call(base, name, self, *args, **kwargs)
+        release(_root(self))
+        return getattr(base, name)(self, *args, **kwargs)  # ``self`` is a ``base`` again
+    method.__name__ = name
+    return method
+
+
+def _guarded(base: type) -> type:
+    """``base`` with the methods that reach for the plain modules undoing the layout first."""
+    if base in _guarded_classes:
+        return _guarded_classes[base]
+
+    def train(self: nn.Module, mode: bool = True) -> nn.Module:
+        if not mode or getattr(_inside, "on", False):
+            return _base_call(base, "train", self, mode)
+        release(_root(self))
+        return base.train(self, mode)
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():  # gradients for the weights need the parameters
+            release(_root(self))
+        return base.forward(self, *args, **kwargs)
+
+    namespace: dict[str, Any] = {name: _releasing(name) for name in _RELEASING}
+    namespace.update(train=train, forward=forward, _fast_base=base, __module__=base.__module__,
+                     __qualname__=base.__qualname__, __doc__=base.__doc__)
+    if issubclass(base, Blip2Model):  # ``model.device``/``dtype`` in generate, without walking the parameters
+        # (the first parameter, as the unguarded properties find it)
+        namespace["device"] = property(lambda self: self.query_tokens.device)
+        namespace["dtype"] = property(lambda self: self.query_tokens.dtype)
+    cls = _guarded_classes[base] = type(base.__name__, (base,), namespace)
+    return cls
