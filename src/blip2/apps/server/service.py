@@ -283,9 +283,10 @@ class Service:
         """Micro-batching: the batch runs to its longest ``max_new_tokens``; each request keeps its own."""
         longest = max(r.sampling.max_new_tokens for r in requests)
         n = 1 if key.greedy else key.n  # greedy choices are all the same sequence
-        sampling: dict[str, Any] = {"num_return_sequences": n, "top_k": None}
+        # greedy is the request's choice, whatever the checkpoint's do_sample says (as the continuous scheduler)
+        sampling: dict[str, Any] = {"num_return_sequences": n, "top_k": None, "do_sample": not key.greedy}
         if not key.greedy:
-            sampling.update(do_sample=True, temperature=key.temperature, top_p=key.top_p, seed=key.seed)
+            sampling.update(temperature=key.temperature, top_p=key.top_p, seed=key.seed)
         pixels = torch.stack([r.pixels for r in requests])
         rows = self.pipe.generate_tokens(pixels, [r.prompt for r in requests], longest, **sampling)
         decode = lambda ids: self.pipe.processor.decode(ids, skip_special_tokens=True)  # noqa: E731
