@@ -17,21 +17,11 @@ from blip2.apps.server.engine import ContinuousBatcher, unsupported
 from blip2.apps.server.imagecache import ImageCache
 from blip2.apps.server.requests import Sampling
 from blip2.apps.server.service import Service
-from conftest import hf_blip2, tiny_processor
 from test_server_engine import alone, pixels, request
 
 PROMPTS = ["", question_prompt("what is it?"), chat_prompt([("what is it?", "w5 w6")], "where is it?"), "w9",
            "a photo of w40 w41 w42 w43 w44 w45"]
 SCORING = dict(repetition_penalty=1.8, no_repeat_ngram_size=2, min_new_tokens=4, bad_words_ids=[[7], [22, 23]])
-
-
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory) -> str:
-    """A tiny random BLIP-2 Flan-T5 and its processor (prompts right-padded into the encoder)."""
-    directory = tmp_path_factory.mktemp("tiny_blip2_t5")
-    hf_blip2("t5", seed=2).save_pretrained(directory)
-    tiny_processor("right").save_pretrained(directory)
-    return str(directory)
 
 
 def load(directory: str, **generation: object) -> Pipeline:
@@ -68,8 +58,8 @@ def shared_steps(engine: ContinuousBatcher) -> int:
     return sum(engine.occupancy.counts) - engine.occupancy.counts[0]
 
 
-def test_t5_greedy_texts_under_load_equal_each_request_alone(t5_dir):
-    pipe = load(t5_dir)
+def test_t5_greedy_texts_under_load_equal_each_request_alone(tiny_t5_dir):
+    pipe = load(tiny_t5_dir)
     assert unsupported(pipe.model) is None
     pairs, engine = under_load(pipe)
     assert [got for got, _ in pairs] == [expected for _, expected in pairs]
@@ -79,8 +69,8 @@ def test_t5_greedy_texts_under_load_equal_each_request_alone(t5_dir):
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
-def test_score_processing_under_load_equals_generate_alone(kind, tiny_model_dir, t5_dir):
-    directory = tiny_model_dir if kind == "opt" else t5_dir
+def test_score_processing_under_load_equals_generate_alone(kind, tiny_model_dir, tiny_t5_dir):
+    directory = tiny_model_dir if kind == "opt" else tiny_t5_dir
     plain, pipe = load(directory), load(directory, **SCORING)
     assert unsupported(pipe.model) is None
     pairs, engine = under_load(pipe)
@@ -128,10 +118,10 @@ def engine_tokens(pipe: Pipeline, max_new: int) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
-def test_min_new_tokens_holds_back_the_end(kind, tiny_model_dir, t5_dir):
+def test_min_new_tokens_holds_back_the_end(kind, tiny_model_dir, tiny_t5_dir):
     """With a frequent token as the end token, answers end early; with min_new_tokens=6 none ends before 6
     tokens; the engine's texts equal generate's alone either way."""
-    directory = tiny_model_dir if kind == "opt" else t5_dir
+    directory = tiny_model_dir if kind == "opt" else tiny_t5_dir
     eos = common_early_token(load(directory))
     runs = {}
     for name, extra in (("plain", {}), ("min", {"min_new_tokens": 6})):
@@ -143,8 +133,8 @@ def test_min_new_tokens_holds_back_the_end(kind, tiny_model_dir, t5_dir):
     assert any(n < 10 for n, _ in runs["min"]), "the end token was never chosen after the minimum"
 
 
-def test_beam_search_checkpoints_fall_back_to_micro_batching_with_a_warning(tiny_model_dir, t5_dir, caplog):
-    for directory in (tiny_model_dir, t5_dir):
+def test_beam_search_checkpoints_fall_back_to_micro_batching_with_a_warning(tiny_model_dir, tiny_t5_dir, caplog):
+    for directory in (tiny_model_dir, tiny_t5_dir):
         pipe = load(directory, num_beams=3)
         reason = unsupported(pipe.model)
         assert reason is not None and "beam search (num_beams=3)" in reason
