@@ -146,3 +146,20 @@ def test_beam_search_checkpoints_fall_back_to_micro_batching_with_a_warning(tiny
         assert any("micro-batching" in r.getMessage() and "num_beams=3" in r.getMessage() for r in caplog.records)
         caplog.clear()
         assert Service(load(directory), ServerSettings(scheduler="continuous")).engine is not None
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_the_micro_scheduler_agrees_with_score_settings(kind, tiny_model_dir, tiny_t5_dir):
+    """Micro-batching one batch of mixed prompts under the same settings gives each request generate's text alone,
+    hence the continuous scheduler's (above). T5 prompts are all non-empty here: a T5 batch that mixes an empty
+    prompt with others tokenizes the empty one, which its run alone does not."""
+    pipe = load(tiny_model_dir if kind == "opt" else tiny_t5_dir, **SCORING)
+    service = Service(pipe, ServerSettings(scheduler="micro"))
+    prompts = PROMPTS if kind == "opt" else [p for p in PROMPTS if p]
+    jobs = [(pixels(k), prompt, 3 + 2 * k) for k, prompt in enumerate(prompts)]
+    requests = [request(px, prompt, Sampling(max_new_tokens=max_new)) for px, prompt, max_new in jobs]
+    events = service._run_requests(Sampling(max_new_tokens=0), [req for req, _ in requests])
+    for (px, prompt, max_new), (_, got), evs in zip(jobs, requests, events):
+        for event in evs:
+            got(event)
+        assert got.texts() == [alone(pipe, px, prompt, max_new)], prompt
