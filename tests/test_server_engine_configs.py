@@ -163,3 +163,26 @@ def test_the_micro_scheduler_agrees_with_score_settings(kind, tiny_model_dir, ti
         for event in evs:
             got(event)
         assert got.texts() == [alone(pipe, px, prompt, max_new)], prompt
+
+
+def test_greedy_requests_stay_greedy_when_the_checkpoint_samples(tiny_model_dir):
+    """temperature 0 is greedy in both schedulers, whatever the checkpoint's do_sample says."""
+    plain, sampling = load(tiny_model_dir), load(tiny_model_dir, do_sample=True, temperature=1.8)
+    jobs = [(pixels(k), prompt, 8) for k, prompt in enumerate(PROMPTS[:3])]
+    expected = [alone(plain, px, prompt, max_new) for px, prompt, max_new in jobs]
+    service = Service(sampling, ServerSettings(scheduler="micro"))
+    requests = [request(px, prompt, Sampling(max_new_tokens=max_new)) for px, prompt, max_new in jobs]
+    for (_, got), evs in zip(requests, service._run_requests(Sampling(max_new_tokens=0), [r for r, _ in requests])):
+        for event in evs:
+            got(event)
+    assert [got.texts()[0] for _, got in requests] == expected
+    engine = ContinuousBatcher(sampling, max_rows=4)
+    engine.start()
+    try:
+        requests = [request(px, prompt, Sampling(max_new_tokens=max_new)) for px, prompt, max_new in jobs]
+        for req, _ in requests:
+            engine.submit(req)
+        assert all(got.done.wait(60) for _, got in requests)
+        assert [got.texts()[0] for _, got in requests] == expected
+    finally:
+        engine.stop()
