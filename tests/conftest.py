@@ -160,6 +160,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> str:
+    """Like tiny_model_dir, for a tiny random BLIP-2 Flan-T5 (prompts right-padded into the encoder)."""
+    directory = tmp_path_factory.mktemp("tiny_blip2_t5")
+    hf_blip2("t5", seed=2).save_pretrained(directory)
+    tiny_processor("right").save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
 def tiny_retrieval_dir(tmp_path_factory) -> str:
     """Like tiny_model_dir, for a tiny random Blip2ForImageTextRetrieval (ITM and ITC heads)."""
     directory = tmp_path_factory.mktemp("tiny_blip2_itm")

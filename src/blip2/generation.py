@@ -23,7 +23,7 @@ from torch import Tensor
 from blip2.generation_config import GenerationConfig, resolve
 from blip2.logits_processing import ScoreProcessor, callables
 
-__all__ = ["Decoder", "GenerateOutput", "GenerationConfig", "generate", "generated_texts", "resolve"]
+__all__ = ["Decoder", "GenerateOutput", "GenerationConfig", "generate", "generated_texts", "length_limits", "resolve"]
 
 # transformers masks out candidates by adding this (not -inf), which decides ties among them: we do the same
 _MASKED = -1.0e9
@@ -135,8 +135,8 @@ class _Call:
         return torch.multinomial(probs, k, generator=self.generator)
 
 
-def _lengths(cfg: GenerationConfig, P: int) -> tuple[int, int]:
-    """(max new tokens, min total length), resolved as transformers does."""
+def length_limits(cfg: GenerationConfig, P: int) -> tuple[int, int]:
+    """(max new tokens, min total length) after a prefix of ``P`` ids, resolved as transformers does."""
     if cfg.max_new_tokens is not None:
         max_new = cfg.max_new_tokens
     elif cfg.max_length is not None:
@@ -193,7 +193,7 @@ def generate(
     user = callables(logits_processor, "logits_processor")
     criteria = callables(stopping_criteria, "stopping_criteria")
     P = prefix_ids.shape[1]
-    max_new, min_length = _lengths(cfg, P)
+    max_new, min_length = length_limits(cfg, P)
     expand = max(cfg.num_beams, n)
     if streamer is not None:
         streamer.put(prefix_ids.repeat_interleave(expand, 0).cpu())

@@ -455,8 +455,8 @@ def _serve_command(sub: Any) -> None:
                    help="a site (https://host[:port]) whose pages may POST here; repeat it, or '*' for any "
                         "(default: only the server's own page)")
     g.add_argument("--scheduler", choices=("continuous", "micro"), default="continuous",
-                   help="how the OpenAI endpoints batch: continuous (requests join and leave the decoding batch at "
-                        "every step) or micro (a batch runs to its longest answer) (default: continuous)")
+                   help="how the OpenAI endpoints batch: continuous (the default; rows join and leave the decoding "
+                        "batch every step; beam search falls back to micro) or micro (a batch runs to its longest end)")
     g.add_argument("--image-cache", type=int, default=64,
                    help="images whose vision output is kept for the next question about them (default: 64)")
     g.add_argument("--fetch-images", action="store_true",

@@ -1,22 +1,21 @@
-"""Continuous batching for decoder-only (OPT) models: requests join the running batch between decoding steps
-and leave it when they finish.
+"""Continuous batching: requests join the running decode batch between steps and leave it when they finish.
 
-One worker thread owns a pool of ``max_rows`` rows of KV cache (``_RowCaches``). Every turn it
+One worker thread owns a pool of ``max_rows`` rows of decoder cache (``rows``: OPT's, or T5's with each row's
+own encoder output). Every turn it
 
 1. admits waiting requests while rows are free (one row per choice, ``n`` of them), at most ``max_prefill`` per
    turn so that the streams already running lose one prefill's time at most between two steps;
 2. runs their images through the vision encoder and Q-Former (skipped for an image in the ``ImageCache``) and
-   their prompts through the language model together (left-padded, as ``Pipeline.generate`` batches them),
-   and copies each prompt's keys and values into its rows;
+   their prompts through the language model together, and copies each prompt's cache into its rows;
 3. runs one decoding step for every running row, each at its own cache slot and position, and picks each
    row's next token (greedy, or sampled with the request's own generator).
 
 Rows of finished or cancelled requests are freed at once: the last running row moves into the gap, so the
-running rows are always ``0 .. n-1`` and a step reads only them. A row's prompt is run as it would be alone
-(OPT positions come from the mask, padding keys are masked out), so greedy tokens equal ``Pipeline.generate``'s.
-
-The step calls the language model's layers (``model.decoder``) with caches of this module: speed-ups that
-change layers (fuse, int8) apply; those that replace the whole step (native, compiled, CUDA graphs) do not.
+running rows are always ``0 .. n-1`` and a step reads only them. A row's prompt is run as it would be alone,
+and its scores are processed as ``generate`` processes them (``ScoreProcessor``: repetition penalty, n-gram
+ban, banned words, minimum length) over the row's own history, so greedy tokens equal ``Pipeline.generate``'s.
+Checkpoints whose generation config asks for what rows cannot do (beam search) are ``unsupported``: the server
+then serves them by micro-batching.
 """
 
 from __future__ import annotations
@@ -32,90 +31,44 @@ from blip2.apps.server.batcher import ShuttingDown, WorkerQueue
 from blip2.apps.server.imagecache import ImageCache
 from blip2.apps.server.metrics import Histogram
 from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, TextStream, eos_ids
-from blip2.logits_processing import top_p_filter
+from blip2.apps.server.rows import Start, row_model
+from blip2.generation import length_limits
+from blip2.generation_config import GenerationConfig, resolve
+from blip2.logits_processing import ScoreProcessor, top_p_filter
 
 log = logging.getLogger("blip2.apps.server")
 
 
+def scoring_config(model: Any) -> GenerationConfig:
+    """The checkpoint's generation config as ``generate`` resolves it for the server's requests, less sampling
+    (each request brings its own temperature and top_p); ValueError for settings ``generate`` refuses."""
+    return resolve(model.generation_config, None, {"do_sample": False, "max_new_tokens": 1})
+
+
 def unsupported(model: Any) -> str | None:
-    """Why the engine cannot run ``model`` (None: it can): it needs a decoder-only language model and a
-    generation config that asks for nothing but an end token (no repetition penalty, no minimum length)."""
-    if not model.config.use_decoder_only_language_model:
-        return "continuous batching runs decoder-only (OPT) models; this one is encoder-decoder (T5)"
-    cfg = model.generation_config  # a field left None is unset (transformers' defaults: no penalty, no minimum)
-    if cfg.repetition_penalty not in (None, 1.0) or cfg.min_new_tokens or cfg.min_length:
-        return "the checkpoint's generation_config sets a repetition penalty or a minimum length"
+    """Why the engine cannot run ``model`` (None: it can): its generation config asks for beam search, whose
+    hypotheses are no rows of their own, or for a setting ``generate`` refuses."""
+    try:
+        cfg = scoring_config(model)
+    except (TypeError, ValueError) as e:
+        return f"the checkpoint's generation_config is refused: {e}"
+    if cfg.num_beams > 1:
+        return (f"the checkpoint's generation_config asks for beam search (num_beams={cfg.num_beams}), which "
+                "continuous batching does not run")
     return None
-
-
-class _RowCaches:
-    """Keys and values of every layer for ``rows`` rows of ``slots`` slots: [rows, H, slots, Dh] each. A step
-    writes each running row at its own slot (``update`` gets one slot per row) and attends over the first
-    ``span`` slots. The layers call ``update`` as they call ``KVCache.update``."""
-
-    class Layer:
-        def __init__(self, owner: _RowCaches, i: int) -> None:
-            self.owner, self.i = owner, i
-
-        def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            # input_pos [n]: each row's slot; k, v [n, H, 1, Dh] -> [n, H, span, Dh]
-            n, span = k.shape[0], self.owner.span
-            K, V = self.owner.k[self.i][:n], self.owner.v[self.i][:n]
-            index = input_pos.view(n, 1, 1, 1).expand_as(k)  # scatter_ is several times faster than index_put_
-            K.scatter_(2, index, k)
-            V.scatter_(2, index, v)
-            return K[:, :, :span], V[:, :, :span]
-
-    def __init__(self, layers: int, rows: int, heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.shape = (rows, heads, 64, head_dim)
-        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
-        self.valid = torch.zeros(rows, 64, dtype=torch.bool, device=device)  # [rows, slots]: keys to attend
-        self.span = 0
-        self.layers = [self.Layer(self, i) for i in range(layers)]
-
-    @property
-    def slots(self) -> int:
-        return self.valid.shape[1]
-
-    def reserve(self, slots: int) -> None:
-        """Room for ``slots`` slots per row (the pool doubles as needed, keeping what it holds)."""
-        if slots <= self.slots:
-            return
-        new = max(slots, 2 * self.slots)
-        pad = (0, 0, 0, new - self.slots)  # [rows, H, slots, Dh]: pad the slot dimension
-        self.k = [torch.nn.functional.pad(t, pad) for t in self.k]
-        self.v = [torch.nn.functional.pad(t, pad) for t in self.v]
-        self.valid = torch.nn.functional.pad(self.valid, (0, new - self.slots))
-
-    def load(self, row: int, keys: list[Tensor], values: list[Tensor], valid: Tensor) -> None:
-        """Row ``row`` holds a prefilled prompt: ``keys``/``values`` [H, T, Dh] per layer, ``valid`` [T]."""
-        T = valid.shape[0]
-        self.reserve(T + 1)
-        for K, V, k, v in zip(self.k, self.v, keys, values):
-            K[row, :, :T] = k
-            V[row, :, :T] = v
-        self.valid[row] = False
-        self.valid[row, :T] = valid
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Row ``dst`` takes row ``src``'s first ``length`` slots."""
-        for K, V in zip(self.k, self.v):
-            K[dst, :, :length] = K[src, :, :length]
-            V[dst, :, :length] = V[src, :, :length]
-        self.valid[dst] = self.valid[src]
 
 
 class _Row:
     """One choice of one request, decoding in a row of the pool."""
 
-    def __init__(self, request: GenRequest, choice: int, length: int, position: int, stream: TextStream,
-                 generator: torch.Generator | None) -> None:
+    def __init__(self, request: GenRequest, choice: int, start: Start, stream: TextStream,
+                 generator: torch.Generator | None, process: ScoreProcessor | None) -> None:
         self.request, self.choice = request, choice
-        self.length = length  # cache slots filled; the next token goes to slot ``length``
-        self.position = position  # OPT position id of the next token
+        self.length = start.length  # cache slots filled; the next token goes to slot ``length``
+        self.position = start.position  # position id of the next token
         self.stream, self.generator = stream, generator
+        self.process = process  # None: the scores need no processing
+        self.history = list(start.prefix)  # what the processing reads: the prefix, then the tokens so far
         self.token = -1  # the token to feed at the next step
         self.count = 0  # tokens generated
 
@@ -131,11 +84,8 @@ class ContinuousBatcher(WorkerQueue):
         super().__init__(max_queue, "blip2-engine")
         self.pipe, self.max_rows, self.max_prefill = pipe, max_rows, max_prefill
         self.images = image_cache or ImageCache()
-        lm = pipe.model.language_model
-        cfg = lm.config
-        weight = lm.get_input_embeddings().weight
-        self.caches = _RowCaches(cfg.num_hidden_layers, max_rows, cfg.num_attention_heads,
-                                 cfg.hidden_size // cfg.num_attention_heads, weight.dtype, weight.device)
+        self.lm = row_model(pipe, max_rows)
+        self.scoring = scoring_config(pipe.model)
         self.eos = eos_ids(pipe.model)
         self.rows: list[_Row] = []
         self.occupancy = Histogram([1, 2, 4, 8, 16, 32, 64])  # running rows per step
@@ -229,14 +179,8 @@ class ContinuousBatcher(WorkerQueue):
         self._release([row for row in self.rows if id(row.request) in ids])
 
     def _prefill(self, requests: list[GenRequest]) -> None:
-        model, pipe = self.pipe.model, self.pipe
-        lm_inputs = self.images.lm_inputs(model, [(r.image_key, r.pixels) for r in requests])  # [b, Q, D]
-        ids, mask = pipe.processor.prompt_inputs([r.prompt for r in requests], "left")
-        ids, mask = ids.to(pipe.device), mask.to(pipe.device)
-        embeds, mask = model.merge_image_inputs(lm_inputs, ids, mask)
-        decoding = model.language_model.start_decoding(embeds, mask, expand=1, max_new_tokens=1)
-        logits = decoding.prefill()  # [b, V]
-        valid = mask.bool()
+        lm_inputs = self.images.lm_inputs(self.pipe.model, [(r.image_key, r.pixels) for r in requests])  # [b, Q, D]
+        logits, starts, load = self.lm.prefill(lm_inputs, [r.prompt for r in requests])
         rows, row_logits = [], []
         for j, request in enumerate(requests):
             s = request.sampling
@@ -244,37 +188,32 @@ class ContinuousBatcher(WorkerQueue):
             if not s.greedy:
                 generator = torch.Generator(device=logits.device)
                 generator.manual_seed(s.seed) if s.seed is not None else generator.seed()
+            process = self._processor(len(starts[j].prefix), logits)
             for choice in range(s.n):
-                row = _Row(request, choice, embeds.shape[1], int(valid[j].sum()),
-                           TextStream(self._decode, s.stop), generator)
-                self.caches.load(len(self.rows), [c.k[j] for c in decoding.caches], [c.v[j] for c in decoding.caches],
-                                 valid[j])
+                row = _Row(request, choice, starts[j], TextStream(self._decode, s.stop), generator, process)
+                load(j, len(self.rows))
                 self.rows.append(row)
                 rows.append(row)
                 row_logits.append(j)
         self._advance(rows, logits[torch.tensor(row_logits, device=logits.device)])
 
+    def _processor(self, prefix: int, logits: Tensor) -> ScoreProcessor | None:
+        """``generate``'s score processing for a row after ``prefix`` ids; None where it would change nothing."""
+        cfg, eos = self.scoring, sorted(self.eos)
+        process = ScoreProcessor(cfg, eos=torch.tensor(eos, device=logits.device) if eos else None,
+                                 min_length=length_limits(cfg, prefix)[1], prefix_mask=None, expand=1, keep=1,
+                                 vocab_size=logits.shape[-1], device=logits.device)
+        return None if process.bans_only and process.banned(prefix) is None else process
+
     def _step(self) -> None:
-        lm = self.pipe.model.language_model
-        n = len(self.rows)
-        caches = self.caches
-        caches.reserve(max(r.length for r in self.rows) + 1)
-        dev = caches.valid.device
-        slots = torch.tensor([r.length for r in self.rows], device=dev)  # [n]
-        caches.valid[torch.arange(n, device=dev), slots] = True
-        caches.span = int(slots.max()) + 1
-        tokens = torch.tensor([r.token for r in self.rows], device=dev)
-        positions = torch.tensor([[r.position] for r in self.rows], device=dev)  # [n, 1]
-        mask = caches.valid[:n, None, None, : caches.span]  # [n, 1, 1, span]
-        x = lm.get_input_embeddings()(tokens)[:, None]  # [n, 1, E]
-        h = lm.model.decoder(x, positions, mask, caches.layers, slots)
-        logits = lm.logits(h[:, -1]).float()  # [n, V]
-        for r in self.rows:
+        rows = self.rows
+        logits = self.lm.step([r.token for r in rows], [r.length for r in rows], [r.position for r in rows])
+        for r in rows:
             r.length += 1
             r.position += 1
         self.steps += 1
-        self.occupancy.observe(n)
-        self._advance(list(self.rows), logits)
+        self.occupancy.observe(len(rows))
+        self._advance(list(rows), logits)
 
     def _advance(self, rows: list[_Row], logits: Tensor) -> None:
         """Pick each row's next token from its logits [len(rows), V]; send text; free finished rows."""
@@ -290,6 +229,7 @@ class ContinuousBatcher(WorkerQueue):
                 self._finish(row, "stop", row.stream.finish(), done)
                 continue
             row.count += 1
+            row.history.append(token)
             self.tokens += 1
             text, stopped = row.stream.add(token)
             if stopped:
@@ -309,7 +249,14 @@ class ContinuousBatcher(WorkerQueue):
         done.append(row)
 
     def _choose(self, rows: list[_Row], logits: Tensor) -> list[int]:
-        """Greedy rows take the argmax; each sampling request samples its rows with its own generator."""
+        """Each row's scores processed over its own history; greedy rows take the argmax, each sampling request
+        samples its rows with its own generator."""
+        if any(row.process is not None for row in rows):
+            logits = logits.clone()
+            for i, row in enumerate(rows):
+                if row.process is not None:
+                    history = torch.tensor([row.history], device=logits.device)
+                    logits[i] = row.process(history, logits[i : i + 1])[0]
         chosen = logits.argmax(-1)
         by_request: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
@@ -330,7 +277,7 @@ class ContinuousBatcher(WorkerQueue):
             if id(self.rows[i]) in gone:
                 last = self.rows.pop()
                 if i < len(self.rows):
-                    self.caches.move(len(self.rows), i, last.length)
+                    self.lm.move(len(self.rows), i, last.length)
                     self.rows[i] = last
                     continue  # the moved row may be gone too
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import http.client
 import json
 import re
 import time
@@ -171,10 +172,13 @@ def _fetch(url: str, limit: int, param: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (http(s) only, checked above)
             data = response.read(limit + 1)
-    except OSError as e:
-        raise _bad(f"cannot fetch the image: {e}", param, code="image_fetch_failed") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # unreachable, HTTP errors, bad URLs, cut short
+        raise _bad(f"cannot fetch the image from {url}: {e}", param, code="image_fetch_failed") from None
     if len(data) > limit:
-        raise _bad(f"the image is over the limit of {limit} bytes", param, status=413, code="image_too_large")
+        raise _bad(f"the image at {url} is over the limit of {limit} bytes", param, status=413,
+                   code="image_too_large")
+    if not data:
+        raise _bad(f"the image at {url} is empty", param, code="invalid_image_url")
     return data
 
 
@@ -239,7 +243,13 @@ class _Call:
             raise _bad(str(e), param, code="context_length_exceeded" if "too long" in str(e) else None) from None
         self.prompt_tokens = int(service.pipe.processor.prompt_inputs([prompt])[0].shape[1])
         data = await _image_bytes(url, param, service, deadline)
-        pixels = await service.decode(data, deadline, service.queue)
+        remote = url.startswith(("http://", "https://"))
+        try:
+            pixels = await service.decode(data, deadline, service.queue, "fetched" if remote else "uploaded")
+        except ApiError as e:  # the image's own fault: name the field that brought it
+            if e.status >= 500 or e.param is not None:
+                raise
+            raise _bad(str(e), param, e.status, "invalid_image") from None
         loop = asyncio.get_running_loop()
 
         def emit(event: Any) -> None:

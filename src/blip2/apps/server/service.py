@@ -222,13 +222,14 @@ class Service:
             raise ApiError(400, "'image' is an empty file")
         return await self.decode(data, deadline)
 
-    async def decode(self, data: bytes, deadline: float, queue: Any = None) -> torch.Tensor:
+    async def decode(self, data: bytes, deadline: float, queue: Any = None, source: str = "uploaded") -> torch.Tensor:
         """Image file bytes decoded and preprocessed in a decoder thread: pixel_values [3, H, W]. The images
-        waiting for a decoder count against ``queue``'s limit (the micro-batcher's unless given)."""
+        waiting for a decoder count against ``queue``'s limit (the micro-batcher's unless given); ``source``
+        says in an error where the bytes came from ("uploaded", "fetched")."""
         (queue or self.batcher).admit(waiting_elsewhere=self.decoding)
         assert self._decoder is not None, "the service is not started"
         loop = asyncio.get_running_loop()
-        job = self._decoder.submit(self._prepare, data)
+        job = self._decoder.submit(self._prepare, data, source)
         self.decoding += 1
         job.add_done_callback(lambda _: _call_soon(loop, self._decoded))  # also when cancelled before it ran
         return await self.within(deadline, asyncio.wrap_future(job))
@@ -236,15 +237,15 @@ class Service:
     def _decoded(self) -> None:
         self.decoding -= 1
 
-    def _prepare(self, data: bytes) -> torch.Tensor:
+    def _prepare(self, data: bytes, source: str = "uploaded") -> torch.Tensor:
         try:
             image = read_image(io.BytesIO(data), None, self.limits, self.reduce_to)
         except UnsupportedImage as e:
-            raise ApiError(415, f"the uploaded file is {e.reason}") from None
+            raise ApiError(415, f"the {source} file is {e.reason}") from None
         except ImageTooLarge as e:
-            raise ApiError(413, f"the uploaded image is too large: {e.reason}") from None
+            raise ApiError(413, f"the {source} image is too large: {e.reason}") from None
         except ImageLoadError as e:
-            raise ApiError(400, f"cannot decode the uploaded image: {e.reason}") from None
+            raise ApiError(400, f"cannot decode the {source} image: {e.reason}") from None
         return self.pipe.preprocess([image])[0]
 
     # -- the OpenAI endpoints' generation -------------------------------------------------------------
@@ -283,9 +284,10 @@ class Service:
         """Micro-batching: the batch runs to its longest ``max_new_tokens``; each request keeps its own."""
         longest = max(r.sampling.max_new_tokens for r in requests)
         n = 1 if key.greedy else key.n  # greedy choices are all the same sequence
-        sampling: dict[str, Any] = {"num_return_sequences": n, "top_k": None}
+        # greedy is the request's choice, whatever the checkpoint's do_sample says (as the continuous scheduler)
+        sampling: dict[str, Any] = {"num_return_sequences": n, "top_k": None, "do_sample": not key.greedy}
         if not key.greedy:
-            sampling.update(do_sample=True, temperature=key.temperature, top_p=key.top_p, seed=key.seed)
+            sampling.update(temperature=key.temperature, top_p=key.top_p, seed=key.seed)
         pixels = torch.stack([r.pixels for r in requests])
         rows = self.pipe.generate_tokens(pixels, [r.prompt for r in requests], longest, **sampling)
         decode = lambda ids: self.pipe.processor.decode(ids, skip_special_tokens=True)  # noqa: E731
