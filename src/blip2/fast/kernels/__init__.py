@@ -318,13 +318,28 @@ def block_weight(w: Tensor) -> Tensor:
     [ceil(N / 16), ceil(K / 2), 16, 2] (pairs of neighbouring k)."""
     if w.dim() != 2 or w.dtype not in _FLOATS:
         raise ValueError(f"block_weight: expected a float32/bfloat16 [N, K] weight, got {w.dtype} {tuple(w.shape)}")
+    # copied straight into the result: a padded copy, then a permuted one, held three copies of the layer at
+    # once, which a model laid out layer by layer paid at its peak (tests/test_load_memory.py)
     n, k = w.shape
-    nb = -(-n // _BLOCK)
+    nb, whole, left = -(-n // _BLOCK), n // _BLOCK, n % _BLOCK
     if w.dtype == torch.float32:
-        return torch.nn.functional.pad(w, (0, 0, 0, nb * _BLOCK - n)).view(nb, _BLOCK, k).transpose(1, 2).contiguous()
-    kp = -(-k // 2)
-    padded = torch.nn.functional.pad(w, (0, 2 * kp - k, 0, nb * _BLOCK - n))
-    return padded.view(nb, _BLOCK, kp, 2).permute(0, 2, 1, 3).contiguous()
+        out = w.new_empty(nb, k, _BLOCK)
+        out[:whole].copy_(w[:whole * _BLOCK].view(whole, _BLOCK, k).transpose(1, 2))
+        if left:
+            out[whole].zero_()
+            out[whole, :, :left].copy_(w[whole * _BLOCK:].t())
+        return out
+    pairs = k // 2
+    out = w.new_zeros(nb, -(-k // 2), _BLOCK, 2)  # zeros: the padding
+    # views [blocks, rows, pairs, 2] of the whole blocks and of the last one's rows, in w and in out
+    parts = [(w[:whole * _BLOCK].view(whole, _BLOCK, k), out[:whole].permute(0, 2, 1, 3))]
+    if left:
+        parts.append((w[whole * _BLOCK:][None], out[whole:].permute(0, 2, 1, 3)[:, :left]))
+    for src, dest in parts:
+        dest[..., :pairs, :].copy_(src[..., :2 * pairs].unflatten(-1, (pairs, 2)))
+        if k % 2:
+            dest[..., pairs, 0].copy_(src[..., k - 1])
+    return out
 
 
 def unblock_weight(b: Tensor, n: int, k: int) -> Tensor:
