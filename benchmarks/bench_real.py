@@ -171,7 +171,7 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         "- tokens: bf16 random weights round differently in the two implementations, so greedy tokens may part "
         "after a few steps; the fp32 tables (CPU above) compare tokens exactly.",
         f"- ours (fast={fast}): blip2.fast.apply(model, {fast!r}) after from_pretrained; auto is native where the "
-        f"kernels build (AVX-512), else fuse.",
+        f"kernels build (AVX-512 or AVX2), else fuse.",
     ]
     return table
 
