@@ -436,7 +436,7 @@ def test_fast_native_same_captions_and_errors(pipe, tiny_model_dir, photos, caps
     from test_kernels import _cpu_can_build
 
     if not _cpu_can_build():
-        pytest.skip("needs Linux x86-64 with AVX-512 F/BW and a C++ compiler")
+        pytest.skip("needs Linux x86-64 with AVX-512 F/BW or AVX2/FMA and a C++ compiler")
     monkeypatch.chdir(photos.parent)
     paths = ["photos/a.png", "photos/b.jpg"]
     want = expected_captions(pipe, paths, photos.parent)

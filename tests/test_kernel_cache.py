@@ -1,6 +1,6 @@
 """The native-kernel cache loads only a library this user built: a private folder, atomic writes, the library's
 hash checked before loading. Runs on any machine: a fake compiler writes the "library" and loading is recorded
-instead of done (tests/test_kernels.py builds and loads the real one where the CPU has AVX-512)."""
+instead of done (tests/test_kernels.py builds and loads the real one where the CPU has AVX-512 or AVX2)."""
 
 from __future__ import annotations
 

@@ -20,10 +20,11 @@ from blip2 import fast
 
 def _cpu_can_build() -> bool:
     flags = kernels.cpu_flags()
-    return sys.platform.startswith("linux") and {"avx512f", "avx512bw"} <= flags and kernels._compiler() is not None
+    return sys.platform.startswith("linux") and kernels.cpu_supported(flags) and kernels._compiler() is not None
 
 
-needs_kernel = pytest.mark.skipif(not _cpu_can_build(), reason="needs Linux x86-64 with AVX-512 F/BW and a C++ compiler")
+needs_kernel = pytest.mark.skipif(not _cpu_can_build(),
+                                  reason="needs Linux x86-64 with AVX-512 F/BW or AVX2/FMA and a C++ compiler")
 
 
 @pytest.fixture(scope="module")

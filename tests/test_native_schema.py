@@ -5,13 +5,17 @@ extra, a scalar missing or extra) before reading anything."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from blip2.fast import native
 from blip2.fast.native import NativeOPTStep, NativeT5Step, SchemaError, _ordered, _values, try_native
 from test_kernels import needs_kernel
 from test_native_steps import _opt, _t5
+
+# the module, to patch its schema lookup: ``from blip2.fast import native`` is the function fast.native
+native = importlib.import_module("blip2.fast.native")
 
 # a small schema: two slots outside the layers, four a layer
 SLOTS = ["table", "layers.norm.weight", "layers.proj.weight", "layers.proj.scale", "layers.proj.bias", "head.weight"]
@@ -79,7 +83,7 @@ def test_the_steps_hand_over_the_ops_schema_with_each_tensor_in_its_named_slot()
     layers = lm.model.decoder.layers
     assert _holds(step, "layers.1.fc1.weight", layers[1].fc1.w)
     assert _holds(step, "layers.2.ffn_norm.bias", layers[2].final_layer_norm.bias)
-    assert _holds(step, "lm_head.weight", lm.lm_head.weight)
+    assert _holds(step, "lm_head.weight", lm.lm_head.w)
     scalars = dict(zip(step.params, step.values))
     assert (scalars["heads"], scalars["pre_norm"], scalars["want_hidden"]) == (4, 1, 0)
     assert dict(zip(step.params, step.hidden_values)) == {**scalars, "want_hidden": 1}

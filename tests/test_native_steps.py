@@ -181,11 +181,13 @@ def test_a_row_of_a_native_batch_is_the_row_alone(text):
         alone = []
         for r in range(3):  # row r alone: the same state narrowed to that row
             one = copy.deepcopy(state, memo={id(lm): lm})
+            # reorder() keeps the row count (the caches are reordered in place): narrow by hand
+            for cache in one.caches:
+                cache.k, cache.v = cache.k[r:r + 1].clone(), cache.v[r:r + 1].clone()
             if text == "t5":
-                one.reorder(torch.tensor([r]))
-            else:  # OPT reorders in place, keeping the row count: narrow by hand
-                for cache in one.caches:
-                    cache.k, cache.v = cache.k[r:r + 1].clone(), cache.v[r:r + 1].clone()
+                one.cross_kv = [(k[r:r + 1].clone(), v[r:r + 1].clone()) for k, v in one.cross_kv]
+                one.cross_mask = one.cross_mask[r:r + 1].clone()
+            else:
                 one.key_valid, one.next_position = one.key_valid[r:r + 1].clone(), one.next_position[r:r + 1].clone()
             alone.append(torch.cat([one.step(t[r:r + 1]) for t in tokens]))
         together = torch.stack([state.step(t) for t in tokens], 1)  # [3, steps, V]

@@ -160,6 +160,23 @@ def _release(weights: Sequence[Tensor]) -> None:
         release_pages(weight)
 
 
+def _block(w: Tensor, release: bool, piece_bytes: int = 4 << 20) -> Tensor:
+    """``kernels.block_weight(w)`` a few MB of rows at a time, each piece of ``w`` released once copied where
+    ``release``: copied whole, a mapped weight held its copy and all its own pages at once, which for the
+    copy of a head tied to the embeddings (made last, the largest product) was the peak of a model laid out
+    layer by layer (5% of the weights in tests/test_load_memory.py)."""
+    rows = max(16, piece_bytes // max(1, w.shape[1] * w.element_size()) // 16 * 16)  # whole blocks
+    out = None
+    for i in range(0, w.shape[0], rows):
+        piece = kernels.block_weight(w[i:i + rows])
+        if out is None:
+            out = piece.new_empty(-(-w.shape[0] // 16), *piece.shape[1:])
+        out[i // 16:i // 16 + piece.shape[0]] = piece
+        if release:
+            release_pages(w[i:i + rows])
+    return out
+
+
 _MALLOC_TRIM: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, looked up once (None: not glibc)
 
 
@@ -264,7 +281,9 @@ class FusedLinear(nn.Module):
             _release(weights)
         if fmt == "dense":
             return w, None
-        laid = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS) if fmt == "onednn" else kernels.block_weight(w)
+        if fmt == "blocked":
+            return _block(w, release=len(weights) == 1), None
+        laid = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS)
         if len(weights) == 1:  # (a concatenation is freed on return)
             _release(weights)
         return laid, None

@@ -26,9 +26,12 @@ is private: its folder is created 0700 and not used if another user owns it or o
 library is written under a temporary name and renamed, with its SHA-256 beside it (``.sha256``), and loaded
 only if it is a file of this user's that others cannot write and its content has that hash; otherwise it is
 built again (into a private temporary folder, for this process only, where the cache cannot be used).
-It needs Linux on x86-64 with AVX-512 F and BW. ``load()`` builds and loads it and says whether it is there; ``status()`` says why not. Where it
-is not (no compiler, another CPU, ``BLIP2_KERNELS=0``), the callers keep their portable path (a compiled
-step whose products are a compiled reduction: the same sums, in another order).
+It needs Linux on x86-64 with AVX-512 F and BW, or AVX2 and FMA (``cpu_supported``): the kernels compute in
+16-lane vectors (``simd.h``), one AVX-512 register or two AVX2 halves, with the same sums on both. bfloat16
+blocked weights and the greedy head's screen need AVX-512 BF16 besides. ``load()`` builds and loads it and says
+whether it is there; ``status()`` says why not. Where it is not (no compiler, another CPU, ``BLIP2_KERNELS=0``),
+the callers keep their portable path (a compiled step whose products are a compiled reduction: the same sums,
+in another order).
 
 Callers: ``blip2.fast.linear.decode_format`` (the language models' default layout in ``blip2.fast.fuse``) and
 ``blip2.fast.decoding.compile_step`` load the kernels (building them if need be); "blocked" ``FusedLinear``
@@ -58,18 +61,20 @@ from blip2._compat import register_fake
 from blip2.cache import cache_dir
 
 __all__ = ["load", "ready", "status", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
-           "block_weight", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags"]
+           "block_weight", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags",
+           "cpu_supported"]
 
 log = logging.getLogger("blip2.fast.kernels")
 
 # the translation unit compiled (it includes the others), and every file the build reads: all the sources
 # here, so that a change to any of them (or a new one) changes the cached library's name
 _SOURCE = Path(__file__).with_name("steps.cpp")
-_SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+_SOURCES = tuple(sorted(p for ext in ("*.cpp", "*.h") for p in Path(__file__).parent.glob(ext)))
 _OP = "blip2_kernels::row_product"
 _BLOCKED_OP = "blip2_kernels::blocked_linear"
 _BLOCK = 16  # output columns per block of the blocked layout (blocked.cpp's kBlock)
-_NEEDED_FLAGS = ("avx512f", "avx512bw")
+# either set builds (simd.h): AVX-512 F and BW, or AVX2 with FMA (two 8-lane halves per 16-lane vector)
+_NEEDED_FLAGS = (("avx512f", "avx512bw"), ("avx2", "fma"))
 _BUILD_TIMEOUT_S = 600
 _FLOATS = (torch.float32, torch.bfloat16)
 
@@ -100,6 +105,13 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_supported(flags: set[str] | None = None) -> bool:
+    """Whether a CPU with these feature flags (default: this one's) runs the kernels: AVX-512 F and BW, or
+    AVX2 and FMA."""
+    flags = cpu_flags() if flags is None else flags
+    return any(set(needed) <= flags for needed in _NEEDED_FLAGS)
 
 
 def _compiler() -> str | None:
@@ -239,9 +251,9 @@ def _load() -> bool:
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return _unavailable(f"needs Linux on x86-64, this is {sys.platform} on {platform.machine()}")
     flags = cpu_flags()
-    missing = [f for f in _NEEDED_FLAGS if f not in flags]
-    if missing:
-        return _unavailable(f"the CPU lacks {', '.join(missing)}")
+    if not cpu_supported(flags):
+        wanted = " or ".join(", ".join(needed) for needed in _NEEDED_FLAGS)
+        return _unavailable(f"the CPU lacks {wanted}")
     compiler = _compiler()
     if compiler is None:
         return _unavailable("no C++ compiler (set $CXX, or install g++)")
@@ -306,13 +318,28 @@ def block_weight(w: Tensor) -> Tensor:
     [ceil(N / 16), ceil(K / 2), 16, 2] (pairs of neighbouring k)."""
     if w.dim() != 2 or w.dtype not in _FLOATS:
         raise ValueError(f"block_weight: expected a float32/bfloat16 [N, K] weight, got {w.dtype} {tuple(w.shape)}")
+    # copied straight into the result: a padded copy, then a permuted one, held three copies of the layer at
+    # once, which a model laid out layer by layer paid at its peak (tests/test_load_memory.py)
     n, k = w.shape
-    nb = -(-n // _BLOCK)
+    nb, whole, left = -(-n // _BLOCK), n // _BLOCK, n % _BLOCK
     if w.dtype == torch.float32:
-        return torch.nn.functional.pad(w, (0, 0, 0, nb * _BLOCK - n)).view(nb, _BLOCK, k).transpose(1, 2).contiguous()
-    kp = -(-k // 2)
-    padded = torch.nn.functional.pad(w, (0, 2 * kp - k, 0, nb * _BLOCK - n))
-    return padded.view(nb, _BLOCK, kp, 2).permute(0, 2, 1, 3).contiguous()
+        out = w.new_empty(nb, k, _BLOCK)
+        out[:whole].copy_(w[:whole * _BLOCK].view(whole, _BLOCK, k).transpose(1, 2))
+        if left:
+            out[whole].zero_()
+            out[whole, :, :left].copy_(w[whole * _BLOCK:].t())
+        return out
+    pairs = k // 2
+    out = w.new_zeros(nb, -(-k // 2), _BLOCK, 2)  # zeros: the padding
+    # views [blocks, rows, pairs, 2] of the whole blocks and of the last one's rows, in w and in out
+    parts = [(w[:whole * _BLOCK].view(whole, _BLOCK, k), out[:whole].permute(0, 2, 1, 3))]
+    if left:
+        parts.append((w[whole * _BLOCK:][None], out[whole:].permute(0, 2, 1, 3)[:, :left]))
+    for src, dest in parts:
+        dest[..., :pairs, :].copy_(src[..., :2 * pairs].unflatten(-1, (pairs, 2)))
+        if k % 2:
+            dest[..., pairs, 0].copy_(src[..., k - 1])
+    return out
 
 
 def unblock_weight(b: Tensor, n: int, k: int) -> Tensor:

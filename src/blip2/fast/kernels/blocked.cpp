@@ -19,7 +19,12 @@
 // core's cache; K is cut into slices of kSliceK so a tile's slice stays there, with the partial sums in
 // fp32. Threads split the tiles.
 //
-// Included by steps.cpp (one translation unit); needs AVX-512 F (bf16 weights: AVX-512 BF16).
+// With AVX2 (simd.h: a 16-lane vector is two registers of 16) the tiles are smaller: at most 4 rows in
+// registers at once (more run as groups of 4 over the same blocks, the second reading them from cache) and
+// fewer blocks per tile, so that the accumulators fit the registers. The sums do not change with the tile.
+//
+// Included by steps.cpp (one translation unit); needs AVX-512 F and BW or AVX2 and FMA (simd.h; bf16
+// weights: AVX-512 BF16).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -27,7 +32,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -37,21 +42,32 @@
 
 namespace blocked {
 
+using simd::V16;
+
 constexpr int kBlock = 16;             // output columns per block: one fp32 vector
-constexpr int kMaxRows = 8;            // rows per register tile
+constexpr int kMaxRows = 8;            // rows per tile
+constexpr int kRegRows = BLIP2_AVX512 ? 8 : 4;  // rows whose accumulators a tile keeps in registers at once
 constexpr int64_t kSliceK = 1024;      // k per slice when many rows reuse a tile (fits a 1 MB L2 with C = 3)
 constexpr int64_t kFewRows = 16;       // up to this many rows, one pass over K (the weights stream once)
 constexpr int64_t kTaskBytes = 192 * 1024;  // the least weight one thread's task reads
 constexpr int kFewRowStreams = 6;           // far-apart blocks a tile of up to 4 rows reads at once
+
+// blocks per tile for R rows: R x C accumulators fill the registers (32 with AVX-512; with AVX2 16, a V16
+// taking two, and the rows go kRegRows at a time)
+template <int R>
+constexpr int tile_blocks() {
+  if constexpr (BLIP2_AVX512) return R <= 4 ? kFewRowStreams : 3;
+  else return R == 1 ? 4 : R == 2 ? 2 : 1;
+}
 
 // fp32 weights [NB, K, 16], x fp32
 struct F32 {
   using W = float;
   using X = float;
   static constexpr int kPer = 1;  // k per step
-  static inline __m512 x_at(const X* x, int64_t step) { return _mm512_set1_ps(x[step]); }
-  static inline __m512 load(const W* w) { return _mm512_loadu_ps(w); }
-  static inline __m512 mac(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+  static inline V16 x_at(const X* x, int64_t step) { return simd::set1(x[step]); }
+  static inline V16 load(const W* w) { return simd::load(w); }
+  static inline V16 mac(V16 acc, V16 w, V16 x) { return simd::fmadd(w, x, acc); }
 };
 
 #if defined(__AVX512BF16__)
@@ -77,37 +93,49 @@ struct BF16 {
 // the partial sums in `out`, plus `bias` (C * 16 floats, or none) once the sums are whole; written to
 // `out` (R x C vectors, ldo apart).
 template <class T, int R, int C>
-inline void tile(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t s0,
-                 int64_t s1, float* out, int64_t ldo, bool add, const float* bias, int64_t spacing = 1) {
+inline void tile_regs(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t s0,
+                      int64_t s1, float* out, int64_t ldo, bool add, const float* bias, int64_t spacing) {
   constexpr int64_t step_elems = kBlock * T::kPer;
-  __m512 acc[R][C];
+  V16 acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c)
-      acc[r][c] = add ? _mm512_loadu_ps(out + r * ldo + c * spacing * kBlock) : _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[r][c] = add ? simd::load(out + r * ldo + c * spacing * kBlock) : simd::zero();
   for (int64_t s = s0; s < s1; ++s) {
     const typename T::W* ws = w + s * step_elems;
-    __m512 wv[C];  // each weight vector loaded once, used by every row
+    V16 wv[C];  // each weight vector loaded once, used by every row
     for (int c = 0; c < C; ++c) wv[c] = T::load(ws + c * spacing * block_stride);
     for (int r = 0; r < R; ++r) {
-      const __m512 xv = T::x_at(x + r * ldx, s);
+      const V16 xv = T::x_at(x + r * ldx, s);
       for (int c = 0; c < C; ++c) acc[r][c] = T::mac(acc[r][c], wv[c], xv);
     }
   }
   if (bias != nullptr) {
     for (int c = 0; c < C; ++c) {
-      const __m512 b = _mm512_loadu_ps(bias + c * spacing * kBlock);
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_add_ps(acc[r][c], b);
+      const V16 b = simd::load(bias + c * spacing * kBlock);
+      for (int r = 0; r < R; ++r) acc[r][c] = simd::add(acc[r][c], b);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * ldo + c * spacing * kBlock, acc[r][c]);
+    for (int c = 0; c < C; ++c) simd::store(out + r * ldo + c * spacing * kBlock, acc[r][c]);
+}
+
+// tile_regs for any R <= kMaxRows: kRegRows rows at a time over the same blocks
+template <class T, int R, int C>
+inline void tile(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t s0,
+                 int64_t s1, float* out, int64_t ldo, bool add, const float* bias, int64_t spacing = 1) {
+  if constexpr (R <= kRegRows) {
+    tile_regs<T, R, C>(x, ldx, w, block_stride, s0, s1, out, ldo, add, bias, spacing);
+  } else {
+    tile_regs<T, kRegRows, C>(x, ldx, w, block_stride, s0, s1, out, ldo, add, bias, spacing);
+    tile<T, R - kRegRows, C>(x + kRegRows * ldx, ldx, w, block_stride, s0, s1, out + kRegRows * ldo, ldo, add, bias,
+                             spacing);
+  }
 }
 
 // the sums of rows [0, rows) (<= kMaxRows) over blocks [b, b + width) and steps [s0, s1)
 template <class T, int R>
 void tile_rows(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t b,
                int64_t width, int64_t s0, int64_t s1, float* out, int64_t ldo, bool add, const float* bias) {
-  constexpr int C = R <= 4 ? 6 : 3;
+  constexpr int C = tile_blocks<R>();
   const typename T::W* wb = w + b * block_stride;
   float* ob = out + b * kBlock;
   const float* bb = bias ? bias + b * kBlock : nullptr;
@@ -133,12 +161,12 @@ void tile_any(int64_t rows, const typename T::X* x, int64_t ldx, const typename 
   }
 }
 
-// the sums of R <= kMaxRows rows over every block in one pass over K: tiles of C blocks NB / C apart (C = 6
-// for up to 4 rows, else 3: the accumulators fill the registers), the leftover blocks one at a time
+// the sums of R <= kMaxRows rows over every block in one pass over K: tiles of C blocks NB / C apart
+// (tile_blocks), the leftover blocks one at a time
 template <class T, int R>
 void spaced(const typename T::X* x, int64_t ldx, const typename T::W* w, int64_t block_stride, int64_t steps,
             int64_t NB, float* y, int64_t ldy, const float* bias) {
-  constexpr int C = R <= 4 ? kFewRowStreams : 3;
+  constexpr int C = tile_blocks<R>();
   const int64_t spacing = NB / C;  // 0 when NB < C: every block is left over
   const int64_t g = std::max<int64_t>(1, kTaskBytes / (C * block_stride * (int64_t)sizeof(typename T::W)));
   at::parallel_for(0, spacing, g, [&](int64_t t0, int64_t t1) {

@@ -126,26 +126,24 @@ struct Step {
 };
 
 // 16 floats from p (the first `left` of them when fewer): float32 as is, bfloat16 widened exactly
-inline __m512 load16(const float* p, int64_t left) { return _mm512_maskz_loadu_ps(mask16(left), p); }
-inline __m512 load16(const at::BFloat16* p, int64_t left) {
-  return widen_bf16(_mm256_maskz_loadu_epi16(mask16(left), p));
+inline simd::V16 load16(const float* p, int64_t left) { return simd::load(p, left); }
+inline simd::V16 load16(const at::BFloat16* p, int64_t left) {
+  return simd::load_bf16(reinterpret_cast<const uint16_t*>(p), left);
 }
 
 template <class E>
 inline float dot(const float* q, const E* k, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(load16(q + i, n - i), load16(k + i, n - i), acc);
-  return _mm512_reduce_add_ps(acc);
+  simd::V16 acc = simd::zero();
+  for (int64_t i = 0; i < n; i += 16) acc = simd::fmadd(load16(q + i, n - i), load16(k + i, n - i), acc);
+  return simd::reduce_add(acc);
 }
 
 // o[0:n] += w * v[0:n]
 template <class E>
 inline void axpy(float w, const E* v, float* o, int64_t n) {
-  const __m512 wv = _mm512_set1_ps(w);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = mask16(n - i);
-    _mm512_mask_storeu_ps(o + i, m, _mm512_fmadd_ps(wv, load16(v + i, n - i), _mm512_maskz_loadu_ps(m, o + i)));
-  }
+  const simd::V16 wv = simd::set1(w);
+  for (int64_t i = 0; i < n; i += 16)
+    simd::store(o + i, simd::fmadd(wv, load16(v + i, n - i), simd::load(o + i, n - i)), n - i);
 }
 
 // Keys or values of one layer, [R, H, S, Dh] (any strides, the last one 1), of float32 or bfloat16.
@@ -263,24 +261,20 @@ inline float activate(float x, int64_t act) {
   }
 }
 
-// torch's vectorized tanh (SLEEF, exported by libtorch_cpu): what F.gelu(approximate="tanh") calls on an
-// AVX-512 CPU
-extern "C" __m512 Sleef_tanhf16_u10(__m512);
-
 // out[0:n] = round(activate(x[0:n])) (out may be x). The tanh GELU 16 at a time as torch's kernel writes it
-// (x^3, the inner product, SLEEF's tanh): a scalar tanh per element costs about 1 ms of a T5-small step at 8 rows.
+// (x^3, the inner product, SLEEF's tanh, simd::tanh): what F.gelu(approximate="tanh") computes; a scalar
+// tanh per element costs about 1 ms of a T5-small step at 8 rows.
 inline void activate_row(const float* x, int64_t n, int64_t act, const Step& st, float* out) {
+  using namespace simd;
   int64_t i = 0;
   if (act == kGeluTanh) {
-    const __m512 beta = _mm512_set1_ps(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5));
-    const __m512 kappa = _mm512_set1_ps(0.044715f), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+    const V16 beta = set1(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5));
+    const V16 kappa = set1(0.044715f), half = set1(0.5f), one = set1(1.f);
     for (; i < n; i += 16) {
-      const __mmask16 m = mask16(n - i);
-      const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-      const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-      const __m512 inner = _mm512_mul_ps(beta, _mm512_add_ps(v, _mm512_mul_ps(kappa, cube)));
-      _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(half, v),
-                                                      _mm512_add_ps(one, Sleef_tanhf16_u10(inner))));
+      const V16 v = load(x + i, n - i);
+      const V16 cube = mul(mul(v, v), v);
+      const V16 inner = mul(beta, add(v, mul(kappa, cube)));
+      store(out + i, mul(mul(half, v), add(one, simd::tanh(inner))), n - i);
     }
     if (st.bf16)
       for (int64_t j = 0; j < n; ++j) out[j] = st.round(out[j]);

@@ -8,34 +8,34 @@
 //   memory requests in flight for several long sequential streams than for one (measured on an AMD EPYC,
 //   one thread: 25 GB/s against 21 for one stream).
 // Accumulation is in fp32, as a matmul does: bf16 pairs go through AVX-512 BF16 dot products where the
-// CPU has them (the products of two bf16 are exact in fp32), int8 weights are widened and multiplied by
-// their per-row scale after the sum. The result is rounded once to x's dtype, after scale and bias.
+// CPU has them (the products of two bf16 are exact in fp32), else bf16 weights are widened to fp32; int8
+// weights are widened and multiplied by their per-row scale after the sum. The result is rounded once to
+// x's dtype, after scale and bias.
 //
-// Built by blip2.fast.kernels with -march=native on the machine that runs it; needs AVX-512 F and BW.
+// Built by blip2.fast.kernels with -march=native on the machine that runs it; needs AVX-512 F and BW, or
+// AVX2 and FMA (simd.h).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "the blip2 row-product kernel needs AVX-512 F and BW"
-#endif
-
 namespace {
 
-constexpr int kStreams = 4;
-constexpr int64_t kTaskBytes = 256 * 1024;  // the least weight one thread's task reads
+using simd::V16;
 
-inline __mmask16 mask16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
-inline __mmask32 mask32(int64_t left) { return left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << left) - 1); }
+constexpr int kStreams = 4;
+// vector accumulators per row: two keep the multiply-adds of a row independent; with AVX2 a V16 is
+// already two registers, and 4 streams x 2 x 2 would spill the 16 of them
+constexpr int kAcc = BLIP2_AVX512 ? 2 : 1;
+constexpr int64_t kTaskBytes = 256 * 1024;  // the least weight one thread's task reads
 
 // Each kind of weight: X is what x is handed in as, kStep the elements one multiply-add covers, and
 // mac(acc, w, x, mask) accumulates w[0:kStep] * x[0:kStep] (masked: the first `left` of them).
@@ -43,28 +43,22 @@ struct F32 {
   using W = float;
   using X = float;
   static constexpr int kStep = 16;
-  static inline __m512 mac(__m512 acc, const W* w, const X* x) {
-    return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_loadu_ps(x), acc);
-  }
-  static inline __m512 mac(__m512 acc, const W* w, const X* x, int64_t left) {
-    __mmask16 m = mask16(left);
-    return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w), _mm512_maskz_loadu_ps(m, x), acc);
+  static inline V16 mac(V16 acc, const W* w, const X* x) { return simd::fmadd(simd::load(w), simd::load(x), acc); }
+  static inline V16 mac(V16 acc, const W* w, const X* x, int64_t left) {
+    return simd::fmadd(simd::load(w, left), simd::load(x, left), acc);
   }
 };
-
-inline __m512 widen_bf16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
 // bf16 weights, x in fp32: each bf16 widened exactly to fp32 (CPUs without AVX-512 BF16)
 struct BF16Widen {
   using W = uint16_t;
   using X = float;
   static constexpr int kStep = 16;
-  static inline __m512 mac(__m512 acc, const W* w, const X* x) {
-    return _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i*)w)), _mm512_loadu_ps(x), acc);
+  static inline V16 mac(V16 acc, const W* w, const X* x) {
+    return simd::fmadd(simd::load_bf16(w), simd::load(x), acc);
   }
-  static inline __m512 mac(__m512 acc, const W* w, const X* x, int64_t left) {
-    __mmask16 m = mask16(left);
-    return _mm512_fmadd_ps(widen_bf16(_mm256_maskz_loadu_epi16(m, w)), _mm512_maskz_loadu_ps(m, x), acc);
+  static inline V16 mac(V16 acc, const W* w, const X* x, int64_t left) {
+    return simd::fmadd(simd::load_bf16(w, left), simd::load(x, left), acc);
   }
 };
 
@@ -78,7 +72,7 @@ struct BF16Dot {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
   }
   static inline __m512 mac(__m512 acc, const W* w, const X* x, int64_t left) {
-    __mmask32 m = mask32(left);
+    __mmask32 m = simd::mask32(left);
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w), (__m512bh)_mm512_maskz_loadu_epi16(m, x));
   }
 };
@@ -89,14 +83,9 @@ struct Int8 {
   using W = int8_t;
   using X = float;
   static constexpr int kStep = 16;
-  static inline __m512 mac(__m512 acc, const W* w, const X* x) {
-    __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)w)));
-    return _mm512_fmadd_ps(wf, _mm512_loadu_ps(x), acc);
-  }
-  static inline __m512 mac(__m512 acc, const W* w, const X* x, int64_t left) {
-    __mmask16 m = mask16(left);
-    __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w)));
-    return _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, x), acc);
+  static inline V16 mac(V16 acc, const W* w, const X* x) { return simd::fmadd(simd::load_i8(w), simd::load(x), acc); }
+  static inline V16 mac(V16 acc, const W* w, const X* x, int64_t left) {
+    return simd::fmadd(simd::load_i8(w, left), simd::load(x, left), acc);
   }
 };
 
@@ -107,23 +96,24 @@ void stream_rows(const typename K::W* w, const typename K::X* x, float* y, int64
   constexpr int step = K::kStep;
   for (int64_t i = begin; i < end; ++i) {
     const typename K::W* row[S];
-    __m512 acc[S][2];
+    V16 acc[S][kAcc];
     for (int s = 0; s < S; ++s) {
       row[s] = w + (s * stride + i) * cols;
-      acc[s][0] = _mm512_setzero_ps();
-      acc[s][1] = _mm512_setzero_ps();
+      for (int a = 0; a < kAcc; ++a) acc[s][a] = simd::zero();
     }
     int64_t k = 0;
-    for (; k + 2 * step <= cols; k += 2 * step) {
-      for (int s = 0; s < S; ++s) {
-        acc[s][0] = K::mac(acc[s][0], row[s] + k, x + k);
-        acc[s][1] = K::mac(acc[s][1], row[s] + k + step, x + k + step);
-      }
+    for (; k + kAcc * step <= cols; k += kAcc * step) {
+      for (int s = 0; s < S; ++s)
+        for (int a = 0; a < kAcc; ++a) acc[s][a] = K::mac(acc[s][a], row[s] + k + a * step, x + k + a * step);
     }
     for (; k < cols; k += step) {
       for (int s = 0; s < S; ++s) acc[s][0] = K::mac(acc[s][0], row[s] + k, x + k, cols - k);
     }
-    for (int s = 0; s < S; ++s) y[s * stride + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));
+    for (int s = 0; s < S; ++s) {
+      V16 total = acc[s][0];
+      for (int a = 1; a < kAcc; ++a) total = simd::add(total, acc[s][a]);
+      y[s * stride + i] = simd::reduce_add(total);
+    }
   }
 }
 

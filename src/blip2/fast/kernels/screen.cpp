@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_head(const at::Tensor& x, const at::Te
   const float* we = wn + N;
   // banned ids as cleared bits of 16-lane masks
   std::vector<__mmask16> allowed((N + 15) / 16);
-  for (int64_t i = 0; i < (int64_t)allowed.size(); ++i) allowed[i] = mask16(N - 16 * i);
+  for (int64_t i = 0; i < (int64_t)allowed.size(); ++i) allowed[i] = simd::mask16(N - 16 * i);
   for (const int64_t j : ban) allowed[j / 16] &= (__mmask16)~(1u << (j % 16));
   const double u = std::ldexp(1.0, -24), g = K * u / (1.0 - K * u);
   const int64_t most = std::max<int64_t>(64, N / 64);  // more candidates than this: the whole row
