@@ -130,18 +130,22 @@ def test_blocked_linear_refuses_what_it_does_not_take(loaded):
 @needs_kernel
 def test_fused_linear_blocked_format(loaded):
     layers = [nn.Linear(24, 10), nn.Linear(24, 7, bias=False)]
-    fused = FusedLinear(layers, "blocked")
+    weights = [layer.weight.detach().clone() for layer in layers]
     x = torch.randn(5, 24)
     with torch.no_grad():
         want = torch.cat([layer(x) for layer in layers], -1)
+    fused = FusedLinear(layers, "blocked")  # the layers' own tensors emptied: the fused one holds their values
+    assert all(layer.weight.numel() == 0 for layer in layers)
+    with torch.no_grad():
         torch.testing.assert_close(fused(x), want, atol=1e-5, rtol=1e-5)
     # the plain weights come back exactly (a permutation), the padding to 32 outputs is not in them
-    assert torch.equal(fused.part(0)[0], layers[0].weight) and torch.equal(fused.part(1)[0], layers[1].weight)
+    assert torch.equal(fused.part(0)[0], weights[0]) and torch.equal(fused.part(1)[0], weights[1])
     assert fused.part(1)[1] is None
     # with gradients on, a differentiable fallback
     xg = x.clone().requires_grad_()
     fused(xg).sum().backward()
-    torch.testing.assert_close(xg.grad, torch.cat([l.weight for l in layers]).sum(0).expand(5, -1).detach())
+    torch.testing.assert_close(xg.grad, torch.cat(weights).sum(0).expand(5, -1))
+    assert fused.to_linear(0) is layers[0] and torch.equal(layers[0].weight, weights[0])  # the same layer back
     with pytest.raises(ValueError, match="blocked format needs"):
         FusedLinear([nn.Linear(4, 4).half()], "blocked")
 
