@@ -49,6 +49,22 @@ def test_block_weight_round_trip(loaded, dtype, n, k):
     assert ones.float().sum() == n * k  # the padding is zeros
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes,k", [([32, 16, 48], 24), ([16, 7], 5), ([10, 7], 6), ([48], 3)])
+def test_parts_blocked_in_pieces_equal_their_concatenation_blocked(dtype, sizes, k):
+    """A fused weight is blocked part by part and a few rows at a time straight into the result (no concatenation
+    where the parts fill whole blocks): the same bytes as blocking the concatenation, padding zero."""
+    from blip2.fast.linear import _block
+
+    parts = [torch.randn(n, k).to(dtype) for n in sizes]
+    want = kernels.block_weight(torch.cat(parts))
+    got = _block([p.clone() for p in parts], release=True, piece_bytes=16 * k * 2)  # pieces of one block or two
+    assert got.shape == kernels.blocked_shape(sum(sizes), k, dtype) and torch.equal(got, want)
+    assert torch.equal(kernels.unblock_weight(got, sum(sizes), k), torch.cat(parts))
+    with pytest.raises(ValueError, match="out"):
+        kernels.block_weight(parts[0], torch.empty(1, 1, 16, dtype=dtype))
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", _dtypes())
 @pytest.mark.parametrize("rows,n,k", CASES)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["convert", "release_pages"]
+__all__ = ["convert", "prefetch_pages", "release_pages"]
 
 
 # bytes converted at a time: the source pages of each piece are released before the next is read
@@ -69,6 +69,19 @@ def release_pages(t: torch.Tensor) -> None:
     if anonymous.any() or (entries & np.uint64(_SWAPPED)).any():
         return
     madvise(lo, hi - lo, mmap.MADV_DONTNEED)
+
+
+def prefetch_pages(t: torch.Tensor) -> None:
+    """Ask the kernel to read the pages of CPU tensor ``t`` ahead (``MADV_WILLNEED``): a mapped weight about to
+    be copied whole otherwise faults its file's pages in a few at a time. Does nothing where ``madvise`` is
+    missing."""
+    madvise = _madvise()
+    if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous() or madvise is None:
+        return
+    lo = t.data_ptr() // _PAGE * _PAGE
+    hi = t.data_ptr() + t.numel() * t.element_size()
+    if hi > lo:
+        madvise(lo, hi - lo, mmap.MADV_WILLNEED)
 
 
 def _madvise() -> Callable[[int, int, int], int] | None:

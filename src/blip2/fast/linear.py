@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from blip2.fast import kernels
 from blip2._compat import custom_op
-from blip2.mapped import release_pages
+from blip2.mapped import prefetch_pages, release_pages
 from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
@@ -160,20 +160,30 @@ def _release(weights: Sequence[Tensor]) -> None:
         release_pages(weight)
 
 
-def _block(w: Tensor, release: bool, piece_bytes: int = 4 << 20) -> Tensor:
-    """``kernels.block_weight(w)`` a few MB of rows at a time, each piece of ``w`` released once copied where
-    ``release``: copied whole, a mapped weight held its copy and all its own pages at once, which for the
-    copy of a head tied to the embeddings (made last, the largest product) was the peak of a model laid out
-    layer by layer (5% of the weights in tests/test_load_memory.py)."""
-    rows = max(16, piece_bytes // max(1, w.shape[1] * w.element_size()) // 16 * 16)  # whole blocks
-    out = None
-    for i in range(0, w.shape[0], rows):
-        piece = kernels.block_weight(w[i:i + rows])
-        if out is None:
-            out = piece.new_empty(-(-w.shape[0] // 16), *piece.shape[1:])
-        out[i // 16:i // 16 + piece.shape[0]] = piece
+def _block(parts: Sequence[Tensor], release: bool, piece_bytes: int = 4 << 20) -> Tensor:
+    """``kernels.block_weight(torch.cat(parts))`` without the concatenation, a few MB of rows at a time straight
+    into the result, each piece released once copied where ``release``: copied whole, a mapped weight held
+    its copy and all its own pages at once, which for the copy of a head tied to the embeddings (made last,
+    the largest product) was the peak of a model laid out layer by layer (5% of the weights in
+    tests/test_load_memory.py). Parts whose rows do not fill whole blocks (but the last) are concatenated."""
+    if any(p.shape[0] % 16 for p in parts[:-1]):
+        whole = torch.cat(list(parts))
         if release:
-            release_pages(w[i:i + rows])
+            _release(parts)
+        parts, release = [whole], False
+    n, k = sum(p.shape[0] for p in parts), parts[0].shape[1]
+    out = parts[0].new_empty(kernels.blocked_shape(n, k, parts[0].dtype))
+    rows = max(16, piece_bytes // max(1, k * parts[0].element_size()) // 16 * 16)  # whole blocks
+    block = 0
+    for part in parts:
+        prefetch_pages(part)
+        for i in range(0, part.shape[0], rows):
+            piece = part[i:i + rows]
+            blocks = -(-piece.shape[0] // 16)
+            kernels.block_weight(piece, out[block:block + blocks])
+            block += blocks
+            if release:
+                release_pages(piece)
     return out
 
 
@@ -276,13 +286,13 @@ class FusedLinear(nn.Module):
             self._kernel = _KERNELS[self.handle] = dynamic_int8_kernel(self._packed)
             weakref.finalize(self, _KERNELS.pop, self.handle, None)
             return None, None  # the packed copy is the only one
+        if fmt == "blocked":
+            return _block(weights, release=True), None
         w = torch.cat(weights) if len(weights) > 1 else weights[0]  # [N, K]
         if len(weights) > 1:
             _release(weights)
         if fmt == "dense":
             return w, None
-        if fmt == "blocked":
-            return _block(w, release=len(weights) == 1), None
         laid = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS)
         if len(weights) == 1:  # (a concatenation is freed on return)
             _release(weights)

@@ -61,7 +61,7 @@ from blip2._compat import register_fake
 from blip2.cache import cache_dir
 
 __all__ = ["load", "ready", "status", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
-           "block_weight", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags",
+           "block_weight", "blocked_shape", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags",
            "cpu_supported"]
 
 log = logging.getLogger("blip2.fast.kernels")
@@ -312,25 +312,40 @@ def blocked_supports(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_dot)
 
 
-def block_weight(w: Tensor) -> Tensor:
+def blocked_shape(n: int, k: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The shape ``block_weight`` gives an [n, k] weight of ``dtype``."""
+    nb = -(-n // _BLOCK)
+    return (nb, k, _BLOCK) if dtype == torch.float32 else (nb, -(-k // 2), _BLOCK, 2)
+
+
+def block_weight(w: Tensor, out: Tensor | None = None) -> Tensor:
     """A weight [N, K] in the blocked layout of ``blocked_linear``, zero-padded to whole blocks: float32
     [ceil(N / 16), K, 16] (block b, k, column j holds ``w[16 b + j, k]``), bfloat16
-    [ceil(N / 16), ceil(K / 2), 16, 2] (pairs of neighbouring k)."""
+    [ceil(N / 16), ceil(K / 2), 16, 2] (pairs of neighbouring k). ``out``: where to write it (of
+    ``blocked_shape``), say the rows of a larger blocked weight."""
     if w.dim() != 2 or w.dtype not in _FLOATS:
         raise ValueError(f"block_weight: expected a float32/bfloat16 [N, K] weight, got {w.dtype} {tuple(w.shape)}")
     # copied straight into the result: a padded copy, then a permuted one, held three copies of the layer at
     # once, which a model laid out layer by layer paid at its peak (tests/test_load_memory.py)
     n, k = w.shape
-    nb, whole, left = -(-n // _BLOCK), n // _BLOCK, n % _BLOCK
+    whole, left = n // _BLOCK, n % _BLOCK
+    if out is None:
+        out = w.new_empty(blocked_shape(n, k, w.dtype))
+    elif tuple(out.shape) != blocked_shape(n, k, w.dtype) or out.dtype != w.dtype:
+        raise ValueError(f"block_weight: out {out.dtype} {tuple(out.shape)}, expected {w.dtype} "
+                         f"{blocked_shape(n, k, w.dtype)}")
+    if w.dtype == torch.float32 and _loaded and w.is_contiguous() and out.is_contiguous():
+        torch.ops.blip2_kernels.block_weight_into(w, out)  # at the memory's pace; the copy below at a third
+        return out
     if w.dtype == torch.float32:
-        out = w.new_empty(nb, k, _BLOCK)
         out[:whole].copy_(w[:whole * _BLOCK].view(whole, _BLOCK, k).transpose(1, 2))
         if left:
             out[whole].zero_()
             out[whole, :, :left].copy_(w[whole * _BLOCK:].t())
         return out
     pairs = k // 2
-    out = w.new_zeros(nb, -(-k // 2), _BLOCK, 2)  # zeros: the padding
+    if left or k % 2:
+        out.zero_()  # the padding
     # views [blocks, rows, pairs, 2] of the whole blocks and of the last one's rows, in w and in out
     parts = [(w[:whole * _BLOCK].view(whole, _BLOCK, k), out[:whole].permute(0, 2, 1, 3))]
     if left:
