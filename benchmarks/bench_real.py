@@ -44,7 +44,7 @@ def markers(dtype: str) -> tuple[str, str]:
 
 def checkpoint(preset: str, dtype: str) -> str:
     """A directory with ``preset``'s published config and random ``dtype`` weights, written on first use."""
-    d = os.path.join(CACHE, f"{preset}-{dtype}")
+    d = os.path.join(CACHE, f"{preset}-{dtype}-v2")  # v2: aliases written once
     if os.path.exists(os.path.join(d, "model.safetensors.index.json")):
         return d
     from safetensors.torch import save_file
@@ -53,7 +53,11 @@ def checkpoint(preset: str, dtype: str) -> str:
 
     config = Blip2Config.from_json_file(os.path.join(CONFIGS, f"{preset}-config.json"))
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Blip2ForConditionalGeneration(config).state_dict().items()}
+        model = Blip2ForConditionalGeneration(config)
+        # each tensor once: an alias (T5's embed_tokens of `shared`, a tied head) written as a tensor of its own
+        # would hold other random values, which transformers loads as such and blip2 ties
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        shapes = {k: v.shape for k, v in tensors.items() if k in model.state_dict()}
     os.makedirs(d, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     weight_map: dict[str, str] = {}
@@ -68,8 +72,6 @@ def checkpoint(preset: str, dtype: str) -> str:
         shard, size = {}, 0
 
     for key, shape in shapes.items():
-        if key.endswith("lm_head.weight") and config.text_config.tie_word_embeddings:
-            continue  # tied: written once, as the embedding
         if key.endswith("bias") or "position_ids" in key:
             t = torch.zeros(shape)
         elif any(n in key for n in ("norm.weight", "layernorm.weight", "LayerNorm.weight", "layer_norm.weight")):
@@ -150,7 +152,10 @@ def _weights_bytes(d: str) -> int:
 
 
 def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: int, threads: int) -> Table:
+    from blip2.fast import kernels
+
     torch.set_num_threads(threads)
+    kernels.load()  # as the workers do (built once per machine), so that the notes say whether they load
     table = Table(f"Real size: captioning, {NEW_TOKENS} new tokens, greedy, {dtype} (cpu, {threads} thread(s))",
                   ["model", "images", "implementation", "load s", "first call s", "next call s",
                    "time to first caption s", "x transformers (first caption)", "x transformers (next)",
