@@ -60,7 +60,23 @@ def engine(pipe):
     engine.stop()
 
 
-def test_greedy_texts_under_load_equal_each_request_alone(pipe, engine):
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir) -> Pipeline:
+    return Pipeline.load(tiny_model_dir, device="cpu", fast="none")
+
+
+def test_greedy_texts_under_load_equal_each_request_alone(pipe, plain, engine):
+    """The pipeline's default speed-up (where the native kernels build: the native step, which the engine calls
+    with each row at its own cache slot) under load gives each request the plain model's text alone."""
+    from blip2.fast import kernels
+    from blip2.fast.native import NativeOPTStep
+
+    step = pipe.model.language_model.decode_step
+    native_calls = []
+    if kernels.load():
+        assert isinstance(step, NativeOPTStep)
+        original = step._run
+        step._run = lambda args, values: (native_calls.append(args[0].shape[0]), original(args, values))[1]
     images = [pixels(k) for k in range(4)]
     prompts = ["", question_prompt("what is it?"), chat_prompt([("what is it?", "a cat")], "where is it?"),
                "a photo of"]
@@ -72,12 +88,16 @@ def test_greedy_texts_under_load_equal_each_request_alone(pipe, engine):
         time.sleep(0.002 * (k % 3))  # arrivals spread over the running steps
     for px, prompt, max_new, _, got in jobs:
         assert got.done.wait(60), "a request did not finish"
-        assert got.texts() == [alone(pipe, px, prompt, max_new)], (prompt, max_new)
+        assert got.texts() == [alone(plain, px, prompt, max_new)] == [alone(pipe, px, prompt, max_new)], \
+            (prompt, max_new)
         (fin,) = got.finished()
         assert fin.tokens <= max_new and fin.reason == ("length" if fin.tokens == max_new else "stop")
     shared = sum(n for bound, n in zip(engine.occupancy.bounds, engine.occupancy.counts) if bound >= 2) \
         - engine.occupancy.counts[0]
     assert shared > 0, "no step ran more than one request"
+    if kernels.load():
+        del step._run
+        assert max(native_calls) > 1, "the engine's steps did not run natively with several rows"
     assert engine.images.hits == 14 - 4 and engine.images.misses == 4  # four distinct images, each run once
     assert engine.rows == []
 

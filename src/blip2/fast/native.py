@@ -348,8 +348,9 @@ class NativeOPTStep(_NativeStep):
                 **self._linear_slots("fc1", layer.fc1), **self._linear_slots("fc2", layer.fc2)}
 
     def _covers(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any], input_pos: Tensor) -> bool:
-        return x.dim() == 3 and x.shape[1] == 1 and (x.shape[0] == 1 or self.batched) and input_pos.numel() == 1 \
-            and mask.dtype == torch.bool and x.dtype == self.dtype
+        # input_pos: one cache slot for every row, or one per row (rows of different lengths: continuous batching)
+        return x.dim() == 3 and x.shape[1] == 1 and (x.shape[0] == 1 or self.batched) \
+            and input_pos.numel() in (1, x.shape[0]) and mask.dtype == torch.bool and x.dtype == self.dtype
 
     def _native_args(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any],
                      input_pos: Tensor) -> tuple[Any, ...]:

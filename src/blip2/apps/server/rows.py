@@ -10,7 +10,8 @@ shorter ones and masks the padding) and its decoder self-attention cache. A T5 r
 slot (every row starts with the decoder start token at slot 0), so its relative position bias follows from it.
 
 Both call the language model's own layers (``decoder``) with the caches of this module: speed-ups that change
-layers (fuse, int8) apply; those that replace the whole step (native, compiled, CUDA graphs) do not.
+layers (fuse, int8) apply. Of those that replace the whole step, OPT rows take the native one (``opt_step`` writes
+each row at its own slot); compiled and CUDA-graph steps, and every T5 step, stay eager here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import pad as _pad
 
+from blip2.fast.native import NativeOPTStep
+
 
 class RowCaches:
     """Keys and values of every layer for ``rows`` rows of ``slots`` slots: [rows, H, slots, Dh] each. A step
@@ -32,6 +35,14 @@ class RowCaches:
     class Layer:
         def __init__(self, owner: RowCaches, i: int) -> None:
             self.owner, self.i = owner, i
+
+        @property
+        def k(self) -> Tensor:  # this step's keys [n, H, span, Dh], as a native step reads a cache
+            return self.owner.k[self.i][: self.owner.n, :, : self.owner.span]
+
+        @property
+        def v(self) -> Tensor:
+            return self.owner.v[self.i][: self.owner.n, :, : self.owner.span]
 
         def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             # input_pos [n]: each row's slot; k, v [n, H, 1, Dh] -> [n, H, span, Dh]
@@ -48,7 +59,7 @@ class RowCaches:
         self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
         self.valid = torch.zeros(rows, 64, dtype=torch.bool, device=device)  # [rows, slots]: keys to attend
-        self.span = 0
+        self.span = self.n = 0  # this step's slots read and rows
         self.layers = [self.Layer(self, i) for i in range(layers)]
 
     @property
@@ -88,7 +99,7 @@ class RowCaches:
         dev = self.valid.device
         slot = torch.tensor(slots, device=dev)
         self.valid[torch.arange(len(slots), device=dev), slot] = True
-        self.span = max(slots) + 1
+        self.span, self.n = max(slots) + 1, len(slots)
         return slot
 
 
@@ -139,8 +150,10 @@ class DecoderOnlyRows:
         dev = slot.device
         mask = caches.valid[:n, None, None, : caches.span]  # [n, 1, 1, span]
         x = self.lm.get_input_embeddings()(torch.tensor(tokens, device=dev))[:, None]  # [n, 1, E]
-        h = self.lm.model.decoder(x, torch.tensor(positions, device=dev)[:, None], mask, caches.layers, slot)
-        return self.lm.logits(h[:, -1]).float()
+        # the native step takes every row at its own slot (one C++ call); a compiled or graphed step was built
+        # for generate's caches, so those rows go through the eager step
+        step = self.lm.decode_step if isinstance(self.lm.decode_step, NativeOPTStep) else self.lm._decode_step
+        return step(x, torch.tensor(positions, device=dev)[:, None], mask, caches.layers, slot)
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.caches.move(src, dst, length)

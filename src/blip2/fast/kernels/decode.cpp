@@ -224,20 +224,29 @@ void attend(const float* q, int64_t q_stride, const Heads& k, const Heads& v, in
   });
 }
 
-// the R rows' keys or values (row r at x + r * x_stride, heads side by side) into cache slot pos
-void write_cache(const Heads& c, int64_t R, int64_t pos, const float* x, int64_t x_stride, int64_t heads,
+// the R rows' keys or values (row r at x + r * x_stride, heads side by side) into cache slot pos[r]
+void write_cache(const Heads& c, int64_t R, const int64_t* pos, const float* x, int64_t x_stride, int64_t heads,
                  int64_t dh) {
-  TORCH_CHECK(pos >= 0 && pos < c.t.size(2), "decode step: cache slot ", pos, " outside [0, ", c.t.size(2), ")");
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < c.t.size(2), "decode step: cache slot ", pos[r], " outside [0, ",
+                c.t.size(2), ")");
   for (int64_t r = 0; r < R; ++r)
     for (int64_t h = 0; h < heads; ++h) {
       const float* src = x + r * x_stride + h * dh;
       if (c.bf16()) {
-        at::BFloat16* dst = c.at<at::BFloat16>(r, h, pos);
+        at::BFloat16* dst = c.at<at::BFloat16>(r, h, pos[r]);
         for (int64_t d = 0; d < dh; ++d) dst[d] = at::BFloat16(src[d]);
       } else {
-        std::copy(src, src + dh, c.at<float>(r, h, pos));
+        std::copy(src, src + dh, c.at<float>(r, h, pos[r]));
       }
     }
+}
+
+// ... every row into the one slot pos
+void write_cache(const Heads& c, int64_t R, int64_t pos, const float* x, int64_t x_stride, int64_t heads,
+                 int64_t dh) {
+  const std::vector<int64_t> each(R, pos);
+  write_cache(c, R, each.data(), x, x_stride, heads, dh);
 }
 
 // rows [R, n] of v as a new float32 tensor (the head's input, for blip2_kernels::greedy_head)

@@ -157,7 +157,8 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
 
 // ---- OPT decoder ------------------------------------------------------------------------------------
 // x: the rows' token embeddings [R, 1, E]; position [R, 1]: their position ids; key_valid [R, S] bool
-// (any shape of R * S); kv: per layer cache k, v [R, H, S, Dh]; input_pos: the cache slot.
+// (any shape of R * S); kv: per layer cache k, v [R, H, S, Dh] (any strides but the last); input_pos: the
+// cache slot of every row, or one per row [R] (continuous batching: rows at their own lengths).
 namespace opt {
 // the position table [P, D]; project_in absent (None) where the embedding has the hidden size
 constexpr std::string_view kFirst[] = {"embed_positions", "project_in.weight", "project_in.scale", "project_in.bias"};
@@ -186,7 +187,8 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
               x_in.sizes());
   const int64_t R = x_in.size(0), E = x_in.size(2);
   TORCH_CHECK(position.numel() == R && position.scalar_type() == at::kLong, "opt_step: one int64 position per row");
-  TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "opt_step: one int64 cache slot");
+  TORCH_CHECK((input_pos.numel() == 1 || input_pos.numel() == R) && input_pos.scalar_type() == at::kLong,
+              "opt_step: one int64 cache slot, or one per row, got ", input_pos.numel(), " for ", R, " rows");
   TORCH_CHECK(key_valid.scalar_type() == at::kBool, "opt_step: key_valid must be bool");
   const int64_t layers = c.layers;
   TORCH_CHECK((int64_t)kv.size() == 2 * layers, "opt_step: ", kv.size(), " cache tensors for ", layers, " layers");
@@ -197,7 +199,10 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
   const bool hidden = c.integer(slot(kParams, "want_hidden")) != 0;
   const bool bf16 = is_bf16(x_in);
   const at::Tensor table = c.tensor(slot(kFirst, "embed_positions"));
-  const int64_t D = table.size(1), dh = D / H, pos = input_pos.data_ptr<int64_t>()[0];
+  const int64_t D = table.size(1), dh = D / H;
+  const at::Tensor ipc = input_pos.contiguous();
+  std::vector<int64_t> pos(R);
+  for (int64_t r = 0; r < R; ++r) pos[r] = ipc.data_ptr<int64_t>()[input_pos.numel() == 1 ? 0 : r];
   const at::Tensor pc = position.contiguous();
   std::vector<int64_t> where(R);
   for (int64_t r = 0; r < R; ++r) {
@@ -253,8 +258,8 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     st.linear(qkv, h.data(), R, big.data());
     for (int64_t r = 0; r < R; ++r)  // the query, scaled before the product
       for (int64_t i = 0; i < D; ++i) big[r * 3 * D + i] = st.round(big[r * 3 * D + i] * scaling);
-    write_cache(ck, R, pos, big.data() + D, 3 * D, H, dh);
-    write_cache(cv, R, pos, big.data() + 2 * D, 3 * D, H, dh);
+    write_cache(ck, R, pos.data(), big.data() + D, 3 * D, H, dh);
+    write_cache(cv, R, pos.data(), big.data() + 2 * D, 3 * D, H, dh);
     attend(big.data(), 3 * D, ck, cv, R, H, dh, S,
            [&](int64_t r, int64_t, int64_t j) { return valid[r * S + j] ? 0.f : -inf; }, attn.data(), st);
     st.linear(out, attn.data(), R, h.data());
