@@ -155,7 +155,7 @@ async def run_level(url: str, concurrency: int, chats: list, time_limit: float) 
 
 def notes(n_chats: int, time_limit: float) -> list[str]:
     return [
-        f"`python benchmarks/bench_serve.py`. {machine()}. The machine was shared with other work while measured.",
+        f"`python benchmarks/bench_serve.py`. {machine()}.",
         f"`blip2 serve --device cpu --scheduler S --max-batch-size {ROWS} --max-new-tokens {MAX_TOKENS}` (fast: auto), "
         f"the {PRESET} preset (random weights, fp32). Each level draws {n_chats} seeded chats (1 to 3 questions about "
         f"one of 6 images, each answer capped at 4 to {MAX_TOKENS} tokens, the history kept), streamed by as many "
@@ -168,6 +168,8 @@ def notes(n_chats: int, time_limit: float) -> list[str]:
 
 
 def main() -> None:
+    from blip2.fast import kernels
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer chats, one concurrency; nothing written")
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
@@ -175,6 +177,7 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=30.0,
                    help="seconds per level and scheduler in which chats start (default: 30)")
     args = p.parse_args()
+    kernels.load()  # as the servers do (--fast auto), so that the notes say whether they load
     levels = [8] if args.quick else args.concurrency
     n_chats = 8 if args.quick else args.chats
     model = with_processor(checkpoint(PRESET))
