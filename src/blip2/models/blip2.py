@@ -45,8 +45,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class Blip2Model(PretrainedMixin, nn.Module):
     config_class = Blip2Config
-    # The speed layer applies from outside: blip2.fast registers its hooks here when imported (importing blip2
-    # does), ``loaded`` after from_pretrained and ``before_generate`` at each generate (blip2.fast.lazy).
+    # The speed layer applies from outside: the package's __init__ sets this to blip2.fast.lazy, whose ``loaded``
+    # runs after from_pretrained and ``before_generate`` at each generate; the model file imports none of it.
     speed_layer: ClassVar[Any] = None
     fast = "none"  # the speed-up generate applies (blip2.fast.MODES): a model built in code runs as written
     # The reference keeps these in fp32 under fp16 only; we keep them in fp32 under bf16 too, as
