@@ -57,7 +57,8 @@ def checkpoint(preset: str, dtype: str) -> str:
         # each tensor once: an alias (T5's embed_tokens of `shared`, a tied head) written as a tensor of its own
         # would hold other random values, which transformers loads as such and blip2 ties
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-        shapes = {k: v.shape for k, v in tensors.items() if k in model.state_dict()}
+        saved = model.state_dict()
+        shapes = {k: v.shape for k, v in tensors.items() if k in saved}
     os.makedirs(d, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     weight_map: dict[str, str] = {}
