@@ -5,7 +5,8 @@ tokenizer over its whole vocabulary) on loopback, once per scheduler (`--schedul
 with the same options. Clients stream chat completions through the OpenAI API: each client holds chats of 1 to 3
 questions about one image of a small pool (so images come back), each answer capped at 4 to 64 tokens (the
 random model runs to its cap). The same seeded load runs at several concurrencies; each level is bounded in
-requests and time. Reported: generated tokens/s, requests/s, p50/p95 latency and time to the first token.
+requests and time (by default the time limit ends it: clients stay busy until then, and throughput is that of a
+loaded server, not of its last few chats). Reported: generated tokens/s, requests/s, p50/p95 latency and time to the first token.
 
     python benchmarks/bench_serve.py              # writes the table between the bench-serve markers
     python benchmarks/bench_serve.py --quick      # a shorter run, nothing written
@@ -163,7 +164,8 @@ def notes(n_chats: int, time_limit: float) -> list[str]:
         "faster scheduler serves more requests; tokens/s and requests/s are over the level's whole wall time. "
         "Latency is a request's, TTFT to its first text.",
         "micro: a batch forms within 10 ms and runs until its longest answer ends; continuous: requests join and "
-        "leave the decoding batch at every step and the image cache skips the vision encoder for known images.",
+        "leave the decoding batch at every step, the image cache skips the vision encoder for known images and the "
+        "prefix cache skips prefilling what a finished row already read (an image's queries, a chat's history).",
     ]
 
 
@@ -173,7 +175,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer chats, one concurrency; nothing written")
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
-    p.add_argument("--chats", type=int, default=16, help="chats per concurrency level (default: 16)")
+    p.add_argument("--chats", type=int, default=128,
+                   help="chats per concurrency level (default: 128, more than a level's time limit lets either "
+                        "scheduler start, so that every client stays busy until then)")
     p.add_argument("--time-limit", type=float, default=30.0,
                    help="seconds per level and scheduler in which chats start (default: 30)")
     args = p.parse_args()

@@ -243,6 +243,21 @@ def test_prometheus_series_of_the_continuous_scheduler(slow_pipe):
         rows_stepped = end["blip2_batch_occupancy_sum"] - after_one["blip2_batch_occupancy_sum"]
         assert rows_stepped == 2 * (CAP - 1)  # every token after each prefill cost one row in one step
         assert end['blip2_batch_occupancy_bucket{le="+Inf"}'] == end["blip2_batch_occupancy_count"]
+
+        # three prompts about new images missed the prefix cache; a second question about png(21), its first
+        # answer in the history, finds that first row: the queries, the question and the answer's fed tokens
+        assert end["blip2_prefix_cache_hits_total"] == 0 and end["blip2_prefix_cache_bytes"] > 0
+        image = data_url(png(21))
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                 {"type": "text", "text": "what is it?"}]},
+                    {"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+                    {"role": "user", "content": "and then?"}]
+        reply = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 2},
+                           timeout=60)
+        assert reply.status_code == 200, reply.text
+        follow = prometheus(url)
+        assert follow["blip2_prefix_cache_hits_total"] == 1
+        assert follow["blip2_prefix_cache_reused_tokens_total"] > slow_pipe.model.config.num_query_tokens
     finally:
         served.close()
 

@@ -292,7 +292,7 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
           max_wait_ms: float = 10.0, max_queue: int = 64, timeout: float = 60.0, max_upload_mb: float = 10.0,
           max_pixels: int = 40_000_000, fast: str = "auto", max_connections: int = 256,
           allow_origin: Sequence[str] = (), scheduler: str = "continuous", image_cache: int = 64,
-          fetch_images: bool = False) -> int:
+          prefix_cache_mb: float = 512.0, fetch_images: bool = False) -> int:
     """Serve caption, VQA and match over HTTP (needs the serve extra: fastapi, uvicorn)."""
     try:
         from blip2.apps.server import ServerSettings, bind, run_server
@@ -303,7 +303,8 @@ def serve(model: str | None = None, device: str = "auto", dtype: str = "auto", n
                                   max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout,
                                   max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                                   max_connections=max_connections, allow_origins=tuple(allow_origin),
-                                  scheduler=scheduler, image_cache=image_cache, fetch_images=fetch_images)
+                                  scheduler=scheduler, image_cache=image_cache, prefix_cache_mb=prefix_cache_mb,
+                                  fetch_images=fetch_images)
     except ValueError as e:
         raise CliError(str(e)) from None
     try:
@@ -459,6 +460,9 @@ def _serve_command(sub: Any) -> None:
                         "batch every step; beam search falls back to micro) or micro (a batch runs to its longest end)")
     g.add_argument("--image-cache", type=int, default=64,
                    help="images whose vision output is kept for the next question about them (default: 64)")
+    g.add_argument("--prefix-cache-mb", type=float, default=512.0,
+                   help="MiB of finished rows' keys and values (OPT) kept for prompts that begin the same way, "
+                        "a chat's next question (default: 512; 0: none)")
     g.add_argument("--fetch-images", action="store_true",
                    help="let the OpenAI endpoints fetch http(s) image URLs (default: data URLs only)")
 

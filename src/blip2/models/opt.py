@@ -143,16 +143,16 @@ def _positions(mask: Tensor) -> Tensor:
     return mask.long().cumsum(1) * mask - 1
 
 
-def _prompt_mask(key_valid: Tensor, T: int, S: int) -> Tensor:
-    """key_valid [B, S] bool -> [B, 1, T, S]: query t sees valid keys at slots <= t.
+def prompt_mask(key_valid: Tensor, T: int, S: int, first: int = 0) -> Tensor:
+    """key_valid [B, S] bool -> [B, 1, T, S]: query t, at slot ``first + t``, sees valid keys at slots up to its own.
 
     A query on leading left padding has no valid key before it; a fully masked row makes SDPA return NaN,
     and NaN leaks through zero attention weights into later layers. Such a row sees its own slot instead
     (a finite value nobody reads). Rows with any valid key are left as transformers has them, so even
     logits on padding (which a loss with shifted labels can read) match the reference."""
     slot = torch.arange(S, device=key_valid.device)
-    query = torch.arange(T, device=key_valid.device)[:, None]
-    causal = slot[None, :] <= query  # [T, S]: the T queries sit in the first T slots
+    query = first + torch.arange(T, device=key_valid.device)[:, None]
+    causal = slot[None, :] <= query  # [T, S]
     seen = causal & key_valid[:, None, :]  # [B, T, S]
     own = slot[None, :] == query
     return (seen | (own & ~seen.any(-1, keepdim=True)))[:, None]
@@ -203,7 +203,7 @@ class OPTForCausalLM(nn.Module):
         B, T, _ = inputs_embeds.shape
         valid = (torch.ones(B, T, dtype=torch.bool, device=inputs_embeds.device) if attention_mask is None
                  else attention_mask.bool())
-        return self.model.decoder(inputs_embeds, _positions(valid), _prompt_mask(valid, T, T))
+        return self.model.decoder(inputs_embeds, _positions(valid), prompt_mask(valid, T, T))
 
     def start_decoding(self, inputs_embeds: Tensor, attention_mask: Tensor | None, expand: int,
                        max_new_tokens: int) -> OPTDecoding:
@@ -255,7 +255,7 @@ class OPTDecoding:
         T = self.inputs_embeds.shape[1]
         S = self.key_valid.shape[1]
         input_pos = torch.arange(T, device=self.key_valid.device)
-        mask = _prompt_mask(self.key_valid, T, S)  # [N, 1, T, S]
+        mask = prompt_mask(self.key_valid, T, S)  # [N, 1, T, S]
         logits = self.lm._decode_step(self.inputs_embeds, self.positions, mask, self.caches, input_pos)
         self.length = T
         self.inputs_embeds = None  # not needed any more

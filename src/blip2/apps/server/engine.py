@@ -6,12 +6,14 @@ own encoder output). Every turn it
 1. admits waiting requests while rows are free (one row per choice, ``n`` of them), at most ``max_prefill`` per
    turn so that the streams already running lose one prefill's time at most between two steps;
 2. runs their images through the vision encoder and Q-Former (skipped for an image in the ``ImageCache``) and
-   their prompts through the language model together, and copies each prompt's cache into its rows;
+   their prompts through the language model together (OPT: only what follows the longest beginning the
+   ``PrefixCache`` holds for the image), and copies each prompt's cache into its rows;
 3. runs one decoding step for every running row, each at its own cache slot and position, and picks each
    row's next token (greedy, or sampled with the request's own generator).
 
 Rows of finished or cancelled requests are freed at once: the last running row moves into the gap, so the
-running rows are always ``0 .. n-1`` and a step reads only them. A row's prompt is run as it would be alone,
+running rows are always ``0 .. n-1`` and a step reads only them. A finished row first leaves what it read to the
+prefix cache, for the next question of its chat. A row's prompt is run as it would be alone,
 and its scores are processed as ``generate`` processes them (``ScoreProcessor``: repetition penalty, n-gram
 ban, banned words, minimum length) over the row's own history, so greedy tokens equal ``Pipeline.generate``'s.
 Checkpoints whose generation config asks for what rows cannot do (beam search) are ``unsupported``: the server
@@ -30,6 +32,7 @@ from torch import Tensor
 from blip2.apps.server.batcher import ShuttingDown, WorkerQueue
 from blip2.apps.server.imagecache import ImageCache
 from blip2.apps.server.metrics import Histogram
+from blip2.apps.server.prefixcache import PrefixCache
 from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, TextStream, eos_ids
 from blip2.apps.server.rows import Start, row_model
 from blip2.generation import length_limits
@@ -63,7 +66,7 @@ class _Row:
 
     def __init__(self, request: GenRequest, choice: int, start: Start, stream: TextStream,
                  generator: torch.Generator | None, process: ScoreProcessor | None) -> None:
-        self.request, self.choice = request, choice
+        self.request, self.choice, self.start = request, choice, start
         self.length = start.length  # cache slots filled; the next token goes to slot ``length``
         self.position = start.position  # position id of the next token
         self.stream, self.generator = stream, generator
@@ -77,14 +80,15 @@ class ContinuousBatcher(WorkerQueue):
     """``submit(request)``: the request's events come through ``request.emit`` (see ``requests``)."""
 
     def __init__(self, pipe: Any, max_rows: int = 8, max_queue: int = 64, max_prefill: int = 4,
-                 image_cache: ImageCache | None = None) -> None:
+                 image_cache: ImageCache | None = None, prefix_cache: PrefixCache | None = None) -> None:
         reason = unsupported(pipe.model)
         if reason is not None:
             raise ValueError(reason)
         super().__init__(max_queue, "blip2-engine")
         self.pipe, self.max_rows, self.max_prefill = pipe, max_rows, max_prefill
         self.images = image_cache or ImageCache()
-        self.lm = row_model(pipe, max_rows)
+        self.prefixes = prefix_cache if prefix_cache is not None else PrefixCache(512 << 20)
+        self.lm = row_model(pipe, max_rows, self.prefixes)
         self.scoring = scoring_config(pipe.model)
         self.eos = eos_ids(pipe.model)
         self.rows: list[_Row] = []
@@ -180,7 +184,8 @@ class ContinuousBatcher(WorkerQueue):
 
     def _prefill(self, requests: list[GenRequest]) -> None:
         lm_inputs = self.images.lm_inputs(self.pipe.model, [(r.image_key, r.pixels) for r in requests])  # [b, Q, D]
-        logits, starts, load = self.lm.prefill(lm_inputs, [r.prompt for r in requests])
+        logits, starts, load = self.lm.prefill(lm_inputs, [r.prompt for r in requests],
+                                               [r.image_key for r in requests])
         rows, row_logits = [], []
         for j, request in enumerate(requests):
             s = request.sampling
@@ -240,7 +245,16 @@ class ContinuousBatcher(WorkerQueue):
                 if text:
                     request.emit(Delta(row.choice, text))
                 row.token = token
+        for row in done:
+            self._keep(row)
         self._release(done)
+
+    def _keep(self, row: _Row) -> None:
+        """Leave what ``row`` read (its prompt and the tokens fed back, not its last token) to later prompts that
+        begin the same way: a chat's next question."""
+        if row.start.items:
+            fed = row.history[len(row.start.prefix) :][: row.length - row.start.length]
+            self.lm.keep(self.rows.index(row), row.length, row.request.image_key, row.start.items + fed)
 
     def _finish(self, row: _Row, reason: str, text: str, done: list[_Row]) -> None:
         if text:
@@ -289,4 +303,4 @@ class ContinuousBatcher(WorkerQueue):
     def stats(self) -> dict[str, Any]:
         return {"running_rows": len(self.rows), "queue_length": len(self._pending), "steps": self.steps,
                 "generated_tokens": self.tokens, "rejected_queue_full": self.rejected,
-                "image_cache": self.images.stats()}
+                "image_cache": self.images.stats(), "prefix_cache": self.prefixes.stats()}

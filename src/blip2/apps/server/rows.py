@@ -16,15 +16,21 @@ each row at its own slot); compiled and CUDA-graph steps, and every T5 step, sta
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.functional import pad as _pad
 
+from blip2.apps.server.prefixcache import IMAGE, PrefixCache
 from blip2.fast.native import NativeOPTStep
+from blip2.models.layers import KVCache, device_of
+from blip2.models.opt import prompt_mask
+
+log = logging.getLogger("blip2.apps.server")
 
 
 class RowCaches:
@@ -106,42 +112,97 @@ class RowCaches:
 @dataclass
 class Start:
     """Where a prefilled row starts: ``length`` cache slots filled, ``position`` the position id of its next token,
-    ``prefix`` the ids ``generate`` counts as already generated (the history its score processing reads)."""
+    ``prefix`` the ids ``generate`` counts as already generated (the history its score processing reads),
+    ``items`` what its valid cache slots hold, in order (``prefixcache``; OPT rows only)."""
 
     length: int
     position: int
     prefix: list[int]
+    items: list[int] = field(default_factory=list)
 
 
 Prefilled = tuple[Tensor, list[Start], Callable[[int, int], None]]  # logits [b, V], starts, load(j, row)
 
 
 class DecoderOnlyRows:
-    """OPT rows (see the module doc)."""
+    """OPT rows (see the module doc), with the prefix cache ``prefixes`` (None: none)."""
 
-    def __init__(self, pipe: Any, max_rows: int) -> None:
-        self.pipe, self.lm = pipe, pipe.model.language_model
+    def __init__(self, pipe: Any, max_rows: int, prefixes: PrefixCache | None = None) -> None:
+        self.pipe, self.lm, self.prefixes = pipe, pipe.model.language_model, prefixes
         cfg = self.lm.config
         weight = self.lm.get_input_embeddings().weight
         self.caches = RowCaches(cfg.num_hidden_layers, max_rows, cfg.num_attention_heads,
                                 cfg.hidden_size // cfg.num_attention_heads, weight.dtype, weight.device)
 
-    def prefill(self, lm_inputs: Tensor, prompts: Sequence[str]) -> Prefilled:
-        """The prompts after their images (``lm_inputs`` [b, Q, D]) left-padded together, as ``Pipeline.generate``
-        batches them."""
+    def prefill(self, lm_inputs: Tensor, prompts: Sequence[str], keys: Sequence[str]) -> Prefilled:
+        """The prompts after their images (``lm_inputs`` [b, Q, D], ``keys`` the images' keys): left-padded
+        together, as ``Pipeline.generate`` batches them, or, where the prefix cache holds how some of them begin,
+        only what follows that."""
         pipe = self.pipe
         ids, mask = pipe.processor.prompt_inputs(list(prompts), "left")
         ids, mask = ids.to(pipe.device), mask.to(pipe.device)
-        embeds, mask = pipe.model.merge_image_inputs(lm_inputs, ids, mask)
-        decoding = self.lm.start_decoding(embeds, mask, expand=1, max_new_tokens=1)
-        logits = decoding.prefill()  # [b, V]
-        valid = mask.bool()
-        starts = [Start(embeds.shape[1], int(valid[j].sum()), ids[j][valid[j]].tolist()) for j in range(len(prompts))]
+        embeds, valid = pipe.model.merge_image_inputs(lm_inputs, ids, mask)
+        valid = valid.bool()
+        texts = [ids[j][mask[j].bool()].tolist() for j in range(len(prompts))]
+        queries = [IMAGE] * (embeds.shape[1] - ids.shape[1])  # prepended when the prompts have no <image> tokens
+        items = [queries + text for text in texts]
+        found = [(0, None)] * len(prompts)
+        if self.prefixes is not None:
+            found = [self.prefixes.find(key, row) for key, row in zip(keys, items)]
+        if all(n == 0 for n, _ in found):
+            decoding = self.lm.start_decoding(embeds, valid, expand=1, max_new_tokens=1)
+            logits = decoding.prefill()  # [b, V]
+            caches = decoding.caches
+        else:
+            logits, caches, valid = self._prefill_tails(embeds, valid, items, found)
+        starts = [Start(valid.shape[1], len(items[j]), texts[j], items[j]) for j in range(len(prompts))]
 
         def load(j: int, row: int) -> None:
-            self.caches.load(row, [c.k[j] for c in decoding.caches], [c.v[j] for c in decoding.caches], valid[j])
+            self.caches.load(row, [c.k[j] for c in caches], [c.v[j] for c in caches], valid[j])
 
         return logits, starts, load
+
+    def _prefill_tails(self, embeds: Tensor, valid: Tensor, items: list[list[int]],
+                       found: list[tuple[int, Any]]) -> tuple[Tensor, list[KVCache], Tensor]:
+        """Row j's first ``found[j][0]`` items copied from the prefix cache, the rest run. Slots: the copied
+        prefixes right-aligned in the first M, the tails right-aligned in the next T (padding masked), so every
+        row's last item is in the last slot, whose logits the step returns. Logits [b, V], the caches, which
+        slots are valid [b, M + T]."""
+        b, dev = embeds.shape[0], embeds.device
+        M = max(n for n, _ in found)
+        T = max(len(row) - n for row, (n, _) in zip(items, found))
+        layers = self.lm.model.decoder.layers
+        dtype, (_, H, _, Dh) = self.caches.k[0].dtype, self.caches.shape
+        caches = [KVCache(b, H, M + T, Dh, dtype, device_of(layer)) for layer in layers]
+        key_valid = torch.zeros(b, M + T, dtype=torch.bool, device=dev)
+        x = embeds.new_zeros(b, T, embeds.shape[2])
+        positions = torch.full((b, T), -1, dtype=torch.long, device=dev)
+        for j, (n, entry) in enumerate(found):
+            L = len(items[j])
+            if n:
+                for cache, k, v in zip(caches, entry.keys, entry.values):
+                    cache.k[j, :, M - n : M] = k[:, :n]
+                    cache.v[j, :, M - n : M] = v[:, :n]
+                key_valid[j, M - n : M] = True
+            x[j, T - (L - n) :] = embeds[j][valid[j]][n:]
+            positions[j, T - (L - n) :] = torch.arange(n, L, device=dev)
+            key_valid[j, M + T - (L - n) :] = True
+        mask = prompt_mask(key_valid, T, M + T, first=M)
+        logits = self.lm._decode_step(x, positions, mask, caches, torch.arange(M, M + T, device=dev))
+        return logits, caches, key_valid
+
+    def keep(self, row: int, length: int, key: str, items: list[int]) -> None:
+        """Leave what row ``row``'s first ``length`` slots hold (``items``, after the image ``key``) in the prefix
+        cache."""
+        if self.prefixes is None:
+            return
+        slots = self.caches.valid[row, :length].nonzero().squeeze(1)
+        if slots.numel() != len(items):  # a row this module did not fill; keep nothing rather than wrong
+            log.warning("prefix cache: row %d has %d valid slots for %d items; not kept", row, slots.numel(),
+                        len(items))
+            return
+        self.prefixes.add(key, items, [K[row][:, slots] for K in self.caches.k],
+                          [V[row][:, slots] for V in self.caches.v])
 
     def step(self, tokens: list[int], slots: list[int], positions: list[int]) -> Tensor:
         """Feed rows ``0 .. n-1`` one token each at their slots and positions; logits [n, V] float32."""
@@ -190,7 +251,9 @@ class EncoderDecoderRows:
         mask = torch.stack([torch.arange(S, device=device) < r.shape[0] for r in rows]).long()
         return embeds, mask
 
-    def prefill(self, lm_inputs: Tensor, prompts: Sequence[str]) -> Prefilled:
+    def prefill(self, lm_inputs: Tensor, prompts: Sequence[str], keys: Sequence[str]) -> Prefilled:
+        """As ``DecoderOnlyRows.prefill``, always whole: the encoder sees each input at once, so a shared beginning
+        has other states when what follows differs."""
         embeds, mask = self._inputs(lm_inputs, prompts)
         decoding = self.lm.start_decoding(embeds, mask, expand=1, max_new_tokens=1)
         logits = decoding.prefill()  # [b, V]: the decoder start token, at slot 0 of every row
@@ -242,9 +305,12 @@ class EncoderDecoderRows:
             V[dst, :, :S] = V[src, :, :S]
         self.enc_len[dst] = S
 
+    def keep(self, row: int, length: int, key: str, items: list[int]) -> None:
+        """Nothing to keep (see ``prefill``)."""
 
-def row_model(pipe: Any, max_rows: int) -> DecoderOnlyRows | EncoderDecoderRows:
-    """The rows of ``pipe``'s language model: OPT's or T5's."""
+
+def row_model(pipe: Any, max_rows: int, prefixes: PrefixCache | None = None) -> DecoderOnlyRows | EncoderDecoderRows:
+    """The rows of ``pipe``'s language model: OPT's (using the prefix cache ``prefixes``) or T5's."""
     if pipe.model.config.use_decoder_only_language_model:
-        return DecoderOnlyRows(pipe, max_rows)
+        return DecoderOnlyRows(pipe, max_rows, prefixes)
     return EncoderDecoderRows(pipe, max_rows)

@@ -30,6 +30,7 @@ from blip2.apps.server.batcher import MicroBatcher, QueueFull, ShuttingDown
 from blip2.apps.server.engine import ContinuousBatcher, unsupported
 from blip2.apps.server.imagecache import ImageCache
 from blip2.apps.server.metrics import Histogram, prometheus_text
+from blip2.apps.server.prefixcache import PrefixCache
 from blip2.apps.server.requests import Event, Failed, GenRequest, Sampling, TextStream, eos_ids, replay
 from blip2.images import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_SIDE, ImageLimits, ImageLoadError, ImageTooLarge,
                           UnsupportedImage, read_image)
@@ -61,6 +62,7 @@ class ServerSettings:
     allow_origins: tuple[str, ...] = ()  # sites whose pages may POST here ("*": any); the server's own page may
     scheduler: str = "continuous"  # of the OpenAI endpoints: "continuous" (engine.py) or "micro" (batcher.py)
     image_cache: int = 64  # images whose vision output the continuous scheduler keeps (0: none)
+    prefix_cache_mb: float = 512.0  # OPT keys and values of finished rows the continuous scheduler keeps (0: none)
     fetch_images: bool = False  # the OpenAI endpoints may fetch http(s) image URLs (off: data URLs only)
 
     def __post_init__(self) -> None:
@@ -78,6 +80,8 @@ class ServerSettings:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not isinstance(self.image_cache, int) or self.image_cache < 0:
             raise ValueError(f"image_cache must be a whole number of at least 0, got {self.image_cache!r}")
+        if not math.isfinite(self.prefix_cache_mb) or self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be finite and at least 0, got {self.prefix_cache_mb!r}")
         if self.max_aspect < 1:
             raise ValueError(f"max_aspect must be at least 1, got {self.max_aspect!r}")
 
@@ -146,7 +150,8 @@ class Service:
             reason = unsupported(pipe.model)
             if reason is None:
                 self.engine = ContinuousBatcher(pipe, settings.max_batch_size, settings.max_queue,
-                                                image_cache=ImageCache(settings.image_cache))
+                                                image_cache=ImageCache(settings.image_cache),
+                                                prefix_cache=PrefixCache(int(settings.prefix_cache_mb * 2**20)))
             else:
                 log.warning("the OpenAI endpoints use micro-batching: %s", reason)
         self._decoder: ThreadPoolExecutor | None = None
@@ -311,6 +316,10 @@ class Service:
             counters["blip2_image_cache_hits_total"] = ("Images whose vision output came from the cache.",
                                                         engine.images.hits)
             counters["blip2_image_cache_misses_total"] = ("Images run through the vision encoder.", engine.images.misses)
+            counters["blip2_prefix_cache_hits_total"] = ("Prompts that began as a kept row did.", engine.prefixes.hits)
+            counters["blip2_prefix_cache_reused_tokens_total"] = ("Prompt positions copied from the prefix cache, "
+                                                                  "not prefilled.", engine.prefixes.reused)
+            gauges["blip2_prefix_cache_bytes"] = ("Keys and values the prefix cache holds.", engine.prefixes.nbytes)
             histograms = {"blip2_batch_occupancy": ("Rows in each continuous decoding step.", engine.occupancy),
                           "blip2_time_to_first_token_seconds": ("From a request's queueing to its first token.",
                                                                 engine.first_token)}
