@@ -150,3 +150,30 @@ def test_chats_under_load_reuse_their_history_and_give_each_turn_its_text_alone(
         assert 0 < stats["bytes"] <= stats["max_bytes"]
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("fault", ["off", "keep fails"])
+def test_without_the_cache_or_when_keeping_fails_requests_still_get_their_texts(pipe, monkeypatch, caplog, fault):
+    """A cache of 0 bytes keeps nothing and finds nothing; a row that cannot be kept (here MemoryError) costs a
+    warning, never a request."""
+    engine = ContinuousBatcher(pipe, max_rows=2, prefix_cache=PrefixCache(0 if fault == "off" else 64 << 20))
+    if fault == "keep fails":
+        def keep(*args):
+            raise MemoryError("no room")
+        monkeypatch.setattr(engine.lm, "keep", keep)
+    engine.start()
+    try:
+        px, history = pixels(40), []
+        for question in ("what is it?", "and then?"):
+            prompt = chat_prompt(history, question)
+            req, got = request(px, prompt, Sampling(max_new_tokens=4))
+            engine.submit(req)
+            assert got.done.wait(60)
+            assert got.texts() == [alone(pipe, px, prompt, 4)]
+            history.append((question, got.texts()[0]))
+        stats = engine.stats()["prefix_cache"]
+        assert stats["entries"] == stats["bytes"] == stats["hits"] == 0
+        if fault == "keep fails":
+            assert "not kept (MemoryError: no room)" in caplog.text
+    finally:
+        engine.stop()

@@ -252,9 +252,13 @@ class ContinuousBatcher(WorkerQueue):
     def _keep(self, row: _Row) -> None:
         """Leave what ``row`` read (its prompt and the tokens fed back, not its last token) to later prompts that
         begin the same way: a chat's next question."""
-        if row.start.items:
-            fed = row.history[len(row.start.prefix) :][: row.length - row.start.length]
+        if not row.start.items:
+            return
+        fed = row.history[len(row.start.prefix) :][: row.length - row.start.length]
+        try:
             self.lm.keep(self.rows.index(row), row.length, row.request.image_key, row.start.items + fed)
+        except Exception as e:  # MemoryError included: a cache's failure must not fail the running requests
+            log.warning("prefix cache: a finished row was not kept (%s: %s)", type(e).__name__, e)
 
     def _finish(self, row: _Row, reason: str, text: str, done: list[_Row]) -> None:
         if text:

@@ -194,7 +194,7 @@ class DecoderOnlyRows:
     def keep(self, row: int, length: int, key: str, items: list[int]) -> None:
         """Leave what row ``row``'s first ``length`` slots hold (``items``, after the image ``key``) in the prefix
         cache."""
-        if self.prefixes is None:
+        if self.prefixes is None or not self.prefixes.max_bytes:
             return
         slots = self.caches.valid[row, :length].nonzero().squeeze(1)
         if slots.numel() != len(items):  # a row this module did not fill; keep nothing rather than wrong
