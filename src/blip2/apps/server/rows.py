@@ -3,7 +3,9 @@ prompts prefilled together and copied into free rows, and one decoding step of e
 own cache slot.
 
 OPT (``DecoderOnlyRows``): a row's cache holds its left-padded prompt, then its tokens; its position ids come
-from its own mask, so padding changes nothing. T5 (``EncoderDecoderRows``): the encoder runs once, at prefill,
+from its own mask, so padding changes nothing. Where the prefix cache (``prefixcache``) holds how a prompt
+begins, the row gets those keys and values copied and only the rest of its prompt runs (padding may then sit
+between the two parts; it is masked like any other). T5 (``EncoderDecoderRows``): the encoder runs once, at prefill,
 over each request's own input (query tokens, then its prompt's tokens when it has one, as ``generate`` builds it
 alone); each row keeps its cross-attention keys and values (rows' encoder lengths differ: a step pads the
 shorter ones and masks the padding) and its decoder self-attention cache. A T5 row's decoder position is its
