@@ -58,6 +58,22 @@ def test_batched_captions_and_answers_equal_transformers(pipe, reference, num_be
     assert pipe.ask([images[2]], ["w8"], options) == [want[2]]
 
 
+def test_t5_captions_batched_with_prompts_see_only_the_image_as_alone(tiny_t5_dir):
+    """A Flan-T5 caption (empty prompt) batched with prompted rows gets the text it gets alone, where the encoder
+    reads the queries only (``model.generate`` without input_ids), not the end token of an empty text.
+    (transformers cannot run T5 without text: its generate asks the T5 config for a BOS id it lacks.)"""
+    pipe = Pipeline.load(tiny_t5_dir, device="cpu")
+    images, options = [picture(5), picture(6), picture(7)], GenerationOptions(max_new_tokens=6)
+    prompts = ["", question_prompt("w8"), "w5 w6 w7"]
+    got = pipe.generate(images, prompts, options)
+    alone = [pipe.generate([im], [p], options)[0] for im, p in zip(images, prompts)]
+    assert got == alone
+    with torch.no_grad():
+        out = pipe.model.generate(pixel_values=pipe.preprocess(images[:1]), max_new_tokens=6)
+    assert got[0] == pipe.processor.decode(out[0].tolist(), skip_special_tokens=True).strip()
+    assert len(set(got)) == 3
+
+
 def test_preprocessed_pixels_give_the_same_texts(pipe):
     images = [picture(3), picture(4)]
     assert pipe.caption(pipe.preprocess(images)) == pipe.caption(images)

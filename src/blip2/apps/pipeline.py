@@ -278,6 +278,13 @@ class Pipeline:
         # OPT always gets a prompt (BOS alone for a caption); T5 with no prompt sees only the image
         if decoder_only or any(prompts):
             ids, mask = self.processor.prompt_inputs(prompts, "left" if decoder_only else "right")
+            if not decoder_only and not all(prompts):
+                # a caption batched with prompts sees only the image, as alone: its tokens (the end token of an
+                # empty text) are masked out, its <image> tokens kept
+                token = self.model.config.image_token_index
+                image = ids == token if token is not None else torch.zeros_like(ids, dtype=torch.bool)
+                empty = torch.tensor([not p for p in prompts])[:, None]
+                mask = torch.where(empty & ~image, 0, mask)
             ids, mask = ids.to(self.device), mask.to(self.device)
         out = self.model.generate(pixel_values=pixels.to(self.device, self.model.dtype), input_ids=ids,
                                   attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
