@@ -31,9 +31,10 @@ def load(directory: str, **generation: object) -> Pipeline:
     return pipe
 
 
-def under_load(pipe: Pipeline, requests: int = 14) -> tuple[list[tuple[str, str]], ContinuousBatcher]:
+def under_load(pipe: Pipeline, requests: int = 14, reference: Pipeline | None = None
+               ) -> tuple[list[tuple[str, str]], ContinuousBatcher]:
     """``requests`` greedy requests (more than the engine's 4 rows, mixed prompts, images and lengths) arriving
-    while others run: each one's (engine text, text alone)."""
+    while others run: each one's (engine text, text alone, from ``reference`` if given)."""
     engine = ContinuousBatcher(pipe, max_rows=4, max_queue=64, max_prefill=2, image_cache=ImageCache(8))
     engine.start()
     try:
@@ -46,7 +47,7 @@ def under_load(pipe: Pipeline, requests: int = 14) -> tuple[list[tuple[str, str]
         out = []
         for px, prompt, max_new, _, got in jobs:
             assert got.done.wait(60), "a request did not finish"
-            out.append((got.texts()[0], alone(pipe, px, prompt, max_new)))
+            out.append((got.texts()[0], alone(reference or pipe, px, prompt, max_new)))
         assert engine.rows == [] and engine.stats()["running_rows"] == 0
     finally:
         engine.stop()
@@ -66,6 +67,25 @@ def test_t5_greedy_texts_under_load_equal_each_request_alone(tiny_t5_dir):
     assert len({expected for _, expected in pairs}) >= 5, "the answers should differ between requests"
     assert shared_steps(engine) > 0 and engine.occupancy.counts[2] > 0, "no step ran 3 or 4 rows together"
     assert engine.images.misses == 4 and engine.images.hits == 10
+
+
+def test_t5_rows_take_the_native_step_and_give_the_plain_texts(tiny_t5_dir, monkeypatch):
+    """Where the kernels build, T5 rows decode through the native step (one call for every row, each at its own
+    slot, with its own mask row and encoder length) and each request gets the plain model's text alone."""
+    from blip2.fast import kernels
+    from blip2.fast.native import NativeT5Step
+
+    if not kernels.load():
+        pytest.skip("the native kernels do not build on this CPU")
+    pipe = Pipeline.load(tiny_t5_dir, device="cpu", fast="native")
+    step = pipe.model.language_model.decode_step
+    assert isinstance(step, NativeT5Step) and step.batched
+    rows, original = [], step._run
+    monkeypatch.setattr(step, "_run", lambda args, values: (rows.append(args[0].shape[0]), original(args, values))[1])
+    pairs, engine = under_load(pipe, reference=load(tiny_t5_dir))
+    assert [got for got, _ in pairs] == [expected for _, expected in pairs]
+    assert len({expected for _, expected in pairs}) >= 5, "the answers should differ between requests"
+    assert max(rows) > 1 and len(rows) == engine.steps, "the engine's steps did not run natively with several rows"
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])

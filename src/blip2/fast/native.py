@@ -218,7 +218,8 @@ class _NativeStep:
         self.head = [outer[f"lm_head.{part}"] for part in _LINEAR_PARTS]
         self.screen = _screen(self.head)
 
-    def _covers(self, *args: Any) -> bool:
+    def covers(self, *args: Any) -> bool:
+        """Whether the op runs a call with these arguments (else ``fallback`` does)."""
         raise NotImplementedError
 
     def _native_args(self, *args: Any) -> tuple[Any, ...]:
@@ -229,13 +230,13 @@ class _NativeStep:
         return op(*self._native_args(*args), self.slots, self.weights, self.params, values)
 
     def __call__(self, *args: Any) -> Tensor:
-        if not self._covers(*args):
+        if not self.covers(*args):
             return self.fallback(*args)
         return self._run(args, self.values)
 
     def greedy(self, banned: Tensor | None, *args: Any) -> Tensor:
         """The next tokens [N] of greedy decoding, ``banned`` ids left out; ``args`` as for a call."""
-        if self.screen is None or not self._covers(*args):
+        if self.screen is None or not self.covers(*args):
             return masked_argmax(self(*args), banned)
         hidden = self._run(args, self.hidden_values)
         w, _, bias = self.head
@@ -292,10 +293,14 @@ class NativeT5Step(_NativeStep):
                 **self._linear_slots("wi", dense.wi_01 if dense.gated else dense.wi),
                 **self._linear_slots("wo", dense.wo)}
 
-    def _covers(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
-                caches: list[Any], input_pos: Tensor) -> bool:
-        return ids.dim() == 2 and ids.shape[1] == 1 and (ids.shape[0] == 1 or self.batched) \
-            and input_pos.numel() == 1 and self_mask.dtype in _FLOATS
+    def covers(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
+               caches: list[Any], input_pos: Tensor) -> bool:
+        # one slot for every row with the whole cache's mask [1, H, L, L] (generate), or a slot per row with
+        # each row's own query row of it [N, H, 1, L] (continuous batching's rows)
+        n = ids.shape[0]
+        own_slots = input_pos.numel() == n and self_mask.shape[0] == n and self_mask.shape[2] == 1
+        return ids.dim() == 2 and ids.shape[1] == 1 and (n == 1 or self.batched) \
+            and (input_pos.numel() == 1 or own_slots) and self_mask.dtype in _FLOATS
 
     def _native_args(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]],
                      cross_mask: Tensor, caches: list[Any], input_pos: Tensor) -> tuple[Any, ...]:
@@ -347,7 +352,7 @@ class NativeOPTStep(_NativeStep):
                 "ffn_norm.weight": _vector(ln2.weight, self.dtype), "ffn_norm.bias": _vector(ln2.bias, self.dtype),
                 **self._linear_slots("fc1", layer.fc1), **self._linear_slots("fc2", layer.fc2)}
 
-    def _covers(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any], input_pos: Tensor) -> bool:
+    def covers(self, x: Tensor, positions: Tensor, mask: Tensor, caches: list[Any], input_pos: Tensor) -> bool:
         # input_pos: one cache slot for every row, or one per row (rows of different lengths: continuous batching)
         return x.dim() == 3 and x.shape[1] == 1 and (x.shape[0] == 1 or self.batched) \
             and input_pos.numel() in (1, x.shape[0]) and mask.dtype == torch.bool and x.dtype == self.dtype

@@ -12,8 +12,8 @@ shorter ones and masks the padding) and its decoder self-attention cache. A T5 r
 slot (every row starts with the decoder start token at slot 0), so its relative position bias follows from it.
 
 Both call the language model's own layers (``decoder``) with the caches of this module: speed-ups that change
-layers (fuse, int8) apply. Of those that replace the whole step, OPT rows take the native one (``opt_step`` writes
-each row at its own slot); compiled and CUDA-graph steps, and every T5 step, stay eager here.
+layers (fuse, int8) apply. Of those that replace the whole step, both take the native one (``opt_step`` and
+``t5_step`` write each row at its own slot); compiled and CUDA-graph steps stay eager here.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn.functional import pad as _pad
 
 from blip2.apps.server.prefixcache import IMAGE, PrefixCache
-from blip2.fast.native import NativeOPTStep
+from blip2.fast.native import NativeOPTStep, NativeT5Step
 from blip2.models.layers import KVCache, device_of
 from blip2.models.opt import prompt_mask
 
@@ -295,8 +295,11 @@ class EncoderDecoderRows:
         keep = torch.arange(S, device=dev)[None] < enc_len[:, None]  # [n, S]
         cross_mask = torch.where(keep[:, None, None, :], torch.zeros((), dtype=self.dtype, device=dev), low)
         cross_kv = [(K[:n, :, :S], V[:n, :, :S]) for K, V in zip(self.cross_k, self.cross_v)]
-        x = self.lm.shared(torch.tensor(tokens, device=dev))[:, None]  # [n, 1, D]
-        h = dec(x, self_mask, cross_kv, cross_mask, caches.layers, slot)
+        ids = torch.tensor(tokens, device=dev)[:, None]  # [n, 1]
+        step = self.lm.decode_step  # the native step takes each row's own mask row and slot (one C++ call)
+        if isinstance(step, NativeT5Step) and step.covers(ids, self_mask, cross_kv, cross_mask, caches.layers, slot):
+            return step(ids, self_mask, cross_kv, cross_mask, caches.layers, slot)
+        h = dec(self.lm.shared(ids), self_mask, cross_kv, cross_mask, caches.layers, slot)
         return self.lm.logits(h[:, -1]).float()
 
     def move(self, src: int, dst: int, length: int) -> None:

@@ -242,13 +242,6 @@ void write_cache(const Heads& c, int64_t R, const int64_t* pos, const float* x, 
     }
 }
 
-// ... every row into the one slot pos
-void write_cache(const Heads& c, int64_t R, int64_t pos, const float* x, int64_t x_stride, int64_t heads,
-                 int64_t dh) {
-  const std::vector<int64_t> each(R, pos);
-  write_cache(c, R, each.data(), x, x_stride, heads, dh);
-}
-
 // rows [R, n] of v as a new float32 tensor (the head's input, for blip2_kernels::greedy_head)
 at::Tensor torch_from(const std::vector<float>& v, int64_t R, int64_t n) {
   at::Tensor t = at::empty({R, n}, at::TensorOptions().dtype(at::kFloat));

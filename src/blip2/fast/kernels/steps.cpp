@@ -56,7 +56,9 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
   const Call c(kSchema, slots, weights, params, values);
   TORCH_CHECK(ids.numel() >= 1 && ids.numel() == ids.size(0) && ids.scalar_type() == at::kLong,
               "t5_step: one int64 token id per row ([R] or [R, 1]), got ", ids.sizes());
-  TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "t5_step: one int64 cache slot");
+  const int64_t R = ids.size(0);
+  TORCH_CHECK((input_pos.numel() == 1 || input_pos.numel() == R) && input_pos.scalar_type() == at::kLong,
+              "t5_step: one int64 cache slot, or one per row, got ", input_pos.numel(), " for ", R, " rows");
   const int64_t layers = c.layers;
   TORCH_CHECK((int64_t)kv.size() == 4 * layers, "t5_step: ", kv.size(), " key/value tensors for ", layers, " layers");
   const float eps = c.scalar(slot(kParams, "eps")), out_scale = c.scalar(slot(kParams, "out_scale"));
@@ -65,19 +67,26 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
   const bool gated = c.integer(slot(kParams, "gated")) != 0, hidden = c.integer(slot(kParams, "want_hidden")) != 0;
   const at::Tensor shared = c.tensor(slot(kFirst, "shared"));
   const bool bf16 = is_bf16(shared);
-  const int64_t R = ids.size(0), D = shared.size(1), inner = H * dk;
+  const int64_t D = shared.size(1), inner = H * dk;
   const at::Tensor idc = ids.contiguous();
   const int64_t* tokens = idc.data_ptr<int64_t>();
-  const int64_t pos = input_pos.data_ptr<int64_t>()[0];
+  const at::Tensor ipc = input_pos.contiguous();
+  std::vector<int64_t> pos(R);  // each row's cache slot
+  for (int64_t r = 0; r < R; ++r) pos[r] = ipc.data_ptr<int64_t>()[input_pos.numel() == 1 ? 0 : r];
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(tokens[r] >= 0 && tokens[r] < shared.size(0), "t5_step: token id ", tokens[r],
                 " outside the vocabulary of ", shared.size(0));
-  TORCH_CHECK(self_mask.dim() == 4 && self_mask.size(0) == 1 && self_mask.size(1) == H && pos >= 0 &&
-              pos < self_mask.size(2), "t5_step: self_mask must be [1, ", H, ", L, L] holding slot ", pos, ", got ",
-              self_mask.sizes());
+  // self_mask: the whole cache's [1, H, L, L] (every row reads its query row at the one slot), or each row's
+  // own query row [R, H, 1, L] (rows at their own slots: continuous batching)
+  const bool own = self_mask.dim() == 4 && self_mask.size(0) == R && self_mask.size(2) == 1;
+  TORCH_CHECK(self_mask.dim() == 4 && self_mask.size(1) == H &&
+              (own || (self_mask.size(0) == 1 && input_pos.numel() == 1 && pos[0] >= 0 && pos[0] < self_mask.size(2))),
+              "t5_step: self_mask must be [1, ", H, ", L, L] holding slot ", pos[0], ", or [", R, ", ", H,
+              ", 1, L], got ", self_mask.sizes());
   const at::Tensor cross = cross_mask.contiguous();
   const View smask(self_mask), cmask(cross);
-  const int64_t L = self_mask.size(3), mh = self_mask.stride(1), mq = self_mask.stride(2), mk = self_mask.stride(3);
+  const int64_t L = self_mask.size(3), mh = self_mask.stride(1), mk = self_mask.stride(3);
+  const int64_t mr = own ? self_mask.stride(0) : 0, mq = own ? 0 : pos[0] * self_mask.stride(2);
 
   Step st(bf16);
   const View emb(shared);
@@ -112,10 +121,10 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     norm(c.view(w0 + slot(kLayer, "self_attn_norm.weight")));
     big.resize(R * 3 * inner);
     st.linear(qkv, h.data(), R, big.data());
-    write_cache(sk, R, pos, big.data() + inner, 3 * inner, H, dk);
-    write_cache(sv, R, pos, big.data() + 2 * inner, 3 * inner, H, dk);
+    write_cache(sk, R, pos.data(), big.data() + inner, 3 * inner, H, dk);
+    write_cache(sv, R, pos.data(), big.data() + 2 * inner, 3 * inner, H, dk);
     attend(big.data(), 3 * inner, sk, sv, R, H, dk, L,
-           [&](int64_t, int64_t hh, int64_t j) { return smask[hh * mh + pos * mq + j * mk]; }, attn.data(), st);
+           [&](int64_t r, int64_t hh, int64_t j) { return smask[r * mr + hh * mh + mq + j * mk]; }, attn.data(), st);
     st.linear(o, attn.data(), R, h.data());
     residual();
 
