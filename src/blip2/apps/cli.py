@@ -443,8 +443,7 @@ def _serve_command(sub: Any) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=port, default=8000, help="port; 0 picks a free one (default: 8000)")
     g.add_argument("--max-batch-size", type=int, default=8, help="most requests in one forward pass (default: 8)")
-    g.add_argument("--max-wait-ms", type=non_negative_number, default=10.0,
-                   help="how long a request waits for others to share its batch (default: 10)")
+    g.add_argument("--max-wait-ms", type=non_negative_number, default=10.0, help="wait for batch-mates (default: 10)")
     g.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503 (default: 64)")
     g.add_argument("--timeout", type=positive_number, default=60.0, help="seconds before a request gets 504 (default: 60)")
     g.add_argument("--max-upload-mb", type=positive_number, default=10.0, help="largest request body (default: 10)")
@@ -458,13 +457,10 @@ def _serve_command(sub: Any) -> None:
     g.add_argument("--scheduler", choices=("continuous", "micro"), default="continuous",
                    help="how the OpenAI endpoints batch: continuous (the default; rows join and leave the decoding "
                         "batch every step; beam search falls back to micro) or micro (a batch runs to its longest end)")
-    g.add_argument("--image-cache", type=int, default=64,
-                   help="images whose vision output is kept for the next question about them (default: 64)")
+    g.add_argument("--image-cache", type=int, default=64, help="images whose vision output is kept (default: 64)")
     g.add_argument("--prefix-cache-mb", type=float, default=512.0,
-                   help="MiB of finished rows' keys and values (OPT) kept for prompts that begin the same way, "
-                        "a chat's next question (default: 512; 0: none)")
-    g.add_argument("--fetch-images", action="store_true",
-                   help="let the OpenAI endpoints fetch http(s) image URLs (default: data URLs only)")
+                   help="MiB of OPT keys and values kept for a chat's next question (default: 512; 0: none)")
+    g.add_argument("--fetch-images", action="store_true", help="fetch http(s) image URLs (default: data URLs only)")
 
 
 def _delegate(module: str) -> Callable[[list[str]], int]:
