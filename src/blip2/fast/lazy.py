@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, unfuse
+from blip2.fast import MODES, Unsupported, apply, layout_cache, unfuse
 from blip2.fast.decoding import LanguageModel
 from blip2.fast.linear import FusedLinear
 from blip2.models.blip2 import Blip2Model
@@ -46,7 +46,8 @@ def loaded(model: Blip2Model) -> None:
     if model.fast not in MODES:
         raise ValueError(f"from_pretrained(): fast={model.fast!r}: expected one of {', '.join(MODES)}")
     if model.fast not in ("auto", "none"):
-        apply(model, model.fast)
+        with layout_cache.laying_out(model, model.fast):
+            apply(model, model.fast)
         model.fast = "none"  # applied for good, as blip2.fast.apply does
 
 
@@ -65,7 +66,8 @@ def before_generate(model: Blip2Model) -> None:
         if _laid_out(model.language_model):  # laid out by hand (blip2.fast.apply): the caller's to manage
             return
         try:
-            apply(model, model.fast)
+            with layout_cache.laying_out(model, model.fast):  # the blocked weights mapped from disk, or written there
+                apply(model, model.fast)
         except Unsupported:
             pass
         if not _laid_out(model.language_model):
