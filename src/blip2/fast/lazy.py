@@ -6,6 +6,8 @@ moving, casting, reloading and adapters cannot use. So the default waits for the
 in eval mode, and undoes itself the moment anything reaches for the plain modules. ``model.fast`` is the mode:
 "auto" after ``from_pretrained`` (its ``fast`` argument: "none" keeps the model as written, any other mode of
 ``blip2.fast.MODES`` is applied at load, as ``blip2.fast.apply`` does), "none" for a model built in code.
+Where the language model is laid out in blocks, the layout of a checkpoint is written to disk once and mapped by
+later loads (``blip2.fast.layout_cache``).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
