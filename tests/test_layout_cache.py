@@ -108,6 +108,32 @@ def test_a_later_load_maps_the_layout(checkpoint, cache, blocks):
     assert blocks
 
 
+def test_every_way_of_laying_out_uses_it(checkpoint, cache, blocks):
+    """blip2.fast.apply holds the cache: a mode applied at load or by hand maps what the default generate wrote."""
+    from blip2 import fast
+
+    text, d = checkpoint
+    want = plain_captions(d, text)
+    first_generate(d, text)
+    blocks.clear()
+    by_hand = fast.apply(Blip2ForConditionalGeneration.from_pretrained(d, fast="none"), "native")
+    at_load = Blip2ForConditionalGeneration.from_pretrained(d, fast="native")
+    assert torch.equal(captions(by_hand, text), want) and torch.equal(captions(at_load, text), want)
+    assert not blocks
+
+
+def test_the_pipeline_uses_it(tiny_model_dir, cache, blocks):
+    """The Pipeline (the commands, the server) applies its mode at load: the first load writes, the next maps."""
+    from blip2.apps.pipeline import Pipeline
+
+    Pipeline.load(tiny_model_dir, device="cpu", dtype="float32", fast="auto")
+    layout_cache.wait()
+    assert blocks and layouts(cache)
+    blocks.clear()
+    Pipeline.load(tiny_model_dir, device="cpu", dtype="float32", fast="auto")
+    assert not blocks
+
+
 def test_the_key_follows_the_checkpoint_files(checkpoint, cache, blocks, tmp_path):
     text, d = checkpoint
     first_generate(d, text)

@@ -66,7 +66,7 @@ log = logging.getLogger("blip2.fast.layout_cache")
 
 VERSION = 1  # of the file's contents: changed whenever what a name holds changes in a way the code hash misses
 # modes whose layout of the language model is blocked where the kernels load
-_BLOCKED_MODES = ("auto", "native", "fuse")
+_BLOCKED_MODES = ("auto", "native", "fuse", "compile")
 _writers: list[threading.Thread] = []
 _INTS = {4: torch.int32, 2: torch.int16}  # to compare floats bit for bit
 
@@ -89,7 +89,7 @@ def wait() -> None:
 
 @contextmanager
 def laying_out(model: nn.Module, mode: str) -> Iterator[None]:
-    """Around ``blip2.fast.apply(model, mode)`` on a model ``from_pretrained`` loaded: its language model's blocked
+    """Around ``blip2.fast.apply(model, mode)``: for a model ``from_pretrained`` loaded, its language model's blocked
     weights taken from the cached file where one matches, and written to it afterwards where none does."""
     cached = _open(model, mode)
     if cached is None:

@@ -6,8 +6,6 @@ moving, casting, reloading and adapters cannot use. So the default waits for the
 in eval mode, and undoes itself the moment anything reaches for the plain modules. ``model.fast`` is the mode:
 "auto" after ``from_pretrained`` (its ``fast`` argument: "none" keeps the model as written, any other mode of
 ``blip2.fast.MODES`` is applied at load, as ``blip2.fast.apply`` does), "none" for a model built in code.
-Where the language model is laid out in blocks, the layout of a checkpoint is written to disk once and mapped by
-later loads (``blip2.fast.layout_cache``).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
@@ -29,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, layout_cache, unfuse
+from blip2.fast import MODES, Unsupported, apply, unfuse
 from blip2.fast.decoding import LanguageModel
 from blip2.fast.linear import FusedLinear
 from blip2.models.blip2 import Blip2Model
@@ -48,8 +46,7 @@ def loaded(model: Blip2Model) -> None:
     if model.fast not in MODES:
         raise ValueError(f"from_pretrained(): fast={model.fast!r}: expected one of {', '.join(MODES)}")
     if model.fast not in ("auto", "none"):
-        with layout_cache.laying_out(model, model.fast):
-            apply(model, model.fast)
+        apply(model, model.fast)
         model.fast = "none"  # applied for good, as blip2.fast.apply does
 
 
@@ -68,8 +65,7 @@ def before_generate(model: Blip2Model) -> None:
         if _laid_out(model.language_model):  # laid out by hand (blip2.fast.apply): the caller's to manage
             return
         try:
-            with layout_cache.laying_out(model, model.fast):  # the blocked weights mapped from disk, or written there
-                apply(model, model.fast)
+            apply(model, model.fast)
         except Unsupported:
             pass
         if not _laid_out(model.language_model):

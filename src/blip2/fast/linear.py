@@ -286,7 +286,8 @@ class FusedLinear(nn.Module):
         A loaded model's weights are views of the checkpoint's mapping, whose pages stay resident while any
         tensor of the file lives: each part is released (``release_pages``) as soon as it is copied, so laying
         a model out layer by layer holds about one copy of its weights, plus one layer. (A tied head's matrix
-        stays the embedding's, whose lookups map back only the rows they read.)"""
+        stays the embedding's, whose lookups map back only the rows they read.) A blocked weight already laid
+        out on disk (``BLOCKED_SOURCE``: ``blip2.fast.layout_cache``) is taken from there, mapped, not copied."""
         fmt = self.fmt
         if fmt in INT8_FORMATS:
             q, scale = _quantize(weights)
