@@ -292,9 +292,9 @@ def _write_file(tmp: Path, path: Path, tensors: dict[str, Tensor], metadata: dic
 
     In the safetensors format (an 8-byte header length, the JSON header, the tensors' bytes), written here
     rather than by ``safetensors.torch.save_file`` so that the writing can be paced: written whole at once, 11 GB
-    of dirty pages filled the page cache while the first ``generate`` ran beside it, and its page faults waited
-    for the kernel to write them back (blip2-opt-2.7b: 51 s for a first call of 19 s). Here the thread runs at
-    the lowest CPU priority and flushes every 256 MB, so it takes the disk's pace and the cores' idle time.
+    of dirty pages filled the page cache while the first ``generate`` ran beside it (blip2-opt-2.7b on a 2-core
+    VM). Here the thread runs at the lowest CPU priority and flushes every 256 MB, so it takes the disk's pace
+    and the cores' idle time (the kernel's writeback and reclaim still take some of the cores).
     safetensors' ``safe_open`` reads the file (and checks its header and size) like any other."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: this thread only
