@@ -9,6 +9,9 @@ process's), transformers and ours alternately, for every batch:
 
 - load: ``from_pretrained`` to a model ready to generate (ours: ``from_pretrained(fast=--fast)``; with the
   default, auto, the weights are laid out at the first ``generate``, so the first call pays for it);
+- ours twice where the language model is laid out in blocks (``blip2.fast.layout_cache``): the first process
+  after the checkpoint's cached layouts are removed (it lays the weights out, and writes them to the cache in
+  the background, which it waits for at exit), then a later one, which maps the layout written by the first;
 - first: the first ``generate`` call (12 new greedy tokens, no prompt: the image tokens and BOS / ``</s>``);
 - next: the median of the following calls; time to first caption = load + first;
 - peak RSS: the process's high-water mark (VmHWM), against the checkpoint's bytes;
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -124,28 +128,43 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
             t = time.perf_counter()
             out = call()
             times.append(time.perf_counter() - t)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"load": load, "first": times[0], "next": sorted(times[1:])[len(times[1:]) // 2] if calls > 1 else None,
-            "peak_rss": _peak_rss(), "tokens": out[:, -NEW_TOKENS:].tolist()}
+            "peak_rss": _peak_rss(), "tokens": out[:, -NEW_TOKENS:].tolist(),
+            "page_faults": {"major": usage.ru_majflt, "minor": usage.ru_minflt}}
 
 
-def _read_through(d: str) -> None:
-    """Read the checkpoint's files once, so that each worker finds them in the page cache (as far as memory
-    allows): the first process would otherwise pay the disk for both."""
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            with open(os.path.join(d, f), "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
+def _weight_files(d: str) -> list[str]:
+    return [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
+
+
+def _read_through(files: list[str]) -> None:
+    """Read these files once, so that each worker finds them in the page cache (as far as memory allows): the
+    first process would otherwise pay the disk for both."""
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
 
 
 def _run_worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int, threads: int) -> dict:
-    _read_through(d)
-    cmd = [sys.executable, __file__, "--worker", impl, "--dir", d, "--batches", str(batch), "--dtype", dtype,
+    from blip2.fast import layout_cache
+
+    files = _weight_files(d)
+    layouts = layout_cache.layouts_of(files)
+    if impl == "ours":  # a first process: no layout on disk yet
+        for f in layouts:
+            f.unlink()
+    _read_through(files + ([str(f) for f in layouts] if impl == "ours-mapped" else []))  # the layout read last
+    cmd = [sys.executable, __file__, "--worker", impl.removesuffix("-mapped"), "--dir", d, "--batches", str(batch), "--dtype", dtype,
            "--fast", fast, "--calls", str(calls), "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{impl} {os.path.basename(d)} x{batch}: {json.dumps({k: v for k, v in r.items() if k != 'tokens'})}",
+          file=sys.stderr)
+    return r
 
 
 def _weights_bytes(d: str) -> int:
@@ -153,7 +172,7 @@ def _weights_bytes(d: str) -> int:
 
 
 def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: int, threads: int) -> Table:
-    from blip2.fast import kernels
+    from blip2.fast import kernels, layout_cache
 
     torch.set_num_threads(threads)
     kernels.load()  # as the workers do (built once per machine), so that the notes say whether they load
@@ -170,11 +189,15 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         for batch in batches:
             hf = _run_worker("transformers", d, batch, dtype, fast, calls, threads)
             ours = _run_worker("ours", d, batch, dtype, fast, calls, threads)
+            rows = [("transformers", hf), (f"ours (fast={fast})", ours)]
+            if layout_cache.layouts_of(_weight_files(d)):  # the first process wrote its layout: a later one maps it
+                mapped = _run_worker("ours-mapped", d, batch, dtype, fast, calls, threads)
+                rows.append((f"ours (fast={fast}), later process", mapped))
             ids = decode_inputs(config, batch)[1]
             flops = product_flops(config, ids.shape[1], NEW_TOKENS, batch)
             step_bytes = _decode_weight_bytes(config, dtype)
             floor = floor_seconds(flops, NEW_TOKENS, step_bytes, rate(), bandwidth())
-            for name, r in (("transformers", hf), (f"ours (fast={fast})", ours)):
+            for name, r in rows:
                 ttfc = r["load"] + r["first"]
                 table.add(preset, batch, name, f"{r['load']:.1f}", f"{r['first']:.1f}",
                           f"{r['next']:.1f}" if r["next"] else "-", f"{ttfc:.1f}",
@@ -192,7 +215,11 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         f"- ours (fast={fast}): " + ("from_pretrained's default: the fastest exact mode of the machine (native "
                                      "where the kernels build, AVX-512 or AVX2, else fuse), laid out at the first "
                                      "generate, which the first call's time includes." if fast == "auto" else
-                                     f"from_pretrained(fast={fast!r}), applied at load."),
+                                     f"from_pretrained(fast={fast!r}), applied at load.") +
+        " The first process of a checkpoint (its cached layout removed before): it lays the language model out and "
+        "writes that layout to the cache in the background (blip2.fast.layout_cache).",
+        "- later process: the same, once the layout is on disk: the language model's blocked weights are mapped "
+        "from it (the layout file read through the page cache before, after the checkpoint).",
     ]
     if dtype == "bf16":
         table.notes += [

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from blip2.cache import private_dir
 from blip2.fast import kernels
 
 
@@ -33,7 +34,8 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "_register_fake", lambda: None)
     monkeypatch.setattr(kernels.sys, "platform", "linux")
     monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
-    for name, value in (("_tried", False), ("_loaded", False), ("_status", ""), ("_bf16_dot", False)):
+    for name, value in (("_tried", False), ("_loaded", False), ("_status", ""), ("_bf16_dot", False),
+                        ("_library_name", None)):
         monkeypatch.setattr(kernels, name, value)
 
     def load() -> tuple[bool, int]:
@@ -108,5 +110,5 @@ def test_a_cache_folder_that_is_not_private_is_not_used(fake, monkeypatch, caplo
 
 
 def test_a_new_cache_folder_is_created_private(tmp_path):
-    folder = kernels._private_dir(tmp_path / "a" / "kernels")
+    folder = private_dir(tmp_path / "a" / "kernels")
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700

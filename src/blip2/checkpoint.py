@@ -25,7 +25,7 @@ from torch import nn
 from blip2.config import Blip2Config
 from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, read_json, resolve_dir
 from blip2.loading import LoadOptions, check_flash_attention, config_dtype
-from blip2.mapped import convert
+from blip2.mapped import Origin, convert
 from blip2.model_utils import ModelUtilitiesMixin
 from blip2.placement import device_for_key, dispatch, plan_layers, resolve_device_map
 from blip2.quantized import QuantizationError, check_available, parse_quantization_config, quantize_language_model
@@ -379,6 +379,9 @@ class PretrainedMixin(ModelUtilitiesMixin):
         if placement is not None:
             load_device = lambda key: device_for_key(placement, key)  # noqa: E731
         load_into(model, directory, dtype=want, device=load_device, key_prefix=prefix, files=files)
+        if quant is None and placement is None:
+            # which tensors are still the files' (blip2.fast.layout_cache: a layout made from them is the files')
+            model._origin = Origin.of(files, model)
         if quant is not None:
             quantize_language_model(model, quant, first)
             model.to(first)

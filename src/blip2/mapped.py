@@ -6,10 +6,12 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-__all__ = ["convert", "prefetch_pages", "release_pages"]
+__all__ = ["Origin", "convert", "prefetch_pages", "release_pages", "unwritten"]
 
 
 # bytes converted at a time: the source pages of each piece are released before the next is read
@@ -32,6 +34,43 @@ def convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "c
         dst[i:i + step].copy_(src[i:i + step])
         release_pages(src[i:i + step])
     return out
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The weight files a model was loaded from, as they were then, and the address of each of its tensors:
+    what tells, later, that a tensor still holds the file's values (``holds``). ``from_pretrained`` records it
+    as the model's ``_origin``; ``blip2.fast.layout_cache`` reads it."""
+
+    files: tuple[str, ...]  # resolved paths
+    stats: tuple[tuple[int, int, int, int], ...]  # each file's device, inode, size, modification time (ns)
+    addresses: dict[str, int]  # state-dict key -> data_ptr at load
+
+    @classmethod
+    def of(cls, files: list[str], model: nn.Module) -> Origin:
+        resolved = tuple(os.path.realpath(f) for f in files)
+        tensors = nn.Module.state_dict(model, keep_vars=True)
+        return cls(resolved, tuple(_stat(f) for f in resolved),
+                   {k: t.data_ptr() for k, t in tensors.items() if t is not None and t.device.type == "cpu"})
+
+    def unchanged(self) -> bool:
+        """Whether the files are still the ones loaded (a file changed in place changes what the pages of its
+        mapping not yet read hold)."""
+        try:
+            return tuple(_stat(f) for f in self.files) == self.stats
+        except OSError:
+            return False
+
+    def holds(self, key: str, t: torch.Tensor) -> bool:
+        """Whether ``t``, the model's tensor under ``key``, is the one loaded, mapped from the files and never
+        written into (in place, by training, ``load_state_dict``, ...). Conservative: False for a tensor
+        converted at load (another dtype: new memory), replaced, or written into since."""
+        return self.addresses.get(key) == t.data_ptr() and t.numel() > 0 and unwritten(t)
+
+
+def _stat(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 _PAGE = mmap.PAGESIZE
@@ -57,18 +96,34 @@ def release_pages(t: torch.Tensor) -> None:
     madvise = _madvise()
     if hi <= lo or madvise is None:
         return
+    if _only_file_pages(lo, hi):
+        madvise(lo, hi - lo, mmap.MADV_DONTNEED)
+
+
+def unwritten(t: torch.Tensor) -> bool:
+    """Whether no page of CPU tensor ``t``, a view of a file mapped copy-on-write, has been written into since
+    it was mapped (``/proc/self/pagemap``: none of its pages is anonymous memory), so that its values are the
+    file's. False where that cannot be told (not Linux, a strided view)."""
+    if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous() or _madvise() is None:
+        return False
+    lo = t.data_ptr() // _PAGE * _PAGE
+    hi = -(-(t.data_ptr() + t.numel() * t.element_size()) // _PAGE) * _PAGE
+    return hi > lo and _only_file_pages(lo, hi)
+
+
+def _only_file_pages(lo: int, hi: int) -> bool:
+    """Whether every page of the addresses [lo, hi) (page-aligned) is a file's page or not resident; False
+    where ``/proc/self/pagemap`` cannot be read."""
     try:
         with open("/proc/self/pagemap", "rb", buffering=0) as f:
             raw = os.pread(f.fileno(), (hi - lo) // _PAGE * 8, lo // _PAGE * 8)
     except OSError:
-        return
+        return False
     import numpy as np
 
     entries = np.frombuffer(raw, dtype="<u8")
     anonymous = (entries & np.uint64(_PRESENT | _FILE_PAGE)) == np.uint64(_PRESENT)
-    if anonymous.any() or (entries & np.uint64(_SWAPPED)).any():
-        return
-    madvise(lo, hi - lo, mmap.MADV_DONTNEED)
+    return len(entries) == (hi - lo) // _PAGE and not anonymous.any() and not (entries & np.uint64(_SWAPPED)).any()
 
 
 def prefetch_pages(t: torch.Tensor) -> None:

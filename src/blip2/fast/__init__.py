@@ -23,7 +23,8 @@ Modes (``MODES``; the commands' ``--fast``), each giving the plain model's token
 
 Modes combine where it makes sense: ``apply(model, "int8")`` then ``apply(model, "compile", batch=8)``.
 ``from_pretrained(...).generate()`` applies ``"auto"`` by itself, undone by anything that needs the plain
-modules (``blip2.fast.lazy``). A model given a mode here is for inference: it cannot be cast, moved or reloaded until ``unfuse(model)``; its
+modules (``blip2.fast.lazy``). Where the language model is laid out in blocks, the layout of a checkpoint is written to
+disk once and mapped by later loads (``blip2.fast.layout_cache``). A model given a mode here is for inference: it cannot be cast, moved or reloaded until ``unfuse(model)``; its
 state dict keeps the reference keys, so ``save_pretrained`` writes a normal checkpoint. Where a mode cannot
 apply (device, dtype, kernels not built) it raises ``Unsupported`` (a ``ValueError``) saying why, before
 changing anything. The measured speeds are in docs/BENCHMARKS.md.
@@ -35,6 +36,7 @@ from typing import Any
 
 from torch import nn
 
+from blip2.fast import layout_cache
 from blip2.fast.decoding import LanguageModel, compile_step, fuse_language_model, lay_out_for, unfuse_language_model
 from blip2.fast.graphs import graph_step
 from blip2.fast.linear import default_format, fused_format, pack_linears, unfuse_linears
@@ -54,6 +56,11 @@ def apply(model: nn.Module, mode: str, batch: int = 1, **compile_kwargs: Any) ->
         raise ValueError(f"fast mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "none":
         return model
+    with layout_cache.laying_out(model, mode):  # a checkpoint's blocked layout mapped from disk, or written there
+        return _apply(model, mode, batch, **compile_kwargs)
+
+
+def _apply(model: nn.Module, mode: str, batch: int, **compile_kwargs: Any) -> nn.Module:
     if mode == "auto":
         try:
             mode = _fastest_exact(_language_model(model))

@@ -35,6 +35,8 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +189,16 @@ def _block(parts: Sequence[Tensor], release: bool, piece_bytes: int = 4 << 20) -
     return out
 
 
+class BlockedSource(Protocol):
+    def find(self, layers: Sequence[nn.Linear], weights: Sequence[Tensor], shape: tuple[int, ...]) -> Tensor | None:
+        """The blocked weight of ``layers`` (plain weights ``weights``), already laid out, or None."""
+
+
+# where blocked weights may already be laid out: set by blip2.fast.layout_cache while it lays out a model it has
+# the layout of on disk (a context variable: one model's layout in a thread does not reach another's)
+BLOCKED_SOURCE: ContextVar[BlockedSource | None] = ContextVar("blocked_source", default=None)
+
+
 _MALLOC_TRIM: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, looked up once (None: not glibc)
 
 
@@ -252,7 +264,7 @@ class FusedLinear(nn.Module):
             b = torch.cat([layer.bias.detach() if layer.bias is not None else w.new_zeros(layer.out_features)
                            for layer in layers])  # [N]
         self.handle, self.packed_bytes = None, 0  # int8-dynamic: the packed weight's handle and size
-        w, scale = self._lay_out(weights)
+        w, scale = self._lay_out(layers, weights)
         self.register_buffer("w", w, persistent=False)
         self.register_buffer("b", b, persistent=False)
         self.register_buffer("scale", scale, persistent=False)  # [N], int8 only
@@ -267,14 +279,15 @@ class FusedLinear(nn.Module):
                         p.data = p.data.new_empty(0)
         _trim_heap()
 
-    def _lay_out(self, weights: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    def _lay_out(self, layers: Sequence[nn.Linear], weights: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
         """The parts' plain weights [n_i, K] -> the stored weight in ``self.fmt`` (None for int8-dynamic, whose
         packed copy the kernel holds) and int8's scales [N].
 
         A loaded model's weights are views of the checkpoint's mapping, whose pages stay resident while any
         tensor of the file lives: each part is released (``release_pages``) as soon as it is copied, so laying
         a model out layer by layer holds about one copy of its weights, plus one layer. (A tied head's matrix
-        stays the embedding's, whose lookups map back only the rows they read.)"""
+        stays the embedding's, whose lookups map back only the rows they read.) A blocked weight already laid
+        out on disk (``BLOCKED_SOURCE``: ``blip2.fast.layout_cache``) is taken from there, mapped, not copied."""
         fmt = self.fmt
         if fmt in INT8_FORMATS:
             q, scale = _quantize(weights)
@@ -287,7 +300,10 @@ class FusedLinear(nn.Module):
             weakref.finalize(self, _KERNELS.pop, self.handle, None)
             return None, None  # the packed copy is the only one
         if fmt == "blocked":
-            return _block(weights, release=True), None
+            source = BLOCKED_SOURCE.get()
+            shape = kernels.blocked_shape(self.out_features, self.in_features, self.dtype)
+            found = None if source is None else source.find(layers, weights, shape)
+            return (found if found is not None else _block(weights, release=True)), None
         w = torch.cat(weights) if len(weights) > 1 else weights[0]  # [N, K]
         if len(weights) > 1:
             _release(weights)

@@ -58,9 +58,9 @@ import torch
 from torch import Tensor
 
 from blip2._compat import register_fake
-from blip2.cache import cache_dir
+from blip2.cache import cache_dir, private_dir
 
-__all__ = ["load", "ready", "status", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
+__all__ = ["load", "ready", "status", "build_key", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
            "block_weight", "blocked_shape", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags",
            "cpu_supported"]
 
@@ -79,6 +79,7 @@ _BUILD_TIMEOUT_S = 600
 _FLOATS = (torch.float32, torch.bfloat16)
 
 _loaded = False  # the op is registered in this process
+_library_name: str | None = None  # the loaded library's file name, which hashes everything its build read
 _bf16_dot = False  # the loaded build multiplies bf16 with AVX-512 BF16 (the CPU has it; -march=native)
 _status = "not built yet: call blip2.fast.kernels.load()"
 _tried = False
@@ -93,6 +94,12 @@ def ready() -> bool:
 def status() -> str:
     """Where the kernels stand: "loaded from <path>", or why they are not."""
     return _status
+
+
+def build_key() -> str | None:
+    """What the loaded kernels were built from (the sources, torch, the compiler and the CPU's flags), as the
+    cached library's name says it; None where they are not loaded."""
+    return _library_name if _loaded else None
 
 
 def cpu_flags() -> set[str]:
@@ -144,18 +151,6 @@ def _library_path(compiler: str, flags: set[str]) -> Path:
         key.update(part)
         key.update(b"\0")
     return cache_dir() / "kernels" / f"blip2_kernels-{key.hexdigest()[:20]}.so"
-
-
-def _private_dir(directory: Path) -> Path:
-    """``directory``, created 0700 if it is not there; PermissionError if another user owns it or others can
-    write in it (they could put their own library under the name this one loads)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = directory.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{directory} belongs to user {st.st_uid}, not to this one ({os.getuid()})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(f"others can write in {directory} (mode {stat.S_IMODE(st.st_mode):o})")
-    return directory
 
 
 def _digest(path: Path) -> str:
@@ -216,7 +211,7 @@ def _library(compiler: str, flags: set[str]) -> Path:
     temporary folder for this process."""
     path = _library_path(compiler, flags)
     try:
-        _private_dir(path.parent)
+        private_dir(path.parent)
         if not _trusted(path):
             _build(compiler, path)
         return path
@@ -242,7 +237,7 @@ def load() -> bool:
 
 
 def _load() -> bool:
-    global _loaded, _status, _tried, _bf16_dot
+    global _loaded, _status, _tried, _bf16_dot, _library_name
     if _tried:
         return _loaded
     _tried = True
@@ -264,6 +259,7 @@ def _load() -> bool:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return _unavailable(f"the build or load failed: {e}", warn=True)
     _loaded = True
+    _library_name = path.name
     _bf16_dot = "avx512_bf16" in flags
     _status = f"loaded from {path}"
     return True

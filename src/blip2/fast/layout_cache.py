@@ -1,0 +1,391 @@
+"""The language model's blocked layout written to disk once, and memory-mapped by later loads of the checkpoint.
+
+Laying a real-size language model out for the native step (``linear._block``) is bound by the memory it fills:
+for blip2-opt-2.7b in fp32, 11 GB of fresh pages touched for the first time, about 10 s of the first
+``generate``. The layout depends on nothing but the checkpoint's bytes, the dtype and the code that lays it out,
+so the first process to lay a checkpoint out writes the blocked weights to ``cache_dir()/layouts`` (one
+safetensors file per checkpoint and dtype), and later processes map that file (safetensors' ``safe_open``: views
+of a private mapping, nothing copied) instead of blocking: their weights come from the page cache, as the
+checkpoint's own do.
+
+What is cached: the language model's ``"blocked"`` weights (the native step's, which ``"auto"`` picks on a CPU
+where the kernels load, and ``"fuse"``'s there). The vision encoder's and Q-Former's oneDNN layout is opaque to
+us (its blocking depends on the oneDNN build and the CPU), and the biases and norms are used as loaded.
+
+Safety, in the order checked (each failure is one log line and the model laid out as before; never an error):
+- Only for a model ``from_pretrained`` loaded (``Origin``), whose weight files are still the ones it mapped, and
+  whose language-model weights are all still the files' mapped tensors, never written into (``Origin.holds``:
+  the address at load, no anonymous page). A model trained, reloaded, converted at load or edited before its
+  first ``generate`` neither reads nor writes the cache.
+- The file's name hashes the key: the weight files (resolved path, device, inode, size, modification time), the
+  dtype, the kernels' build (their library's name hashes their sources, torch, the compiler and the CPU's
+  flags), the Python code that names and lays out the weights, and ``VERSION``; the key itself is checked
+  against the file's metadata.
+- Each mapped tensor must have the name, dtype and shape the layout would give it, and three of its blocks must
+  equal the checkpoint's rows bit for bit (a few KB read, which catches a file of another checkpoint or of
+  zeros). A file that fails any check, or that safetensors cannot read (truncated, a bad header), is ignored with
+  a warning, the weights are laid out as before (those already taken from it passed their checks), and the
+  file is written again.
+- The folder is private (0700, this user's, as the kernels' is); a file is written under a temporary name,
+  fsync'ed and renamed, so a reader sees a whole file or none (``_write_file`` writes the safetensors format
+  itself, to pace the writing; safetensors reads it). Writing is skipped when the disk has less than
+  twice the file's size free.
+
+Writing happens in a background thread once the layout is done, from the laid-out weights, at the lowest CPU
+priority and the disk's pace (so the first ``generate`` is not held up; the process waits for it at exit). Each write removes the checkpoint's older
+layouts (another key), layouts of checkpoints that are gone and temporary files of dead processes.
+``BLIP2_LAYOUT_CACHE=0`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2.cache import cache_dir, private_dir
+from blip2.fast import decoding, kernels, linear
+from blip2.fast.linear import BLOCKED_SOURCE, FusedLinear
+from blip2.mapped import Origin, release_pages
+
+__all__ = ["VERSION", "directory", "enabled", "laying_out", "layouts_of", "wait"]
+
+log = logging.getLogger("blip2.fast.layout_cache")
+
+VERSION = 1  # of the file's contents: changed whenever what a name holds changes in a way the code hash misses
+# modes whose layout of the language model is blocked where the kernels load
+_BLOCKED_MODES = ("auto", "native", "fuse", "compile")
+_writers: list[threading.Thread] = []
+_INTS = {4: torch.int32, 2: torch.int16}  # to compare floats bit for bit
+
+
+def enabled() -> bool:
+    """Whether the cache is used: not with ``BLIP2_LAYOUT_CACHE=0``."""
+    return os.environ.get("BLIP2_LAYOUT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def directory() -> Path:
+    """Where layouts are kept: ``cache_dir()/layouts``."""
+    return cache_dir() / "layouts"
+
+
+def wait() -> None:
+    """Wait for the layouts this process is writing."""
+    while _writers:
+        _writers.pop().join()
+
+
+@contextmanager
+def laying_out(model: nn.Module, mode: str) -> Iterator[None]:
+    """Around ``blip2.fast.apply(model, mode)``: for a model ``from_pretrained`` loaded, its language model's blocked
+    weights taken from the cached file where one matches, and written to it afterwards where none does."""
+    cached = _open(model, mode)
+    if cached is None:
+        yield
+        return
+    token = BLOCKED_SOURCE.set(cached)
+    try:
+        yield
+    finally:
+        BLOCKED_SOURCE.reset(token)
+        cached.close()
+    cached.finish()
+
+
+def _open(model: nn.Module, mode: str) -> _Layout | None:
+    if not enabled() or mode not in _BLOCKED_MODES or not hasattr(model, "language_model"):
+        return None
+    lm = model.language_model
+    weight = lm.get_input_embeddings().weight
+    if weight.device.type != "cpu" or not kernels.load() or not kernels.blocked_supports(weight.dtype):
+        return None  # not laid out in blocks here
+    origin = model.__dict__.get("_origin")
+    if not isinstance(origin, Origin):
+        log.info("blip2 layout cache: not used, the model was not loaded from weight files (from_pretrained)")
+        return None
+    if not origin.unchanged():
+        log.info("blip2 layout cache: not used, the weight files changed since the model was loaded")
+        return None
+    layers = {name: m for name, m in nn.Module.named_modules(lm) if isinstance(m, nn.Linear)}
+    for name, layer in layers.items():
+        if not origin.holds(f"language_model.{name}.weight", layer.weight):
+            log.info("blip2 layout cache: not used, language_model.%s.weight is not the checkpoint's tensor as "
+                     "loaded (converted at load, replaced or written into since)", name)
+            return None
+    try:
+        folder = private_dir(directory())
+    except OSError as e:
+        log.info("blip2 layout cache: not used (%s)", e)
+        return None
+    return _Layout(folder, origin, lm, layers)
+
+
+def _code_hash() -> str:
+    """The Python code that names the blocked weights and lays them out."""
+    h = hashlib.sha256()
+    for module in (linear, decoding, kernels):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
+class _Layout:
+    """One model's layout in the cache: the file's tensors handed to ``FusedLinear`` as it lays the model out
+    (``find``), and the layout written once it is done (``finish``) where the file was missing or wrong."""
+
+    def __init__(self, folder: Path, origin: Origin, lm: nn.Module, layers: dict[str, nn.Linear]) -> None:
+        dtype = lm.get_input_embeddings().weight.dtype
+        what = {"version": VERSION, "format": "blocked", "dtype": str(dtype), "kernels": kernels.build_key(),
+                "code": _code_hash(), "files": [[f, *st] for f, st in zip(origin.files, origin.stats)]}
+        self.key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+        source = hashlib.sha256(json.dumps([origin.files, str(dtype)]).encode()).hexdigest()
+        self.path = folder / f"{source[:16]}-{self.key[:32]}.safetensors"
+        self.files, self.lm = origin.files, lm
+        self.names = {id(layer): name for name, layer in layers.items()}
+        self.found: set[str] = set()  # the names taken from the file
+        self.file: Any = None  # safetensors' handle while the file is used
+        self.stored: set[str] = set()
+        self.rejected = False
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        from safetensors import safe_open
+
+        try:
+            st = self.path.lstat()
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise PermissionError("not a file of this user's that only they can write")
+            self.file = safe_open(str(self.path), framework="pt")
+            if (self.file.metadata() or {}).get("key") != self.key:
+                raise ValueError("written for another key")
+            self.stored = set(self.file.keys())
+        except Exception as e:  # safetensors' own errors (a truncated file, a bad header) have no common base
+            self._reject(str(e))
+
+    def _reject(self, why: str) -> None:
+        log.warning("blip2 layout cache: ignoring %s (%s); laying the weights out again and writing it anew",
+                    self.path, why)
+        self.file, self.rejected = None, True
+
+    def _name(self, layers: Sequence[nn.Linear]) -> str | None:
+        """The name of a blocked weight: its layers' names in the language model, joined by "+"."""
+        names = [self.names.get(id(layer)) for layer in layers]
+        return None if None in names else "+".join(names)  # type: ignore[arg-type]
+
+    def find(self, layers: Sequence[nn.Linear], weights: Sequence[Tensor], shape: tuple[int, ...]) -> Tensor | None:
+        name = self._name(layers)
+        if self.file is None or name is None:
+            return None
+        if name not in self.stored:
+            self._reject(f"no tensor {name!r}")
+            return None
+        t = self.file.get_tensor(name)
+        if t.dtype != weights[0].dtype or tuple(t.shape) != tuple(shape):
+            self._reject(f"{name!r} is {t.dtype} {tuple(t.shape)}, the layout gives {weights[0].dtype} {tuple(shape)}")
+            return None
+        if not _agrees(t, weights):
+            self._reject(f"{name!r} does not hold the checkpoint's values")
+            return None
+        self.found.add(name)
+        return t
+
+    def close(self) -> None:
+        self.file = None  # the tensors taken keep their mapping
+
+    def finish(self) -> None:
+        """After the layout: nothing where every blocked weight came from the file, else the layout written."""
+        tensors: dict[str, Tensor] = {}
+        for layer in _blocked_layers(self.lm):
+            name = self._name(layer._layers)
+            if name is None:
+                log.info("blip2 layout cache: not written, a blocked layer is not one of the language model's")
+                return
+            tensors[name] = layer.w
+        if not tensors:
+            return
+        if not self.rejected and self.found == self.stored == set(tensors):
+            log.info("blip2 layout cache: %d blocked weights mapped from %s", len(tensors), self.path)
+            return
+        if self.stored and not self.rejected:  # every name found, but the file holds others too
+            self._reject(f"it holds {len(self.stored)} weights, the layout {len(tensors)}")
+        _write(self.path, tensors, {"key": self.key, "files": json.dumps(self.files), "format": f"blocked v{VERSION}"})
+
+
+def _blocked_layers(root: nn.Module) -> list[FusedLinear]:
+    """The blocked ``FusedLinear`` layers below ``root``, found through ``_modules`` (the walks of a model that
+    ``blip2.fast.lazy`` guards would undo the layout)."""
+    found, todo = [], [root]
+    while todo:
+        m = todo.pop()
+        if isinstance(m, FusedLinear) and m.fmt == "blocked":
+            found.append(m)
+        todo += [c for c in m._modules.values() if c is not None]
+    return found
+
+
+def _agrees(t: Tensor, weights: Sequence[Tensor]) -> bool:
+    """Whether the first, middle and last blocks of blocked weight ``t`` hold the plain ``weights``' rows, bit
+    for bit."""
+    n, k, per = sum(w.shape[0] for w in weights), weights[0].shape[1], t.shape[2]
+    ints = _INTS[t.element_size()]
+    for b in sorted({0, t.shape[0] // 2, t.shape[0] - 1}):
+        lo, hi = b * per, min((b + 1) * per, n)
+        if hi <= lo:
+            return False
+        want = _rows(weights, lo, hi)
+        got = kernels.unblock_weight(t[b:b + 1], hi - lo, k)
+        if not torch.equal(got.view(ints), want.view(ints)):
+            return False
+    return True
+
+
+def _rows(weights: Sequence[Tensor], lo: int, hi: int) -> Tensor:
+    """Rows [lo, hi) of the concatenated ``weights``. Each weight's file pages are released once read: the kernel
+    maps a file's pages in runs around the one read (large folios), and the weight is not needed again."""
+    pieces, start = [], 0
+    for w in weights:
+        a, b = max(lo, start), min(hi, start + w.shape[0])
+        if a < b:
+            pieces.append(w[a - start:b - start].clone())
+            release_pages(w)
+        start += w.shape[0]
+    return torch.cat(pieces)
+
+
+def _write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    _sweep(path)
+    free = shutil.disk_usage(path.parent).free
+    if free < 2 * size:
+        log.info("blip2 layout cache: not written, %.1f GB free in %s and the layout takes %.1f GB", free / 1e9,
+                 path.parent, size / 1e9)
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp")
+    os.close(fd)
+    # not a daemon: the process waits for it at exit rather than leave the file unwritten
+    writer = threading.Thread(target=_write_file, args=(Path(tmp), path, tensors, metadata),
+                              name="blip2-layout-writer")
+    writer.start()
+    _writers.append(writer)
+
+
+# safetensors' names of the dtypes a blocked weight has
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16"}
+# bytes written between two flushes to disk: what the writing adds to the page cache's dirty pages at most
+_FLUSH_BYTES = 256 << 20
+
+
+def _write_file(tmp: Path, path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as a safetensors file at ``tmp``, flush it to disk and rename it to ``path``.
+
+    In the safetensors format (an 8-byte header length, the JSON header, the tensors' bytes), written here
+    rather than by ``safetensors.torch.save_file`` so that the writing can be paced: written whole at once, 11 GB
+    of dirty pages filled the page cache while the first ``generate`` ran beside it (blip2-opt-2.7b on a 2-core
+    VM). Here the thread runs at the lowest CPU priority and flushes every 256 MB, so it takes the disk's pace
+    and the cores' idle time (the kernel's writeback and reclaim still take some of the cores).
+    safetensors' ``safe_open`` reads the file (and checks its header and size) like any other."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: this thread only
+    except (AttributeError, OSError):
+        pass
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    # spaces up to a page: the first weight starts on a page of the file and every other on 64 bytes (their sizes
+    # are whole 64-byte blocks), so a mapped weight is as aligned as an allocated one (8-byte aligned, as
+    # safetensors pads, the blocked products ran 8% slower)
+    blob += b" " * (-(8 + len(blob)) % 4096)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            unflushed = 0
+            for t in tensors.values():
+                data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()  # the tensor's own memory
+                for i in range(0, len(data), _FLUSH_BYTES):
+                    f.write(data[i:i + _FLUSH_BYTES])
+                    unflushed += min(_FLUSH_BYTES, len(data) - i)
+                    if unflushed >= _FLUSH_BYTES:
+                        f.flush()
+                        os.fdatasync(f.fileno())
+                        unflushed = 0
+            f.flush()
+            os.fsync(f.fileno())  # the bytes on disk before the name: a reader never maps a file of holes
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.info("blip2 layout cache: wrote %s (%.1f GB)", path, os.path.getsize(path) / 1e9)
+    except Exception as e:  # a full disk, a folder removed: the next load lays the weights out again
+        log.warning("blip2 layout cache: could not write %s (%s)", path, e)
+        tmp.unlink(missing_ok=True)
+
+
+def _sweep(path: Path) -> None:
+    """Remove from ``path``'s folder what no load will use: the same checkpoint's layouts under other keys,
+    layouts of checkpoints whose files are gone, and temporary files of processes that are gone."""
+    source = path.name.split("-")[0]
+    for f in path.parent.iterdir():
+        try:
+            if f.name.endswith(".tmp"):
+                pid = f.name.rsplit(".", 2)[-2]
+                if pid.isdigit() and not _alive(int(pid)):
+                    f.unlink()
+            elif f.name.endswith(".safetensors") and f != path:
+                if f.name.startswith(source + "-") or not _sources_exist(f):
+                    f.unlink()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _sources_exist(f: Path) -> bool:
+    sources = _sources(f)
+    return sources is not None and all(os.path.exists(p) for p in sources)
+
+
+def _sources(f: Path) -> list[str] | None:
+    """The weight files a layout was made from (None: not one of ours, or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as handle:
+            return list(json.loads((handle.metadata() or {})["files"]))
+    except Exception:
+        return None
+
+
+def layouts_of(files: Sequence[str]) -> list[Path]:
+    """The cached layouts made from any of these weight files (any dtype or key): to read them ahead, or
+    remove them."""
+    wanted = {os.path.realpath(f) for f in files}
+    folder = directory()
+    if not folder.is_dir():
+        return []
+    return [f for f in sorted(folder.glob("*.safetensors")) if wanted & set(_sources(f) or ())]
