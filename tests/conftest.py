@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the tests' checkpoints are temporary: their layouts must not land in the user's cache (test_layout_cache turns
+# the cache back on, in a folder of its own)
+os.environ["BLIP2_LAYOUT_CACHE"] = "0"
 # tiny models: one thread avoids oversubscription when tests share the cores
 torch.set_num_threads(1)
 
