@@ -19,7 +19,8 @@ from blip2 import Blip2ForConditionalGeneration
 from blip2.fast import kernels, layout_cache, linear
 from blip2.fast.layout_cache import _blocked_layers
 from blip2.mapped import unwritten
-from conftest import hf_blip2, pixel_batch, prompts_with_images, tiny_hf_config
+from conftest import hf_blip2, tiny_hf_config
+from test_fast_default import captions, inputs
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"the blocked layout needs the native kernels "
                                                            f"(AVX-512 or AVX2): {kernels.status()}")
@@ -53,17 +54,6 @@ def checkpoint(request, tmp_path):
     d = tmp_path / f"ckpt_{request.param}"
     hf_blip2(request.param, seed=3).save_pretrained(d)
     return request.param, str(d)
-
-
-def inputs(text: str) -> dict:
-    if text == "opt":
-        ids, mask = prompts_with_images([[2, 10, 11], [2, 20, 21]])
-        return dict(pixel_values=pixel_batch(2, seed=5), input_ids=ids, attention_mask=mask)
-    return dict(pixel_values=pixel_batch(2, seed=5))
-
-
-def captions(model, text: str) -> torch.Tensor:
-    return model.generate(**inputs(text), max_new_tokens=8)
 
 
 def plain_captions(d: str, text: str) -> torch.Tensor:
