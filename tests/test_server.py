@@ -340,6 +340,7 @@ def test_match_requests_are_batched_and_equal_direct_scores(tiny_retrieval_dir):
     ({"max_connections": 0}, "max_connections must be a whole number of at least 1, got 0"),
     ({"max_decodes": 1.5}, "max_decodes must be a whole number of at least 1, got 1.5"),
     ({"max_aspect": 0.5}, "max_aspect must be at least 1, got 0.5"),
+    ({"prefix_cache_mb": -1}, "prefix_cache_mb must be finite and at least 0, got -1"),
 ])
 def test_settings_name_what_is_wrong(change, message):
     with pytest.raises(ValueError) as info:
