@@ -156,8 +156,8 @@ def _run_worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int
         for f in layouts:
             f.unlink()
     _read_through(files + ([str(f) for f in layouts] if impl == "ours-mapped" else []))  # the layout read last
-    cmd = [sys.executable, __file__, "--worker", impl.removesuffix("-mapped"), "--dir", d, "--batches", str(batch), "--dtype", dtype,
-           "--fast", fast, "--calls", str(calls), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--worker", impl.removesuffix("-mapped"), "--dir", d, "--batches", str(batch),
+           "--dtype", dtype, "--fast", fast, "--calls", str(calls), "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} worker failed:\n{out.stderr[-3000:]}")

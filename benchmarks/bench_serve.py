@@ -6,7 +6,8 @@ with the same options. Clients stream chat completions through the OpenAI API: e
 questions about one image of a small pool (so images come back), each answer capped at 4 to 64 tokens (the
 random model runs to its cap). The same seeded load runs at several concurrencies; each level is bounded in
 requests and time (by default the time limit ends it: clients stay busy until then, and throughput is that of a
-loaded server, not of its last few chats). Reported: generated tokens/s, requests/s, p50/p95 latency and time to the first token.
+loaded server, not of its last few chats). Reported: generated tokens/s, requests/s, p50/p95 latency and time to
+the first token.
 
     python benchmarks/bench_serve.py              # writes the table between the bench-serve markers
     python benchmarks/bench_serve.py --quick      # a shorter run, nothing written

@@ -12,7 +12,7 @@ import torch
 from blip2.apps.pipeline import GenerationOptions, Pipeline, chat_prompt, question_prompt
 from blip2.apps.server.engine import ContinuousBatcher
 from blip2.apps.server.imagecache import ImageCache
-from blip2.apps.server.prefixcache import PrefixCache
+from blip2.apps.server.prefixcache import PrefixCache, common_length
 from blip2.apps.server.requests import Sampling
 from blip2.apps.server.rows import DecoderOnlyRows
 from test_server_engine import pixels, request
@@ -112,7 +112,8 @@ def test_a_chat_turn_prefills_only_its_tail_with_the_logits_and_tokens_of_a_whol
             got_load(j, j)
         assert greedy(rows, got_logits, got_starts, 8) == greedy(whole, ref_logits, ref_starts, 8)
     stored = len(starts[0].items) + 5
-    shared = sum(1 for a, b in zip(cache._entries[next(iter(cache._entries))].items, got_starts[0].items) if a == b)
+    (entry,) = cache._entries.values()
+    shared = common_length(entry.items, got_starts[0].items)
     assert cache.stats()["hits"] == 2 and cache.stats()["reused_tokens"] == 2 * min(shared, stored)
     assert shared > len(starts[0].items), "turn 2 did not reuse the answer's tokens"
 

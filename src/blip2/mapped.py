@@ -89,26 +89,31 @@ def release_pages(t: torch.Tensor) -> None:
     training, say) is anonymous memory holding the only copy of its values, and anonymous memory is never
     released. Pages ``t`` shares with its neighbours at either end are kept. Does nothing for a strided
     view, nor where ``/proc/self/pagemap`` or ``madvise`` are missing (not Linux)."""
-    if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous():
-        return
-    lo = -(-t.data_ptr() // _PAGE) * _PAGE
-    hi = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
-    madvise = _madvise()
-    if hi <= lo or madvise is None:
-        return
-    if _only_file_pages(lo, hi):
-        madvise(lo, hi - lo, mmap.MADV_DONTNEED)
+    span, madvise = _pages(t, inner=True), _madvise()
+    if span is not None and madvise is not None and _only_file_pages(*span):
+        madvise(span[0], span[1] - span[0], mmap.MADV_DONTNEED)
 
 
 def unwritten(t: torch.Tensor) -> bool:
     """Whether no page of CPU tensor ``t``, a view of a file mapped copy-on-write, has been written into since
     it was mapped (``/proc/self/pagemap``: none of its pages is anonymous memory), so that its values are the
     file's. False where that cannot be told (not Linux, a strided view)."""
-    if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous() or _madvise() is None:
-        return False
-    lo = t.data_ptr() // _PAGE * _PAGE
-    hi = -(-(t.data_ptr() + t.numel() * t.element_size()) // _PAGE) * _PAGE
-    return hi > lo and _only_file_pages(lo, hi)
+    span = _pages(t, inner=False)
+    return span is not None and _madvise() is not None and _only_file_pages(*span)
+
+
+def _pages(t: torch.Tensor, inner: bool) -> tuple[int, int] | None:
+    """The page-aligned addresses [lo, hi) of CPU tensor ``t``'s bytes: the pages wholly inside them (``inner``)
+    or every page they touch; None where there is no such page, or for a tensor whose memory is not its
+    elements in order (oneDNN's, a strided view)."""
+    if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous():
+        return None
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    if inner:
+        lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    else:
+        lo, hi = start // _PAGE * _PAGE, -(-end // _PAGE) * _PAGE
+    return (lo, hi) if hi > lo else None
 
 
 def _only_file_pages(lo: int, hi: int) -> bool:
@@ -130,13 +135,9 @@ def prefetch_pages(t: torch.Tensor) -> None:
     """Ask the kernel to read the pages of CPU tensor ``t`` ahead (``MADV_WILLNEED``): a mapped weight about to
     be copied whole otherwise faults its file's pages in a few at a time. Does nothing where ``madvise`` is
     missing."""
-    madvise = _madvise()
-    if t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous() or madvise is None:
-        return
-    lo = t.data_ptr() // _PAGE * _PAGE
-    hi = t.data_ptr() + t.numel() * t.element_size()
-    if hi > lo:
-        madvise(lo, hi - lo, mmap.MADV_WILLNEED)
+    span, madvise = _pages(t, inner=False), _madvise()
+    if span is not None and madvise is not None:
+        madvise(span[0], span[1] - span[0], mmap.MADV_WILLNEED)
 
 
 def _madvise() -> Callable[[int, int, int], int] | None:

@@ -60,9 +60,9 @@ from torch import Tensor
 from blip2._compat import register_fake
 from blip2.cache import cache_dir, private_dir
 
-__all__ = ["load", "ready", "status", "build_key", "row_product", "row_product_supports", "blocked_linear", "blocked_supports",
-           "block_weight", "blocked_shape", "unblock_weight", "screen_supports", "screen_weight", "greedy_head", "cache_dir", "cpu_flags",
-           "cpu_supported"]
+__all__ = ["load", "ready", "status", "build_key", "row_product", "row_product_supports", "blocked_linear",
+           "blocked_supports", "block_weight", "blocked_shape", "unblock_weight", "screen_supports", "screen_weight",
+           "greedy_head", "cache_dir", "cpu_flags", "cpu_supported"]
 
 log = logging.getLogger("blip2.fast.kernels")
 
