@@ -32,6 +32,23 @@ def logits(model, inputs):
 # -- dtype, attn_implementation, low_cpu_mem_usage -------------------------------------------------------
 
 
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_from_pretrained_draws_no_initial_values(hf_opt_dir, hf_t5_dir, text, monkeypatch):
+    """from_pretrained builds the model on the meta device for the checkpoint to fill: drawing initial values
+    there is wasted (and PyTorch's first random draw on meta imports torch._refs, ~1.5 s of every load), so
+    nothing is drawn. A model built on a real device is still initialised."""
+    drawn: list[str] = []
+    for name in ("normal_", "trunc_normal_"):
+        real = getattr(torch.nn.init, name)
+        monkeypatch.setattr(torch.nn.init, name,
+                            lambda t, *a, _real=real, **k: (drawn.append(t.device.type), _real(t, *a, **k))[1])
+    model = Blip2ForConditionalGeneration.from_pretrained((hf_opt_dir if text == "opt" else hf_t5_dir)[1])
+    assert drawn == []
+    fresh = Blip2ForConditionalGeneration(model.config)
+    assert drawn and set(drawn) == {"cpu"}
+    assert fresh.language_model.get_input_embeddings().weight.std() > 0
+
+
 def test_dtype_auto_is_the_checkpoints(hf_opt_dir, tmp_path):
     hf, _ = hf_opt_dir
     hf.to(torch.float16).save_pretrained(tmp_path)  # config.json says float16

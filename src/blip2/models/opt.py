@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from blip2.config import OPTConfig
 from blip2.generation import greedy_step
-from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention, device_of
+from blip2.models.layers import ACTIVATIONS, Embedding, KVCache, activation, attention, device_of
 
 __all__ = ["OPTForCausalLM", "OPTDecoding"]
 
@@ -107,8 +107,8 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
         d, e = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings + _POSITION_OFFSET, d)
+        self.embed_tokens = Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
+        self.embed_positions = Embedding(config.max_position_embeddings + _POSITION_OFFSET, d)
         # opt-350m embeds in 512 and runs in 1024
         self.project_in = nn.Linear(e, d, bias=False) if e != d else None
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
@@ -172,6 +172,8 @@ class OPTForCausalLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """The reference's initialisation: normal(0, init_std) weights, zero biases, unit norms."""
+        if self.lm_head.weight.is_meta:  # built on the meta device for a checkpoint to fill: nothing to draw
+            return
         std = self.config.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):

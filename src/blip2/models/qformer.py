@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from blip2.checkpoint import SubmodelMixin
 from blip2.config import Blip2QFormerConfig
-from blip2.models.layers import activation, attention
+from blip2.models.layers import Embedding, activation, attention
 from blip2.models.outputs import BaseModelOutputWithPoolingAndCrossAttentions, Recorder, finish
 
 __all__ = ["Blip2QFormerModel", "Blip2QFormerTextEmbeddings"]
@@ -46,8 +46,8 @@ class Blip2QFormerTextEmbeddings(nn.Module):
     def __init__(self, config: Blip2QFormerConfig) -> None:
         super().__init__()
         D = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, D, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, D)
+        self.word_embeddings = Embedding(config.vocab_size, D, padding_idx=config.pad_token_id)
+        self.position_embeddings = Embedding(config.max_position_embeddings, D)
 
     def forward(
         self,
@@ -205,6 +205,8 @@ class Blip2QFormerModel(SubmodelMixin, nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """BERT initialisation, as transformers does for a fresh model."""
+        if self.layernorm.weight.is_meta:  # built on the meta device for a checkpoint to fill: nothing to draw
+            return
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, nn.Linear):

@@ -64,7 +64,8 @@ class _Blip2QFormerBase(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-        nn.init.normal_(self.query_tokens, std=config.initializer_range)
+        if not self.query_tokens.is_meta:  # on the meta device a checkpoint fills it: nothing to draw
+            nn.init.normal_(self.query_tokens, std=config.initializer_range)
         self.qformer = Blip2QFormerModel(config.qformer_config)
 
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from blip2.config import T5Config
 from blip2.generation import greedy_step
-from blip2.models.layers import ACTIVATIONS, KVCache, activation, attention, device_of
+from blip2.models.layers import ACTIVATIONS, Embedding, KVCache, activation, attention, device_of
 
 __all__ = ["T5Decoding", "T5ForConditionalGeneration", "relative_position_bucket", "seq2seq_lm_loss",
            "shift_right"]
@@ -128,7 +128,7 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+            self.relative_attention_bias = Embedding(config.relative_attention_num_buckets, config.num_heads)
 
     def _heads(self, x: Tensor, n: int = 1) -> Tensor:  # [B, T, n*H*Dk] -> [B, H, T, Dk] (n == 1), [n, B, H, T, Dk]
         y = x.view(*x.shape[:2], n, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4)
@@ -283,7 +283,7 @@ class T5ForConditionalGeneration(nn.Module):
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, self.shared, is_decoder=False)
         self.decoder = T5Stack(config, self.shared, is_decoder=True)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)

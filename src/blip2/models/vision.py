@@ -161,6 +161,8 @@ class Blip2VisionModel(SubmodelMixin, nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise as transformers does for a fresh model (checkpoints overwrite all of it)."""
+        if self.post_layernorm.weight.is_meta:  # built on the meta device for a checkpoint to fill: nothing to draw
+            return
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
