@@ -5,9 +5,10 @@
 
 Modes (``MODES``; the commands' ``--fast``), each giving the plain model's tokens unless it says otherwise:
 - ``"none"``: the model as loaded.
-- ``"auto"``: the fastest exact mode this machine runs: ``"native"`` on a CPU where the kernels build,
-  ``"cuda-graph"`` on a GPU, else ``"fuse"``; the model unchanged where none applies (a PEFT adapter, weights
-  quantized at load, a model split over devices, no language model).
+- ``"auto"``: the fastest exact mode this machine runs: ``"native"`` on a CPU where the kernels build (the
+  vision encoder and Q-Former left as loaded: see ``native``), ``"cuda-graph"`` on a GPU, else ``"fuse"``; the
+  model unchanged where none applies (a PEFT adapter, weights quantized at load, a model split over devices,
+  no language model).
 - ``"fuse"``: the language model's projections that read one input in one product, every linear layer in
   the fastest weight layout for the device (on CPU: blip2's blocked layout for the language model where the
   native kernels build, oneDNN's for the vision encoder and Q-Former).
@@ -61,7 +62,8 @@ def apply(model: nn.Module, mode: str, batch: int = 1, **compile_kwargs: Any) ->
 
 
 def _apply(model: nn.Module, mode: str, batch: int, **compile_kwargs: Any) -> nn.Module:
-    if mode == "auto":
+    auto = mode == "auto"
+    if auto:
         try:
             mode = _fastest_exact(_language_model(model))
         except Unsupported:  # no speed-up applies (adapters, quantized at load, split, no language model)
@@ -73,7 +75,7 @@ def _apply(model: nn.Module, mode: str, batch: int, **compile_kwargs: Any) -> nn
         dynamic = mode == "int8-dynamic"
         return quantize_int8(model, vision=dynamic, dynamic=dynamic)
     if mode == "native":
-        return native(model)
+        return native(model, towers=not auto)
     if mode == "compile":
         return compile_decoding(model, batch, **compile_kwargs)
     if lm.get_input_embeddings().weight.device.type != "cuda":
@@ -179,17 +181,19 @@ def compile_decoding(model: nn.Module, batch: int = 1, native: bool = True, **co
     return model
 
 
-def native(model: nn.Module) -> nn.Module:
+def native(model: nn.Module, towers: bool = True) -> nn.Module:
     """CPU: decode with the native step (``blip2.fast.native``: the whole decoder in one C++ call per token,
     for all rows); nothing is compiled. The language model is laid out for any number of rows (blocked where
-    the kernels take the dtype; int8 stays int8: one row natively, several with the eager step), the vision
-    encoder and Q-Former packed as ``fuse`` packs them. Raises ``Unsupported`` saying why where the native
-    steps do not cover the model (GPU, fp16, kernels not built), before changing anything."""
+    the kernels take the dtype; int8 stays int8: one row natively, several with the eager step), and with
+    ``towers`` the vision encoder and Q-Former packed as ``fuse`` packs them. ``"auto"`` leaves them as loaded:
+    at blip2-opt-2.7b's size packing them costs about 4 s of the first call (a copy of 4 GB) and on an AVX2 CPU
+    their calls ran no faster packed (docs/BENCHMARKS.md, "Real size"). Raises ``Unsupported`` saying why
+    where the native steps do not cover the model (GPU, fp16, kernels not built), before changing anything."""
     lm = _language_model(model)
     check(lm.get_input_embeddings().weight)  # before changing the layout
     lay_out_for(lm, None)
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step)
-    for tower in _towers(model):
+    for tower in _towers(model) if towers else []:
         if fused_format(tower) is None:
             _pack(tower)
     return model
