@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from blip2 import Blip2Config, Blip2ForConditionalGeneration, fast
 from blip2.checkpoint import CheckpointError
-from blip2.mapped import release_pages
+from blip2.mapped import empty, release_pages
 from conftest import randomize_, tiny_hf_config
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps and pagemap")
@@ -107,6 +108,40 @@ def test_converted_weights_are_copies_and_in_place_ones_are_not(saved):
     assert torch.equal(lm_weight, state["language_model.model.decoder.layers.0.fc1.weight"].bfloat16())
     query = model.qformer.encoder.layer[0].attention.attention.query.weight  # kept fp32: the file's own bytes
     assert query.dtype == torch.float32 and _mapped_from(query) == str(root / "safetensors" / "model.safetensors")
+
+
+def _vm_flags(t: torch.Tensor) -> list[str]:
+    """The VmFlags of the mapping that holds ``t``'s first byte (/proc/self/smaps)."""
+    addr, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError("no mapping holds the tensor")
+
+
+@linux_only
+def test_fresh_large_tensors_ask_for_huge_pages_and_go_back_when_freed():
+    """mapped.empty (the blocked layout's and a conversion's memory): a large tensor is its own anonymous mapping
+    advised for 2 MB pages (VmFlags "hg"), holds what is written, and is unmapped with its last view; a small one
+    comes from torch's allocator."""
+    big = empty((64, 1 << 17), torch.float32)  # 32 MB
+    thp = os.path.exists("/sys/kernel/mm/transparent_hugepage")  # a kernel built without them refuses the advice
+    assert ("hg" in _vm_flags(big)) == thp and _mapped_from(big) is None
+    big.copy_(torch.arange(big.numel(), dtype=torch.float32).view(big.shape))
+    assert big[63, -1].item() == big.numel() - 1
+    view, addr = big[1:2], big.data_ptr()
+    del big
+    assert view[0, 0].item() == 1 << 17  # a view keeps the mapping
+    del view
+    with open("/proc/self/maps") as f:
+        assert not any(int(line.split("-")[0], 16) <= addr < int(line.split()[0].split("-")[1], 16) for line in f)
+    small = empty((4, 4), torch.bfloat16)
+    assert small.dtype == torch.bfloat16 and small.shape == (4, 4) and "hg" not in _vm_flags(small)
 
 
 @linux_only

@@ -325,6 +325,7 @@ def _write_file(tmp: Path, path: Path, tensors: dict[str, Tensor], metadata: dic
                     if unflushed >= _FLUSH_BYTES:
                         f.flush()
                         os.fdatasync(f.fileno())
+                        _drop_cached(f)
                         unflushed = 0
             f.flush()
             os.fsync(f.fileno())  # the bytes on disk before the name: a reader never maps a file of holes
@@ -338,6 +339,15 @@ def _write_file(tmp: Path, path: Path, tensors: dict[str, Tensor], metadata: dic
     except Exception as e:  # a full disk, a folder removed: the next load lays the weights out again
         log.warning("blip2 layout cache: could not write %s (%s)", path, e)
         tmp.unlink(missing_ok=True)
+
+
+def _drop_cached(f: Any) -> None:
+    """Drop what is written and flushed of ``f`` from the page cache. This process holds the layout in its own
+    memory, and kept cached the written file pushed out the pages the first calls read next (the vision
+    encoder's, mapped from the checkpoint): with blip2-opt-2.7b's 15 GB checkpoint and 11 GB layout in 23 GB,
+    the first call's vision encoder took 18.6 s instead of 4.3."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _sweep(path: Path) -> None:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from blip2.fast import kernels
 from blip2._compat import custom_op
-from blip2.mapped import prefetch_pages, release_pages
+from blip2.mapped import empty, prefetch_pages, release_pages
 from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
@@ -174,7 +174,7 @@ def _block(parts: Sequence[Tensor], release: bool, piece_bytes: int = 4 << 20) -
             _release(parts)
         parts, release = [whole], False
     n, k = sum(p.shape[0] for p in parts), parts[0].shape[1]
-    out = parts[0].new_empty(kernels.blocked_shape(n, k, parts[0].dtype))
+    out = empty(kernels.blocked_shape(n, k, parts[0].dtype), parts[0].dtype)  # (blocked weights are CPU only)
     rows = max(16, piece_bytes // max(1, k * parts[0].element_size()) // 16 * 16)  # whole blocks
     block = 0
     for part in parts:
