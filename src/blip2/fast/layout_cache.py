@@ -32,9 +32,10 @@ Safety, in the order checked (each failure is one log line and the model laid ou
   twice the file's size free.
 
 Writing happens in a background thread once the layout is done, from the laid-out weights, at the lowest CPU
-priority and the disk's pace, so the first ``generate`` does not wait for it (the process does, at exit); it
-still slows the calls beside it where memory and cores are short (~6 s of the first call for blip2-opt-2.7b in
-fp32 on a 2-core, 23 GB VM). Each write removes the checkpoint's older layouts (another key), layouts of
+priority and the disk's pace, so the first ``generate`` does not wait for it (the process does, at exit), and
+drops what it has flushed from the page cache (this process holds the layout in its own memory; cached, the
+file pushed out the checkpoint pages the next calls read). It still slows the calls beside it where memory and
+cores are short (a few seconds of the first call for blip2-opt-2.7b in fp32 on a 2-core, 23 GB VM). Each write removes the checkpoint's older layouts (another key), layouts of
 checkpoints that are gone and temporary files of dead processes.
 ``BLIP2_LAYOUT_CACHE=0`` turns the cache off.
 """
@@ -329,6 +330,7 @@ def _write_file(tmp: Path, path: Path, tensors: dict[str, Tensor], metadata: dic
                         unflushed = 0
             f.flush()
             os.fsync(f.fileno())  # the bytes on disk before the name: a reader never maps a file of holes
+            _drop_cached(f)
         os.replace(tmp, path)
         fd = os.open(path.parent, os.O_RDONLY)
         try:
