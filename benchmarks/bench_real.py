@@ -213,8 +213,9 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         f"- % of floor: the fewest seconds a call can take at the best {dtype} 1536^3 product rate and the best "
         f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time.",
         f"- ours (fast={fast}): " + ("from_pretrained's default: the fastest exact mode of the machine (native "
-                                     "where the kernels build, AVX-512 or AVX2, else fuse), laid out at the first "
-                                     "generate, which the first call's time includes." if fast == "auto" else
+                                     "where the kernels build, AVX-512 or AVX2, else fuse; the vision encoder and "
+                                     "Q-Former as loaded), laid out at the first generate, which the first call's "
+                                     "time includes." if fast == "auto" else
                                      f"from_pretrained(fast={fast!r}), applied at load.") +
         " The first process of a checkpoint (its cached layout removed before): it lays the language model out and "
         "writes that layout to the cache in the background (blip2.fast.layout_cache).",
