@@ -167,6 +167,43 @@ def test_release_drops_pages_of_a_mapped_weight_and_keeps_written_ones(saved):
     assert torch.equal(anonymous, copy)
 
 
+def _active_pages(t: torch.Tensor) -> tuple[int, int]:
+    """(pages of ``t``'s file in the page cache's active list, pages looked at): the page frames from
+    /proc/self/pagemap, their flags from /proc/kpageflags (KPF_ACTIVE, bit 6)."""
+    import numpy as np
+
+    lo, hi = -(-t.data_ptr() // 4096) * 4096, (t.data_ptr() + t.numel() * t.element_size()) // 4096 * 4096
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        frames = np.frombuffer(os.pread(f.fileno(), (hi - lo) // 4096 * 8, lo // 4096 * 8), dtype="<u8")
+    frames = frames & np.uint64((1 << 55) - 1)
+    with open("/proc/kpageflags", "rb", buffering=0) as f:
+        flags = [int.from_bytes(os.pread(f.fileno(), 8, int(x) * 8), "little") for x in frames if x]
+    return sum(fl >> 6 & 1 for fl in flags), len(flags)
+
+
+@pytest.mark.skipif(not os.access("/proc/kpageflags", os.R_OK), reason="page flags need root")
+def test_released_pages_are_the_first_the_kernel_reclaims(tmp_path):
+    """release_pages marks the file's pages cold (MADV_COLD) before unmapping them: copied, they are needed less
+    than the pages the next calls read, which the kernel would otherwise evict first (read once, against twice)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "w.safetensors")
+    save_file({"w": torch.randn(1024, 1024)}, path)
+    for _ in range(3):  # read more than once: the page cache's active list
+        with open(path, "rb") as f:
+            f.read()
+    w = safe_open(path, framework="pt").get_tensor("w")
+    w.sum()
+    active, seen = _active_pages(w)
+    assert seen > 1000 and active == seen
+    release_pages(w)
+    w2 = safe_open(path, framework="pt").get_tensor("w")
+    w2.sum()  # mapped again, from the page cache: the same pages, now inactive
+    active, seen = _active_pages(w2)
+    assert seen > 1000 and active < seen // 10
+
+
 @linux_only
 def test_fuse_after_an_in_place_edit_keeps_the_edit(saved):
     """Fusing releases each original once copied; an edit made since loading (pages that hold the only copy of
