@@ -44,9 +44,9 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     """An uninitialised CPU tensor, backed by 2 MB pages where the kernel gives them (``MADV_HUGEPAGE``): what
     costs in filling fresh memory is faulting its pages in one by one (blip2-opt-2.7b's blocked layout in fp32
     is 11 GB of them), and a 2 MB page faults once for 512 small ones. Filling 2 GB took 1.1-2.0 s in 4 KB pages
-    and 0.25 s in 2 MB ones on a 2-core VM, the whole layout of that model 7.3-8.1 s instead of 9.4-10.7 (memory
-    full of page cache: the kernel reclaims and compacts for each). Small tensors, and systems without the
-    advice, get torch's allocator. The memory goes back to the system when the last view of it is freed."""
+    and 0.25 s in 2 MB ones on a 2-core VM, the whole layout of that model 8.5-10.3 s instead of 11.2-13.9
+    (memory full of page cache: the kernel reclaims and compacts for each). Small tensors, and systems without
+    the advice, get torch's allocator. The memory goes back to the system when the last view of it is freed."""
     n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if n < _HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
@@ -108,10 +108,11 @@ def release_pages(t: torch.Tensor) -> None:
     For a tensor mapped from a file (the loaded weights) once it has been copied into another dtype or layout:
     the mapping lives as long as any tensor of its file, and with it every page read through it, so dropping
     the tensor frees nothing. ``madvise(MADV_DONTNEED)`` unmaps the pages; a later read maps them again from
-    the page cache. Before that ``MADV_COLD`` marks the file's pages the first the kernel reclaims under
+    the page cache. Before that ``MADV_COLD`` makes the file's pages the first the kernel reclaims under
     memory pressure: copied, they are needed less than the pages the next calls read (laying blip2-opt-2.7b out
     beside its 15 GB checkpoint in 23 GB, the kernel evicted the vision encoder's pages, read once, and kept
-    the language model's, read twice, and the first call's vision encoder took 17-20 s instead of ~5). Only if every page of ``t`` is a file's page: a private mapping's page written into (by
+    the language model's, read twice, and the first call's vision encoder took 17-20 s instead of ~5 in half
+    the runs). Only if every page of ``t`` is a file's page: a private mapping's page written into (by
     training, say) is anonymous memory holding the only copy of its values, and anonymous memory is never
     released. Pages ``t`` shares with its neighbours at either end are kept. Does nothing for a strided
     view, nor where ``/proc/self/pagemap`` or ``madvise`` are missing (not Linux)."""

@@ -35,8 +35,9 @@ Writing happens in a background thread once the layout is done, from the laid-ou
 priority and the disk's pace, so the first ``generate`` does not wait for it (the process does, at exit), and
 drops what it has flushed from the page cache (this process holds the layout in its own memory; cached, the
 file pushed out the checkpoint pages the next calls read). It still slows the calls beside it where memory and
-cores are short (a few seconds of the first call for blip2-opt-2.7b in fp32 on a 2-core, 23 GB VM). Each write removes the checkpoint's older layouts (another key), layouts of
-checkpoints that are gone and temporary files of dead processes.
+cores are short (blip2-opt-2.7b in fp32 on a 2-core, 23 GB VM: a few seconds of each call it overlaps). Each
+write removes the checkpoint's older layouts (another key), layouts of checkpoints that are gone and temporary
+files of dead processes.
 ``BLIP2_LAYOUT_CACHE=0`` turns the cache off.
 """
 
