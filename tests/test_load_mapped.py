@@ -127,7 +127,7 @@ def _vm_flags(t: torch.Tensor) -> list[str]:
 
 @linux_only
 def test_fresh_large_tensors_ask_for_huge_pages_and_go_back_when_freed(monkeypatch):
-    """mapped.empty (the blocked layout's and a conversion's memory): a large tensor is its own anonymous mapping
+    """mapped.empty (the blocked layout's memory): a large tensor is its own anonymous mapping
     advised for 2 MB pages (VmFlags "hg"), holds what is written, and is unmapped with its last view; a small one
     comes from torch's allocator."""
     big = empty((64, 1 << 17), torch.float32)  # 32 MB

@@ -27,7 +27,7 @@ def convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "c
         return t
     if not t.is_contiguous():  # (a strided view saved by torch.save) converted whole
         return t.to(device=device, dtype=dtype)
-    out = empty(t.shape, dtype) if device.type == "cpu" else torch.empty(t.shape, dtype=dtype, device=device)
+    out = torch.empty(t.shape, dtype=dtype, device=device)
     src, dst = t.reshape(-1), out.view(-1)
     step = max(1, _CONVERT_CHUNK // t.element_size())
     for i in range(0, src.numel(), step):
