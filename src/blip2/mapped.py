@@ -47,7 +47,7 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     and 0.25 s in 2 MB ones on a 2-core VM, the whole layout of that model 8.5-10.3 s instead of 11.2-13.9
     (memory full of page cache: the kernel reclaims and compacts for each). Small tensors, and systems without
     the advice, get torch's allocator. The memory goes back to the system when the last view of it is freed."""
-    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    n = torch.Size(shape).numel() * dtype.itemsize
     if n < _HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
     pages = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
