@@ -19,7 +19,7 @@ from blip2 import Blip2ForConditionalGeneration
 from blip2.fast import kernels, layout_cache, linear
 from blip2.fast.layout_cache import _blocked_layers
 from blip2.mapped import unwritten
-from conftest import hf_blip2, tiny_hf_config
+from conftest import cached_pages, hf_blip2, tiny_hf_config
 from test_fast_default import captions, inputs
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"the blocked layout needs the native kernels "
@@ -98,26 +98,6 @@ def test_a_later_load_maps_the_layout(checkpoint, cache, blocks):
     assert blocks
 
 
-def _cached_pages(path) -> int:
-    """How many of the file's pages are in the page cache (mincore on a mapping of it)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    size, page = os.path.getsize(path), mmap.PAGESIZE
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        vec = (ctypes.c_ubyte * (-(-size // page)))()
-        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
-        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
-    finally:
-        os.close(fd)
-    return sum(b & 1 for b in vec)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise and mincore")
 def test_the_written_layout_leaves_the_page_cache(checkpoint, cache, monkeypatch):
     """The first process holds its layout in its own memory; the file it writes is dropped from the page cache as
@@ -128,10 +108,10 @@ def test_the_written_layout_leaves_the_page_cache(checkpoint, cache, monkeypatch
     (name,) = layouts(cache)
     path = cache / name
     assert os.path.getsize(path) > 8 * 4096
-    assert _cached_pages(path) == 0
+    assert cached_pages(path) == 0
     with open(path, "rb") as f:
         f.read()
-    assert _cached_pages(path) > 0  # (what the check reads)
+    assert cached_pages(path) > 0  # (what the check reads)
 
 
 def test_every_way_of_laying_out_uses_it(checkpoint, cache, blocks):

@@ -170,6 +170,38 @@ def test_release_drops_pages_of_a_mapped_weight_and_keeps_written_ones(saved):
     assert torch.equal(anonymous, copy)
 
 
+def _present(t: torch.Tensor) -> int:
+    """How many of the pages wholly inside ``t`` are mapped in this process (/proc/self/pagemap, bit 63)."""
+    import numpy as np
+
+    lo, hi = -(-t.data_ptr() // 4096) * 4096, (t.data_ptr() + t.numel() * t.element_size()) // 4096 * 4096
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        entries = np.frombuffer(os.pread(f.fileno(), (hi - lo) // 4096 * 8, lo // 4096 * 8), dtype="<u8")
+    return int((entries >> np.uint64(63)).sum())
+
+
+@linux_only
+def test_release_reaches_back_over_neighbours_already_copied(tmp_path):
+    """``back`` releases that many bytes before the tensor too: the pages of neighbours already copied that a
+    read of the tensor mapped again (a fault maps the whole folio around the page read)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "ab.safetensors")
+    want = {"a": torch.randn(512, 512), "b": torch.randn(512, 512)}
+    save_file(want, path)  # 1 MB each, back to back
+    f = safe_open(path, framework="pt")
+    a, b = f.get_tensor("a"), f.get_tensor("b")
+    assert b.data_ptr() == a.data_ptr() + 2**20
+    a.sum(), b.sum()
+    assert _present(a) > 250 and _present(b) > 250
+    release_pages(b, back=2**19)  # b and the second half of a
+    assert _present(b) == 0
+    assert _present(a[:256]) >= 127  # (512 KB: 128 pages, 127 wholly inside where a starts mid-page)
+    assert _present(a[256:]) == 0
+    assert torch.equal(a, want["a"]) and torch.equal(b, want["b"])  # read again from the page cache
+
+
 def _active_pages(t: torch.Tensor) -> tuple[int, int]:
     """(pages of ``t``'s file in the page cache's active list, pages looked at): the page frames from
     /proc/self/pagemap, their flags from /proc/kpageflags (KPF_ACTIVE, bit 6)."""

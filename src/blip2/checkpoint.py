@@ -176,6 +176,9 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     unexpected: list[str] = []
 
     device_for = device if callable(device) else lambda _key: device
+    # the converted tensors just before the next in its file (they are stored back to back): the pages that
+    # reading the next maps around it are released with it (``convert``'s ``back``)
+    run, end = 0, -1
     for key, tensor in iter_checkpoint_tensors(directory, files):  # mapped: a skipped tensor is never read
         if key_prefix:
             if not key.startswith(key_prefix):
@@ -193,7 +196,10 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
                 f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
                 f"but the model expects {tuple(want.shape)}"
             )
-        loaded[key] = convert(tensor, _target_dtype(model, key, tensor.dtype, dtype), device_for(key))
+        back = run if tensor.data_ptr() == end else 0
+        loaded[key] = convert(tensor, _target_dtype(model, key, tensor.dtype, dtype), device_for(key), back)
+        nbytes = tensor.numel() * tensor.element_size()
+        run, end = (back + nbytes if loaded[key] is not tensor else 0), tensor.data_ptr() + nbytes
     if unexpected:
         shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
         raise CheckpointError(f"{directory}: unexpected keys in the checkpoint, not used by "
