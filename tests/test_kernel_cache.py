@@ -100,12 +100,16 @@ def test_a_cache_folder_that_is_not_private_is_not_used(fake, monkeypatch, caplo
         uid = os.getuid()
         monkeypatch.setattr(kernels.os, "getuid", lambda: uid + 1)
         reason = f"{folder} belongs to user {uid}, not to this one ({uid + 1})"
+    modes = []  # the private folder's mode when the library is loaded from it
+    monkeypatch.setattr(kernels.torch.ops, "load_library",
+                        lambda p: (loaded.append(p), modes.append(stat.S_IMODE(Path(p).parent.stat().st_mode))))
     with caplog.at_level(logging.WARNING, logger="blip2.fast.kernels"):
         assert load() == (True, 2)  # built again, elsewhere
     assert f"blip2 kernels: not using the cache ({reason}); building them for this process only" in caplog.text
     private = Path(loaded[-1]).parent
     assert private != folder and private.name.startswith("blip2-kernels-")
-    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert modes == [0o700]
+    assert not private.exists()  # removed once loaded: one process's folder, nothing left behind in /tmp
     assert library.read_bytes() == b"library 1"  # the cache was not written either
 
 

@@ -205,21 +205,25 @@ def _build(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-def _library(compiler: str, flags: set[str]) -> Path:
-    """A library built from the sources for this machine: the cached one if it can be trusted, else built
-    into the cache; where the cache cannot be used (not private, not writable), built into a private
-    temporary folder for this process."""
+def _library(compiler: str, flags: set[str]) -> tuple[Path, bool]:
+    """A library built from the sources for this machine, and whether it is this process's own: the cached one
+    if it can be trusted, else built into the cache; where the cache cannot be used (not private, not
+    writable), built into a private temporary folder for this process (its own: removed once loaded)."""
     path = _library_path(compiler, flags)
     try:
         private_dir(path.parent)
         if not _trusted(path):
             _build(compiler, path)
-        return path
+        return path, False
     except OSError as e:
         log.warning("blip2 kernels: not using the cache (%s); building them for this process only", e)
         path = Path(tempfile.mkdtemp(prefix="blip2-kernels-")) / path.name
-        _build(compiler, path)
-        return path
+        try:
+            _build(compiler, path)
+        except BaseException:
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise
+        return path, True
 
 
 def _unavailable(reason: str, warn: bool = False) -> bool:
@@ -253,8 +257,12 @@ def _load() -> bool:
     if compiler is None:
         return _unavailable("no C++ compiler (set $CXX, or install g++)")
     try:
-        path = _library(compiler, flags)
-        torch.ops.load_library(str(path))
+        path, own = _library(compiler, flags)
+        try:
+            torch.ops.load_library(str(path))
+        finally:
+            if own:  # a loaded library's mapping outlives its file; left, one folder a process piled up in /tmp
+                shutil.rmtree(path.parent, ignore_errors=True)
         _register_fake()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return _unavailable(f"the build or load failed: {e}", warn=True)
