@@ -100,6 +100,53 @@ def test_saving_over_the_loaded_checkpoint_keeps_both_models_whole(saved, tmp_pa
     assert torch.equal(again.state_dict()[key], state[key] + 1.0)
 
 
+def test_the_mapped_views_are_safetensors_tensors_each_with_its_own_storage(tmp_path):
+    """Every dtype, shape and offset as safetensors reads it (odd sizes put tensors at unaligned offsets; a
+    dtype we leave to safetensors comes from it), each view a storage of its own bytes: ``torch.save`` of one
+    writes that tensor, not the file."""
+    import io
+
+    from safetensors.torch import load_file, save_file
+
+    from blip2.checkpoint import iter_checkpoint_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "f64": torch.randn(3, generator=g).double(),
+               "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32),
+               "i16": torch.arange(-3, 4, dtype=torch.int16), "i8": torch.arange(-5, 6, dtype=torch.int8),
+               "u8": torch.arange(9, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+               "big": torch.randn(256, 1024, generator=g)}
+    if hasattr(torch, "float8_e4m3fn"):
+        tensors["f8"] = torch.randn(5, generator=g).to(torch.float8_e4m3fn)
+    if hasattr(torch, "uint16"):
+        tensors["u16"] = torch.arange(4, dtype=torch.int32).to(torch.uint16)  # left to safetensors
+    save_file(tensors, tmp_path / "model.safetensors")
+    want = load_file(tmp_path / "model.safetensors")
+    got = dict(iter_checkpoint_tensors(str(tmp_path)))
+    assert got.keys() == want.keys()
+    for key, t in got.items():
+        assert t.dtype == want[key].dtype and t.shape == want[key].shape, key
+        assert torch.equal(t.reshape(-1).view(torch.uint8), want[key].reshape(-1).view(torch.uint8)), key  # bytes
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
+    buffer = io.BytesIO()
+    torch.save(got["f32"], buffer)
+    assert len(buffer.getvalue()) < 4096  # (the file is 1 MB)
+
+
+def test_where_torch_cannot_map_the_file_safetensors_reads_it(saved, monkeypatch):
+    import blip2.checkpoint
+
+    def refuse(path):
+        raise OSError(f"{path}: no mapping here")
+
+    root, state = saved
+    monkeypatch.setattr(blip2.checkpoint, "safetensors_views", refuse)
+    model = Blip2ForConditionalGeneration.from_pretrained(root / "safetensors")
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+
+
 @linux_only
 def test_converted_weights_are_copies_and_in_place_ones_are_not(saved):
     root, state = saved

@@ -3,6 +3,7 @@ back once it has been copied (a mapping stays resident as long as any tensor of 
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Origin", "convert", "empty", "prefetch_pages", "release_pages", "unwritten"]
+__all__ = ["Origin", "convert", "empty", "prefetch_pages", "release_pages", "safetensors_views", "unwritten"]
 
 
 # bytes converted at a time: the source pages of each piece are released before the next is read
@@ -58,6 +59,36 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     except OSError:  # transparent huge pages compiled out: small pages, as torch's would be
         pass
     return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor holds the mapping
+
+
+# safetensors' dtype names; a tensor of another (unsigned wider than 8 bits, ...) is left to safetensors
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool,
+                       **({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+                          if hasattr(torch, "float8_e5m2") else {})}
+
+
+def safetensors_views(path: str) -> Callable[[str], torch.Tensor | None]:
+    """For a safetensors file whose header safetensors has checked: ``view(key)``, the tensor under ``key`` as a
+    view of one private (copy-on-write) mapping of the file, None for a dtype left to safetensors. Each view
+    has a storage of its own bytes alone (what ``torch.save`` of it writes), and making it reads nothing: a
+    tensor made from the bytes (``torch.asarray``, as safetensors does) touches its first page."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    base = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+    data = 8 + n
+
+    def view(key: str) -> torch.Tensor | None:
+        entry = header[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            return None
+        begin, end = entry["data_offsets"]
+        return torch.empty(0, dtype=dtype).set_(base[data + begin:data + end], 0, entry["shape"])
+
+    return view
 
 
 @dataclass(frozen=True)
