@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -104,6 +105,22 @@ def _drop_from_page_cache(directory) -> None:
         assert cached_pages(f) < os.path.getsize(f) // 4096 // 100, "the file is still in the page cache"
 
 
+def _in_page_cache(tensors) -> float:
+    """The share of the pages of CPU tensors ``tensors`` (views of mapped files) in the page cache (mincore of
+    this process's mapping: whether the file's page is cached, mapped here or not)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    cached = total = 0
+    for t in tensors:
+        lo = t.data_ptr() // 4096 * 4096
+        hi = -(-(t.data_ptr() + t.numel() * t.element_size()) // 4096) * 4096
+        vec = (ctypes.c_ubyte * ((hi - lo) // 4096))()
+        assert libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), vec) == 0, ctypes.get_errno()
+        cached, total = cached + sum(b & 1 for b in vec), total + len(vec)
+    return cached / total
+
+
 def test_loading_a_file_not_in_the_page_cache_reads_none_of_it(fp32_checkpoint):
     """A load after the files left the page cache (a reboot, a fresh download, a big machine's other work) reads
     nothing but the headers: every weight is read when first used, and weights a cached layout replaces never.
@@ -146,6 +163,31 @@ def test_converting_load_holds_one_copy_then_int8(fp32_checkpoint):
     # 1.05 is the goal at real size; here the weights are 240 MB, and the quantizer's per-layer buffers and
     # the allocator's arenas (a few MB) move the ratio between 1.01 and 1.06 from run to run
     assert r["peak"] < 1.08, r
+
+
+def test_the_weights_a_first_call_reads_first_are_read_ahead(fp32_checkpoint, tmp_path):
+    """The vision encoder's and the Q-Former's weights, which a first call reads first, are read ahead in the
+    background after a load; the language model's are not (a cached layout may replace them). The file is
+    written again with them last (safetensors orders by name), far from the header's reads."""
+    from safetensors.torch import load_file, save_file
+
+    from blip2 import Blip2ForConditionalGeneration
+
+    [f] = fp32_checkpoint.glob("*.safetensors")
+    save_file(load_file(f), tmp_path / f.name, metadata={"format": "pt"})
+    (tmp_path / "config.json").write_bytes((fp32_checkpoint / "config.json").read_bytes())
+    _drop_from_page_cache(tmp_path)
+    model = Blip2ForConditionalGeneration.from_pretrained(tmp_path)
+    for thread in threading.enumerate():
+        if thread.name == "blip2-prefetch":
+            thread.join(timeout=60)
+    first = [t for part in (model.vision_model, model.qformer) for t in part.state_dict().values()]
+    assert min(t.data_ptr() for t in first) - min(p.data_ptr() for p in model.parameters()) > 400e6  # (last)
+    assert _in_page_cache(first) == 1.0
+    lm = [t for t in model.language_model.state_dict().values() if t.numel() * t.element_size() > 2**20]
+    assert _in_page_cache(lm) < 0.05
+    del model, first, lm
+    gc.collect()
 
 
 def test_converting_a_file_read_from_disk_holds_one_copy(fp32_checkpoint):

@@ -25,7 +25,7 @@ from torch import nn
 from blip2.config import Blip2Config
 from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, read_json, resolve_dir
 from blip2.loading import LoadOptions, check_flash_attention, config_dtype
-from blip2.mapped import Origin, convert, safetensors_views
+from blip2.mapped import Origin, convert, prefetch_in_background, safetensors_views
 from blip2.model_utils import ModelUtilitiesMixin
 from blip2.placement import device_for_key, dispatch, plan_layers, resolve_device_map
 from blip2.quantized import QuantizationError, check_available, parse_quantization_config, quantize_language_model
@@ -400,6 +400,9 @@ class PretrainedMixin(ModelUtilitiesMixin):
         if quant is None and placement is None:
             # which tensors are still the files' (blip2.fast.layout_cache: a layout made from them is the files')
             model._origin = Origin.of(files, model)
+            # the first weights a first call reads, read ahead while the caller prepares its inputs
+            prefetch_in_background(t for part in ("vision_model", "qformer") if hasattr(model, part)
+                                   for t in nn.Module.state_dict(getattr(model, part), keep_vars=True).values())
         if quant is not None:
             quantize_language_model(model, quant, first)
             model.to(first)

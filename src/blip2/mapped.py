@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["Origin", "convert", "empty", "prefetch_pages", "release_pages", "safetensors_views", "unwritten"]
+__all__ = ["Origin", "convert", "empty", "prefetch_in_background", "prefetch_pages", "release_pages", "safetensors_views",
+           "unwritten"]
 
 
 # bytes converted at a time: the source pages of each piece are released before the next is read
@@ -219,6 +221,18 @@ def _folio_bytes() -> int:
         except (OSError, ValueError):
             _FOLIO.append(2 << 20)
     return _FOLIO[0]
+
+
+def prefetch_in_background(tensors: Iterable[torch.Tensor]) -> threading.Thread:
+    """``prefetch_pages`` of each CPU tensor of ``tensors``, in order, from a thread of its own (for a file not in
+    the page cache each request waits on the disk): what ``from_pretrained`` does for the weights a first call
+    reads first, the vision encoder's. Read by the call's page faults instead, the kernel reads a little
+    ahead of each (blip2-opt-2.7b's vision encoder took 13.4-13.7 s in the first call after its file left the
+    page cache, 10.4-11.6 s with its 4 GB read ahead, 4.4 s from the page cache)."""
+    todo = [t for t in tensors if t.device.type == "cpu"]
+    thread = threading.Thread(target=lambda: [prefetch_pages(t) for t in todo], name="blip2-prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _madvise() -> Callable[[int, int, int], int] | None:
