@@ -1,6 +1,7 @@
 """Real-size captioning against transformers: the published BLIP-2 architectures, random weights.
 
     python benchmarks/bench_real.py [--presets blip2-opt-2.7b blip2-flan-t5-xl] [--batches 1 8] [--dtype bf16]
+                                    [--cold]
 
 The checkpoints are written once, without any download: the published config (tests/data), random weights
 (normal, std 0.02; norms 1, biases 0) written straight to sharded safetensors in the stored dtype, the way a
@@ -41,9 +42,11 @@ NEW_TOKENS = 12
 SHARD_BYTES = 2 * 2**30
 
 
-def markers(dtype: str) -> tuple[str, str]:
-    """The docs' markers of this dtype's table (one table per dtype)."""
-    return f"<!-- bench-real-{dtype}:start -->", f"<!-- bench-real-{dtype}:end -->"
+def markers(dtype: str, cold: bool = False) -> tuple[str, str]:
+    """The docs' markers of this dtype's table (one table per dtype, and one with the files out of the page
+    cache)."""
+    name = f"bench-real-{dtype}" + ("-cold" if cold else "")
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def checkpoint(preset: str, dtype: str) -> str:
@@ -147,7 +150,19 @@ def _read_through(files: list[str]) -> None:
                 pass
 
 
-def _run_worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int, threads: int) -> dict:
+def _drop(files: list[str]) -> None:
+    """Drop these files from the page cache, as after a reboot: each worker reads them from the disk."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _run_worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int, threads: int,
+                cold: bool = False) -> dict:
     from blip2.fast import layout_cache
 
     files = _weight_files(d)
@@ -155,7 +170,11 @@ def _run_worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int
     if impl == "ours":  # a first process: no layout on disk yet
         for f in layouts:
             f.unlink()
-    _read_through(files + ([str(f) for f in layouts] if impl == "ours-mapped" else []))  # the layout read last
+        layouts = []
+    if cold:
+        _drop(files + [str(f) for f in layouts])
+    else:
+        _read_through(files + ([str(f) for f in layouts] if impl == "ours-mapped" else []))  # the layout last
     cmd = [sys.executable, __file__, "--worker", impl.removesuffix("-mapped"), "--dir", d, "--batches", str(batch),
            "--dtype", dtype, "--fast", fast, "--calls", str(calls), "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -171,12 +190,15 @@ def _weights_bytes(d: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
 
 
-def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: int, threads: int) -> Table:
+def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: int, threads: int,
+        cold: bool = False) -> Table:
     from blip2.fast import kernels, layout_cache
 
     torch.set_num_threads(threads)
     kernels.load()  # as the workers do (built once per machine), so that the notes say whether they load
-    table = Table(f"Real size: captioning, {NEW_TOKENS} new tokens, greedy, {dtype} (cpu, {threads} thread(s))",
+    where = ", the files out of the page cache" if cold else ""
+    table = Table(f"Real size: captioning, {NEW_TOKENS} new tokens, greedy, {dtype} (cpu, {threads} thread(s)"
+                  f"{where})",
                   ["model", "images", "implementation", "load s", "first call s", "next call s",
                    "time to first caption s", "x transformers (first caption)", "x transformers (next)",
                    "peak RSS / weights", "% of floor", "tokens"])
@@ -187,11 +209,11 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         weights = _weights_bytes(d)
         config = Blip2Config.from_pretrained(d)
         for batch in batches:
-            hf = _run_worker("transformers", d, batch, dtype, fast, calls, threads)
-            ours = _run_worker("ours", d, batch, dtype, fast, calls, threads)
+            hf = _run_worker("transformers", d, batch, dtype, fast, calls, threads, cold)
+            ours = _run_worker("ours", d, batch, dtype, fast, calls, threads, cold)
             rows = [("transformers", hf), (f"ours (fast={fast})", ours)]
             if layout_cache.layouts_of(_weight_files(d)):  # the first process wrote its layout: a later one maps it
-                mapped = _run_worker("ours-mapped", d, batch, dtype, fast, calls, threads)
+                mapped = _run_worker("ours-mapped", d, batch, dtype, fast, calls, threads, cold)
                 rows.append((f"ours (fast={fast}), later process", mapped))
             ids = decode_inputs(config, batch)[1]
             flops = product_flops(config, ids.shape[1], NEW_TOKENS, batch)
@@ -208,8 +230,10 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
     table.notes += [
         f"{machine()}. Random weights of the published architectures (tests/data configs), written to sharded "
         f"safetensors in {dtype}; each implementation in a process of its own, one after the other; "
-        f"{calls} calls each, the checkpoint read through the page cache before each. Peak RSS is the process's "
-        f"high-water mark over the checkpoint's bytes.",
+        f"{calls} calls each, " + ("the checkpoint and any cached layout dropped from the page cache before each "
+                                   "(as after a reboot: each reads from the disk). " if cold else
+                                   "the checkpoint read through the page cache before each. ") +
+        "Peak RSS is the process's high-water mark over the checkpoint's bytes.",
         f"- % of floor: the fewest seconds a call can take at the best {dtype} 1536^3 product rate and the best "
         f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time.",
         f"- ours (fast={fast}): " + ("from_pretrained's default: the fastest exact mode of the machine (native "
@@ -220,7 +244,8 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         " The first process of a checkpoint (its cached layout removed before): it lays the language model out and "
         "writes that layout to the cache in the background (blip2.fast.layout_cache).",
         "- later process: the same, once the layout is on disk: the language model's blocked weights are mapped "
-        "from it (the layout file read through the page cache before, after the checkpoint).",
+        "from it" + (" (read from the disk too)." if cold else
+                     " (the layout file read through the page cache before, after the checkpoint)."),
     ]
     if dtype == "bf16":
         table.notes += [
@@ -249,6 +274,7 @@ def main() -> None:
     p.add_argument("--fast", default="auto")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--cold", action="store_true", help="drop the files from the page cache before each process")
     p.add_argument("--docs", action="store_true", help=f"write the table into {os.path.relpath(BENCHMARKS)}")
     p.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -257,10 +283,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(worker(args.worker, args.dir, args.batches[0], args.dtype, args.fast, args.calls)))
         return
-    table = run(args.presets, args.batches, args.dtype, args.fast, args.calls, args.threads)
+    table = run(args.presets, args.batches, args.dtype, args.fast, args.calls, args.threads, args.cold)
     print(table.markdown())
     if args.docs:
-        write_results(table.markdown(), *markers(args.dtype))
+        write_results(table.markdown(), *markers(args.dtype, args.cold))
 
 
 if __name__ == "__main__":
