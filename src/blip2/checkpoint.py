@@ -104,10 +104,10 @@ def _read_safetensors(fpath: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of a safetensors file, in file order, each a view of one private mapping of the file.
 
     safetensors checks the header before anything is mapped (its length, JSON, dtypes, shapes and offsets
-    against the file's size), so a malformed or truncated file fails here, naming the file. The views are
-    ``mapped.safetensors_views``': safetensors' own touch each tensor's first page, and for a file not in the
-    page cache each touch reads megabytes ahead (5.6 GB of blip2-opt-2.7b's 15.5 GB, 4-6 s of a load after the
-    files left the cache), most of it weights that a cached layout replaces."""
+    against the file's size), so a malformed or truncated file fails here, naming the file. The views are made
+    by ``mapped.safetensors_views``, without reading: safetensors' own tensors touch their first page, and for
+    a file not in the page cache each touch reads megabytes ahead (5.6 GB of blip2-opt-2.7b's 15.5 GB, 4-6 s of
+    a load after the files left the cache), most of it weights that a cached layout replaces."""
     from safetensors import SafetensorError, safe_open
 
     key = None

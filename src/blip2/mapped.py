@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Origin", "convert", "empty", "prefetch_in_background", "prefetch_pages", "release_pages", "safetensors_views",
-           "unwritten"]
+__all__ = ["Origin", "convert", "empty", "prefetch_in_background", "prefetch_pages", "release_pages",
+           "safetensors_views", "unwritten"]
 
 
 # bytes converted at a time: the source pages of each piece are released before the next is read
@@ -228,7 +228,7 @@ def prefetch_in_background(tensors: Iterable[torch.Tensor]) -> threading.Thread:
     the page cache each request waits on the disk): what ``from_pretrained`` does for the weights a first call
     reads first, the vision encoder's. Read by the call's page faults instead, the kernel reads a little
     ahead of each (blip2-opt-2.7b's vision encoder took 13.4-13.7 s in the first call after its file left the
-    page cache, 10.4-11.6 s with its 4 GB read ahead, 4.4 s from the page cache)."""
+    page cache, 9.8-11.6 s with its 4 GB read ahead, 4.4 s from the page cache)."""
     todo = [t for t in tensors if t.device.type == "cpu"]
     thread = threading.Thread(target=lambda: [prefetch_pages(t) for t in todo], name="blip2-prefetch", daemon=True)
     thread.start()
