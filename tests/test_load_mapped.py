@@ -136,6 +136,7 @@ def test_the_mapped_views_are_safetensors_tensors_each_with_its_own_storage(tmp_
 
 
 def test_where_torch_cannot_map_the_file_safetensors_reads_it(saved, monkeypatch):
+    """The views need ``torch.UntypedStorage.from_file``; where it fails, safetensors' own tensors are loaded."""
     import blip2.checkpoint
 
     def refuse(path):

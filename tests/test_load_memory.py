@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -183,6 +184,9 @@ def test_the_weights_a_first_call_reads_first_are_read_ahead(fp32_checkpoint, tm
             thread.join(timeout=60)
     first = [t for part in (model.vision_model, model.qformer) for t in part.state_dict().values()]
     assert min(t.data_ptr() for t in first) - min(p.data_ptr() for p in model.parameters()) > 400e6  # (last)
+    deadline = time.monotonic() + 10  # (the reads asked for may still be under way)
+    while _in_page_cache(first) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _in_page_cache(first) == 1.0
     lm = [t for t in model.language_model.state_dict().values() if t.numel() * t.element_size() > 2**20]
     assert _in_page_cache(lm) < 0.05
