@@ -179,6 +179,19 @@ def tiny_retrieval_dir(tmp_path_factory) -> str:
     return str(directory)
 
 
+def _mincore(addr: int, size: int) -> tuple[int, int]:
+    """(pages of the addresses [addr, addr + size) whose file page is in the page cache, pages): mincore(2)."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    lo, hi = addr // page * page, -(-(addr + size) // page) * page
+    vec = (ctypes.c_ubyte * ((hi - lo) // page))()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec), len(vec)
+
+
 def cached_pages(path) -> int:
     """How many of the file's pages are in the page cache (mincore on a mapping of it)."""
     import ctypes
@@ -187,13 +200,20 @@ def cached_pages(path) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    size, page = os.path.getsize(path), mmap.PAGESIZE
+    size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        vec = (ctypes.c_ubyte * (-(-size // page)))()
-        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
-        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+        try:
+            return _mincore(addr, size)[0]
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
     finally:
         os.close(fd)
-    return sum(b & 1 for b in vec)
+
+
+def cached_share(tensors) -> float:
+    """The share of the pages of CPU tensors ``tensors`` (views of mapped files) whose file page is in the page
+    cache, mapped in this process or not."""
+    counts = [_mincore(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
+    return sum(c for c, _ in counts) / sum(n for _, n in counts)

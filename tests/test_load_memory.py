@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import cached_pages, tiny_hf_config
+from conftest import cached_pages, cached_share, tiny_hf_config
 from random_weights import write_random_checkpoint
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
@@ -106,20 +106,11 @@ def _drop_from_page_cache(directory) -> None:
         assert cached_pages(f) < os.path.getsize(f) // 4096 // 100, "the file is still in the page cache"
 
 
-def _in_page_cache(tensors) -> float:
-    """The share of the pages of CPU tensors ``tensors`` (views of mapped files) in the page cache (mincore of
-    this process's mapping: whether the file's page is cached, mapped here or not)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    cached = total = 0
-    for t in tensors:
-        lo = t.data_ptr() // 4096 * 4096
-        hi = -(-(t.data_ptr() + t.numel() * t.element_size()) // 4096) * 4096
-        vec = (ctypes.c_ubyte * ((hi - lo) // 4096))()
-        assert libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), vec) == 0, ctypes.get_errno()
-        cached, total = cached + sum(b & 1 for b in vec), total + len(vec)
-    return cached / total
+def _wait_for_read_ahead() -> None:
+    """Join the threads reading weights ahead after a load (``mapped.prefetch_in_background``)."""
+    for thread in threading.enumerate():
+        if thread.name == "blip2-prefetch":
+            thread.join(timeout=60)
 
 
 def test_loading_a_file_not_in_the_page_cache_reads_none_of_it(fp32_checkpoint):
@@ -136,6 +127,7 @@ def test_loading_a_file_not_in_the_page_cache_reads_none_of_it(fp32_checkpoint):
     assert cached_pages(f) * 4096 < 16 << 20, "the load read the file"
     weight = model.language_model.model.decoder.layers[3].fc1.weight  # 9 MB, read now from disk
     assert weight.abs().sum() > 0 and cached_pages(f) >= weight.numel() * 4 // 4096  # (what the check sees)
+    _wait_for_read_ahead()
     del model, weight
     gc.collect()  # unmapped: the next test can drop the file from the page cache again
 
@@ -179,17 +171,15 @@ def test_the_weights_a_first_call_reads_first_are_read_ahead(fp32_checkpoint, tm
     (tmp_path / "config.json").write_bytes((fp32_checkpoint / "config.json").read_bytes())
     _drop_from_page_cache(tmp_path)
     model = Blip2ForConditionalGeneration.from_pretrained(tmp_path)
-    for thread in threading.enumerate():
-        if thread.name == "blip2-prefetch":
-            thread.join(timeout=60)
+    _wait_for_read_ahead()
     first = [t for part in (model.vision_model, model.qformer) for t in part.state_dict().values()]
     assert min(t.data_ptr() for t in first) - min(p.data_ptr() for p in model.parameters()) > 400e6  # (last)
     deadline = time.monotonic() + 10  # (the reads asked for may still be under way)
-    while _in_page_cache(first) < 1.0 and time.monotonic() < deadline:
+    while cached_share(first) < 1.0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _in_page_cache(first) == 1.0
+    assert cached_share(first) == 1.0
     lm = [t for t in model.language_model.state_dict().values() if t.numel() * t.element_size() > 2**20]
-    assert _in_page_cache(lm) < 0.05
+    assert cached_share(lm) < 0.05
     del model, first, lm
     gc.collect()
 
