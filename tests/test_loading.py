@@ -262,7 +262,20 @@ def test_bitsandbytes_layers_replace_the_language_models_linears(hf_opt_dir, inp
     assert type(model.language_model.lm_head) is torch.nn.Linear  # the head stays, as transformers leaves it
     assert type(model.language_projection) is torch.nn.Linear
     got = logits(model.to("cuda") if CUDA else model, [t.to(model.device) for t in inputs]).cpu()
-    assert 0 < (got - base).abs().max() < (0.05 if bits == 8 else 0.3) * base.abs().max()
+    assert 0 < (got - base).abs().max()
+    if bits == 8:  # int8 weights and inputs: near the float model
+        assert (got - base).abs().max() < 0.05 * base.abs().max()
+        return
+    # nf4 moves a tiny random model's logits by a third of their range (2.3 of 6.5): instead, exactly the logits
+    # of the float model given the 4-bit weights, dequantized
+    reference = Blip2ForConditionalGeneration.from_pretrained(d, fast="none")
+    plain = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, kind):
+                plain[name].weight.copy_(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).cpu())
+    want = logits(reference, inputs)
+    assert (got - want).abs().max() < (1e-2 if CUDA else 1e-4) * want.abs().max()
 
 
 @pytest.mark.skipif(not CUDA, reason="bitsandbytes loading runs on CUDA")
