@@ -224,3 +224,46 @@ def test_first_generate_from_two_threads(checkpoint):
         lazy.apply = original
     assert len(applied) == 1 and len(results) == 2
     assert all(torch.equal(r, want) for r in results)
+
+
+def test_a_large_model_is_laid_out_at_its_second_generate(checkpoint, monkeypatch, caplog):
+    """Past ``LATER_BYTES`` on a CPU with no cached layout (the tests turn the cache off), the first generate
+    runs as loaded and the second lays the model out, with the plain tokens throughout; ``lay_out`` does it
+    at once."""
+    text, d = checkpoint
+    monkeypatch.setattr(lazy, "LATER_BYTES", 0)
+    want = captions(Blip2ForConditionalGeneration.from_pretrained(d, fast="none"), text)
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    with caplog.at_level("INFO", logger="blip2.fast.lazy"):
+        assert torch.equal(captions(model, text), want)
+    assert not laid_out(model) and "laid out for the fast path at the next" in caplog.text
+    assert torch.equal(captions(model, text), want)
+    layers = fused_layers(model)
+    assert layers
+    model.train()
+    model.eval()  # undone and laid out again: at the next generate, not one later
+    assert torch.equal(captions(model, text), want) and laid_out(model)
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    lazy.lay_out(model)
+    assert laid_out(model) and torch.equal(captions(model, text), want)
+    monkeypatch.setattr(lazy, "LATER_BYTES", 1 << 30)  # the tiny model: at its first generate
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    captions(model, text)
+    assert laid_out(model)
+
+
+def test_the_pipeline_keeps_the_layout_between_calls(tiny_model_dir):
+    """The Pipeline leaves "auto" to generate, and nothing it does between calls (its device, its decoding)
+    undoes the layout: the second call runs on the same layers."""
+    from blip2.apps.pipeline import GenerationOptions, Pipeline
+
+    pipe = Pipeline.load(tiny_model_dir, device="cpu")
+    assert pipe.model.fast == "auto" and not laid_out(pipe.model)
+    plain = Pipeline.load(tiny_model_dir, device="cpu", fast="none")
+    options = GenerationOptions(max_new_tokens=5)
+    got = pipe.generate(pixel_batch(2, seed=4), ["", "a photo of"], options)
+    layers = {id(m) for m in fused_layers(pipe.model)}
+    assert layers and pipe.device == torch.device("cpu")
+    assert pipe.generate(pixel_batch(2, seed=4), ["", "a photo of"], options) == got
+    assert {id(m) for m in fused_layers(pipe.model)} == layers
+    assert got == plain.generate(pixel_batch(2, seed=4), ["", "a photo of"], options)

@@ -19,7 +19,7 @@ from blip2 import Blip2ForConditionalGeneration
 from blip2.fast import kernels, layout_cache, linear
 from blip2.fast.layout_cache import _blocked_layers
 from blip2.mapped import unwritten
-from conftest import cached_pages, hf_blip2, tiny_hf_config
+from conftest import cached_pages, hf_blip2, pixel_batch, tiny_hf_config
 from test_fast_default import captions, inputs
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"the blocked layout needs the native kernels "
@@ -129,15 +129,40 @@ def test_every_way_of_laying_out_uses_it(checkpoint, cache, blocks):
 
 
 def test_the_pipeline_uses_it(tiny_model_dir, cache, blocks):
-    """The Pipeline (the commands, the server) applies its mode at load: the first load writes, the next maps."""
-    from blip2.apps.pipeline import Pipeline
+    """The Pipeline (the commands, the server) lays "auto" out at its first generate, native at load: the first
+    process writes, the next maps."""
+    from blip2.apps.pipeline import GenerationOptions, Pipeline
 
-    Pipeline.load(tiny_model_dir, device="cpu", dtype="float32", fast="auto")
+    pipe = Pipeline.load(tiny_model_dir, device="cpu", dtype="float32", fast="auto")
+    assert not blocks
+    pipe.generate(pixel_batch(1, seed=2), [""], GenerationOptions(max_new_tokens=3))
     layout_cache.wait()
     assert blocks and layouts(cache)
     blocks.clear()
-    Pipeline.load(tiny_model_dir, device="cpu", dtype="float32", fast="auto")
+    Pipeline.load(tiny_model_dir, device="cpu", dtype="float32", fast="native")
     assert not blocks
+
+
+def test_a_large_model_waits_for_its_second_generate_only_without_a_cached_layout(checkpoint, cache, blocks,
+                                                                                   monkeypatch):
+    """Where laying out waits for the second generate (``lazy.LATER_BYTES``), a process that finds the layout in
+    the cache maps it at its first."""
+    from blip2.fast import lazy
+    from test_fast_default import laid_out
+
+    monkeypatch.setattr(lazy, "LATER_BYTES", 0)
+    text, d = checkpoint
+    want = plain_captions(d, text)
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    assert torch.equal(captions(model, text), want)
+    assert not blocks and not laid_out(model) and not layouts(cache)
+    assert torch.equal(captions(model, text), want)
+    layout_cache.wait()
+    assert blocks and laid_out(model) and len(layouts(cache)) == 1
+    blocks.clear()
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    assert torch.equal(captions(model, text), want)
+    assert laid_out(model) and not blocks
 
 
 def test_the_key_follows_the_checkpoint_files(checkpoint, cache, blocks, tmp_path):

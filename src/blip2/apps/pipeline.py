@@ -173,7 +173,9 @@ class Pipeline:
             processor = Blip2Processor.from_pretrained(directory)
         except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
-        if hasattr(net, "language_model"):  # retrieval checkpoints have no fast paths
+        # retrieval checkpoints have no fast paths; "auto" is from_pretrained's default, laid out by generate
+        # (blip2.fast.lazy: at once, or at the second call where laying out costs a call of its own)
+        if hasattr(net, "language_model") and fast != "auto":
             net.fast = "none"  # the mode is applied here, for good: generate adds no layout of its own
             try:
                 apply_fast(net, fast)
@@ -183,7 +185,7 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.query_tokens.device  # not a walk of the parameters, which undoes the fast layout
 
     # -- inputs ----------------------------------------------------------------------------------
 
