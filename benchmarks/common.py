@@ -92,6 +92,8 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def add(self, *cells: object) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{self.title}: a row of {len(cells)} cells, the table has {len(self.columns)} columns")
         self.rows.append([str(c) for c in cells])
         print(" | ".join(self.rows[-1]), flush=True)
 

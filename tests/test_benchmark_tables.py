@@ -35,6 +35,28 @@ def test_table_markdown_paragraphs_and_one_list():
                                 "last paragraph")
 
 
+def test_a_row_has_a_cell_per_column():
+    table = Table("T", ["a", "b"])
+    table.add(1, 2)
+    with pytest.raises(ValueError, match="T: a row of 3 cells, the table has 2 columns"):
+        table.add(1, 2, 3)
+    assert table.rows == [["1", "2"]]
+
+
+def test_generated_tables_have_a_cell_per_column():
+    """Every row of every table in the benchmarks page has as many cells as its header."""
+    with open(BENCHMARKS, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    header = None
+    for line in lines:
+        if not line.startswith("|"):
+            header = None
+        elif header is None:
+            header = line.count(" | ")
+        else:
+            assert line.startswith("|---") or line.count(" | ") == header, line
+
+
 def test_recorded_gpu_table_reads_back_its_notes(tmp_path):
     written = Table(bench_gpu.TITLE, bench_gpu.COLUMNS, [["opt-125m", "fp16", "8", "ours", "0.262", "31", "1.11",
                                                           "26", "equal"]],
