@@ -203,7 +203,8 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
     table = Table(f"Real size: captioning, {NEW_TOKENS} new tokens, greedy, {dtype} (cpu, {threads} thread(s)"
                   f"{where})",
                   ["model", "images", "implementation", "load s", "first call s", "next call s",
-                   "slowest next call s", "time to first caption s", "x transformers (first caption)", "x transformers (next)",
+                   "slowest next call s", "time to first caption s", "x transformers (first caption)",
+                   "x transformers (next)",
                    "peak RSS / weights", "% of floor", "tokens"])
     rate = matmul_rate(dtype=DTYPES[dtype])
     bandwidth = copy_bandwidth()

@@ -23,12 +23,13 @@ Modes (``MODES``; the commands' ``--fast``), each giving the plain model's token
 - ``"cuda-graph"`` (CUDA): ``"fuse"``, and the step replayed as a CUDA graph.
 
 Modes combine where it makes sense: ``apply(model, "int8")`` then ``apply(model, "compile", batch=8)``.
-``from_pretrained(...).generate()`` applies ``"auto"`` by itself (at the first call, or on a CPU at the second
-where laying out costs a call of its own), undone by anything that needs the plain modules (``blip2.fast.lazy``). Where the language model is laid out in blocks, the layout of a checkpoint is written to
-disk once and mapped by later loads (``blip2.fast.layout_cache``). A model given a mode here is for inference: it cannot be cast, moved or reloaded until ``unfuse(model)``; its
-state dict keeps the reference keys, so ``save_pretrained`` writes a normal checkpoint. Where a mode cannot
-apply (device, dtype, kernels not built) it raises ``Unsupported`` (a ``ValueError``) saying why, before
-changing anything. The measured speeds are in docs/BENCHMARKS.md.
+``from_pretrained(...).generate()`` applies ``"auto"`` by itself (at the first call, or on a CPU at the second where
+laying out costs a call of its own), undone by anything that needs the plain modules (``blip2.fast.lazy``). Where
+the language model is laid out in blocks, the layout of a checkpoint is written to disk once and mapped by later
+loads (``blip2.fast.layout_cache``). A model given a mode here is for inference: it cannot be cast, moved or
+reloaded until ``unfuse(model)``; its state dict keeps the reference keys, so ``save_pretrained`` writes a normal
+checkpoint. Where a mode cannot apply (device, dtype, kernels not built) it raises ``Unsupported`` (a
+``ValueError``) saying why, before changing anything. The measured speeds are in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations

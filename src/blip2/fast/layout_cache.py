@@ -1,12 +1,12 @@
 """The language model's blocked layout written to disk once, and memory-mapped by later loads of the checkpoint.
 
-Laying a real-size language model out for the native step (``linear._block``) is bound by the memory it fills:
-for blip2-opt-2.7b in fp32, 11 GB of fresh pages touched for the first time, about 10 s of the ``generate``
-that lays it out (the second, ``blip2.fast.lazy``; the first where this cache maps it). The layout depends on nothing but the checkpoint's bytes, the dtype and the code that lays it out,
-so the first process to lay a checkpoint out writes the blocked weights to ``cache_dir()/layouts`` (one
-safetensors file per checkpoint and dtype), and later processes map that file (safetensors' ``safe_open``: views
-of a private mapping, nothing copied) instead of blocking: their weights come from the page cache, as the
-checkpoint's own do.
+Laying a real-size language model out for the native step (``linear._block``) is bound by the memory it fills: for
+blip2-opt-2.7b in fp32, 11 GB of fresh pages touched for the first time, about 10 s of the ``generate`` that lays it
+out (the second, ``blip2.fast.lazy``; the first where this cache maps it). The layout depends on nothing but the
+checkpoint's bytes, the dtype and the code that lays it out, so the first process to lay a checkpoint out writes the
+blocked weights to ``cache_dir()/layouts`` (one safetensors file per checkpoint and dtype), and later processes map
+that file (safetensors' ``safe_open``: views of a private mapping, nothing copied) instead of blocking: their
+weights come from the page cache, as the checkpoint's own do.
 
 What is cached: the language model's ``"blocked"`` weights (the native step's, which ``"auto"`` picks on a CPU
 where the kernels load, and ``"fuse"``'s there). The vision encoder's and Q-Former's oneDNN layout is opaque to

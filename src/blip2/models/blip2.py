@@ -82,8 +82,9 @@ class Blip2Model(PretrainedMixin, nn.Module):
     def from_pretrained(cls, path_or_id: str | os.PathLike, fast: str = "auto", **kwargs: Any) -> Any:
         """``PretrainedMixin.from_pretrained``, and ``fast``: the speed-up ``generate`` uses (``blip2.fast.lazy``).
         "auto" (the default): the fastest exact one on this machine, laid out by ``generate`` (the first, or on a
-        CPU the second where laying out costs a call of its own: ``blip2.fast.lazy``) and undone by anything that needs the plain modules; "none": the model as written; another mode of
-        ``blip2.fast.MODES``: applied now, for inference only (``blip2.fast.apply``)."""
+        CPU the second where laying out costs a call of its own: ``blip2.fast.lazy``) and undone by anything that
+        needs the plain modules; "none": the model as written; another mode of ``blip2.fast.MODES``: applied now,
+        for inference only (``blip2.fast.apply``)."""
         model = super().from_pretrained(path_or_id, **kwargs)
         model.fast = fast
         if cls.speed_layer is not None:  # (set whenever blip2 is imported, which importing this file does)
