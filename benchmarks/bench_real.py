@@ -9,8 +9,8 @@ Hub checkpoint is laid out. Each implementation runs in a process of its own (th
 process's), transformers and ours alternately, for every batch:
 
 - load: ``from_pretrained`` to a model ready to generate (ours: ``from_pretrained(fast=--fast)``; with the
-  default, auto, the weights are laid out by a ``generate``: the second where none is cached, the first where
-  the layout is mapped from the cache; that call pays for it);
+  default, auto, a real-size language model is laid out, or its cached layout mapped, by the second
+  ``generate``, which pays for it);
 - ours twice where the language model is laid out in blocks (``blip2.fast.layout_cache``): the first process
   after the checkpoint's cached layouts are removed (it lays the weights out, and writes them to the cache in
   the background, which it waits for at exit), then a later one, which maps the layout written by the first;
@@ -246,12 +246,12 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                                      "Q-Former as loaded). The first process of a checkpoint (its cached layout "
                                      "removed before) runs its first call as loaded and lays the language model out "
                                      "at its second (blip2.fast.lazy), which writes that layout to the cache in the "
-                                     "background (blip2.fast.layout_cache): the slowest next call."
+                                     "background (blip2.fast.layout_cache)."
                                      if fast == "auto" else
                                      f"from_pretrained(fast={fast!r}), applied at load; the first process writes "
                                      f"the language model's layout to the cache (blip2.fast.layout_cache)."),
         "- later process: the same, once the layout is on disk: the language model's blocked weights are mapped "
-        "from it at the first call" + (" (read from the disk too)." if cold else
+        "from it at the second call" + (" (read from the disk too)." if cold else
                                        " (the layout file read through the page cache before, after the "
                                        "checkpoint)."),
     ]

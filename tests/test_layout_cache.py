@@ -143,26 +143,25 @@ def test_the_pipeline_uses_it(tiny_model_dir, cache, blocks):
     assert not blocks
 
 
-def test_a_large_model_waits_for_its_second_generate_only_without_a_cached_layout(checkpoint, cache, blocks,
-                                                                                   monkeypatch):
-    """Where laying out waits for the second generate (``lazy.LATER_BYTES``), a process that finds the layout in
-    the cache maps it at its first."""
+def test_a_large_model_writes_and_maps_the_layout_at_its_second_generate(checkpoint, cache, blocks, monkeypatch):
+    """Where laying out waits for the second generate (``lazy.LATER_BYTES``), the first process lays out and
+    writes the layout there, and a later one maps it there, with the plain tokens at every call."""
     from blip2.fast import lazy
     from test_fast_default import laid_out
 
     monkeypatch.setattr(lazy, "LATER_BYTES", 0)
     text, d = checkpoint
     want = plain_captions(d, text)
-    model = Blip2ForConditionalGeneration.from_pretrained(d)
-    assert torch.equal(captions(model, text), want)
-    assert not blocks and not laid_out(model) and not layouts(cache)
-    assert torch.equal(captions(model, text), want)
-    layout_cache.wait()
-    assert blocks and laid_out(model) and len(layouts(cache)) == 1
-    blocks.clear()
-    model = Blip2ForConditionalGeneration.from_pretrained(d)
-    assert torch.equal(captions(model, text), want)
-    assert laid_out(model) and not blocks
+    for process in ("first", "later"):
+        model = Blip2ForConditionalGeneration.from_pretrained(d)
+        assert torch.equal(captions(model, text), want)
+        assert not blocks and not laid_out(model)
+        assert len(layouts(cache)) == (process == "later")
+        assert torch.equal(captions(model, text), want)
+        layout_cache.wait()
+        assert laid_out(model) and len(layouts(cache)) == 1
+        assert bool(blocks) == (process == "first"), process  # the later process maps what the first wrote
+        blocks.clear()
 
 
 def test_the_key_follows_the_checkpoint_files(checkpoint, cache, blocks, tmp_path):

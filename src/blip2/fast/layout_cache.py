@@ -2,11 +2,11 @@
 
 Laying a real-size language model out for the native step (``linear._block``) is bound by the memory it fills: for
 blip2-opt-2.7b in fp32, 11 GB of fresh pages touched for the first time, about 10 s of the ``generate`` that lays it
-out (the second, ``blip2.fast.lazy``; the first where this cache maps it). The layout depends on nothing but the
-checkpoint's bytes, the dtype and the code that lays it out, so the first process to lay a checkpoint out writes the
-blocked weights to ``cache_dir()/layouts`` (one safetensors file per checkpoint and dtype), and later processes map
-that file (safetensors' ``safe_open``: views of a private mapping, nothing copied) instead of blocking: their
-weights come from the page cache, as the checkpoint's own do.
+out (the second: ``blip2.fast.lazy``). The layout depends on nothing but the checkpoint's bytes, the dtype and the
+code that lays it out, so the first process to lay a checkpoint out writes the blocked weights to
+``cache_dir()/layouts`` (one safetensors file per checkpoint and dtype), and later processes map that file
+(safetensors' ``safe_open``: views of a private mapping, nothing copied) instead of blocking: their weights come
+from the page cache, as the checkpoint's own do.
 
 What is cached: the language model's ``"blocked"`` weights (the native step's, which ``"auto"`` picks on a CPU
 where the kernels load, and ``"fuse"``'s there). The vision encoder's and Q-Former's oneDNN layout is opaque to
@@ -64,7 +64,7 @@ from blip2.fast import decoding, kernels, linear
 from blip2.fast.linear import BLOCKED_SOURCE, FusedLinear
 from blip2.mapped import Origin, release_pages
 
-__all__ = ["VERSION", "cached", "directory", "enabled", "laying_out", "layouts_of", "wait"]
+__all__ = ["VERSION", "directory", "enabled", "laying_out", "layouts_of", "wait"]
 
 log = logging.getLogger("blip2.fast.layout_cache")
 
@@ -108,15 +108,7 @@ def laying_out(model: nn.Module, mode: str) -> Iterator[None]:
     cached.finish()
 
 
-def cached(model: nn.Module, mode: str) -> bool:
-    """Whether laying ``model`` out for ``mode`` would map its language model's blocked weights from a file in
-    the cache (its name matches; ``laying_out`` checks its contents), rather than make them. Says nothing."""
-    layout = _open(model, mode, quiet=True)
-    return layout is not None and layout.path.is_file()
-
-
-def _open(model: nn.Module, mode: str, quiet: bool = False) -> _Layout | None:
-    info = (lambda *args: None) if quiet else log.info
+def _open(model: nn.Module, mode: str) -> _Layout | None:
     if not enabled() or mode not in _BLOCKED_MODES or not hasattr(model, "language_model"):
         return None
     lm = model.language_model
@@ -125,23 +117,23 @@ def _open(model: nn.Module, mode: str, quiet: bool = False) -> _Layout | None:
         return None  # not laid out in blocks here
     origin = model.__dict__.get("_origin")
     if not isinstance(origin, Origin):
-        info("blip2 layout cache: not used, the model was not loaded from weight files (from_pretrained)")
+        log.info("blip2 layout cache: not used, the model was not loaded from weight files (from_pretrained)")
         return None
     if not origin.unchanged():
-        info("blip2 layout cache: not used, the weight files changed since the model was loaded")
+        log.info("blip2 layout cache: not used, the weight files changed since the model was loaded")
         return None
     layers = {name: m for name, m in nn.Module.named_modules(lm) if isinstance(m, nn.Linear)}
     for name, layer in layers.items():
         if not origin.holds(f"language_model.{name}.weight", layer.weight):
-            info("blip2 layout cache: not used, language_model.%s.weight is not the checkpoint's tensor as "
-                 "loaded (converted at load, replaced or written into since)", name)
+            log.info("blip2 layout cache: not used, language_model.%s.weight is not the checkpoint's tensor as "
+                     "loaded (converted at load, replaced or written into since)", name)
             return None
     try:
         folder = private_dir(directory())
     except OSError as e:
-        info("blip2 layout cache: not used (%s)", e)
+        log.info("blip2 layout cache: not used (%s)", e)
         return None
-    return _Layout(folder, origin, lm, layers, read=not quiet)
+    return _Layout(folder, origin, lm, layers)
 
 
 def _code_hash() -> str:
@@ -156,8 +148,7 @@ class _Layout:
     """One model's layout in the cache: the file's tensors handed to ``FusedLinear`` as it lays the model out
     (``find``), and the layout written once it is done (``finish``) where the file was missing or wrong."""
 
-    def __init__(self, folder: Path, origin: Origin, lm: nn.Module, layers: dict[str, nn.Linear],
-                 read: bool = True) -> None:
+    def __init__(self, folder: Path, origin: Origin, lm: nn.Module, layers: dict[str, nn.Linear]) -> None:
         dtype = lm.get_input_embeddings().weight.dtype
         what = {"version": VERSION, "format": "blocked", "dtype": str(dtype), "kernels": kernels.build_key(),
                 "code": _code_hash(), "files": [[f, *st] for f, st in zip(origin.files, origin.stats)]}
@@ -170,7 +161,7 @@ class _Layout:
         self.file: Any = None  # safetensors' handle while the file is used
         self.stored: set[str] = set()
         self.rejected = False
-        if read and self.path.exists():
+        if self.path.exists():
             self._read()
 
     def _read(self) -> None:

@@ -7,13 +7,13 @@ in eval mode, and undoes itself the moment anything reaches for the plain module
 "auto" after ``from_pretrained`` (its ``fast`` argument: "none" keeps the model as written, any other mode of
 ``blip2.fast.MODES`` is applied at load, as ``blip2.fast.apply`` does), "none" for a model built in code.
 
-When: at the first ``generate``, except where laying out costs about a call of its own and gains nothing a
-one-call process gets back: on a CPU, a language model of more than ``LATER_BYTES`` whose layout is not in the
-cache (``blip2.fast.layout_cache``) runs its first ``generate`` as loaded, from the checkpoint's pages, and is
-laid out at its second. Laying out fills fresh memory (blip2-opt-2.7b in fp32: 10.6 GB, 9-10 s on a 2-core VM,
-about a call's time), while the first call as loaded takes about as long as a first call laid out from the cache
-(12.2 s against 11.6); each later call then runs laid out (8-9 s). ``lay_out(model)`` lays it out at once (a
-server, before its first request).
+When: at the first ``generate``, except on a CPU for a language model of more than ``LATER_BYTES``, which runs
+its first ``generate`` as loaded, from the checkpoint's pages, and is laid out at its second (or its layout mapped
+from the cache, ``blip2.fast.layout_cache``). Laying out fills fresh memory (blip2-opt-2.7b in fp32: 10.6 GB,
+9-10 s on a 2-core VM, about a call's time), which a process that captions once never gets back; mapping the
+cached layout reads another 10.6 GB where the page cache does not hold it (after a reboot its first call took
+40-43 s, as loaded 26-27 s). Each later call runs laid out. ``lay_out(model)`` lays it out at once (a server,
+before its first request).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
@@ -36,14 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, layout_cache, unfuse
+from blip2.fast import MODES, Unsupported, apply, unfuse
 from blip2.fast.decoding import LanguageModel
 from blip2.fast.linear import FusedLinear
 from blip2.models.blip2 import Blip2Model
 
 __all__ = ["LATER_BYTES", "before_generate", "lay_out", "loaded", "release"]
 
-# a CPU language model of more weight bytes than this, with no cached layout, is laid out at its second generate
+# a CPU language model of more weight bytes than this is laid out at its second generate, not its first
 LATER_BYTES = 1 << 30
 
 # what reaches for the plain modules; ``train`` and ``forward`` only in some calls (below)
@@ -109,7 +109,7 @@ def _waits(model: Blip2Model) -> bool:
     if lm.get_input_embeddings().weight.device.type != "cpu":
         return False  # a GPU lays out at its memory's speed
     size = sum(p.numel() * p.element_size() for p in nn.Module.parameters(lm))  # not the guarded walk
-    if size <= LATER_BYTES or layout_cache.cached(model, model.fast):
+    if size <= LATER_BYTES:
         return False
     log.info("blip2: the first generate runs as loaded; the language model (%.1f GB) is laid out for the fast "
              "path at the next (blip2.fast.lazy)", size / 1e9)
