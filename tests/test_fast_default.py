@@ -227,9 +227,8 @@ def test_first_generate_from_two_threads(checkpoint):
 
 
 def test_a_large_model_is_laid_out_at_its_second_generate(checkpoint, monkeypatch, caplog):
-    """Past ``LATER_BYTES`` on a CPU with no cached layout (the tests turn the cache off), the first generate
-    runs as loaded and the second lays the model out, with the plain tokens throughout; ``lay_out`` does it
-    at once."""
+    """Past ``LATER_BYTES`` on a CPU the first generate runs as loaded and the second lays the model out, with
+    the plain tokens throughout; ``lay_out`` does it at once."""
     text, d = checkpoint
     monkeypatch.setattr(lazy, "LATER_BYTES", 0)
     want = captions(Blip2ForConditionalGeneration.from_pretrained(d, fast="none"), text)
