@@ -241,7 +241,8 @@ def _materialize_buffers(model: nn.Module, device_for: Callable[[str], torch.dev
         if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
             if not hasattr(module, "init_buffers"):
                 names = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
-                raise RuntimeError(f"{type(module).__name__} has buffers {names} not in the checkpoint and no init_buffers()")
+                raise RuntimeError(f"{type(module).__name__} has buffers {names} not in the checkpoint and no "
+                                   f"init_buffers()")
             module.init_buffers(torch.device(device_for(name)))
 
 

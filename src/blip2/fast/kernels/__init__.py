@@ -146,8 +146,9 @@ def _library_path(compiler: str, flags: set[str]) -> Path:
         version = ""
     key = hashlib.sha256()
     sources = (p.name.encode() + b"\0" + p.read_bytes() for p in _SOURCES)
+    command = " ".join(_command("cc", Path("s"), Path("o")))
     for part in (*sources, torch.__version__.encode(), str(torch.version.git_version).encode(), compiler.encode(),
-                 version.encode(), " ".join(sorted(flags)).encode(), " ".join(_command("cc", Path("s"), Path("o"))).encode()):
+                 version.encode(), " ".join(sorted(flags)).encode(), command.encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / "kernels" / f"blip2_kernels-{key.hexdigest()[:20]}.so"
