@@ -14,11 +14,15 @@ from blip2.apps.pipeline import GenerationOptions, Pipeline, chat_prompt, questi
 from blip2.apps.server.engine import ContinuousBatcher
 from blip2.apps.server.imagecache import ImageCache
 from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, Sampling, TextStream, pixels_key
+from blip2.fast import lazy
+from blip2.fast.lazy import lay_out
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir) -> Pipeline:
-    return Pipeline.load(tiny_model_dir, device="cpu")
+    pipe = Pipeline.load(tiny_model_dir, device="cpu")
+    lay_out(pipe.model)  # as the server does when it starts
+    return pipe
 
 
 class Collected:
@@ -165,3 +169,18 @@ def test_the_image_cache_keeps_the_most_recent_images_and_runs_each_miss_once():
     assert model.calls == [2, 1] and cache.stats()["entries"] == 2
     cache.lm_inputs(model, [("a", px["a"]), ("b", px["b"])])  # "a" kept, "b" runs again
     assert model.calls == [2, 1, 1] and cache.stats()["hits"] == 2
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "micro"])
+def test_the_server_lays_a_large_model_out_as_it_starts(tiny_model_dir, scheduler, monkeypatch):
+    """A model whose generate would wait for its second call (``lazy.LATER_BYTES``) is laid out by the server
+    before its first request, whichever scheduler serves it."""
+    pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
+    from blip2.apps.server.service import ServerSettings, Service
+    from test_fast_default import laid_out
+
+    monkeypatch.setattr(lazy, "LATER_BYTES", 0)
+    pipe = Pipeline.load(tiny_model_dir, device="cpu")
+    assert not laid_out(pipe.model)
+    service = Service(pipe, ServerSettings(scheduler=scheduler))
+    assert laid_out(pipe.model) and (service.engine is not None) == (scheduler == "continuous")

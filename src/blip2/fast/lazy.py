@@ -12,7 +12,7 @@ its first ``generate`` as loaded, from the checkpoint's pages, and is laid out a
 from the cache, ``blip2.fast.layout_cache``). Laying out fills fresh memory (blip2-opt-2.7b in fp32: 10.6 GB,
 9-10 s on a 2-core VM, about a call's time), which a process that captions once never gets back; mapping the
 cached layout reads another 10.6 GB where the page cache does not hold it (after a reboot its first call took
-40-43 s, as loaded 26-27 s). Each later call runs laid out. ``lay_out(model)`` lays it out at once (a server,
+40-43 s, as loaded 24-27 s). Each later call runs laid out. ``lay_out(model)`` lays it out at once (a server,
 before its first request).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):

@@ -35,7 +35,6 @@ from blip2.apps.server.metrics import Histogram
 from blip2.apps.server.prefixcache import PrefixCache
 from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, TextStream, eos_ids
 from blip2.apps.server.rows import Start, row_model
-from blip2.fast.lazy import lay_out
 from blip2.generation import length_limits
 from blip2.generation_config import GenerationConfig, resolve
 from blip2.logits_processing import ScoreProcessor, top_p_filter
@@ -85,7 +84,6 @@ class ContinuousBatcher(WorkerQueue):
         reason = unsupported(pipe.model)
         if reason is not None:
             raise ValueError(reason)
-        lay_out(pipe.model)  # "auto": the engine steps the language model itself, never through generate
         super().__init__(max_queue, "blip2-engine")
         self.pipe, self.max_rows, self.max_prefill = pipe, max_rows, max_prefill
         self.images = image_cache or ImageCache()

@@ -32,6 +32,7 @@ from blip2.apps.server.imagecache import ImageCache
 from blip2.apps.server.metrics import Histogram, prometheus_text
 from blip2.apps.server.prefixcache import PrefixCache
 from blip2.apps.server.requests import Event, Failed, GenRequest, Sampling, TextStream, eos_ids, replay
+from blip2.fast.lazy import lay_out
 from blip2.images import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_SIDE, ImageLimits, ImageLoadError, ImageTooLarge,
                           UnsupportedImage, read_image)
 
@@ -146,6 +147,8 @@ class Service:
         self.decoding = 0  # images queued for or inside a decoder thread (touched on the event loop only)
         self.engine: ContinuousBatcher | None = None
         self.eos = set() if pipe.is_retrieval else eos_ids(pipe.model)
+        if not pipe.is_retrieval:  # "auto" laid out before the first request, not at the second (the engine
+            lay_out(pipe.model)  # steps the language model itself, and would never lay it out)
         if settings.scheduler == "continuous" and not pipe.is_retrieval:
             reason = unsupported(pipe.model)
             if reason is None:
