@@ -49,6 +49,24 @@ def test_block_weight_round_trip(loaded, dtype, n, k):
     assert ones.float().sum() == n * k  # the padding is zeros
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(1, 1), (15, 3), (16, 4), (17, 5), (100, 33), (64, 2048), (40, 2560)])
+def test_the_native_layout_is_the_python_one(loaded, monkeypatch, dtype, n, k):
+    """block_weight's C++ copy (blocked::block_weight_into, either dtype, on any CPU the kernels build on) lays
+    out the same bytes as the strided copies in Python, padding rows and bf16's odd column zero."""
+    w = torch.randn(n, k).to(dtype)
+    native = kernels.block_weight(w)
+    monkeypatch.setattr(kernels, "_loaded", False)  # the Python copies
+    assert torch.equal(native, kernels.block_weight(w))
+    # the C++ copy writes every element: into memory that is not zero, the same bytes
+    out = torch.full(kernels.blocked_shape(n, k, dtype), 7.0, dtype=dtype)
+    torch.ops.blip2_kernels.block_weight_into(w, out)
+    assert torch.equal(out, native)
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        torch.ops.blip2_kernels.block_weight_into(w, torch.empty(1, dtype=dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sizes,k", [([32, 16, 48], 24), ([16, 7], 5), ([10, 7], 6), ([48], 3)])
 def test_parts_blocked_in_pieces_equal_their_concatenation_blocked(dtype, sizes, k):

@@ -26,6 +26,10 @@ pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"the blocked layout 
                                                            f"(AVX-512 or AVX2): {kernels.status()}")
 
 
+# an fp32 head is screened in bf16 here (kernels.screen_weight), and its screen is cached with the layout
+SCREENS = kernels.screen_supports(torch.zeros(16, 4))
+
+
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     """A cache folder of the test's own (the kernels are loaded already, from the machine's cache)."""
@@ -87,6 +91,9 @@ def test_a_later_load_maps_the_layout(checkpoint, cache, blocks):
     # the file's pages, mapped: none of them anonymous memory (a blocked copy would be all anonymous)
     assert all(unwritten(layer.w) for layer in layers)
     assert all(layer.w.untyped_storage().data_ptr() != 0 for layer in layers)
+    if SCREENS:  # the greedy head's screen too
+        screen = model.language_model.decode_step.screen
+        assert screen is not None and all(unwritten(t) for t in screen)
 
     # releasing hands back the parameters, with the plain weights; the next layout is made from them (they are
     # no longer the checkpoint's mapped tensors), with the same tokens
@@ -143,25 +150,33 @@ def test_the_pipeline_uses_it(tiny_model_dir, cache, blocks):
     assert not blocks
 
 
-def test_a_large_model_writes_and_maps_the_layout_at_its_second_generate(checkpoint, cache, blocks, monkeypatch):
+@pytest.mark.parametrize("fits", [True, False], ids=["memory-for-both", "short-of-memory"])
+def test_a_large_model_writes_the_layout_at_its_second_generate_and_maps_it_where_memory_allows(
+        checkpoint, cache, blocks, monkeypatch, fits):
     """Where laying out waits for the second generate (``lazy.LATER_BYTES``), the first process lays out and
-    writes the layout there, and a later one maps it there, with the plain tokens at every call."""
+    writes the layout there. A later one maps it at its first generate where the memory can keep it cached beside
+    the checkpoint (``layout_cache.MAPPED_SHARE`` of it), else at its second. The plain tokens at every call."""
     from blip2.fast import lazy
     from test_fast_default import laid_out
 
     monkeypatch.setattr(lazy, "LATER_BYTES", 0)
+    monkeypatch.setattr(layout_cache, "MAPPED_SHARE", 0.75 if fits else 0.0)
     text, d = checkpoint
     want = plain_captions(d, text)
-    for process in ("first", "later"):
-        model = Blip2ForConditionalGeneration.from_pretrained(d)
-        assert torch.equal(captions(model, text), want)
-        assert not blocks and not laid_out(model)
-        assert len(layouts(cache)) == (process == "later")
-        assert torch.equal(captions(model, text), want)
-        layout_cache.wait()
-        assert laid_out(model) and len(layouts(cache)) == 1
-        assert bool(blocks) == (process == "first"), process  # the later process maps what the first wrote
-        blocks.clear()
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    assert torch.equal(captions(model, text), want)
+    assert not blocks and not laid_out(model) and not layouts(cache)  # no layout to map: the first as loaded
+    assert torch.equal(captions(model, text), want)
+    layout_cache.wait()
+    assert laid_out(model) and blocks and len(layouts(cache)) == 1
+    blocks.clear()
+
+    later = Blip2ForConditionalGeneration.from_pretrained(d)
+    assert layout_cache.mappable(later, "auto") == fits
+    assert torch.equal(captions(later, text), want)
+    assert laid_out(later) == fits
+    assert torch.equal(captions(later, text), want)
+    assert laid_out(later) and not blocks  # mapped, at the first generate or the second
 
 
 def test_the_key_follows_the_checkpoint_files(checkpoint, cache, blocks, tmp_path):
@@ -228,6 +243,34 @@ def test_a_damaged_file_is_ignored_and_written_again(checkpoint, cache, blocks, 
     blocks.clear()
     assert torch.equal(first_generate(d, text), want)
     assert not blocks  # the file written again is whole
+
+
+@pytest.mark.skipif(not SCREENS, reason="the greedy head's screen needs AVX-512 BF16")
+def test_a_screen_that_is_not_its_heads_is_ignored(checkpoint, cache, caplog):
+    """A file whose blocked weights are right but whose screen is not what the head makes (a byte of its
+    middle block changed) is ignored and written again; the tokens stay the plain model's."""
+    text, d = checkpoint
+    want = plain_captions(d, text)
+    first_generate(d, text)
+    [name] = layouts(cache)
+    path = cache / name
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(n))["lm_head:screen"]
+        start, end = entry["data_offsets"]
+        f.seek(8 + n + (start + end) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with caplog.at_level(logging.WARNING, logger="blip2.fast.layout_cache"):
+        model = Blip2ForConditionalGeneration.from_pretrained(d)
+        assert torch.equal(captions(model, text), want)
+        layout_cache.wait()
+    assert "the screen of 'lm_head' is not its head's" in caplog.text
+    assert not unwritten(model.language_model.decode_step.screen[0])  # made anew
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    assert torch.equal(captions(model, text), want)
+    assert unwritten(model.language_model.decode_step.screen[0])  # the file written again
 
 
 def test_the_environment_variable_turns_it_off(checkpoint, cache, blocks, monkeypatch):

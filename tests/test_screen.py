@@ -170,6 +170,20 @@ def test_screen_weight_bounds_the_rounding():
     assert torch.allclose(norms[0], W.norm(dim=1), rtol=1e-6)
 
 
+def test_a_screen_is_made_in_pieces_from_a_plain_or_blocked_head(monkeypatch):
+    """screen_weight takes the blocked head as laid out (the native step's), a few blocks at a time: the same
+    screen and norms, bit for bit, as the whole plain head's at once, the last block part-filled."""
+    W = torch.randn(16 * 9 + 5, 40) * 0.3
+    whole = kernels.screen_weight(W)
+    monkeypatch.setattr(kernels, "_SCREEN_BLOCKS", 2)  # 10 blocks in 5 pieces
+    for head, n in ((W, None), (kernels.block_weight(W), W.shape[0])):
+        screen, norms = kernels.screen_weight(head, n)
+        assert torch.equal(screen.view(torch.int16), whole[0].view(torch.int16))
+        assert torch.equal(norms, whole[1])
+    with pytest.raises(ValueError, match="with n"):
+        kernels.screen_weight(kernels.block_weight(W))
+
+
 @pytest.mark.parametrize("text", ["opt", "t5"])
 def test_native_greedy_generate_screens_and_keeps_the_tokens(hf_opt_dir, hf_t5_dir, text):
     """native(): greedy generate (with min_new_tokens banning eos) goes through the screen, computing few

@@ -8,9 +8,11 @@ code that lays it out, so the first process to lay a checkpoint out writes the b
 (safetensors' ``safe_open``: views of a private mapping, nothing copied) instead of blocking: their weights come
 from the page cache, as the checkpoint's own do.
 
-What is cached: the language model's ``"blocked"`` weights (the native step's, which ``"auto"`` picks on a CPU
-where the kernels load, and ``"fuse"``'s there). The vision encoder's and Q-Former's oneDNN layout is opaque to
-us (its blocking depends on the oneDNN build and the CPU), and the biases and norms are used as loaded.
+What is cached: the language model's ``"blocked"`` weights (the native step's, which ``"auto"`` picks on a CPU where
+the kernels load, and ``"fuse"``'s there), and the native step's greedy-head screen where it has one (an fp32 head
+on a CPU with AVX-512 BF16: ``kernels.screen_weight``, half the head's bytes). The vision encoder's and Q-Former's
+oneDNN layout is opaque to us (its blocking depends on the oneDNN build and the CPU), and the biases and norms are
+used as loaded.
 
 Safety, in the order checked (each failure is one log line and the model laid out as before; never an error):
 - Only for a model ``from_pretrained`` loaded (``Origin``), whose weight files are still the ones it mapped, and
@@ -22,10 +24,10 @@ Safety, in the order checked (each failure is one log line and the model laid ou
   flags), the Python code that names and lays out the weights, and ``VERSION``; the key itself is checked
   against the file's metadata.
 - Each mapped tensor must have the name, dtype and shape the layout would give it, and three of its blocks must
-  equal the checkpoint's rows bit for bit (a few KB read, which catches a file of another checkpoint or of
-  zeros). A file that fails any check, or that safetensors cannot read (truncated, a bad header), is ignored with
-  a warning, the weights are laid out as before (those already taken from it passed their checks), and the
-  file is written again.
+  equal the checkpoint's rows bit for bit, or a screen's what its head's rows make (a few KB read, which catches a
+  file of another checkpoint or of zeros). A file that fails any check, or that safetensors cannot read (truncated,
+  a bad header), is ignored with a warning, the weights are laid out as before (those already taken from it passed
+  their checks), and the file is written again.
 - The folder is private (0700, this user's, as the kernels' is); a file is written under a temporary name,
   fsync'ed and renamed, so a reader sees a whole file or none (``_write_file`` writes the safetensors format
   itself, to pace the writing; safetensors reads it). Writing is skipped when the disk has less than
@@ -64,7 +66,7 @@ from blip2.fast import decoding, kernels, linear
 from blip2.fast.linear import BLOCKED_SOURCE, FusedLinear
 from blip2.mapped import Origin, release_pages
 
-__all__ = ["VERSION", "directory", "enabled", "laying_out", "layouts_of", "wait"]
+__all__ = ["VERSION", "directory", "enabled", "laying_out", "layouts_of", "mappable", "wait"]
 
 log = logging.getLogger("blip2.fast.layout_cache")
 
@@ -72,7 +74,12 @@ VERSION = 1  # of the file's contents: changed whenever what a name holds change
 # modes whose layout of the language model is blocked where the kernels load
 _BLOCKED_MODES = ("auto", "native", "fuse", "compile")
 _writers: list[threading.Thread] = []
+# a cached layout is mapped at a model's first generate where it and the weight files take at most this share of
+# the memory (``mappable``); where they do not, the first generate's pages push out the second's
+MAPPED_SHARE = 0.75
 _INTS = {4: torch.int32, 2: torch.int16}  # to compare floats bit for bit
+# the names of a greedy head's screen (``kernels.screen_weight``) in the file: the head's name and these
+_SCREEN = (":screen", ":screen-norms")
 
 
 def enabled() -> bool:
@@ -108,7 +115,23 @@ def laying_out(model: nn.Module, mode: str) -> Iterator[None]:
     cached.finish()
 
 
-def _open(model: nn.Module, mode: str) -> _Layout | None:
+def mappable(model: nn.Module, mode: str) -> bool:
+    """Whether laying ``model`` out for ``mode`` would map its language model's blocked weights from a file in the
+    cache (its name matches; ``laying_out`` checks its contents) that the page cache can keep beside the weight
+    files: the two within ``MAPPED_SHARE`` of the machine's memory. Says nothing."""
+    layout = _open(model, mode, quiet=True)
+    if layout is None or not layout.path.is_file():
+        return False
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        size = layout.path.stat().st_size + sum(os.path.getsize(f) for f in layout.files)
+    except (ValueError, OSError):
+        return False
+    return size <= MAPPED_SHARE * memory
+
+
+def _open(model: nn.Module, mode: str, quiet: bool = False) -> _Layout | None:
+    info = (lambda *args: None) if quiet else log.info
     if not enabled() or mode not in _BLOCKED_MODES or not hasattr(model, "language_model"):
         return None
     lm = model.language_model
@@ -117,23 +140,23 @@ def _open(model: nn.Module, mode: str) -> _Layout | None:
         return None  # not laid out in blocks here
     origin = model.__dict__.get("_origin")
     if not isinstance(origin, Origin):
-        log.info("blip2 layout cache: not used, the model was not loaded from weight files (from_pretrained)")
+        info("blip2 layout cache: not used, the model was not loaded from weight files (from_pretrained)")
         return None
     if not origin.unchanged():
-        log.info("blip2 layout cache: not used, the weight files changed since the model was loaded")
+        info("blip2 layout cache: not used, the weight files changed since the model was loaded")
         return None
     layers = {name: m for name, m in nn.Module.named_modules(lm) if isinstance(m, nn.Linear)}
     for name, layer in layers.items():
         if not origin.holds(f"language_model.{name}.weight", layer.weight):
-            log.info("blip2 layout cache: not used, language_model.%s.weight is not the checkpoint's tensor as "
-                     "loaded (converted at load, replaced or written into since)", name)
+            info("blip2 layout cache: not used, language_model.%s.weight is not the checkpoint's tensor as "
+                 "loaded (converted at load, replaced or written into since)", name)
             return None
     try:
         folder = private_dir(directory())
     except OSError as e:
-        log.info("blip2 layout cache: not used (%s)", e)
+        info("blip2 layout cache: not used (%s)", e)
         return None
-    return _Layout(folder, origin, lm, layers)
+    return _Layout(folder, origin, lm, layers, read=not quiet)
 
 
 def _code_hash() -> str:
@@ -148,7 +171,8 @@ class _Layout:
     """One model's layout in the cache: the file's tensors handed to ``FusedLinear`` as it lays the model out
     (``find``), and the layout written once it is done (``finish``) where the file was missing or wrong."""
 
-    def __init__(self, folder: Path, origin: Origin, lm: nn.Module, layers: dict[str, nn.Linear]) -> None:
+    def __init__(self, folder: Path, origin: Origin, lm: nn.Module, layers: dict[str, nn.Linear],
+                 read: bool = True) -> None:
         dtype = lm.get_input_embeddings().weight.dtype
         what = {"version": VERSION, "format": "blocked", "dtype": str(dtype), "kernels": kernels.build_key(),
                 "code": _code_hash(), "files": [[f, *st] for f, st in zip(origin.files, origin.stats)]}
@@ -161,7 +185,7 @@ class _Layout:
         self.file: Any = None  # safetensors' handle while the file is used
         self.stored: set[str] = set()
         self.rejected = False
-        if self.path.exists():
+        if read and self.path.exists():
             self._read()
 
     def _read(self) -> None:
@@ -205,6 +229,27 @@ class _Layout:
         self.found.add(name)
         return t
 
+    def find_screen(self, head: FusedLinear) -> tuple[Tensor, Tensor] | None:
+        name = self._name(head._layers)
+        if self.file is None or name is None:
+            return None
+        names = [name + suffix for suffix in _SCREEN]
+        if any(n not in self.stored for n in names):
+            self._reject(f"no screen of {name!r}")
+            return None
+        screen, norms = (self.file.get_tensor(n) for n in names)
+        n, k = head.out_features, head.in_features
+        for t, dtype, shape in ((screen, torch.bfloat16, kernels.blocked_shape(n, k, torch.bfloat16)),
+                                (norms, torch.float32, (2, n))):
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                self._reject(f"the screen of {name!r} has a {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+                return None
+        if not _screen_agrees(head.w, n, screen, norms):
+            self._reject(f"the screen of {name!r} is not its head's")
+            return None
+        self.found.update(names)
+        return screen, norms
+
     def close(self) -> None:
         self.file = None  # the tensors taken keep their mapping
 
@@ -219,6 +264,11 @@ class _Layout:
             tensors[name] = layer.w
         if not tensors:
             return
+        step = getattr(self.lm, "decode_step", None)  # a native step's greedy head screen (bf16 CPUs, fp32 heads)
+        screen, head = getattr(step, "screen", None), getattr(step, "head_layer", None)
+        name = self._name(head._layers) if screen is not None and isinstance(head, FusedLinear) else None
+        if name is not None:  # last, the norms after the screen: only their size may not be whole 64-byte blocks
+            tensors |= {name + suffix: t for suffix, t in zip(_SCREEN, screen)}
         if not self.rejected and self.found == self.stored == set(tensors):
             log.info("blip2 layout cache: %d blocked weights mapped from %s", len(tensors), self.path)
             return
@@ -251,6 +301,20 @@ def _agrees(t: Tensor, weights: Sequence[Tensor]) -> bool:
         want = _rows(weights, lo, hi)
         got = kernels.unblock_weight(t[b:b + 1], hi - lo, k)
         if not torch.equal(got.view(ints), want.view(ints)):
+            return False
+    return True
+
+
+def _screen_agrees(w: Tensor, n: int, screen: Tensor, norms: Tensor) -> bool:
+    """Whether the first, middle and last blocks of a stored ``screen`` and their ``norms`` are, bit for bit,
+    what ``kernels.screen_weight`` makes of those rows of the blocked head ``w`` (of ``n`` rows)."""
+    per = screen.shape[2]
+    for b in sorted({0, screen.shape[0] // 2, screen.shape[0] - 1}):
+        rows = slice(b * per, min((b + 1) * per, n))
+        made, made_norms = torch.empty_like(screen[b:b + 1]), torch.empty_like(norms[:, rows])
+        kernels.screen_blocks(w, n, b, b + 1, made, made_norms)
+        if not (torch.equal(made.view(torch.int16), screen[b:b + 1].view(torch.int16))
+                and torch.equal(made_norms.view(torch.int32), norms[:, rows].view(torch.int32))):
             return False
     return True
 

@@ -10,10 +10,11 @@ in eval mode, and undoes itself the moment anything reaches for the plain module
 When: at the first ``generate``, except on a CPU for a language model of more than ``LATER_BYTES``, which runs
 its first ``generate`` as loaded, from the checkpoint's pages, and is laid out at its second (or its layout mapped
 from the cache, ``blip2.fast.layout_cache``). Laying out fills fresh memory (blip2-opt-2.7b in fp32: 10.6 GB,
-9-10 s on a 2-core VM, about a call's time), which a process that captions once never gets back; mapping the
-cached layout reads another 10.6 GB where the page cache does not hold it (after a reboot its first call took
-40-43 s, as loaded 24-27 s). Each later call runs laid out. ``lay_out(model)`` lays it out at once (a server,
-before its first request).
+9-10 s on a 2-core VM, about a call's time), which a process that captions once never gets back. A cached layout
+is mapped at the first ``generate`` where the memory can keep it cached beside the checkpoint
+(``layout_cache.mappable``: blip2-opt-2.7b in bf16, 7.5 + 5.3 GB); where it cannot, mapping it reads the disk
+(fp32 on a 23 GB VM: a first call of 13-19 s, 40-43 s after a reboot, against 10 s and 24-27 s as loaded). Each
+later call runs laid out. ``lay_out(model)`` lays it out at once (a server, before its first request).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, unfuse
+from blip2.fast import MODES, Unsupported, apply, layout_cache, unfuse
 from blip2.fast.decoding import LanguageModel
 from blip2.fast.linear import FusedLinear
 from blip2.models.blip2 import Blip2Model
@@ -110,6 +111,9 @@ def _waits(model: Blip2Model) -> bool:
         return False  # a GPU lays out at its memory's speed
     size = sum(p.numel() * p.element_size() for p in nn.Module.parameters(lm))  # not the guarded walk
     if size <= LATER_BYTES:
+        return False
+    if layout_cache.mappable(model, model.fast):
+        log.info("blip2: the language model's layout is mapped from the cache at the first generate")
         return False
     log.info("blip2: the first generate runs as loaded; the language model (%.1f GB) is laid out for the fast "
              "path at the next (blip2.fast.lazy)", size / 1e9)

@@ -193,6 +193,9 @@ class BlockedSource(Protocol):
     def find(self, layers: Sequence[nn.Linear], weights: Sequence[Tensor], shape: tuple[int, ...]) -> Tensor | None:
         """The blocked weight of ``layers`` (plain weights ``weights``), already laid out, or None."""
 
+    def find_screen(self, head: FusedLinear) -> tuple[Tensor, Tensor] | None:
+        """The greedy head's screen of the blocked ``head`` (``kernels.screen_weight``), already made, or None."""
+
 
 # where blocked weights may already be laid out: set by blip2.fast.layout_cache while it lays out a model it has
 # the layout of on disk (a context variable: one model's layout in a thread does not reach another's)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2.fast import kernels
-from blip2.fast.linear import FusedLinear
+from blip2.fast.linear import BLOCKED_SOURCE, FusedLinear
 from blip2.generation import masked_argmax
 
 __all__ = ["NativeT5Step", "NativeOPTStep", "Unsupported", "SchemaError", "check", "try_native"]
@@ -127,16 +127,17 @@ def _batched(products: list[list[Tensor | None]]) -> bool:
     return all(w is None or w.dim() != 2 for w, _, _ in products)
 
 
-def _screen(head: list[Tensor | None]) -> tuple[Tensor, Tensor] | None:
-    """The bfloat16 screen of an fp32 head (``_linear``'s entries) for ``kernels.greedy_head``, or None
-    where the kernels cannot screen it (no AVX-512 BF16, a bf16 or int8 head)."""
+def _screen(head: list[Tensor | None], layer: nn.Module | None) -> tuple[Tensor, Tensor] | None:
+    """The bfloat16 screen of an fp32 head (``_linear``'s entries, of the module ``layer``) for
+    ``kernels.greedy_head``, or None where the kernels cannot screen it (no AVX-512 BF16, a bf16 or int8 head).
+    Taken from the checkpoint's cached layout where it holds one (``blip2.fast.layout_cache``)."""
     w, scale, bias = head
     if w is None or scale is not None or not kernels.screen_supports(w) \
             or (bias is not None and bias.dtype != torch.float32):
         return None
-    if w.dim() == 3:  # blocked: the plain weight back, for the bf16 copy and the norms
-        w = kernels.unblock_weight(w, bias.numel(), w.shape[1])
-    return kernels.screen_weight(w)
+    source = BLOCKED_SOURCE.get()
+    found = source.find_screen(layer) if source is not None and isinstance(layer, FusedLinear) else None
+    return found if found is not None else kernels.screen_weight(w, bias.numel() if w.dim() == 3 else None)
 
 
 _LAYER = "layers."  # the prefix of a layer's slots in an op's schema (slots.cpp)
@@ -195,6 +196,7 @@ class _NativeStep:
     dtype: torch.dtype
     fallback: Callable[..., Tensor]
     screen: tuple[Tensor, Tensor] | None = None
+    head_layer: nn.Module | None = None  # the module the head's entries came from
     exact: Tensor | None = None
 
     def __init__(self) -> None:
@@ -203,6 +205,8 @@ class _NativeStep:
     def _linear_slots(self, name: str, layer: nn.Module | None, optional: bool = False) -> dict[str, Tensor | None]:
         """A linear layer as its slots ``<name>.weight``, ``<name>.scale``, ``<name>.bias``."""
         self.products.append(_linear(layer, self.dtype, optional))
+        if name == "lm_head":
+            self.head_layer = layer
         return {f"{name}.{part}": t for part, t in zip(_LINEAR_PARTS, self.products[-1])}
 
     def _bind(self, outer: dict[str, Tensor | None], layers: list[dict[str, Tensor | None]],
@@ -216,7 +220,7 @@ class _NativeStep:
         self.hidden_values = _values(self.op, self.params, {**scalars, "want_hidden": 1})
         self.batched = _batched(self.products)  # any number of rows, else one
         self.head = [outer[f"lm_head.{part}"] for part in _LINEAR_PARTS]
-        self.screen = _screen(self.head)
+        self.screen = _screen(self.head, self.head_layer)
 
     def covers(self, *args: Any) -> bool:
         """Whether the op runs a call with these arguments (else ``fallback`` does)."""

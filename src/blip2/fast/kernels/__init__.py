@@ -62,7 +62,7 @@ from blip2.cache import cache_dir, private_dir
 
 __all__ = ["load", "ready", "status", "build_key", "row_product", "row_product_supports", "blocked_linear",
            "blocked_supports", "block_weight", "blocked_shape", "unblock_weight", "screen_supports", "screen_weight",
-           "greedy_head", "cache_dir", "cpu_flags", "cpu_supported"]
+           "screen_blocks", "greedy_head", "cache_dir", "cpu_flags", "cpu_supported"]
 
 log = logging.getLogger("blip2.fast.kernels")
 
@@ -339,8 +339,8 @@ def block_weight(w: Tensor, out: Tensor | None = None) -> Tensor:
     elif tuple(out.shape) != blocked_shape(n, k, w.dtype) or out.dtype != w.dtype:
         raise ValueError(f"block_weight: out {out.dtype} {tuple(out.shape)}, expected {w.dtype} "
                          f"{blocked_shape(n, k, w.dtype)}")
-    if w.dtype == torch.float32 and _loaded and w.is_contiguous() and out.is_contiguous():
-        torch.ops.blip2_kernels.block_weight_into(w, out)  # at the memory's pace; the copy below at a third
+    if _loaded and w.is_contiguous() and out.is_contiguous():
+        torch.ops.blip2_kernels.block_weight_into(w, out)  # at the memory's pace; the copies below at a third
         return out
     if w.dtype == torch.float32:
         out[:whole].copy_(w[:whole * _BLOCK].view(whole, _BLOCK, k).transpose(1, 2))
@@ -383,22 +383,40 @@ def screen_supports(w: Tensor) -> bool:
             and (w.dim() == 2 or (w.dim() == 3 and w.shape[2] == _BLOCK)))
 
 
+# the blocks a screen is made of at a time: its temporaries (the rows in fp32 and float64, 256 rows) stay a few MB
+# (4096 rows at a time took 0.2x the weights of a 16-layer model of width 768 at the peak beside its layout)
+_SCREEN_BLOCKS = 16
+
+
 @torch.no_grad()
-def screen_weight(w: Tensor) -> tuple[Tensor, Tensor]:
-    """The screen of a plain float32 head weight ``w`` [N, K] for ``greedy_head``: (its bfloat16 copy in
-    the blocked layout, norms [2, N] float32: each row's length and the length of its bf16 rounding error,
-    computed in float64 and rounded up)."""
-    if w.dim() != 2 or w.dtype != torch.float32:
-        raise ValueError(f"screen_weight: expected a float32 [N, K] weight, got {w.dtype} {tuple(w.shape)}")
-    wb = w.bfloat16()
-    norms = torch.empty(2, w.shape[0], dtype=torch.float64)
-    for i in range(0, w.shape[0], 4096):  # in chunks: a float64 copy of a 50k-token head is 300 MB
-        chunk = w[i:i + 4096].double()
-        norms[0, i:i + 4096] = chunk.norm(dim=1)
-        norms[1, i:i + 4096] = (chunk - wb[i:i + 4096].double()).norm(dim=1)
-    up = norms.float()
-    up = torch.where(up.double() < norms, torch.nextafter(up, torch.tensor(float("inf"))), up)  # round up
-    return block_weight(wb), up.contiguous()
+def screen_weight(w: Tensor, n: int | None = None) -> tuple[Tensor, Tensor]:
+    """The screen of a float32 head weight for ``greedy_head``: (its bfloat16 copy in the blocked layout,
+    norms [2, N] float32: each row's length and the length of its bf16 rounding error, computed in float64 and
+    rounded up). ``w``: plain [N, K], or blocked (``block_weight``) holding ``n`` rows. Made a few thousand rows
+    at a time, with no whole copy of the head beside it (blip2-opt-2.7b's fp32 head is 515 MB)."""
+    if w.dtype != torch.float32 or w.dim() not in (2, 3) or (w.dim() == 3 and n is None):
+        raise ValueError(f"screen_weight: expected a float32 [N, K] or blocked weight (with n), got {w.dtype} "
+                         f"{tuple(w.shape)}")
+    n, k = (w.shape[0], w.shape[1]) if w.dim() == 2 else (n, w.shape[1])
+    screen = torch.empty(blocked_shape(n, k, torch.bfloat16), dtype=torch.bfloat16)
+    norms = torch.empty(2, n)
+    for lo in range(0, screen.shape[0], _SCREEN_BLOCKS):
+        hi = min(lo + _SCREEN_BLOCKS, screen.shape[0])
+        screen_blocks(w, n, lo, hi, screen[lo:hi], norms[:, lo * _BLOCK:hi * _BLOCK])
+    return screen, norms
+
+
+def screen_blocks(w: Tensor, n: int, lo: int, hi: int, screen: Tensor, norms: Tensor) -> None:
+    """Blocks [lo, hi) of the screen of head ``w`` (plain, or blocked with ``n`` rows), written into ``screen``
+    (those blocks) and ``norms`` ([2, their rows]): to make a screen, or to check a stored one."""
+    r0, r1 = lo * _BLOCK, min(hi * _BLOCK, n)
+    rows = unblock_weight(w[lo:hi], r1 - r0, w.shape[1]) if w.dim() == 3 else w[r0:r1]
+    wb = rows.bfloat16()
+    block_weight(wb, out=screen)
+    exact = rows.double()
+    both = torch.stack([exact.norm(dim=1), (exact - wb.double()).norm(dim=1)])
+    up = both.float()
+    norms.copy_(torch.where(up.double() < both, torch.nextafter(up, torch.tensor(float("inf"))), up))
 
 
 def greedy_head(x: Tensor, screen: Tensor, norms: Tensor, w: Tensor, bias: Tensor | None,

@@ -299,19 +299,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return out;
 }
 
-// w [n, k] float32 -> out [ceil(n / 16), k, 16]: out[b][j][i] = w[16 b + i][j], zero past row n. Each block reads
+// float32 [n, k] -> [ceil(n / 16), k, 16]: out[b][j][i] = w[16 b + i][j], zero past row n. Each block reads
 // its 16 rows as 16 sequential streams and writes its 64-byte groups in order, so laying out a model runs at
 // the memory's pace (torch's strided copy of the same permutation ran at a third of it)
-void block_weight_into(const at::Tensor& w, at::Tensor& out) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
-              "block_weight_into: w must be a contiguous float32 CPU matrix");
-  const int64_t n = w.size(0), k = w.size(1), nb = (n + kBlock - 1) / kBlock;
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 3 &&
-              out.size(0) == nb && out.size(1) == k && out.size(2) == kBlock,
-              "block_weight_into: out must be a contiguous float32 [", nb, ", ", k, ", ", kBlock, "], got ",
-              out.sizes());
-  const float* src = w.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+static void block_float(const float* src, float* dst, int64_t n, int64_t k, int64_t nb) {
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t rows = std::min<int64_t>(kBlock, n - b * kBlock);
@@ -327,6 +318,50 @@ void block_weight_into(const at::Tensor& w, at::Tensor& out) {
       }
     }
   });
+}
+
+// bfloat16 [n, k] -> [ceil(n / 16), ceil(k / 2), 16, 2]: pairs of neighbouring k, zero past row n and column
+// k; the same streams, a pair moved as one 32-bit word where the block is whole
+static void block_bf16(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k, int64_t nb) {
+  const int64_t pairs = (k + 1) / 2;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t rows = std::min<int64_t>(kBlock, n - b * kBlock);
+      const uint16_t* r[kBlock];
+      for (int i = 0; i < kBlock; ++i) r[i] = src + (b * kBlock + std::min<int64_t>(i, rows - 1)) * k;
+      uint16_t* o = dst + b * pairs * kBlock * 2;
+      if (rows == kBlock && k % 2 == 0) {
+        for (int64_t p = 0; p < pairs; ++p)
+          for (int i = 0; i < kBlock; ++i) std::memcpy(o + (p * kBlock + i) * 2, r[i] + 2 * p, 4);
+      } else {
+        for (int64_t p = 0; p < pairs; ++p)
+          for (int i = 0; i < kBlock; ++i)
+            for (int t = 0; t < 2; ++t)
+              o[(p * kBlock + i) * 2 + t] = i < rows && 2 * p + t < k ? r[i][2 * p + t] : uint16_t(0);
+      }
+    }
+  });
+}
+
+// w [n, k] into out, of blip2.fast.kernels.blocked_shape(n, k, dtype): at the memory's pace
+void block_weight_into(const at::Tensor& w, at::Tensor& out) {
+  const auto dtype = w.scalar_type();
+  TORCH_CHECK(w.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16) && w.dim() == 2 &&
+                  w.is_contiguous(),
+              "block_weight_into: w must be a contiguous float32 or bfloat16 CPU matrix");
+  const int64_t n = w.size(0), k = w.size(1), nb = (n + kBlock - 1) / kBlock;
+  const bool bf16 = dtype == at::kBFloat16;
+  const std::vector<int64_t> shape = bf16 ? std::vector<int64_t>{nb, (k + 1) / 2, kBlock, 2}
+                                          : std::vector<int64_t>{nb, k, kBlock};
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dtype && out.is_contiguous() &&
+                  out.sizes() == at::IntArrayRef(shape),
+              "block_weight_into: out must be a contiguous ", dtype, " ", at::IntArrayRef(shape), ", got ",
+              out.sizes());
+  if (bf16)
+    block_bf16(reinterpret_cast<const uint16_t*>(w.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()), n,
+               k, nb);
+  else
+    block_float(w.data_ptr<float>(), out.data_ptr<float>(), n, k, nb);
 }
 
 }  // namespace blocked
