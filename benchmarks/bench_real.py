@@ -127,16 +127,19 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
         def call() -> torch.Tensor:
             return model.generate(pixels, ids, mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     load = time.perf_counter() - t
-    times = []
+    times, laid_out_at = [], None
     with torch.no_grad():
-        for _ in range(calls):
+        for i in range(calls):
             t = time.perf_counter()
             out = call()
             times.append(time.perf_counter() - t)
+            if laid_out_at is None and impl != "transformers" and model.language_model.decode_step != \
+                    model.language_model._decode_step:  # the native step: laid out, or mapped from the cache
+                laid_out_at = i + 1
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"load": load, "first": times[0], "next": sorted(times[1:])[len(times[1:]) // 2] if calls > 1 else None,
             "slowest": max(times[1:]) if calls > 1 else None,
-            "peak_rss": _peak_rss(), "tokens": out[:, -NEW_TOKENS:].tolist(),
+            "peak_rss": _peak_rss(), "tokens": out[:, -NEW_TOKENS:].tolist(), "laid_out_at": laid_out_at,
             "page_faults": {"major": usage.ru_majflt, "minor": usage.ru_minflt}}
 
 
@@ -206,6 +209,7 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                    "slowest next call s", "time to first caption s", "x transformers (first caption)",
                    "x transformers (next)",
                    "peak RSS / weights", "% of floor", "tokens"])
+    laid_out_at: dict[str, set[int | None]] = {}  # ours' rows: the call after which the native step ran
     rate = matmul_rate(dtype=DTYPES[dtype])
     bandwidth = copy_bandwidth()
     for preset in presets:
@@ -219,6 +223,8 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
             if layout_cache.layouts_of(_weight_files(d)):  # the first process wrote its layout: a later one maps it
                 mapped = _run_worker("ours-mapped", d, batch, dtype, fast, calls, threads, cold)
                 rows.append((f"ours (fast={fast}), later process", mapped))
+            for name, r in rows[1:]:
+                laid_out_at.setdefault(name, set()).add(r["laid_out_at"])
             ids = decode_inputs(config, batch)[1]
             flops = product_flops(config, ids.shape[1], NEW_TOKENS, batch)
             step_bytes = _decode_weight_bytes(config, dtype)
@@ -251,9 +257,13 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                                      f"from_pretrained(fast={fast!r}), applied at load; the first process writes "
                                      f"the language model's layout to the cache (blip2.fast.layout_cache)."),
         "- later process: the same, once the layout is on disk: the language model's blocked weights are mapped "
-        "from it at the second call" + (" (read from the disk too)." if cold else
-                                       " (the layout file read through the page cache before, after the "
-                                       "checkpoint)."),
+        "from it at the first call where the layout and the checkpoint fit 3/4 of the memory "
+        "(blip2.fast.layout_cache.mappable), else at the second" + (" (read from the disk too)." if cold else
+                                                                 " (the layout file read through the page cache "
+                                                                 "before, after the checkpoint)."),
+        "- laid out (or mapped) at call: " + "; ".join(
+            f"{name}: " + ", ".join(sorted("never" if c is None else str(c) for c in calls))
+            for name, calls in laid_out_at.items()) + ".",
     ]
     if dtype == "bf16":
         table.notes += [
