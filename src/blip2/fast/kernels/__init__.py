@@ -392,8 +392,8 @@ _SCREEN_BLOCKS = 16
 def screen_weight(w: Tensor, n: int | None = None) -> tuple[Tensor, Tensor]:
     """The screen of a float32 head weight for ``greedy_head``: (its bfloat16 copy in the blocked layout,
     norms [2, N] float32: each row's length and the length of its bf16 rounding error, computed in float64 and
-    rounded up). ``w``: plain [N, K], or blocked (``block_weight``) holding ``n`` rows. Made a few thousand rows
-    at a time, with no whole copy of the head beside it (blip2-opt-2.7b's fp32 head is 515 MB)."""
+    rounded up). ``w``: plain [N, K], or blocked (``block_weight``) holding ``n`` rows. Made 256 rows at a
+    time, with no whole copy of the head beside it (blip2-opt-2.7b's fp32 head is 515 MB)."""
     if w.dtype != torch.float32 or w.dim() not in (2, 3) or (w.dim() == 3 and n is None):
         raise ValueError(f"screen_weight: expected a float32 [N, K] or blocked weight (with n), got {w.dtype} "
                          f"{tuple(w.shape)}")
