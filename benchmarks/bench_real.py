@@ -1,10 +1,11 @@
 """Real-size captioning against transformers: the published BLIP-2 architectures, random weights.
 
     python benchmarks/bench_real.py [--presets blip2-opt-2.7b blip2-flan-t5-xl] [--batches 1 8] [--dtype bf16]
-                                    [--cold]
+                                    [--stored fp32] [--cold]
 
 The checkpoints are written once, without any download: the published config (tests/data), random weights
-(normal, std 0.02; norms 1, biases 0) written straight to sharded safetensors in the stored dtype, the way a
+(normal, std 0.02; norms 1, biases 0) written straight to sharded safetensors in the stored dtype (``--stored``,
+the run's dtype unless given: the published checkpoints are fp32, which users load in bf16), the way a
 Hub checkpoint is laid out. Each implementation runs in a process of its own (the peak memory is the
 process's), transformers and ours alternately, for every batch:
 
@@ -44,10 +45,10 @@ NEW_TOKENS = 12
 SHARD_BYTES = 2 * 2**30
 
 
-def markers(dtype: str, cold: bool = False) -> tuple[str, str]:
-    """The docs' markers of this dtype's table (one table per dtype, and one with the files out of the page
-    cache)."""
-    name = f"bench-real-{dtype}" + ("-cold" if cold else "")
+def markers(dtype: str, cold: bool = False, stored: str | None = None) -> tuple[str, str]:
+    """The docs' markers of this dtype's table (one table per dtype, one with the files out of the page cache,
+    and one per stored dtype other than the run's)."""
+    name = f"bench-real-{dtype}" + (f"-from-{stored}" if stored and stored != dtype else "") + ("-cold" if cold else "")
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
@@ -197,12 +198,14 @@ def _weights_bytes(d: str) -> int:
 
 
 def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: int, threads: int,
-        cold: bool = False) -> Table:
+        cold: bool = False, stored: str | None = None) -> Table:
     from blip2.fast import kernels, layout_cache
 
     torch.set_num_threads(threads)
     kernels.load()  # as the workers do (built once per machine), so that the notes say whether they load
-    where = ", the files out of the page cache" if cold else ""
+    stored = stored or dtype
+    where = (f", from {stored} files" if stored != dtype else "") + \
+        (", the files out of the page cache" if cold else "")
     table = Table(f"Real size: captioning, {NEW_TOKENS} new tokens, greedy, {dtype} (cpu, {threads} thread(s)"
                   f"{where})",
                   ["model", "images", "implementation", "load s", "first call s", "next call s",
@@ -213,8 +216,9 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
     rate = matmul_rate(dtype=DTYPES[dtype])
     bandwidth = copy_bandwidth()
     for preset in presets:
-        d = checkpoint(preset, dtype)
-        weights = _weights_bytes(d)
+        d = checkpoint(preset, stored)
+        # the weights in the run's dtype (as loaded: a converting load's model holds these, not the file's bytes)
+        weights = _weights_bytes(d) * DTYPES[dtype].itemsize // DTYPES[stored].itemsize
         config = Blip2Config.from_pretrained(d)
         for batch in batches:
             hf = _run_worker("transformers", d, batch, dtype, fast, calls, threads, cold)
@@ -240,11 +244,15 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                           "-" if r is hf else ("equal" if r["tokens"] == hf["tokens"] else "differ"))
     table.notes += [
         f"{machine()}. Random weights of the published architectures (tests/data configs), written to sharded "
-        f"safetensors in {dtype}; each implementation in a process of its own, one after the other; "
+        f"safetensors in {stored}" + (f" and loaded in {dtype} (converted at load; the layout cache keeps only "
+                                      f"layouts of weights used as stored, so no process maps one)"
+                                      if stored != dtype else "") +
+        "; each implementation in a process of its own, one after the other; "
         f"{calls} calls each, " + ("the checkpoint and any cached layout dropped from the page cache before each "
                                    "(as after a reboot: each reads from the disk). " if cold else
                                    "the checkpoint read through the page cache before each. ") +
-        "Peak RSS is the process's high-water mark over the checkpoint's bytes.",
+        "Peak RSS is the process's high-water mark over the checkpoint's bytes" + (
+            f" as {dtype} (what the model holds)." if stored != dtype else "."),
         f"- % of floor: the fewest seconds a call can take at the best {dtype} 1536^3 product rate and the best "
         f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time.",
         f"- ours (fast={fast}): " + ("from_pretrained's default: the fastest exact mode of the machine (native "
@@ -289,6 +297,7 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["blip2-opt-2.7b", "blip2-flan-t5-xl"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--stored", choices=sorted(DTYPES), help="the checkpoint's dtype (default: --dtype)")
     p.add_argument("--fast", default="auto")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -301,10 +310,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(worker(args.worker, args.dir, args.batches[0], args.dtype, args.fast, args.calls)))
         return
-    table = run(args.presets, args.batches, args.dtype, args.fast, args.calls, args.threads, args.cold)
+    table = run(args.presets, args.batches, args.dtype, args.fast, args.calls, args.threads, args.cold, args.stored)
     print(table.markdown())
     if args.docs:
-        write_results(table.markdown(), *markers(args.dtype, args.cold))
+        write_results(table.markdown(), *markers(args.dtype, args.cold, args.stored))
 
 
 if __name__ == "__main__":
