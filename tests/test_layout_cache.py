@@ -370,8 +370,10 @@ _MEASURE = textwrap.dedent(
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model = Blip2ForConditionalGeneration.from_pretrained({d!r})
     model.generate(pixels, ids, mask, max_new_tokens=2)
+    screen = getattr(model.language_model.decode_step, "screen", None) or ()  # (AVX-512 BF16 CPUs)
     print(json.dumps({{"weights": weights, "anon": status("RssAnon") - anon, "peak": status("VmHWM") - base,
-                      "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}}))
+                      "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+                      "screen": sum(t.numel() * t.element_size() for t in screen)}}))
     layout_cache.wait()
     """
 )
@@ -381,7 +383,7 @@ _MEASURE = textwrap.dedent(
 def test_a_mapped_layout_copies_nothing(tmp_path):
     """A language model of ~480 MB: laid out, its blocked weights are new memory (anonymous pages); mapped from
     the cache, they are the file's pages and the process's anonymous memory does not grow by them. Each load in
-    a fresh process: the first lays out and writes, the second maps; both within 1.05x the weights."""
+    a fresh process: the first lays out and writes, the second maps; both within 1.05x the weights (and the screen)."""
     from random_weights import write_random_checkpoint
 
     raw = tiny_hf_config("opt", hidden_size=768, ffn_dim=3072, num_hidden_layers=16, num_attention_heads=12,
@@ -399,5 +401,6 @@ def test_a_mapped_layout_copies_nothing(tmp_path):
     assert first["weights"] > 400e6
     assert first["anon"] > 0.8 * first["weights"], first  # the blocked copy
     assert later["anon"] < 0.05 * later["weights"], later  # the file's pages
-    assert first["peak"] < 1.05 * first["weights"], first
-    assert later["peak"] < 1.05 * later["weights"], later
+    # the greedy head's bf16 screen is a weight of its own (2.6% of these weights; mapped in the later process)
+    assert first["peak"] < 1.05 * first["weights"] + first["screen"], first
+    assert later["peak"] < 1.05 * later["weights"] + later["screen"], later

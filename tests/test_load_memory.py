@@ -56,7 +56,10 @@ _MEASURE = textwrap.dedent(
     read = status("VmHWM") - base
     if {speedup!r} != "none":
         getattr(fast, {speedup!r})(model)
-    print(json.dumps({{"weights": weights, "loaded": loaded, "read": read, "peak": status("VmHWM") - base}}))
+    # the native step's bf16 screen of an fp32 head (AVX-512 BF16 CPUs): a weight of its own, half the head's size
+    screen = getattr(model.language_model.decode_step, "screen", None) or ()
+    print(json.dumps({{"weights": weights, "loaded": loaded, "read": read, "peak": status("VmHWM") - base,
+                      "screen": sum(t.numel() * t.element_size() for t in screen)}}))
     """
 )
 
@@ -69,7 +72,7 @@ def measure(directory, dtype: str, speedup: str = "none", chunk: int = 16 * 2**2
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"weights": r["weights"], **{k: r[k] / r["weights"] for k in ("loaded", "read", "peak")}}
+    return {"weights": r["weights"], **{k: r[k] / r["weights"] for k in ("loaded", "read", "peak", "screen")}}
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +147,7 @@ def test_speedup_layouts_hold_one_copy(fp32_checkpoint, speedup):
         if not kernels.load():
             pytest.skip(f"native needs the kernels (AVX-512 or AVX2): {kernels.status()}")
     r = measure(fp32_checkpoint, "float32", speedup)
-    assert r["peak"] < 1.05, r
+    assert r["peak"] < 1.05 + r["screen"], r  # the screen: 2.6% of this model's weights, 1.7% of blip2-opt-2.7b's
 
 
 def test_converting_load_holds_one_copy_then_int8(fp32_checkpoint):
