@@ -45,6 +45,7 @@ files of dead processes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -159,6 +160,7 @@ def _open(model: nn.Module, mode: str, quiet: bool = False) -> _Layout | None:
     return _Layout(folder, origin, lm, layers, read=not quiet)
 
 
+@functools.cache  # the same for the process's life; asked for at each first generate and layout
 def _code_hash() -> str:
     """The Python code that names the blocked weights and lays them out."""
     h = hashlib.sha256()
@@ -264,8 +266,8 @@ class _Layout:
             tensors[name] = layer.w
         if not tensors:
             return
-        step = getattr(self.lm, "decode_step", None)  # a native step's greedy head screen (bf16 CPUs, fp32 heads)
-        screen, head = getattr(step, "screen", None), getattr(step, "head_layer", None)
+        # a native step's greedy-head screen (bf16 CPUs, fp32 heads), of the language model's lm_head
+        screen, head = getattr(self.lm.decode_step, "screen", None), getattr(self.lm, "lm_head", None)
         name = self._name(head._layers) if screen is not None and isinstance(head, FusedLinear) else None
         if name is not None:  # last, the norms after the screen: only their size may not be whole 64-byte blocks
             tensors |= {name + suffix: t for suffix, t in zip(_SCREEN, screen)}

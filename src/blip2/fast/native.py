@@ -196,7 +196,6 @@ class _NativeStep:
     dtype: torch.dtype
     fallback: Callable[..., Tensor]
     screen: tuple[Tensor, Tensor] | None = None
-    head_layer: nn.Module | None = None  # the module the head's entries came from
     exact: Tensor | None = None
 
     def __init__(self) -> None:
@@ -205,22 +204,21 @@ class _NativeStep:
     def _linear_slots(self, name: str, layer: nn.Module | None, optional: bool = False) -> dict[str, Tensor | None]:
         """A linear layer as its slots ``<name>.weight``, ``<name>.scale``, ``<name>.bias``."""
         self.products.append(_linear(layer, self.dtype, optional))
-        if name == "lm_head":
-            self.head_layer = layer
         return {f"{name}.{part}": t for part, t in zip(_LINEAR_PARTS, self.products[-1])}
 
     def _bind(self, outer: dict[str, Tensor | None], layers: list[dict[str, Tensor | None]],
-              scalars: dict[str, float]) -> None:
+              scalars: dict[str, float], head: nn.Module) -> None:
         """The op's arguments after the decoding state, from the slots outside the layers (``outer``), each
         layer's and the scalars, all by name (``want_hidden`` set here): ``slots``, ``weights``, ``params``
-        and ``values`` (the logits) or ``hidden_values`` (the head's input)."""
+        and ``values`` (the logits) or ``hidden_values`` (the head's input); ``head``: the module of the
+        ``lm_head`` slots, whose screen the layout cache may hold."""
         self.slots, self.params = _schema(self.op)
         self.weights = _ordered(self.op, self.slots, outer, layers)
         self.values = _values(self.op, self.params, {**scalars, "want_hidden": 0})
         self.hidden_values = _values(self.op, self.params, {**scalars, "want_hidden": 1})
         self.batched = _batched(self.products)  # any number of rows, else one
         self.head = [outer[f"lm_head.{part}"] for part in _LINEAR_PARTS]
-        self.screen = _screen(self.head, self.head_layer)
+        self.screen = _screen(self.head, head)
 
     def covers(self, *args: Any) -> bool:
         """Whether the op runs a call with these arguments (else ``fallback`` does)."""
@@ -279,7 +277,7 @@ class NativeT5Step(_NativeStep):
             "eps": float(dec.final_layer_norm.eps),
             "out_scale": float(cfg.d_model**-0.5) if cfg.scale_decoder_outputs else 1.0,
             "heads": cfg.num_heads, "d_kv": cfg.d_kv, "activation": ACTIVATIONS[cfg.dense_act_fn],
-            "gated": int(bool(cfg.is_gated_act))})
+            "gated": int(bool(cfg.is_gated_act))}, model.lm_head)
 
     def _layer(self, blk: nn.Module) -> dict[str, Tensor | None]:
         sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
@@ -343,7 +341,7 @@ class NativeOPTStep(_NativeStep):
         self._bind(outer, layers, {
             "eps": eps.pop(), "scaling": float(attn.scaling), "heads": attn.num_heads,
             "activation": ACTIVATIONS[cfg.activation_function], "pre_norm": int(bool(cfg.do_layer_norm_before)),
-            "has_final_norm": int(final is not None)})
+            "has_final_norm": int(final is not None)}, model.lm_head)
 
     def _layer(self, layer: nn.Module) -> dict[str, Tensor | None]:
         if getattr(layer.self_attn, "qkv", None) is None:
