@@ -38,6 +38,7 @@ import torch
 
 from common import BENCHMARKS, CACHE, DTYPES, Table, machine, write_results
 from blip2 import Blip2Config
+from blip2.fast import lazy
 from blip2.apps.bench import copy_bandwidth, decode_inputs, floor_seconds, matmul_rate, product_flops
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")
@@ -134,8 +135,7 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
             t = time.perf_counter()
             out = call()
             times.append(time.perf_counter() - t)
-            if laid_out_at is None and impl != "transformers" and model.language_model.decode_step != \
-                    model.language_model._decode_step:  # the native step: laid out, or mapped from the cache
+            if laid_out_at is None and impl != "transformers" and lazy.laid_out(model):  # or mapped from the cache
                 laid_out_at = i + 1
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"load": load, "first": times[0], "next": sorted(times[1:])[len(times[1:]) // 2] if calls > 1 else None,
@@ -257,10 +257,11 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time.",
         f"- ours (fast={fast}): " + ("from_pretrained's default: the fastest exact mode of the machine (native "
                                      "where the kernels build, AVX-512 or AVX2, else fuse; the vision encoder and "
-                                     "Q-Former as loaded). The first process of a checkpoint (its cached layout "
-                                     "removed before) runs its first call as loaded and lays the language model out "
-                                     "at its second (blip2.fast.lazy), which writes that layout to the cache in the "
-                                     "background (blip2.fast.layout_cache)."
+                                     "Q-Former as loaded). One image: every call decodes natively on the checkpoint's "
+                                     "own weights, never laid out (blip2.fast.lazy). Several: the first process of a "
+                                     "checkpoint (its cached layout removed before) runs its first call as loaded and "
+                                     "lays the language model out at its second, which writes that layout to the "
+                                     "cache in the background (blip2.fast.layout_cache)."
                                      if fast == "auto" else
                                      f"from_pretrained(fast={fast!r}), applied at load; the first process writes "
                                      f"the language model's layout to the cache (blip2.fast.layout_cache)."),

@@ -266,3 +266,42 @@ def test_the_pipeline_keeps_the_layout_between_calls(tiny_model_dir):
     assert pipe.generate(pixel_batch(2, seed=4), ["", "a photo of"], options) == got
     assert {id(m) for m in fused_layers(pipe.model)} == layers
     assert got == plain.generate(pixel_batch(2, seed=4), ["", "a photo of"], options)
+
+
+def test_a_large_model_decodes_one_row_natively_on_the_weights_as_loaded(checkpoint, monkeypatch):
+    """Past ``LATER_BYTES`` on a CPU, a generate of one row decodes natively on the checkpoint's own weights
+    (q/k/v apart: nothing copied, no layout), at every such call; anything that needs the plain modules puts
+    the eager step back. Several rows: the first such generate runs eager, the next lays out, and one row then
+    runs on the layout. The plain tokens throughout."""
+    from torch.profiler import ProfilerActivity, profile
+
+    text, d = checkpoint
+    monkeypatch.setattr(lazy, "LATER_BYTES", 0)
+    plain = Blip2ForConditionalGeneration.from_pretrained(d, fast="none")
+    one = {k: v[:1] for k, v in inputs(text).items()}
+    want, want_two = plain.generate(**one, max_new_tokens=8), captions(plain, text)
+    op = f"blip2_kernels::{'opt' if text == 'opt' else 't5'}_step"
+
+    def generate(model, **kw):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = model.generate(**kw, max_new_tokens=8)
+        return out, sum(e.count for e in prof.key_averages() if e.key == op)
+
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    lm = model.language_model
+    weights = {n: p.data_ptr() for n, p in lm.named_parameters()}
+    steps = want.shape[1] - (one["input_ids"].shape[1] if text == "opt" else 1) - 1  # after the prefill
+    for _ in range(2):
+        got, calls = generate(model, **one)
+        assert torch.equal(got, want) and calls == steps > 0
+        assert lm.decode_step != lm._decode_step and not laid_out(model)
+    assert {n: p.data_ptr() for n, p in nn.Module.named_parameters(lm)} == weights  # read in place
+    model.train()
+    assert lm.decode_step == lm._decode_step  # the eager step is back with the plain modules
+    model.eval()
+    got, calls = generate(model, **inputs(text))  # several rows: eager, the layout left to the next
+    assert torch.equal(got, want_two) and calls == 0 and not laid_out(model)
+    assert torch.equal(generate(model, **one)[0], want) and not laid_out(model)
+    assert torch.equal(captions(model, text), want_two) and laid_out(model)
+    got, calls = generate(model, **one)
+    assert torch.equal(got, want) and calls == steps and laid_out(model)

@@ -10,6 +10,7 @@ import torch
 from blip2 import Blip2ForConditionalGeneration
 from blip2.fast import kernels
 from blip2.config import OPTConfig, T5Config
+from blip2.fast.linear import FusedLinear
 from blip2.fast.native import NativeOPTStep, NativeT5Step, Unsupported, try_native
 from blip2.models.opt import OPTForCausalLM
 from blip2.models.t5 import T5ForConditionalGeneration
@@ -41,19 +42,20 @@ def loaded():
     assert kernels.load(), kernels.status()
 
 
-def _opt(overrides: dict, dtype: torch.dtype, fmt: str = "dense", seed: int = 0) -> OPTForCausalLM:
+def _opt(overrides: dict, dtype: torch.dtype, fmt: str | None = "dense", seed: int = 0) -> OPTForCausalLM:
     cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=3, ffn_dim=80, num_attention_heads=4,
                     max_position_embeddings=64, dropout=0.0, **overrides)
     lm = randomize_(OPTForCausalLM(cfg), seed, std=0.4).eval().to(dtype)
-    return fast.fuse(lm, fmt)
+    return fast.fuse(lm, fmt) if fmt else lm  # None: as loaded
 
 
-def _t5(overrides: dict, dtype: torch.dtype, fmt: str = "dense", seed: int = 0) -> T5ForConditionalGeneration:
+def _t5(overrides: dict, dtype: torch.dtype, fmt: str | None = "dense", seed: int = 0) -> T5ForConditionalGeneration:
     kw = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
               relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)
     kw.update(overrides)
     lm = randomize_(T5ForConditionalGeneration(T5Config(**kw)), seed, std=0.4).eval()
-    return fast.fuse(lm.set_dtype(dtype), fmt)
+    lm = lm.set_dtype(dtype)
+    return fast.fuse(lm, fmt) if fmt else lm
 
 
 def _prompt(lm, dtype, seed=1, pad=2, rows=1):
@@ -134,6 +136,34 @@ def test_t5_native_step_gives_the_eager_logits(variant, dtype):
     lm = _t5(T5_VARIANTS[variant], dtype)
     fp32 = fast.fuse(fast.unfuse(_t5(T5_VARIANTS[variant], dtype)).set_dtype(torch.float32), "dense")
     _compare(lm, dtype, NativeT5Step(lm, lm._decode_step), fp32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model", [("opt", v) for v in OPT_VARIANTS] + [("t5", v) for v in T5_VARIANTS],
+                         ids=lambda m: f"{m[0]}: {m[1]}")
+def test_a_model_as_loaded_steps_natively_with_its_fused_logits(model, dtype):
+    """Not fused (q, k, v and wi_0, wi_1 read where they are, no copy: a large model's first generate): one
+    row natively, with the logits of the same weights fused, bit for bit, and so the eager logits."""
+    text, variant = model
+    overrides = (OPT_VARIANTS if text == "opt" else T5_VARIANTS)[variant]
+    build, cls = (_opt, NativeOPTStep) if text == "opt" else (_t5, NativeT5Step)
+    plain, fused = build(overrides, dtype, fmt=None), build(overrides, dtype)
+    assert not any(isinstance(m, FusedLinear) for m in plain.modules())
+    step = cls(plain, None)  # no fallback: every step must run natively
+    assert not step.batched  # several rows go to the fallback
+    assert step.weights[step.slots.index("layers.k.weight")].data_ptr() == plain_weight(plain, "k").data_ptr()
+    got, fed = _teacher_forced(plain, step, dtype)
+    want, _ = _teacher_forced(plain, cls(fused, None), dtype, fed)  # the same prefill: the fused model's step
+    assert torch.equal(got, want)
+    fp32 = build(overrides, dtype, fmt=None)
+    _compare(plain, dtype, step, fp32.float() if text == "opt" else fp32.set_dtype(torch.float32))
+
+
+def plain_weight(lm, name: str) -> torch.Tensor:
+    """The first decoder layer's self-attention projection ``name`` (q, k, v) as the model holds it."""
+    if isinstance(lm, OPTForCausalLM):
+        return getattr(lm.model.decoder.layers[0].self_attn, f"{name}_proj").weight
+    return getattr(lm.decoder.block[0].layer[0].SelfAttention, name).weight
 
 
 BLOCKED_DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
@@ -275,10 +305,6 @@ def test_what_native_steps_do_not_cover_is_refused():
         NativeT5Step(_t5({}, torch.float32, fmt="int8-dynamic"), None)
     with pytest.raises(Unsupported, match="float16"):
         NativeOPTStep(_opt({}, torch.float16), None)
-    not_fused = randomize_(OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
-                                                    num_attention_heads=4)), 0)
-    with pytest.raises(Unsupported, match="not fused"):
-        NativeOPTStep(not_fused, None)
     assert try_native(NativeOPTStep, _opt({}, torch.float32, fmt="onednn"), None) is None
     assert try_native(NativeT5Step, _t5({}, torch.float16), None) is None
     kernels._loaded = False
@@ -302,8 +328,13 @@ def test_the_op_names_bad_arguments():
         return op(x, pos, valid, caches, slot, step.slots, step.weights if weights is None else weights, step.params,
                   step.values)
 
-    with pytest.raises(RuntimeError, match="59 weights is not 4 \\+ 16 per layer \\+ 8"):
+    with pytest.raises(RuntimeError, match="77 weights is not 4 \\+ 22 per layer \\+ 8"):
         call(weights=step.weights[:-1])
+    plain = NativeOPTStep(_opt({}, torch.float32, fmt=None), None)  # q, k, v apart
+    weights = list(plain.weights)
+    weights[plain.slots.index("layers.v.weight")] = None  # the first layer's: k without v
+    with pytest.raises(RuntimeError, match="layer 0: projection shapes do not fit"):
+        call(step=plain, weights=weights)
     with pytest.raises(RuntimeError, match="cache tensors for 3 layers"):
         call(caches=caches[:-1])
     with pytest.raises(RuntimeError, match="cache slot 7 outside"):
@@ -454,7 +485,8 @@ def test_the_op_refuses_a_scale_of_another_dtype():
     lm = _opt({}, torch.float32, fmt="int8")
     step = NativeOPTStep(lm, lm._decode_step)
     weights = list(step.weights)
-    i = step.slots.index("layers.fc1.scale") + 16  # the second layer's (16 slots a layer)
+    per_layer = sum(n.startswith("layers.") for n in step.slots)
+    i = step.slots.index("layers.fc1.scale") + per_layer  # the second layer's
     weights[i] = weights[i].double()
     x, caches = torch.zeros(1, 1, 32), [torch.zeros(1, 4, 5, 8) for _ in range(2 * 3)]
     with pytest.raises(RuntimeError, match="scale/bias of weight layers.1.fc1.weight must be contiguous float32"):

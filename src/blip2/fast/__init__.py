@@ -23,8 +23,9 @@ Modes (``MODES``; the commands' ``--fast``), each giving the plain model's token
 - ``"cuda-graph"`` (CUDA): ``"fuse"``, and the step replayed as a CUDA graph.
 
 Modes combine where it makes sense: ``apply(model, "int8")`` then ``apply(model, "compile", batch=8)``.
-``from_pretrained(...).generate()`` applies ``"auto"`` by itself (at the first call, or on a CPU at the second where
-laying out costs a call of its own), undone by anything that needs the plain modules (``blip2.fast.lazy``). Where
+``from_pretrained(...).generate()`` applies ``"auto"`` by itself (at the first call; on a CPU, for a large language
+model, one row a call decodes natively on the weights as loaded and several rows lay out at the second such call),
+undone by anything that needs the plain modules (``blip2.fast.lazy``). Where
 the language model is laid out in blocks, the layout of a checkpoint is written to disk once and mapped by later
 loads (``blip2.fast.layout_cache``). A model given a mode here is for inference: it cannot be cast, moved or
 reloaded until ``unfuse(model)``; its state dict keeps the reference keys, so ``save_pretrained`` writes a normal
@@ -45,8 +46,8 @@ from blip2.fast.linear import default_format, fused_format, pack_linears, unfuse
 from blip2.fast.native import NativeOPTStep, NativeT5Step, Unsupported, check, try_native
 from blip2.models.opt import OPTForCausalLM
 
-__all__ = ["MODES", "Unsupported", "apply", "compile_decoding", "cuda_graph", "fuse", "native", "quantize_int8",
-           "unfuse"]
+__all__ = ["MODES", "Unsupported", "apply", "compile_decoding", "cuda_graph", "fuse", "native", "native_as_loaded",
+           "quantize_int8", "unfuse"]
 
 MODES = ("none", "auto", "fuse", "int8", "int8-dynamic", "native", "compile", "cuda-graph")
 
@@ -197,6 +198,20 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
     for tower in _towers(model) if towers else []:
         if fused_format(tower) is None:
             _pack(tower)
+    return model
+
+
+def native_as_loaded(model: nn.Module) -> nn.Module:
+    """CPU: decode one row at a time with the native step over the language model's weights as they are (not
+    fused, nothing copied or laid out: q/k/v read apart), several rows with the eager step, and the greedy head
+    unscreened (its screen is a copy of half the head). For a call that should not pay for a layout: a large
+    model's first ``generate`` (``blip2.fast.lazy``), whose weights are still the checkpoint's pages. Raises
+    ``Unsupported`` where the native step does not cover the model as it is (GPU, fp16, a fused layout)."""
+    lm = _language_model(model)
+    check(lm.get_input_embeddings().weight)
+    if fused_format(lm) is not None or lm.decode_step != lm._decode_step:
+        raise Unsupported("the language model is laid out already")
+    lm.decode_step = _native_step_class(lm)(lm, lm._decode_step, screen=False)
     return model
 
 

@@ -7,14 +7,19 @@ in eval mode, and undoes itself the moment anything reaches for the plain module
 "auto" after ``from_pretrained`` (its ``fast`` argument: "none" keeps the model as written, any other mode of
 ``blip2.fast.MODES`` is applied at load, as ``blip2.fast.apply`` does), "none" for a model built in code.
 
-When: at the first ``generate``, except on a CPU for a language model of more than ``LATER_BYTES``, which runs
-its first ``generate`` as loaded, from the checkpoint's pages, and is laid out at its second (or its layout mapped
-from the cache, ``blip2.fast.layout_cache``). Laying out fills fresh memory (blip2-opt-2.7b in fp32: 10.6 GB,
-9-10 s on a 2-core VM, about a call's time), which a process that captions once never gets back. A cached layout
-is mapped at the first ``generate`` where the memory can keep it cached beside the checkpoint
-(``layout_cache.mappable``: blip2-opt-2.7b in bf16, 7.5 + 5.3 GB); where it cannot, mapping it reads the disk
-(fp32 on a 23 GB VM: a first call of 13-19 s, 40-43 s after a reboot, against 10 s and 24-27 s as loaded). Each
-later call runs laid out. ``lay_out(model)`` lays it out at once (a server, before its first request).
+When: at the first ``generate``, except on a CPU for a language model of more than ``LATER_BYTES``. There a
+``generate`` that decodes one row (one image, one sequence) runs the native step on the checkpoint's own weights
+(``blip2.fast.native_as_loaded``: nothing copied, q/k/v read apart), at every such call: one row reads each weight
+once a token in any layout (blip2-opt-2.7b in bf16 on a 2-core VM: 11 tokens in 1.0-1.1 s on either), so laying
+out would fill fresh memory (5.3 GB, 4-8 s; 10.6 GB and 9-10 s in fp32) for nothing, and the first call takes 3.9 s
+against 6.5-7.0 s with the eager step. A ``generate`` of several rows (images, beams, returned sequences) needs the
+layout, which reads each weight once for all rows: the first runs as loaded (eagerly), the next lays out, or maps
+the layout from the cache (``blip2.fast.layout_cache``), since laying out costs about a call, which a process that
+captions once never gets back. A cached layout is mapped at the first such ``generate`` where the memory can keep
+it cached beside the checkpoint (``layout_cache.mappable``: blip2-opt-2.7b in bf16, 7.5 + 5.3 GB); where it cannot,
+mapping it reads the disk (fp32 on a 23 GB VM: a first call of 13-19 s, 40-43 s after a reboot, against 10 s and
+24-27 s as loaded). Each later call runs laid out, one row included. ``lay_out(model)`` lays it out at once (a
+server, before its first request).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
@@ -37,12 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, layout_cache, unfuse
+from blip2.fast import MODES, Unsupported, apply, layout_cache, native_as_loaded, unfuse
 from blip2.fast.decoding import LanguageModel
 from blip2.fast.linear import FusedLinear
 from blip2.models.blip2 import Blip2Model
 
-__all__ = ["LATER_BYTES", "before_generate", "lay_out", "loaded", "release"]
+__all__ = ["LATER_BYTES", "before_generate", "lay_out", "laid_out", "loaded", "release"]
 
 # a CPU language model of more weight bytes than this is laid out at its second generate, not its first
 LATER_BYTES = 1 << 30
@@ -64,11 +69,11 @@ def loaded(model: Blip2Model) -> None:
         model.fast = "none"  # applied for good, as blip2.fast.apply does
 
 
-def before_generate(model: Blip2Model) -> None:
-    """Lay ``model`` out with ``model.fast`` ("auto") if it is in eval mode and not laid out yet, unless this is
-    its first ``generate`` and laying out waits for the second (see the module's docstring); a model the
-    speed-ups do not cover is left as it is (and not asked again until its device or dtype changes)."""
-    _lay_out(model, wait=True)
+def before_generate(model: Blip2Model, rows: int | None = None) -> None:
+    """Lay ``model`` out with ``model.fast`` ("auto") for a ``generate`` that decodes ``rows`` rows (None: not
+    known) if it is in eval mode and not laid out yet, unless laying out waits (see the module's docstring); a
+    model the speed-ups do not cover is left as it is (and not asked again until its device or dtype changes)."""
+    _lay_out(model, wait=True, rows=rows)
 
 
 def lay_out(model: Blip2Model) -> None:
@@ -77,20 +82,22 @@ def lay_out(model: Blip2Model) -> None:
     _lay_out(model, wait=False)
 
 
-def _lay_out(model: Blip2Model, wait: bool) -> None:
-    if model.fast == "none" or model.training or getattr(model, "_fast_guard", None) is not None:
+def _lay_out(model: Blip2Model, wait: bool, rows: int | None = None) -> None:
+    if model.fast == "none" or model.training or _settled(model):
         return
     weight = model.query_tokens  # never laid out: where and in what the model runs, without walking it
     key = (weight.device, model.language_model.get_input_embeddings().weight.dtype)
     if model.__dict__.get("_fast_plain") == key:
         return
     with _lock:
-        if getattr(model, "_fast_guard", None) is not None:
+        if _settled(model):
             return
-        if _laid_out(model.language_model):  # laid out by hand (blip2.fast.apply): the caller's to manage
+        as_loaded = model.__dict__.get("_fast_as_loaded", False)
+        if not as_loaded and _laid_out(model.language_model):  # laid out by hand (blip2.fast.apply): the caller's
             return
-        if wait and _waits(model):
+        if wait and _waits(model, rows, as_loaded):
             return
+        release(model)  # the native step over the weights as loaded, if any
         try:
             apply(model, model.fast)
         except Unsupported:
@@ -101,22 +108,65 @@ def _lay_out(model: Blip2Model, wait: bool) -> None:
         _guard(model)
 
 
-def _waits(model: Blip2Model) -> bool:
-    """Whether this first ``generate`` runs as loaded, the layout left to the next (once per model)."""
-    if model.fast != "auto" or model.__dict__.get("_fast_waited"):
-        return False
-    model.__dict__["_fast_waited"] = True
+def _waits(model: Blip2Model, rows: int | None, as_loaded: bool) -> bool:
+    """Whether this ``generate`` of ``rows`` rows runs on the weights as loaded (``as_loaded``: with the native
+    step there already): every one of one row where the native step runs, else the first (once per model),
+    the layout left to the next."""
     lm = model.language_model
-    if lm.get_input_embeddings().weight.device.type != "cpu":
+    if model.fast != "auto" or lm.get_input_embeddings().weight.device.type != "cpu":
         return False  # a GPU lays out at its memory's speed
-    size = sum(p.numel() * p.element_size() for p in nn.Module.parameters(lm))  # not the guarded walk
+    size = _weight_bytes(lm)
     if size <= LATER_BYTES:
         return False
+    if rows == 1 and (as_loaded or _as_loaded(model)):
+        return True
+    if model.__dict__.get("_fast_waited"):
+        return False
+    model.__dict__["_fast_waited"] = True
     if layout_cache.mappable(model, model.fast):
         log.info("blip2: the language model's layout is mapped from the cache at the first generate")
         return False
     log.info("blip2: the first generate runs as loaded; the language model (%.1f GB) is laid out for the fast "
              "path at the next (blip2.fast.lazy)", size / 1e9)
+    return True
+
+
+def laid_out(model: Blip2Model) -> bool:
+    """Whether the language model's weights are laid out for the fast path (by ``generate`` or by hand); the
+    native step on the weights as loaded is no layout. Undoes nothing."""
+    return any(isinstance(m, FusedLinear) for m in _walk(model.language_model))
+
+
+def _walk(module: nn.Module) -> list[nn.Module]:
+    """``module`` and those below it, found through ``_modules``: the guarded walks would undo the layout."""
+    out, todo = [], [module]
+    while todo:
+        out.append(todo.pop())
+        todo += [c for c in out[-1]._modules.values() if c is not None]
+    return out
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    """The parameters' bytes, a tied one once."""
+    seen = {id(p): p.numel() * p.element_size() for m in _walk(module) for p in m._parameters.values()
+            if p is not None}
+    return sum(seen.values())
+
+
+def _settled(model: Blip2Model) -> bool:
+    """Laid out for good (not just the first generate's step as loaded)."""
+    return getattr(model, "_fast_guard", None) is not None and not model.__dict__.get("_fast_as_loaded")
+
+
+def _as_loaded(model: Blip2Model) -> bool:
+    """Whether the native step on the checkpoint's own weights (``blip2.fast.native_as_loaded``) now decodes
+    the model's calls of one row, guarded like a layout."""
+    try:
+        native_as_loaded(model)
+    except Unsupported:
+        return False
+    _guard(model)
+    model.__dict__["_fast_as_loaded"] = True
     return True
 
 
@@ -127,6 +177,7 @@ def _laid_out(lm: LanguageModel) -> bool:
 def release(model: Blip2Model) -> None:
     """Undo what ``before_generate`` laid out: the model's own modules and parameters, the eager step."""
     guard = model.__dict__.pop("_fast_guard", None)
+    model.__dict__.pop("_fast_as_loaded", None)
     if guard is None:
         return
     for module in guard:

@@ -9,8 +9,9 @@ around its products, an eager step its small operations one by one; a native ste
 Covered: OPT (pre- or post-norm, project_in/out, any supported activation) and T5 (gated or not, tied or
 not), in float32 or bfloat16. Weights in blip2's blocked layout (``fuse(model, "blocked")``, the CPU
 default where the kernels load, what ``compile_decoding(batch > 1)`` and ``native`` choose there) take any number
-of rows; the plain layout (``"dense"``) and weight-only int8 (``"int8"``) take one row, larger batches going
-to the fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 there), oneDNN's packed layout,
+of rows; the plain layout (``"dense"``), weight-only int8 (``"int8"``) and a model not fused at all (its own
+``nn.Linear`` weights, q/k/v apart: no copy, what a large model's first ``generate`` runs, ``blip2.fast.lazy``)
+take one row, larger batches going to the fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 there), oneDNN's packed layout,
 int8-dynamic, anything off the CPU. Numerics follow the eager modules (activations rounded to the model's
 dtype where a torch operation rounds them; norms, softmax and sums in fp32); products accumulate in fp32
 in another order than oneDNN's. Each row is computed on its own.
@@ -206,19 +207,34 @@ class _NativeStep:
         self.products.append(_linear(layer, self.dtype, optional))
         return {f"{name}.{part}": t for part, t in zip(_LINEAR_PARTS, self.products[-1])}
 
+    def _parts_slots(self, parts: list[tuple[str, nn.Module | None]]) -> dict[str, Tensor | None]:
+        """Layers that read one input, each as its slots (``_linear_slots``; a part that is None: empty slots):
+        the first holds them all when fused, the rest then None."""
+        return {k: t for i, (name, layer) in enumerate(parts) for k, t in
+                self._linear_slots(name, layer, optional=i > 0).items()}
+
+    @staticmethod
+    def _qkv(attention: nn.Module, q: str, k: str, v: str) -> list[tuple[str, nn.Module | None]]:
+        """The self-attention's slots qkv, k, v: its fused projection and nothing, or its own q, k, v (read
+        in place: one row a call, without a fused copy)."""
+        fused = getattr(attention, "qkv", None)
+        if fused is not None:
+            return [("qkv", fused), ("k", None), ("v", None)]
+        return [("qkv", getattr(attention, q)), ("k", getattr(attention, k)), ("v", getattr(attention, v))]
+
     def _bind(self, outer: dict[str, Tensor | None], layers: list[dict[str, Tensor | None]],
-              scalars: dict[str, float], head: nn.Module) -> None:
+              scalars: dict[str, float], head: nn.Module, screen: bool) -> None:
         """The op's arguments after the decoding state, from the slots outside the layers (``outer``), each
         layer's and the scalars, all by name (``want_hidden`` set here): ``slots``, ``weights``, ``params``
         and ``values`` (the logits) or ``hidden_values`` (the head's input); ``head``: the module of the
-        ``lm_head`` slots, whose screen the layout cache may hold."""
+        ``lm_head`` slots, whose screen the layout cache may hold; ``screen``: whether to screen it at all."""
         self.slots, self.params = _schema(self.op)
         self.weights = _ordered(self.op, self.slots, outer, layers)
         self.values = _values(self.op, self.params, {**scalars, "want_hidden": 0})
         self.hidden_values = _values(self.op, self.params, {**scalars, "want_hidden": 1})
         self.batched = _batched(self.products)  # any number of rows, else one
         self.head = [outer[f"lm_head.{part}"] for part in _LINEAR_PARTS]
-        self.screen = _screen(self.head, head)
+        self.screen = _screen(self.head, head) if screen else None
 
     def covers(self, *args: Any) -> bool:
         """Whether the op runs a call with these arguments (else ``fallback`` does)."""
@@ -257,11 +273,12 @@ def check(weight: Tensor) -> None:
 class NativeT5Step(_NativeStep):
     """A T5 ``decode_step`` (``T5ForConditionalGeneration._decode_step``'s arguments): one token per row
     through ``blip2_kernels::t5_step`` (several rows where the weights are blocked: ``batched``), anything
-    else through ``fallback``. ``greedy``: the next greedy tokens through the screened head."""
+    else through ``fallback``. ``greedy``: the next greedy tokens through the screened head (``screen=False``:
+    the whole head). Weights fused or not (q/k/v and wi_0/wi_1 read where they are)."""
 
     op = "t5_step"
 
-    def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
+    def __init__(self, model: Any, fallback: Callable[..., Tensor], screen: bool = True) -> None:
         super().__init__()
         cfg, dec = model.config, model.decoder
         self.dtype = _dtype(model.shared.weight)
@@ -277,23 +294,25 @@ class NativeT5Step(_NativeStep):
             "eps": float(dec.final_layer_norm.eps),
             "out_scale": float(cfg.d_model**-0.5) if cfg.scale_decoder_outputs else 1.0,
             "heads": cfg.num_heads, "d_kv": cfg.d_kv, "activation": ACTIVATIONS[cfg.dense_act_fn],
-            "gated": int(bool(cfg.is_gated_act))}, model.lm_head)
+            "gated": int(bool(cfg.is_gated_act))}, model.lm_head, screen)
 
     def _layer(self, blk: nn.Module) -> dict[str, Tensor | None]:
         sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
         dense = ff.DenseReluDense
-        if getattr(sa.SelfAttention, "qkv", None) is None:
-            raise Unsupported("self-attention q/k/v not fused (blip2.fast.fuse first)")
-        if dense.gated and getattr(dense, "wi_01", None) is None:
-            raise Unsupported("the gated FFN's wi_0/wi_1 not fused (blip2.fast.fuse first)")
+        fused_ffn = getattr(dense, "wi_01", None)
+        if not dense.gated:
+            ffn = [("wi", dense.wi), ("wi_1", None)]
+        else:
+            ffn = [("wi", fused_ffn), ("wi_1", None)] if fused_ffn is not None \
+                else [("wi", dense.wi_0), ("wi_1", dense.wi_1)]
         return {"self_attn_norm.weight": _vector(sa.layer_norm.weight, self.dtype),
-                **self._linear_slots("qkv", sa.SelfAttention.qkv), **self._linear_slots("o", sa.SelfAttention.o),
+                **self._parts_slots(self._qkv(sa.SelfAttention, "q", "k", "v")),
+                **self._linear_slots("o", sa.SelfAttention.o),
                 "cross_attn_norm.weight": _vector(ca.layer_norm.weight, self.dtype),
                 **self._linear_slots("cross_q", ca.EncDecAttention.q),
                 **self._linear_slots("cross_o", ca.EncDecAttention.o),
                 "ffn_norm.weight": _vector(ff.layer_norm.weight, self.dtype),
-                **self._linear_slots("wi", dense.wi_01 if dense.gated else dense.wi),
-                **self._linear_slots("wo", dense.wo)}
+                **self._parts_slots(ffn), **self._linear_slots("wo", dense.wo)}
 
     def covers(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
                caches: list[Any], input_pos: Tensor) -> bool:
@@ -313,11 +332,12 @@ class NativeT5Step(_NativeStep):
 class NativeOPTStep(_NativeStep):
     """An OPT ``decode_step`` (``OPTForCausalLM._decode_step``'s arguments): one token per row through
     ``blip2_kernels::opt_step`` (several rows where the weights are blocked: ``batched``), anything else
-    through ``fallback``. ``greedy``: the next greedy tokens through the screened head."""
+    through ``fallback``. ``greedy``: the next greedy tokens through the screened head (``screen=False``: the
+    whole head). Weights fused or not (q/k/v read where they are)."""
 
     op = "opt_step"
 
-    def __init__(self, model: Any, fallback: Callable[..., Tensor]) -> None:
+    def __init__(self, model: Any, fallback: Callable[..., Tensor], screen: bool = True) -> None:
         super().__init__()
         cfg, dec = model.config, model.model.decoder
         self.dtype = _dtype(dec.embed_tokens.weight)
@@ -341,15 +361,13 @@ class NativeOPTStep(_NativeStep):
         self._bind(outer, layers, {
             "eps": eps.pop(), "scaling": float(attn.scaling), "heads": attn.num_heads,
             "activation": ACTIVATIONS[cfg.activation_function], "pre_norm": int(bool(cfg.do_layer_norm_before)),
-            "has_final_norm": int(final is not None)}, model.lm_head)
+            "has_final_norm": int(final is not None)}, model.lm_head, screen)
 
     def _layer(self, layer: nn.Module) -> dict[str, Tensor | None]:
-        if getattr(layer.self_attn, "qkv", None) is None:
-            raise Unsupported("q/k/v not fused (blip2.fast.fuse first)")
         ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
         return {"self_attn_norm.weight": _vector(ln1.weight, self.dtype),
                 "self_attn_norm.bias": _vector(ln1.bias, self.dtype),
-                **self._linear_slots("qkv", layer.self_attn.qkv),
+                **self._parts_slots(self._qkv(layer.self_attn, "q_proj", "k_proj", "v_proj")),
                 **self._linear_slots("out_proj", layer.self_attn.out_proj),
                 "ffn_norm.weight": _vector(ln2.weight, self.dtype), "ffn_norm.bias": _vector(ln2.bias, self.dtype),
                 **self._linear_slots("fc1", layer.fc1), **self._linear_slots("fc2", layer.fc2)}

@@ -46,7 +46,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Blip2Model(PretrainedMixin, nn.Module):
     config_class = Blip2Config
     # The speed layer applies from outside: the package's __init__ sets this to blip2.fast.lazy, whose ``loaded``
-    # runs after from_pretrained and ``before_generate`` at each generate; the model file imports none of it.
+    # runs after from_pretrained and ``before_generate(model, rows)`` at each generate (rows: the rows it decodes);
+    # the model file imports none of it.
     speed_layer: ClassVar[Any] = None
     fast = "none"  # the speed-up generate applies (blip2.fast.MODES): a model built in code runs as written
     # The reference keeps these in fp32 under fp16 only; we keep them in fp32 under bf16 too, as
@@ -81,8 +82,9 @@ class Blip2Model(PretrainedMixin, nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, fast: str = "auto", **kwargs: Any) -> Any:
         """``PretrainedMixin.from_pretrained``, and ``fast``: the speed-up ``generate`` uses (``blip2.fast.lazy``).
-        "auto" (the default): the fastest exact one on this machine, laid out by ``generate`` (the first, or on a
-        CPU the second where laying out costs a call of its own: ``blip2.fast.lazy``) and undone by anything that
+        "auto" (the default): the fastest exact one on this machine, applied by ``generate`` (on a CPU, a large
+        language model decodes one row on its weights as loaded and is laid out for several: ``blip2.fast.lazy``)
+        and undone by anything that
         needs the plain modules; "none": the model as written; another mode of ``blip2.fast.MODES``: applied now,
         for inference only (``blip2.fast.apply``)."""
         model = super().from_pretrained(path_or_id, **kwargs)
@@ -202,10 +204,10 @@ class Blip2Model(PretrainedMixin, nn.Module):
         ``generation_config``. ``logits_processor``, ``stopping_criteria`` and ``streamer`` are transformers'
         hooks (see ``blip2.generation.generate``).
         """
-        if self.speed_layer is not None:
-            self.speed_layer.before_generate(self)
         cfg = resolve(self.generation_config, generation_config, kwargs)
         batch = pixel_values.shape[0]
+        if self.speed_layer is not None:
+            self.speed_layer.before_generate(self, batch * max(cfg.num_beams, cfg.num_return_sequences))
         device = self.device
         _, _, lm_inputs = self.image_to_lm_inputs(pixel_values.to(device), interpolate_pos_encoding)
         if input_ids is None:

@@ -4,7 +4,9 @@
 //
 // Included by steps.cpp after row_product.cpp and blocked.cpp, whose product kernels it calls.
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 
 namespace {
@@ -44,7 +46,7 @@ struct Linear {
 struct Step {
   bool bf16;  // activations are bfloat16 (else float32)
   std::vector<uint16_t> xb;
-  std::vector<float> sums_buf, bias_buf;
+  std::vector<float> sums_buf, bias_buf, part_buf;
 
   explicit Step(bool bf16) : bf16(bf16) {}
 
@@ -87,6 +89,26 @@ struct Step {
 #endif
       sums(l.w, xr, x16, y + r * l.n);
       finish(l, y + r * l.n, y + r * l.n);
+    }
+  }
+
+  // Layers that read the same input, their outputs side by side in y [R, sum of their N] (absent ones
+  // skipped): q, k and v (T5's wi_0 and wi_1) as a checkpoint holds them, where fusing them into one weight
+  // would copy it. Each output is the one its own layer gives.
+  void linear(std::initializer_list<const Linear*> parts, const float* x, int64_t R, float* y) {
+    int64_t n = 0;
+    for (const Linear* p : parts) n += p->present ? p->n : 0;
+    int64_t at = 0;
+    for (const Linear* p : parts) {
+      if (!p->present) continue;
+      if (R == 1 || p->n == n) {
+        linear(*p, x, R, y + at);
+      } else {
+        part_buf.resize(R * p->n);
+        linear(*p, x, R, part_buf.data());
+        for (int64_t r = 0; r < R; ++r) std::copy_n(part_buf.data() + r * p->n, p->n, y + r * n + at);
+      }
+      at += p->n;
     }
   }
 

@@ -35,12 +35,16 @@ namespace {
 // cross_mask float, S values per row.
 namespace t5 {
 constexpr std::string_view kFirst[] = {"shared"};  // the embedding [V, D]
-// wi: [2F, D] gated (wi_0 then wi_1), else [F, D]
+// qkv: the self-attention's q, k and v fused [3I, D], k and v None; or q alone [I, D], k and v in their slots
+// (the checkpoint's own weights, one row a call). wi: [2F, D] gated (wi_0 then wi_1), wi_1 None; or wi_0 alone
+// and wi_1; [F, D] not gated.
 constexpr std::string_view kLayer[] = {
-    "self_attn_norm.weight", "qkv.weight", "qkv.scale", "qkv.bias", "o.weight", "o.scale", "o.bias",
+    "self_attn_norm.weight", "qkv.weight", "qkv.scale", "qkv.bias", "k.weight", "k.scale", "k.bias",
+    "v.weight", "v.scale", "v.bias", "o.weight", "o.scale", "o.bias",
     "cross_attn_norm.weight", "cross_q.weight", "cross_q.scale", "cross_q.bias",
     "cross_o.weight", "cross_o.scale", "cross_o.bias",
-    "ffn_norm.weight", "wi.weight", "wi.scale", "wi.bias", "wo.weight", "wo.scale", "wo.bias"};
+    "ffn_norm.weight", "wi.weight", "wi.scale", "wi.bias", "wi_1.weight", "wi_1.scale", "wi_1.bias",
+    "wo.weight", "wo.scale", "wo.bias"};
 constexpr std::string_view kLast[] = {"final_norm.weight", "lm_head.weight", "lm_head.scale", "lm_head.bias"};
 // out_scale: d_model**-0.5 for tied T5, else 1; activation: an Act (decode.cpp); gated: 0 or 1; want_hidden: 1
 // returns the head's input [R, D] (fp32) instead of the logits (greedy_head's x)
@@ -103,13 +107,20 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
   for (int64_t l = 0; l < layers; ++l) {
     const size_t w0 = c.layer(l);
     const Linear qkv = c.linear(w0 + linear_slot(kLayer, "qkv"), D, bf16, R);
+    const Linear k = c.linear(w0 + linear_slot(kLayer, "k"), D, bf16, R);
+    const Linear v = c.linear(w0 + linear_slot(kLayer, "v"), D, bf16, R);
     const Linear o = c.linear(w0 + linear_slot(kLayer, "o"), inner, bf16, R);
     const Linear cq = c.linear(w0 + linear_slot(kLayer, "cross_q"), D, bf16, R);
     const Linear co = c.linear(w0 + linear_slot(kLayer, "cross_o"), inner, bf16, R);
     const Linear wi = c.linear(w0 + linear_slot(kLayer, "wi"), D, bf16, R);
+    const Linear wi_1 = c.linear(w0 + linear_slot(kLayer, "wi_1"), D, bf16, R);
     const Linear wo = c.linear(w0 + linear_slot(kLayer, "wo"), -1, bf16, R);
-    TORCH_CHECK(qkv.n == 3 * inner && cq.n == inner && o.n == D && co.n == D && wo.n == D &&
-                wi.n == (gated ? 2 : 1) * wo.k, "t5_step: layer ", l, ": projection shapes do not fit");
+    const bool split = k.present;  // q, k, v in three slots
+    TORCH_CHECK(k.present == v.present &&
+                (split ? qkv.n == inner && k.n == inner && v.n == inner : qkv.n == 3 * inner) && cq.n == inner &&
+                o.n == D && co.n == D && wo.n == D && (gated || !wi_1.present) && (!wi_1.present || wi_1.n == wi.n) &&
+                wi.n + (wi_1.present ? wi_1.n : 0) == (gated ? 2 : 1) * wo.k,
+                "t5_step: layer ", l, ": projection shapes do not fit");
     const Heads ck(kv[4 * l], R, "cross keys"), cv(kv[4 * l + 1], R, "cross values");
     const Heads sk(kv[4 * l + 2], R, "cached keys"), sv(kv[4 * l + 3], R, "cached values");
     const int64_t S = ck.t.size(2);
@@ -120,7 +131,7 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
     // self-attention
     norm(c.view(w0 + slot(kLayer, "self_attn_norm.weight")));
     big.resize(R * 3 * inner);
-    st.linear(qkv, h.data(), R, big.data());
+    st.linear({&qkv, &k, &v}, h.data(), R, big.data());
     write_cache(sk, R, pos.data(), big.data() + inner, 3 * inner, H, dk);
     write_cache(sv, R, pos.data(), big.data() + 2 * inner, 3 * inner, H, dk);
     attend(big.data(), 3 * inner, sk, sv, R, H, dk, L,
@@ -139,12 +150,13 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
 
     // feed-forward
     norm(c.view(w0 + slot(kLayer, "ffn_norm.weight")));
-    big.resize(R * wi.n);
-    st.linear(wi, h.data(), R, big.data());
+    const int64_t wide = wi.n + (wi_1.present ? wi_1.n : 0);
+    big.resize(R * wide);
+    st.linear({&wi, &wi_1}, h.data(), R, big.data());
     const int64_t F = wo.k;
     acts.resize(R * F);
     for (int64_t r = 0; r < R; ++r) {
-      const float* in = big.data() + r * wi.n;
+      const float* in = big.data() + r * wide;
       activate_row(in, F, act, st, acts.data() + r * F);
       if (gated)
         for (int64_t i = 0; i < F; ++i) acts[r * F + i] = st.round(acts[r * F + i] * in[F + i]);
@@ -171,8 +183,11 @@ at::Tensor t5_step(const at::Tensor& ids, const at::Tensor& input_pos, const at:
 namespace opt {
 // the position table [P, D]; project_in absent (None) where the embedding has the hidden size
 constexpr std::string_view kFirst[] = {"embed_positions", "project_in.weight", "project_in.scale", "project_in.bias"};
+// qkv: q, k and v fused [3D, D], k and v None; or q alone [D, D], k and v in their slots (the checkpoint's own
+// weights, one row a call)
 constexpr std::string_view kLayer[] = {
     "self_attn_norm.weight", "self_attn_norm.bias", "qkv.weight", "qkv.scale", "qkv.bias",
+    "k.weight", "k.scale", "k.bias", "v.weight", "v.scale", "v.bias",
     "out_proj.weight", "out_proj.scale", "out_proj.bias", "ffn_norm.weight", "ffn_norm.bias",
     "fc1.weight", "fc1.scale", "fc1.bias", "fc2.weight", "fc2.scale", "fc2.bias"};
 // the final norm's weight and bias None where it has no affine part; project_out None where absent
@@ -252,11 +267,14 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     const View ln1b = c.view(w0 + slot(kLayer, "self_attn_norm.bias"));
     const View ln2w = c.view(w0 + slot(kLayer, "ffn_norm.weight")), ln2b = c.view(w0 + slot(kLayer, "ffn_norm.bias"));
     const Linear qkv = c.linear(w0 + linear_slot(kLayer, "qkv"), D, bf16, R);
+    const Linear k = c.linear(w0 + linear_slot(kLayer, "k"), D, bf16, R);
+    const Linear v = c.linear(w0 + linear_slot(kLayer, "v"), D, bf16, R);
     const Linear out = c.linear(w0 + linear_slot(kLayer, "out_proj"), D, bf16, R);
     const Linear fc1 = c.linear(w0 + linear_slot(kLayer, "fc1"), D, bf16, R);
     const Linear fc2 = c.linear(w0 + linear_slot(kLayer, "fc2"), -1, bf16, R);
-    TORCH_CHECK(qkv.n == 3 * D && out.n == D && fc2.n == D && fc1.n == fc2.k, "opt_step: layer ", l,
-                ": projection shapes do not fit");
+    const bool split = k.present;  // q, k, v in three slots
+    TORCH_CHECK(k.present == v.present && (split ? qkv.n == D && k.n == D && v.n == D : qkv.n == 3 * D) &&
+                out.n == D && fc2.n == D && fc1.n == fc2.k, "opt_step: layer ", l, ": projection shapes do not fit");
     const Heads ck(kv[2 * l], R, "cached keys"), cv(kv[2 * l + 1], R, "cached values");
     TORCH_CHECK(ck.t.size(1) == H && ck.t.size(3) == dh && ck.t.size(2) == S && cv.t.sizes() == ck.t.sizes(),
                 "opt_step: layer ", l, ": cache of ", ck.t.sizes(), " for ", S, " keys");
@@ -264,7 +282,7 @@ at::Tensor opt_step(const at::Tensor& x_in, const at::Tensor& position, const at
     if (pre_norm) norm(ln1w, ln1b, h.data());
     else std::copy(x.begin(), x.end(), h.begin());
     big.resize(R * 3 * D);
-    st.linear(qkv, h.data(), R, big.data());
+    st.linear({&qkv, &k, &v}, h.data(), R, big.data());
     for (int64_t r = 0; r < R; ++r)  // the query, scaled before the product
       for (int64_t i = 0; i < D; ++i) big[r * 3 * D + i] = st.round(big[r * 3 * D + i] * scaling);
     write_cache(ck, R, pos.data(), big.data() + D, 3 * D, H, dh);
