@@ -174,7 +174,8 @@ class Pipeline:
         except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
         # retrieval checkpoints have no fast paths; "auto" is from_pretrained's default, laid out by generate
-        # (blip2.fast.lazy: at once, or at the second call where laying out costs a call of its own)
+        # (blip2.fast.lazy: at once, or for a large language model natively on its weights as loaded, laid out
+        # at the second call of several rows)
         if hasattr(net, "language_model") and fast != "auto":
             net.fast = "none"  # the mode is applied here, for good: generate adds no layout of its own
             try:

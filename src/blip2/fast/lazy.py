@@ -49,7 +49,8 @@ from blip2.models.blip2 import Blip2Model
 
 __all__ = ["LATER_BYTES", "before_generate", "lay_out", "laid_out", "loaded", "release"]
 
-# a CPU language model of more weight bytes than this is laid out at its second generate, not its first
+# a CPU language model of more weight bytes than this decodes one row on its weights as loaded, and is laid out at
+# its second generate of several rows, not its first
 LATER_BYTES = 1 << 30
 
 # what reaches for the plain modules; ``train`` and ``forward`` only in some calls (below)
@@ -126,8 +127,8 @@ def _waits(model: Blip2Model, rows: int | None, as_loaded: bool) -> bool:
     if layout_cache.mappable(model, model.fast):
         log.info("blip2: the language model's layout is mapped from the cache at the first generate")
         return False
-    log.info("blip2: the first generate runs as loaded; the language model (%.1f GB) is laid out for the fast "
-             "path at the next (blip2.fast.lazy)", size / 1e9)
+    log.info("blip2: the first generate of several rows runs as loaded; the language model (%.1f GB) is laid out "
+             "for the fast path at the next (blip2.fast.lazy)", size / 1e9)
     return True
 
 
@@ -171,7 +172,7 @@ def _as_loaded(model: Blip2Model) -> bool:
 
 
 def _laid_out(lm: LanguageModel) -> bool:
-    return lm.decode_step != lm._decode_step or any(isinstance(m, FusedLinear) for m in nn.Module.modules(lm))
+    return lm.decode_step != lm._decode_step or any(isinstance(m, FusedLinear) for m in _walk(lm))
 
 
 def release(model: Blip2Model) -> None:
