@@ -10,8 +10,8 @@ Hub checkpoint is laid out. Each implementation runs in a process of its own (th
 process's), transformers and ours alternately, for every batch:
 
 - load: ``from_pretrained`` to a model ready to generate (ours: ``from_pretrained(fast=--fast)``; with the
-  default, auto, a real-size language model is laid out, or its cached layout mapped, by the second
-  ``generate``, which pays for it);
+  default, auto, a real-size language model decodes one image natively on the checkpoint's weights, and is laid
+  out for several, or its cached layout mapped, by the second ``generate``, which pays for it);
 - ours twice where the language model is laid out in blocks (``blip2.fast.layout_cache``): the first process
   after the checkpoint's cached layouts are removed (it lays the weights out, and writes them to the cache in
   the background, which it waits for at exit), then a later one, which maps the layout written by the first;
@@ -243,7 +243,8 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                           f"{ttfc:.1f}",
                           f"{(hf['load'] + hf['first']) / ttfc:.2f}",
                           f"{hf['next'] / r['next']:.2f}" if r["next"] else "-",
-                          f"{r['peak_rss'] / weights:.2f}", f"{r['peak_rss'] / r['held']:.2f}", f"{100 * floor / r['next']:.0f}%" if r["next"] else "-",
+                          f"{r['peak_rss'] / weights:.2f}", f"{r['peak_rss'] / r['held']:.2f}",
+                          f"{100 * floor / r['next']:.0f}%" if r["next"] else "-",
                           "-" if r is hf else ("equal" if r["tokens"] == hf["tokens"] else "differ"))
     table.notes += [
         f"{machine()}. Random weights of the published architectures (tests/data configs), written to sharded "

@@ -305,3 +305,26 @@ def test_a_large_model_decodes_one_row_natively_on_the_weights_as_loaded(checkpo
     assert torch.equal(captions(model, text), want_two) and laid_out(model)
     got, calls = generate(model, **one)
     assert torch.equal(got, want) and calls == steps and laid_out(model)
+
+
+def test_beams_of_one_image_count_as_several_rows(checkpoint, monkeypatch):
+    """``generate`` tells the speed layer the rows it decodes: one image with two beams is two rows, which the
+    step on the weights as loaded would decode eagerly, so the first such call runs as loaded and the next lays
+    out; the plain tokens."""
+    text, d = checkpoint
+    monkeypatch.setattr(lazy, "LATER_BYTES", 0)
+    one = {k: v[:1] for k, v in inputs(text).items()}
+    want = Blip2ForConditionalGeneration.from_pretrained(d, fast="none").generate(**one, max_new_tokens=6, num_beams=2)
+    model = Blip2ForConditionalGeneration.from_pretrained(d)
+    seen = []
+    monkeypatch.setattr(lazy, "_lay_out", lambda model, wait, rows=None: seen.append(rows))
+    model.generate(**one, max_new_tokens=2, num_beams=2)
+    model.generate(**one, max_new_tokens=2, do_sample=True, num_return_sequences=3)
+    model.generate(**inputs(text), max_new_tokens=2)
+    assert seen == [2, 3, 2]
+    monkeypatch.undo()
+    monkeypatch.setattr(lazy, "LATER_BYTES", 0)
+    lm = model.language_model
+    assert torch.equal(model.generate(**one, max_new_tokens=6, num_beams=2), want)
+    assert lm.decode_step == lm._decode_step and not laid_out(model)
+    assert torch.equal(model.generate(**one, max_new_tokens=6, num_beams=2), want) and laid_out(model)

@@ -2,8 +2,8 @@
 
 Laying a real-size language model out for the native step (``linear._block``) is bound by the memory it fills: for
 blip2-opt-2.7b in fp32, 11 GB of fresh pages touched for the first time, about 10 s of the ``generate`` that lays it
-out (the second of several rows: ``blip2.fast.lazy``). The layout depends on nothing but the checkpoint's bytes, the dtype and the
-code that lays it out, so the first process to lay a checkpoint out writes the blocked weights to
+out (the second of several rows: ``blip2.fast.lazy``). The layout depends on nothing but the checkpoint's bytes,
+the dtype and the code that lays it out, so the first process to lay a checkpoint out writes the blocked weights to
 ``cache_dir()/layouts`` (one safetensors file per checkpoint and dtype), and later processes map that file
 (safetensors' ``safe_open``: views of a private mapping, nothing copied) instead of blocking: their weights come
 from the page cache, as the checkpoint's own do.

@@ -10,11 +10,11 @@ Covered: OPT (pre- or post-norm, project_in/out, any supported activation) and T
 not), in float32 or bfloat16. Weights in blip2's blocked layout (``fuse(model, "blocked")``, the CPU
 default where the kernels load, what ``compile_decoding(batch > 1)`` and ``native`` choose there) take any number
 of rows; the plain layout (``"dense"``), weight-only int8 (``"int8"``) and a model not fused at all (its own
-``nn.Linear`` weights, q/k/v apart: no copy, what a large model's first ``generate`` runs, ``blip2.fast.lazy``)
-take one row, larger batches going to the fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32 there), oneDNN's packed layout,
-int8-dynamic, anything off the CPU. Numerics follow the eager modules (activations rounded to the model's
-dtype where a torch operation rounds them; norms, softmax and sums in fp32); products accumulate in fp32
-in another order than oneDNN's. Each row is computed on its own.
+``nn.Linear`` weights, q/k/v apart: no copy, what a large model decodes one row with, ``blip2.fast.lazy``) take
+one row, larger batches going to the fallback. Not covered: fp16 (T5 keeps its FFN output projections in fp32
+there), oneDNN's packed layout, int8-dynamic, anything off the CPU. Numerics follow the eager modules
+(activations rounded to the model's dtype where a torch operation rounds them; norms, softmax and sums in fp32);
+products accumulate in fp32 in another order than oneDNN's. Each row is computed on its own.
 
 Greedy decoding (``generate``'s greedy loop without a repetition penalty, through the decoders'
 ``step_greedy``) takes the next tokens from ``greedy``: the step up to the head's input, then
