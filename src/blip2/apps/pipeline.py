@@ -221,8 +221,9 @@ class Pipeline:
             return  # T5's relative positions have no hard limit
         n = config.num_query_tokens + len(ids) + options.max_new_tokens
         if n > limit:
-            raise PipelineError(f"prompt too long: {n} tokens (image, prompt and max_new_tokens={options.max_new_tokens}) "
-                                f"exceed the model's max_position_embeddings={limit}")
+            raise PipelineError(f"prompt too long: {n} tokens (image, prompt and "
+                                f"max_new_tokens={options.max_new_tokens}) exceed the model's "
+                                f"max_position_embeddings={limit}")
 
     def check_texts(self, texts: Sequence[str]) -> None:
         """Raise PipelineError naming the first text the Q-Former cannot read: longer than its text positions, or

@@ -148,7 +148,8 @@ class Blip2Model(PretrainedMixin, nn.Module):
         embeds = self.get_input_embeddings()(input_ids)  # [B, T, D]
         lm_inputs = lm_inputs.to(embeds.dtype)
         image_token = self.config.image_token_index
-        is_image = input_ids == image_token if image_token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        is_image = input_ids == image_token if image_token is not None \
+            else torch.zeros_like(input_ids, dtype=torch.bool)
         counts = is_image.sum(1)
         if bool((counts == 0).all()):
             embeds = torch.cat([lm_inputs, embeds], dim=1)
