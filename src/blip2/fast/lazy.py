@@ -113,13 +113,15 @@ def _waits(model: Blip2Model, rows: int | None, as_loaded: bool) -> bool:
     """Whether this ``generate`` of ``rows`` rows runs on the weights as loaded (``as_loaded``: with the native
     step there already): every one of one row where the native step runs, else the first (once per model),
     the layout left to the next."""
+    if rows == 1 and as_loaded:  # (its size checked when the step was made)
+        return True
     lm = model.language_model
     if model.fast != "auto" or lm.get_input_embeddings().weight.device.type != "cpu":
         return False  # a GPU lays out at its memory's speed
     size = _weight_bytes(lm)
     if size <= LATER_BYTES:
         return False
-    if rows == 1 and (as_loaded or _as_loaded(model)):
+    if rows == 1 and _as_loaded(model):
         return True
     if model.__dict__.get("_fast_waited"):
         return False
@@ -135,7 +137,11 @@ def _waits(model: Blip2Model, rows: int | None, as_loaded: bool) -> bool:
 def laid_out(model: Blip2Model) -> bool:
     """Whether the language model's weights are laid out for the fast path (by ``generate`` or by hand); the
     native step on the weights as loaded is no layout. Undoes nothing."""
-    return any(isinstance(m, FusedLinear) for m in _walk(model.language_model))
+    return _fused(model.language_model)
+
+
+def _fused(lm: LanguageModel) -> bool:
+    return any(isinstance(m, FusedLinear) for m in _walk(lm))
 
 
 def _walk(module: nn.Module) -> list[nn.Module]:
@@ -172,7 +178,7 @@ def _as_loaded(model: Blip2Model) -> bool:
 
 
 def _laid_out(lm: LanguageModel) -> bool:
-    return lm.decode_step != lm._decode_step or any(isinstance(m, FusedLinear) for m in _walk(lm))
+    return lm.decode_step != lm._decode_step or _fused(lm)
 
 
 def release(model: Blip2Model) -> None:

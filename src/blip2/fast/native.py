@@ -207,20 +207,14 @@ class _NativeStep:
         self.products.append(_linear(layer, self.dtype, optional))
         return {f"{name}.{part}": t for part, t in zip(_LINEAR_PARTS, self.products[-1])}
 
-    def _parts_slots(self, parts: list[tuple[str, nn.Module | None]]) -> dict[str, Tensor | None]:
-        """Layers that read one input, each as its slots (``_linear_slots``; a part that is None: empty slots):
-        the first holds them all when fused, the rest then None."""
-        return {k: t for i, (name, layer) in enumerate(parts) for k, t in
+    def _parts_slots(self, names: tuple[str, ...], fused: nn.Module | None,
+                     parts: tuple[nn.Module, ...]) -> dict[str, Tensor | None]:
+        """Layers that read one input, as the slots ``names`` (``_linear_slots`` each): the ``fused`` layer in
+        the first and the others empty, or where there is none the model's own ``parts`` (read in place, one
+        row a call, without a fused copy)."""
+        layers = (fused,) + (None,) * (len(names) - 1) if fused is not None else parts
+        return {k: t for i, (name, layer) in enumerate(zip(names, layers)) for k, t in
                 self._linear_slots(name, layer, optional=i > 0).items()}
-
-    @staticmethod
-    def _qkv(attention: nn.Module, q: str, k: str, v: str) -> list[tuple[str, nn.Module | None]]:
-        """The self-attention's slots qkv, k, v: its fused projection and nothing, or its own q, k, v (read
-        in place: one row a call, without a fused copy)."""
-        fused = getattr(attention, "qkv", None)
-        if fused is not None:
-            return [("qkv", fused), ("k", None), ("v", None)]
-        return [("qkv", getattr(attention, q)), ("k", getattr(attention, k)), ("v", getattr(attention, v))]
 
     def _bind(self, outer: dict[str, Tensor | None], layers: list[dict[str, Tensor | None]],
               scalars: dict[str, float], head: nn.Module, screen: bool) -> None:
@@ -298,21 +292,17 @@ class NativeT5Step(_NativeStep):
 
     def _layer(self, blk: nn.Module) -> dict[str, Tensor | None]:
         sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
-        dense = ff.DenseReluDense
-        fused_ffn = getattr(dense, "wi_01", None)
-        if not dense.gated:
-            ffn = [("wi", dense.wi), ("wi_1", None)]
-        else:
-            ffn = [("wi", fused_ffn), ("wi_1", None)] if fused_ffn is not None \
-                else [("wi", dense.wi_0), ("wi_1", dense.wi_1)]
+        attn, dense = sa.SelfAttention, ff.DenseReluDense
+        wi = getattr(dense, "wi_01", None) if dense.gated else dense.wi  # None: gated, wi_0 and wi_1 apart
         return {"self_attn_norm.weight": _vector(sa.layer_norm.weight, self.dtype),
-                **self._parts_slots(self._qkv(sa.SelfAttention, "q", "k", "v")),
-                **self._linear_slots("o", sa.SelfAttention.o),
+                **self._parts_slots(("qkv", "k", "v"), getattr(attn, "qkv", None), (attn.q, attn.k, attn.v)),
+                **self._linear_slots("o", attn.o),
                 "cross_attn_norm.weight": _vector(ca.layer_norm.weight, self.dtype),
                 **self._linear_slots("cross_q", ca.EncDecAttention.q),
                 **self._linear_slots("cross_o", ca.EncDecAttention.o),
                 "ffn_norm.weight": _vector(ff.layer_norm.weight, self.dtype),
-                **self._parts_slots(ffn), **self._linear_slots("wo", dense.wo)}
+                **self._parts_slots(("wi", "wi_1"), wi, (dense.wi_0, dense.wi_1) if wi is None else ()),
+                **self._linear_slots("wo", dense.wo)}
 
     def covers(self, ids: Tensor, self_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], cross_mask: Tensor,
                caches: list[Any], input_pos: Tensor) -> bool:
@@ -364,11 +354,12 @@ class NativeOPTStep(_NativeStep):
             "has_final_norm": int(final is not None)}, model.lm_head, screen)
 
     def _layer(self, layer: nn.Module) -> dict[str, Tensor | None]:
-        ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
+        ln1, ln2, attn = layer.self_attn_layer_norm, layer.final_layer_norm, layer.self_attn
         return {"self_attn_norm.weight": _vector(ln1.weight, self.dtype),
                 "self_attn_norm.bias": _vector(ln1.bias, self.dtype),
-                **self._parts_slots(self._qkv(layer.self_attn, "q_proj", "k_proj", "v_proj")),
-                **self._linear_slots("out_proj", layer.self_attn.out_proj),
+                **self._parts_slots(("qkv", "k", "v"), getattr(attn, "qkv", None),
+                                    (attn.q_proj, attn.k_proj, attn.v_proj)),
+                **self._linear_slots("out_proj", attn.out_proj),
                 "ffn_norm.weight": _vector(ln2.weight, self.dtype), "ffn_norm.bias": _vector(ln2.bias, self.dtype),
                 **self._linear_slots("fc1", layer.fc1), **self._linear_slots("fc2", layer.fc2)}
 
