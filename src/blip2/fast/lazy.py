@@ -18,8 +18,11 @@ the layout from the cache (``blip2.fast.layout_cache``), since laying out costs 
 captions once never gets back. A cached layout is mapped at the first such ``generate`` where the memory can keep
 it cached beside the checkpoint (``layout_cache.mappable``: blip2-opt-2.7b in bf16, 7.5 + 5.3 GB); where it cannot,
 mapping it reads the disk (fp32 on a 23 GB VM: a first call of 13-19 s, 40-43 s after a reboot, against 10 s and
-24-27 s as loaded). Each later call runs laid out, one row included. ``lay_out(model)`` lays it out at once (a
-server, before its first request).
+24-27 s as loaded). Each later call runs laid out, one row included. What runs as loaded (the vision encoder and
+Q-Former always; the language model's prefill, and its eager steps of several rows) multiplies its fp32 weights
+through oneDNN (``blip2.fast.route``: a class swap, nothing copied; a routed layer records gradients through
+``F.linear``, so a first call's routing needs no guard). ``lay_out(model)`` lays it out at once (a server, before
+its first request).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
@@ -42,9 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, layout_cache, native_as_loaded, unfuse
+from blip2.fast import MODES, Unsupported, apply, layout_cache, native_as_loaded, route, unfuse
 from blip2.fast.decoding import LanguageModel
 from blip2.fast.linear import FusedLinear
+from blip2.fast.onednn import walk
 from blip2.models.blip2 import Blip2Model
 
 __all__ = ["LATER_BYTES", "before_generate", "lay_out", "laid_out", "loaded", "release"]
@@ -131,6 +135,10 @@ def _waits(model: Blip2Model, rows: int | None, as_loaded: bool) -> bool:
         return False
     log.info("blip2: the first generate of several rows runs as loaded; the language model (%.1f GB) is laid out "
              "for the fast path at the next (blip2.fast.lazy)", size / 1e9)
+    try:
+        route(model)  # its fp32 products through oneDNN, on the weights as loaded
+    except Unsupported:
+        pass
     return True
 
 
@@ -141,21 +149,12 @@ def laid_out(model: Blip2Model) -> bool:
 
 
 def _fused(lm: LanguageModel) -> bool:
-    return any(isinstance(m, FusedLinear) for m in _walk(lm))
-
-
-def _walk(module: nn.Module) -> list[nn.Module]:
-    """``module`` and those below it, found through ``_modules``: the guarded walks would undo the layout."""
-    out, todo = [], [module]
-    while todo:
-        out.append(todo.pop())
-        todo += [c for c in out[-1]._modules.values() if c is not None]
-    return out
+    return any(isinstance(m, FusedLinear) for m in walk(lm))
 
 
 def _weight_bytes(module: nn.Module) -> int:
     """The parameters' bytes, a tied one once."""
-    seen = {id(p): p.numel() * p.element_size() for m in _walk(module) for p in m._parameters.values()
+    seen = {id(p): p.numel() * p.element_size() for m in walk(module) for p in m._parameters.values()
             if p is not None}
     return sum(seen.values())
 
