@@ -6,9 +6,9 @@
 Modes (``MODES``; the commands' ``--fast``), each giving the plain model's tokens unless it says otherwise:
 - ``"none"``: the model as loaded.
 - ``"auto"``: the fastest exact mode this machine runs: ``"native"`` on a CPU where the kernels build (the
-  vision encoder and Q-Former left as loaded, their fp32 products routed through oneDNN: see ``native`` and
-  ``route``), ``"cuda-graph"`` on a GPU, else ``"fuse"``; the model unchanged where none applies (a PEFT adapter, weights quantized at load, a model split over devices,
-  no language model).
+  vision encoder and Q-Former left as loaded, their fp32 products routed through oneDNN where that pays: see
+  ``native`` and ``route``), ``"cuda-graph"`` on a GPU, else ``"fuse"``; the model unchanged where none
+  applies (a PEFT adapter, weights quantized at load, a model split over devices, no language model).
 - ``"fuse"``: the language model's projections that read one input in one product, every linear layer in
   the fastest weight layout for the device (on CPU: blip2's blocked layout for the language model where the
   native kernels build, oneDNN's for the vision encoder and Q-Former).
@@ -170,8 +170,9 @@ def unfuse(model: nn.Module) -> nn.Module:
 def route(model: nn.Module) -> nn.Module:
     """CPU: the fp32 products of every plain linear layer of ``model`` through oneDNN, on the layers' own
     weights (``blip2.fast.onednn``: nothing copied; on an AMD CPU 1.1-2x torch's fp32 products), for what runs
-    as loaded. Undone by ``unfuse``. Raises ``Unsupported`` for a model the speed-ups do not cover (adapters,
-    weights quantized at load, split over devices), before changing anything."""
+    as loaded; ``"auto"`` routes where ``onednn.pays()``. Undone by ``unfuse``. Raises ``Unsupported`` for a
+    model the speed-ups do not cover (adapters, weights quantized at load, split over devices), before changing
+    anything."""
     lm = _language_model(model)
     if lm.get_input_embeddings().weight.device.type == "cpu":
         onednn.route(model)
@@ -200,8 +201,8 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
     for all rows); nothing is compiled. The language model is laid out for any number of rows (blocked where
     the kernels take the dtype; int8 stays int8: one row natively, several with the eager step), and with
     ``towers`` the vision encoder and Q-Former packed as ``fuse`` packs them. ``"auto"`` leaves them as loaded,
-    routed (``route``): at blip2-opt-2.7b's size packing them costs about 4 s of the first call (a copy of 4 GB)
-    and on an AVX2 CPU their calls ran no faster packed (docs/BENCHMARKS.md, "Real size"). Raises
+    routed where that pays (``route``): at blip2-opt-2.7b's size packing them costs about 4 s of the first call
+    (a copy of 4 GB) and on an AVX2 CPU their calls ran no faster packed (docs/BENCHMARKS.md, "Real size"). Raises
     ``Unsupported`` saying why where the native steps do not cover the model (GPU, fp16, kernels not built),
     before changing anything."""
     lm = _language_model(model)
@@ -210,7 +211,8 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step)
     for tower in _towers(model):
         if not towers:
-            onednn.route(tower)
+            if onednn.pays():
+                onednn.route(tower)
         elif fused_format(tower) is None:
             _pack(tower)
     return model
@@ -219,16 +221,18 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
 def native_as_loaded(model: nn.Module) -> nn.Module:
     """CPU: decode one row at a time with the native step over the language model's weights as they are (not
     fused, nothing copied or laid out: q/k/v read apart), several rows with the eager step, and the greedy head
-    unscreened (its screen is a copy of half the head), and every plain linear layer routed (``route``: the
-    prefill's and the vision encoder's fp32 products). For a call that should not pay for a layout: a large
-    model's ``generate`` of one row (``blip2.fast.lazy``), whose weights are still the checkpoint's pages. Raises
+    unscreened (its screen is a copy of half the head), and every plain linear layer routed where that pays
+    (``route``: the prefill's and the vision encoder's fp32 products). For a call that should not pay for a
+    layout: a large model's ``generate`` of one row (``blip2.fast.lazy``), whose weights are still the
+    checkpoint's pages. Raises
     ``Unsupported`` where the native step does not cover the model as it is (GPU, fp16, a fused layout)."""
     lm = _language_model(model)
     check(lm.get_input_embeddings().weight)
     if fused_format(lm) is not None or lm.decode_step != lm._decode_step:
         raise Unsupported("the language model is laid out already")
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step, screen=False)
-    onednn.route(model)
+    if onednn.pays():
+        onednn.route(model)
     return model
 
 

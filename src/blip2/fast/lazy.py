@@ -20,9 +20,9 @@ it cached beside the checkpoint (``layout_cache.mappable``: blip2-opt-2.7b in bf
 mapping it reads the disk (fp32 on a 23 GB VM: a first call of 13-19 s, 40-43 s after a reboot, against 10 s and
 24-27 s as loaded). Each later call runs laid out, one row included. What runs as loaded (the vision encoder and
 Q-Former always; the language model's prefill, and its eager steps of several rows) multiplies its fp32 weights
-through oneDNN (``blip2.fast.route``: a class swap, nothing copied; a routed layer records gradients through
-``F.linear``, so a first call's routing needs no guard). ``lay_out(model)`` lays it out at once (a server, before
-its first request).
+through oneDNN where that pays (``blip2.fast.route``, ``onednn.pays``: a class swap, nothing copied; a routed layer
+records gradients through ``F.linear``, so a first call's routing needs no guard). ``lay_out(model)`` lays it out at
+once (a server, before its first request).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, layout_cache, native_as_loaded, route, unfuse
+from blip2.fast import MODES, Unsupported, apply, layout_cache, native_as_loaded, onednn, route, unfuse
 from blip2.fast.decoding import LanguageModel
 from blip2.fast.linear import FusedLinear
 from blip2.fast.onednn import walk
@@ -136,7 +136,8 @@ def _waits(model: Blip2Model, rows: int | None, as_loaded: bool) -> bool:
     log.info("blip2: the first generate of several rows runs as loaded; the language model (%.1f GB) is laid out "
              "for the fast path at the next (blip2.fast.lazy)", size / 1e9)
     try:
-        route(model)  # its fp32 products through oneDNN, on the weights as loaded
+        if onednn.pays():
+            route(model)  # its fp32 products through oneDNN, on the weights as loaded
     except Unsupported:
         pass
     return True

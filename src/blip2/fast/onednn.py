@@ -1,21 +1,24 @@
 """fp32 products of a model's own weights through oneDNN, by swapping classes: ``route(root)``, ``unroute(root)``.
 
-On a CPU ``F.linear`` multiplies fp32 with torch's BLAS (MKL in the official builds), and on an AMD CPU MKL runs
-well below the machine: measured on an AMD EPYC with AVX-512, 2 threads, the same plain weights through oneDNN's
-product (``torch.ops.mkldnn._linear_pointwise``, what torch's own compiler calls for a CPU linear layer) against
-``F.linear``: blip2-opt-2.7b's prefill products (33 rows) 154-161 GFLOP/s against 86-101, eight rows (several
-images decoded eagerly) 66-83 against 38-41, the vision encoder's 257 rows 204-212 against 155-186; a one-image
-fp32 caption 6.2 s against 8.2. bf16 products go through oneDNN in torch already, so only fp32 is routed.
+On a CPU ``F.linear`` multiplies fp32 with torch's BLAS (MKL in the official x86 builds), which on an AMD CPU runs
+well below the machine. Measured on an AMD EPYC with AVX-512, 2 threads, the same plain weights through oneDNN's
+product (``torch.ops.mkldnn._linear_pointwise``) against ``F.linear``: blip2-opt-2.7b's prefill products (33
+rows) 154-161 GFLOP/s against 86-101, eight rows (several images decoded eagerly) 66-83 against 38-41, the vision
+encoder's 257 rows 204-212 against 155-186; a one-image fp32 caption's next call 6.4 s against 8.2
+(docs/BENCHMARKS.md, "Real size"). bf16 products go through oneDNN in torch already, so only fp32 is routed.
 
 Routing copies and reorders nothing (oneDNN packs panels of the weight as it multiplies), so it costs nothing to
-apply, holds no memory, and runs on a checkpoint's mapped pages: what ``"auto"`` uses for the parts it leaves
-as loaded (the vision encoder and Q-Former; a large language model's prefill, ``blip2.fast.lazy``). A routed
-layer is its ``nn.Linear`` with another class (``OneDNNLinear``, a subclass): the same parameters, state dict and
-hooks; a product that records gradients, runs in a compiled graph, or is not fp32 on the CPU goes through
-``F.linear`` as before. The sums run in oneDNN's order, not MKL's: fp32 rounding apart, the same values.
+apply, holds no memory, and runs on a checkpoint's mapped pages: what ``"auto"`` uses, where it pays (``pays``:
+MKL on an AMD CPU; MKL is Intel's own, and no other machine was measured), for the parts it leaves as loaded (the
+vision encoder and Q-Former; a large language model's prefill, ``blip2.fast.lazy``). A routed layer is its
+``nn.Linear`` with another class (``OneDNNLinear``, a subclass): the same parameters, state dict and hooks; a
+product that records gradients, runs in a compiled graph, or is not fp32 on the CPU goes through ``F.linear`` as
+before. The sums run in oneDNN's order, not MKL's: fp32 rounding apart, the same values.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 
 from blip2.fast.linear import _MKLDNN, _autograd
 
-__all__ = ["OneDNNLinear", "route", "routed", "unroute"]
+__all__ = ["OneDNNLinear", "pays", "route", "routed", "unroute"]
 
 
 class OneDNNLinear(nn.Linear):
@@ -36,6 +39,19 @@ class OneDNNLinear(nn.Linear):
                 and (b is None or b.dtype == torch.float32) and not torch.compiler.is_compiling()):
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return F.linear(x, w, b)
+
+
+@functools.cache
+def pays() -> bool:
+    """Whether ``"auto"`` routes on this machine: torch's fp32 products are MKL's and the CPU is AMD's."""
+    if not _MKLDNN or not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return False
+    return "AuthenticAMD" in vendor
 
 
 def route(root: nn.Module) -> int:
