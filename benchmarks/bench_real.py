@@ -260,13 +260,17 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         "parameters and buffers: ours keeps the Q-Former in fp32 under bf16, as BLIP-2 was trained; transformers "
         "in bf16). Both include the torch runtime (about 0.24 GB).",
         f"- % of floor: the fewest seconds a call can take at the best {dtype} 1536^3 product rate and the best "
-        f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time.",
+        f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time. The rate is torch's "
+        f"(MKL's for fp32): a call whose products run faster than that (oneDNN's, the blocked kernel's) reads above "
+        f"100%.",
         f"- ours (fast={fast}): " + ("from_pretrained's default: the fastest exact mode of the machine (native "
                                      "where the kernels build, AVX-512 or AVX2, else fuse; the vision encoder and "
-                                     "Q-Former as loaded). One image: every call decodes natively on the checkpoint's "
-                                     "own weights, never laid out (blip2.fast.lazy). Several: the first process of a "
-                                     "checkpoint (its cached layout removed before) runs its first call as loaded and "
-                                     "lays the language model out at its second, which writes that layout to the "
+                                     "Q-Former as loaded, their fp32 products through oneDNN: blip2.fast.route). One "
+                                     "image: every call decodes natively on the checkpoint's own weights, never laid "
+                                     "out, its prefill's fp32 products through oneDNN (blip2.fast.lazy). Several: the "
+                                     "first process of a checkpoint (its cached layout removed before) runs its first "
+                                     "call as loaded (eagerly, routed the same way) and lays the language model out "
+                                     "at its second, which writes that layout to the "
                                      "cache in the background (blip2.fast.layout_cache)."
                                      if fast == "auto" else
                                      f"from_pretrained(fast={fast!r}), applied at load; the first process writes "
