@@ -179,7 +179,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["opt-125m", "flan-t5-small"])
     p.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--record", help="write the table's markdown to this file (run_all.py reads benchmarks/results/gpu.md)")
+    p.add_argument("--record",
+                   help="write the table's markdown to this file (run_all.py reads benchmarks/results/gpu.md)")
     p.add_argument("--log", help="append each row to this file as it is measured")
     p.add_argument("--device", default="cuda", help='"cpu" checks the script on a machine without CUDA')
     p.add_argument("--docs", action="store_true",

@@ -382,7 +382,8 @@ def record_training(rec: Recorder, A: dict[str, Any], steps: int = 3) -> None:
                                        warmup_steps=1, augment=False, log_every=1, seed=3)
             metrics = train.train_stage2(model, processor, manifest, config)
         rec["train/stage2/loss"] = [m["loss"] for m in metrics]
-        rec["train/stage2/metrics"] = [{k: v for k, v in m.items() if not k.startswith(("time", "sec", "samples_per", "throughput"))}
+        timing = ("time", "sec", "samples_per", "throughput")
+        rec["train/stage2/metrics"] = [{k: v for k, v in m.items() if not k.startswith(timing)}
                                        for m in metrics]
         h = hashlib.sha256()
         for k, v in sorted(model.state_dict().items()):
@@ -439,7 +440,8 @@ def compare(a_path: str, b_path: str) -> int:
         if k not in a or k not in b or a[k] != b[k]:
             differ.append(k)
             short = lambda v: (json.dumps(v)[:200] + ("..." if len(json.dumps(v)) > 200 else ""))  # noqa: E731
-            print(f"DIFFERS {k}:\n  A: {short(a[k]) if k in a else '<missing>'}\n  B: {short(b[k]) if k in b else '<missing>'}")
+            print(f"DIFFERS {k}:\n  A: {short(a[k]) if k in a else '<missing>'}\n"
+                  f"  B: {short(b[k]) if k in b else '<missing>'}")
     compared = [k for k in keys if not k.startswith("_meta/")]
     print(f"{len(compared) - len(differ)} of {len(compared)} entries equal; {len(differ)} differ")
     return 1 if differ else 0
@@ -451,7 +453,8 @@ def compare(a_path: str, b_path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
-    p.add_argument("--src", help="the tree's src directory (default: $BLIP2_EQUIV_SRC, else the first $PYTHONPATH entry)")
+    p.add_argument("--src",
+                   help="the tree's src directory (default: $BLIP2_EQUIV_SRC, else the first $PYTHONPATH entry)")
     p.add_argument("--out", help="where to write the JSON record")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so both runs reduce alike)")
     p.add_argument("--paths", default=",".join(PATHS), help="demo-model paths to record")

@@ -3,10 +3,10 @@
     python benchmarks/stress.py [--good 300] [--bad 300] [--concurrency 12] [--max-seconds 150]
 
 Two phases: the bundled captioning model (caption and VQA), then the bundled retrieval model (match). Each
-starts ``python -m blip2 serve --port 0`` on 127.0.0.1 (one torch thread), sends every distinct good request alone, then the storm
-(a fixed number of requests, shuffled with a fixed seed, ``--concurrency`` at a time, plus connections that
-trickle their headers and malformed HTTP), then the good requests alone again. It checks that every good
-request got 200 and the answer it gets alone, that every bad one got its 4xx as JSON, that the server's RSS
+starts ``python -m blip2 serve --port 0`` on 127.0.0.1 (one torch thread), sends every distinct good request alone,
+then the storm (a fixed number of requests, shuffled with a fixed seed, ``--concurrency`` at a time, plus
+connections that trickle their headers and malformed HTTP), then the good requests alone again. It checks that
+every good request got 200 and the answer it gets alone, that every bad one got its 4xx as JSON, that the server's RSS
 stayed within ``--rss-bound-mb`` of its size before the storm, that the trickling connections were closed, and
 that the server is healthy afterwards (/health, an empty queue, no traceback in its log). It prints the
 figures; the exit code is 0 when every check holds. The whole run stops by itself after ``--max-seconds``.

@@ -381,8 +381,8 @@ class FusedLinear(nn.Module):
         _refuse_load(self, state_dict, prefix)
 
     def _apply(self, fn: object, recurse: bool = True) -> FusedLinear:
-        raise RuntimeError("a fused model cannot be moved or cast: call blip2.fast.unfuse(model) first, or move or cast "
-                           "before the speed-up")
+        raise RuntimeError("a fused model cannot be moved or cast: call blip2.fast.unfuse(model) first, or move or "
+                           "cast before the speed-up")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, splits={self.splits}, fmt={self.fmt!r}, dtype={self.dtype}"
@@ -417,8 +417,8 @@ class LinearView(nn.Module):
 
 def _refuse_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> None:
     if any(k.startswith(prefix) for k in state_dict):
-        raise RuntimeError(f"{prefix.rstrip('.')}: the model is fused for inference; call blip2.fast.unfuse(model) before "
-                           f"load_state_dict")
+        raise RuntimeError(f"{prefix.rstrip('.')}: the model is fused for inference; call blip2.fast.unfuse(model) "
+                           f"before load_state_dict")
 
 
 def fused_format(root: nn.Module) -> str | None:
@@ -439,8 +439,8 @@ def pack_linears(root: nn.Module, fmt: str, tied: Sequence[nn.Module] = ()) -> N
     (heads sharing the embedding matrix) keep multiplying by the embedding's own matrix ("dense") unless
     ``fmt`` is an int8 one or "blocked", where they get a copy in that format, the embedding keeping the
     plain matrix. A blocked copy writes the head's key as the tied model does (the same values); an int8 one
-    stays out of the state dict, as tied checkpoints leave the head out. (The copy costs a second head's memory; the head is the largest product
-    of a decoding step.)"""
+    stays out of the state dict, as tied checkpoints leave the head out. (The copy costs a second head's memory;
+    the head is the largest product of a decoding step.)"""
     slots = _slots(root, nn.Linear)
     # tied heads last: a copy adds to the model's memory, which the other layers' new layouts may have shrunk
     slots.sort(key=lambda slot: any(getattr(*slot) is t for t in tied))
