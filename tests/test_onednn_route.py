@@ -185,3 +185,22 @@ def test_route_by_hand_keeps_the_logits_and_the_state_dict(checkpoint):
     assert sd.keys() == want_sd.keys() and all(torch.equal(sd[k], want_sd[k]) for k in sd)
     fast.unfuse(model)
     assert not onednn.routed(model)
+
+
+def test_a_retrieval_pipeline_routes_where_it_pays(tiny_retrieval_dir, pays, monkeypatch):
+    """A retrieval checkpoint has no generate to lay it out: ``Pipeline.load`` routes it (``fast="auto"``), with
+    the scores of the plain model."""
+    from PIL import Image
+
+    from blip2.apps.pipeline import Pipeline
+
+    routed, plain = (Pipeline.load(tiny_retrieval_dir, device="cpu", fast=f) for f in ("auto", "none"))
+    assert onednn.routed(routed.model) and not onednn.routed(plain.model)
+    image = Image.fromarray((pixel_batch(1, seed=9)[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy())
+    got, calls = onednn_calls(lambda: routed.match(image, ["w5 w6", "w10"]))
+    want = plain.match(image, ["w5 w6", "w10"])
+    assert calls > 0
+    for g, w in zip(got, want):
+        assert g.text == w.text and g.itm == pytest.approx(w.itm, abs=1e-5) and g.itc == pytest.approx(w.itc, abs=1e-5)
+    monkeypatch.setattr(onednn, "pays", lambda: False)
+    assert not onednn.routed(Pipeline.load(tiny_retrieval_dir, device="cpu").model)

@@ -26,6 +26,7 @@ from blip2.demo import DEFAULT_MODEL
 from blip2.generation import generated_texts
 from blip2.models.retrieval import itc_similarity
 from blip2.fast import apply as apply_fast
+from blip2.fast import onednn
 from blip2.hub import read_config, resolve_dir
 from blip2.processing import Blip2Processor
 
@@ -173,10 +174,14 @@ class Pipeline:
             processor = Blip2Processor.from_pretrained(directory)
         except (OSError, ValueError) as e:  # CheckpointError/ConfigError are ValueErrors naming the file
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
-        # retrieval checkpoints have no fast paths; "auto" is from_pretrained's default, laid out by generate
-        # (blip2.fast.lazy: at once, or for a large language model natively on its weights as loaded, laid out
-        # at the second call of several rows)
-        if hasattr(net, "language_model") and fast != "auto":
+        # "auto" is from_pretrained's default, laid out by generate (blip2.fast.lazy: at once, or for a large
+        # language model natively on its weights as loaded, laid out at the second call of several rows); a
+        # retrieval checkpoint has no generate: its fp32 products go through oneDNN here where that pays
+        # (blip2.fast.onednn: the ViT-g's 257 rows an image at 204-212 GFLOP/s against MKL's 155-186 on an AMD CPU)
+        if not hasattr(net, "language_model"):
+            if fast == "auto" and onednn.pays():
+                onednn.route(net)
+        elif fast != "auto":
             net.fast = "none"  # the mode is applied here, for good: generate adds no layout of its own
             try:
                 apply_fast(net, fast)
