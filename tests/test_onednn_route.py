@@ -37,7 +37,13 @@ def linears(model: nn.Module) -> dict[str, list[type]]:
 
 
 @pytest.fixture
-def pays(monkeypatch):
+def any_size(monkeypatch):
+    """Layers of any size are routed (the tiny models' are all below ``MIN_WEIGHTS``)."""
+    monkeypatch.setattr(onednn, "MIN_WEIGHTS", 0)
+
+
+@pytest.fixture
+def pays(any_size, monkeypatch):
     """Routing pays (an AMD CPU with MKL), whatever this machine is."""
     monkeypatch.setattr(onednn, "pays", lambda: True)
 
@@ -58,7 +64,7 @@ def inputs(text: str, n: int = 2) -> dict:
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64), (64,), (0, 64), "transposed"])
-def test_a_routed_layer_is_the_same_layer_with_onednn_products(shape, bias):
+def test_a_routed_layer_is_the_same_layer_with_onednn_products(shape, bias, any_size):
     torch.manual_seed(0)
     layer = nn.Linear(64, 48, bias=bias)
     plain = nn.Linear(64, 48, bias=bias)
@@ -77,8 +83,15 @@ def test_a_routed_layer_is_the_same_layer_with_onednn_products(shape, bias):
     assert type(layer) is nn.Linear and not onednn.routed(layer)
 
 
+def test_small_layers_stay_with_f_linear():
+    """Below ``MIN_WEIGHTS`` oneDNN's call costs more than it wins: such layers are not routed."""
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(1024, 512), nn.Linear(512, 1024, bias=False))
+    assert onednn.MIN_WEIGHTS == 512 * 1024 and onednn.route(model) == 2
+    assert [type(m) for m in model] == [nn.Linear, onednn.OneDNNLinear, onednn.OneDNNLinear]
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-def test_what_a_routed_layer_leaves_to_f_linear():
+def test_what_a_routed_layer_leaves_to_f_linear(any_size):
     """Gradients, bf16, an empty input dimension: F.linear's own results, bit for bit."""
     torch.manual_seed(1)
     layer, plain = nn.Linear(32, 16), nn.Linear(32, 16)
@@ -163,10 +176,10 @@ def test_auto_routes_nothing_where_it_does_not_pay(checkpoint, monkeypatch):
         model.generate(**inputs(text, 1), max_new_tokens=4)
         model.generate(**inputs(text), max_new_tokens=4)
         assert not onednn.routed(model)
-    assert onednn.route(nn.Linear(2, 2)) == 1  # asked for, it routes anyway
+    assert onednn.route(nn.Linear(1024, 512)) == 1  # asked for, it routes anyway
 
 
-def test_route_by_hand_keeps_the_logits_and_the_state_dict(checkpoint):
+def test_route_by_hand_keeps_the_logits_and_the_state_dict(checkpoint, any_size):
     text, d = checkpoint
     plain = Blip2ForConditionalGeneration.from_pretrained(d, fast="none")
     model = Blip2ForConditionalGeneration.from_pretrained(d, fast="none")

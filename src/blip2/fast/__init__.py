@@ -168,9 +168,9 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 
 def route(model: nn.Module) -> nn.Module:
-    """CPU: the fp32 products of every plain linear layer of ``model`` through oneDNN, on the layers' own
-    weights (``blip2.fast.onednn``: nothing copied; on an AMD CPU 1.1-2x torch's fp32 products), for what runs
-    as loaded; ``"auto"`` routes where ``onednn.pays()``. Undone by ``unfuse``. Raises ``Unsupported`` for a
+    """CPU: the fp32 products of every plain linear layer of ``model`` (but the smallest: ``onednn.MIN_WEIGHTS``)
+    through oneDNN, on the layers' own weights (``blip2.fast.onednn``: nothing copied; on an AMD CPU 1.1-2x
+    torch's fp32 products), for what runs as loaded; ``"auto"`` routes where ``onednn.pays()``. Undone by ``unfuse``. Raises ``Unsupported`` for a
     model the speed-ups do not cover (adapters, weights quantized at load, split over devices), before changing
     anything."""
     lm = _language_model(model)
