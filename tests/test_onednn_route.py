@@ -90,7 +90,7 @@ def test_small_layers_stay_with_f_linear():
     assert [type(m) for m in model] == [nn.Linear, onednn.OneDNNLinear, onednn.OneDNNLinear]
 
 
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors", "ignore:`torch.jit.trace")
 def test_what_a_routed_layer_leaves_to_f_linear(any_size):
     """Gradients, bf16, an empty input dimension: F.linear's own results, bit for bit."""
     torch.manual_seed(1)
@@ -111,6 +111,13 @@ def test_what_a_routed_layer_leaves_to_f_linear(any_size):
         empty = onednn.OneDNNLinear(0, 3)
         assert torch.equal(empty(torch.randn(2, 0)), empty.bias.expand(2, 3))
     assert pickle.loads(pickle.dumps(layer)).weight.dtype == torch.bfloat16  # a class of the package's
+    big = nn.Linear(16, 8)
+    onednn.route(big)
+    big.eval().requires_grad_(False)
+    exported = torch.export.export(big, (torch.randn(2, 16),)).graph
+    traced = torch.jit.trace(big, torch.randn(2, 16)).graph
+    for graph in (str(exported), str(traced)):  # torch's own op, which exporters know
+        assert "mkldnn" not in graph and "linear" in graph
 
 
 def test_auto_routes_the_towers_and_lays_out_the_language_model(checkpoint, pays):

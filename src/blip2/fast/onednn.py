@@ -12,8 +12,8 @@ apply, holds no memory, and runs on a checkpoint's mapped pages: what ``"auto"``
 MKL on an AMD CPU; MKL is Intel's own, and no other machine was measured), for the parts it leaves as loaded (the
 vision encoder and Q-Former; a large language model's prefill, ``blip2.fast.lazy``). A routed layer is its
 ``nn.Linear`` with another class (``OneDNNLinear``, a subclass): the same parameters, state dict and hooks; a
-product that records gradients, runs in a compiled graph, or is not fp32 on the CPU goes through ``F.linear`` as
-before. The sums run in oneDNN's order, not MKL's: fp32 rounding apart, the same values.
+product that records gradients, runs in a compiled or traced graph, or is not fp32 on the CPU goes through
+``F.linear`` as before. The sums run in oneDNN's order, not MKL's: fp32 rounding apart, the same values.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class OneDNNLinear(nn.Linear):
         w, b = self.weight, self.bias
         if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
                 and w.device.type == "cpu" and self.in_features > 0 and not _autograd(x, w)
-                and (b is None or b.dtype == torch.float32) and not torch.compiler.is_compiling()):
+                and (b is None or b.dtype == torch.float32) and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):  # a traced or exported graph keeps torch's own op
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return F.linear(x, w, b)
 
