@@ -13,7 +13,7 @@ from torch import nn
 
 import blip2.fast.lazy as lazy
 from blip2 import Blip2ForConditionalGeneration, fast
-from blip2.fast.linear import FusedLinear
+from blip2.fast.linear import FusedLinear, walk
 from conftest import hf_blip2, pixel_batch, prompts_with_images
 
 
@@ -25,13 +25,8 @@ def checkpoint(request, tmp_path_factory):
 
 
 def fused_layers(model: nn.Module) -> list[FusedLinear]:
-    """The model's FusedLinear layers, found through ``_modules`` (a guarded model's walks would undo them)."""
-    out, todo = [], [model]
-    while todo:
-        m = todo.pop()
-        out += [m] if isinstance(m, FusedLinear) else []
-        todo += list(m._modules.values())
-    return out
+    """The model's FusedLinear layers (``walk``: a guarded model's own walks would undo them)."""
+    return [m for m in walk(model) if isinstance(m, FusedLinear)]
 
 
 def laid_out(model: nn.Module) -> bool:

@@ -179,8 +179,8 @@ class Pipeline:
         # retrieval checkpoint has no generate: its fp32 products go through oneDNN here where that pays
         # (blip2.fast.onednn: the ViT-g's 257 rows an image at 204-212 GFLOP/s against MKL's 155-186 on an AMD CPU)
         if not hasattr(net, "language_model"):
-            if fast == "auto" and onednn.pays():
-                onednn.route(net)
+            if fast == "auto":
+                onednn.route(net, auto=True)
         elif fast != "auto":
             net.fast = "none"  # the mode is applied here, for good: generate adds no layout of its own
             try:

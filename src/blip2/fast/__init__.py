@@ -167,15 +167,15 @@ def unfuse(model: nn.Module) -> nn.Module:
     return model
 
 
-def route(model: nn.Module) -> nn.Module:
+def route(model: nn.Module, auto: bool = False) -> nn.Module:
     """CPU: the fp32 products of every plain linear layer of ``model`` (but the smallest: ``onednn.MIN_WEIGHTS``)
     through oneDNN, on the layers' own weights (``blip2.fast.onednn``: nothing copied; on an AMD CPU 1.1-2x
-    torch's fp32 products), for what runs as loaded; ``"auto"`` routes where ``onednn.pays()``. Undone by ``unfuse``. Raises ``Unsupported`` for a
-    model the speed-ups do not cover (adapters, weights quantized at load, split over devices), before changing
-    anything."""
+    torch's fp32 products), for what runs as loaded; ``auto``: only where that pays (``onednn.pays``), as
+    ``"auto"`` routes. Undone by ``unfuse``. Raises ``Unsupported`` for a model the speed-ups do not cover
+    (adapters, weights quantized at load, split over devices), before changing anything."""
     lm = _language_model(model)
     if lm.get_input_embeddings().weight.device.type == "cpu":
-        onednn.route(model)
+        onednn.route(model, auto)
     return model
 
 
@@ -211,8 +211,7 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step)
     for tower in _towers(model):
         if not towers:
-            if onednn.pays():
-                onednn.route(tower)
+            onednn.route(tower, auto=True)
         elif fused_format(tower) is None:
             _pack(tower)
     return model
@@ -231,8 +230,7 @@ def native_as_loaded(model: nn.Module) -> nn.Module:
     if fused_format(lm) is not None or lm.decode_step != lm._decode_step:
         raise Unsupported("the language model is laid out already")
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step, screen=False)
-    if onednn.pays():
-        onednn.route(model)
+    onednn.route(model, auto=True)
     return model
 
 

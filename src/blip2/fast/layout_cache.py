@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from blip2.cache import cache_dir, private_dir
 from blip2.fast import decoding, kernels, linear
-from blip2.fast.linear import BLOCKED_SOURCE, FusedLinear
+from blip2.fast.linear import BLOCKED_SOURCE, FusedLinear, walk
 from blip2.mapped import Origin, release_pages
 
 __all__ = ["VERSION", "directory", "enabled", "laying_out", "layouts_of", "mappable", "wait"]
@@ -280,15 +280,8 @@ class _Layout:
 
 
 def _blocked_layers(root: nn.Module) -> list[FusedLinear]:
-    """The blocked ``FusedLinear`` layers below ``root``, found through ``_modules`` (the walks of a model that
-    ``blip2.fast.lazy`` guards would undo the layout)."""
-    found, todo = [], [root]
-    while todo:
-        m = todo.pop()
-        if isinstance(m, FusedLinear) and m.fmt == "blocked":
-            found.append(m)
-        todo += [c for c in m._modules.values() if c is not None]
-    return found
+    """The blocked ``FusedLinear`` layers below ``root`` (``walk``: not the guarded walks, which undo the layout)."""
+    return [m for m in walk(root) if isinstance(m, FusedLinear) and m.fmt == "blocked"]
 
 
 def _agrees(t: Tensor, weights: Sequence[Tensor]) -> bool:

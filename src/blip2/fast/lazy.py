@@ -45,10 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, layout_cache, native_as_loaded, onednn, route, unfuse
+from blip2.fast import MODES, Unsupported, apply, layout_cache, native_as_loaded, route, unfuse
 from blip2.fast.decoding import LanguageModel
-from blip2.fast.linear import FusedLinear
-from blip2.fast.onednn import walk
+from blip2.fast.linear import FusedLinear, walk
 from blip2.models.blip2 import Blip2Model
 
 __all__ = ["LATER_BYTES", "before_generate", "lay_out", "laid_out", "loaded", "release"]
@@ -136,8 +135,7 @@ def _waits(model: Blip2Model, rows: int | None, as_loaded: bool) -> bool:
     log.info("blip2: the first generate of several rows runs as loaded; the language model (%.1f GB) is laid out "
              "for the fast path at the next (blip2.fast.lazy)", size / 1e9)
     try:
-        if onednn.pays():
-            route(model)  # its fp32 products through oneDNN, on the weights as loaded
+        route(model, auto=True)  # its fp32 products through oneDNN, on the weights as loaded
     except Unsupported:
         pass
     return True

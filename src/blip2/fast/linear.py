@@ -49,7 +49,7 @@ from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
 __all__ = ["FORMATS", "FusedLinear", "INT8_FORMATS", "LinearView", "decode_format", "default_format", "fused_format",
-           "fuse_linears", "pack_linears", "unfuse_linears"]
+           "fuse_linears", "pack_linears", "unfuse_linears", "walk"]
 
 FORMATS = ("onednn", "blocked", "dense", "int8", "int8-dynamic")
 INT8_FORMATS = ("int8", "int8-dynamic")
@@ -419,6 +419,16 @@ def _refuse_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) 
     if any(k.startswith(prefix) for k in state_dict):
         raise RuntimeError(f"{prefix.rstrip('.')}: the model is fused for inference; call blip2.fast.unfuse(model) "
                            f"before load_state_dict")
+
+
+def walk(root: nn.Module) -> list[nn.Module]:
+    """``root`` and the modules below it, found through ``_modules``: a model ``blip2.fast.lazy`` guards undoes its
+    layout when its own walks (``modules()``, ``children()``) are called."""
+    out, todo = [], [root]
+    while todo:
+        out.append(todo.pop())
+        todo += [c for c in out[-1]._modules.values() if c is not None]
+    return out
 
 
 def fused_format(root: nn.Module) -> str | None:

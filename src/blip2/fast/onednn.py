@@ -4,8 +4,8 @@ On a CPU ``F.linear`` multiplies fp32 with torch's BLAS (MKL in the official x86
 well below the machine. Measured on an AMD EPYC with AVX-512, 2 threads, the same plain weights through oneDNN's
 product (``torch.ops.mkldnn._linear_pointwise``) against ``F.linear``: blip2-opt-2.7b's prefill products (33
 rows) 154-161 GFLOP/s against 86-101, eight rows (several images decoded eagerly) 66-83 against 38-41, the vision
-encoder's 257 rows 204-212 against 155-186; a one-image fp32 caption's next call 6.4 s against 8.2
-(docs/BENCHMARKS.md, "Real size"). bf16 products go through oneDNN in torch already, so only fp32 is routed.
+encoder's 257 rows 204-212 against 155-186; blip2-opt-2.7b's first fp32 caption of one image 7.1 s against 8.5
+before (docs/BENCHMARKS.md, "Real size"). bf16 products go through oneDNN in torch already, so only fp32 is routed.
 
 Routing copies and reorders nothing (oneDNN packs panels of the weight as it multiplies), so it costs nothing to
 apply, holds no memory, and runs on a checkpoint's mapped pages: what ``"auto"`` uses, where it pays (``pays``:
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blip2.fast.linear import _MKLDNN, _autograd
+from blip2.fast.linear import _MKLDNN, _autograd, walk
 
 __all__ = ["MIN_WEIGHTS", "OneDNNLinear", "pays", "route", "routed", "unroute"]
 
@@ -60,10 +60,11 @@ def pays() -> bool:
     return "AuthenticAMD" in vendor
 
 
-def route(root: nn.Module) -> int:
+def route(root: nn.Module, auto: bool = False) -> int:
     """Every plain ``nn.Linear`` of at least ``MIN_WEIGHTS`` weights below ``root`` (``root`` included) routed
-    through oneDNN; returns how many. Nothing where torch is built without oneDNN."""
-    if not _MKLDNN:
+    through oneDNN; returns how many. Nothing where torch is built without oneDNN, nor with ``auto`` (what
+    ``"auto"`` routes) where it does not pay (``pays``)."""
+    if not _MKLDNN or (auto and not pays()):
         return 0
     layers = [m for m in walk(root) if type(m) is nn.Linear and m.weight.numel() >= MIN_WEIGHTS]
     for layer in layers:
@@ -81,13 +82,3 @@ def unroute(root: nn.Module) -> None:
 def routed(root: nn.Module) -> bool:
     """Whether any layer below ``root`` is routed."""
     return any(type(m) is OneDNNLinear for m in walk(root))
-
-
-def walk(root: nn.Module) -> list[nn.Module]:
-    """``root`` and the modules below it, found through ``_modules``: a model laid out by ``blip2.fast.lazy``
-    undoes its layout when its own walks (``modules()``) are called."""
-    out, todo = [], [root]
-    while todo:
-        out.append(todo.pop())
-        todo += [c for c in out[-1]._modules.values() if c is not None]
-    return out
