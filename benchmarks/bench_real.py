@@ -23,7 +23,11 @@ process's), transformers and ours alternately, for every batch:
   BLIP-2 was trained, transformers in bf16);
 - % of floor: the fewest seconds a call can take (``blip2.apps.bench.floor_seconds``: every product's FLOPs at
   the best rate of a 1536^3 product in the run's dtype, each decoding step no faster than its weights' bytes at
-  the best copy bandwidth) / next.
+  the best copy bandwidth) / next;
+- decoding step: the steady decoding alone, timed by a streamer (transformers' ``put``/``end`` protocol, which
+  both ``generate`` calls feed): the seconds from the first new token to the last over the steps between, the
+  median over the next calls; its % of floor is ``step_floor_seconds`` (at one row, the weights' bytes at the
+  copy bandwidth) over it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import torch
 from common import BENCHMARKS, CACHE, DTYPES, Table, machine, write_results
 from blip2 import Blip2Config
 from blip2.fast import lazy
-from blip2.apps.bench import copy_bandwidth, decode_inputs, floor_seconds, matmul_rate, product_flops
+from blip2.apps.bench import (copy_bandwidth, decode_inputs, floor_seconds, matmul_rate, product_flops,
+                              step_floor_seconds)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")
 NEW_TOKENS = 12
@@ -55,8 +60,10 @@ def markers(dtype: str, cold: bool = False, stored: str | None = None) -> tuple[
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-def checkpoint(preset: str, dtype: str) -> str:
-    """A directory with ``preset``'s published config and random ``dtype`` weights, written on first use."""
+def checkpoint(preset: str, dtype: str, device: str = "cpu") -> str:
+    """A directory with ``preset``'s published config and random ``dtype`` weights, written on first use, the
+    numbers drawn on ``device`` (a GPU draws a real-size model's in a second where a CPU takes a minute; the
+    values differ between devices, which no comparison here depends on: both implementations read one file)."""
     d = os.path.join(CACHE, f"{preset}-{dtype}-v2")  # v2: aliases written once
     if os.path.exists(os.path.join(d, "model.safetensors.index.json")):
         return d
@@ -73,7 +80,7 @@ def checkpoint(preset: str, dtype: str) -> str:
         saved = model.state_dict()
         shapes = {k: v.shape for k, v in tensors.items() if k in saved}
     os.makedirs(d, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     size = 0
@@ -91,8 +98,8 @@ def checkpoint(preset: str, dtype: str) -> str:
         elif any(n in key for n in ("norm.weight", "layernorm.weight", "LayerNorm.weight", "layer_norm.weight")):
             t = torch.ones(shape)
         else:
-            t = torch.randn(shape, generator=g) * 0.02
-        shard[key] = t.to(DTYPES[dtype])
+            t = torch.randn(shape, generator=g, device=device) * 0.02
+        shard[key] = t.to(DTYPES[dtype]).cpu()
         size += shard[key].numel() * shard[key].element_size()
         if size >= SHARD_BYTES:
             flush()
@@ -109,6 +116,26 @@ def _peak_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+class StepClock:
+    """A streamer (``put``/``end``, as transformers' ``generate`` feeds one): stamps each ``put``, the prompt's
+    and then each new token's, so that the decoding steps are timed apart from the vision encoder and prefill."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def step_seconds(self, new_tokens: int) -> float:
+        """Seconds a decoding step took on average: from the first new token to the last."""
+        if len(self.stamps) != new_tokens + 1:  # the prompt, then each new token
+            raise RuntimeError(f"the streamer got {len(self.stamps)} puts, expected {new_tokens + 1}")
+        return (self.stamps[-1] - self.stamps[1]) / (new_tokens - 1)
+
+
 def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> dict:
     """One implementation in this process: load, first call, ``calls - 1`` more; timings and peak memory."""
     config = Blip2Config.from_pretrained(d)
@@ -120,29 +147,33 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
         model = HF.from_pretrained(d, dtype=DTYPES[dtype]).eval()
         pixels = pixels.to(DTYPES[dtype])
 
-        def call() -> torch.Tensor:
+        def call(clock: StepClock) -> torch.Tensor:
             return model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, do_sample=False,
-                                  max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+                                  max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, streamer=clock)
     else:
         from blip2 import Blip2ForConditionalGeneration
 
         model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=DTYPES[dtype], fast=fast)
 
-        def call() -> torch.Tensor:
-            return model.generate(pixels, ids, mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        def call(clock: StepClock) -> torch.Tensor:
+            return model.generate(pixels, ids, mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                  streamer=clock)
     load = time.perf_counter() - t
     held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # before any layout
-    times, laid_out_at = [], None
+    times, steps, laid_out_at = [], [], None
     with torch.no_grad():
         for i in range(calls):
+            clock = StepClock()
             t = time.perf_counter()
-            out = call()
+            out = call(clock)
             times.append(time.perf_counter() - t)
+            steps.append(clock.step_seconds(NEW_TOKENS))
             if laid_out_at is None and impl != "transformers" and lazy.laid_out(model):  # or mapped from the cache
                 laid_out_at = i + 1
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"load": load, "first": times[0], "next": sorted(times[1:])[len(times[1:]) // 2] if calls > 1 else None,
             "slowest": max(times[1:]) if calls > 1 else None,
+            "step": sorted(steps[1:])[len(steps[1:]) // 2] if calls > 1 else None,
             "peak_rss": _peak_rss(), "held": held, "tokens": out[:, -NEW_TOKENS:].tolist(), "laid_out_at": laid_out_at,
             "page_faults": {"major": usage.ru_majflt, "minor": usage.ru_minflt}}
 
@@ -214,7 +245,8 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                   ["model", "images", "implementation", "load s", "first call s", "next call s",
                    "slowest next call s", "time to first caption s", "x transformers (first caption)",
                    "x transformers (next)",
-                   "peak RSS / weights", "peak RSS / weights held", "% of floor", "tokens"])
+                   "peak RSS / weights", "peak RSS / weights held", "% of floor", "decoding step ms",
+                   "% of floor (decoding step)", "tokens"])
     laid_out_at: dict[str, set[int | None]] = {}  # ours' rows: the call after which the native step ran
     rate = matmul_rate(dtype=DTYPES[dtype])
     bandwidth = copy_bandwidth()
@@ -235,7 +267,9 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
             ids = decode_inputs(config, batch)[1]
             flops = product_flops(config, ids.shape[1], NEW_TOKENS, batch)
             step_bytes = _decode_weight_bytes(config, dtype)
-            floor = floor_seconds(flops, NEW_TOKENS, step_bytes, rate(), bandwidth())
+            r_now, bw_now = rate(), bandwidth()
+            floor = floor_seconds(flops, NEW_TOKENS, step_bytes, r_now, bw_now)
+            step_floor = step_floor_seconds(flops, NEW_TOKENS, step_bytes, r_now, bw_now)
             for name, r in rows:
                 ttfc = r["load"] + r["first"]
                 table.add(preset, batch, name, f"{r['load']:.1f}", f"{r['first']:.1f}",
@@ -245,6 +279,8 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                           f"{hf['next'] / r['next']:.2f}" if r["next"] else "-",
                           f"{r['peak_rss'] / weights:.2f}", f"{r['peak_rss'] / r['held']:.2f}",
                           f"{100 * floor / r['next']:.0f}%" if r["next"] else "-",
+                          f"{1e3 * r['step']:.0f}" if r["step"] else "-",
+                          f"{100 * step_floor / r['step']:.0f}%" if r["step"] else "-",
                           "-" if r is hf else ("equal" if r["tokens"] == hf["tokens"] else "differ"))
     table.notes += [
         f"{machine()}. Random weights of the published architectures (tests/data configs), written to sharded "
@@ -263,6 +299,10 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         f"copy bandwidth of this run (blip2.apps.bench.floor_seconds) / the next call's time. The rate is torch's "
         f"(MKL's for fp32): a call whose products run faster than that (oneDNN's, the blocked kernel's) reads above "
         f"100%.",
+        "- decoding step: the steady decoding alone, from the first new token to the last over the steps between "
+        "(stamped by a streamer both generate calls feed; the median over the next calls). Its % of floor: the "
+        "step's products at that rate or its weights' bytes at that bandwidth, whichever is slower (at one image, "
+        "the bytes: the memory-bandwidth bound; the copy counts bytes read and written, a step only reads).",
         f"- ours (fast={fast}): " + ("from_pretrained's default: the fastest exact mode of the machine (native "
                                      "where the kernels build, AVX-512 or AVX2, else fuse; the vision encoder and "
                                      "Q-Former as loaded, their fp32 products through oneDNN: blip2.fast.route). One "

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from blip2 import Blip2Config
-from blip2.apps.bench import floor_seconds, matmul_rate, product_flops
+from blip2.apps.bench import floor_seconds, matmul_rate, product_flops, step_floor_seconds
 from conftest import randomize_, tiny_hf_config
 
 BATCH, NEW = 3, 5
@@ -105,3 +105,7 @@ def test_floor_seconds_takes_the_slower_of_arithmetic_and_memory_per_step():
     assert floor_seconds(flops, 4, 500, 10.0, 25.0) == pytest.approx(91 + 3 * 20)  # now memory: 20 s a step
     one = dict(flops, lm_steps=0, lm_head=10)
     assert floor_seconds(one, 1, 500, 10.0, 25.0) == pytest.approx(91)  # no step after the prefill
+    # the per-step term alone: arithmetic-bound, then memory-bound, then no step at all
+    assert step_floor_seconds(flops, 4, 50, 10.0, 25.0) == pytest.approx(4)
+    assert step_floor_seconds(flops, 4, 500, 10.0, 25.0) == pytest.approx(20)
+    assert step_floor_seconds(one, 1, 500, 10.0, 25.0) == 0.0

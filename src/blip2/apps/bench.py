@@ -36,8 +36,8 @@ from blip2.models.blip2 import Blip2ForConditionalGeneration
 from blip2.fast import apply as apply_fast, compile_decoding, cuda_graph
 
 __all__ = ["PRESETS", "FAST_PATHS", "module_bytes", "decode_bytes_per_token", "copy_bandwidth", "interleave",
-           "apply_fast_path", "decode_inputs", "time_decode_step", "product_flops", "floor_seconds", "matmul_rate",
-           "main"]
+           "apply_fast_path", "decode_inputs", "time_decode_step", "product_flops", "floor_seconds",
+           "step_floor_seconds", "matmul_rate", "main"]
 
 # A vision encoder and Q-Former much smaller than BLIP-2's (ViT-g is 1B parameters): these presets are for
 # timing the language model, which is what generation spends its time in with the real encoders too
@@ -149,11 +149,20 @@ def floor_seconds(flops: dict[str, int], new_tokens: int, step_bytes: int, rate:
     ``rate`` FLOP/s when each decoding step also reads ``step_bytes`` of weights at ``bandwidth`` bytes/s: the
     prefill and the first token's head bound by arithmetic, each other step by arithmetic or memory, whichever
     is slower (the steps' FLOPs taken as even)."""
-    steps = new_tokens - 1
     head = flops["lm_head"] / new_tokens
     first = (flops["vision"] + flops["qformer"] + flops["lm_prefill"] + head) / rate
-    per_step = (flops["lm_steps"] / steps + head) / rate if steps else 0.0
-    return first + steps * max(per_step, step_bytes / bandwidth)
+    return first + (new_tokens - 1) * step_floor_seconds(flops, new_tokens, step_bytes, rate, bandwidth)
+
+
+def step_floor_seconds(flops: dict[str, int], new_tokens: int, step_bytes: int, rate: float,
+                       bandwidth: float) -> float:
+    """The fewest seconds one decoding step after the first token can take (``floor_seconds``' per-step term):
+    its products at ``rate`` or its ``step_bytes`` of weights at ``bandwidth``, whichever is slower; 0 when
+    ``new_tokens`` leaves no step. At one row this is the memory-bandwidth bound."""
+    steps = new_tokens - 1
+    if not steps:
+        return 0.0
+    return max((flops["lm_steps"] / steps + flops["lm_head"] / new_tokens) / rate, step_bytes / bandwidth)
 
 
 def matmul_rate(n: int = 1536, device: torch.device | str = "cpu", tries: int = 3,
