@@ -1,6 +1,7 @@
 """Run every benchmark and rewrite docs/BENCHMARKS.md between ``<!-- bench:start -->`` and ``<!-- bench:end -->``
 (and the GPU table between ``<!-- bench-gpu:start -->`` and ``<!-- bench-gpu:end -->``: measured where CUDA
-is, else the run recorded in ``benchmarks/results/gpu.md``).
+is, else the run recorded in ``benchmarks/results/gpu.md``; the real-size GPU tables as recorded in
+``benchmarks/results/gpu-real.md``, which ``bench_gpu_real.py`` measures in a run of its own).
 
     python benchmarks/run_all.py [--repeats 3] [--threads 1] [--no-compile] [--no-docs]
 
@@ -17,6 +18,7 @@ import time
 import bench_caption
 import bench_decode
 import bench_gpu
+import bench_gpu_real
 import bench_load
 from common import threads, wrap, write_results
 
@@ -64,6 +66,7 @@ def main() -> None:
     if args.docs:
         write_results(body, START, END)
         write_results(gpu.markdown(), bench_gpu.START, bench_gpu.END)
+        write_results(bench_gpu_real.recorded(), bench_gpu_real.START, bench_gpu_real.END)
 
 
 if __name__ == "__main__":

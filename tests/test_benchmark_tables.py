@@ -82,5 +82,5 @@ def test_write_results_replaces_only_the_marked_block(tmp_path):
 def test_benchmarks_page_has_every_generated_block():
     with open(BENCHMARKS, encoding="utf-8") as f:
         text = f.read()
-    for name in ("bench", "bench-gpu", "demo-eval", "bench-real-fp32", "bench-real-bf16"):
+    for name in ("bench", "bench-gpu", "bench-gpu-real", "demo-eval", "bench-real-fp32", "bench-real-bf16"):
         assert text.count(f"<!-- {name}:start -->") == 1 and text.count(f"<!-- {name}:end -->") == 1
