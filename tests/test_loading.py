@@ -244,6 +244,23 @@ def test_torchao_int8_weight_only_loads_on_cpu(hf_opt_dir, inputs):
     assert 0 < (got - base).abs().max() < 0.05 * base.abs().max()
 
 
+def test_a_torchao_config_object_applies_as_given(hf_opt_dir):
+    """Its options reach torchao (here per-tensor scales instead of the default per-row ones), as in transformers:
+    a user's group size or int4 packing format is not swapped for the defaults."""
+    pytest.importorskip("torchao")
+    transformers = pytest.importorskip("transformers")
+    from torchao.quantization import Int8WeightOnlyConfig, PerTensor
+
+    def fc1_scale(config):
+        model = Blip2ForConditionalGeneration.from_pretrained(
+            hf_opt_dir[1], quantization_config=transformers.TorchAoConfig(config))
+        return model.language_model.model.decoder.layers[0].fc1.weight.scale
+
+    rows = Blip2ForConditionalGeneration.from_pretrained(hf_opt_dir[1]).language_model.config.ffn_dim
+    assert fc1_scale(Int8WeightOnlyConfig()).numel() == rows  # one scale per output row
+    assert fc1_scale(Int8WeightOnlyConfig(granularity=PerTensor())).numel() == 1
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bitsandbytes_layers_replace_the_language_models_linears(hf_opt_dir, inputs, bits):
     """The conversion itself, on this machine's device (bitsandbytes runs these layers on CPU too)."""

@@ -43,6 +43,7 @@ class QuantizationSpec:
     threshold: float = 6.0  # bitsandbytes 8-bit: LLM.int8() outlier threshold
     skip: tuple[str, ...] = ("lm_head",)  # module names left in floating point
     source: Any = None  # what the user gave (kept on the model as quantization_config)
+    torchao_config: Any = None  # torchao: the user's config object, applied as given (group size, packing...)
 
 
 _FIELDS = ("quant_method", "quant_type", "load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type",
@@ -79,7 +80,8 @@ def parse_quantization_config(config: Any) -> QuantizationSpec:
             raise QuantizationError(f"quantization_config: torchao quant_type {name!r} is not supported "
                                     f"(expected int8_weight_only or int4_weight_only, or their config objects)")
         bits = 8 if _TORCHAO_TYPES[name] == "int8" else 4
-        return QuantizationSpec("torchao", bits, source=config)
+        given = None if isinstance(kind, str) else kind  # a config object: its options (group size...) apply
+        return QuantizationSpec("torchao", bits, source=config, torchao_config=given)
     if method != "bitsandbytes":
         raise QuantizationError(f"quantization_config: quant_method {method!r} is not supported "
                                 f"(expected bitsandbytes or torchao)")
@@ -158,6 +160,6 @@ def quantize_language_model(model: nn.Module, spec: QuantizationSpec, device: to
 
         chosen = {id(layer) for _, _, layer in targets}
         lm.to(device)
-        quantize_(lm, Int8WeightOnlyConfig() if spec.bits == 8 else Int4WeightOnlyConfig(),
-                  filter_fn=lambda m, _name: id(m) in chosen)
+        how = spec.torchao_config or (Int8WeightOnlyConfig() if spec.bits == 8 else Int4WeightOnlyConfig())
+        quantize_(lm, how, filter_fn=lambda m, _name: id(m) in chosen)
     model.quantization_config = spec.source
