@@ -4,7 +4,8 @@
                                         [--quant-batches 8] [--repeats 3] [--deadline-s 480]
                                         [--record benchmarks/results/gpu-real.md] [--log FILE] [--device cpu]
 
-What a device session has minutes for, in the order that matters if the deadline cuts it short:
+What a device session has minutes for, in the order that matters if the deadline cuts it short (1 and 2 for
+each preset, then 3):
 
 1. captioning (12 new greedy tokens, no prompt), OPT in fp16 and Flan-T5 in bf16 (fp16 overflows its FFN), at
    every ``--batches``: transformers and ours (``from_pretrained``'s default, ``fast="auto"``: the CUDA-graph step)
@@ -12,11 +13,11 @@ What a device session has minutes for, in the order that matters if the deadline
    (load + first call, at the first batch), s / batch, images/s, the decoding step alone (stamped by a streamer,
    ``bench_real.StepClock``) and its share of the HBM bound (the step's weight bytes at the best device-to-device
    copy rate), GPU memory (weights; the most a call allocated beyond them), tokens against transformers';
-2. the vision encoder alone (ours and transformers'), its products' TFLOP/s against the best rate of an 8192^3
-   product in the same dtype on this card (the tensor-core peak as this card reaches it);
+2. the vision encoder alone (the same two models, at the batches above one), its products' TFLOP/s against the
+   best rate of an 8192^3 product in the same dtype on this card (the tensor-core peak as this card reaches it);
 3. ``quantization_config`` rows at ``--quant-batches``: bitsandbytes 8-bit (LLM.int8) and 4-bit (nf4), torchao
-   int8 and int4 weight-only, the same config object given to both implementations' ``from_pretrained``, each
-   compared with transformers under the same config.
+   int8 and int4 weight-only (tile-packed: torch's own kernel), the same config object given to both
+   implementations' ``from_pretrained``, each compared with transformers under the same config.
 
 A variant that fails (a library missing, a card or version we have not seen) gets a row with its error, and the
 rest still runs; ``--log`` gets each row as it is measured, so a run stopped at its limit keeps what it measured.
@@ -26,7 +27,8 @@ On a device machine (nothing can be downloaded there), carry bitsandbytes and to
 manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .whl bitsandbytes==0.50.2 torchao==0.18.0`` (46 MB: with
 the tree, just under the 64 MiB that travels), ``.whl`` named in ``.git/info/exclude`` and in the call's carry;
 there, ``pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:src python
-benchmarks/bench_gpu_real.py --record $OUT/gpu-real.md --log $OUT/rows.log``, then copy gpu-real.md to
+benchmarks/bench_gpu_real.py --deadline-s 420 --record $OUT/gpu-real.md --log $OUT/rows.log`` (a call's
+timeout of 560 s leaves it time to finish the row in hand and write), then copy gpu-real.md to
 benchmarks/results/ here (``run_all.py`` and ``--docs`` read it from there on machines without CUDA).
 ``--device cpu`` checks the script on a machine without CUDA (with a small preset: tests do).
 """
@@ -72,7 +74,10 @@ def quantization_configs() -> dict[str, Callable[[], Any]]:
             from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
             from transformers import TorchAoConfig
 
-            return TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig())
+            # int4: the tile-packed layout, whose kernel (tinygemm) is torch's own; the default, plain, needs
+            # fbgemm-gpu-genai, which neither the device image nor most users have
+            return TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else
+                                 Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d"))
         return build
 
     return {"bitsandbytes 8-bit": bnb(load_in_8bit=True),
@@ -160,10 +165,14 @@ class Run:
                 f.write(f"{table.title}: " + " | ".join(map(str, cells)) + "\n")
 
     def captions(self, preset: str, dtype: str, d: str, config: Blip2Config, batches: list[int],
-                 label: str = "", quantization: Callable[[], Any] | None = None) -> None:
-        """Rows for transformers and ours at each batch, loaded with ``quantization`` (a builder) if given."""
+                 label: str = "", quantization: Callable[[], Any] | None = None,
+                 vision_batches: list[int] = ()) -> None:
+        """Rows for transformers and ours at each batch, loaded with ``quantization`` (a builder) if given;
+        then the vision encoders' rows at ``vision_batches``, on the same models."""
         group = f"{preset} {label or 'captions'}"
         if self.late(group):
+            if vision_batches:
+                self.skipped.append(f"{preset} vision")
             return
         models: list[Loaded] = []
         for impl in ("transformers", "ours"):
@@ -178,6 +187,8 @@ class Run:
             if self.late(f"{group} x{batch}"):
                 break
             self._batch(preset, dtype, config, batch, models, step_bytes if not label else None)
+        if vision_batches and not self.late(f"{preset} vision"):
+            self.vision_encoder(preset, dtype, config, models, vision_batches)
         del models
         if self.device == "cuda":
             torch.cuda.empty_cache()
@@ -223,13 +234,8 @@ class Run:
                      f"{m.weights:.2f}", f"{peaks[m.name]:.2f}",
                      "-" if m is ref else _same(m.out[batch].cpu(), ref.out[batch].cpu()))
 
-    def vision_encoder(self, preset: str, dtype: str, d: str, config: Blip2Config, batches: list[int]) -> None:
-        models = []
-        for impl in ("transformers", "ours"):
-            try:
-                models.append(load(impl, d, dtype, self.device))
-            except Exception as e:  # noqa: BLE001 - reported in the table
-                self.add(self.vision, preset, dtype, "-", impl, _error(e), "", "")
+    def vision_encoder(self, preset: str, dtype: str, config: Blip2Config, models: list[Loaded],
+                       batches: list[int]) -> None:
         peak = self.rate(dtype)
         for batch in batches:
             if self.late(f"{preset} vision x{batch}"):
@@ -246,9 +252,6 @@ class Run:
                 t = statistics.median(ts)
                 self.add(self.vision, preset, dtype, batch, name, f"{1e3 * t:.1f}", f"{flops / t / 1e12:.1f}",
                          f"{100 * flops / t / peak:.0f}%")
-        del models
-        if self.device == "cuda":
-            torch.cuda.empty_cache()
 
 
 def _name(impl: str, label: str) -> str:
@@ -278,10 +281,7 @@ def run(presets: list[str], batches: list[int], quant_batches: list[int], repeat
         d = bench_real.checkpoint(preset, dtype, device)
         prepared.append((preset, dtype, d, Blip2Config.from_pretrained(d)))
     for preset, dtype, d, config in prepared:
-        r.captions(preset, dtype, d, config, batches)
-    for preset, dtype, d, config in prepared:
-        if not r.late(f"{preset} vision"):
-            r.vision_encoder(preset, dtype, d, config, [b for b in batches if b > 1] or batches)
+        r.captions(preset, dtype, d, config, batches, vision_batches=[b for b in batches if b > 1] or batches)
     for preset, dtype, d, config in prepared:
         for label, build in quantization_configs().items():
             r.captions(preset, dtype, d, config, quant_batches, label, build)
