@@ -250,7 +250,7 @@ class Run:
                 continue
             for name, ts in times.items():
                 t = statistics.median(ts)
-                self.add(self.vision, preset, dtype, batch, name, f"{1e3 * t:.1f}", f"{flops / t / 1e12:.1f}",
+                self.add(self.vision, preset, dtype, batch, name, f"{1e3 * t:.1f}", f"{flops / t / 1e12:.3g}",
                          f"{100 * flops / t / peak:.0f}%")
 
 
@@ -292,7 +292,8 @@ def run(presets: list[str], batches: list[int], quant_batches: list[int], repeat
 def _notes(r: Run, repeats: int, device: str) -> None:
     r.caption.notes += [
         f"{machine()}; measured {datetime.date.today().isoformat()}. Random weights of the published "
-        f"architectures (tests/data configs) in sharded safetensors, OPT in fp16 and Flan-T5 in bf16, both "
+        f"architectures (tests/data configs) in sharded safetensors, " + (
+            "OPT in fp16 and Flan-T5 in bf16" if device == "cuda" else "in fp32 (a check of the script)") + ", both "
         f"implementations loaded from the same files onto the {device} (device_map) and called in {repeats} "
         f"interleaved rounds after a first call each: s / batch is the median, x transformers the median of the "
         f"per-round ratios.",
@@ -303,13 +304,13 @@ def _notes(r: Run, repeats: int, device: str) -> None:
         "- load and first call: the first batch's rows; time to first caption = load + first call.",
         "- decoding step: from the first new token to the last over the steps between (stamped by a streamer), "
         f"the median over rounds; % of HBM bound: the step's weight bytes at the best copy rate of "
-        f"{r.bandwidth() / 1e12:.2f} TB/s (bytes read and written; a step reads) over the step.",
+        f"{r.bandwidth() / 1e12:.3g} TB/s (bytes read and written; a step reads) over the step.",
         "- weights GiB: the device memory held after loading; peak GiB: the most a call allocated beyond that.",
         "- tokens: ours against transformers' in the same dtype and quantization (half precision: the two sum in "
         "different orders, so a near-tie can go either way)."]
     r.vision.notes.append(f"The vision encoder's products (blip2.apps.bench.product_flops) over the median of "
                           f"{repeats} interleaved calls, against the best rate of an 8192^3 product in the same "
-                          f"dtype on this card (" + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in r.rates.items())
+                          f"dtype on this card (" + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in r.rates.items())
                           + ").")
     if r.skipped:
         r.caption.notes.append(f"Not measured (past the deadline): {', '.join(r.skipped)}.")
