@@ -22,14 +22,14 @@ each preset, then 3):
 A variant that fails (a library missing, a card or version we have not seen) gets a row with its error, and the
 rest still runs; ``--log`` gets each row as it is measured, so a run stopped at its limit keeps what it measured.
 
-On a device machine (nothing can be downloaded there), carry bitsandbytes and torchao as wheels: here,
-``pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform
-manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .whl bitsandbytes==0.50.2 torchao==0.18.0`` (46 MB: with
-the tree, just under the 64 MiB that travels), ``.whl`` named in ``.git/info/exclude`` and in the call's carry;
-there, ``pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:src python
-benchmarks/bench_gpu_real.py --deadline-s 420 --record $OUT/gpu-real.md --log $OUT/rows.log`` (a call's
-timeout of 560 s leaves it time to finish the row in hand and write), then copy gpu-real.md to
-benchmarks/results/ here (``run_all.py`` and ``--docs`` read it from there on machines without CUDA).
+On a device machine (nothing can be downloaded there), bitsandbytes and torchao travel with the tree, unpacked:
+here, ``python benchmarks/bench_gpu_real.py --prepare-site .site`` (pip downloads the wheels for the device
+image's Python 3.12 and unpacks them, bitsandbytes with its CUDA 13 libraries alone: 27 MiB, where the
+wheels are 46, which with the tree would crowd the 64 MiB that travels), ``/.site/`` in ``.git/info/exclude``;
+then a device call with ``carry=[".site"]``, ``timeout_s=560`` and ``PYTHONPATH=.site PYTHONUNBUFFERED=1 python3
+benchmarks/bench_gpu_real.py --deadline-s 420 --record $OUT/gpu-real.md --log $OUT/rows.log`` (the deadline leaves
+it time to finish the group in hand and write), then copy gpu-real.md to benchmarks/results/ here (``run_all.py``
+and ``--docs`` read it from there on machines without CUDA).
 ``--device cpu`` checks the script on a machine without CUDA (with a small preset: tests do).
 """
 
@@ -39,6 +39,7 @@ import argparse
 import datetime
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -326,6 +327,36 @@ def recorded(path: str = RECORD) -> str:
                 "CUDA (the script's text says how, within one device session).")
 
 
+SITE_PACKAGES = ("bitsandbytes==0.50.2", "torchao==0.18.0")
+
+
+def prepare_site(directory: str, python: str = "3.12") -> int:
+    """Download ``SITE_PACKAGES``' wheels for the device image (CPython ``python``, manylinux x86-64) and unpack
+    them into ``directory``, an import path, leaving out bitsandbytes' libraries for CUDA other than 13 (the
+    image's torch is built for CUDA 13.0) and for ROCm and XPU. Returns the bytes written."""
+    import subprocess
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as wheels:
+        platforms = [a for tag in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+                                   "manylinux2014_x86_64") for a in ("--platform", tag)]
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", python, "--implementation", "cp", *platforms, "-d", wheels,
+                        *SITE_PACKAGES], check=True)
+        written = 0
+        for wheel in sorted(os.listdir(wheels)):
+            with zipfile.ZipFile(os.path.join(wheels, wheel)) as z:
+                for info in z.infolist():
+                    name = os.path.basename(info.filename)
+                    if name.startswith("libbitsandbytes_") and not name.startswith(("libbitsandbytes_cpu",
+                                                                                    "libbitsandbytes_cuda13")):
+                        continue
+                    z.extract(info, directory)
+                    written += info.file_size
+    return written
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["blip2-opt-2.7b", "blip2-flan-t5-xl"])
@@ -338,7 +369,12 @@ def main() -> None:
     p.add_argument("--log", help="append each row to this file as it is measured")
     p.add_argument("--device", default="cuda", help='"cpu" checks the script on a machine without CUDA')
     p.add_argument("--docs", action="store_true", help="write the tables into docs/BENCHMARKS.md")
+    p.add_argument("--prepare-site", metavar="DIR",
+                   help="unpack bitsandbytes and torchao for the device machine into DIR, and stop")
     args = p.parse_args()
+    if args.prepare_site:
+        print(f"{prepare_site(args.prepare_site) / 2**20:.0f} MiB in {args.prepare_site}")
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         text = recorded()
     else:
