@@ -64,26 +64,32 @@ VISION = Table("Real size on a GPU: the vision encoder alone",
                ["model", "dtype", "images", "implementation", "ms", "TFLOP/s", "% of tensor-core peak"])
 
 
-def quantization_configs() -> dict[str, Callable[[], Any]]:
-    """The rows' quantization_config objects (transformers' classes, which both implementations take), built
-    when their row runs, so that a missing library fails that row alone."""
-    def bnb(**kw: Any) -> Callable[[], Any]:
-        return lambda: __import__("transformers").BitsAndBytesConfig(**kw)
+def quantization_configs() -> dict[str, Callable[[torch.dtype], Any]]:
+    """The rows' quantization_config objects (transformers' classes, which both implementations take) for the
+    model's dtype, built when their row runs, so that a missing library fails that row alone."""
+    def bnb(bits: int) -> Callable[[torch.dtype], Any]:
+        def build(dtype: torch.dtype) -> Any:
+            from transformers import BitsAndBytesConfig
 
-    def torchao(kind: str) -> Callable[[], Any]:
-        def build() -> Any:
+            if bits == 8:
+                return BitsAndBytesConfig(load_in_8bit=True)
+            # products in the model's dtype, as users set it (transformers' default is fp32; ours the weights')
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        return build
+
+    def torchao(bits: int) -> Callable[[torch.dtype], Any]:
+        def build(dtype: torch.dtype) -> Any:
             from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
             from transformers import TorchAoConfig
 
             # int4: the tile-packed layout, whose kernel (tinygemm) is torch's own; the default, plain, needs
             # fbgemm-gpu-genai, which neither the device image nor most users have
-            return TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else
+            return TorchAoConfig(Int8WeightOnlyConfig() if bits == 8 else
                                  Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d"))
         return build
 
-    return {"bitsandbytes 8-bit": bnb(load_in_8bit=True),
-            "bitsandbytes 4-bit nf4": bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-            "torchao int8 weight-only": torchao("int8"), "torchao int4 weight-only": torchao("int4")}
+    return {"bitsandbytes 8-bit": bnb(8), "bitsandbytes 4-bit nf4": bnb(4),
+            "torchao int8 weight-only": torchao(8), "torchao int4 weight-only": torchao(4)}
 
 
 @dataclass
@@ -166,7 +172,7 @@ class Run:
                 f.write(f"{table.title}: " + " | ".join(map(str, cells)) + "\n")
 
     def captions(self, preset: str, dtype: str, d: str, config: Blip2Config, batches: list[int],
-                 label: str = "", quantization: Callable[[], Any] | None = None,
+                 label: str = "", quantization: Callable[[torch.dtype], Any] | None = None,
                  vision_batches: list[int] = ()) -> None:
         """Rows for transformers and ours at each batch, loaded with ``quantization`` (a builder) if given;
         then the vision encoders' rows at ``vision_batches``, on the same models."""
@@ -178,7 +184,8 @@ class Run:
         models: list[Loaded] = []
         for impl in ("transformers", "ours"):
             try:
-                models.append(load(impl, d, dtype, self.device, quantization() if quantization else None, label))
+                config_object = quantization(DTYPES[dtype]) if quantization else None
+                models.append(load(impl, d, dtype, self.device, config_object, label))
             except Exception as e:  # noqa: BLE001 - reported in the table
                 self.add(self.caption, preset, dtype, "-", _name(impl, label), _error(e), *[""] * 11)
         if not models or models[0].impl != "transformers":

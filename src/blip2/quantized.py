@@ -160,6 +160,7 @@ def quantize_language_model(model: nn.Module, spec: QuantizationSpec, device: to
 
         chosen = {id(layer) for _, _, layer in targets}
         lm.to(device)
-        how = spec.torchao_config or (Int8WeightOnlyConfig() if spec.bits == 8 else Int4WeightOnlyConfig())
+        how = spec.torchao_config if spec.torchao_config is not None else (
+            Int8WeightOnlyConfig() if spec.bits == 8 else Int4WeightOnlyConfig())
         quantize_(lm, how, filter_fn=lambda m, _name: id(m) in chosen)
     model.quantization_config = spec.source
