@@ -182,9 +182,14 @@ class Run:
                 self.skipped.append(f"{preset} vision")
             return
         models: list[Loaded] = []
+        try:
+            config_object = quantization(DTYPES[dtype]) if quantization else None  # one object, given to both
+        except Exception as e:  # noqa: BLE001 - reported in the table (a library missing)
+            for impl in ("transformers", "ours"):
+                self.add(self.caption, preset, dtype, "-", _name(impl, label), _error(e), *[""] * 11)
+            return
         for impl in ("transformers", "ours"):
             try:
-                config_object = quantization(DTYPES[dtype]) if quantization else None
                 models.append(load(impl, d, dtype, self.device, config_object, label))
             except Exception as e:  # noqa: BLE001 - reported in the table
                 self.add(self.caption, preset, dtype, "-", _name(impl, label), _error(e), *[""] * 11)
@@ -223,7 +228,11 @@ class Run:
                 models.remove(m)
         if not models or models[0].impl != "transformers":
             return
-        times = interleave(fns, self.repeats, self.device)  # its warm-up round's steps are left out below
+        try:
+            times = interleave(fns, self.repeats, self.device)  # its warm-up round's steps are left out below
+        except Exception as e:  # noqa: BLE001 - reported in the table (out of memory in a timed round, say)
+            self.add(self.caption, preset, dtype, batch, "-", _error(e), *[""] * 11)
+            return
         ref = models[0]
         flops = product_flops(config, ids.shape[1], NEW_TOKENS, batch)
         bound = None if step_bytes is None else step_floor_seconds(flops, NEW_TOKENS, step_bytes, float("inf"),

@@ -73,3 +73,31 @@ def test_without_cuda_the_recorded_run_is_shown(tmp_path):
     assert "No real-size GPU run recorded yet" in bench_gpu_real.recorded(str(tmp_path / "none.md"))
     (tmp_path / "gpu-real.md").write_text("**Real size on a GPU**\n\n| a |\n|---|\n")
     assert bench_gpu_real.recorded(str(tmp_path / "gpu-real.md")).startswith("**Real size on a GPU**")
+
+
+def test_a_failing_variant_gets_its_row_and_the_run_goes_on(tiny_preset, monkeypatch):
+    """A quantization library missing fails both of its rows; a timed round that runs out of memory fails its
+    batch's row; every other row is still measured."""
+    def missing(dtype):
+        raise ImportError("No module named 'torchao'")
+
+    monkeypatch.setattr(bench_gpu_real, "quantization_configs", lambda: {"torchao int8 weight-only": missing})
+    real = bench_gpu_real.interleave
+
+    calls = []
+
+    def interleave(fns, repeats, device):  # the second batch's timed rounds fail (the vision rounds do not)
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(fns, repeats, device)
+
+    monkeypatch.setattr(bench_gpu_real, "interleave", interleave)
+    caption, vision = bench_gpu_real.run([tiny_preset], [1, 2], [2], repeats=1, device="cpu")
+    rows = _rows(caption)
+    assert float(rows[("1", "ours")]["s / batch"]) > 0  # the first batch measured
+    assert rows[("2", "-")]["load s"] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert ("2", "ours") not in rows
+    assert len(vision.rows) == 2  # the vision encoder still measured, on the same models
+    for impl in ("transformers", "ours"):
+        assert "No module named 'torchao'" in rows[("-", f"{impl} + torchao int8 weight-only")]["load s"]
