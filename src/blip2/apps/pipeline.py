@@ -25,8 +25,7 @@ from blip2.checkpoint import DTYPE_NAMES, parse_dtype
 from blip2.demo import DEFAULT_MODEL
 from blip2.generation import generated_texts
 from blip2.models.retrieval import itc_similarity
-from blip2.fast import apply as apply_fast
-from blip2.fast import onednn
+from blip2.fast import Unsupported, apply as apply_fast, route
 from blip2.hub import read_config, resolve_dir
 from blip2.processing import Blip2Processor
 
@@ -176,11 +175,15 @@ class Pipeline:
             raise PipelineError(f"cannot load model {model!r}: {e}") from None
         # "auto" is from_pretrained's default, laid out by generate (blip2.fast.lazy: at once, or for a large
         # language model natively on its weights as loaded, laid out at the second call of several rows); a
-        # retrieval checkpoint has no generate: its fp32 products go through oneDNN here where that pays
-        # (blip2.fast.onednn: the ViT-g's 257 rows an image at 204-212 GFLOP/s against MKL's 155-186 on an AMD CPU)
+        # retrieval checkpoint has no generate: what runs as loaded is routed here where that pays (blip2.fast.route:
+        # the ViT-g's fp32 products through oneDNN, 204-212 GFLOP/s against MKL's 155-186 on an AMD CPU; its bf16
+        # attention through the native kernel)
         if not hasattr(net, "language_model"):
             if fast == "auto":
-                onednn.route(net, auto=True)
+                try:
+                    route(net, auto=True)
+                except Unsupported:  # adapters, weights quantized at load: as loaded, unrouted
+                    pass
         elif fast != "auto":
             net.fast = "none"  # the mode is applied here, for good: generate adds no layout of its own
             try:

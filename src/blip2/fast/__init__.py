@@ -39,7 +39,7 @@ from typing import Any
 
 from torch import nn
 
-from blip2.fast import layout_cache, onednn
+from blip2.fast import attention, layout_cache, onednn
 from blip2.fast.decoding import LanguageModel, compile_step, fuse_language_model, lay_out_for, unfuse_language_model
 from blip2.fast.graphs import graph_step
 from blip2.fast.linear import default_format, fused_format, pack_linears, unfuse_linears
@@ -159,23 +159,27 @@ def quantize_int8(model: nn.Module, vision: bool = False, dynamic: bool = False)
 
 def unfuse(model: nn.Module) -> nn.Module:
     """Undo every speed-up: plain ``nn.Linear`` layers with parameters (int8 weights stay rounded), the eager
-    step."""
+    step, the model's own attention."""
     unfuse_language_model(_language_model(model))
     for tower in _towers(model):
         unfuse_linears(tower)
     onednn.unroute(model)  # after the layers a fused layout kept are back in the model
+    attention.unroute(model)
     return model
 
 
 def route(model: nn.Module, auto: bool = False) -> nn.Module:
-    """CPU: the fp32 products of every plain linear layer of ``model`` (but the smallest: ``onednn.MIN_WEIGHTS``)
-    through oneDNN, on the layers' own weights (``blip2.fast.onednn``: nothing copied; on an AMD CPU 1.1-2x
-    torch's fp32 products), for what runs as loaded; ``auto``: only where that pays (``onednn.pays``), as
-    ``"auto"`` routes. Undone by ``unfuse``. Raises ``Unsupported`` for a model the speed-ups do not cover
-    (adapters, weights quantized at load, split over devices), before changing anything."""
-    lm = _language_model(model)
-    if lm.get_input_embeddings().weight.device.type == "cpu":
+    """CPU, for what runs as loaded, on its own weights (nothing copied): the fp32 products of every plain
+    linear layer of ``model`` (but the smallest: ``onednn.MIN_WEIGHTS``) through oneDNN (``blip2.fast.onednn``:
+    on an AMD CPU 1.1-2x torch's fp32 products), and the vision encoder's bf16 self-attention through the
+    native kernel (``blip2.fast.attention``: 1.9x torch's); ``auto``: each only where it pays (``onednn.pays``,
+    ``attention.pays``), as ``"auto"`` routes. Any module will do (a vision encoder, a retrieval model). Undone
+    by ``unfuse``. Raises ``Unsupported`` for a model the speed-ups do not cover (adapters, weights quantized
+    at load, split over devices), before changing anything."""
+    _refuse_foreign_layers(model)
+    if next(model.parameters()).device.type == "cpu":
         onednn.route(model, auto)
+        attention.route(model, auto)
     return model
 
 
@@ -211,7 +215,7 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step)
     for tower in _towers(model):
         if not towers:
-            onednn.route(tower, auto=True)
+            route(tower, auto=True)
         elif fused_format(tower) is None:
             _pack(tower)
     return model
@@ -230,7 +234,7 @@ def native_as_loaded(model: nn.Module) -> nn.Module:
     if fused_format(lm) is not None or lm.decode_step != lm._decode_step:
         raise Unsupported("the language model is laid out already")
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step, screen=False)
-    onednn.route(model, auto=True)
+    route(model, auto=True)
     return model
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "Embedding", "KVCache", "activation", "attention", "device_of", "record_attention_weights"]
+__all__ = ["ACTIVATIONS", "Embedding", "KVCache", "activation", "attention", "attention_recorded", "device_of",
+           "record_attention_weights"]
 
 
 def _quick_gelu(x: Tensor) -> Tensor:
@@ -75,6 +76,12 @@ def record_attention_weights(into: list[Tensor]) -> Iterator[list[Tensor]]:
         yield into
     finally:
         _RECORDED_WEIGHTS.reset(token)
+
+
+def attention_recorded() -> bool:
+    """Whether attention weights are being recorded here (``record_attention_weights``): a speed-up that
+    computes attention its own way steps aside then."""
+    return _RECORDED_WEIGHTS.get() is not None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,

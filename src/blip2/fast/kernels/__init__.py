@@ -62,7 +62,8 @@ from blip2.cache import cache_dir, private_dir
 
 __all__ = ["load", "ready", "status", "build_key", "row_product", "row_product_supports", "blocked_linear",
            "blocked_supports", "block_weight", "blocked_shape", "unblock_weight", "screen_supports", "screen_weight",
-           "screen_blocks", "greedy_head", "cache_dir", "cpu_flags", "cpu_supported"]
+           "screen_blocks", "greedy_head", "many_query_attention", "many_query_attention_supports", "cache_dir",
+           "cpu_flags", "cpu_supported"]
 
 log = logging.getLogger("blip2.fast.kernels")
 
@@ -72,6 +73,7 @@ _SOURCE = Path(__file__).with_name("steps.cpp")
 _SOURCES = tuple(sorted(p for ext in ("*.cpp", "*.h") for p in Path(__file__).parent.glob(ext)))
 _OP = "blip2_kernels::row_product"
 _BLOCKED_OP = "blip2_kernels::blocked_linear"
+_ATTENTION_OP = "blip2_kernels::many_query_attention"
 _BLOCK = 16  # output columns per block of the blocked layout (blocked.cpp's kBlock)
 # either set builds (simd.h): AVX-512 F and BW, or AVX2 with FMA (two 8-lane halves per 16-lane vector)
 _NEEDED_FLAGS = (("avx512f", "avx512bw"), ("avx2", "fma"))
@@ -284,6 +286,11 @@ def _register_fake() -> None:
     def _(x: Tensor, w: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 
+    @register_fake(_ATTENTION_OP)
+    def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        B, H, L, D = q.shape
+        return q.new_empty(B, L, H * D)
+
 
 def row_product_supports(x: Tensor, w: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> bool:
     """Whether ``row_product(x, w, scale, bias)`` takes these: the kernels loaded, all on the CPU, x one row
@@ -374,6 +381,20 @@ def blocked_linear(x: Tensor, w: Tensor, bias: Tensor | None, out_features: int)
     [out_features] -> [..., out_features] in x's dtype, which must be the weight's. Accumulated in fp32 in
     the plain order of k and rounded once. Check ``blocked_supports`` first."""
     return torch.ops.blip2_kernels.blocked_linear(x, w, bias, out_features)
+
+
+def many_query_attention_supports(q: Tensor) -> bool:
+    """Whether ``many_query_attention`` takes queries like ``q``: the kernels loaded on a CPU with AVX-512 BF16,
+    bfloat16 on the CPU, [B, H, L, D] with a contiguous last dimension."""
+    return (_loaded and _bf16_dot and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.dim() == 4
+            and q.stride(-1) == 1)
+
+
+def many_query_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v for q, k, v [B, H, L, D] bfloat16 (views of a fused qkv will do), no mask ->
+    [B, L, H * D], the heads side by side: a vision encoder's self-attention through the blocked products
+    (attention.cpp), the scores in fp32. Check ``many_query_attention_supports`` first."""
+    return torch.ops.blip2_kernels.many_query_attention(q, k, v, scale)
 
 
 def screen_supports(w: Tensor) -> bool:

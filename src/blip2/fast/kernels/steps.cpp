@@ -21,6 +21,7 @@
 
 #include "row_product.cpp"
 #include "blocked.cpp"
+#include "attention.cpp"
 #include "screen.cpp"
 #include "decode.cpp"
 #include "slots.cpp"
