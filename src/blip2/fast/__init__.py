@@ -177,7 +177,8 @@ def route(model: nn.Module, auto: bool = False) -> nn.Module:
     by ``unfuse``. Raises ``Unsupported`` for a model the speed-ups do not cover (adapters, weights quantized
     at load, split over devices), before changing anything."""
     _refuse_foreign_layers(model)
-    if next(model.parameters()).device.type == "cpu":
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cpu":
         onednn.route(model, auto)
         attention.route(model, auto)
     return model
