@@ -110,3 +110,14 @@ def test_auto_routes_where_it_pays(checkpoint, monkeypatch):
     monkeypatch.setattr(attention, "pays", lambda: True)
     fast.route(model, auto=True)
     assert attention.routed(model.vision_model)
+
+
+def test_native_routes_the_attention_of_the_towers_it_packs(checkpoint, monkeypatch):
+    monkeypatch.setattr(attention, "pays", lambda: True)
+    model = fast.native(Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16, fast="none"))
+    assert attention.routed(model.vision_model)
+    with torch.no_grad():
+        _, calls = kernel_calls(lambda: model.vision_model(pixel_batch(2)))
+    assert calls == len(model.vision_model.encoder.layers)
+    fast.unfuse(model)
+    assert not attention.routed(model)

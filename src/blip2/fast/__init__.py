@@ -205,7 +205,8 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
     """CPU: decode with the native step (``blip2.fast.native``: the whole decoder in one C++ call per token,
     for all rows); nothing is compiled. The language model is laid out for any number of rows (blocked where
     the kernels take the dtype; int8 stays int8: one row natively, several with the eager step), and with
-    ``towers`` the vision encoder and Q-Former packed as ``fuse`` packs them. ``"auto"`` leaves them as loaded,
+    ``towers`` the vision encoder and Q-Former packed as ``fuse`` packs them (the vision encoder's bf16 attention
+    through the native kernel where that pays: ``blip2.fast.attention``). ``"auto"`` leaves them as loaded,
     routed where that pays (``route``): at blip2-opt-2.7b's size packing them costs about 4 s of the first call
     (a copy of 4 GB) and on an AVX2 CPU their calls ran no faster packed (docs/BENCHMARKS.md, "Real size"). Raises
     ``Unsupported`` saying why where the native steps do not cover the model (GPU, fp16, kernels not built),
@@ -217,8 +218,10 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
     for tower in _towers(model):
         if not towers:
             route(tower, auto=True)
-        elif fused_format(tower) is None:
-            _pack(tower)
+        else:
+            if fused_format(tower) is None:
+                _pack(tower)
+            attention.route(tower, auto=True)  # packing leaves the attention itself as it is
     return model
 
 
