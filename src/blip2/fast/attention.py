@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2.fast import kernels
-from blip2.fast.linear import walk
+from blip2.fast.linear import swap_class, walk
 from blip2.models.layers import attention_recorded
 from blip2.models.vision import Blip2Attention
 
@@ -60,17 +60,12 @@ def route(root: nn.Module, auto: bool = False) -> int:
     many. Nothing where the kernels do not multiply bf16, nor with ``auto`` where it does not pay (``pays``)."""
     if not (pays() if auto else _kernel_here()):
         return 0
-    layers = [m for m in walk(root) if type(m) is Blip2Attention]
-    for layer in layers:
-        layer.__class__ = KernelAttention
-    return len(layers)
+    return swap_class(root, Blip2Attention, KernelAttention)
 
 
 def unroute(root: nn.Module) -> None:
     """Undo ``route`` below ``root``."""
-    for m in walk(root):
-        if type(m) is KernelAttention:
-            m.__class__ = Blip2Attention
+    swap_class(root, KernelAttention, Blip2Attention)
 
 
 def routed(root: nn.Module) -> bool:

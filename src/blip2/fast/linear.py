@@ -431,6 +431,15 @@ def walk(root: nn.Module) -> list[nn.Module]:
     return out
 
 
+def swap_class(root: nn.Module, old: type, new: type, which: Callable[[nn.Module], bool] | None = None) -> int:
+    """Every module below ``root`` (``walk``) of class exactly ``old`` (that ``which`` picks, if given) given class
+    ``new`` (a subclass or its base: the same parameters and state dict); returns how many."""
+    found = [m for m in walk(root) if type(m) is old and (which is None or which(m))]
+    for m in found:
+        m.__class__ = new
+    return len(found)
+
+
 def fused_format(root: nn.Module) -> str | None:
     """The weight format of the ``FusedLinear`` layers below ``root``, None when there are none."""
     return next((m.fmt for m in root.modules() if isinstance(m, FusedLinear)), None)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blip2.fast.linear import _MKLDNN, _autograd, walk
+from blip2.fast.linear import _MKLDNN, _autograd, swap_class, walk
 
 __all__ = ["MIN_WEIGHTS", "OneDNNLinear", "pays", "route", "routed", "unroute"]
 
@@ -66,17 +66,12 @@ def route(root: nn.Module, auto: bool = False) -> int:
     ``"auto"`` routes) where it does not pay (``pays``)."""
     if not _MKLDNN or (auto and not pays()):
         return 0
-    layers = [m for m in walk(root) if type(m) is nn.Linear and m.weight.numel() >= MIN_WEIGHTS]
-    for layer in layers:
-        layer.__class__ = OneDNNLinear
-    return len(layers)
+    return swap_class(root, nn.Linear, OneDNNLinear, lambda m: m.weight.numel() >= MIN_WEIGHTS)
 
 
 def unroute(root: nn.Module) -> None:
     """Undo ``route`` below ``root``: plain ``nn.Linear`` classes again."""
-    for m in walk(root):
-        if type(m) is OneDNNLinear:
-            m.__class__ = nn.Linear
+    swap_class(root, OneDNNLinear, nn.Linear)
 
 
 def routed(root: nn.Module) -> bool:
