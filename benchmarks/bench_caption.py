@@ -130,6 +130,9 @@ def run(presets: list[str], batches: list[int], repeats: int, device: str = "cpu
         f"ratios to transformers in the same dtype; % of fp32 floor: the floor (each preset's note) / the median "
         f"time, for the rows whose products are fp32 (a floor all of them share: ours native() screens the greedy "
         f"head in bf16 and could pass 100%); tokens compares the output ids with theirs.",
+        "- ours: from_pretrained's default, nothing asked (fast=\"auto\": on a CPU where the kernels build, native() "
+        "with the vision encoder and Q-Former as loaded, routed where that pays: blip2.fast.route; applied by the "
+        "first generate call, in the untimed round).",
         "- bf16: the Q-Former stays fp32 in ours.",
         "- fuse(): the language model's weights in blip2's blocked layout (blocked_linear) where the kernels load, "
         "the vision encoder's and Q-Former's in oneDNN's.",
