@@ -195,11 +195,12 @@ class Run:
                 self.add(self.caption, preset, dtype, "-", _name(impl, label), _error(e), *[""] * 11)
         if not models or models[0].impl != "transformers":
             return
-        step_bytes = bench_real._decode_weight_bytes(config, dtype)
+        # the HBM bound of the unquantized rows (a quantized step reads the library's formats)
+        step_bytes = None if label else bench_real._decode_weight_bytes(config, dtype)
         for batch in batches:
             if self.late(f"{group} x{batch}"):
                 break
-            self._batch(preset, dtype, config, batch, models, step_bytes if not label else None)
+            self._batch(preset, dtype, config, batch, models, step_bytes)
         if vision_batches and not self.late(f"{preset} vision"):
             self.vision_encoder(preset, dtype, config, models, vision_batches)
         del models

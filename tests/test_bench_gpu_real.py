@@ -2,6 +2,7 @@
 table filled with numbers that hang together, tokens compared, a quantization that cannot run here reported in its
 row, the deadline honoured, each row logged as it is measured."""
 
+import importlib.util
 import os
 import sys
 
@@ -54,8 +55,12 @@ def test_the_gpu_run_fills_its_tables_on_the_cpu(tiny_preset, tmp_path):
     # quantization rows: bitsandbytes needs CUDA in ours, which says so in the row instead of stopping the run
     bnb = rows[("-", "ours + bitsandbytes 8-bit")]
     assert bnb["load s"].startswith("failed: QuantizationError") and "CUDA" in bnb["load s"]
-    assert ("-", "ours + bitsandbytes 4-bit nf4") in rows
-    assert ("2", "ours + torchao int8 weight-only") in rows or ("-", "ours + torchao int8 weight-only") in rows
+    assert rows[("-", "ours + bitsandbytes 4-bit nf4")]["load s"].startswith("failed: QuantizationError")
+    # torchao's int8 runs on a CPU: measured in both, without the HBM bound (a quantized step's bytes differ)
+    if importlib.util.find_spec("torchao") is not None:
+        for impl in ("transformers", "ours"):
+            row = rows[("2", f"{impl} + torchao int8 weight-only")]
+            assert float(row["s / batch"]) > 0 and row["% of HBM bound (decoding step)"] == "-"
     # every row reached the log as it was measured
     logged = log.read_text().splitlines()
     assert len(logged) == len(caption.rows) + len(vision.rows)

@@ -32,14 +32,12 @@ class KernelAttention(Blip2Attention):
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled() or self.training
-                or not kernels.ready() or attention_recorded() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing()):
+                or not kernels.blocked_supports(torch.bfloat16) or attention_recorded()
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return super().forward(x)
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, L, d]
-        if not kernels.many_query_attention_supports(q):
-            return super().forward(x)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, L, d], views with a contiguous last dim
         return self.projection(kernels.many_query_attention(q, k, v, (D // self.num_heads) ** -0.5))
 
 

@@ -20,9 +20,10 @@ it cached beside the checkpoint (``layout_cache.mappable``: blip2-opt-2.7b in bf
 mapping it reads the disk (fp32 on a 23 GB VM: a first call of 13-19 s, 40-43 s after a reboot, against 10 s and
 24-27 s as loaded). Each later call runs laid out, one row included. What runs as loaded (the vision encoder and
 Q-Former always; the language model's prefill, and its eager steps of several rows) multiplies its fp32 weights
-through oneDNN where that pays (``blip2.fast.route``, ``onednn.pays``: a class swap, nothing copied; a routed layer
-records gradients through ``F.linear``, so a first call's routing needs no guard). ``lay_out(model)`` lays it out at
-once (a server, before its first request).
+through oneDNN where that pays, and the vision encoder its bf16 attention through the native kernel
+(``blip2.fast.route``: class swaps, nothing copied; a routed module records gradients through the model's own
+code, so a first call's routing needs no guard). ``lay_out(model)`` lays it out at once (a server, before its
+first request).
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,

@@ -62,8 +62,8 @@ from blip2.cache import cache_dir, private_dir
 
 __all__ = ["load", "ready", "status", "build_key", "row_product", "row_product_supports", "blocked_linear",
            "blocked_supports", "block_weight", "blocked_shape", "unblock_weight", "screen_supports", "screen_weight",
-           "screen_blocks", "greedy_head", "many_query_attention", "many_query_attention_supports", "cache_dir",
-           "cpu_flags", "cpu_supported"]
+           "screen_blocks", "greedy_head", "many_query_attention", "cache_dir", "cpu_flags",
+           "cpu_supported"]
 
 log = logging.getLogger("blip2.fast.kernels")
 
@@ -383,17 +383,10 @@ def blocked_linear(x: Tensor, w: Tensor, bias: Tensor | None, out_features: int)
     return torch.ops.blip2_kernels.blocked_linear(x, w, bias, out_features)
 
 
-def many_query_attention_supports(q: Tensor) -> bool:
-    """Whether ``many_query_attention`` takes queries like ``q``: the kernels loaded on a CPU with AVX-512 BF16,
-    bfloat16 on the CPU, [B, H, L, D] with a contiguous last dimension."""
-    return (_loaded and _bf16_dot and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.dim() == 4
-            and q.stride(-1) == 1)
-
-
 def many_query_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """softmax(q k^T * scale) v for q, k, v [B, H, L, D] bfloat16 (views of a fused qkv will do), no mask ->
     [B, L, H * D], the heads side by side: a vision encoder's self-attention through the blocked products
-    (attention.cpp), the scores in fp32. Check ``many_query_attention_supports`` first."""
+    (attention.cpp), the scores in fp32. Needs what bf16 ``blocked_linear`` needs (``blocked_supports``)."""
     return torch.ops.blip2_kernels.many_query_attention(q, k, v, scale)
 
 
