@@ -15,7 +15,7 @@ PACKAGE = os.path.join(SRC, "blip2")
 CORE = ("blip2._compat", "blip2._version", "blip2.cache", "blip2.hub", "blip2.config", "blip2.checkpoint",
         "blip2.generation", "blip2.generation_config", "blip2.logits_processing", "blip2.images", "blip2.processing",
         "blip2.tokenizer", "blip2.files", "blip2.loading", "blip2.placement", "blip2.quantized", "blip2.model_utils",
-        "blip2.mapped")
+        "blip2.mapped", "blip2.layout_files", "blip2.converted")
 ALLOWED = {
     "core": {"core"},
     "models": {"core", "models"},

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from blip2 import Blip2ForConditionalGeneration
+from blip2 import converted, layout_files
 from blip2.fast import kernels, layout_cache, linear
 from blip2.fast.layout_cache import _blocked_layers
 from blip2.mapped import unwritten
@@ -109,7 +110,7 @@ def test_a_later_load_maps_the_layout(checkpoint, cache, blocks):
 def test_the_written_layout_leaves_the_page_cache(checkpoint, cache, monkeypatch):
     """The first process holds its layout in its own memory; the file it writes is dropped from the page cache as
     it is flushed (kept there, it pushed out the checkpoint pages the first calls read next)."""
-    monkeypatch.setattr(layout_cache, "_FLUSH_BYTES", 4096)  # flushed and dropped piece by piece
+    monkeypatch.setattr(layout_files, "_FLUSH_BYTES", 4096)  # flushed and dropped piece by piece
     text, d = checkpoint
     first_generate(d, text)
     (name,) = layouts(cache)
@@ -342,7 +343,15 @@ def test_a_model_converted_at_load_or_built_in_code_writes_nothing(checkpoint, c
     built.fast = "auto"
     captions(built, text)
     layout_cache.wait()
-    assert not layouts(cache)
+    # the weights converted at load are cached as they are (blip2.converted), but no layout made from them
+    assert [_format(cache / name) for name in layouts(cache)] == [f"converted v{converted.VERSION}"]
+
+
+def _format(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["format"]
 
 
 _MEASURE = textwrap.dedent(

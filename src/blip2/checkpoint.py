@@ -12,6 +12,7 @@ or a Hub snapshot), and its file names, are ``blip2.hub``'s.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,11 +24,13 @@ import torch
 from torch import nn
 
 from blip2.config import Blip2Config
+from blip2.converted import ConvertedCopy, PlanEntry
+from blip2.layout_files import Foreground
 from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, read_json, resolve_dir
 from blip2.loading import LoadOptions, check_flash_attention, config_dtype
 from blip2.mapped import Origin, convert, prefetch_in_background, safetensors_views
 from blip2.model_utils import ModelUtilitiesMixin
-from blip2.placement import device_for_key, dispatch, plan_layers, resolve_device_map
+from blip2.placement import device_for_key, dispatch, placement_of, resolve_device_map
 from blip2.quantized import QuantizationError, check_available, parse_quantization_config, quantize_language_model
 
 __all__ = [
@@ -168,7 +171,7 @@ def _target_dtype(model: nn.Module, name: str, stored: torch.dtype, dtype: torch
 
 def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = None,
               device: torch.device | str | Callable[[str], torch.device] = "cpu", key_prefix: str = "",
-              files: list[str] | None = None) -> None:
+              files: list[str] | None = None, plan: list[PlanEntry] | None = None) -> None:
     """Assign the checkpoint's tensors to ``model`` (built on the meta device), strictly.
 
     Missing, unexpected or mis-shaped keys are errors naming the key and both shapes. Tied
@@ -179,7 +182,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     Keys starting with one of ``model._ignored_checkpoint_prefixes`` are skipped: parts of a bigger
     model the class leaves out (a text tower loaded from a full retrieval checkpoint).
     Each tensor is checked before it is converted (``convert``): in the stored dtype and on the CPU the
-    model holds the file's mapped tensor itself.
+    model holds the file's mapped tensor itself. ``plan``, where given, gets an entry for each tensor taken
+    (``blip2.converted.PlanEntry``: keys, dtypes, shape).
     """
     expected = model.state_dict(keep_vars=True)
     tied = tied_parameters(model)
@@ -209,7 +213,10 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
                 f"but the model expects {tuple(want.shape)}"
             )
         back = run if tensor.data_ptr() == end else 0
-        loaded[key] = convert(tensor, _target_dtype(model, key, tensor.dtype, dtype), device_for(key), back)
+        target = _target_dtype(model, key, tensor.dtype, dtype)
+        if plan is not None:
+            plan.append((key_prefix + key, key, tensor.dtype, target, tuple(tensor.shape)))
+        loaded[key] = convert(tensor, target, device_for(key), back)
         nbytes = tensor.numel() * tensor.element_size()
         run, end = (back + nbytes if loaded[key] is not tensor else 0), tensor.data_ptr() + nbytes
     if unexpected:
@@ -363,6 +370,7 @@ class PretrainedMixin(ModelUtilitiesMixin):
         return cls.config_class.from_dict(d, source=source)
 
     @classmethod
+    @Foreground()  # the cache's file writers pause until it returns (blip2.layout_files)
     def from_pretrained(cls: type[M], path_or_id: str | os.PathLike, **kwargs: Any) -> M:
         """The model of a checkpoint directory or Hub id, with transformers' arguments (docs/TRANSFORMERS.md):
         ``dtype`` / ``torch_dtype`` (a dtype, its name, or "auto": the one config.json names), ``device_map``
@@ -393,11 +401,14 @@ class PretrainedMixin(ModelUtilitiesMixin):
                                         "(device_map={'': 0}), not split over several")
         with torch.device("meta"):
             model = cls(config)
-        placement = _placement(model, where, want, opts.max_memory)
+        placement = placement_of(model, where, want, opts.max_memory)
         load_device: Any = "cpu" if quant is not None else where
         if placement is not None:
             load_device = lambda key: device_for_key(placement, key)  # noqa: E731
-        load_into(model, directory, dtype=want, device=load_device, key_prefix=prefix, files=files)
+        # a load in another dtype on the CPU maps the weights converted by an earlier one (blip2.converted)
+        cpu = isinstance(where, torch.device) and where.type == "cpu"
+        copy = ConvertedCopy.of(cls, files, prefix, want) if quant is None and cpu else None
+        model, files = _load_weights(cls, config, model, directory, files, want, load_device, prefix, copy)
         if quant is None and placement is None:
             # which tensors are still the files' (blip2.fast.layout_cache: a layout made from them is the files')
             model._origin = Origin.of(files, model)
@@ -438,18 +449,24 @@ class PretrainedMixin(ModelUtilitiesMixin):
             self._save_extra(directory)
 
 
-def _placement(model: nn.Module, where: torch.device | dict[str, torch.device] | str, dtype: torch.dtype | None,
-               max_memory: dict[Any, Any] | None) -> dict[str, torch.device] | None:
-    """None for one device; the device of each named part where ``device_map`` splits the model."""
-    if isinstance(where, torch.device):
-        return None
-    if isinstance(where, dict):
-        return where
-    if not hasattr(model, "language_model"):
-        return {"": torch.device("cuda:0")}  # nothing to split: the towers are small
-    if dtype is not None:
-        model.to(dtype)  # on the meta device: only for the sizes the plan weighs
-    return plan_layers(model, [torch.device("cuda", i) for i in range(torch.cuda.device_count())], where, max_memory)
+def _load_weights(cls: type, config: Any, model: nn.Module, directory: str, files: list[str], dtype: torch.dtype | None,
+                  device: Any, prefix: str, copy: ConvertedCopy | None) -> tuple[nn.Module, list[str]]:
+    """``model`` with the checkpoint's weights, and the files they came from: the converted copy's
+    (``blip2.converted``) where it holds them, else the checkpoint's (the copy written where the load converted)."""
+    sources = functools.partial(iter_checkpoint_tensors, directory, files)
+    if copy is not None and copy.path.exists():
+        def read(copied: list[str], plan: list[PlanEntry]) -> None:
+            load_into(model, directory, dtype=dtype, key_prefix=prefix, files=copied, plan=plan)
+
+        if copy.load(read, sources):
+            return model, [str(copy.path)]
+        with torch.device("meta"):
+            model = cls(config)  # anew: the refused copy's tensors are not half of it
+    plan: list[PlanEntry] = []
+    load_into(model, directory, dtype=dtype, device=device, key_prefix=prefix, files=files, plan=plan)
+    if copy is not None:
+        copy.write(plan, sources)
+    return model, files
 
 
 class SubmodelMixin(PretrainedMixin):

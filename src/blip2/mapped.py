@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Origin", "convert", "empty", "prefetch_in_background", "prefetch_pages", "release_pages",
+__all__ = ["Origin", "convert", "empty", "file_stat", "prefetch_in_background", "prefetch_pages", "release_pages",
            "safetensors_views", "unwritten"]
 
 
@@ -107,14 +107,14 @@ class Origin:
     def of(cls, files: list[str], model: nn.Module) -> Origin:
         resolved = tuple(os.path.realpath(f) for f in files)
         tensors = nn.Module.state_dict(model, keep_vars=True)
-        return cls(resolved, tuple(_stat(f) for f in resolved),
+        return cls(resolved, tuple(file_stat(f) for f in resolved),
                    {k: t.data_ptr() for k, t in tensors.items() if t is not None and t.device.type == "cpu"})
 
     def unchanged(self) -> bool:
         """Whether the files are still the ones loaded (a file changed in place changes what the pages of its
         mapping not yet read hold)."""
         try:
-            return tuple(_stat(f) for f in self.files) == self.stats
+            return tuple(file_stat(f) for f in self.files) == self.stats
         except OSError:
             return False
 
@@ -125,7 +125,8 @@ class Origin:
         return self.addresses.get(key) == t.data_ptr() and t.numel() > 0 and unwritten(t)
 
 
-def _stat(path: str) -> tuple[int, int, int, int]:
+def file_stat(path: str) -> tuple[int, int, int, int]:
+    """What tells that a file is the one it was: its device, inode, size and modification time (ns)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AUTO_MAPS", "Placement", "device_for_key", "dispatch", "plan_layers", "resolve_device_map"]
+__all__ = ["AUTO_MAPS", "Placement", "device_for_key", "dispatch", "placement_of", "plan_layers", "resolve_device_map"]
 
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 Placement = dict[str, torch.device]  # module or parameter name ("" = everything) -> device
@@ -173,3 +173,17 @@ def dispatch(model: nn.Module, placement: Placement) -> None:
     if head is not None:
         head.register_forward_hook(lambda _m, _args, out: out.to(first))
     model.hf_device_map = {k: str(v) for k, v in placement.items()}
+
+
+def placement_of(model: nn.Module, where: torch.device | dict[str, torch.device] | str, dtype: torch.dtype | None,
+                 max_memory: dict[Any, Any] | None) -> dict[str, torch.device] | None:
+    """None for one device; the device of each named part where ``device_map`` splits the model."""
+    if isinstance(where, torch.device):
+        return None
+    if isinstance(where, dict):
+        return where
+    if not hasattr(model, "language_model"):
+        return {"": torch.device("cuda:0")}  # nothing to split: the towers are small
+    if dtype is not None:
+        model.to(dtype)  # on the meta device: only for the sizes the plan weighs
+    return plan_layers(model, [torch.device("cuda", i) for i in range(torch.cuda.device_count())], where, max_memory)

@@ -34,13 +34,12 @@ Safety, in the order checked (each failure is one log line and the model laid ou
   twice the file's size free.
 
 Writing happens in a background thread once the layout is done, from the laid-out weights, at the lowest CPU
-priority and the disk's pace, so the first ``generate`` does not wait for it (the process does, at exit), and
-drops what it has flushed from the page cache (this process holds the layout in its own memory; cached, the
-file pushed out the checkpoint pages the next calls read). It still slows the calls beside it where memory and
-cores are short (blip2-opt-2.7b in fp32 on a 2-core, 23 GB VM: a few seconds of each call it overlaps). Each
-write removes the checkpoint's older layouts (another key), layouts of checkpoints that are gone and temporary
-files of dead processes.
-``BLIP2_LAYOUT_CACHE=0`` turns the cache off.
+priority and the disk's pace, and only while the process is idle (``blip2.layout_files``: it pauses while a
+``generate`` runs, whose calls it slowed by seconds on a 2-core VM), so no ``generate`` waits for it (the
+process does, at exit); it drops what it has flushed from the page cache (this process holds the layout in its
+own memory; cached, the file pushed out the checkpoint pages the next calls read). Each write removes the
+checkpoint's older layouts (another key), layouts of checkpoints that are gone and temporary files of dead
+processes. ``BLIP2_LAYOUT_CACHE=0`` turns the cache off.
 """
 
 from __future__ import annotations
@@ -50,10 +49,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import stat
-import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,9 +57,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blip2.cache import cache_dir, private_dir
+from blip2 import layout_files
+from blip2.cache import private_dir
 from blip2.fast import decoding, kernels, linear
 from blip2.fast.linear import BLOCKED_SOURCE, FusedLinear, walk
+from blip2.layout_files import directory, enabled, layouts_of, wait
 from blip2.mapped import Origin, release_pages
 
 __all__ = ["VERSION", "directory", "enabled", "laying_out", "layouts_of", "mappable", "wait"]
@@ -74,29 +71,12 @@ log = logging.getLogger("blip2.fast.layout_cache")
 VERSION = 1  # of the file's contents: changed whenever what a name holds changes in a way the code hash misses
 # modes whose layout of the language model is blocked where the kernels load
 _BLOCKED_MODES = ("auto", "native", "fuse", "compile")
-_writers: list[threading.Thread] = []
 # a cached layout is mapped at a model's first generate where it and the weight files take at most this share of
 # the memory (``mappable``); where they do not, the first generate's pages push out the second's
 MAPPED_SHARE = 0.75
 _INTS = {4: torch.int32, 2: torch.int16}  # to compare floats bit for bit
 # the names of a greedy head's screen (``kernels.screen_weight``) in the file: the head's name and these
 _SCREEN = (":screen", ":screen-norms")
-
-
-def enabled() -> bool:
-    """Whether the cache is used: not with ``BLIP2_LAYOUT_CACHE=0``."""
-    return os.environ.get("BLIP2_LAYOUT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def directory() -> Path:
-    """Where layouts are kept: ``cache_dir()/layouts``."""
-    return cache_dir() / "layouts"
-
-
-def wait() -> None:
-    """Wait for the layouts this process is writing."""
-    while _writers:
-        _writers.pop().join()
 
 
 @contextmanager
@@ -191,15 +171,8 @@ class _Layout:
             self._read()
 
     def _read(self) -> None:
-        from safetensors import safe_open
-
         try:
-            st = self.path.lstat()
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise PermissionError("not a file of this user's that only they can write")
-            self.file = safe_open(str(self.path), framework="pt")
-            if (self.file.metadata() or {}).get("key") != self.key:
-                raise ValueError("written for another key")
+            self.file = layout_files.open_checked(self.path, self.key)
             self.stored = set(self.file.keys())
         except Exception as e:  # safetensors' own errors (a truncated file, a bad header) have no common base
             self._reject(str(e))
@@ -276,7 +249,9 @@ class _Layout:
             return
         if self.stored and not self.rejected:  # every name found, but the file holds others too
             self._reject(f"it holds {len(self.stored)} weights, the layout {len(tensors)}")
-        _write(self.path, tensors, {"key": self.key, "files": json.dumps(self.files), "format": f"blocked v{VERSION}"})
+        entries = [(name, t.dtype, tuple(t.shape), layout_files.tensor_parts(t)) for name, t in tensors.items()]
+        layout_files.write(self.path, entries,
+                           {"key": self.key, "files": json.dumps(self.files), "format": f"blocked v{VERSION}"})
 
 
 def _blocked_layers(root: nn.Module) -> list[FusedLinear]:
@@ -325,141 +300,3 @@ def _rows(weights: Sequence[Tensor], lo: int, hi: int) -> Tensor:
             release_pages(w)
         start += w.shape[0]
     return torch.cat(pieces)
-
-
-def _write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    _sweep(path)
-    free = shutil.disk_usage(path.parent).free
-    if free < 2 * size:
-        log.info("blip2 layout cache: not written, %.1f GB free in %s and the layout takes %.1f GB", free / 1e9,
-                 path.parent, size / 1e9)
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp")
-    os.close(fd)
-    # not a daemon: the process waits for it at exit rather than leave the file unwritten
-    writer = threading.Thread(target=_write_file, args=(Path(tmp), path, tensors, metadata),
-                              name="blip2-layout-writer")
-    writer.start()
-    _writers.append(writer)
-
-
-# safetensors' names of the dtypes a blocked weight has
-_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16"}
-# bytes written between two flushes to disk: what the writing adds to the page cache's dirty pages at most
-_FLUSH_BYTES = 256 << 20
-
-
-def _write_file(tmp: Path, path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` as a safetensors file at ``tmp``, flush it to disk and rename it to ``path``.
-
-    In the safetensors format (an 8-byte header length, the JSON header, the tensors' bytes), written here
-    rather than by ``safetensors.torch.save_file`` so that the writing can be paced: written whole at once, 11 GB
-    of dirty pages filled the page cache while the first ``generate`` ran beside it (blip2-opt-2.7b on a 2-core
-    VM). Here the thread runs at the lowest CPU priority and flushes every 256 MB, so it takes the disk's pace
-    and the cores' idle time (the kernel's writeback and reclaim still take some of the cores).
-    safetensors' ``safe_open`` reads the file (and checks its header and size) like any other."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: this thread only
-    except (AttributeError, OSError):
-        pass
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    # spaces up to a page: the first weight starts on a page of the file and every other on 64 bytes (their sizes
-    # are whole 64-byte blocks), so a mapped weight is as aligned as an allocated one (8-byte aligned, as
-    # safetensors pads, the blocked products ran 8% slower)
-    blob += b" " * (-(8 + len(blob)) % 4096)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little") + blob)
-            unflushed = 0
-            for t in tensors.values():
-                data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()  # the tensor's own memory
-                for i in range(0, len(data), _FLUSH_BYTES):
-                    f.write(data[i:i + _FLUSH_BYTES])
-                    unflushed += min(_FLUSH_BYTES, len(data) - i)
-                    if unflushed >= _FLUSH_BYTES:
-                        f.flush()
-                        os.fdatasync(f.fileno())
-                        _drop_cached(f)
-                        unflushed = 0
-            f.flush()
-            os.fsync(f.fileno())  # the bytes on disk before the name: a reader never maps a file of holes
-            _drop_cached(f)
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        log.info("blip2 layout cache: wrote %s (%.1f GB)", path, os.path.getsize(path) / 1e9)
-    except Exception as e:  # a full disk, a folder removed: the next load lays the weights out again
-        log.warning("blip2 layout cache: could not write %s (%s)", path, e)
-        tmp.unlink(missing_ok=True)
-
-
-def _drop_cached(f: Any) -> None:
-    """Drop what is written and flushed of ``f`` from the page cache. This process holds the layout in its own
-    memory, and kept cached the written file pushed out the pages the first calls read next (the vision
-    encoder's, mapped from the checkpoint): with blip2-opt-2.7b's 15 GB checkpoint and 11 GB layout in 23 GB,
-    the first call's vision encoder took 18.6 s instead of 4.3."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _sweep(path: Path) -> None:
-    """Remove from ``path``'s folder what no load will use: the same checkpoint's layouts under other keys,
-    layouts of checkpoints whose files are gone, and temporary files of processes that are gone."""
-    source = path.name.split("-")[0]
-    for f in path.parent.iterdir():
-        try:
-            if f.name.endswith(".tmp"):
-                pid = f.name.rsplit(".", 2)[-2]
-                if pid.isdigit() and not _alive(int(pid)):
-                    f.unlink()
-            elif f.name.endswith(".safetensors") and f != path:
-                if f.name.startswith(source + "-") or not _sources_exist(f):
-                    f.unlink()
-        except OSError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _sources_exist(f: Path) -> bool:
-    sources = _sources(f)
-    return sources is not None and all(os.path.exists(p) for p in sources)
-
-
-def _sources(f: Path) -> list[str] | None:
-    """The weight files a layout was made from (None: not one of ours, or unreadable)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(f), framework="pt") as handle:
-            return list(json.loads((handle.metadata() or {})["files"]))
-    except Exception:
-        return None
-
-
-def layouts_of(files: Sequence[str]) -> list[Path]:
-    """The cached layouts made from any of these weight files (any dtype or key): to read them ahead, or
-    remove them."""
-    wanted = {os.path.realpath(f) for f in files}
-    folder = directory()
-    if not folder.is_dir():
-        return []
-    return [f for f in sorted(folder.glob("*.safetensors")) if wanted & set(_sources(f) or ())]

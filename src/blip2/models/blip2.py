@@ -25,6 +25,7 @@ from torch import nn
 from blip2.checkpoint import PretrainedMixin
 from blip2.config import Blip2Config
 from blip2.generation import GenerationConfig, generate, resolve
+from blip2.layout_files import Foreground
 from blip2.models.opt import OPTForCausalLM
 from blip2.models.t5 import T5ForConditionalGeneration, seq2seq_lm_loss
 from blip2.models.outputs import (BaseModelOutputWithPast, Blip2ForConditionalGenerationModelOutput,
@@ -80,6 +81,7 @@ class Blip2Model(PretrainedMixin, nn.Module):
     # -- weights -------------------------------------------------------------------------------
 
     @classmethod
+    @Foreground()  # (with the speed layer's setup)
     def from_pretrained(cls, path_or_id: str | os.PathLike, fast: str = "auto", **kwargs: Any) -> Any:
         """``PretrainedMixin.from_pretrained``, and ``fast``: the speed-up ``generate`` uses (``blip2.fast.lazy``).
         "auto" (the default): the fastest exact one on this machine, applied by ``generate`` (on a CPU, a large
@@ -190,6 +192,7 @@ class Blip2Model(PretrainedMixin, nn.Module):
     # -- generation --------------------------------------------------------------------------
 
     @torch.no_grad()
+    @Foreground()  # the cache's file writers pause while it runs (blip2.layout_files)
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
                  generation_config: Any = None, logits_processor: Sequence[Callable[..., Any]] | None = None,
