@@ -184,3 +184,23 @@ def test_the_server_lays_a_large_model_out_as_it_starts(tiny_model_dir, schedule
     assert not laid_out(pipe.model)
     service = Service(pipe, ServerSettings(scheduler=scheduler))
     assert laid_out(pipe.model) and (service.engine is not None) == (scheduler == "continuous")
+
+
+def test_the_cache_writers_wait_while_requests_run(engine):
+    """From a request's arrival to its last row, the engine holds ``layout_files.Foreground`` (the cache's file
+    writers pause between pieces); idle, it lets go."""
+    from blip2 import layout_files
+
+    px, seen, got = pixels(1), [], Collected(1)
+
+    def record(event) -> None:
+        seen.append(layout_files._foreground[0])
+        got(event)
+
+    engine.submit(GenRequest(px, pixels_key(px), "", Sampling(max_new_tokens=4), record))
+    assert got.done.wait(30) and isinstance(got.events[-1], Finished)
+    assert len(seen) >= 2 and all(n == 1 for n in seen)  # (each event is emitted from the engine's work)
+    deadline = time.monotonic() + 5
+    while layout_files._foreground[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert layout_files._foreground[0] == 0

@@ -36,6 +36,7 @@ from blip2.apps.server.prefixcache import PrefixCache
 from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, TextStream, eos_ids
 from blip2.apps.server.rows import Start, row_model
 from blip2.generation import length_limits
+from blip2.layout_files import Foreground
 from blip2.generation_config import GenerationConfig, resolve
 from blip2.logits_processing import ScoreProcessor, top_p_filter
 
@@ -140,17 +141,25 @@ class ContinuousBatcher(WorkerQueue):
         return taken
 
     def _work(self) -> None:
-        while True:
-            with self._cond:
-                newcomers = self._take()
-            if newcomers is None:
-                return
-            with torch.inference_mode():
-                self._release([r for r in self.rows if r.request.cancelled])
-                if newcomers:
-                    self._admit(newcomers)
-                if self.rows:
-                    self._run_step()
+        busy = Foreground()  # from the first request to the last row done, the cache's file writers wait
+        try:
+            while True:
+                with self._cond:
+                    if not self._pending and not self.rows:
+                        busy.release()  # idle: they may write (blip2.layout_files)
+                    newcomers = self._take()
+                if newcomers is None:
+                    return
+                if not busy.depth:
+                    busy.hold()
+                with torch.inference_mode():
+                    self._release([r for r in self.rows if r.request.cancelled])
+                    if newcomers:
+                        self._admit(newcomers)
+                    if self.rows:
+                        self._run_step()
+        finally:
+            busy.release()
 
     def _admit(self, requests: list[GenRequest]) -> None:
         """Prefill ``requests`` together; when that fails, each alone, so only a request failing alone fails."""
