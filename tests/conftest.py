@@ -218,3 +218,51 @@ def cached_share(tensors) -> float:
     cache, mapped in this process or not."""
     counts = [_mincore(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
     return sum(c for c, _ in counts) / sum(n for _, n in counts)
+
+
+@pytest.fixture
+def layout_cache_folder(tmp_path, monkeypatch):
+    """The layout cache on, in a cache folder of the test's own: its ``layouts`` folder; the writers the test
+    started are waited for after it."""
+    from blip2 import layout_files
+
+    monkeypatch.setenv("BLIP2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("BLIP2_LAYOUT_CACHE", raising=False)
+    yield tmp_path / "cache" / "layouts"
+    layout_files.wait()
+
+
+def count_calls(monkeypatch, owner, name: str, record=lambda *args, **kwargs: 1) -> list:
+    """``owner.name`` wrapped for the test: each call appends ``record(*args, **kwargs)`` (unless None) to the
+    list returned, then runs the original."""
+    calls: list = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        entry = record(*args, **kwargs)
+        if entry is not None:
+            calls.append(entry)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+# ways a cached safetensors file can be damaged (tests of the layout cache's files)
+def truncate_file(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 64)
+
+
+def zero_file_data(path: str) -> None:
+    """Every byte after the header zeroed."""
+    with open(path, "r+b") as f:
+        header = 8 + int.from_bytes(f.read(8), "little")
+        f.seek(header)
+        f.write(bytes(os.path.getsize(path) - header))
+
+
+def break_file_header(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"}{")

@@ -19,31 +19,21 @@ import torch
 
 from blip2 import Blip2ForConditionalGeneration, Blip2VisionModel, checkpoint, layout_files
 from blip2.mapped import unwritten
-from conftest import hf_blip2
+from conftest import break_file_header, count_calls, hf_blip2, truncate_file, zero_file_data
 from test_fast_default import captions, inputs
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIP2_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("BLIP2_LAYOUT_CACHE", raising=False)
-    yield tmp_path / "cache" / "layouts"
-    layout_files.wait()
+def cache(layout_cache_folder):
+    return layout_cache_folder
 
 
 @pytest.fixture
 def conversions(monkeypatch):
-    """The keys of the tensors converted at load (``mapped.convert`` into another dtype) since the fixture began."""
-    done: list[tuple[torch.dtype, torch.dtype]] = []
-    convert = checkpoint.convert
-
-    def counted(t, dtype, *args, **kwargs):
-        if t.dtype != dtype:
-            done.append((t.dtype, dtype))
-        return convert(t, dtype, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "convert", counted)
-    return done
+    """The dtypes of the tensors converted at load (``mapped.convert`` into another dtype) since the fixture began
+    or was cleared."""
+    return count_calls(monkeypatch, checkpoint, "convert",
+                       lambda t, dtype, *args, **kwargs: (t.dtype, dtype) if t.dtype != dtype else None)
 
 
 @pytest.fixture(params=["opt", "t5"])
@@ -86,17 +76,17 @@ def test_a_later_load_maps_the_copy_the_first_wrote(fp32_dir, cache, conversions
     conversions.clear()
     later = load(d, dtype)
     assert not conversions
-    assert later._origin.files == (str(cache / name),)
+    assert later._origin.files[-1] == str(cache / name)  # beside the checkpoint's, whose fp32 tensors it maps
     assert same_weights(first, later)
     assert later.language_model.get_input_embeddings().weight.dtype == dtype
-    assert later.qformer.layernorm.weight.dtype == torch.float32  # kept in fp32, as loaded from the checkpoint
+    assert later.qformer.layernorm.weight.dtype == torch.float32  # kept in fp32: mapped from the checkpoint
     mapped = torch.nn.Module.state_dict(later).values()  # (ours clones a tied alias)
     assert all(unwritten(t) for t in mapped if t.numel() * t.element_size() >= 4096)
     assert torch.equal(captions(later, text), captions(first, text))
 
 
-def test_one_copy_per_dtype_and_none_where_nothing_converts(fp32_dir, cache):
-    _, d = fp32_dir
+def test_one_copy_per_dtype_and_none_where_little_converts(fp32_dir, cache, conversions, tmp_path):
+    text, d = fp32_dir
     load(d, torch.float32)
     load(d, None)
     assert not files(cache)  # the files' own dtype: used in place
@@ -105,6 +95,12 @@ def test_one_copy_per_dtype_and_none_where_nothing_converts(fp32_dir, cache):
     assert len(files(cache)) == 2
     load(d, "bfloat16")
     assert len(files(cache)) == 2  # (mapped, not written again)
+    bf16 = tmp_path / "bf16"
+    hf_blip2(text, seed=3).to(torch.bfloat16).save_pretrained(bf16)  # as transformers saves: all of it bf16
+    conversions.clear()
+    load(str(bf16))
+    assert conversions and all(c == (torch.bfloat16, torch.float32) for c in conversions)  # the Q-Former alone
+    assert len(files(cache)) == 2  # too little for a copy
 
 
 def test_a_part_loaded_alone_has_a_copy_of_its_own(fp32_dir, cache, conversions):
@@ -118,35 +114,20 @@ def test_a_part_loaded_alone_has_a_copy_of_its_own(fp32_dir, cache, conversions)
     assert not conversions and same_weights(first, later)
     with open(cache / name, "rb") as f:
         keys = set(json.loads(f.read(int.from_bytes(f.read(8), "little")))) - {"__metadata__"}
-    assert keys == {"vision_model." + k for k in first.state_dict()}
+    assert keys == {"vision_model." + k for k, t in first.state_dict().items() if t.is_floating_point()}
     load(d)  # the whole model's copy beside it
     assert len(files(cache)) == 2
 
 
-def _truncate(path: str) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) - 64)
-
-
-def _bad_header(path: str) -> None:
-    with open(path, "r+b") as f:
-        f.seek(8)
-        f.write(b"not json")
-
-
-def _zero_data(path: str) -> None:
-    with open(path, "r+b") as f:
-        header = 8 + int.from_bytes(f.read(8), "little")
-        f.seek(header)
-        f.write(bytes(os.path.getsize(path) - header))
-
-
 def _one_value(path: str) -> None:
-    """One bit of the last tensor's last element flipped (one of the tensors and ends checked)."""
+    """One bit of the last byte of the last tensor by name flipped (one of the tensors and ends checked)."""
     with open(path, "r+b") as f:
-        f.seek(-1, 2)
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        _, end = header[max(k for k in header if k != "__metadata__")]["data_offsets"]
+        f.seek(8 + n + end - 1)
         byte = f.read(1)
-        f.seek(-1, 2)
+        f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x01]))
 
 
@@ -177,7 +158,7 @@ def _in_another_dtype(path: str) -> None:
     os.chmod(path, 0o600)
 
 
-@pytest.mark.parametrize("damage", [_truncate, _bad_header, _zero_data, _one_value, _another_key,
+@pytest.mark.parametrize("damage", [truncate_file, break_file_header, zero_file_data, _one_value, _another_key,
                                     _writable_by_others, _in_another_dtype])
 def test_a_copy_that_does_not_match_is_ignored_and_written_again(fp32_dir, cache, conversions, caplog, damage):
     text, d = fp32_dir
@@ -189,7 +170,7 @@ def test_a_copy_that_does_not_match_is_ignored_and_written_again(fp32_dir, cache
         model = load(d)
     assert f"ignoring {cache / name}" in caplog.text
     assert conversions and same_weights(model, want)  # converted from the checkpoint again
-    assert model._origin.files != (str(cache / name),)
+    assert str(cache / name) not in model._origin.files
     assert files(cache) == [name]  # written again
     conversions.clear()
     caplog.clear()

@@ -20,7 +20,8 @@ from blip2 import converted, layout_files
 from blip2.fast import kernels, layout_cache, linear
 from blip2.fast.layout_cache import _blocked_layers
 from blip2.mapped import unwritten
-from conftest import cached_pages, hf_blip2, pixel_batch, tiny_hf_config
+from conftest import (break_file_header, cached_pages, count_calls, hf_blip2, pixel_batch, tiny_hf_config,
+                      truncate_file, zero_file_data)
 from test_fast_default import captions, inputs
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"the blocked layout needs the native kernels "
@@ -32,26 +33,15 @@ SCREENS = kernels.screen_supports(torch.zeros(16, 4))
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
+def cache(layout_cache_folder):
     """A cache folder of the test's own (the kernels are loaded already, from the machine's cache)."""
-    monkeypatch.setenv("BLIP2_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("BLIP2_LAYOUT_CACHE", raising=False)
-    yield tmp_path / "cache" / "layouts"
-    layout_cache.wait()
+    return layout_cache_folder
 
 
 @pytest.fixture
 def blocks(monkeypatch):
     """How many weights were laid out in blocks (``linear._block``) since the fixture began or was cleared."""
-    calls: list[int] = []
-    block = linear._block
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return block(*args, **kwargs)
-
-    monkeypatch.setattr(linear, "_block", counted)
-    return calls
+    return count_calls(monkeypatch, linear, "_block")
 
 
 @pytest.fixture(params=["opt", "t5"])
@@ -200,24 +190,6 @@ def test_the_key_follows_the_checkpoint_files(checkpoint, cache, blocks, tmp_pat
     assert new not in (old, touched)
 
 
-def _truncate(path: str) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) - 64)
-
-
-def _zero_data(path: str) -> None:
-    with open(path, "r+b") as f:
-        header = 8 + int.from_bytes(f.read(8), "little")
-        f.seek(header)
-        f.write(bytes(os.path.getsize(path) - header))
-
-
-def _bad_header(path: str) -> None:
-    with open(path, "r+b") as f:
-        f.seek(8)
-        f.write(b"}{")
-
-
 def _renamed_tensor(path: str) -> None:
     """A well-formed file whose names are not the layout's: one tensor renamed (the header's length kept)."""
     with open(path, "r+b") as f:
@@ -228,7 +200,7 @@ def _renamed_tensor(path: str) -> None:
         f.write(header.replace(f'"{name}"'.encode(), f'"X{name[1:]}"'.encode()))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _zero_data, _bad_header, _renamed_tensor])
+@pytest.mark.parametrize("damage", [truncate_file, zero_file_data, break_file_header, _renamed_tensor])
 def test_a_damaged_file_is_ignored_and_written_again(checkpoint, cache, blocks, caplog, damage):
     text, d = checkpoint
     want = plain_captions(d, text)

@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -171,7 +171,8 @@ def _target_dtype(model: nn.Module, name: str, stored: torch.dtype, dtype: torch
 
 def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = None,
               device: torch.device | str | Callable[[str], torch.device] = "cpu", key_prefix: str = "",
-              files: list[str] | None = None, plan: list[PlanEntry] | None = None) -> None:
+              files: list[str] | None = None, plan: list[PlanEntry] | None = None,
+              tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
     """Assign the checkpoint's tensors to ``model`` (built on the meta device), strictly.
 
     Missing, unexpected or mis-shaped keys are errors naming the key and both shapes. Tied
@@ -183,7 +184,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     model the class leaves out (a text tower loaded from a full retrieval checkpoint).
     Each tensor is checked before it is converted (``convert``): in the stored dtype and on the CPU the
     model holds the file's mapped tensor itself. ``plan``, where given, gets an entry for each tensor taken
-    (``blip2.converted.PlanEntry``: keys, dtypes, shape).
+    (``blip2.converted.PlanEntry``: keys, dtypes, shape); ``tensors``, the ``(key, tensor)`` pairs to take
+    instead of the files' (some from a converted copy).
     """
     expected = model.state_dict(keep_vars=True)
     tied = tied_parameters(model)
@@ -195,7 +197,7 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     # the converted tensors just before the next in its file (they are stored back to back): the pages that
     # reading the next maps around it are released with it (``convert``'s ``back``)
     run, end = 0, -1
-    for key, tensor in iter_checkpoint_tensors(directory, files):  # mapped: a skipped tensor is never read
+    for key, tensor in tensors if tensors is not None else iter_checkpoint_tensors(directory, files):  # (mapped)
         if key_prefix:
             if not key.startswith(key_prefix):
                 continue
@@ -455,11 +457,11 @@ def _load_weights(cls: type, config: Any, model: nn.Module, directory: str, file
     (``blip2.converted``) where it holds them, else the checkpoint's (the copy written where the load converted)."""
     sources = functools.partial(iter_checkpoint_tensors, directory, files)
     if copy is not None and copy.path.exists():
-        def read(copied: list[str], plan: list[PlanEntry]) -> None:
-            load_into(model, directory, dtype=dtype, key_prefix=prefix, files=copied, plan=plan)
+        def read(tensors: Iterable[tuple[str, torch.Tensor]], plan: list[PlanEntry]) -> None:
+            load_into(model, directory, dtype=dtype, key_prefix=prefix, tensors=tensors, plan=plan)
 
         if copy.load(read, sources):
-            return model, [str(copy.path)]
+            return model, [*files, str(copy.path)]
         with torch.device("meta"):
             model = cls(config)  # anew: the refused copy's tensors are not half of it
     plan: list[PlanEntry] = []

@@ -1,28 +1,30 @@
-"""A checkpoint's weights converted to the dtype a model loads them in, written to the layout cache once and
-memory-mapped by later loads.
+"""The weights a load converts to another dtype, written to the layout cache once and memory-mapped by later loads.
 
 The published BLIP-2 checkpoints are fp32, and users load them in bf16 or fp16: every load converts every
 weight, which on a CPU is bound by the fresh memory it fills (blip2-opt-2.7b: 15 GB read, 7.5 GB written,
 5.6-7.6 s on a 2-core VM, most of a first caption's time; transformers' load converts the same way). What the
 conversion gives depends on nothing but the files' bytes and the dtype, so the first load of a checkpoint in a
-dtype writes the converted weights to ``cache_dir()/layouts`` (``blip2.layout_files``), and later loads map that
-file instead, as they would a checkpoint stored in that dtype: nothing converted or copied, the weights read
-from the page cache when first used. A model loaded so has the copy as its weight file (``Origin``), so the
-language model's blocked layout (``blip2.fast.layout_cache``) is made from it, and cached, too.
+dtype writes the tensors it converted, converted, to ``cache_dir()/layouts`` (``blip2.layout_files``), and later
+loads take them from that file in place of the checkpoint's, as they would from a checkpoint stored in that
+dtype: nothing converted or copied, the weights read from the page cache when first used. The tensors the load
+takes as stored (the Q-Former, kept in fp32 under bf16) stay the checkpoint's. A model loaded so has the copy
+among its weight files (``Origin``), so the language model's blocked layout (``blip2.fast.layout_cache``) is
+made from it, and cached, too.
 
 Used by ``from_pretrained`` onto the CPU, without ``device_map`` or quantization, where the ``dtype`` asked for
-converts some weight of the files. The key hashes the weight files (resolved path, device, inode, size,
+converts most of the weights' bytes (a bf16 checkpoint whose Q-Former alone is kept in fp32 gets no copy: its
+conversion costs less than a file). The key hashes the weight files (resolved path, device, inode, size,
 modification time), the model's class, the checkpoint's key prefix (a part of BLIP-2 loaded alone), the dtype
 and ``VERSION``.
 
 Safety: a file that fails any check is ignored with a warning, the checkpoint loaded as before and the file
-written again; never an error. The file must be this user's, written for the key, hold the tensors the
-checkpoint gives the model, each in the dtype the model takes it in (nothing converted again), and three of its
-tensors' first and last elements must equal the checkpoint's, converted. The writer reads the checkpoint anew
-through a mapping of its own, not the model's tensors (the caller may train them while the file is written),
-16 MB at a time, in a background thread at the disk's pace, and keeps the file only if the weight files are
-unchanged once it is written. Writing is skipped where the disk has less than twice the file's size free.
-``BLIP2_LAYOUT_CACHE=0`` turns it off.
+written again; never an error. The file must be this user's, written for the key; the load through it must
+convert nothing (every tensor the copy lacks, or holds in another dtype, would be) and take every tensor it
+holds; and three of them must hold the checkpoint's first and last elements, converted. The writer reads the
+checkpoint anew through a mapping of its own, not the model's tensors (the caller may train them while the file
+is written), 16 MB at a time, in a background thread while the process is idle, and keeps the file only if the
+weight files are unchanged once it is written. Writing is skipped where the disk has less than twice the file's
+size free. ``BLIP2_LAYOUT_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -82,65 +84,77 @@ class ConvertedCopy:
             log.info("blip2 layout cache: no converted copy (%s)", e)
             return None
 
-    def load(self, read: Callable[[list[str], list[PlanEntry]], None], sources: Sources) -> bool:
-        """Load a model from the file (``read(files, plan)``: ``checkpoint.load_into`` of them, which fills
-        ``plan``) and check what it took; False, with a warning, where the file is refused."""
-        why = self.check_file()
-        if why is None:
-            plan: list[PlanEntry] = []
-            try:
-                read([str(self.path)], plan)
-            except ValueError as e:  # CheckpointError: a key missing, unexpected or of another shape
-                why = str(e)
-            else:
-                why = self.check_load(plan, sources)
+    def load(self, read: Callable[[Iterable[tuple[str, torch.Tensor]], list[PlanEntry]], None],
+             sources: Sources) -> bool:
+        """Load a model from the checkpoint with the copy's tensors in place of those it converts
+        (``read(tensors, plan)``: ``checkpoint.load_into`` of those pairs, which fills ``plan``), and check what it
+        took; False, with a warning, where the file is refused."""
+        try:
+            handle = layout_files.open_checked(self.path, self.key)
+            stored = list(handle.keys())
+            view = safetensors_views(str(self.path))
+        except Exception as e:  # safetensors' own errors (a truncated file, a bad header) have no common base
+            self.reject(str(e))
+            return False
+        copied, names = set(stored), sorted(stored)
+        picked = {names[i * (len(names) - 1) // (_CHECKED - 1)] for i in range(_CHECKED)} if names else set()
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (the copy's, the checkpoint's) of the picked tensors
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for key, t in sources():
+                if key in copied:
+                    copied.discard(key)
+                    mine = view(key)
+                    if key in picked:
+                        pairs.append((mine, t))
+                    t = mine
+                yield key, t
+
+        plan: list[PlanEntry] = []
+        try:
+            read(tensors(), plan)
+            why = self._check(plan, copied, pairs)
+        except ValueError as e:  # CheckpointError: a key missing, unexpected or of another shape
+            why = str(e)
         if why is not None:
             self.reject(why)
         return why is None
 
-    def check_file(self) -> str | None:
-        """Why the file on disk cannot be loaded (None: it can, as far as its header tells)."""
-        try:
-            layout_files.open_checked(self.path, self.key)
-        except Exception as e:  # safetensors' own errors (a truncated file, a bad header) have no common base
-            return str(e)
-        return None
-
-    def check_load(self, plan: list[PlanEntry], sources: Sources) -> str | None:
-        """Why the tensors a model took from the file (``plan``) are not the checkpoint's in the dtype asked
-        for (None: they are): each must be in the dtype the model takes it in (else it was converted again),
-        and ``_CHECKED`` of them, spread over the file, hold the checkpoint's first and last elements
-        converted."""
-        for _, key, stored, target, _ in plan:
+    @staticmethod
+    def _check(plan: list[PlanEntry], unused: set[str],
+               pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> str | None:
+        """Why a load through the copy did not give the model the checkpoint's tensors in the dtypes asked for
+        (None: it did): nothing may have been converted (a tensor the copy lacks, or holds in another dtype),
+        every tensor of the copy must have been taken, and the picked ones must hold the checkpoint's first and
+        last elements converted, bit for bit."""
+        for src, _, stored, target, _ in plan:
             if stored != target:
-                return f"{key!r} is {stored} in it, the model takes it in {target}"
-        picked = {plan[i * (len(plan) - 1) // (_CHECKED - 1)][0] for i in range(_CHECKED)} if plan else set()
-        mine = safetensors_views(str(self.path))
-        for src, original in sources():
-            if src not in picked:
-                continue
-            picked.discard(src)
-            copy, theirs = mine(src).reshape(-1), original.reshape(-1)
+                return f"{src!r} came as {stored}, the model takes it in {target}"
+        if unused:
+            return f"it holds {len(unused)} tensors the load does not take, such as {min(unused)!r}"
+        for mine, theirs in pairs:
+            mine, theirs = mine.reshape(-1), theirs.reshape(-1)
+            bits = _bits(mine.dtype)
             for part in (slice(0, _ENDS), slice(max(0, theirs.numel() - _ENDS), theirs.numel())):
-                bits = _bits(copy.dtype)
-                if not torch.equal(copy[part].view(bits), theirs[part].to(copy.dtype).view(bits)):
-                    return f"{src!r} does not hold the checkpoint's values"
-            if not picked:
-                break
-        return f"the checkpoint has no tensor {picked.pop()!r}" if picked else None
+                if not torch.equal(mine[part].view(bits), theirs[part].to(mine.dtype).view(bits)):
+                    return "it does not hold the checkpoint's values"
+        return None
 
     def reject(self, why: str) -> None:
         log.warning("blip2 layout cache: ignoring %s (%s); loading the checkpoint and writing it anew",
                     self.path, why)
 
     def write(self, plan: list[PlanEntry], sources: Sources) -> None:
-        """After a load from the checkpoint (``plan``: what it took), the converted copy written in the
-        background, from the checkpoint read anew, where the load converted anything. Under the checkpoint's
-        keys: a load from the copy reads it as it read the checkpoint."""
-        if all(stored == target for _, _, stored, target, _ in plan):
+        """After a load from the checkpoint (``plan``: what it took), the tensors it converted written in the
+        background, converted from the checkpoint read anew, where they are most of the weights' bytes (a few
+        tensors converted, as a bf16 checkpoint's Q-Former kept in fp32, cost less than a file). Under the
+        checkpoint's keys: a load takes them in place of the checkpoint's."""
+        converted = [e for e in plan if e[2] != e[3]]
+        size = sum(torch.Size(shape).numel() * target.itemsize for *_, target, shape in converted)
+        if 2 * size < sum(torch.Size(shape).numel() * target.itemsize for *_, target, shape in plan):
             return
         # whole 64-byte blocks first: every tensor up to the first odd one then starts on 64 bytes of the file
-        ordered = sorted(plan, key=lambda e: torch.Size(e[4]).numel() * e[3].itemsize % 64 != 0)
+        ordered = sorted(converted, key=lambda e: torch.Size(e[4]).numel() * e[3].itemsize % 64 != 0)
         views: dict[str, torch.Tensor] = {}
         wanted = {src for src, *_ in ordered}
 
