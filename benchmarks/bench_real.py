@@ -12,9 +12,10 @@ process's), transformers and ours alternately, for every batch:
 - load: ``from_pretrained`` to a model ready to generate (ours: ``from_pretrained(fast=--fast)``; with the
   default, auto, a real-size language model decodes one image natively on the checkpoint's weights, and is laid
   out for several, or its cached layout mapped, by the second ``generate``, which pays for it);
-- ours twice where the language model is laid out in blocks (``blip2.fast.layout_cache``): the first process
-  after the checkpoint's cached layouts are removed (it lays the weights out, and writes them to the cache in
-  the background, which it waits for at exit), then a later one, which maps the layout written by the first;
+- ours twice where the first process writes to the layout cache (the language model's blocked layout:
+  ``blip2.fast.layout_cache``; the weights converted at load: ``blip2.converted``): the first process after the
+  checkpoint's cached files are removed (it converts or lays the weights out, and writes them to the cache in
+  the background, which it waits for at exit), then a later one, which maps what the first wrote;
 - first: the first ``generate`` call (12 new greedy tokens, no prompt: the image tokens and BOS / ``</s>``);
 - next: the median of the following calls, and the slowest of them (with the default on a CPU, the first process
   lays the language model out at its second call); time to first caption = load + first;
@@ -170,8 +171,14 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
             steps.append(clock.step_seconds(NEW_TOKENS))
             if laid_out_at is None and impl != "transformers" and lazy.laid_out(model):  # or mapped from the cache
                 laid_out_at = i + 1
+    from blip2 import layout_files
+
+    t = time.perf_counter()
+    layout_files.wait()  # what the process waits for at exit: the cache's files, written while it is idle
+    writing = time.perf_counter() - t
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"load": load, "first": times[0], "next": sorted(times[1:])[len(times[1:]) // 2] if calls > 1 else None,
+    return {"load": load, "writing": writing, "first": times[0],
+            "next": sorted(times[1:])[len(times[1:]) // 2] if calls > 1 else None,
             "slowest": max(times[1:]) if calls > 1 else None,
             "step": sorted(steps[1:])[len(steps[1:]) // 2] if calls > 1 else None,
             "peak_rss": _peak_rss(), "held": held, "tokens": out[:, -NEW_TOKENS:].tolist(), "laid_out_at": laid_out_at,
@@ -204,10 +211,10 @@ def _drop(files: list[str]) -> None:
 
 def _run_worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int, threads: int,
                 cold: bool = False) -> dict:
-    from blip2.fast import layout_cache
+    from blip2 import layout_files
 
     files = _weight_files(d)
-    layouts = layout_cache.layouts_of(files)
+    layouts = layout_files.layouts_of(files)
     if impl == "ours":  # a first process: no layout on disk yet
         for f in layouts:
             f.unlink()
@@ -233,7 +240,8 @@ def _weights_bytes(d: str) -> int:
 
 def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: int, threads: int,
         cold: bool = False, stored: str | None = None) -> Table:
-    from blip2.fast import kernels, layout_cache
+    from blip2 import layout_files
+    from blip2.fast import kernels
 
     torch.set_num_threads(threads)
     kernels.load()  # as the workers do (built once per machine), so that the notes say whether they load
@@ -248,6 +256,7 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                    "peak RSS / weights", "peak RSS / weights held", "% of floor", "decoding step ms",
                    "% of floor (decoding step)", "tokens"])
     laid_out_at: dict[str, set[int | None]] = {}  # ours' rows: the call after which the native step ran
+    writing: list[str] = []  # ours' rows that wrote to the cache: the seconds they then waited for it
     rate = matmul_rate(dtype=DTYPES[dtype])
     bandwidth = copy_bandwidth()
     for preset in presets:
@@ -259,11 +268,14 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
             hf = _run_worker("transformers", d, batch, dtype, fast, calls, threads, cold)
             ours = _run_worker("ours", d, batch, dtype, fast, calls, threads, cold)
             rows = [("transformers", hf), (f"ours (fast={fast})", ours)]
-            if layout_cache.layouts_of(_weight_files(d)):  # the first process wrote its layout: a later one maps it
+            if layout_files.layouts_of(_weight_files(d)):  # the first process wrote to the cache: a later one maps it
                 mapped = _run_worker("ours-mapped", d, batch, dtype, fast, calls, threads, cold)
                 rows.append((f"ours (fast={fast}), later process", mapped))
             for name, r in rows[1:]:
                 laid_out_at.setdefault(name, set()).add(r["laid_out_at"])
+                if r["writing"] >= 0.5:
+                    which = name.removeprefix(f"ours (fast={fast})").removeprefix(", ") or "first process"
+                    writing.append(f"{preset} x{batch} {which} {r['writing']:.0f} s")
             ids = decode_inputs(config, batch)[1]
             flops = product_flops(config, ids.shape[1], NEW_TOKENS, batch)
             step_bytes = _decode_weight_bytes(config, dtype)
@@ -282,10 +294,12 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                           f"{1e3 * r['step']:.0f}" if r["step"] else "-",
                           f"{100 * step_floor / r['step']:.0f}%" if r["step"] else "-",
                           "-" if r is hf else ("equal" if r["tokens"] == hf["tokens"] else "differ"))
+        for f in layout_files.layouts_of(_weight_files(d)):  # this checkpoint's done: room for the next one's
+            f.unlink()
     table.notes += [
         f"{machine()}. Random weights of the published architectures (tests/data configs), written to sharded "
-        f"safetensors in {stored}" + (f" and loaded in {dtype} (converted at load; the layout cache keeps only "
-                                      f"layouts of weights used as stored, so no process maps one)"
+        f"safetensors in {stored}" + (f" and loaded in {dtype} (converted at load; ours' first process writes the "
+                                      f"converted tensors to the layout cache in the background: blip2.converted)"
                                       if stored != dtype else "") +
         "; each implementation in a process of its own, one after the other; "
         f"{calls} calls each, " + ("the checkpoint and any cached layout dropped from the page cache before each "
@@ -305,7 +319,9 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         "the bytes: the memory-bandwidth bound; the copy counts bytes read and written, a step only reads).",
         f"- ours (fast={fast}): " + ("from_pretrained's default: the fastest exact mode of the machine (native "
                                      "where the kernels build, AVX-512 or AVX2, else fuse; the vision encoder and "
-                                     "Q-Former as loaded, their fp32 products through oneDNN: blip2.fast.route). One "
+                                     "Q-Former as loaded, routed by blip2.fast.route: their fp32 products through "
+                                     "oneDNN, the vision encoder's bf16 attention through the native kernel where "
+                                     "it pays). One "
                                      "image: every call decodes natively on the checkpoint's own weights, never laid "
                                      "out, its prefill's fp32 products through oneDNN (blip2.fast.lazy). Several: the "
                                      "first process of a checkpoint (its cached layout removed before) runs its first "
@@ -315,11 +331,18 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                                      if fast == "auto" else
                                      f"from_pretrained(fast={fast!r}), applied at load; the first process writes "
                                      f"the language model's layout to the cache (blip2.fast.layout_cache)."),
-        "- later process: the same, once the layout is on disk: the language model's blocked weights are mapped "
-        "from it at the first call where the layout and the checkpoint fit 3/4 of the memory "
-        "(blip2.fast.layout_cache.mappable), else at the second" + (" (read from the disk too)." if cold else
-                                                                 " (the layout file read through the page cache "
-                                                                 "before, after the checkpoint)."),
+        "- later process: the same, once the first process's files are on disk" + (
+            f": the {dtype} weights mapped at load from the converted copy, nothing converted; at eight images the "
+            "first process made no blocked layout (its weights were converted, not the files'), so this one lays "
+            "the language model out from the copy at its second call, and writes that layout"
+            if stored != dtype else
+            ": the language model's blocked weights are mapped from its layout at the first call where the layout "
+            "and the checkpoint fit 3/4 of the memory (blip2.fast.layout_cache.mappable), else at the second") + (
+            " (read from the disk too)." if cold else " (the cached files read through the page cache before, after "
+                                                      "the checkpoint)."),
+        "- writing to the cache: a process writes its files while it is idle (not during a generate: "
+        "blip2.layout_files.Foreground), so a first process writes them once its calls are done, and waits for "
+        "that at exit; not in the times above: " + ("; ".join(writing) if writing else "none written") + ".",
         "- laid out (or mapped) at call: " + "; ".join(
             f"{name}: " + ", ".join(sorted("never" if c is None else str(c) for c in calls))
             for name, calls in laid_out_at.items()) + ".",
