@@ -25,8 +25,8 @@ from torch import nn
 
 from blip2.config import Blip2Config
 from blip2.converted import ConvertedCopy, PlanEntry
-from blip2.layout_files import Foreground
 from blip2.hub import BIN_INDEX, BIN_SINGLE, CONFIG_FILE, SAFE_INDEX, SAFE_SINGLE, read_config, read_json, resolve_dir
+from blip2.layout_files import Foreground
 from blip2.loading import LoadOptions, check_flash_attention, config_dtype
 from blip2.mapped import Origin, convert, prefetch_in_background, safetensors_views
 from blip2.model_utils import ModelUtilitiesMixin

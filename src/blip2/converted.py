@@ -114,7 +114,7 @@ class ConvertedCopy:
         try:
             read(tensors(), plan)
             why = self._check(plan, copied, pairs)
-        except ValueError as e:  # CheckpointError: a key missing, unexpected or of another shape
+        except (ValueError, RuntimeError, OSError) as e:  # (CheckpointError: a key missing, unexpected, mis-shaped)
             why = str(e)
         if why is not None:
             self.reject(why)

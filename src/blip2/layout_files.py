@@ -1,10 +1,10 @@
 """The files of the layout cache, whatever they hold: where they are, how a reader checks one is this user's, how
-one is written (in the background, at the disk's pace) and which are swept away.
+one is written (in the background, at the disk's pace, while the process is idle) and which are swept away.
 
 Two kinds of file live in ``cache_dir()/layouts``, each a safetensors file made from a checkpoint's weight files
 and named ``<source>-<key>.safetensors`` (``source`` hashes what it is made from, ``key`` everything it depends
-on): a language model's blocked layout (``blip2.fast.layout_cache``) and a checkpoint's weights converted to
-the dtype they were loaded in (``blip2.converted``). Each file's metadata lists the files it was made from
+on): a language model's blocked layout (``blip2.fast.layout_cache``) and the tensors a load converted to another
+dtype, converted (``blip2.converted``). Each file's metadata lists the files it was made from
 (``"files"``), so that a file whose sources are gone is removed, and a layout made from a converted copy goes
 with it. ``BLIP2_LAYOUT_CACHE=0`` turns both off.
 """

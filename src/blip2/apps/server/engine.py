@@ -36,8 +36,8 @@ from blip2.apps.server.prefixcache import PrefixCache
 from blip2.apps.server.requests import Delta, Failed, Finished, GenRequest, TextStream, eos_ids
 from blip2.apps.server.rows import Start, row_model
 from blip2.generation import length_limits
-from blip2.layout_files import Foreground
 from blip2.generation_config import GenerationConfig, resolve
+from blip2.layout_files import Foreground
 from blip2.logits_processing import ScoreProcessor, top_p_filter
 
 log = logging.getLogger("blip2.apps.server")
