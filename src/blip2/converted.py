@@ -2,7 +2,7 @@
 
 The published BLIP-2 checkpoints are fp32, and users load them in bf16 or fp16: every load converts every
 weight, which on a CPU is bound by the fresh memory it fills (blip2-opt-2.7b: 15 GB read, 7.5 GB written,
-5.6-7.6 s on a 2-core VM, most of a first caption's time; transformers' load converts the same way). What the
+5.6-13.9 s on a 2-core VM, most of a first caption's time; transformers' load converts the same way). What the
 conversion gives depends on nothing but the files' bytes and the dtype, so the first load of a checkpoint in a
 dtype writes the tensors it converted, converted, to ``cache_dir()/layouts`` (``blip2.layout_files``), and later
 loads take them from that file in place of the checkpoint's, as they would from a checkpoint stored in that
@@ -41,7 +41,7 @@ import torch
 
 from blip2 import layout_files
 from blip2.cache import private_dir
-from blip2.mapped import file_stat, release_pages, safetensors_views
+from blip2.mapped import as_bits, file_stat, release_pages, safetensors_views
 
 __all__ = ["VERSION", "ConvertedCopy", "PlanEntry"]
 
@@ -134,9 +134,8 @@ class ConvertedCopy:
             return f"it holds {len(unused)} tensors the load does not take, such as {min(unused)!r}"
         for mine, theirs in pairs:
             mine, theirs = mine.reshape(-1), theirs.reshape(-1)
-            bits = _bits(mine.dtype)
             for part in (slice(0, _ENDS), slice(max(0, theirs.numel() - _ENDS), theirs.numel())):
-                if not torch.equal(mine[part].view(bits), theirs[part].to(mine.dtype).view(bits)):
+                if not torch.equal(as_bits(mine[part]), as_bits(theirs[part].to(mine.dtype))):
                     return "it does not hold the checkpoint's values"
         return None
 
@@ -184,9 +183,3 @@ def _converted_parts(source: Callable[[str], torch.Tensor], src: str,
             release_pages(piece, back=i * t.element_size())  # (and the folio around it read before)
             yield out.view(-1).view(torch.uint8).numpy()
     return parts
-
-
-def _bits(dtype: torch.dtype) -> torch.dtype:
-    """An integer dtype of ``dtype``'s width, to compare values bit for bit (NaNs included)."""
-    return {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[dtype.itemsize] \
-        if dtype.is_floating_point else dtype

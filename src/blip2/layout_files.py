@@ -28,16 +28,15 @@ import numpy as np
 import torch
 
 from blip2.cache import cache_dir
+from blip2.mapped import SAFETENSORS_DTYPES
 
 __all__ = ["Foreground", "directory", "enabled", "layouts_of", "open_checked", "tensor_parts", "wait", "write"]
 
 log = logging.getLogger("blip2.layout_files")
 
 _writers: list[threading.Thread] = []
-# safetensors' names of the dtypes a cached tensor may have
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
+# safetensors' name of each dtype a cached tensor may have
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # bytes written between two flushes to disk: what the writing adds to the page cache's dirty pages at most
 _FLUSH_BYTES = 256 << 20
 # bytes a writer writes at once: it pauses between pieces while a ``foreground`` call runs
@@ -237,26 +236,30 @@ def _drop_cached(f: Any) -> None:
 
 def sweep(path: Path) -> None:
     """Remove from ``path``'s folder what no load will use: files of the same source under other keys, files
-    whose sources are gone (a layout of a converted copy swept before goes with it), and temporary files of
-    processes that are gone."""
-    source = path.name.split("-")[0]
-    for f in sorted(path.parent.iterdir(), key=lambda f: f.name):
-        try:
-            if f.name.endswith(".tmp"):
-                pid = f.name.rsplit(".", 2)[-2]
-                if pid.isdigit() and not _alive(int(pid)):
-                    f.unlink()
-            elif f.name.endswith(".safetensors") and f != path:
-                if f.name.startswith(source + "-") or not _sources_exist(f):
-                    f.unlink()
-        except OSError:
-            pass
-    for f in path.parent.glob("*.safetensors"):  # layouts of the copies removed above
-        try:
-            if f != path and not _sources_exist(f):
-                f.unlink()
-        except OSError:
-            pass
+    whose sources are gone (a layout made from a converted copy removed here goes with it), and temporary files
+    of processes that are gone."""
+    source, kept = path.name.split("-")[0], []
+    for f in path.parent.iterdir():
+        if f.name.endswith(".tmp"):
+            pid = f.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(f)
+        elif f.name.endswith(".safetensors") and f != path:
+            if f.name.startswith(source + "-"):
+                _remove(f)
+            else:
+                kept.append(f)
+    while gone := [f for f in kept if not _sources_exist(f)]:  # again once files were removed: their layouts
+        for f in gone:
+            _remove(f)
+            kept.remove(f)
+
+
+def _remove(f: Path) -> None:
+    try:
+        f.unlink()
+    except OSError:
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Origin", "convert", "empty", "file_stat", "prefetch_in_background", "prefetch_pages", "release_pages",
-           "safetensors_views", "unwritten"]
+__all__ = ["Origin", "SAFETENSORS_DTYPES", "as_bits", "convert", "empty", "file_stat", "prefetch_in_background",
+           "prefetch_pages", "release_pages", "safetensors_views", "unwritten"]
 
 
 # bytes converted at a time: the source pages of each piece are released before the next is read
@@ -64,11 +64,19 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
 
 
 # safetensors' dtype names; a tensor of another (unsigned wider than 8 bits, ...) is left to safetensors
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool,
                        **({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
                           if hasattr(torch, "float8_e5m2") else {})}
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its width, to compare float tensors bit for bit (NaNs and signed zeros
+    included)."""
+    if not t.is_floating_point():
+        return t
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
 
 
 def safetensors_views(path: str) -> Callable[[str], torch.Tensor | None]:
@@ -84,7 +92,7 @@ def safetensors_views(path: str) -> Callable[[str], torch.Tensor | None]:
 
     def view(key: str) -> torch.Tensor | None:
         entry = header[key]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             return None
         begin, end = entry["data_offsets"]

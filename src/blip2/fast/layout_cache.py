@@ -62,7 +62,7 @@ from blip2.cache import private_dir
 from blip2.fast import decoding, kernels, linear
 from blip2.fast.linear import BLOCKED_SOURCE, FusedLinear, walk
 from blip2.layout_files import directory, enabled, layouts_of, wait
-from blip2.mapped import Origin, release_pages
+from blip2.mapped import Origin, as_bits, release_pages
 
 __all__ = ["VERSION", "directory", "enabled", "laying_out", "layouts_of", "mappable", "wait"]
 
@@ -74,7 +74,6 @@ _BLOCKED_MODES = ("auto", "native", "fuse", "compile")
 # a cached layout is mapped at a model's first generate where it and the weight files take at most this share of
 # the memory (``mappable``); where they do not, the first generate's pages push out the second's
 MAPPED_SHARE = 0.75
-_INTS = {4: torch.int32, 2: torch.int16}  # to compare floats bit for bit
 # the names of a greedy head's screen (``kernels.screen_weight``) in the file: the head's name and these
 _SCREEN = (":screen", ":screen-norms")
 
@@ -263,14 +262,13 @@ def _agrees(t: Tensor, weights: Sequence[Tensor]) -> bool:
     """Whether the first, middle and last blocks of blocked weight ``t`` hold the plain ``weights``' rows, bit
     for bit."""
     n, k, per = sum(w.shape[0] for w in weights), weights[0].shape[1], t.shape[2]
-    ints = _INTS[t.element_size()]
     for b in sorted({0, t.shape[0] // 2, t.shape[0] - 1}):
         lo, hi = b * per, min((b + 1) * per, n)
         if hi <= lo:
             return False
         want = _rows(weights, lo, hi)
         got = kernels.unblock_weight(t[b:b + 1], hi - lo, k)
-        if not torch.equal(got.view(ints), want.view(ints)):
+        if not torch.equal(as_bits(got), as_bits(want)):
             return False
     return True
 
@@ -283,8 +281,8 @@ def _screen_agrees(w: Tensor, n: int, screen: Tensor, norms: Tensor) -> bool:
         rows = slice(b * per, min((b + 1) * per, n))
         made, made_norms = torch.empty_like(screen[b:b + 1]), torch.empty_like(norms[:, rows])
         kernels.screen_blocks(w, n, b, b + 1, made, made_norms)
-        if not (torch.equal(made.view(torch.int16), screen[b:b + 1].view(torch.int16))
-                and torch.equal(made_norms.view(torch.int32), norms[:, rows].view(torch.int32))):
+        if not (torch.equal(as_bits(made), as_bits(screen[b:b + 1]))
+                and torch.equal(as_bits(made_norms), as_bits(norms[:, rows]))):
             return False
     return True
 
