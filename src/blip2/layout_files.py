@@ -30,7 +30,8 @@ import torch
 from blip2.cache import cache_dir
 from blip2.mapped import SAFETENSORS_DTYPES
 
-__all__ = ["Foreground", "directory", "enabled", "layouts_of", "open_checked", "tensor_parts", "wait", "write"]
+__all__ = ["Foreground", "alive", "directory", "enabled", "layouts_of", "metadata", "open_checked", "sources",
+           "tensor_parts", "wait", "write", "writer_pid"]
 
 log = logging.getLogger("blip2.layout_files")
 
@@ -65,10 +66,11 @@ def wait() -> None:
 
 def _finish_at_exit() -> None:
     """At exit, once the program is done: say why the process has not ended yet, and finish the files."""
-    alive = [w for w in _writers if w.is_alive()]
-    if alive:
+    running = [w for w in _writers if w.is_alive()]
+    if running:
         log.warning("blip2 layout cache: finishing %s before exiting (written once; later loads map it; "
-                    "BLIP2_LAYOUT_CACHE=0 turns the cache off)", ", ".join(w.name.split(" ", 1)[1] for w in alive))
+                    "`blip2 cache` lists the cache; BLIP2_LAYOUT_CACHE=0 turns it off)",
+                    ", ".join(w.name.split(" ", 1)[1] for w in running))
     wait()
 
 
@@ -241,8 +243,8 @@ def sweep(path: Path) -> None:
     source, kept = path.name.split("-")[0], []
     for f in path.parent.iterdir():
         if f.name.endswith(".tmp"):
-            pid = f.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not _alive(int(pid)):
+            pid = writer_pid(f)
+            if pid is not None and not alive(pid):
                 _remove(f)
         elif f.name.endswith(".safetensors") and f != path:
             if f.name.startswith(source + "-"):
@@ -262,7 +264,14 @@ def _remove(f: Path) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def writer_pid(f: Path) -> int | None:
+    """The process that writes (or wrote) the temporary file ``f`` (``.<name>.<pid>.tmp``), where it says."""
+    pid = f.name.rsplit(".", 2)[-2] if f.name.count(".") >= 2 else ""
+    return int(pid) if pid.isdigit() else None
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (one of another user's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -273,18 +282,26 @@ def _alive(pid: int) -> bool:
 
 
 def _sources_exist(f: Path) -> bool:
-    sources = _sources(f)
-    return sources is not None and all(os.path.exists(p) for p in sources)
+    made_from = sources(f)
+    return made_from is not None and all(os.path.exists(p) for p in made_from)
 
 
-def _sources(f: Path) -> list[str] | None:
-    """The files a cached file was made from (None: not one of ours, or unreadable)."""
+def metadata(f: Path) -> dict[str, str]:
+    """The metadata of the cached file ``f`` (its key, source files, format); empty where it cannot be read."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(f), framework="pt") as handle:
-            return list(json.loads((handle.metadata() or {})["files"]))
+            return dict(handle.metadata() or {})
     except Exception:
+        return {}
+
+
+def sources(f: Path) -> list[str] | None:
+    """The files a cached file was made from (None: not one of ours, or unreadable)."""
+    try:
+        return list(json.loads(metadata(f)["files"]))
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -298,7 +315,7 @@ def layouts_of(files: Sequence[str]) -> list[Path]:
     found: list[Path] = []
     candidates = sorted(folder.glob("*.safetensors"))
     while True:
-        more = [f for f in candidates if f not in found and wanted & set(_sources(f) or ())]
+        more = [f for f in candidates if f not in found and wanted & set(sources(f) or ())]
         if not more:
             return found
         found += more

@@ -328,6 +328,7 @@ DELEGATED = {
                              "a frozen LM) or fine-tune; torchrun for several processes"),
     "eval": ("blip2.eval.run", "evaluate on VQAv2, OK-VQA, GQA, COCO/NoCaps captions or Flickr30K/COCO retrieval"),
     "bench": ("blip2.apps.bench", "time decoding of a model preset or checkpoint: tokens/s against the memory-bandwidth bound"),
+    "cache": ("blip2.apps.cache_command", "list or clear blip2's cache: converted copies, layouts, kernels, shards"),
 }
 
 
@@ -479,10 +480,9 @@ def _delegate(module: str) -> Callable[[list[str]], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func = args.func
-    kwargs = {k: v for k, v in vars(args).items() if k in inspect.signature(func).parameters}
+    kwargs = {k: v for k, v in vars(args).items() if k in inspect.signature(args.func).parameters}
     try:
-        return func(**kwargs)
+        return args.func(**kwargs)
     except (CliError, PipelineError) as e:
         print(f"blip2 {args.command}: error: {cli_message(e)}", file=sys.stderr)
         return 2
