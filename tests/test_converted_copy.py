@@ -305,6 +305,24 @@ def test_loading_and_generate_hold_the_writers(fp32_dir, monkeypatch):
     assert layout_files._foreground[0] == 0
 
 
+def test_retrieval_towers_hold_the_writers(tiny_retrieval_dir, monkeypatch):
+    """An image-text model's towers (matching, search, embedding: the vision encoder and the Q-Former on text)
+    are ``Foreground`` work while they run, as ``generate`` is."""
+    from blip2 import Blip2ForImageTextRetrieval
+    from blip2.models import qformer
+
+    model = Blip2ForImageTextRetrieval.from_pretrained(tiny_retrieval_dir, dtype=torch.bfloat16)
+    held = count_calls(monkeypatch, qformer.Blip2QFormerModel, "forward",
+                       lambda *args, **kwargs: layout_files._foreground[0])
+    config = model.config.vision_config
+    pixels = torch.randn(2, 3, config.image_size, config.image_size)
+    ids = torch.tensor([[5, 6, 7, 8]] * 2)
+    model(pixels, ids, use_image_text_matching_head=True)
+    model(pixels, ids, use_image_text_matching_head=False)
+    assert len(held) >= 3 and all(n == 1 for n in held)  # the queries over the image, the text, the pair
+    assert layout_files._foreground[0] == 0
+
+
 _EXITING = textwrap.dedent(
     """
     import sys, threading, time, torch

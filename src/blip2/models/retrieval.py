@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from blip2.checkpoint import PretrainedMixin
 from blip2.config import Blip2Config
+from blip2.layout_files import Foreground
 from blip2.models.outputs import (Blip2ImageTextMatchingModelOutput, Blip2TextModelOutput, Blip2VisionModelOutput,
                                   finish)
 from blip2.models.qformer import Blip2QFormerModel, Blip2QFormerTextEmbeddings
@@ -82,11 +83,15 @@ class _ImageTower:
         """The vision encoder output the Q-Former attends to (LAVIS: ln_vision(ViT(x))), [B, N+1, Dv]."""
         return self.vision_outputs(pixel_values, interpolate_pos_encoding).last_hidden_state
 
+    # each pass of the vision encoder or the Q-Former is Foreground work: the cache's file writers pause while
+    # it runs (blip2.layout_files), as for generate
+    @Foreground()
     def vision_outputs(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, **flags: Any) -> Any:
         """The vision encoder's outputs (``flags``: ``output_attentions``, ``output_hidden_states``)."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.vision_model.post_layernorm.weight.dtype)
         return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **flags)
 
+    @Foreground()
     def query_outputs(self, image_feats: Tensor, **flags: Any) -> Any:
         """The Q-Former's outputs for the queries over image features [B, N+1, Dv]: last_hidden_state [B, Q, D]."""
         queries = self.query_tokens.expand(image_feats.shape[0], -1, -1)  # [B, Q, D]
@@ -109,6 +114,7 @@ class _TextTower:
     qformer: Blip2QFormerModel
     device: torch.device
 
+    @Foreground()
     def text_outputs(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                      position_ids: Tensor | None = None, **flags: Any) -> Any:
         """The Q-Former's outputs on text alone (no queries, no image): last_hidden_state [B, T, D]."""
@@ -165,6 +171,7 @@ class Blip2ForImageTextRetrieval(_ImageTower, _TextTower, _Blip2QFormerBase):
         ones = attention_mask.new_ones(attention_mask.shape[0], self.config.num_query_tokens)
         return torch.cat([ones, attention_mask], dim=1)
 
+    @Foreground()
     def _itm_qformer(self, image_feats: Tensor, input_ids: Tensor, joint_mask: Tensor | None, **flags: Any) -> Any:
         """The Q-Former over [queries; text] attending to the image: last_hidden_state [B, Q+T, D] for pairs
         (image b, text b)."""
