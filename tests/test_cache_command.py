@@ -59,7 +59,7 @@ def test_a_converted_copy_is_listed_with_its_size_and_checkpoint_then_cleared(tm
     [copy] = list((root / "layouts").iterdir())
     code, out, _ = run(capsys)
     assert code == 0
-    [row] = [line for line in out.splitlines() if "converted copy" in line]
+    [row] = [line for line in out.splitlines() if line.startswith("converted copy bf16 ")]
     assert f"layouts/{copy.name}" in row and str(d) in row
     assert cache_command.size_text(copy.stat().st_size) in row
     assert out.splitlines()[0] == f"{root}: {cache_command.size_text(copy.stat().st_size)} in 1 entry"
@@ -115,7 +115,7 @@ def test_clear_kind_and_files_being_written(tmp_path, root, capsys):
 
     code, out, _ = run(capsys)
     kinds = {line.split("  ")[0].strip(): line for line in out.splitlines()[2:]}
-    assert set(kinds) == {"converted copy", "being written", "unfinished", "kernels"}
+    assert set(kinds) == {"converted copy fp32", "being written", "unfinished", "kernels"}
     assert "kernels/ (2 files)" in kinds["kernels"] and "1.1 kB" in kinds["kernels"]
 
     code, out, _ = run(capsys, "clear", "--kind", "kernels")

@@ -37,7 +37,7 @@ KINDS = {"layouts": "layouts", "kernels": "kernels", "shards": "shards"}
 class Entry:
     """One file of the cache (the native kernels' builds: one entry for all)."""
 
-    kind: str  # "converted copy", "layout", "kernels", "shard", "being written", "unfinished", "unknown"
+    kind: str  # "converted copy bf16", "layout bf16", "kernels", "shard", "being written", "unfinished", ...
     folder: str  # its --kind
     paths: tuple[Path, ...]
     size: int
@@ -71,8 +71,21 @@ def _layouts(d: Path) -> list[Entry]:
             fmt = layout_files.metadata(f).get("format", "")
             kind = "layout" if fmt.startswith("blocked") else "converted copy" if fmt.startswith("converted") \
                 else "unknown"
-            found.append(_entry(kind, "layouts", [f], tuple(layout_files.sources(f) or ())))
+            found.append(_entry(f"{kind} {_dtypes(f)}".strip(), "layouts", [f], tuple(layout_files.sources(f) or ())))
     return found
+
+
+def _dtypes(f: Path) -> str:
+    """The dtypes of the tensors of safetensors file ``f`` ("bf16", "bf16/fp32"), read from its header."""
+    from safetensors import safe_open
+
+    names = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+    try:
+        with safe_open(str(f), framework="pt") as handle:
+            found = {handle.get_slice(k).get_dtype() for k in handle.keys()}
+    except Exception:  # safetensors' errors have no common base: a damaged file is listed, its dtype unknown
+        return ""
+    return "/".join(sorted(names.get(d, d.lower()) for d in found))
 
 
 def _kernels(d: Path) -> list[Entry]:
@@ -118,7 +131,7 @@ def _inside(path: str, roots: Sequence[str]) -> bool:
 
 
 def _where(entry: Entry) -> str:
-    """What the entry was made from, in a few words: the checkpoint folder, the dtype it holds."""
+    """What the entry was made from, in a few words: the checkpoint folder(s), whether they are gone."""
     if not entry.sources:
         return ""
     cached = str(entry.paths[0].parent)
