@@ -218,7 +218,7 @@ def _run_worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int
     if impl != "ours-mapped":
         # out of the page cache for a process that does not read them: each first process, transformers' too,
         # then starts with the same memory free. (On a VM that hands free memory back to its host, what a
-        # process fills costs twice the time when it is free memory rather than the page cache's, reclaimed:
+        # process fills costs 2.4x the time when it is free memory rather than the page cache's, reclaimed:
         # blip2-opt-2.7b's fp32 files loaded in bf16 took 11.0-11.8 s with 8 GB free, 4.4-5.0 s with the
         # page cache full, alternating, on the VM of the tables.)
         _drop([str(f) for f in layouts])

@@ -309,17 +309,18 @@ def test_retrieval_towers_hold_the_writers(tiny_retrieval_dir, monkeypatch):
     """An image-text model's towers (matching, search, embedding: the vision encoder and the Q-Former on text)
     are ``Foreground`` work while they run, as ``generate`` is."""
     from blip2 import Blip2ForImageTextRetrieval
-    from blip2.models import qformer
+    from blip2.models import qformer, vision
 
     model = Blip2ForImageTextRetrieval.from_pretrained(tiny_retrieval_dir, dtype=torch.bfloat16)
-    held = count_calls(monkeypatch, qformer.Blip2QFormerModel, "forward",
-                       lambda *args, **kwargs: layout_files._foreground[0])
+    held = {name: count_calls(monkeypatch, cls, "forward", lambda *args, **kwargs: layout_files._foreground[0])
+            for name, cls in [("vision encoder", vision.Blip2VisionModel), ("Q-Former", qformer.Blip2QFormerModel)]}
     config = model.config.vision_config
     pixels = torch.randn(2, 3, config.image_size, config.image_size)
     ids = torch.tensor([[5, 6, 7, 8]] * 2)
     model(pixels, ids, use_image_text_matching_head=True)
     model(pixels, ids, use_image_text_matching_head=False)
-    assert len(held) >= 3 and all(n == 1 for n in held)  # the queries over the image, the text, the pair
+    assert held["vision encoder"] == [1, 1]
+    assert len(held["Q-Former"]) >= 3 and all(n == 1 for n in held["Q-Former"])  # queries over the image, text, pair
     assert layout_files._foreground[0] == 0
 
 
