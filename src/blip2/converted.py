@@ -2,7 +2,7 @@
 
 The published BLIP-2 checkpoints are fp32, and users load them in bf16 or fp16: every load converts every
 weight, which on a CPU is bound by the fresh memory it fills (blip2-opt-2.7b: 15 GB read, 7.5 GB written,
-5.6-13.9 s on a 2-core VM, most of a first caption's time; transformers' load converts the same way). What the
+4.4-15.8 s on a 2-core VM, most of a first caption's time; transformers' load converts the same way). What the
 conversion gives depends on nothing but the files' bytes and the dtype, so the first load of a checkpoint in a
 dtype writes the tensors it converted, converted, to ``cache_dir()/layouts`` (``blip2.layout_files``), and later
 loads take them from that file in place of the checkpoint's, as they would from a checkpoint stored in that
@@ -90,8 +90,8 @@ class ConvertedCopy:
         (``read(tensors, plan)``: ``checkpoint.load_into`` of those pairs, which fills ``plan``), and check what it
         took; False, with a warning, where the file is refused."""
         try:
-            handle = layout_files.open_checked(self.path, self.key)
-            stored = list(handle.keys())
+            with layout_files.open_checked(self.path, self.key) as handle:
+                stored = list(handle.keys())
             view = safetensors_views(str(self.path))
         except Exception as e:  # safetensors' own errors (a truncated file, a bad header) have no common base
             self.reject(str(e))
@@ -149,11 +149,10 @@ class ConvertedCopy:
         tensors converted, as a bf16 checkpoint's Q-Former kept in fp32, cost less than a file). Under the
         checkpoint's keys: a load takes them in place of the checkpoint's."""
         converted = [e for e in plan if e[2] != e[3]]
-        size = sum(torch.Size(shape).numel() * target.itemsize for *_, target, shape in converted)
-        if 2 * size < sum(torch.Size(shape).numel() * target.itemsize for *_, target, shape in plan):
+        if 2 * sum(map(_nbytes, converted)) < sum(map(_nbytes, plan)):
             return
         # whole 64-byte blocks first: every tensor up to the first odd one then starts on 64 bytes of the file
-        ordered = sorted(converted, key=lambda e: torch.Size(e[4]).numel() * e[3].itemsize % 64 != 0)
+        ordered = sorted(converted, key=lambda e: _nbytes(e) % 64 != 0)
         views: dict[str, torch.Tensor] = {}
         wanted = {src for src, *_ in ordered}
 
@@ -166,6 +165,12 @@ class ConvertedCopy:
         layout_files.write(self.path, entries, {"key": self.key, "files": json.dumps(self.files),
                                                 "format": f"converted v{VERSION}"},
                            what="converted copy", valid=lambda: [file_stat(f) for f in self.files] == self.stats)
+
+
+def _nbytes(entry: PlanEntry) -> int:
+    """The bytes of a tensor the load took, in the dtype the model took it in."""
+    *_, target, shape = entry
+    return torch.Size(shape).numel() * target.itemsize
 
 
 def _converted_parts(source: Callable[[str], torch.Tensor], src: str,

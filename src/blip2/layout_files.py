@@ -30,8 +30,8 @@ import torch
 from blip2.cache import cache_dir
 from blip2.mapped import SAFETENSORS_DTYPES
 
-__all__ = ["Foreground", "alive", "directory", "enabled", "layouts_of", "metadata", "open_checked", "sources",
-           "tensor_parts", "wait", "write", "writer_pid"]
+__all__ = ["Foreground", "alive", "derived", "directory", "enabled", "layouts_of", "metadata", "open_checked",
+           "sources", "tensor_parts", "wait", "write", "writer_pid"]
 
 log = logging.getLogger("blip2.layout_files")
 
@@ -265,7 +265,8 @@ def _remove(f: Path) -> None:
 
 
 def writer_pid(f: Path) -> int | None:
-    """The process that writes (or wrote) the temporary file ``f`` (``.<name>.<pid>.tmp``), where it says."""
+    """The process that writes (or wrote) the temporary file ``f`` (``<name>.<pid>.<suffix>``: ``.tmp`` here,
+    ``.partial`` for an unpacked shard), where it says."""
     pid = f.name.rsplit(".", 2)[-2] if f.name.count(".") >= 2 else ""
     return int(pid) if pid.isdigit() else None
 
@@ -297,10 +298,11 @@ def metadata(f: Path) -> dict[str, str]:
         return {}
 
 
-def sources(f: Path) -> list[str] | None:
-    """The files a cached file was made from (None: not one of ours, or unreadable)."""
+def sources(f: Path, read: dict[str, str] | None = None) -> list[str] | None:
+    """The files a cached file was made from (None: not one of ours, or unreadable); ``read``: its metadata,
+    where read already."""
     try:
-        return list(json.loads(metadata(f)["files"]))
+        return list(json.loads((metadata(f) if read is None else read)["files"]))
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -308,15 +310,18 @@ def sources(f: Path) -> list[str] | None:
 def layouts_of(files: Sequence[str]) -> list[Path]:
     """The cached files made from any of these weight files (any kind, dtype or key), and the layouts made from
     those: to read them ahead, or remove them."""
-    wanted = {os.path.realpath(f) for f in files}
     folder = directory()
     if not folder.is_dir():
         return []
+    return derived(files, {f: sources(f) or [] for f in sorted(folder.glob("*.safetensors"))})
+
+
+def derived(files: Iterable[str], made_from: dict[Path, Sequence[str]]) -> list[Path]:
+    """The cached files of ``made_from`` (each with the files it was made from) made from any of ``files``, or
+    from a cached file so found (a layout made from a converted copy), in the order of ``made_from``."""
+    wanted = {os.path.realpath(f) for f in files}
     found: list[Path] = []
-    candidates = sorted(folder.glob("*.safetensors"))
-    while True:
-        more = [f for f in candidates if f not in found and wanted & set(sources(f) or ())]
-        if not more:
-            return found
+    while more := [f for f, made in made_from.items() if f not in found and wanted & set(made)]:
         found += more
         wanted |= {os.path.realpath(f) for f in more}
+    return [f for f in made_from if f in found]

@@ -64,28 +64,29 @@ def _layouts(d: Path) -> list[Entry]:
     found = []
     for f in sorted(d.iterdir()):
         if f.name.endswith(".tmp"):
-            pid = layout_files.writer_pid(f)
-            kind = "being written" if pid is not None and layout_files.alive(pid) else "unfinished"
-            found.append(_entry(kind, "layouts", [f]))
+            found.append(_temporary(f, "layouts"))
         elif f.suffix == ".safetensors":
-            fmt = layout_files.metadata(f).get("format", "")
+            meta, dtypes = _header(f)
+            fmt = meta.get("format", "")
             kind = "layout" if fmt.startswith("blocked") else "converted copy" if fmt.startswith("converted") \
                 else "unknown"
-            found.append(_entry(f"{kind} {_dtypes(f)}".strip(), "layouts", [f], tuple(layout_files.sources(f) or ())))
+            found.append(_entry(f"{kind} {dtypes}".strip(), "layouts", [f], tuple(layout_files.sources(f, meta) or ())))
     return found
 
 
-def _dtypes(f: Path) -> str:
-    """The dtypes of the tensors of safetensors file ``f`` ("bf16", "bf16/fp32"), read from its header."""
+def _header(f: Path) -> tuple[dict[str, str], str]:
+    """The metadata of safetensors file ``f``, and the dtypes of its tensors ("bf16", "bf16/fp32"), read from its
+    header; empty for a file safetensors refuses (listed, what it holds unknown)."""
     from safetensors import safe_open
 
     names = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
     try:
         with safe_open(str(f), framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
             found = {handle.get_slice(k).get_dtype() for k in handle.keys()}
-    except Exception:  # safetensors' errors have no common base: a damaged file is listed, its dtype unknown
-        return ""
-    return "/".join(sorted(names.get(d, d.lower()) for d in found))
+    except Exception:  # safetensors' errors have no common base
+        return {}, ""
+    return meta, "/".join(sorted(names.get(d, d.lower()) for d in found))
 
 
 def _kernels(d: Path) -> list[Entry]:
@@ -94,15 +95,14 @@ def _kernels(d: Path) -> list[Entry]:
 
 
 def _shards(d: Path) -> list[Entry]:
-    found = []
-    for f in sorted(d.iterdir()):
-        if f.name.endswith(".partial"):
-            pid = f.name.rsplit(".", 2)[-2]
-            alive = pid.isdigit() and layout_files.alive(int(pid))
-            found.append(_entry("being written" if alive else "unfinished", "shards", [f]))
-        else:
-            found.append(_entry("shard", "shards", [f]))
-    return found
+    return [_temporary(f, "shards") if f.name.endswith(".partial") else _entry("shard", "shards", [f])
+            for f in sorted(d.iterdir())]
+
+
+def _temporary(f: Path, folder: str) -> Entry:
+    """A file a process writes under a temporary name: being written while that process runs."""
+    pid = layout_files.writer_pid(f)
+    return _entry("being written" if pid is not None and layout_files.alive(pid) else "unfinished", folder, [f])
 
 
 def _entry(kind: str, folder: str, paths: list[Path], sources: tuple[str, ...] = ()) -> Entry:
@@ -110,20 +110,13 @@ def _entry(kind: str, folder: str, paths: list[Path], sources: tuple[str, ...] =
     return Entry(kind, folder, tuple(paths), sum(s.st_size for s in stats), max(s.st_mtime for s in stats), sources)
 
 
-def made_from(entry: Entry, checkpoints: Sequence[str], all_entries: Sequence[Entry]) -> bool:
-    """Whether ``entry`` was made from files inside one of the folders ``checkpoints``, or from a cached file
+def made_from(checkpoints: Sequence[str], found: Sequence[Entry]) -> list[Entry]:
+    """The entries of ``found`` made from files inside one of the folders ``checkpoints``, or from a cached file
     that was (a layout made from a converted copy)."""
     roots = [os.path.realpath(c) for c in checkpoints]
-    wanted: set[str] = set()
-    for e in all_entries:  # the cached files made from the checkpoints, and those made from them, ...
-        if any(_inside(s, roots) for s in e.sources):
-            wanted |= {os.path.realpath(p) for p in e.paths}
-    while True:
-        more = {os.path.realpath(p) for e in all_entries if wanted & set(e.sources) for p in e.paths} - wanted
-        if not more:
-            break
-        wanted |= more
-    return any(os.path.realpath(p) in wanted for p in entry.paths)
+    made = {e.paths[0]: e.sources for e in found if e.sources}
+    chosen = set(layout_files.derived({s for m in made.values() for s in m if _inside(s, roots)}, made))
+    return [e for e in found if e.paths[0] in chosen]
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:
@@ -168,8 +161,7 @@ def list_cache(root: Path) -> int:
 
 def clear_cache(root: Path, checkpoints: Sequence[str], kinds: Sequence[str]) -> int:
     found = entries(root)
-    chosen = [e for e in found if (not kinds or e.folder in kinds)
-              and (not checkpoints or made_from(e, checkpoints, found))]
+    chosen = [e for e in (made_from(checkpoints, found) if checkpoints else found) if not kinds or e.folder in kinds]
     freed = removed = 0
     for e in chosen:
         if not e.removable:
@@ -210,12 +202,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = cache_dir()
-    if args.action == "clear":
-        for m in args.model:
-            if not os.path.isdir(os.path.expanduser(m)) and not any(
-                    made_from(e, [os.path.expanduser(m)], [e]) for e in entries(root)):
-                print(f"blip2 cache: --model {m}: no such folder, and nothing in the cache was made from one",
-                      file=sys.stderr)
-                return 2
-        return clear_cache(root, [os.path.expanduser(m) for m in args.model], args.kind)
-    return list_cache(root)
+    if args.action != "clear":
+        return list_cache(root)
+    models = [os.path.expanduser(m) for m in args.model]
+    for m in models:
+        folder = [os.path.realpath(m)]
+        if not os.path.isdir(m) and not any(_inside(s, folder) for e in entries(root) for s in e.sources):
+            print(f"blip2 cache: --model {m}: no such folder, and nothing in the cache was made from one",
+                  file=sys.stderr)
+            return 2
+    return clear_cache(root, models, args.kind)
