@@ -160,7 +160,8 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
             return model.generate(pixels, ids, mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                   streamer=clock)
     load = time.perf_counter() - t
-    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # before any layout
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) \
+        if impl == "transformers" else _held(model)
     times, steps, laid_out_at = [], [], None
     with torch.no_grad():
         for i in range(calls):
@@ -183,6 +184,23 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
             "step": sorted(steps[1:])[len(steps[1:]) // 2] if calls > 1 else None,
             "peak_rss": _peak_rss(), "held": held, "tokens": out[:, -NEW_TOKENS:].tolist(), "laid_out_at": laid_out_at,
             "page_faults": {"major": usage.ru_majflt, "minor": usage.ru_minflt}}
+
+
+def _held(model: torch.nn.Module) -> int:
+    """The bytes of the weights ``model`` (ours) holds in the layout a load gives them, found without undoing a
+    layout made at load (``walk``; ``parameters()`` would): a fused layer counts its layers' plain weights, a
+    copy of a head tied to the embeddings nothing (the embedding counts)."""
+    from blip2.fast.linear import FusedLinear, walk
+
+    sizes: dict[int, int] = {}
+    for m in walk(model):
+        if isinstance(m, FusedLinear):
+            if not m.tied:
+                sizes[id(m)] = (m.out_features * m.in_features + m.out_features * (m.b is not None)) * m.dtype.itemsize
+            continue
+        sizes.update((id(t), t.numel() * t.element_size()) for t in (*m._parameters.values(), *m._buffers.values())
+                     if t is not None)
+    return sum(sizes.values())
 
 
 def _weight_files(d: str) -> list[str]:

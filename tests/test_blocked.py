@@ -76,11 +76,15 @@ def test_parts_blocked_in_pieces_equal_their_concatenation_blocked(dtype, sizes,
 
     parts = [torch.randn(n, k).to(dtype) for n in sizes]
     want = kernels.block_weight(torch.cat(parts))
-    got = _block([p.clone() for p in parts], release=True, piece_bytes=16 * k * 2)  # pieces of one block or two
+    got = _block([p.clone() for p in parts], release=True, dtype=dtype, piece_bytes=16 * k * 2)  # a block or two
     assert got.shape == kernels.blocked_shape(sum(sizes), k, dtype) and torch.equal(got, want)
     assert torch.equal(kernels.unblock_weight(got, sum(sizes), k), torch.cat(parts))
     with pytest.raises(ValueError, match="out"):
         kernels.block_weight(parts[0], torch.empty(1, 1, 16, dtype=dtype))
+    # fp32 parts laid out in ``dtype`` (a load that left the file's dtype to the layout): converted as .to() does
+    wide = [torch.randn(n, k) for n in sizes]
+    got = _block([p.clone() for p in wide], release=True, dtype=dtype, piece_bytes=16 * k * 4)
+    assert torch.equal(got, kernels.block_weight(torch.cat(wide).to(dtype)))
 
 
 @needs_kernel

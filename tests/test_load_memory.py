@@ -33,8 +33,11 @@ _MEASURE = textwrap.dedent(
     sys.path.insert(0, {src!r})
     import blip2.converted, blip2.mapped
     from blip2 import Blip2ForConditionalGeneration, fast, layout_files
-    from blip2.fast.linear import FusedLinear, decode_format, default_format
+    from blip2.fast.linear import FusedLinear, decode_format, default_format, walk
     blip2.mapped._CONVERT_CHUNK = blip2.converted._CHUNK_BYTES = {chunk}
+    if {at_load!r}:  # the language model counts as large: a converting load lays it out (blip2.fast.lazy)
+        import blip2.fast.lazy
+        blip2.fast.lazy.LATER_BYTES = 0
     torch.nn.init.normal_(torch.empty(1, device="meta"))  # torch's lazy import of its meta kernels
     with torch.no_grad():  # each layout's first use (oneDNN's caches, the native kernels' library)
         for fmt in ("int8", default_format(torch.ones(1)), decode_format(torch.ones(1))):
@@ -50,9 +53,12 @@ _MEASURE = textwrap.dedent(
     model = Blip2ForConditionalGeneration.from_pretrained({d!r}, dtype=getattr(torch, {dtype!r}))
     layout_files.wait()  # a converted copy written (where the layout cache is on), with the model held
     loaded = status("VmHWM") - base
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    # the tensors the model holds, found without its own walks (a model laid out at load would undo the layout)
+    tensors = {{id(t): t for m in walk(model) for t in (*m._parameters.values(), *m._buffers.values())
+               if t is not None and t.numel()}}.values()
+    weights = sum(t.numel() * t.element_size() for t in tensors)
     with torch.no_grad():  # read every weight, as a first forward would
-        for t in (*model.parameters(), *model.buffers()):
+        for t in tensors:
             t.sum()
     read = status("VmHWM") - base
     if {speedup!r} != "none":
@@ -60,24 +66,26 @@ _MEASURE = textwrap.dedent(
     # the native step's bf16 screen of an fp32 head (AVX-512 BF16 CPUs): a weight of its own, half the head's size
     screen = getattr(model.language_model.decode_step, "screen", None) or ()
     print(json.dumps({{"weights": weights, "loaded": loaded, "read": read, "peak": status("VmHWM") - base,
-                      "screen": sum(t.numel() * t.element_size() for t in screen)}}))
+                      "screen": sum(t.numel() * t.element_size() for t in screen),
+                      "fused": [str(m.dtype) for m in walk(model.language_model) if isinstance(m, FusedLinear)]}}))
     """
 )
 
 
 def measure(directory, dtype: str, speedup: str = "none", chunk: int = 16 * 2**20,
-            cache=None) -> dict[str, float]:
+            cache=None, at_load: bool = False) -> dict[str, float]:
     """Bytes of the loaded weights, and the peak growth after loading, after reading and after ``speedup``
     (a function of ``blip2.fast``), each over the weights. ``cache``: a folder for the layout cache, which is
-    then on."""
-    code = _MEASURE.format(src=SRC, d=str(directory), dtype=dtype, speedup=speedup, chunk=chunk)
+    then on. ``at_load``: the language model as large as a real one (laid out at load where that converts)."""
+    code = _MEASURE.format(src=SRC, d=str(directory), dtype=dtype, speedup=speedup, chunk=chunk, at_load=at_load)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if cache is not None:
         env |= {"BLIP2_LAYOUT_CACHE": "1", "BLIP2_CACHE_DIR": str(cache)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"weights": r["weights"], **{k: r[k] / r["weights"] for k in ("loaded", "read", "peak", "screen")}}
+    return {"weights": r["weights"], "fused": r["fused"],
+            **{k: r[k] / r["weights"] for k in ("loaded", "read", "peak", "screen")}}
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +175,28 @@ def test_converting_load_holds_one_copy_then_int8(fp32_checkpoint):
     # 1.05 is the goal at real size; here the weights are 240 MB, and the quantizer's per-layer buffers and
     # the allocator's arenas (a few MB) move the ratio between 1.01 and 1.06 from run to run
     assert r["peak"] < 1.08, r
+
+
+@pytest.mark.parametrize("stored,dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_a_load_laying_out_as_it_converts_holds_one_copy(fp32_checkpoint, tmp_path, stored, dtype):
+    """A language model past ``LATER_BYTES`` that the load converts is laid out at once, each weight converted
+    straight from the file's pages into the blocked layout, the pages released (blip2.fast.lazy.deferred): the
+    peak is the weights the model holds (the blocked language model, the rest converted), never the file's
+    weights beside them nor a converted copy beside the layout."""
+    from blip2.fast import kernels
+
+    if not kernels.load() or not kernels.blocked_supports(getattr(torch, dtype)):
+        pytest.skip(f"no blocked {dtype} kernels here: {kernels.status()}")
+    d = fp32_checkpoint
+    if stored != "float32":
+        raw = json.loads((fp32_checkpoint / "config.json").read_text())
+        write_random_checkpoint(raw, str(tmp_path), getattr(torch, stored))
+        d = tmp_path
+    r = measure(d, dtype, chunk=2**20, at_load=True)
+    assert set(r["fused"]) == {f"torch.{dtype}"} and len(r["fused"]) > 16 * 4, r  # laid out, in the dtype asked for
+    assert r["weights"] > (200e6 if dtype == "bfloat16" else 400e6), r
+    # (the screen: the native step's bf16 copy of an fp32 head, half its bytes, as test_speedup_layouts_hold_one_copy)
+    assert r["loaded"] < 1.05 + r["screen"] and r["read"] < 1.05 + r["screen"], r
 
 
 def test_writing_the_converted_copy_and_loading_it_hold_one_copy(fp32_checkpoint, tmp_path):

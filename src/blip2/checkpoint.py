@@ -33,18 +33,8 @@ from blip2.model_utils import ModelUtilitiesMixin
 from blip2.placement import device_for_key, dispatch, placement_of, resolve_device_map
 from blip2.quantized import QuantizationError, check_available, parse_quantization_config, quantize_language_model
 
-__all__ = [
-    "CheckpointError",
-    "DTYPES",
-    "DTYPE_NAMES",
-    "atomic_write",
-    "parse_dtype",
-    "weight_files",
-    "iter_checkpoint_tensors",
-    "load_into",
-    "save_state_dict",
-    "PretrainedMixin",
-]
+__all__ = ["CheckpointError", "DTYPES", "DTYPE_NAMES", "atomic_write", "parse_dtype", "weight_files",
+           "iter_checkpoint_tensors", "load_into", "save_state_dict", "PretrainedMixin"]
 
 # Keys some writers add that carry no weights (buffers recomputed at build time).
 # Old T5 files also carry a cross-attention relative bias on decoder block 0 that nothing reads.
@@ -172,7 +162,8 @@ def _target_dtype(model: nn.Module, name: str, stored: torch.dtype, dtype: torch
 def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = None,
               device: torch.device | str | Callable[[str], torch.device] = "cpu", key_prefix: str = "",
               files: list[str] | None = None, plan: list[PlanEntry] | None = None,
-              tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+              tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+              keep: Callable[[str], bool] | None = None) -> None:
     """Assign the checkpoint's tensors to ``model`` (built on the meta device), strictly.
 
     Missing, unexpected or mis-shaped keys are errors naming the key and both shapes. Tied
@@ -185,7 +176,8 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
     Each tensor is checked before it is converted (``convert``): in the stored dtype and on the CPU the
     model holds the file's mapped tensor itself. ``plan``, where given, gets an entry for each tensor taken
     (``blip2.converted.PlanEntry``: keys, dtypes, shape); ``tensors``, the ``(key, tensor)`` pairs to take
-    instead of the files' (some from a converted copy).
+    instead of the files' (some from a converted copy). ``keep``: the keys taken as stored whatever ``dtype``
+    says, their conversion left to the caller (the plan gives the dtype they are for).
     """
     expected = model.state_dict(keep_vars=True)
     tied = tied_parameters(model)
@@ -218,7 +210,7 @@ def load_into(model: nn.Module, directory: str, *, dtype: torch.dtype | None = N
         target = _target_dtype(model, key, tensor.dtype, dtype)
         if plan is not None:
             plan.append((key_prefix + key, key, tensor.dtype, target, tuple(tensor.shape)))
-        loaded[key] = convert(tensor, target, device_for(key), back)
+        loaded[key] = convert(tensor, tensor.dtype if keep is not None and keep(key) else target, device_for(key), back)
         nbytes = tensor.numel() * tensor.element_size()
         run, end = (back + nbytes if loaded[key] is not tensor else 0), tensor.data_ptr() + nbytes
     if unexpected:
@@ -337,6 +329,8 @@ def atomic_write(path: str) -> Iterator[str]:
 
 
 M = TypeVar("M", bound="PretrainedMixin")
+# of a model (on the meta device) and the dtype a load asks for: the keys to take as stored, or None
+Defer = Callable[[nn.Module, "torch.dtype | None"], "Callable[[str], bool] | None"]
 
 
 class PretrainedMixin(ModelUtilitiesMixin):
@@ -380,6 +374,12 @@ class PretrainedMixin(ModelUtilitiesMixin):
         ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``subfolder``,
         ``variant``, ``use_safetensors``, ``max_memory``; and ``device``, blip2's one device for everything.
         An argument that cannot apply is an error naming it."""
+        return cls._load(path_or_id, kwargs)
+
+    @classmethod
+    def _load(cls: type[M], path_or_id: str | os.PathLike, kwargs: dict[str, Any], defer: Defer | None = None) -> M:
+        """``from_pretrained``; ``defer``: of the model (on the meta device) and the dtype asked for, the keys
+        whose conversion the caller does after a load onto the CPU (``model._deferred``: key -> dtype)."""
         opts = LoadOptions.parse(kwargs)
         directory = resolve_dir(path_or_id, **opts.hub)
         if opts.subfolder:
@@ -410,7 +410,8 @@ class PretrainedMixin(ModelUtilitiesMixin):
         # a load in another dtype on the CPU maps the weights converted by an earlier one (blip2.converted)
         cpu = isinstance(where, torch.device) and where.type == "cpu"
         copy = ConvertedCopy.of(cls, files, prefix, want) if quant is None and cpu else None
-        model, files = _load_weights(cls, config, model, directory, files, want, load_device, prefix, copy)
+        defer = defer if quant is None and placement is None and cpu else None
+        model, files = _load_weights(cls, config, model, directory, files, want, load_device, prefix, copy, defer)
         if quant is None and placement is None:
             # which tensors are still the files' (blip2.fast.layout_cache: a layout made from them is the files')
             model._origin = Origin.of(files, model)
@@ -452,7 +453,8 @@ class PretrainedMixin(ModelUtilitiesMixin):
 
 
 def _load_weights(cls: type, config: Any, model: nn.Module, directory: str, files: list[str], dtype: torch.dtype | None,
-                  device: Any, prefix: str, copy: ConvertedCopy | None) -> tuple[nn.Module, list[str]]:
+                  device: Any, prefix: str, copy: ConvertedCopy | None,
+                  defer: Defer | None) -> tuple[nn.Module, list[str]]:
     """``model`` with the checkpoint's weights, and the files they came from: the converted copy's
     (``blip2.converted``) where it holds them, else the checkpoint's (the copy written where the load converted)."""
     sources = functools.partial(iter_checkpoint_tensors, directory, files)
@@ -465,7 +467,11 @@ def _load_weights(cls: type, config: Any, model: nn.Module, directory: str, file
         with torch.device("meta"):
             model = cls(config)  # anew: the refused copy's tensors are not half of it
     plan: list[PlanEntry] = []
-    load_into(model, directory, dtype=dtype, device=device, key_prefix=prefix, files=files, plan=plan)
+    keep = defer(model, dtype) if defer is not None else None
+    load_into(model, directory, dtype=dtype, device=device, key_prefix=prefix, files=files, plan=plan, keep=keep)
+    if keep is not None:
+        model.__dict__["_deferred"] = {key: target for _, key, stored, target, _ in plan
+                                       if stored != target and keep(key)}
     if copy is not None:
         copy.write(plan, sources)
     return model, files

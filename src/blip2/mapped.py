@@ -50,8 +50,11 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     costs in filling fresh memory is faulting its pages in one by one (blip2-opt-2.7b's blocked layout in fp32
     is 11 GB of them), and a 2 MB page faults once for 512 small ones. Filling 2 GB took 1.1-2.0 s in 4 KB pages
     and 0.25 s in 2 MB ones on a 2-core VM, the whole layout of that model 8.5-10.3 s instead of 11.2-13.9
-    (memory full of page cache: the kernel reclaims and compacts for each). Small tensors, and systems without
-    the advice, get torch's allocator. The memory goes back to the system when the last view of it is freed."""
+    (memory full of page cache: the kernel reclaims and compacts for each). Those pages are faulted in at once,
+    by torch's zero_ on every thread: a caller filling it a few MB at a time (``linear._block``) faulted them one
+    at a time on one thread, and laying blip2-opt-2.7b's language model out from its fp32 files took 11-18 s
+    instead of 6-9 on that VM. Small tensors, and systems without the advice, get torch's allocator (not zeroed).
+    The memory goes back to the system when the last view of it is freed."""
     n = torch.Size(shape).numel() * dtype.itemsize
     if n < _HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
@@ -60,7 +63,7 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
         pages.madvise(mmap.MADV_HUGEPAGE)
     except OSError:  # transparent huge pages compiled out: small pages, as torch's would be
         pass
-    return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor holds the mapping
+    return torch.frombuffer(pages, dtype=dtype).view(shape).zero_()  # the tensor holds the mapping
 
 
 # safetensors' dtype names; a tensor of another (unsigned wider than 8 bits, ...) is left to safetensors

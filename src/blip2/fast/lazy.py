@@ -23,7 +23,10 @@ Q-Former always; the language model's prefill, and its eager steps of several ro
 through oneDNN where that pays, and the vision encoder its bf16 attention through the native kernel
 (``blip2.fast.route``: class swaps, nothing copied; a routed module records gradients through the model's own
 code, so a first call's routing needs no guard). ``lay_out(model)`` lays it out at once (a server, before its
-first request).
+first request). A load that converts such a language model to another dtype (the published fp32 checkpoints in
+bf16, before a converted copy is cached: ``blip2.converted``) lays it out at once (``deferred``): converting fills
+fresh memory with its weights and laying out fills it again, so each weight goes from the file's pages straight
+into the layout, converted piece by piece (``linear.LAY_OUT_DTYPE``), and every call runs laid out.
 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
@@ -41,17 +44,19 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, layout_cache, native_as_loaded, route, unfuse
+from blip2.fast import MODES, Unsupported, apply, kernels, layout_cache, native, native_as_loaded, route, unfuse
 from blip2.fast.decoding import LanguageModel
-from blip2.fast.linear import FusedLinear, walk
+from blip2.fast.linear import LAY_OUT_DTYPE, FusedLinear, walk
+from blip2.mapped import convert
 from blip2.models.blip2 import Blip2Model
 
-__all__ = ["LATER_BYTES", "before_generate", "lay_out", "laid_out", "loaded", "release"]
+__all__ = ["LATER_BYTES", "before_generate", "deferred", "lay_out", "laid_out", "loaded", "release"]
 
 # a CPU language model of more weight bytes than this decodes one row on its weights as loaded, and is laid out at
 # its second generate of several rows, not its first
@@ -65,8 +70,32 @@ _lock = threading.Lock()  # one layout at a time: two threads' first generate mu
 _guarded_classes: dict[type, type] = {}
 
 
+def deferred(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool] | None:
+    """For ``from_pretrained(fast="auto")`` onto the CPU (``model`` on the meta device): the keys of the language
+    model's linear weights, which a load converting them to ``dtype`` leaves in the files' dtype, for ``loaded``
+    to lay out at once, converted straight into the layout; None where it would not lay them out (no language
+    model, at most ``LATER_BYTES``, no blocked kernels for ``dtype``). Converting fills fresh memory with the
+    weights, and so does laying them out, which costs as much again (blip2-opt-2.7b in bf16: 5.3 GB, 4-8 s on
+    a 2-core VM): once converted, several rows a call would run their first call eagerly and fill it twice. A
+    head tied to the embeddings is converted at load (its lookups read the plain matrix)."""
+    lm = getattr(model, "language_model", None)
+    if dtype is None or not isinstance(lm, LanguageModel):
+        return None
+    embedding = lm.get_input_embeddings().weight
+    weights = {f"language_model.{name}.weight": m.weight for name, m in nn.Module.named_modules(lm)
+               if isinstance(m, nn.Linear) and m.weight is not embedding}
+    size = sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values()) * dtype.itemsize
+    if size <= LATER_BYTES or not kernels.load() or not kernels.blocked_supports(dtype):
+        return None
+    return weights.__contains__
+
+
 def loaded(model: Blip2Model) -> None:
-    """After ``from_pretrained``: check ``model.fast``, and apply an explicit mode now (its errors at load)."""
+    """After ``from_pretrained``: lay out a language model its load left in the files' dtype (``deferred``),
+    check ``model.fast``, and apply an explicit mode now (its errors at load)."""
+    later = model.__dict__.pop("_deferred", None)
+    if later:
+        _lay_out_at_load(model, later)
     if model.fast not in MODES:
         raise ValueError(f"from_pretrained(): fast={model.fast!r}: expected one of {', '.join(MODES)}")
     if model.fast not in ("auto", "none"):
@@ -110,6 +139,30 @@ def _lay_out(model: Blip2Model, wait: bool, rows: int | None = None) -> None:
         if not _laid_out(model.language_model):
             model.__dict__["_fast_plain"] = key
             return
+        _guard(model)
+
+
+def _lay_out_at_load(model: Blip2Model, later: dict[str, torch.dtype]) -> None:
+    """``model`` laid out as "auto" lays it out (the native step), the language model's weights ``later`` (key ->
+    dtype, still the files' pages) converted into the layout as each is laid out, its pages released; any the
+    layout did not take converted as the load would have. Not through the layout cache: a later load maps the
+    converted copy (``blip2.converted``), not these files, and a layout is cached under the files it came from."""
+    params = {key: model.get_parameter(key) for key in later}
+    dtypes = set(later.values())
+    try:
+        with _lock:
+            token = LAY_OUT_DTYPE.set(dtypes.pop() if len(dtypes) == 1 else None)
+            try:
+                native(model, towers=False)
+            except Unsupported as e:
+                log.info("blip2: not laid out at load (%s)", e)
+            finally:
+                LAY_OUT_DTYPE.reset(token)
+    finally:
+        for key, p in params.items():
+            if p.numel() and p.dtype != later[key]:
+                p.data = convert(p.data, later[key])
+    if _laid_out(model.language_model):
         _guard(model)
 
 

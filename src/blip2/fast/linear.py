@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from blip2.fast import kernels
 from blip2._compat import custom_op
-from blip2.mapped import empty, prefetch_pages, release_pages
+from blip2.mapped import convert, empty, prefetch_pages, release_pages
 from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
@@ -57,7 +57,6 @@ INT8_FORMATS = ("int8", "int8-dynamic")
 COPY_TIED = (*INT8_FORMATS, "blocked")
 # oneDNN picks its blocked layout for an expected number of rows; 64 measured best for 1 to 264 rows
 _PACK_ROWS = 64
-
 
 # asked once: torch.compile does not trace into torch.backends
 _MKLDNN = torch.backends.mkldnn.is_available()
@@ -113,10 +112,9 @@ def _row_product(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor |
     about 60% of it. Used only inside a compiled graph, for one row (decoding at batch 1); compile with
     ``compile_step`` so x is computed before that loop, not inside it once per output row.
 
-    Where the native kernel is loaded (``blip2.fast.kernels``, built by ``compile_step``), it computes the same
-    sums with several accumulators and several weight streams at once: the compiled reduction keeps one
-    accumulator per output row, which holds bf16 to about 20 GB/s (benchmarks/bench_decode.py with
-    ``BLIP2_KERNELS=0`` measures the step without the kernel)."""
+    Where the native kernel is loaded (``blip2.fast.kernels``) it computes the same sums with several accumulators
+    and weight streams at once: the compiled reduction's one accumulator per output row holds bf16 to about 20 GB/s
+    (benchmarks/bench_decode.py with ``BLIP2_KERNELS=0`` measures the step without the kernel)."""
     if kernels.row_product_supports(x, weight, scale, bias):
         return kernels.row_product(x, weight, scale, bias)
     y = (x.reshape(1, -1).float() * weight.float()).sum(-1)  # [N], accumulated in fp32 as a matmul does
@@ -132,13 +130,12 @@ def _compiling_one_row(x: Tensor, in_features: int) -> bool:
 
 
 def _autograd(x: Tensor, weight: Tensor | None = None) -> bool:
-    """Whether a product must be differentiable: the fast kernels have no backward (a frozen language model
-    still passes gradients to its inputs in stage-2 training)."""
+    """Whether a product must be differentiable: the fast kernels have no backward (stage-2 training's frozen
+    language model passes gradients to its inputs)."""
     return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
 
 
-# bytes of fp32 rows quantized at a time: quantize_weight's float temporaries are a few times their rows' size,
-# which for a whole head would be a good part of a model's weights
+# bytes of fp32 rows quantized at a time: quantize_weight's temporaries are a few times their rows' size
 _QUANTIZE_CHUNK = 2**20
 
 
@@ -162,27 +159,30 @@ def _release(weights: Sequence[Tensor]) -> None:
         release_pages(weight)
 
 
-def _block(parts: Sequence[Tensor], release: bool, piece_bytes: int = 4 << 20) -> Tensor:
-    """``kernels.block_weight(torch.cat(parts))`` without the concatenation, a few MB of rows at a time straight
-    into the result, each piece released once copied where ``release``: copied whole, a mapped weight held
-    its copy and all its own pages at once, which for the copy of a head tied to the embeddings (made last,
+def _block(parts: Sequence[Tensor], release: bool, dtype: torch.dtype, piece_bytes: int = 4 << 20) -> Tensor:
+    """``kernels.block_weight(torch.cat(parts).to(dtype))`` without the concatenation, a few MB of rows at a time
+    straight into the result, each piece released once copied where ``release``: copied whole, a mapped weight
+    held its copy and all its own pages at once, which for the copy of a head tied to the embeddings (made last,
     the largest product) was the peak of a model laid out layer by layer (5% of the weights in
-    tests/test_load_memory.py). Parts whose rows do not fill whole blocks (but the last) are concatenated."""
+    tests/test_load_memory.py). Parts whose rows do not fill whole blocks (but the last) are concatenated. Parts
+    of another dtype are converted a piece at a time into one buffer (a new one each piece faults fresh memory)."""
     if any(p.shape[0] % 16 for p in parts[:-1]):
         whole = torch.cat(list(parts))
         if release:
             _release(parts)
         parts, release = [whole], False
     n, k = sum(p.shape[0] for p in parts), parts[0].shape[1]
-    out = empty(kernels.blocked_shape(n, k, parts[0].dtype), parts[0].dtype)  # (blocked weights are CPU only)
+    out = empty(kernels.blocked_shape(n, k, dtype), dtype)  # (blocked weights are CPU only)
     rows = max(16, piece_bytes // max(1, k * parts[0].element_size()) // 16 * 16)  # whole blocks
+    converted = torch.empty(rows * k, dtype=dtype) if parts[0].dtype != dtype else None
     block = 0
     for part in parts:
         prefetch_pages(part)
         for i in range(0, part.shape[0], rows):
             piece = part[i:i + rows]
             blocks = -(-piece.shape[0] // 16)
-            kernels.block_weight(piece, out[block:block + blocks])
+            kernels.block_weight(piece if converted is None else  # (rounded as the load's conversion rounds)
+                                 converted[:piece.numel()].view(piece.shape).copy_(piece), out[block:block + blocks])
             block += blocks
             if release:
                 release_pages(piece)
@@ -196,6 +196,10 @@ class BlockedSource(Protocol):
     def find_screen(self, head: FusedLinear) -> tuple[Tensor, Tensor] | None:
         """The greedy head's screen of the blocked ``head`` (``kernels.screen_weight``), already made, or None."""
 
+
+# the dtype weights are laid out in where it is not theirs (None: their own): set by blip2.fast.lazy while it lays out
+# a language model whose load left its weights in the file's dtype, to convert them once, straight into the layout
+LAY_OUT_DTYPE: ContextVar[torch.dtype | None] = ContextVar("lay_out_dtype", default=None)
 
 # where blocked weights may already be laid out: set by blip2.fast.layout_cache while it lays out a model it has
 # the layout of on disk (a context variable: one model's layout in a thread does not reach another's)
@@ -249,11 +253,12 @@ class FusedLinear(nn.Module):
             raise ValueError(f"weight format {fmt!r}: expected one of {FORMATS}")
         weights = [layer.weight.detach() for layer in layers]
         w = weights[0]  # all parts share its dtype, device and in_features
+        dtype = LAY_OUT_DTYPE.get() or w.dtype
         if fmt == "onednn" and not _onednn_ok(w):
             raise ValueError(f"onednn format needs fp32/bf16 weights on CPU, got {w.dtype} on {w.device}")
-        if fmt == "blocked" and (w.device.type != "cpu" or not kernels.blocked_supports(w.dtype)):
+        if fmt == "blocked" and (w.device.type != "cpu" or not kernels.blocked_supports(dtype)):
             raise ValueError(f"blocked format needs the native kernels (blip2.fast.kernels: {kernels.status()}) and "
-                             f"fp32 weights (bf16 with AVX-512 BF16) on CPU, got {w.dtype} on {w.device}")
+                             f"fp32 weights (bf16 with AVX-512 BF16) on CPU, got {dtype} on {w.device}")
         if fmt == "int8-dynamic" and (w.device.type != "cpu" or not dynamic_int8_available()):
             raise ValueError(f"int8-dynamic format needs a CPU with torch's int8 kernels (fbgemm/qnnpack); the "
                              f"weights are on {w.device}" + ("" if w.device.type != "cpu" else
@@ -261,11 +266,11 @@ class FusedLinear(nn.Module):
         self.splits = [layer.out_features for layer in layers]
         self.has_bias = [layer.bias is not None for layer in layers]
         self.in_features, self.out_features = w.shape[1], sum(self.splits)
-        self.fmt, self.dtype, self.in_state_dict, self.tied = fmt, w.dtype, in_state_dict, tied
+        self.fmt, self.dtype, self.in_state_dict, self.tied = fmt, dtype, in_state_dict, tied
         b = None
         if any(self.has_bias):
-            b = torch.cat([layer.bias.detach() if layer.bias is not None else w.new_zeros(layer.out_features)
-                           for layer in layers])  # [N]
+            b = torch.cat([layer.bias.detach().to(dtype) if layer.bias is not None
+                           else w.new_zeros(layer.out_features, dtype=dtype) for layer in layers])  # [N]
         self.handle, self.packed_bytes = None, 0  # int8-dynamic: the packed weight's handle and size
         w, scale = self._lay_out(layers, weights)
         self.register_buffer("w", w, persistent=False)
@@ -279,7 +284,7 @@ class FusedLinear(nn.Module):
             for layer in layers:
                 for p in (layer.weight, layer.bias):
                     if p is not None:
-                        p.data = p.data.new_empty(0)
+                        p.data = p.data.new_empty(0, dtype=dtype)  # (the dtype unfusing gives it)
         _trim_heap()
 
     def _lay_out(self, layers: Sequence[nn.Linear], weights: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
@@ -292,6 +297,8 @@ class FusedLinear(nn.Module):
         stays the embedding's, whose lookups map back only the rows they read.) A blocked weight already laid
         out on disk (``BLOCKED_SOURCE``: ``blip2.fast.layout_cache``) is taken from there, mapped, not copied."""
         fmt = self.fmt
+        if fmt != "blocked" and weights[0].dtype != self.dtype:  # (blocked: converted as it is laid out)
+            weights = [convert(w, self.dtype) for w in weights]
         if fmt in INT8_FORMATS:
             q, scale = _quantize(weights)
             _release(weights)
@@ -306,7 +313,7 @@ class FusedLinear(nn.Module):
             source = BLOCKED_SOURCE.get()
             shape = kernels.blocked_shape(self.out_features, self.in_features, self.dtype)
             found = None if source is None else source.find(layers, weights, shape)
-            return (found if found is not None else _block(weights, release=True)), None
+            return (found if found is not None else _block(weights, release=True, dtype=self.dtype)), None
         w = torch.cat(weights) if len(weights) > 1 else weights[0]  # [N, K]
         if len(weights) > 1:
             _release(weights)
@@ -401,9 +408,7 @@ class LinearView(nn.Module):
     def fused(self) -> FusedLinear:
         return self._fused[0]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.fused.dtype
+    dtype = property(lambda self: self.fused.dtype)
 
     def _save_to_state_dict(self, destination: dict[str, Tensor], prefix: str, keep_vars: bool) -> None:
         self.fused.write_part(self.index, destination, prefix)

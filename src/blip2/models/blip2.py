@@ -84,15 +84,17 @@ class Blip2Model(PretrainedMixin, nn.Module):
     @Foreground()  # (with the speed layer's setup)
     def from_pretrained(cls, path_or_id: str | os.PathLike, fast: str = "auto", **kwargs: Any) -> Any:
         """``PretrainedMixin.from_pretrained``, and ``fast``: the speed-up ``generate`` uses (``blip2.fast.lazy``).
-        "auto" (the default): the fastest exact one on this machine, applied by ``generate`` (on a CPU, a large
-        language model decodes one row on its weights as loaded and is laid out for several: ``blip2.fast.lazy``)
-        and undone by anything that
-        needs the plain modules; "none": the model as written; another mode of ``blip2.fast.MODES``: applied now,
-        for inference only (``blip2.fast.apply``)."""
-        model = super().from_pretrained(path_or_id, **kwargs)
+        "auto" (the default): the fastest exact one on this machine, applied by ``generate`` and undone by anything
+        that needs the plain modules (on a CPU, a large language model decodes one row on its weights as loaded
+        and is laid out for several, or at load where the load converts it to ``dtype``: ``blip2.fast.lazy``);
+        "none": the model as written; another mode of ``blip2.fast.MODES``: applied now, for inference only
+        (``blip2.fast.apply``)."""
+        layer = cls.speed_layer  # (set whenever blip2 is imported, which importing this file does)
+        # fast="auto" lays a large language model out at load where that converts it anyway (blip2.fast.lazy)
+        model = cls._load(path_or_id, kwargs, defer=layer.deferred if layer is not None and fast == "auto" else None)
         model.fast = fast
-        if cls.speed_layer is not None:  # (set whenever blip2 is imported, which importing this file does)
-            cls.speed_layer.loaded(model)
+        if layer is not None:
+            layer.loaded(model)
         return model
 
     def _after_load(self, directory: str) -> None:
