@@ -162,7 +162,8 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
     load = time.perf_counter() - t
     held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) \
         if impl == "transformers" else _held(model)
-    times, steps, laid_out_at = [], [], None
+    laid_out_at = 0 if impl != "transformers" and lazy.laid_out(model) else None  # (0: at load)
+    times, steps = [], []
     with torch.no_grad():
         for i in range(calls):
             clock = StepClock()
@@ -357,14 +358,20 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                                      "first process of a checkpoint (its cached layout removed before) runs its first "
                                      "call as loaded (eagerly, routed the same way) and lays the language model out "
                                      "at its second, which writes that layout to the "
-                                     "cache in the background (blip2.fast.layout_cache)."
+                                     "cache in the background (blip2.fast.layout_cache)" + (
+                                         ". Loading the files in another dtype, a first process lays the language "
+                                         "model out at load instead, for one image as for several, each weight "
+                                         "converted straight into the layout (blip2.fast.lazy.deferred), and every "
+                                         "call runs laid out."
+                                         if stored != dtype else ".")
                                      if fast == "auto" else
                                      f"from_pretrained(fast={fast!r}), applied at load; the first process writes "
                                      f"the language model's layout to the cache (blip2.fast.layout_cache)."),
         "- later process: the same, once the first process's files are on disk" + (
-            f": the {dtype} weights mapped at load from the converted copy, nothing converted; at eight images the "
-            "first process made no blocked layout (its weights were converted, not the files'), so this one lays "
-            "the language model out from the copy at its second call, and writes that layout"
+            f": the {dtype} weights mapped at load from the converted copy, nothing converted; at eight images this "
+            "one lays the language model out from the copy at its second call, and writes that layout (the first "
+            "process's layout, made from the files' fp32 weights, is not cached: a layout is cached under the files "
+            "it was made from)"
             if stored != dtype else
             ": the language model's blocked weights are mapped from its layout at the first call where the layout "
             "and the checkpoint fit 3/4 of the memory (blip2.fast.layout_cache.mappable), else at the second") + (
@@ -374,7 +381,7 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
         "blip2.layout_files.Foreground), so a first process writes them once its calls are done, and waits for "
         "that at exit; not in the times above: " + ("; ".join(writing) if writing else "none written") + ".",
         "- laid out (or mapped) at call: " + "; ".join(
-            f"{name}: " + ", ".join(sorted("never" if c is None else str(c) for c in calls))
+            f"{name}: " + ", ".join(sorted("never" if c is None else "load" if c == 0 else str(c) for c in calls))
             for name, calls in laid_out_at.items()) + ".",
     ]
     if dtype == "bf16":
