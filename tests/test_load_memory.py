@@ -61,6 +61,7 @@ _MEASURE = textwrap.dedent(
         for t in tensors:
             t.sum()
     read = status("VmHWM") - base
+    del tensors  # (held here, a layout undone below would stay beside the plain weights)
     if {speedup!r} != "none":
         getattr(fast, {speedup!r})(model)
     # the native step's bf16 screen of an fp32 head (AVX-512 BF16 CPUs): a weight of its own, half the head's size
@@ -194,6 +195,10 @@ def test_a_load_laying_out_as_it_converts_holds_one_copy(fp32_checkpoint, tmp_pa
         d = tmp_path
     r = measure(d, dtype, chunk=2**20, at_load=True)
     assert set(r["fused"]) == {f"torch.{dtype}"} and len(r["fused"]) > 16 * 4, r  # laid out, in the dtype asked for
+    # undone (training, an optimizer, PEFT), layer by layer: each blocked weight freed once unblocked, though
+    # the native step held them all (the model held in both layouts at once: 2x the language model)
+    undone = measure(d, dtype, "unfuse", chunk=2**20, at_load=True)
+    assert not undone["fused"] and undone["peak"] < 1.05 + r["screen"], undone
     assert r["weights"] > (200e6 if dtype == "bfloat16" else 400e6), r
     # (the screen: the native step's bf16 copy of an fp32 head, half its bytes, as test_speedup_layouts_hold_one_copy)
     assert r["loaded"] < 1.05 + r["screen"] and r["read"] < 1.05 + r["screen"], r

@@ -98,11 +98,11 @@ def fuse_language_model(lm: LanguageModel, fmt: str | None = None) -> None:
 @torch.no_grad()
 def unfuse_language_model(lm: LanguageModel) -> None:
     """Back to plain ``nn.Linear`` layers with parameters (int8 weights stay rounded) and the eager step."""
-    unfuse_linears(lm)
+    lm.decode_step = lm._decode_step  # first: a native step holds every laid-out weight, which then outlived its
+    unfuse_linears(lm)                # layer, and unfusing held the model in both layouts at once
     for module in lm.modules():
         if type(module) in (_FusedOPTAttention, _FusedT5SelfAttention, _FusedT5CrossAttention, _FusedT5GatedFFN):
             module.__class__ = type(module).__bases__[0]
-    lm.decode_step = lm._decode_step
 
 
 def compile_format(current: str | None, weight: Tensor, batch: int | None) -> str:
