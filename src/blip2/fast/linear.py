@@ -489,9 +489,7 @@ def _slots(root: nn.Module, kind: type | tuple[type, ...]) -> list[tuple[nn.Modu
 
 def unfuse_linears(root: nn.Module) -> None:
     """Undo ``fuse_linears``/``pack_linears`` below ``root``: the ``nn.Linear`` modules and parameters that were
-    fused, holding their weights again (a head tied to the embeddings shares their matrix, as before). The C heap
-    is trimmed after each (``_trim_heap``): each layer's unblocked temporaries piled up as laying out's do, and
-    undoing a model laid out at load grew its memory by 0.7x the weights (tests/test_load_memory.py)."""
+    fused, holding their weights again (a head tied to the embeddings shares their matrix, as before)."""
     for owner, child_name in _slots(root, (LinearView, FusedLinear)):
         child = getattr(owner, child_name)
         if isinstance(child, LinearView):
@@ -500,4 +498,4 @@ def unfuse_linears(root: nn.Module) -> None:
             setattr(owner, child_name, child.to_linear(0))
         else:
             delattr(owner, child_name)  # the fused holder (after its views: added last), its views Linears now
-        _trim_heap()
+        _trim_heap()  # each layer's unblocked temporaries piled up, as laying out's do: +0.7x the weights
