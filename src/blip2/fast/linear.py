@@ -197,8 +197,7 @@ class BlockedSource(Protocol):
         """The greedy head's screen of the blocked ``head`` (``kernels.screen_weight``), already made, or None."""
 
 
-# the dtype weights are laid out in where it is not theirs (None: their own): set by blip2.fast.lazy while it lays out
-# a language model whose load left its weights in the file's dtype, to convert them once, straight into the layout
+# the dtype to lay weights out in (None: theirs): set by blip2.fast.lazy to convert a load's weights into the layout
 LAY_OUT_DTYPE: ContextVar[torch.dtype | None] = ContextVar("lay_out_dtype", default=None)
 
 # where blocked weights may already be laid out: set by blip2.fast.layout_cache while it lays out a model it has
