@@ -153,7 +153,8 @@ def _lay_out_at_load(model: Blip2Model, later: dict[str, torch.dtype]) -> None:
         with _lock:
             token = LAY_OUT_DTYPE.set(dtypes.pop() if len(dtypes) == 1 else None)
             try:
-                native(model, towers=False)
+                if LAY_OUT_DTYPE.get() is not None:  # (one dtype, as every load of the language model asks)
+                    native(model, towers=False)
             except Unsupported as e:
                 log.info("blip2: not laid out at load (%s)", e)
             finally:
