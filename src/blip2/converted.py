@@ -2,7 +2,7 @@
 
 The published BLIP-2 checkpoints are fp32, and users load them in bf16 or fp16: every load converts every
 weight, which on a CPU is bound by the fresh memory it fills (blip2-opt-2.7b: 15 GB read, 7.5 GB written,
-4.4-15.8 s on a 2-core VM, most of a first caption's time; transformers' load converts the same way). What the
+4.4-18.6 s on a 2-core VM, most of a first caption's time; transformers' load converts the same way). What the
 conversion gives depends on nothing but the files' bytes and the dtype, so the first load of a checkpoint in a
 dtype writes the tensors it converted, converted, to ``cache_dir()/layouts`` (``blip2.layout_files``), and later
 loads take them from that file in place of the checkpoint's, as they would from a checkpoint stored in that

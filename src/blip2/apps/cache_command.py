@@ -29,8 +29,6 @@ from blip2.cache import cache_dir
 
 __all__ = ["Entry", "entries", "main"]
 
-# the cache's folders, by the --kind that names them
-KINDS = {"layouts": "layouts", "kernels": "kernels", "shards": "shards"}
 
 
 @dataclass(frozen=True)
@@ -52,11 +50,7 @@ class Entry:
 def entries(root: Path | None = None) -> list[Entry]:
     """The files of the cache folder ``root`` (default: ``cache_dir()``), largest first."""
     root = root or cache_dir()
-    found: list[Entry] = []
-    for folder in KINDS.values():
-        d = root / folder
-        if d.is_dir():
-            found += {"layouts": _layouts, "kernels": _kernels, "shards": _shards}[folder](d)
+    found = [e for folder, read in _FOLDERS.items() if (root / folder).is_dir() for e in read(root / folder)]
     return sorted(found, key=lambda e: -e.size)
 
 
@@ -110,6 +104,10 @@ def _entry(kind: str, folder: str, paths: list[Path], sources: tuple[str, ...] =
     return Entry(kind, folder, tuple(paths), sum(s.st_size for s in stats), max(s.st_mtime for s in stats), sources)
 
 
+# the cache's folders (each a --kind), and how each is read
+_FOLDERS = {"layouts": _layouts, "kernels": _kernels, "shards": _shards}
+
+
 def made_from(checkpoints: Sequence[str], found: Sequence[Entry]) -> list[Entry]:
     """The entries of ``found`` made from files inside one of the folders ``checkpoints``, or from a cached file
     that was (a layout made from a converted copy)."""
@@ -159,8 +157,9 @@ def list_cache(root: Path) -> int:
     return 0
 
 
-def clear_cache(root: Path, checkpoints: Sequence[str], kinds: Sequence[str]) -> int:
-    found = entries(root)
+def clear_cache(root: Path, checkpoints: Sequence[str], kinds: Sequence[str], found: list[Entry]) -> int:
+    """Remove the entries of ``found`` (the cache's, read once) made from ``checkpoints`` (all: none given) in the
+    folders ``kinds`` (all: none given)."""
     chosen = [e for e in (made_from(checkpoints, found) if checkpoints else found) if not kinds or e.folder in kinds]
     freed = removed = 0
     for e in chosen:
@@ -193,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("clear", help="remove files (all, or those --model and --kind choose)")
     c.add_argument("--model", action="append", default=[], metavar="DIR",
                    help="only what was made from this checkpoint folder's files (repeatable)")
-    c.add_argument("--kind", action="append", default=[], choices=sorted(KINDS),
+    c.add_argument("--kind", action="append", default=[], choices=sorted(_FOLDERS),
                    help="only this folder of the cache (repeatable): layouts (converted copies and layouts), "
                         "kernels, shards")
     return p
@@ -204,11 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = cache_dir()
     if args.action != "clear":
         return list_cache(root)
-    models = [os.path.expanduser(m) for m in args.model]
+    models, found = [os.path.expanduser(m) for m in args.model], entries(root)
     for m in models:
         folder = [os.path.realpath(m)]
-        if not os.path.isdir(m) and not any(_inside(s, folder) for e in entries(root) for s in e.sources):
+        if not os.path.isdir(m) and not any(_inside(s, folder) for e in found for s in e.sources):
             print(f"blip2 cache: --model {m}: no such folder, and nothing in the cache was made from one",
                   file=sys.stderr)
             return 2
-    return clear_cache(root, models, args.kind)
+    return clear_cache(root, models, args.kind, found)

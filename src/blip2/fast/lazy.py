@@ -81,13 +81,12 @@ def deferred(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], boo
     lm = getattr(model, "language_model", None)
     if dtype is None or not isinstance(lm, LanguageModel):
         return None
-    embedding = lm.get_input_embeddings().weight
-    weights = {f"language_model.{name}.weight": m.weight for name, m in nn.Module.named_modules(lm)
-               if isinstance(m, nn.Linear) and m.weight is not embedding}
     size = sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values()) * dtype.itemsize
     if size <= LATER_BYTES or not kernels.load() or not kernels.blocked_supports(dtype):
         return None
-    return weights.__contains__
+    embedding = lm.get_input_embeddings().weight
+    return {f"language_model.{name}.weight" for name, m in nn.Module.named_modules(lm)
+            if isinstance(m, nn.Linear) and m.weight is not embedding}.__contains__
 
 
 def loaded(model: Blip2Model) -> None:
@@ -150,15 +149,15 @@ def _lay_out_at_load(model: Blip2Model, later: dict[str, torch.dtype]) -> None:
     params = {key: model.get_parameter(key) for key in later}
     dtypes = set(later.values())
     try:
-        with _lock:
-            token = LAY_OUT_DTYPE.set(dtypes.pop() if len(dtypes) == 1 else None)
-            try:
-                if LAY_OUT_DTYPE.get() is not None:  # (one dtype, as every load of the language model asks)
+        if len(dtypes) == 1:  # (one dtype, as every load of the language model asks)
+            with _lock:
+                token = LAY_OUT_DTYPE.set(dtypes.pop())
+                try:
                     native(model, towers=False)
-            except Unsupported as e:
-                log.info("blip2: not laid out at load (%s)", e)
-            finally:
-                LAY_OUT_DTYPE.reset(token)
+                except Unsupported as e:
+                    log.info("blip2: not laid out at load (%s)", e)
+                finally:
+                    LAY_OUT_DTYPE.reset(token)
     finally:
         for key, p in params.items():
             if p.numel() and p.dtype != later[key]:
