@@ -358,9 +358,9 @@ class FusedLinear(nn.Module):
         """Weight [n_i, K] and bias [n_i] (or None) of the i-th fused layer, as fresh tensors."""
         start = sum(self.splits[:i])
         rows = slice(start, start + self.splits[i])
-        w = self.dense_weight()[rows].clone()
+        w = self.dense_weight()[rows]  # fresh but for "dense"/"onednn" (cloning it held one more layer at the peak)
         b = self.b[rows].clone() if self.has_bias[i] else None
-        return w, b
+        return (w.clone() if len(self.splits) > 1 or self.fmt in ("dense", "onednn") else w), b
 
     def to_linear(self, i: int) -> nn.Linear:
         """The i-th fused layer: the ``nn.Linear`` it was made from, its parameters holding the weights again
