@@ -45,7 +45,7 @@ import torch
 
 from common import BENCHMARKS, CACHE, DTYPES, Table, machine, write_results
 from blip2 import Blip2Config
-from blip2.fast import lazy
+from blip2.fast import held_bytes, lazy
 from blip2.apps.bench import (copy_bandwidth, decode_inputs, floor_seconds, matmul_rate, product_flops,
                               step_floor_seconds)
 
@@ -161,7 +161,7 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
                                   streamer=clock)
     load = time.perf_counter() - t
     held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) \
-        if impl == "transformers" else _held(model)
+        if impl == "transformers" else held_bytes(model)
     laid_out_at = 0 if impl != "transformers" and lazy.laid_out(model) else None  # (0: at load)
     times, steps = [], []
     with torch.no_grad():
@@ -185,23 +185,6 @@ def worker(impl: str, d: str, batch: int, dtype: str, fast: str, calls: int) -> 
             "step": sorted(steps[1:])[len(steps[1:]) // 2] if calls > 1 else None,
             "peak_rss": _peak_rss(), "held": held, "tokens": out[:, -NEW_TOKENS:].tolist(), "laid_out_at": laid_out_at,
             "page_faults": {"major": usage.ru_majflt, "minor": usage.ru_minflt}}
-
-
-def _held(model: torch.nn.Module) -> int:
-    """The bytes of the weights ``model`` (ours) holds in the layout a load gives them, found without undoing a
-    layout made at load (``walk``; ``parameters()`` would): a fused layer counts its layers' plain weights, a
-    copy of a head tied to the embeddings nothing (the embedding counts)."""
-    from blip2.fast.linear import FusedLinear, walk
-
-    sizes: dict[int, int] = {}
-    for m in walk(model):
-        if isinstance(m, FusedLinear):
-            if not m.tied:
-                sizes[id(m)] = (m.out_features * m.in_features + m.out_features * (m.b is not None)) * m.dtype.itemsize
-            continue
-        sizes.update((id(t), t.numel() * t.element_size()) for t in (*m._parameters.values(), *m._buffers.values())
-                     if t is not None)
-    return sum(sizes.values())
 
 
 def _weight_files(d: str) -> list[str]:
@@ -369,9 +352,9 @@ def run(presets: list[str], batches: list[int], dtype: str, fast: str, calls: in
                                      f"the language model's layout to the cache (blip2.fast.layout_cache)."),
         "- later process: the same, once the first process's files are on disk" + (
             f": the {dtype} weights mapped at load from the converted copy, nothing converted; at eight images this "
-            "one lays the language model out from the copy at its second call, and writes that layout (the first "
-            "process's layout, made from the files' fp32 weights, is not cached: a layout is cached under the files "
-            "it was made from)"
+            "one lays the language model out from the copy at its second call, and writes that layout; the first "
+            "process's layout, made from the files' fp32 weights, is not cached, as a layout is cached under the "
+            "files it was made from"
             if stored != dtype else
             ": the language model's blocked weights are mapped from its layout at the first call where the layout "
             "and the checkpoint fit 3/4 of the memory (blip2.fast.layout_cache.mappable), else at the second") + (

@@ -64,6 +64,11 @@ def wait() -> None:
         _writers.pop().join()
 
 
+def writing() -> bool:
+    """Whether this process is writing a file (whose writer may still read the tensors it was given)."""
+    return any(w.is_alive() for w in _writers)
+
+
 def _finish_at_exit() -> None:
     """At exit, once the program is done: say why the process has not ended yet, and finish the files."""
     running = [w for w in _writers if w.is_alive()]

@@ -175,6 +175,15 @@ def release_pages(t: torch.Tensor, back: int = 0) -> None:
         madvise(span[0], span[1] - span[0], mmap.MADV_DONTNEED)
 
 
+def discard(t: torch.Tensor) -> None:
+    """Give the pages of CPU tensor ``t`` back to the system, its values lost (zeros after, or the file's where it
+    is mapped from one): for a copy about to be freed piece by piece as it is read, whose memory would otherwise
+    stay until its last piece is read. Pages shared with its neighbours at either end are kept."""
+    span, madvise = _pages(t, inner=True), _madvise()
+    if span is not None and madvise is not None:
+        madvise(span[0], span[1] - span[0], mmap.MADV_DONTNEED)
+
+
 def unwritten(t: torch.Tensor) -> bool:
     """Whether no page of CPU tensor ``t``, a view of a file mapped copy-on-write, has been written into since
     it was mapped (``/proc/self/pagemap``: none of its pages is anonymous memory), so that its values are the

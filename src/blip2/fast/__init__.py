@@ -40,14 +40,15 @@ from typing import Any
 from torch import nn
 
 from blip2.fast import attention, layout_cache, onednn
-from blip2.fast.decoding import LanguageModel, compile_step, fuse_language_model, lay_out_for, unfuse_language_model
+from blip2.fast.decoding import (BlockedEmbedding, LanguageModel, compile_step, fuse_language_model, lay_out_for,
+                                table, unfuse_language_model)
 from blip2.fast.graphs import graph_step
-from blip2.fast.linear import default_format, fused_format, pack_linears, unfuse_linears
+from blip2.fast.linear import FusedLinear, default_format, fused_format, pack_linears, unfuse_linears, walk
 from blip2.fast.native import NativeOPTStep, NativeT5Step, Unsupported, check, try_native
 from blip2.models.opt import OPTForCausalLM
 
-__all__ = ["MODES", "Unsupported", "apply", "compile_decoding", "cuda_graph", "fuse", "native", "native_as_loaded",
-           "quantize_int8", "route", "unfuse"]
+__all__ = ["MODES", "Unsupported", "apply", "compile_decoding", "cuda_graph", "fuse", "held_bytes", "native",
+           "native_as_loaded", "quantize_int8", "route", "unfuse"]
 
 MODES = ("none", "auto", "fuse", "int8", "int8-dynamic", "native", "compile", "cuda-graph")
 
@@ -80,15 +81,15 @@ def _apply(model: nn.Module, mode: str, batch: int, **compile_kwargs: Any) -> nn
         return native(model, towers=not auto)
     if mode == "compile":
         return compile_decoding(model, batch, **compile_kwargs)
-    if lm.get_input_embeddings().weight.device.type != "cuda":
-        raise Unsupported(f"CUDA graphs need a CUDA device; the model is on {lm.get_input_embeddings().weight.device}")
+    if table(lm).device.type != "cuda":
+        raise Unsupported(f"CUDA graphs need a CUDA device; the model is on {table(lm).device}")
     if fused_format(lm) is None:
         fuse(model)
     return cuda_graph(model)
 
 
 def _fastest_exact(lm: LanguageModel) -> str:
-    weight = lm.get_input_embeddings().weight
+    weight = table(lm)
     if weight.device.type == "cuda":
         return "cuda-graph"
     try:
@@ -196,7 +197,7 @@ def compile_decoding(model: nn.Module, batch: int = 1, native: bool = True, **co
     the compiled step otherwise; False: always the compiled step."""
     lm = _language_model(model)
     lay_out_for(lm, batch)
-    step = compile_step(lm._decode_step, lm.get_input_embeddings().weight.device, **compile_kwargs)
+    step = compile_step(lm._decode_step, table(lm).device, **compile_kwargs)
     lm.decode_step = (native and try_native(_native_step_class(lm), lm, step)) or step
     return model
 
@@ -212,7 +213,7 @@ def native(model: nn.Module, towers: bool = True) -> nn.Module:
     ``Unsupported`` saying why where the native steps do not cover the model (GPU, fp16, kernels not built),
     before changing anything."""
     lm = _language_model(model)
-    check(lm.get_input_embeddings().weight)  # before changing the layout
+    check(table(lm))  # before changing the layout
     lay_out_for(lm, None)
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step)
     for tower in _towers(model):
@@ -234,7 +235,7 @@ def native_as_loaded(model: nn.Module) -> nn.Module:
     checkpoint's pages. Raises
     ``Unsupported`` where the native step does not cover the model as it is (GPU, fp16, a fused layout)."""
     lm = _language_model(model)
-    check(lm.get_input_embeddings().weight)
+    check(table(lm))
     if fused_format(lm) is not None or lm.decode_step != lm._decode_step:
         raise Unsupported("the language model is laid out already")
     lm.decode_step = _native_step_class(lm)(lm, lm._decode_step, screen=False)
@@ -247,5 +248,23 @@ def cuda_graph(model: nn.Module) -> nn.Module:
     launch instead of hundreds of small kernels per token (``blip2.fast.graphs``). A graph is recorded at the
     first step of each ``generate`` call. Fusing, unfusing and compiling put the plain step back."""
     lm = _language_model(model)
-    lm.decode_step = graph_step(lm.decode_step, lm.get_input_embeddings().weight.device)
+    lm.decode_step = graph_step(lm.decode_step, table(lm).device)
     return model
+
+
+def held_bytes(module: nn.Module) -> int:
+    """The bytes of the weights ``module`` holds, each counted in the plain layout of the dtype it is laid out in
+    (a fused layer its layers' weights, a matrix tied to a head once), found without the walks that undo a layout
+    made by ``blip2.fast.lazy``: what a model weighs whatever its layout, the measure of its memory ratios."""
+    sizes: dict[int, int] = {}
+    for m in walk(module):
+        if isinstance(m, FusedLinear):
+            if not m.tied:  # (a tied head's copy: the embedding counts the matrix)
+                sizes[id(m)] = (m.out_features * m.in_features + m.out_features * (m.b is not None)) * m.dtype.itemsize
+            continue
+        sizes.update((id(t), t.numel() * t.element_size()) for t in (*m._parameters.values(), *m._buffers.values())
+                     if t is not None)
+        if isinstance(m, BlockedEmbedding):  # (its parameter is empty: the head's copy holds the matrix)
+            p = m._parameters["weight"]
+            sizes[id(p)] = m.num_embeddings * m.embedding_dim * p.element_size()
+    return sum(sizes.values())

@@ -18,17 +18,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from blip2 import layout_files
 from blip2.fast import kernels
 from blip2.fast.linear import (INT8_FORMATS, FusedLinear, decode_format, fuse_linears, fused_format, pack_linears,
                                unfuse_linears)
+from blip2.mapped import discard
+from blip2.models.layers import Embedding
 from blip2.models.opt import OPTAttention, OPTForCausalLM
 from blip2.models.t5 import T5Attention, T5DenseReluDense, T5ForConditionalGeneration
 
-__all__ = ["LanguageModel", "compile_format", "compile_step", "fuse_language_model", "lay_out_for",
-           "unfuse_language_model"]
+__all__ = ["BlockedEmbedding", "LanguageModel", "compile_format", "compile_step", "fuse_language_model", "lay_out_for",
+           "table", "unfuse_language_model"]
 
 LanguageModel = OPTForCausalLM | T5ForConditionalGeneration
 
+# bytes of a tied head's blocked copy unblocked at a time into the embedding table
+_PIECE_BYTES = 4 << 20
 # inductor's threshold of elementwise ops above which a producer is computed once, not inlined (CPU)
 _OPCOUNT_KEY = "realize_cpu_opcount_threshold"
 
@@ -52,6 +57,77 @@ class _FusedT5GatedFFN(T5DenseReluDense):
     def expand(self, x: Tensor) -> Tensor:
         gate, up = self.wi_01(x).chunk(2, dim=-1)  # [B, T, F] each
         return self.act(gate) * up
+
+
+class BlockedEmbedding(Embedding):
+    """OPT's token embeddings while the head tied to them is laid out in blocks: the head needs a copy of the
+    matrix in its own layout (``linear.COPY_TIED``), and keeping the plain matrix beside it held the largest table
+    of the model twice (blip2-opt-2.7b in bf16: 0.26 GB, 3.4% of its weights). Lookups read their rows from the
+    head's copy instead (row r: block r // 16, column r % 16; the same values). The parameter stays, empty, of
+    the model's dtype and device (``table``); reading ``weight`` brings the plain matrix back (unblocked from the
+    copy) and makes the module a plain ``Embedding`` again; the state dict holds the plain matrix as before.
+    Not for T5, whose native step reads ``shared`` as a plain table."""
+
+    @property
+    def weight(self) -> nn.Parameter:  # type: ignore[override]
+        self.restore()
+        return self._parameters["weight"]
+
+    def restore(self, free_copy: bool = False) -> None:
+        """The plain matrix back in the parameter, a plain ``Embedding`` again. ``free_copy``: the head's copy is
+        freed next (unfusing), so its pages are given back as each piece is unblocked and the model never holds the
+        table twice (not while a cache writer may still be reading it)."""
+        self._parameters["weight"].data = self._plain(free_copy and not layout_files.writing())
+        self.__class__ = Embedding
+        del self.__dict__["head"]
+
+    def _plain(self, free_copy: bool = False) -> Tensor:
+        w = self.__dict__["head"][0].w
+        n, k = self.num_embeddings, self.embedding_dim
+        plain = torch.empty(n, k, dtype=w.dtype)
+        step, block = max(1, _PIECE_BYTES // w[0].nbytes), w.shape[2]  # blocks a piece
+        for b in range(0, w.shape[0], step):
+            piece, rows = w[b:b + step], plain[b * block:(b + step) * block]
+            columns = piece.transpose(1, 2)  # [blocks, 16, K] (bf16: [blocks, 16, K / 2, 2]): the rows in order
+            if rows.numel() == columns.numel():  # straight in (unblocked into a temporary, one more piece was held)
+                rows.view(columns.shape).copy_(columns)
+            else:  # the last block's padding rows, or an odd K's padding column
+                rows.copy_(kernels.unblock_weight(piece, len(rows), k))
+            if free_copy:
+                discard(piece)
+        return plain
+
+    def forward(self, ids: Tensor) -> Tensor:
+        w = self.__dict__["head"][0].w  # fp32 [blocks, K, 16], bf16 [blocks, K / 2, 16, 2] (pairs of k)
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            # (the last block's padding rows would read as zeros, a negative id as a row from the end)
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(flat.min())}..."
+                             f"{int(flat.max())}")
+        block = w.shape[2]
+        rows = w[flat // block, :, flat % block].reshape(flat.numel(), -1)  # [n, K] (bf16: K rounded up to even)
+        return rows[:, :self.embedding_dim].reshape(*ids.shape, self.embedding_dim)
+
+    def _save_to_state_dict(self, destination: dict[str, Tensor], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self._plain()
+
+
+def table(lm: LanguageModel) -> Tensor:
+    """The input embeddings' parameter as stored, for the model's dtype and device: empty while a blocked head
+    holds the matrix (``BlockedEmbedding``, whose ``weight`` would bring it back)."""
+    return lm.get_input_embeddings()._parameters["weight"]
+
+
+def _hold_table(lm: LanguageModel) -> None:
+    """Let a tied head's blocked copy hold OPT's embedding table (``BlockedEmbedding``) and empty the plain one."""
+    head, embedding = lm.lm_head, lm.get_input_embeddings()
+    if not (isinstance(lm, OPTForCausalLM) and isinstance(head, FusedLinear) and head.tied and head.fmt == "blocked"
+            and type(embedding) is Embedding and head.out_features == embedding.num_embeddings):
+        return
+    embedding.__class__ = BlockedEmbedding
+    embedding.__dict__["head"] = (head,)  # a tuple: not registered as a child
+    p = embedding._parameters["weight"]
+    p.data = p.data.new_empty(0, dtype=head.dtype)  # (the head's dtype: a load laying out converts into it)
 
 
 def _fuse(owner: nn.Module, name: str, parts: tuple[str, ...], fmt: str, fused_class: type[nn.Module]) -> None:
@@ -78,7 +154,7 @@ def _fusion_groups(lm: LanguageModel) -> list[tuple[nn.Module, str, tuple[str, .
 
 
 def _tied_head(lm: LanguageModel) -> bool:
-    return isinstance(lm.lm_head, nn.Linear) and lm.lm_head.weight is lm.get_input_embeddings().weight
+    return isinstance(lm.lm_head, nn.Linear) and lm.lm_head.weight is table(lm)
 
 
 @torch.no_grad()
@@ -88,10 +164,11 @@ def fuse_language_model(lm: LanguageModel, fmt: str | None = None) -> None:
     tied to the embeddings keeps sharing it, except in formats that need their own copy."""
     if any(isinstance(m, FusedLinear) for m in lm.modules()):
         raise RuntimeError("already fused; unfuse it first to change the format")
-    fmt = fmt or decode_format(lm.get_input_embeddings().weight)
+    fmt = fmt or decode_format(table(lm))
     for owner, name, parts, fused_class in _fusion_groups(lm):
         _fuse(owner, name, parts, fmt, fused_class)
     pack_linears(lm, fmt, tied=[lm.lm_head] if _tied_head(lm) else [])
+    _hold_table(lm)
     lm.decode_step = lm._decode_step  # a compiled or native step was built for the old layers
 
 
@@ -99,7 +176,10 @@ def fuse_language_model(lm: LanguageModel, fmt: str | None = None) -> None:
 def unfuse_language_model(lm: LanguageModel) -> None:
     """Back to plain ``nn.Linear`` layers with parameters (int8 weights stay rounded) and the eager step."""
     lm.decode_step = lm._decode_step  # first: a native step holds every laid-out weight, which then outlived its
-    unfuse_linears(lm)                # layer, and unfusing held the model in both layouts at once
+    embedding = lm.get_input_embeddings()  # layer, and unfusing held the model in both layouts at once
+    if isinstance(embedding, BlockedEmbedding):
+        embedding.restore(free_copy=True)  # (from the head's copy, which unfusing frees)
+    unfuse_linears(lm)
     for module in lm.modules():
         if type(module) in (_FusedOPTAttention, _FusedT5SelfAttention, _FusedT5CrossAttention, _FusedT5GatedFFN):
             module.__class__ = type(module).__bases__[0]
@@ -124,7 +204,7 @@ def lay_out_for(lm: LanguageModel, batch: int | None) -> None:
     """Fuse ``lm`` in the format ``compile_format`` picks for ``batch`` decoded rows (None: any), re-fusing
     if it is in another one."""
     current = fused_format(lm)
-    fmt = compile_format(current, lm.get_input_embeddings().weight, batch)
+    fmt = compile_format(current, table(lm), batch)
     if current != fmt:
         if current is not None:
             unfuse_language_model(lm)

@@ -115,7 +115,7 @@ def _open(model: nn.Module, mode: str, quiet: bool = False) -> _Layout | None:
     if not enabled() or mode not in _BLOCKED_MODES or not hasattr(model, "language_model"):
         return None
     lm = model.language_model
-    weight = lm.get_input_embeddings().weight
+    weight = decoding.table(lm)
     if weight.device.type != "cpu" or not kernels.load() or not kernels.blocked_supports(weight.dtype):
         return None  # not laid out in blocks here
     origin = model.__dict__.get("_origin")
@@ -154,7 +154,7 @@ class _Layout:
 
     def __init__(self, folder: Path, origin: Origin, lm: nn.Module, layers: dict[str, nn.Linear],
                  read: bool = True) -> None:
-        dtype = lm.get_input_embeddings().weight.dtype
+        dtype = decoding.table(lm).dtype
         what = {"version": VERSION, "format": "blocked", "dtype": str(dtype), "kernels": kernels.build_key(),
                 "code": _code_hash(), "files": [[f, *st] for f, st in zip(origin.files, origin.stats)]}
         self.key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()

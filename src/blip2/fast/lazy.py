@@ -31,7 +31,10 @@ into the layout, converted piece by piece (``linear.LAY_OUT_DTYPE``), and every 
 What undoes it, on the model or on one of its three parts (vision encoder, Q-Former, language model):
 ``train()``, every move or cast (``to``, ``cuda``, ``half``, ...), ``load_state_dict``, ``parameters``,
 ``named_parameters``, ``modules``, ``named_modules``, ``children``, ``named_children`` (an optimizer, PEFT, a
-freezing loop), ``requires_grad_``, ``apply``, a forward pass that records gradients, pickling and copying.
+freezing loop), ``requires_grad_``, ``apply``, a forward pass that records gradients, pickling and copying,
+``get_output_embeddings`` and what sets or resizes the embeddings or the head. ``get_input_embeddings`` does
+not (generate looks tokens up through it): where a tied OPT head's blocked copy holds the table, reading its
+``weight`` brings the plain matrix back (``decoding.BlockedEmbedding``).
 Undoing hands back the very ``nn.Linear`` modules and ``nn.Parameter`` objects the model had (``FusedLinear``
 keeps them, their storage released while fused), so an optimizer built before a ``generate`` still trains the
 model; the next ``generate`` in eval mode lays the weights out again. ``state_dict`` and ``save_pretrained`` need
@@ -50,11 +53,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.fast import MODES, Unsupported, apply, kernels, layout_cache, native, native_as_loaded, route, unfuse
-from blip2.fast.decoding import LanguageModel
+from blip2.fast import (MODES, Unsupported, apply, held_bytes, kernels, layout_cache, native, native_as_loaded, route,
+                        unfuse)
+from blip2.fast.decoding import LanguageModel, table
 from blip2.fast.linear import LAY_OUT_DTYPE, FusedLinear, walk
 from blip2.mapped import convert
 from blip2.models.blip2 import Blip2Model
+from blip2.models.opt import OPTForCausalLM
 
 __all__ = ["LATER_BYTES", "before_generate", "deferred", "lay_out", "laid_out", "loaded", "release"]
 
@@ -64,7 +69,10 @@ LATER_BYTES = 1 << 30
 
 # what reaches for the plain modules; ``train`` and ``forward`` only in some calls (below)
 _RELEASING = ("_apply", "load_state_dict", "parameters", "named_parameters", "modules", "named_modules", "children",
-              "named_children", "requires_grad_", "apply", "__reduce_ex__")  # the last: pickle, copy, deepcopy
+              "named_children", "requires_grad_", "apply", "__reduce_ex__",  # pickle, copy, deepcopy
+              # the head and the vocabulary (where the class has them): a laid-out head has no ``weight``
+              "get_output_embeddings", "set_input_embeddings", "set_output_embeddings", "tie_weights",
+              "resize_token_embeddings")
 log = logging.getLogger("blip2.fast.lazy")
 _lock = threading.Lock()  # one layout at a time: two threads' first generate must not both lay a model out
 _guarded_classes: dict[type, type] = {}
@@ -76,8 +84,9 @@ def deferred(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], boo
     to lay out at once, converted straight into the layout; None where it would not lay them out (no language
     model, at most ``LATER_BYTES``, no blocked kernels for ``dtype``). Converting fills fresh memory with the
     weights, and so does laying them out, which costs as much again (blip2-opt-2.7b in bf16: 5.3 GB, 4-8 s on
-    a 2-core VM): once converted, several rows a call would run their first call eagerly and fill it twice. A
-    head tied to the embeddings is converted at load (its lookups read the plain matrix)."""
+    a 2-core VM): once converted, several rows a call would run their first call eagerly and fill it twice.
+    OPT's embedding table, where the head is tied to it, is laid out too: the head's blocked copy holds it
+    (``decoding.BlockedEmbedding``); T5's native step reads its table plain, which is converted at load."""
     lm = getattr(model, "language_model", None)
     if dtype is None or not isinstance(lm, LanguageModel):
         return None
@@ -85,8 +94,12 @@ def deferred(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], boo
     if size <= LATER_BYTES or not kernels.load() or not kernels.blocked_supports(dtype):
         return None
     embedding = lm.get_input_embeddings().weight
-    return {f"language_model.{name}.weight" for name, m in nn.Module.named_modules(lm)
-            if isinstance(m, nn.Linear) and m.weight is not embedding}.__contains__
+    holds = isinstance(lm, OPTForCausalLM)  # whether a tied head's copy holds the table
+    keys = {f"language_model.{name}.weight" for name, m in nn.Module.named_modules(lm)
+            if isinstance(m, nn.Linear) and (holds or m.weight is not embedding)}
+    if holds and lm.lm_head.weight is embedding:
+        keys.add("language_model.model.decoder.embed_tokens.weight")
+    return keys.__contains__
 
 
 def loaded(model: Blip2Model) -> None:
@@ -119,7 +132,7 @@ def _lay_out(model: Blip2Model, wait: bool, rows: int | None = None) -> None:
     if model.fast == "none" or model.training or _settled(model):
         return
     weight = model.query_tokens  # never laid out: where and in what the model runs, without walking it
-    key = (weight.device, model.language_model.get_input_embeddings().weight.dtype)
+    key = (weight.device, table(model.language_model).dtype)
     if model.__dict__.get("_fast_plain") == key:
         return
     with _lock:
@@ -173,9 +186,9 @@ def _waits(model: Blip2Model, rows: int | None, as_loaded: bool) -> bool:
     if rows == 1 and as_loaded:  # (its size checked when the step was made)
         return True
     lm = model.language_model
-    if model.fast != "auto" or lm.get_input_embeddings().weight.device.type != "cpu":
+    if model.fast != "auto" or table(lm).device.type != "cpu":
         return False  # a GPU lays out at its memory's speed
-    size = _weight_bytes(lm)
+    size = held_bytes(lm)
     if size <= LATER_BYTES:
         return False
     if rows == 1 and _as_loaded(model):
@@ -203,13 +216,6 @@ def laid_out(model: Blip2Model) -> bool:
 
 def _fused(lm: LanguageModel) -> bool:
     return any(isinstance(m, FusedLinear) for m in walk(lm))
-
-
-def _weight_bytes(module: nn.Module) -> int:
-    """The parameters' bytes, a tied one once."""
-    seen = {id(p): p.numel() * p.element_size() for m in walk(module) for p in m._parameters.values()
-            if p is not None}
-    return sum(seen.values())
 
 
 def _settled(model: Blip2Model) -> bool:
@@ -299,7 +305,7 @@ def _guarded(base: type) -> type:
             release(_root(self))
         return base.forward(self, *args, **kwargs)
 
-    namespace: dict[str, Any] = {name: _releasing(name) for name in _RELEASING}
+    namespace: dict[str, Any] = {name: _releasing(name) for name in _RELEASING if hasattr(base, name)}
     namespace.update(train=train, forward=forward, _fast_base=base, __module__=base.__module__,
                      __qualname__=base.__qualname__, __doc__=base.__doc__)
     if issubclass(base, Blip2Model):  # ``model.device``/``dtype`` in generate, without walking the parameters

@@ -330,7 +330,7 @@ class NativeOPTStep(_NativeStep):
     def __init__(self, model: Any, fallback: Callable[..., Tensor], screen: bool = True) -> None:
         super().__init__()
         cfg, dec = model.config, model.model.decoder
-        self.dtype = _dtype(dec.embed_tokens.weight)
+        self.dtype = _dtype(dec.embed_positions.weight)  # (the token table may be the head's: decoding.table)
         _usable()
         if cfg.activation_function not in ACTIVATIONS:
             raise Unsupported(f"activation {cfg.activation_function!r}")

@@ -238,7 +238,7 @@ class OPTDecoding:
         if longest > cfg.max_position_embeddings:
             raise ValueError(f"{longest} positions needed (prompt + max_new_tokens - 1), "
                              f"max_position_embeddings is {cfg.max_position_embeddings}")
-        param = lm.model.decoder.embed_tokens.weight  # the model's dtype and device (speed-ups leave embeddings as they are)
+        param = lm.model.decoder.embed_positions.weight  # the model's dtype and device (never laid out)
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.lm = lm
         self.caches = [KVCache(N, cfg.num_attention_heads, S, head_dim, param.dtype, device_of(layer))

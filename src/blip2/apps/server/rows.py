@@ -132,7 +132,7 @@ class DecoderOnlyRows:
     def __init__(self, pipe: Any, max_rows: int, prefixes: PrefixCache | None = None) -> None:
         self.pipe, self.lm, self.prefixes = pipe, pipe.model.language_model, prefixes
         cfg = self.lm.config
-        weight = self.lm.get_input_embeddings().weight
+        weight = self.lm.model.decoder.embed_positions.weight  # (never laid out: the token table may be)
         self.caches = RowCaches(cfg.num_hidden_layers, max_rows, cfg.num_attention_heads,
                                 cfg.hidden_size // cfg.num_attention_heads, weight.dtype, weight.device)
 
