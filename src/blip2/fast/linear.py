@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from blip2.fast import kernels
 from blip2._compat import custom_op
-from blip2.mapped import convert, empty, prefetch_pages, release_pages
+from blip2.mapped import Ahead, convert, prefetch_pages, release_pages
 from blip2.fast.quant import (dequantize_weight, dynamic_int8_available, dynamic_int8_kernel, dynamic_int8_linear,
                      int8_linear, pack_dynamic, quantize_weight, unpack_dynamic)
 
@@ -161,18 +161,17 @@ def _release(weights: Sequence[Tensor]) -> None:
 
 def _block(parts: Sequence[Tensor], release: bool, dtype: torch.dtype, piece_bytes: int = 4 << 20) -> Tensor:
     """``kernels.block_weight(torch.cat(parts).to(dtype))`` without the concatenation, a few MB of rows at a time
-    straight into the result, each piece released once copied where ``release``: copied whole, a mapped weight
-    held its copy and all its own pages at once, which for the copy of a head tied to the embeddings (made last,
-    the largest product) was the peak of a model laid out layer by layer (5% of the weights in
-    tests/test_load_memory.py). Parts whose rows do not fill whole blocks (but the last) are concatenated. Parts
-    of another dtype are converted a piece at a time into one buffer (a new one each piece faults fresh memory)."""
+    straight into the result (faulted just ahead: ``mapped.Ahead``), each piece released once copied where
+    ``release`` (a mapped weight copied whole held its copy and all its pages at once). Parts whose rows do not fill
+    whole blocks (but the last) are concatenated; parts of another dtype converted a piece at a time into one
+    buffer (a new one each piece faults fresh memory)."""
     if any(p.shape[0] % 16 for p in parts[:-1]):
         whole = torch.cat(list(parts))
         if release:
             _release(parts)
         parts, release = [whole], False
     n, k = sum(p.shape[0] for p in parts), parts[0].shape[1]
-    out = empty(kernels.blocked_shape(n, k, dtype), dtype)  # (blocked weights are CPU only)
+    out = Ahead(kernels.blocked_shape(n, k, dtype), dtype)  # (blocked weights are CPU only)
     rows = max(16, piece_bytes // max(1, k * parts[0].element_size()) // 16 * 16)  # whole blocks
     converted = torch.empty(rows * k, dtype=dtype) if parts[0].dtype != dtype else None
     block = 0
@@ -182,11 +181,12 @@ def _block(parts: Sequence[Tensor], release: bool, dtype: torch.dtype, piece_byt
             piece = part[i:i + rows]
             blocks = -(-piece.shape[0] // 16)
             kernels.block_weight(piece if converted is None else  # (rounded as the load's conversion rounds)
-                                 converted[:piece.numel()].view(piece.shape).copy_(piece), out[block:block + blocks])
+                                 converted[:piece.numel()].view(piece.shape).copy_(piece),
+                                 out.upto(block + blocks)[block:block + blocks])
             block += blocks
             if release:
                 release_pages(piece)
-    return out
+    return out.t
 
 
 class BlockedSource(Protocol):
