@@ -123,6 +123,12 @@ def test_resizing_the_vocabulary_of_a_model_laid_out_by_generate(tiny_model_dir,
     embedding = model.get_input_embeddings()
     assert not lazy.laid_out(model) and embedding.weight.shape[0] == n + 8
     assert torch.equal(embedding.weight[:n], plain) and model.language_model.lm_head.weight is embedding.weight
+    resized = embedding.weight.detach().clone()
+    # the resized table (an nn.Embedding) is held by the head's copy at the next layout, and given back as it was
+    model.generate(pixel_values=pixel_batch(1, seed=4), input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    assert lazy.laid_out(model) and type(model.language_model.get_input_embeddings()) is BlockedEmbedding
+    assert type(embedding) is BlockedEmbedding and torch.equal(embedding(torch.arange(n + 8)), resized)
+    assert torch.equal(embedding.weight, resized) and type(embedding) is torch.nn.Embedding
 
 
 def test_t5_and_untied_heads_keep_the_plain_table():

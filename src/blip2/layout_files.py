@@ -31,7 +31,7 @@ from blip2.cache import cache_dir
 from blip2.mapped import SAFETENSORS_DTYPES
 
 __all__ = ["Foreground", "alive", "derived", "directory", "enabled", "layouts_of", "metadata", "open_checked",
-           "sources", "tensor_parts", "wait", "write", "writer_pid"]
+           "sources", "tensor_parts", "wait", "write", "writer_pid", "writing"]
 
 log = logging.getLogger("blip2.layout_files")
 

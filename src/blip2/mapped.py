@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Origin", "SAFETENSORS_DTYPES", "as_bits", "convert", "empty", "file_stat", "prefetch_in_background",
-           "prefetch_pages", "release_pages", "safetensors_views", "unwritten"]
+__all__ = ["Ahead", "Origin", "SAFETENSORS_DTYPES", "as_bits", "convert", "discard", "empty", "file_stat",
+           "prefetch_in_background", "prefetch_pages", "release_pages", "safetensors_views", "unwritten"]
 
 
 # bytes converted at a time: the source pages of each piece are released before the next is read
@@ -45,40 +45,42 @@ def convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "c
 _HUGE_PAGES_FROM = 32 << 20
 
 
-def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, fault: bool = True) -> torch.Tensor:
+def _own_mapping(nbytes: int) -> bool:
+    """Whether ``empty`` gives a tensor of ``nbytes`` an anonymous mapping of its own (else torch's allocator)."""
+    return nbytes >= _HUGE_PAGES_FROM and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor, backed by 2 MB pages where the kernel gives them (``MADV_HUGEPAGE``): what
     costs in filling fresh memory is faulting its pages in one by one (blip2-opt-2.7b's blocked layout in fp32
     is 11 GB of them), and a 2 MB page faults once for 512 small ones. Filling 2 GB took 1.1-2.0 s in 4 KB pages
     and 0.25 s in 2 MB ones on a 2-core VM, the whole layout of that model 8.5-10.3 s instead of 11.2-13.9
-    (memory full of page cache: the kernel reclaims and compacts for each). Those pages are faulted in at once,
-    by torch's zero_ on every thread: a caller filling it a few MB at a time (``linear._block``) faulted them one
-    at a time on one thread, and laying blip2-opt-2.7b's language model out from its fp32 files took 11-18 s
-    instead of 6-9 on that VM. Small tensors, and systems without the advice, get torch's allocator (not zeroed).
-    The memory goes back to the system when the last view of it is freed. ``fault=False``: not faulted in (nor
-    zeroed) here, for ``Ahead``."""
+    (memory full of page cache: the kernel reclaims and compacts for each). Nothing is faulted in here: ``Ahead``
+    faults it for a writer. Small tensors, and systems without the advice, get torch's allocator. The memory goes
+    back to the system when the last view of it is freed."""
     n = torch.Size(shape).numel() * dtype.itemsize
-    if n < _HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not _own_mapping(n):
         return torch.empty(shape, dtype=dtype)
     pages = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         pages.madvise(mmap.MADV_HUGEPAGE)
     except OSError:  # transparent huge pages compiled out: small pages, as torch's would be
         pass
-    t = torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor holds the mapping
-    return t.zero_() if fault else t
+    return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor holds the mapping
 
 
 class Ahead:
-    """A fresh tensor (``empty``) for a writer that fills it in order along its first dimension, faulted in a
-    chunk at a time just ahead of the writing (``upto``), each chunk on every thread as ``empty`` does. Faulted
-    whole first, all its memory was resident beside the source pages a copy reads and releases as it goes: laying
-    out the head of blip2-opt-2.7b, tied to its embeddings, took 0.26 GB more at the peak than the model after."""
+    """A fresh tensor (``empty``) for a writer that fills it in order along its first dimension, its pages faulted
+    in a chunk at a time just ahead of the writing (``upto``), by torch's zero_ on every thread: a writer filling it
+    a few MB at a time (``linear._block``) faulted them one at a time on one thread, and laying blip2-opt-2.7b's
+    language model out from its fp32 files took 11-18 s instead of 6-9 on a 2-core VM. Faulted whole first, all
+    of it was resident beside the source pages a copy reads and releases as it goes: laying out that model's head,
+    tied to its embeddings, took 0.26 GB more at the peak than the model after."""
 
     def __init__(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, chunk_bytes: int = 32 << 20) -> None:
-        self.t = empty(shape, dtype, fault=False)
+        self.t = empty(shape, dtype)
         self.step = max(1, chunk_bytes // max(1, self.t[0].nbytes))
-        # (from torch's allocator, small: nothing to fault)
-        self.done = 0 if self.t.nbytes >= _HUGE_PAGES_FROM and hasattr(mmap, "MADV_HUGEPAGE") else len(self.t)
+        self.done = 0 if _own_mapping(self.t.nbytes) else len(self.t)  # (torch's allocator's: nothing to fault)
 
     def upto(self, end: int) -> torch.Tensor:
         """The tensor, its first ``end`` rows faulted in."""

@@ -30,7 +30,6 @@ from blip2.cache import cache_dir
 __all__ = ["Entry", "entries", "main"]
 
 
-
 @dataclass(frozen=True)
 class Entry:
     """One file of the cache (the native kernels' builds: one entry for all)."""

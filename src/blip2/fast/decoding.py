@@ -65,7 +65,7 @@ class BlockedEmbedding(Embedding):
     of the model twice (blip2-opt-2.7b in bf16: 0.26 GB, 3.4% of its weights). Lookups read their rows from the
     head's copy instead (row r: block r // 16, column r % 16; the same values). The parameter stays, empty, of
     the model's dtype and device (``table``); reading ``weight`` brings the plain matrix back (unblocked from the
-    copy) and makes the module a plain ``Embedding`` again; the state dict holds the plain matrix as before.
+    copy) and gives the module its own class again; the state dict holds the plain matrix as before.
     Not for T5, whose native step reads ``shared`` as a plain table."""
 
     @property
@@ -74,11 +74,11 @@ class BlockedEmbedding(Embedding):
         return self._parameters["weight"]
 
     def restore(self, free_copy: bool = False) -> None:
-        """The plain matrix back in the parameter, a plain ``Embedding`` again. ``free_copy``: the head's copy is
+        """The plain matrix back in the parameter, the module's own class again. ``free_copy``: the head's copy is
         freed next (unfusing), so its pages are given back as each piece is unblocked and the model never holds the
         table twice (not while a cache writer may still be reading it)."""
         self._parameters["weight"].data = self._plain(free_copy and not layout_files.writing())
-        self.__class__ = Embedding
+        self.__class__ = self.__dict__.pop("plain_class")
         del self.__dict__["head"]
 
     def _plain(self, free_copy: bool = False) -> Tensor:
@@ -100,10 +100,10 @@ class BlockedEmbedding(Embedding):
     def forward(self, ids: Tensor) -> Tensor:
         w = self.__dict__["head"][0].w  # fp32 [blocks, K, 16], bf16 [blocks, K / 2, 16, 2] (pairs of k)
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        low, high = (int(v) for v in torch.aminmax(flat)) if flat.numel() else (0, 0)
+        if low < 0 or high >= self.num_embeddings:
             # (the last block's padding rows would read as zeros, a negative id as a row from the end)
-            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(flat.min())}..."
-                             f"{int(flat.max())}")
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {low}...{high}")
         block = w.shape[2]
         rows = w[flat // block, :, flat % block].reshape(flat.numel(), -1)  # [n, K] (bf16: K rounded up to even)
         return rows[:, :self.embedding_dim].reshape(*ids.shape, self.embedding_dim)
@@ -122,8 +122,9 @@ def _hold_table(lm: LanguageModel) -> None:
     """Let a tied head's blocked copy hold OPT's embedding table (``BlockedEmbedding``) and empty the plain one."""
     head, embedding = lm.lm_head, lm.get_input_embeddings()
     if not (isinstance(lm, OPTForCausalLM) and isinstance(head, FusedLinear) and head.tied and head.fmt == "blocked"
-            and type(embedding) is Embedding and head.out_features == embedding.num_embeddings):
+            and type(embedding) in (Embedding, nn.Embedding)):  # (``resize_token_embeddings`` makes an nn.Embedding)
         return
+    embedding.__dict__["plain_class"] = type(embedding)
     embedding.__class__ = BlockedEmbedding
     embedding.__dict__["head"] = (head,)  # a tuple: not registered as a child
     p = embedding._parameters["weight"]
