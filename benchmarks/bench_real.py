@@ -52,12 +52,16 @@ from blip2.apps.bench import (copy_bandwidth, decode_inputs, floor_seconds, matm
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")
 NEW_TOKENS = 12
 SHARD_BYTES = 2 * 2**30
+PRESETS = ["blip2-opt-2.7b", "blip2-flan-t5-xl"]  # the tables' default; tests/data has blip2-opt-6.7b's too
 
 
-def markers(dtype: str, cold: bool = False, stored: str | None = None) -> tuple[str, str]:
+def markers(dtype: str, cold: bool = False, stored: str | None = None,
+            presets: list[str] | None = None) -> tuple[str, str]:
     """The docs' markers of this dtype's table (one table per dtype, one with the files out of the page cache,
-    and one per stored dtype other than the run's)."""
+    one per stored dtype other than the run's, and one per set of presets other than the default)."""
     name = f"bench-real-{dtype}" + (f"-from-{stored}" if stored and stored != dtype else "") + ("-cold" if cold else "")
+    if presets and presets != PRESETS:
+        name += "-" + "-".join(p.removeprefix("blip2-") for p in presets)
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
@@ -388,7 +392,7 @@ def _decode_weight_bytes(config: Blip2Config, dtype: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=["blip2-opt-2.7b", "blip2-flan-t5-xl"])
+    p.add_argument("--presets", nargs="+", default=PRESETS)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--stored", choices=sorted(DTYPES), help="the checkpoint's dtype (default: --dtype)")
@@ -407,7 +411,7 @@ def main() -> None:
     table = run(args.presets, args.batches, args.dtype, args.fast, args.calls, args.threads, args.cold, args.stored)
     print(table.markdown())
     if args.docs:
-        write_results(table.markdown(), *markers(args.dtype, args.cold, args.stored))
+        write_results(table.markdown(), *markers(args.dtype, args.cold, args.stored, args.presets))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Our models built from the published BLIP-2 configs have the reference's state-dict keys and shapes.
 
 The configs in tests/data are the Hub's blip2-opt-2.7b and blip2-flan-t5-xl config.json files, written
-down here since nothing can be downloaded in the tests. Both sides are built on the meta device.
+down here since nothing can be downloaded in the tests, and blip2-opt-6.7b's architecture: the 2.7b file with
+OPT-6.7b's widths (hidden 4096, ffn 16384; layers, heads and vocabulary as OPT-2.7b's). Both sides are built on
+the meta device.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch
 from blip2 import Blip2Config, Blip2ForConditionalGeneration
 
 
-@pytest.mark.parametrize("name, head_shape", [("blip2-opt-2.7b", (50304, 2560)), ("blip2-flan-t5-xl", (32128, 2048))])
-def test_meta_shapes_equal_reference_for_real_config(name, head_shape):
+@pytest.mark.parametrize("name, head_shape, billions", [("blip2-opt-2.7b", (50304, 2560), 3.74),
+                                                         ("blip2-opt-6.7b", (50304, 4096), 7.75),
+                                                         ("blip2-flan-t5-xl", (32128, 2048), 3.94)])
+def test_meta_shapes_equal_reference_for_real_config(name, head_shape, billions):
     from transformers import Blip2Config as HFConfig
     from transformers import Blip2ForConditionalGeneration as HF
 
@@ -29,6 +33,9 @@ def test_meta_shapes_equal_reference_for_real_config(name, head_shape):
     our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert our_shapes == ref_shapes
     assert our_shapes["language_model.lm_head.weight"] == head_shape
+    # the published models' parameter counts (transformers ties Flan-T5's head to `shared` when built from the
+    # config, and unties it at load: its count here is one table short)
+    assert round(ours.num_parameters() / 1e9, 2) == billions
     assert ours.config.vision_config.layer_norm_eps == 1e-5  # read from the file, not defaulted
     if name.startswith("blip2-flan"):
         # the file names exact gelu next to gated-gelu: the explicit activation wins; lm_head is untied
