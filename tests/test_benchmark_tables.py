@@ -84,3 +84,21 @@ def test_benchmarks_page_has_every_generated_block():
         text = f.read()
     for name in ("bench", "bench-gpu", "bench-gpu-real", "demo-eval", "bench-real-fp32", "bench-real-bf16"):
         assert text.count(f"<!-- {name}:start -->") == 1 and text.count(f"<!-- {name}:end -->") == 1
+
+
+def test_real_size_tables_are_one_block_per_dtype_stored_dtype_and_preset_set():
+    import bench_real
+
+    with open(BENCHMARKS, encoding="utf-8") as f:
+        text = f.read()
+    runs = [("bf16", None, None), ("fp32", None, None), ("bf16", "fp32", None), ("bf16", None, ["blip2-opt-6.7b"]),
+            ("bf16", "fp32", ["blip2-opt-6.7b"])]
+    names = []
+    for dtype, stored, presets in runs:
+        start, end = bench_real.markers(dtype, stored=stored, presets=presets)
+        assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end)
+        names.append(start)
+    assert len(set(names)) == len(runs)  # no run writes over another's table
+    assert bench_real.markers("bf16", presets=list(bench_real.PRESETS)) == bench_real.markers("bf16")
+    assert bench_real.markers("bf16", stored="fp32", presets=["blip2-opt-6.7b"])[0] == \
+        "<!-- bench-real-bf16-from-fp32-opt-6.7b:start -->"
