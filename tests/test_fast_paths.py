@@ -228,6 +228,8 @@ def test_int8_agrees_and_shrinks_the_language_model(hf_opt_dir):
     assert distinct >= 10
     assert agreement >= 0.95, agreement
     assert module_bytes(plain.language_model) >= 1.5 * module_bytes(quant.language_model)
+    # what the memory ratios divide by: the int8 weights, scales and biases the model holds, not their plain size
+    assert fast.held_bytes(quant) == module_bytes(quant) < fast.held_bytes(plain) == module_bytes(plain)
     # generation runs through the int8 kernels end to end
     assert quant.generate(pixels, ids, mask, max_new_tokens=5).shape[0] == pixels.shape[0]
 
@@ -259,6 +261,8 @@ def test_int8_t5_agrees(hf_t5_mild_dir):
     assert out[:, 1:].unique().numel() >= 10
     assert (a == b).float().mean().item() >= 0.95
     assert module_bytes(plain.language_model) >= 1.5 * module_bytes(quant.language_model)
+    # what the memory ratios divide by: the int8 weights, scales and biases the model holds, not their plain size
+    assert fast.held_bytes(quant) == module_bytes(quant) < fast.held_bytes(plain) == module_bytes(plain)
     assert quant.generate(pixels[:2], ids[:2], mask[:2], max_new_tokens=5).shape[0] == 2
 
 
@@ -339,6 +343,8 @@ def test_int8_dynamic_agrees_and_shrinks(hf_opt_dir):
     assert distinct >= 10
     assert agreement >= 0.95, agreement
     assert module_bytes(plain.language_model) >= 1.5 * module_bytes(quant.language_model)
+    # what the memory ratios divide by: the int8 weights, scales and biases the model holds, not their plain size
+    assert fast.held_bytes(quant) == module_bytes(quant) < fast.held_bytes(plain) == module_bytes(plain)
     assert module_bytes(plain.vision_model) >= 3 * module_bytes(quant.vision_model)
     assert quant.generate(pixels, ids, mask, max_new_tokens=5).shape[0] == pixels.shape[0]
 
@@ -355,6 +361,8 @@ def test_int8_dynamic_t5_agrees(hf_t5_mild_dir):
     assert out[:, 1:].unique().numel() >= 10
     assert (a == b).float().mean().item() >= 0.95
     assert module_bytes(plain.language_model) >= 1.5 * module_bytes(quant.language_model)
+    # what the memory ratios divide by: the int8 weights, scales and biases the model holds, not their plain size
+    assert fast.held_bytes(quant) == module_bytes(quant) < fast.held_bytes(plain) == module_bytes(plain)
 
 
 def test_int8_dynamic_state_dict_and_batches(case, tmp_path):

@@ -43,7 +43,8 @@ from blip2.fast import attention, layout_cache, onednn
 from blip2.fast.decoding import (BlockedEmbedding, LanguageModel, compile_step, fuse_language_model, lay_out_for,
                                 table, unfuse_language_model)
 from blip2.fast.graphs import graph_step
-from blip2.fast.linear import FusedLinear, default_format, fused_format, pack_linears, unfuse_linears, walk
+from blip2.fast.linear import (INT8_FORMATS, FusedLinear, default_format, fused_format, pack_linears,
+                              unfuse_linears, walk)
 from blip2.fast.native import NativeOPTStep, NativeT5Step, Unsupported, check, try_native
 from blip2.models.opt import OPTForCausalLM
 
@@ -254,12 +255,16 @@ def cuda_graph(model: nn.Module) -> nn.Module:
 
 def held_bytes(module: nn.Module) -> int:
     """The bytes of the weights ``module`` holds, each counted in the plain layout of the dtype it is laid out in
-    (a fused layer its layers' weights, a matrix tied to a head once), found without the walks that undo a layout
-    made by ``blip2.fast.lazy``: what a model weighs whatever its layout, the measure of its memory ratios."""
+    (a fused layer its layers' weights, a matrix tied to a head once; an int8 layer its int8 weights, or their
+    packing, its scales and bias), found without the walks that undo a layout made by ``blip2.fast.lazy``: what a
+    model weighs whatever its layout, the measure of its memory ratios."""
     sizes: dict[int, int] = {}
     for m in walk(module):
         if isinstance(m, FusedLinear):
-            if not m.tied:  # (a tied head's copy: the embedding counts the matrix)
+            if m.fmt in INT8_FORMATS:  # (a tied head's int8 copy included: a copy, beside the embedding's matrix)
+                sizes[id(m)] = m.packed_bytes + sum(t.numel() * t.element_size() for t in (m.w, m.scale, m.b)
+                                                    if t is not None)
+            elif not m.tied:  # (a tied head's copy: the embedding counts the matrix)
                 sizes[id(m)] = (m.out_features * m.in_features + m.out_features * (m.b is not None)) * m.dtype.itemsize
             continue
         sizes.update((id(t), t.numel() * t.element_size()) for t in (*m._parameters.values(), *m._buffers.values())
