@@ -52,7 +52,7 @@ from blip2.apps.bench import (copy_bandwidth, decode_inputs, floor_seconds, matm
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")
 NEW_TOKENS = 12
 SHARD_BYTES = 2 * 2**30
-PRESETS = ["blip2-opt-2.7b", "blip2-flan-t5-xl"]  # the tables' default; tests/data has blip2-opt-6.7b's too
+PRESETS = ["blip2-opt-2.7b", "blip2-flan-t5-xl"]  # the tables' default; tests/data has blip2-opt-6.7b and -flan-t5-xxl
 
 
 def markers(dtype: str, cold: bool = False, stored: str | None = None,

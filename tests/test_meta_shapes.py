@@ -1,9 +1,9 @@
 """Our models built from the published BLIP-2 configs have the reference's state-dict keys and shapes.
 
 The configs in tests/data are the Hub's blip2-opt-2.7b and blip2-flan-t5-xl config.json files, written
-down here since nothing can be downloaded in the tests, and blip2-opt-6.7b's architecture: the 2.7b file with
-OPT-6.7b's widths (hidden 4096, ffn 16384; layers, heads and vocabulary as OPT-2.7b's). Both sides are built on
-the meta device.
+down here since nothing can be downloaded in the tests, and the architectures of blip2-opt-6.7b (the 2.7b file
+with OPT-6.7b's widths: hidden 4096, ffn 16384; layers, heads and vocabulary as OPT-2.7b's) and blip2-flan-t5-xxl
+(the xl file with Flan-T5-XXL's: d_model 4096, d_ff 10240, 64 heads). Both sides are built on the meta device.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from blip2 import Blip2Config, Blip2ForConditionalGeneration
 
 @pytest.mark.parametrize("name, head_shape, billions", [("blip2-opt-2.7b", (50304, 2560), 3.74),
                                                          ("blip2-opt-6.7b", (50304, 4096), 7.75),
-                                                         ("blip2-flan-t5-xl", (32128, 2048), 3.94)])
+                                                         ("blip2-flan-t5-xl", (32128, 2048), 3.94),
+                                                         ("blip2-flan-t5-xxl", (32128, 4096), 12.23)])
 def test_meta_shapes_equal_reference_for_real_config(name, head_shape, billions):
     from transformers import Blip2Config as HFConfig
     from transformers import Blip2ForConditionalGeneration as HF
