@@ -34,8 +34,8 @@ def test_meta_shapes_equal_reference_for_real_config(name, head_shape, billions)
     our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert our_shapes == ref_shapes
     assert our_shapes["language_model.lm_head.weight"] == head_shape
-    # the published models' parameter counts (transformers ties Flan-T5's head to `shared` when built from the
-    # config, and unties it at load: its count here is one table short)
+    # the models' sizes, a tied matrix counted once (not against transformers' count: it ties Flan-T5's head to
+    # `shared` when built from the config, and unties it at load, so its count here is one table short)
     assert round(ours.num_parameters() / 1e9, 2) == billions
     assert ours.config.vision_config.layer_norm_eps == 1e-5  # read from the file, not defaulted
     if name.startswith("blip2-flan"):
